@@ -1,0 +1,238 @@
+"""The library API: seal, open, verify and inspect sealed checkpoints."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from ._atomic import TMP_PREFIX, _fsync_dir, atomic_output, check_target, write_all
+from .errors import FormatError, KeyringError, OutputExistsError
+from .keys.local import Keyring, TrustStore, default_home
+from .keys.provider import KeyProvider, Signer
+from .sealed import format as F
+from .sealed.bundle import BundleReader, SealedBundle, is_bundle, seal_dir
+from .sealed.reader import Progress, SealedFile, SealedReader
+from .sealed.writer import SealResult, seal_file
+
+STREAM_BLOCK = 16 * F.DEFAULT_CHUNK
+
+Trust = TrustStore | Iterable[bytes]
+
+
+def default_keyring(home: Path | None = None) -> Keyring:
+    """Unlock the keyring under ``$WARDEN_HOME`` with ``$WARDEN_PASSPHRASE``."""
+    pw = os.environ.get("WARDEN_PASSPHRASE")
+    if pw is None:
+        raise KeyringError("set WARDEN_PASSPHRASE (or pass keyring=) to unlock the keyring")
+    return Keyring.unlock(home or default_home(), pw)
+
+
+def _trust(trust: Trust | None, keyring: Keyring | None) -> Trust:
+    if trust is not None:
+        return trust
+    if keyring is not None:
+        return keyring.trust
+    return TrustStore.load(default_home())
+
+
+def _providers(keyring: Keyring | None, providers: Sequence[KeyProvider] | None) -> Sequence[KeyProvider]:
+    if providers is not None:
+        return providers
+    return [(keyring or default_keyring()).provider()]
+
+
+def open_sealed(path: str | os.PathLike[str]) -> SealedFile | SealedBundle:
+    """Parse a sealed file or bundle without any key (no decryption, no trust check)."""
+    p = Path(path)
+    return SealedBundle(p) if is_bundle(p) else SealedFile(p)
+
+
+# -- sealing ----------------------------------------------------------------------------
+def seal(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    keyring: Keyring | None = None,
+    provider: KeyProvider | None = None,
+    signer: Signer | None = None,
+    hide_header: bool = False,
+    chunk_size: int = F.DEFAULT_CHUNK,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> list[SealResult]:
+    """Seal a safetensors file, any single file, or a whole model directory."""
+    src, dst = Path(src), Path(dst)
+    if provider is None or signer is None:
+        kr = keyring or default_keyring()
+        provider = provider or kr.provider()
+        signer = signer or kr.signer()
+    kw: dict[str, Any] = {"provider": provider, "signer": signer, "chunk_size": chunk_size}
+    kw |= {"hide_header": hide_header, "force": force, "progress": progress}
+    if src.is_dir():
+        return seal_dir(src, dst, **kw)
+    return [seal_file(src, dst, **kw)]
+
+
+# -- reading ------------------------------------------------------------------------------
+def safe_open(
+    path: str | os.PathLike[str],
+    *,
+    keyring: Keyring | None = None,
+    providers: Sequence[KeyProvider] | None = None,
+    trust: Trust | None = None,
+) -> SealedReader | BundleReader:
+    """Open a sealed file or bundle for reading tensors, like ``safetensors.safe_open``.
+
+    The manifest signature is checked against ``trust`` (default: the trust
+    store under ``$WARDEN_HOME``) before any key is used; tensors are decrypted on
+    demand, chunk by chunk, into memory only.
+    """
+    sealed = open_sealed(path)
+    try:
+        sealed.check_signature(_trust(trust, keyring))
+        return sealed.unlock(_providers(keyring, providers))
+    except BaseException:
+        sealed.close()
+        raise
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    keyring: Keyring | None = None,
+    providers: Sequence[KeyProvider] | None = None,
+    trust: Trust | None = None,
+    check_digests: bool = True,
+) -> dict[str, np.ndarray]:
+    """Decrypt every tensor of a sealed file or bundle into memory."""
+    with safe_open(path, keyring=keyring, providers=providers, trust=trust) as r:
+        return r.load_numpy(check_digests=check_digests)
+
+
+def _iter_plain(r: SealedReader, block: int = STREAM_BLOCK) -> Iterator[memoryview]:
+    n = r._sf.layout.data_len
+    buf = np.empty(min(block, max(n, 1)), dtype=np.uint8)
+    mv = memoryview(buf)
+    if n == 0:
+        r.read_all()  # authenticates the empty final chunk
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        r.read_into(s, e, mv[: e - s])
+        yield mv[: e - s]
+
+
+def _safe_relpath(name: str) -> PurePosixPath:
+    p = PurePosixPath(name)
+    if p.is_absolute() or not p.parts or any(part in ("", ".", "..") or "\\" in part for part in p.parts):
+        raise FormatError(f"member name {name[:80]!r} is not a safe relative path")
+    return p
+
+
+def _write_plain(r: SealedReader, dst: Path, *, force: bool, progress: Progress | None) -> None:
+    with atomic_output(dst, force=force) as fd:
+        os.fchmod(fd, 0o600)
+        if r.kind == "safetensors":
+            write_all(fd, r.safetensors_header_bytes())
+        for piece in _iter_plain(r):
+            write_all(fd, piece)
+            if progress is not None:
+                progress(len(piece))
+
+
+def unseal(
+    path: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    keyring: Keyring | None = None,
+    providers: Sequence[KeyProvider] | None = None,
+    trust: Trust | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Write the plaintext of a sealed file (or bundle, as a directory) to ``dst``.
+
+    The only call that puts plaintext on disk; it refuses to overwrite unless
+    ``force``.  The result is byte-identical to what was sealed.
+    """
+    dst = Path(dst)
+    check_target(dst, force)
+    with safe_open(path, keyring=keyring, providers=providers, trust=trust) as r:
+        if isinstance(r, SealedReader):
+            _write_plain(r, dst, force=force, progress=progress)
+            return [dst]
+        parent = dst.parent if str(dst.parent) else Path(".")
+        tmp = parent / f"{TMP_PREFIX}{dst.name}.{secrets.token_hex(6)}"
+        tmp.mkdir(mode=0o700)
+        try:
+            written = []
+            for name in r.files():
+                rel = _safe_relpath(name)
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                _write_plain(r.member(name), tmp / rel, force=False, progress=progress)
+                written.append(dst / rel)
+            if os.path.lexists(dst):
+                if not force:
+                    raise OutputExistsError(f"{dst} exists; pass force=True (--force) to overwrite")
+                shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+            os.replace(tmp, dst)
+            _fsync_dir(parent)
+            return written
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+# -- checking ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerifyReport:
+    path: str
+    signer: str
+    files: int
+    chunks: int
+    bytes: int
+    deep: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": True, **self.__dict__}
+
+
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    trust: Trust | None = None,
+    deep: bool = False,
+    keyring: Keyring | None = None,
+    providers: Sequence[KeyProvider] | None = None,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Check signature and every chunk digest with no key; ``deep`` also checks every GCM tag.
+
+    Writes nothing.  Raises a typed error on the first problem found.
+    """
+    with open_sealed(path) as sealed:
+        signer = sealed.check_signature(_trust(trust, keyring))
+        sealed.verify_digests(progress=progress)
+        members = sealed.members if isinstance(sealed, SealedBundle) else [sealed]
+        chunks = sum(m.context.n_chunks for m in members)
+        nbytes = sum(m.context.data_len for m in members)
+        if deep:
+            provs = _providers(keyring, providers)
+            for m in members:
+                r = m.unlock(provs)
+                for _ in _iter_plain(r):
+                    pass
+        return VerifyReport(str(path), signer, len(members), chunks, nbytes, deep)
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything visible without a key.  The signature is checked for consistency, not trust."""
+    with open_sealed(path) as sealed:
+        sealed.check_signature(None)
+        return sealed.describe()

@@ -1,0 +1,94 @@
+"""Every error weightwarden raises on purpose derives from :class:`WardenError`.
+
+One type per failure a caller may want to handle differently.  Messages never
+contain key material, passphrases or plaintext.
+"""
+
+from __future__ import annotations
+
+
+class WardenError(Exception):
+    """Base class of all weightwarden errors."""
+
+
+# --- sealed format -----------------------------------------------------------
+class FormatError(WardenError):
+    """The input is not a well-formed sealed file (bad magic, bad structure)."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file uses a format version or algorithm id this build does not know."""
+
+
+class TruncatedError(FormatError):
+    """The file is shorter (or longer) than its own context says it must be."""
+
+
+class HeaderError(FormatError):
+    """A tensor header or context is hostile or inconsistent (offsets, sizes, JSON)."""
+
+
+class IntegrityError(WardenError):
+    """Ciphertext, header or manifest does not match what was signed/authenticated."""
+
+
+class DecryptionError(IntegrityError):
+    """An AEAD tag failed: the data was tampered with, reordered or truncated."""
+
+
+class SignatureError(IntegrityError):
+    """The manifest signature is invalid."""
+
+
+class UntrustedSignerError(SignatureError):
+    """The manifest is validly signed, but by a key that is not trusted."""
+
+
+# --- keys ----------------------------------------------------------------------
+class KeyError_(WardenError):  # noqa: N801  (avoid shadowing builtins.KeyError)
+    """Base class of key-management errors."""
+
+
+class WrongKeyError(KeyError_):
+    """No available key can unwrap this file's data key."""
+
+
+class KeyNotFoundError(KeyError_):
+    """A key id or version is not known to the provider."""
+
+
+class KeyringError(KeyError_):
+    """The keyring is missing, corrupt or cannot be written."""
+
+
+class BadPassphraseError(KeyringError):
+    """The passphrase does not unlock the keyring."""
+
+
+# --- files ---------------------------------------------------------------------
+class OutputExistsError(WardenError):
+    """The output path exists and overwriting was not requested."""
+
+
+class UnsupportedModelError(WardenError):
+    """The input is not a checkpoint this tool can handle."""
+
+
+__all__ = [
+    "WardenError",
+    "FormatError",
+    "UnsupportedVersionError",
+    "TruncatedError",
+    "HeaderError",
+    "IntegrityError",
+    "DecryptionError",
+    "SignatureError",
+    "UntrustedSignerError",
+    "KeyError_",
+    "WrongKeyError",
+    "KeyNotFoundError",
+    "KeyringError",
+    "BadPassphraseError",
+    "OutputExistsError",
+    "UnsupportedModelError",
+]

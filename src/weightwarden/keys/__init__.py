@@ -1,0 +1,16 @@
+"""Key providers, signers and trust."""
+
+from .local import Ed25519Signer, Keyring, KdfParams, LocalProvider, TrustStore, default_home
+from .provider import KeyProvider, KeySlot, Signer
+
+__all__ = [
+    "Ed25519Signer",
+    "KdfParams",
+    "KeyProvider",
+    "KeySlot",
+    "Keyring",
+    "LocalProvider",
+    "Signer",
+    "TrustStore",
+    "default_home",
+]

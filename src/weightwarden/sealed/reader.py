@@ -1,0 +1,376 @@
+"""Reading sealed files: keyless checks, and decryption straight into memory."""
+
+from __future__ import annotations
+
+import hmac
+import mmap
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import blake3
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from ..errors import (
+    DecryptionError,
+    FormatError,
+    IntegrityError,
+    SignatureError,
+    TruncatedError,
+    UnsupportedModelError,
+    UntrustedSignerError,
+    WrongKeyError,
+)
+from ..keys.local import TrustStore
+from ..keys.provider import KeyProvider, KeySlot, b64d, ed25519_key_id
+from . import format as F
+from ._crypto import content_cipher, zero
+
+Progress = Callable[[int], None]
+HASH_BATCH = 16
+PAGE = 4096
+
+
+class SealedFile:
+    """A sealed file, parsed and bounds-checked.  Nothing here needs a key."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._f = open(self.path, "rb")
+        try:
+            self._parse()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _parse(self) -> None:
+        f = self._f
+        size = os.fstat(f.fileno()).st_size
+        pre = f.read(F.PREAMBLE_LEN)
+        slot_size, context_len = F.parse_preamble(pre)
+        context_off = F.PREAMBLE_LEN + 2 * slot_size
+        if size < context_off + context_len:
+            raise TruncatedError("file ends inside its key slots or context")
+        self._slot_areas = (f.read(slot_size), f.read(slot_size))
+        self.context = F.parse_context(f.read(context_len))
+        self.layout = F.Layout.compute(slot_size, context_len, self.context)
+        lay = self.layout
+        if size < lay.sig_off + 4:
+            raise TruncatedError(f"file is {size} bytes; its context says at least {lay.sig_off + 4}")
+        f.seek(lay.sig_off)
+        sig_len = int.from_bytes(f.read(4), "little")
+        if not 2 <= sig_len <= F.MAX_SIG_BLOCK:
+            raise FormatError("signature block length is out of range")
+        if size < lay.sig_off + 4 + sig_len:
+            raise TruncatedError("file ends inside its signature block")
+        if size > lay.sig_off + 4 + sig_len:
+            raise FormatError("unexpected bytes after the signature block")
+        sig = F.strict_json(f.read(sig_len), "signature block", F.MAX_SIG_BLOCK)
+        if not isinstance(sig, dict) or set(sig) != {"alg", "key_id", "public_key", "signature"}:
+            raise FormatError("signature block is malformed")
+        if sig["alg"] != F.SIG_ID:
+            raise FormatError(f"unsupported signature algorithm {str(sig['alg'])[:32]!r}")
+        self.public_key = b64d(sig["public_key"], "public key")
+        self.signature = b64d(sig["signature"], "signature")
+        if len(self.public_key) != 32 or len(self.signature) != 64:
+            raise FormatError("signature block has wrong key or signature length")
+        if sig["key_id"] != ed25519_key_id(self.public_key):
+            raise SignatureError("signer key id does not match its public key")
+        self.signer_id: str = sig["key_id"]
+        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._mv = memoryview(self._mm)
+
+    # -- keyless -------------------------------------------------------------------
+    @property
+    def digests(self) -> memoryview:
+        lay = self.layout
+        return self._mv[lay.digests_off : lay.sig_off]
+
+    def key_slots(self) -> tuple[int, list[KeySlot]]:
+        """The current key slots: the valid slot area with the highest generation."""
+        found = [r for r in (F.decode_slot_area(a) for a in self._slot_areas) if r is not None]
+        if not found:
+            raise FormatError("no valid key slot area")
+        return max(found, key=lambda r: r[0])
+
+    def check_signature(self, trust: TrustStore | Iterable[bytes] | None) -> str:
+        """Verify the manifest signature; the signer must be trusted unless ``trust`` is None.
+
+        Returns the signer's key id.  ``trust=None`` checks only that the file is
+        self-consistent under the key it names (used by ``inspect``).
+        """
+        msg = F.signed_message(self.context.sha256, self.digests)
+        try:
+            Ed25519PublicKey.from_public_bytes(self.public_key).verify(self.signature, msg)
+        except InvalidSignature:
+            raise SignatureError("manifest signature is invalid") from None
+        if trust is None:
+            return self.signer_id
+        if isinstance(trust, TrustStore):
+            known = trust.public_key(self.signer_id)
+            ok = known is not None and hmac.compare_digest(known, self.public_key)
+        else:
+            ok = any(hmac.compare_digest(bytes(k), self.public_key) for k in trust)
+        if not ok:
+            raise UntrustedSignerError(f"file is signed by {self.signer_id}, which is not trusted")
+        return self.signer_id
+
+    def _chunk_ct(self, i: int) -> memoryview:
+        off = self.layout.chunk_off(i)
+        return self._mv[off : off + self.layout.chunk_plain_len(i) + F.TAG_LEN]
+
+    def _check_digest_range(self, first: int, stop: int) -> None:
+        d = self.digests
+        for i in range(first, stop):
+            if not hmac.compare_digest(blake3.blake3(self._chunk_ct(i)).digest(), d[i * 32 : (i + 1) * 32]):
+                raise IntegrityError(f"chunk {i} does not match its signed digest")
+
+    def verify_digests(self, *, threads: int = 2, progress: Progress | None = None) -> None:
+        """Check every ciphertext chunk (and a hidden header) against the signed digests."""
+        ctx = self.context
+        if ctx.hidden:
+            lay = self.layout
+            hct = self._mv[lay.header_ct_off : lay.data_off]
+            if not hmac.compare_digest(blake3.blake3(hct).digest(), ctx.header_ct_digest or b""):
+                raise IntegrityError("sealed header does not match its signed digest")
+        n = ctx.n_chunks
+
+        def work(first: int) -> int:
+            stop = min(n, first + HASH_BATCH)
+            self._check_digest_range(first, stop)
+            return sum(self.layout.chunk_plain_len(i) for i in range(first, stop))
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            for done in pool.map(work, range(0, n, HASH_BATCH)):
+                if progress is not None:
+                    progress(done)
+
+    # -- decryption ----------------------------------------------------------------------
+    def unlock(self, providers: Sequence[KeyProvider]) -> SealedReader:
+        _, slots = self.key_slots()
+        tried = False
+        for slot in slots:
+            for p in providers:
+                if p.can_unwrap(slot):
+                    tried = True
+                    try:
+                        dek = p.unwrap(slot, self.context.file_id)
+                    except WrongKeyError:
+                        continue
+                    try:
+                        aead = content_cipher(dek, self.context.file_id, self.context.key_commitment)
+                    finally:
+                        zero(dek)
+                    return SealedReader(self, aead)
+        names = ", ".join(f"{s.provider}:{s.key_id} v{s.version}" for s in slots)
+        why = "unwrap failed" if tried else "no available key"
+        raise WrongKeyError(f"{why} for this file (its key slots: {names})")
+
+    def close(self) -> None:
+        if getattr(self, "_mv", None) is not None:
+            self._mv.release()
+            self._mm.close()
+            self._mv = None  # type: ignore[assignment]
+        self._f.close()
+
+    def __enter__(self) -> SealedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> dict[str, Any]:
+        """What anyone can see without a key."""
+        ctx = self.context
+        gen, slots = self.key_slots()
+        out: dict[str, Any] = {
+            "path": str(self.path),
+            "format": "weightwarden-sealed",
+            "version": f"{F.MAJOR}.{F.MINOR}",
+            "kind": ctx.kind,
+            "file_id": ctx.file_id.hex(),
+            "aead": F.AEAD_ID,
+            "digest": F.DIGEST_ID,
+            "chunk_size": ctx.chunk_size,
+            "n_chunks": ctx.n_chunks,
+            "data_len": ctx.data_len,
+            "header_hidden": ctx.hidden,
+            "signer": self.signer_id,
+            "key_slots": [{k: v for k, v in s.to_json().items() if k != "wrapped"} for s in slots],
+            "key_slot_generation": gen,
+        }
+        if ctx.bundle is not None:
+            out["bundle"] = ctx.bundle
+        if ctx.descriptor is not None:
+            out["name"] = ctx.descriptor["name"]
+            if ctx.kind == "safetensors":
+                tensors, meta = F.parse_tensor_header(ctx.descriptor["raw"], ctx.data_len)
+                out["metadata"] = meta
+                out["tensors"] = {
+                    t.name: {"dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes} for t in tensors.values()
+                }
+        return out
+
+
+def _np_dtype(dtype: str) -> np.dtype[Any]:
+    simple = {
+        "BOOL": np.bool_, "U8": np.uint8, "I8": np.int8, "I16": np.int16, "U16": np.uint16, "F16": np.float16,
+        "I32": np.int32, "U32": np.uint32, "F32": np.float32, "I64": np.int64, "U64": np.uint64, "F64": np.float64,
+    }  # fmt: skip
+    if dtype in simple:
+        return np.dtype(simple[dtype]).newbyteorder("<")
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - ml_dtypes is a core dependency
+        raise UnsupportedModelError(f"dtype {dtype} needs ml_dtypes (or use weightwarden.torch)") from None
+    return np.dtype({"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}[dtype])
+
+
+class SealedReader:
+    """Decrypting view of one sealed file.  Plaintext only ever lives in memory."""
+
+    def __init__(self, sf: SealedFile, aead: Any):
+        self._sf = sf
+        self._aead = aead
+        ctx = sf.context
+        self._aad = F.AAD_DATA + ctx.sha256
+        if ctx.hidden:
+            lay = sf.layout
+            hct = sf._mv[lay.header_ct_off : lay.data_off]
+            if not hmac.compare_digest(blake3.blake3(hct).digest(), ctx.header_ct_digest or b""):
+                raise IntegrityError("sealed header does not match its signed digest")
+            try:
+                plain = aead.decrypt(
+                    F.nonce(F.DOM_HEADER, 0, True), bytes(hct), F.AAD_HEADER + ctx.file_id + ctx.key_commitment
+                )
+            except InvalidTag:
+                raise DecryptionError("sealed header failed authentication") from None
+            descriptor = F.validate_descriptor(
+                F.strict_json(plain, "sealed header", F.MAX_SAFETENSORS_HEADER + 8192), ctx.kind, ctx.data_len
+            )
+        else:
+            descriptor = ctx.descriptor or {}
+        self.name: str = descriptor["name"]
+        self._raw_header: str | None = descriptor.get("raw")
+        self._tensors: dict[str, F.TensorInfo] = {}
+        self._metadata: dict[str, str] = {}
+        if ctx.kind == "safetensors" and self._raw_header is not None:
+            self._tensors, self._metadata = F.parse_tensor_header(self._raw_header, ctx.data_len)
+
+    @property
+    def kind(self) -> str:
+        return self._sf.context.kind
+
+    # -- safetensors-like API -----------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def tensor_info(self, name: str) -> F.TensorInfo:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        info = self.tensor_info(name)
+        buf = np.empty(info.nbytes, dtype=np.uint8)
+        self.read_into(info.start, info.end, memoryview(buf))
+        return buf.view(_np_dtype(info.dtype)).reshape(info.shape)
+
+    # -- raw access ------------------------------------------------------------------------
+    def read_into(self, start: int, end: int, out: memoryview, *, check_digests: bool = True) -> None:
+        """Decrypt plaintext bytes [start, end) of the data section into ``out``."""
+        sf, lay, C = self._sf, self._sf.layout, self._sf.layout.chunk_size
+        if not 0 <= start <= end <= lay.data_len or len(out) != end - start:
+            raise ValueError("range outside the data section")
+        if start == end:
+            return
+        first, last = start // C, (end - 1) // C
+        if check_digests:
+            sf._check_digest_range(first, last + 1)
+        scratch: np.ndarray | None = None
+        for i in range(first, last + 1):
+            cstart = i * C
+            plen = lay.chunk_plain_len(i)
+            lo, hi = max(start, cstart), min(end, cstart + plen)
+            if lo == cstart and hi == cstart + plen:
+                self._decrypt_chunk(i, out[lo - start : hi - start])
+            else:
+                if scratch is None:
+                    scratch = np.empty(C, dtype=np.uint8)
+                sv = memoryview(scratch)
+                self._decrypt_chunk(i, sv[:plen])
+                out[lo - start : hi - start] = sv[lo - cstart : hi - cstart]
+
+    def _decrypt_chunk(self, i: int, out: memoryview) -> None:
+        n = self._sf.context.n_chunks
+        try:
+            self._aead.decrypt_into(F.nonce(F.DOM_DATA, i, i == n - 1), self._sf._chunk_ct(i), self._aad, out)
+        except InvalidTag:
+            raise DecryptionError(f"chunk {i} failed authentication (tampered, reordered or truncated)") from None
+
+    def read_all(self, *, check_digests: bool = True, progress: Progress | None = None) -> np.ndarray:
+        """Decrypt the whole data section into one fresh buffer.
+
+        Every chunk's tag is checked, the final empty chunk of an empty file too.
+        The main thread decrypts (AES-GCM holds the GIL); one worker pre-faults the
+        pages of the regions ahead (page faults of fresh memory cost as much as the
+        cipher), another checks BLAKE3 digests against the signed manifest when
+        ``check_digests``.  Both release the GIL.
+        """
+        sf, lay = self._sf, self._sf.layout
+        n, C = lay.n_chunks, lay.chunk_size
+        out = np.empty(lay.data_len, dtype=np.uint8)
+        mv = memoryview(out)
+        regions = list(range(0, n, HASH_BATCH))
+        rbytes = HASH_BATCH * C
+
+        def prefault(first: int) -> None:
+            out[first * C : first * C + rbytes : PAGE] = 0
+
+        with ThreadPoolExecutor(1) as faulter, ThreadPoolExecutor(1) as hasher:
+            faults = [faulter.submit(prefault, first) for first in regions]
+            hashes = [hasher.submit(sf._check_digest_range, f, min(n, f + HASH_BATCH)) for f in regions] if check_digests else []
+            for r, first in enumerate(regions):
+                faults[r].result()
+                stop = min(n, first + HASH_BATCH)
+                for i in range(first, stop):
+                    s = i * C
+                    self._decrypt_chunk(i, mv[s : s + lay.chunk_plain_len(i)])
+                if progress is not None:
+                    progress(min(lay.data_len, stop * C) - first * C)
+            for fut in hashes:
+                fut.result()
+        return out
+
+    def load_numpy(self, *, check_digests: bool = True) -> dict[str, np.ndarray]:
+        """All tensors as numpy arrays (views into one decrypted buffer)."""
+        if self.kind != "safetensors":
+            raise UnsupportedModelError(f"{self.name} is a sealed blob, not tensors")
+        buf = self.read_all(check_digests=check_digests)
+        return {
+            t.name: buf[t.start : t.end].view(_np_dtype(t.dtype)).reshape(t.shape) for t in self._tensors.values()
+        }
+
+    def safetensors_header_bytes(self) -> bytes:
+        if self._raw_header is None:
+            raise UnsupportedModelError(f"{self.name} is a sealed blob, not tensors")
+        raw = self._raw_header.encode("utf-8")
+        return len(raw).to_bytes(8, "little") + raw
+
+    def close(self) -> None:
+        self._aead = None
+        self._sf.close()
+
+    def __enter__(self) -> SealedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
