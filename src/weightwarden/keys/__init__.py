@@ -1,6 +1,6 @@
 """Key providers, signers and trust."""
 
-from .local import Ed25519Signer, Keyring, KdfParams, LocalProvider, TrustStore, default_home
+from .local import Ed25519Signer, Keyring, KdfParams, LocalProvider, StaticKeyProvider, TrustStore, default_home
 from .provider import KeyProvider, KeySlot, Signer
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Keyring",
     "LocalProvider",
     "Signer",
+    "StaticKeyProvider",
     "TrustStore",
     "default_home",
 ]

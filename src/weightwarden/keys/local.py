@@ -9,7 +9,6 @@ whose integrity rests on file permissions, like ``~/.ssh/known_hosts``.
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import secrets
@@ -299,33 +298,35 @@ class Keyring:
         return self.signer(key_id).public_key
 
 
-class LocalProvider(KeyProvider):
-    """Wraps data keys with AES-256-GCM under a KEK held in the local keyring."""
+class _AesGcmWrapProvider(KeyProvider):
+    """Wraps data keys with AES-256-GCM under a 32-byte KEK; subclasses say where KEKs live."""
 
     name = "local"
 
-    def __init__(self, keyring: Keyring, key_id: str):
-        self._kr = keyring
-        self.key_id = key_id
+    def _kek(self, key_id: str, version: int) -> bytes:
+        raise NotImplementedError
+
+    def _current(self) -> tuple[str, int]:
+        raise NotImplementedError
 
     def _has_key(self, key_id: str, version: int) -> bool:
         try:
-            self._kr._kek(key_id, version)
+            self._kek(key_id, version)
         except KeyNotFoundError:
             return False
         return True
 
     def _wrap(self, dek: bytes, context: bytes) -> KeySlot:
-        version = self._kr._s["keks"][self.key_id]["current"]
-        kek = self._kr._kek(self.key_id, version)
+        key_id, version = self._current()
+        kek = self._kek(key_id, version)
         nonce = secrets.token_bytes(12)
-        ct = AESGCM(kek).encrypt(nonce, dek, wrap_aad(self.name, self.key_id, version, context))
-        return KeySlot(self.name, self.key_id, version, _WRAP_ALG, nonce + ct)
+        ct = AESGCM(kek).encrypt(nonce, dek, wrap_aad(self.name, key_id, version, context))
+        return KeySlot(self.name, key_id, version, _WRAP_ALG, nonce + ct)
 
     def _unwrap(self, slot: KeySlot, context: bytes) -> bytearray:
         if slot.alg != _WRAP_ALG:
             raise WrongKeyError(f"unknown wrap algorithm {slot.alg!r}")
-        kek = self._kr._kek(slot.key_id, slot.version)
+        kek = self._kek(slot.key_id, slot.version)
         if len(slot.wrapped) != 12 + 32 + 16:
             raise WrongKeyError("wrapped key has the wrong length")
         try:
@@ -333,9 +334,40 @@ class LocalProvider(KeyProvider):
                 slot.wrapped[:12], slot.wrapped[12:], wrap_aad(self.name, slot.key_id, slot.version, context)
             )
         except InvalidTag:
-            raise WrongKeyError("this keyring's key does not unwrap the data key") from None
+            raise WrongKeyError("this key does not unwrap the data key") from None
         return bytearray(dek)
 
 
-def constant_time_eq(a: bytes, b: bytes) -> bool:
-    return hmac.compare_digest(a, b)
+class LocalProvider(_AesGcmWrapProvider):
+    """KEKs held in the passphrase-protected local keyring; wraps with its current version."""
+
+    def __init__(self, keyring: Keyring, key_id: str):
+        self._kr = keyring
+        self.key_id = key_id
+
+    def _kek(self, key_id: str, version: int) -> bytes:
+        return self._kr._kek(key_id, version)
+
+    def _current(self) -> tuple[str, int]:
+        return self.key_id, int(self._kr._s["keks"][self.key_id]["current"])
+
+
+class StaticKeyProvider(_AesGcmWrapProvider):
+    """KEKs given as bytes (test vectors, KEKs delivered by another system)."""
+
+    def __init__(self, keks: dict[tuple[str, int], bytes], current: tuple[str, int] | None = None):
+        if any(len(k) != 32 for k in keks.values()):
+            raise ValueError("KEKs are 32 bytes")
+        self._keks = dict(keks)
+        self._cur = current or next(iter(self._keks))
+
+    def _kek(self, key_id: str, version: int) -> bytes:
+        try:
+            return self._keks[(key_id, version)]
+        except KeyError:
+            raise KeyNotFoundError(f"key {key_id} version {version} is not available") from None
+
+    def _current(self) -> tuple[str, int]:
+        return self._cur
+
+

@@ -28,9 +28,12 @@ def b64d(s: Any, what: str = "field") -> bytes:
     if not isinstance(s, str):
         raise FormatError(f"{what} must be a base64 string")
     try:
-        return base64.b64decode(s.encode("ascii"), validate=True)
+        raw = base64.b64decode(s.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError) as e:
         raise FormatError(f"{what} is not valid base64") from e
+    if base64.b64encode(raw).decode("ascii") != s:  # one encoding per value: no malleable spare bits
+        raise FormatError(f"{what} is not canonical base64")
+    return raw
 
 
 @dataclass(frozen=True)

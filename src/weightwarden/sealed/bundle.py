@@ -147,6 +147,8 @@ class SealedBundle:
                 name = m["file"]
                 if not isinstance(name, str) or "/" in name or "\\" in name or name in (".", "..") or not name:
                     raise FormatError("bundle member file name is not a plain file name")
+                if not (self.path / name).is_file():
+                    raise IntegrityError(f"bundle member {name} is missing")
                 sf = SealedFile(self.path / name)
                 self.members.append(sf)
                 ctx = sf.context

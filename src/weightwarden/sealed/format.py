@@ -185,7 +185,7 @@ def encode_slot_area(slots: list[KeySlot], generation: int, slot_size: int) -> b
         raise FormatError("key slots do not fit in the key slot area")
     head = SLOT_HEAD.pack(SLOT_MAGIC, generation, len(body))
     pad = b"\x00" * (slot_size - SLOT_HEAD.size - len(body) - 32)
-    return head + body + pad + hashlib.sha256(head + body).digest()
+    return head + body + pad + hashlib.sha256(head + body + pad).digest()
 
 
 def decode_slot_area(area: bytes) -> tuple[int, list[KeySlot]] | None:
@@ -196,7 +196,7 @@ def decode_slot_area(area: bytes) -> tuple[int, list[KeySlot]] | None:
     if magic != SLOT_MAGIC or SLOT_HEAD.size + blen + 32 > len(area):
         return None
     head_body = area[: SLOT_HEAD.size + blen]
-    if hashlib.sha256(head_body).digest() != area[-32:]:
+    if hashlib.sha256(area[:-32]).digest() != area[-32:] or any(area[SLOT_HEAD.size + blen : -32]):
         return None
     try:
         obj = strict_json(head_body[SLOT_HEAD.size :], "key slots", len(area))
@@ -367,5 +367,6 @@ def encode_preamble(slot_size: int, context_len: int) -> bytes:
     return PREAMBLE.pack(MAGIC, MAJOR, MINOR, slot_size, context_len, b"\x00" * 12)
 
 
-def signed_message(context_sha256: bytes, digest_list: bytes | memoryview) -> bytes:
-    return SIGN_DOMAIN + context_sha256 + hashlib.sha256(digest_list).digest()
+def signed_message(preamble: bytes, context_sha256: bytes, digest_list: bytes | memoryview) -> bytes:
+    """What the sealer signs: the preamble, the context and every chunk digest."""
+    return SIGN_DOMAIN + bytes(preamble) + context_sha256 + hashlib.sha256(digest_list).digest()

@@ -52,6 +52,7 @@ class SealedFile:
         size = os.fstat(f.fileno()).st_size
         pre = f.read(F.PREAMBLE_LEN)
         slot_size, context_len = F.parse_preamble(pre)
+        self.preamble = pre
         context_off = F.PREAMBLE_LEN + 2 * slot_size
         if size < context_off + context_len:
             raise TruncatedError("file ends inside its key slots or context")
@@ -103,7 +104,7 @@ class SealedFile:
         Returns the signer's key id.  ``trust=None`` checks only that the file is
         self-consistent under the key it names (used by ``inspect``).
         """
-        msg = F.signed_message(self.context.sha256, self.digests)
+        msg = F.signed_message(self.preamble, self.context.sha256, self.digests)
         try:
             Ed25519PublicKey.from_public_bytes(self.public_key).verify(self.signature, msg)
         except InvalidSignature:
@@ -172,9 +173,13 @@ class SealedFile:
 
     def close(self) -> None:
         if getattr(self, "_mv", None) is not None:
-            self._mv.release()
-            self._mm.close()
+            try:
+                self._mv.release()
+                self._mm.close()
+            except BufferError:
+                pass  # slices still referenced (e.g. by a traceback); the map closes when they go
             self._mv = None  # type: ignore[assignment]
+            self._mm = None  # type: ignore[assignment]
         self._f.close()
 
     def __enter__(self) -> SealedFile:

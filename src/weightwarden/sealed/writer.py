@@ -156,9 +156,10 @@ def _write(
 
     with atomic_output(dst, force=force, durable=durable) as fd:
         os.fchmod(fd, 0o644)
+        preamble = F.encode_preamble(slot_size, len(ctx_raw))
         write_all(
             fd,
-            F.encode_preamble(slot_size, len(ctx_raw))
+            preamble
             + F.encode_slot_area([slot], 1, slot_size)
             + b"\x00" * slot_size
             + ctx_raw
@@ -204,7 +205,7 @@ def _write(
             if pending is not None:
                 pending.result()
         write_all(fd, digests)
-        sig = signer.sign(F.signed_message(parsed.sha256, digests))
+        sig = signer.sign(F.signed_message(preamble, parsed.sha256, digests))
         sig_block = F.canon(
             {
                 "alg": F.SIG_ID,

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import weightwarden as ww
+from weightwarden.keys.local import KdfParams
+
+# Cheap Argon2id for tests only; the product default is RFC 9106's 64 MiB / t=3.
+TEST_KDF = KdfParams(time_cost=1, memory_kib=1024, parallelism=1)
+PASSPHRASE = "correct horse battery staple"
+
+
+def make_tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "embed.weight": rng.standard_normal((37, 16)).astype(np.float16),
+        "layer.0.w": rng.standard_normal((64, 48)).astype(np.float32),
+        "layer.0.b": rng.standard_normal(48).astype(np.float64),
+        "bf": rng.standard_normal((5, 7)).astype(ml_dtypes.bfloat16),
+        "ids": np.arange(-5, 20, dtype=np.int64),
+        "mask": rng.random(13) > 0.5,
+        "empty": np.zeros((0, 4), np.float32),
+        "u8": rng.integers(0, 255, 99, dtype=np.uint8),
+    }
+
+
+@pytest.fixture
+def tensors() -> dict[str, np.ndarray]:
+    return make_tensors()
+
+
+@pytest.fixture
+def st_file(tmp_path: Path, tensors: dict[str, np.ndarray]) -> Path:
+    p = tmp_path / "model.safetensors"
+    save_file(tensors, str(p), metadata={"format": "np", "owner": "lab"})
+    return p
+
+
+@pytest.fixture
+def keyring(tmp_path: Path) -> ww.Keyring:
+    return ww.Keyring.create(tmp_path / "home", PASSPHRASE, kdf=TEST_KDF)
+
+
+@pytest.fixture
+def other_keyring(tmp_path: Path) -> ww.Keyring:
+    return ww.Keyring.create(tmp_path / "other-home", PASSPHRASE, kdf=TEST_KDF)
+
+
+def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert a[k].shape == b[k].shape, k
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        WARDEN_HOME=str(tmp_path / "cli-home"),
+        WARDEN_PASSPHRASE=PASSPHRASE,
+        WARDEN_KDF_MEMORY_KIB="1024",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def warden(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "weightwarden", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
