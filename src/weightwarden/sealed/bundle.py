@@ -264,11 +264,13 @@ class BundleReader:
         except KeyError:
             raise KeyError(name) from None
 
+    def tensor_readers(self) -> list[SealedReader]:
+        return [r for r in self._readers if r.kind == "safetensors"]
+
     def load_numpy(self, *, check_digests: bool = True) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
-        for r in self._readers:
-            if r.kind == "safetensors":
-                out.update(r.load_numpy(check_digests=check_digests))
+        for r in self.tensor_readers():
+            out.update(r.load_numpy(check_digests=check_digests))
         return out
 
     def close(self) -> None:

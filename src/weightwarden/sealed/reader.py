@@ -124,6 +124,18 @@ class SealedFile:
         off = self.layout.chunk_off(i)
         return self._mv[off : off + self.layout.chunk_plain_len(i) + F.TAG_LEN]
 
+    def _release(self, first: int, stop: int) -> None:
+        """Drop chunks [first, stop) from this process's mapping (they stay in the page cache).
+
+        Keeps the resident set of a full read near the size of its output.
+        """
+        if not hasattr(mmap, "MADV_DONTNEED") or self._mm is None:
+            return
+        lo = -(-self.layout.chunk_off(first) // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (self.layout.chunk_off(stop) // mmap.PAGESIZE) * mmap.PAGESIZE
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def _check_digest_range(self, first: int, stop: int) -> None:
         d = self.digests
         for i in range(first, stop):
@@ -143,6 +155,7 @@ class SealedFile:
         def work(first: int) -> int:
             stop = min(n, first + HASH_BATCH)
             self._check_digest_range(first, stop)
+            self._release(first, stop)
             return sum(self.layout.chunk_plain_len(i) for i in range(first, stop))
 
         with ThreadPoolExecutor(max(1, threads)) as pool:
@@ -349,20 +362,25 @@ class SealedReader:
                 for i in range(first, stop):
                     s = i * C
                     self._decrypt_chunk(i, mv[s : s + lay.chunk_plain_len(i)])
+                if check_digests:
+                    hashes[r].result()
+                sf._release(first, stop)
                 if progress is not None:
                     progress(min(lay.data_len, stop * C) - first * C)
             for fut in hashes:
                 fut.result()
         return out
 
-    def load_numpy(self, *, check_digests: bool = True) -> dict[str, np.ndarray]:
-        """All tensors as numpy arrays (views into one decrypted buffer)."""
+    def load_raw(self, *, check_digests: bool = True) -> tuple[np.ndarray, dict[str, F.TensorInfo]]:
+        """The decrypted data section and the tensor table (for framework loaders)."""
         if self.kind != "safetensors":
             raise UnsupportedModelError(f"{self.name} is a sealed blob, not tensors")
-        buf = self.read_all(check_digests=check_digests)
-        return {
-            t.name: buf[t.start : t.end].view(_np_dtype(t.dtype)).reshape(t.shape) for t in self._tensors.values()
-        }
+        return self.read_all(check_digests=check_digests), dict(self._tensors)
+
+    def load_numpy(self, *, check_digests: bool = True) -> dict[str, np.ndarray]:
+        """All tensors as numpy arrays (views into one decrypted buffer)."""
+        buf, tensors = self.load_raw(check_digests=check_digests)
+        return {t.name: buf[t.start : t.end].view(_np_dtype(t.dtype)).reshape(t.shape) for t in tensors.values()}
 
     def safetensors_header_bytes(self) -> bytes:
         if self._raw_header is None:

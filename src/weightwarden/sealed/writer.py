@@ -165,45 +165,44 @@ def _write(
             + ctx_raw
             + header_ct,
         )
-        # Pipeline: the main thread encrypts batch k (AES-GCM holds the GIL) while a
-        # worker hashes and writes batch k-1 (BLAKE3 and write() release it).
-        bufs = [bytearray(BATCH_CHUNKS * (chunk_size + F.TAG_LEN)) for _ in range(2)]
-        pending: Future[None] | None = None
+        # Pipeline: the main thread encrypts batch k (AES-GCM holds the GIL) while one
+        # worker hashes and another writes earlier batches (BLAKE3 and write() release it).
+        nbuf = 3
+        bufs = [bytearray(BATCH_CHUNKS * (chunk_size + F.TAG_LEN)) for _ in range(nbuf)]
+        busy: list[list[Future[None]]] = [[] for _ in range(nbuf)]
 
-        def flush(buf: bytearray, first: int, count: int, nbytes: int) -> None:
-            mv = memoryview(buf)
-            pos = 0
-            for j in range(count):
-                clen = layout.chunk_plain_len(first + j) + F.TAG_LEN
-                i = first + j
+        def hash_batch(buf: bytearray, first: int, count: int) -> None:
+            mv, pos = memoryview(buf), 0
+            for i in range(first, first + count):
+                clen = layout.chunk_plain_len(i) + F.TAG_LEN
                 digests[i * 32 : (i + 1) * 32] = blake3.blake3(mv[pos : pos + clen]).digest()
                 pos += clen
-            write_all(fd, mv[:nbytes])
+
+        def write_batch(buf: bytearray, nbytes: int) -> None:
+            write_all(fd, memoryview(buf)[:nbytes])
             if progress is not None:
                 progress(nbytes)
 
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as writer:
             for b, first in enumerate(range(0, n_chunks, BATCH_CHUNKS)):
+                k = b % nbuf
+                for fut in busy[k]:
+                    fut.result()
                 count = min(BATCH_CHUNKS, n_chunks - first)
-                out = memoryview(bufs[b % 2])
+                out = memoryview(bufs[k])
                 pos = 0
-                for j in range(count):
-                    i = first + j
+                for i in range(first, first + count):
                     s = i * chunk_size
                     plen = layout.chunk_plain_len(i)
                     aead.encrypt_into(
-                        F.nonce(F.DOM_DATA, i, i == n_chunks - 1),
-                        src[s : s + plen],
-                        aad,
-                        out[pos : pos + plen + F.TAG_LEN],
+                        F.nonce(F.DOM_DATA, i, i == n_chunks - 1), src[s : s + plen], aad, out[pos : pos + plen + F.TAG_LEN]
                     )
                     pos += plen + F.TAG_LEN
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(flush, bufs[b % 2], first, count, pos)
                 del out
-            if pending is not None:
-                pending.result()
+                busy[k] = [hasher.submit(hash_batch, bufs[k], first, count), writer.submit(write_batch, bufs[k], pos)]
+            for futs in busy:
+                for fut in futs:
+                    fut.result()
         write_all(fd, digests)
         sig = signer.sign(F.signed_message(preamble, parsed.sha256, digests))
         sig_block = F.canon(

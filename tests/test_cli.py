@@ -1,0 +1,89 @@
+"""The `warden` command line, run as a user would (subprocesses, real files)."""
+
+from __future__ import annotations
+
+import json
+
+from .conftest import warden
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def _fails(r, needle: str):
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert needle in lines[0], lines[0]
+    return r
+
+
+def test_cli_end_to_end(tmp_path, st_file, cli_env):
+    keys = json.loads(_ok(warden(cli_env, "init", "--json")).stdout)["keys"]
+    assert {k["kind"] for k in keys} == {"kek", "signing"}
+    listed = json.loads(_ok(warden(cli_env, "key", "list", "--json")).stdout)
+    assert [k["key_id"] for k in listed] == [k["key_id"] for k in keys]
+    out = tmp_path / "m.wws"
+    sealed = json.loads(_ok(warden(cli_env, "seal", str(st_file), "-o", str(out), "--hide-header", "--json")).stdout)
+    assert sealed["sealed"][0]["header_hidden"] is True
+    rep = json.loads(_ok(warden(cli_env, "verify", str(out), "--json")).stdout)
+    assert rep["ok"] is True and rep["deep"] is False
+    rep = json.loads(_ok(warden(cli_env, "verify", str(out), "--deep", "--json")).stdout)
+    assert rep["deep"] is True
+    info = json.loads(_ok(warden(cli_env, "inspect", str(out), "--json")).stdout)
+    assert info["header_hidden"] is True and "tensors" not in info
+    plain = tmp_path / "plain.safetensors"
+    _ok(warden(cli_env, "open", str(out), "-o", str(plain)))
+    assert plain.read_bytes() == st_file.read_bytes()
+    _fails(warden(cli_env, "open", str(out), "-o", str(plain)), "--force")
+    _ok(warden(cli_env, "open", str(out), "-o", str(plain), "--force"))
+
+
+def test_cli_errors_are_one_line(tmp_path, st_file, cli_env):
+    _ok(warden(cli_env, "init"))
+    _fails(warden(cli_env, "verify", str(tmp_path / "missing.wws")), "missing.wws")
+    _fails(warden(cli_env, "verify", str(st_file)), "FormatError")
+    _fails(warden(cli_env, "seal", str(st_file)), "Missing option")
+    _fails(warden(cli_env, "nonsense"), "No such command")
+    bad = dict(cli_env, WARDEN_PASSPHRASE="not the passphrase")
+    _fails(warden(bad, "seal", str(st_file), "-o", str(tmp_path / "x.wws")), "BadPassphraseError")
+    assert not (tmp_path / "x.wws").exists()
+    tampered = tmp_path / "t.wws"
+    _ok(warden(cli_env, "seal", str(st_file), "-o", str(tampered)))
+    b = bytearray(tampered.read_bytes())
+    b[-200] ^= 1
+    tampered.write_bytes(b)
+    r = _fails(warden(cli_env, "verify", str(tampered)), "Error")
+    assert "not the passphrase" not in r.stderr
+
+
+def test_cli_trust_between_two_parties(tmp_path, st_file, cli_env):
+    alice = dict(cli_env, WARDEN_HOME=str(tmp_path / "alice"))
+    bob = dict(cli_env, WARDEN_HOME=str(tmp_path / "bob"))
+    _ok(warden(alice, "init"))
+    _ok(warden(bob, "init"))
+    out = tmp_path / "m.wws"
+    _ok(warden(alice, "seal", str(st_file), "-o", str(out)))
+    _fails(warden(bob, "verify", str(out)), "UntrustedSignerError")
+    pub = json.loads(_ok(warden(alice, "key", "export-public", "--json")).stdout)["public_key"]
+    _ok(warden(bob, "verify", str(out), "--trust-key", pub))
+    (tmp_path / "alice.pub").write_text(pub)
+    _ok(warden(bob, "trust", "add", str(tmp_path / "alice.pub"), "--label", "alice"))
+    labels = {t["label"] for t in json.loads(_ok(warden(bob, "trust", "list", "--json")).stdout)}
+    assert "alice" in labels
+    _ok(warden(bob, "verify", str(out)))
+    _fails(warden(bob, "verify", str(out), "--deep"), "WrongKeyError")  # trusted, but not Bob's key
+
+
+def test_cli_seals_a_model_directory(tmp_path, tensors, cli_env):
+    from .test_roundtrip import _model_dir
+
+    d = _model_dir(tmp_path, tensors)
+    _ok(warden(cli_env, "init"))
+    _ok(warden(cli_env, "seal", str(d), "-o", str(tmp_path / "sealed")))
+    info = json.loads(_ok(warden(cli_env, "inspect", str(tmp_path / "sealed"), "--json")).stdout)
+    assert len(info["members"]) == 5
+    _ok(warden(cli_env, "open", str(tmp_path / "sealed"), "-o", str(tmp_path / "back")))
+    assert (tmp_path / "back" / "tokenizer" / "vocab.txt").read_text() == "a\nb\nc\n"
