@@ -131,8 +131,10 @@ class SealedFile:
         """
         if not hasattr(mmap, "MADV_DONTNEED") or self._mm is None:
             return
-        lo = -(-self.layout.chunk_off(first) // mmap.PAGESIZE) * mmap.PAGESIZE
-        hi = (self.layout.chunk_off(stop) // mmap.PAGESIZE) * mmap.PAGESIZE
+        lay = self.layout
+        end = lay.chunk_off(stop - 1) + lay.chunk_plain_len(stop - 1) + F.TAG_LEN
+        lo = -(-lay.chunk_off(first) // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = (min(end, len(self._mm)) // mmap.PAGESIZE) * mmap.PAGESIZE
         if hi > lo:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
