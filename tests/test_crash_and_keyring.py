@@ -33,7 +33,7 @@ def test_kill_at_random_points_leaves_nothing_under_target(tmp_path, keyring):
     target = tmp_path / "out" / "big.wws"
     target.parent.mkdir()
     outcomes = set()
-    for trial in range(8):
+    for _ in range(8):
         p = subprocess.Popen(
             [sys.executable, "-c", SEAL_SCRIPT, str(keyring.home), PASSPHRASE, str(src), str(target)],
             stdout=subprocess.PIPE,

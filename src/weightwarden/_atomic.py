@@ -62,6 +62,30 @@ def atomic_output(target: str | os.PathLike[str], *, force: bool = False, durabl
         _fsync_dir(parent)
 
 
+_libc = None
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing [offset, offset+nbytes) to disk now, without waiting.
+
+    Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; a no-op elsewhere.  It spreads
+    the final fsync's work over the write, so durability costs little extra time.
+    """
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            fn = lib.sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            _libc = fn
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc(fd, offset, nbytes, 2)  # SYNC_FILE_RANGE_WRITE
+
+
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     mv = memoryview(data).cast("B")
     while mv:

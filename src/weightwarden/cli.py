@@ -23,7 +23,7 @@ from rich.table import Table
 
 from . import api
 from .errors import KeyringError, WardenError
-from .keys.local import Keyring, KdfParams, TrustStore, default_home
+from .keys.local import KdfParams, Keyring, TrustStore, default_home
 from .keys.provider import ed25519_key_id
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Guard the weights of AI models.")
@@ -103,7 +103,9 @@ def key_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     keys = _keyring(home).list_keys()
     t = Table("key id", "kind", "version", "state", "current", "default", "created")
     for k in keys:
-        t.add_row(k["key_id"], k["kind"], str(k["version"]), k["state"], str(k["current"]), str(k["default"]), k["created"])
+        t.add_row(
+            k["key_id"], k["kind"], str(k["version"]), k["state"], str(k["current"]), str(k["default"]), k["created"]
+        )
     _emit(keys, as_json, t)
 
 
@@ -254,8 +256,11 @@ def inspect(src: Annotated[Path, typer.Argument(help="sealed file or bundle")], 
         _emit(info, True)
         return
     for m in info.get("members", [info]):
-        out.print(f"[bold]{m.get('name', '(hidden name)')}[/bold]  {m['kind']}  {m['data_len']} bytes  "
-                  f"{m['n_chunks']} chunks  signer {m['signer']}  header {'hidden' if m['header_hidden'] else 'visible'}")  # fmt: skip
+        header = "hidden" if m["header_hidden"] else "visible"
+        out.print(
+            f"[bold]{m.get('name', '(hidden name)')}[/bold]  {m['kind']}  {m['data_len']} bytes  "
+            f"{m['n_chunks']} chunks  signer {m['signer']}  header {header}"
+        )
         if m.get("tensors"):
             t = Table("tensor", "dtype", "shape")
             for name, ti in list(m["tensors"].items())[:50]:
@@ -296,4 +301,4 @@ def _entry() -> None:  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["app", "main", "ed25519_key_id"]
+__all__ = ["app", "ed25519_key_id", "main"]

@@ -45,7 +45,7 @@ class UntrustedSignerError(SignatureError):
 
 
 # --- keys ----------------------------------------------------------------------
-class KeyError_(WardenError):  # noqa: N801  (avoid shadowing builtins.KeyError)
+class KeyError_(WardenError):
     """Base class of key-management errors."""
 
 
@@ -75,20 +75,20 @@ class UnsupportedModelError(WardenError):
 
 
 __all__ = [
-    "WardenError",
+    "BadPassphraseError",
+    "DecryptionError",
     "FormatError",
-    "UnsupportedVersionError",
-    "TruncatedError",
     "HeaderError",
     "IntegrityError",
-    "DecryptionError",
-    "SignatureError",
-    "UntrustedSignerError",
     "KeyError_",
-    "WrongKeyError",
     "KeyNotFoundError",
     "KeyringError",
-    "BadPassphraseError",
     "OutputExistsError",
+    "SignatureError",
+    "TruncatedError",
     "UnsupportedModelError",
+    "UnsupportedVersionError",
+    "UntrustedSignerError",
+    "WardenError",
+    "WrongKeyError",
 ]

@@ -38,7 +38,9 @@ def load(
         readers = r.tensor_readers() if isinstance(r, BundleReader) else [r]
         for member in readers:
             buf, tensors = member.load_raw(check_digests=check_digests)
-            raw = torch.frombuffer(memoryview(buf), dtype=torch.uint8) if buf.size else torch.empty(0, dtype=torch.uint8)
+            raw = (
+                torch.frombuffer(memoryview(buf), dtype=torch.uint8) if buf.size else torch.empty(0, dtype=torch.uint8)
+            )
             for t in tensors.values():
                 dt = DTYPES[t.dtype]
                 piece = raw[t.start : t.end]

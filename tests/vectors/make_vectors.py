@@ -1,6 +1,6 @@
 """Regenerate the sealed-format v1 test vectors (run once; the outputs are committed as data).
 
-    python tests/vectors/make_vectors.py
+python tests/vectors/make_vectors.py
 """
 
 from __future__ import annotations

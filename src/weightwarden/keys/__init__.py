@@ -1,6 +1,6 @@
 """Key providers, signers and trust."""
 
-from .local import Ed25519Signer, Keyring, KdfParams, LocalProvider, StaticKeyProvider, TrustStore, default_home
+from .local import Ed25519Signer, KdfParams, Keyring, LocalProvider, StaticKeyProvider, TrustStore, default_home
 from .provider import KeyProvider, KeySlot, Signer
 
 __all__ = [

@@ -369,5 +369,3 @@ class StaticKeyProvider(_AesGcmWrapProvider):
 
     def _current(self) -> tuple[str, int]:
         return self._cur
-
-

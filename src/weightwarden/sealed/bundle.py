@@ -228,7 +228,7 @@ class BundleReader:
         self._by_name = {r.name: r for r in readers}
         self._tensor_owner: dict[str, SealedReader] = {}
         for r in readers:
-            for k in r.keys():
+            for k in r.keys():  # noqa: SIM118 (a reader, not a dict)
                 if k in self._tensor_owner:
                     raise FormatError(f"tensor {k[:64]!r} appears in two shards")
                 self._tensor_owner[k] = r

@@ -247,7 +247,9 @@ def _np_dtype(dtype: str) -> np.dtype[Any]:
         import ml_dtypes
     except ImportError:  # pragma: no cover - ml_dtypes is a core dependency
         raise UnsupportedModelError(f"dtype {dtype} needs ml_dtypes (or use weightwarden.torch)") from None
-    return np.dtype({"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}[dtype])
+    return np.dtype(
+        {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}[dtype]
+    )
 
 
 class SealedReader:
@@ -357,7 +359,11 @@ class SealedReader:
 
         with ThreadPoolExecutor(1) as faulter, ThreadPoolExecutor(1) as hasher:
             faults = [faulter.submit(prefault, first) for first in regions]
-            hashes = [hasher.submit(sf._check_digest_range, f, min(n, f + HASH_BATCH)) for f in regions] if check_digests else []
+            hashes = (
+                [hasher.submit(sf._check_digest_range, f, min(n, f + HASH_BATCH)) for f in regions]
+                if check_digests
+                else []
+            )
             for r, first in enumerate(regions):
                 faults[r].result()
                 stop = min(n, first + HASH_BATCH)

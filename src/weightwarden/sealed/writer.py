@@ -12,7 +12,7 @@ from pathlib import Path
 
 import blake3
 
-from .._atomic import atomic_output, check_target, write_all
+from .._atomic import atomic_output, check_target, start_writeback, write_all
 from ..errors import HeaderError, UnsupportedModelError
 from ..keys.provider import KeyProvider, Signer, b64e
 from . import format as F
@@ -159,11 +159,7 @@ def _write(
         preamble = F.encode_preamble(slot_size, len(ctx_raw))
         write_all(
             fd,
-            preamble
-            + F.encode_slot_area([slot], 1, slot_size)
-            + b"\x00" * slot_size
-            + ctx_raw
-            + header_ct,
+            preamble + F.encode_slot_area([slot], 1, slot_size) + b"\x00" * slot_size + ctx_raw + header_ct,
         )
         # Pipeline: the main thread encrypts batch k (AES-GCM holds the GIL) while one
         # worker hashes and another writes earlier batches (BLAKE3 and write() release it).
@@ -179,7 +175,10 @@ def _write(
                 pos += clen
 
         def write_batch(buf: bytearray, nbytes: int) -> None:
+            off = os.lseek(fd, 0, os.SEEK_CUR)
             write_all(fd, memoryview(buf)[:nbytes])
+            if durable:
+                start_writeback(fd, off, nbytes)
             if progress is not None:
                 progress(nbytes)
 
@@ -195,7 +194,10 @@ def _write(
                     s = i * chunk_size
                     plen = layout.chunk_plain_len(i)
                     aead.encrypt_into(
-                        F.nonce(F.DOM_DATA, i, i == n_chunks - 1), src[s : s + plen], aad, out[pos : pos + plen + F.TAG_LEN]
+                        F.nonce(F.DOM_DATA, i, i == n_chunks - 1),
+                        src[s : s + plen],
+                        aad,
+                        out[pos : pos + plen + F.TAG_LEN],
                     )
                     pos += plen + F.TAG_LEN
                 del out
@@ -215,5 +217,3 @@ def _write(
         )
         write_all(fd, len(sig_block).to_bytes(4, "little") + sig_block)
     return SealResult(dst, file_id.hex(), kind, data_len, n_chunks, signer.key_id, hide_header)
-
-

@@ -1,0 +1,39 @@
+# The two commands the README opens with:
+#   make demo   install (core) and run the sealed-checkpoint lifecycle end to end
+#   make test   install (core + dev + torch + transformers) and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test install install-dev bench fuzz lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev,hf]'
+
+demo: install
+	$(BIN)/python -m weightwarden.demo
+
+test: install-dev
+	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/python -m pytest -q
+
+bench: install-dev
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/seal.py
+
+fuzz: install-dev
+	$(BIN)/pip install -q atheris
+	$(BIN)/python fuzz/fuzz_sealed.py -atheris_runs=200000
+
+lint: install-dev
+	$(BIN)/ruff check src tests bench fuzz
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info src/*.egg-info
