@@ -45,19 +45,19 @@ class UntrustedSignerError(SignatureError):
 
 
 # --- keys ----------------------------------------------------------------------
-class KeyError_(WardenError):
+class KeyManagementError(WardenError):
     """Base class of key-management errors."""
 
 
-class WrongKeyError(KeyError_):
+class WrongKeyError(KeyManagementError):
     """No available key can unwrap this file's data key."""
 
 
-class KeyNotFoundError(KeyError_):
+class KeyNotFoundError(KeyManagementError):
     """A key id or version is not known to the provider."""
 
 
-class KeyringError(KeyError_):
+class KeyringError(KeyManagementError):
     """The keyring is missing, corrupt or cannot be written."""
 
 
@@ -80,7 +80,7 @@ __all__ = [
     "FormatError",
     "HeaderError",
     "IntegrityError",
-    "KeyError_",
+    "KeyManagementError",
     "KeyNotFoundError",
     "KeyringError",
     "OutputExistsError",

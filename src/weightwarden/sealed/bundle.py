@@ -7,7 +7,6 @@ members cannot be dropped, added, swapped or moved between bundles.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import os
 import secrets
@@ -283,13 +282,3 @@ class BundleReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Remove leftovers of killed writers (``.ww-tmp-*``) in ``directory``."""
-    removed = []
-    for p in directory.glob(f"{TMP_PREFIX}*"):
-        with contextlib.suppress(OSError):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-            removed.append(p)
-    return removed
