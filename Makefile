@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install install-dev bench fuzz lint clean
+.PHONY: demo test install install-dev system-deps bench fuzz lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,14 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
-install-dev: $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev,hf]'
+install-dev: $(BIN)/python system-deps
+	$(BIN)/pip install -q -e '.[dev,hf,hsm]'
+
+# Debian packages the tests use: SoftHSM2 (a real PKCS#11 token for the HSM provider).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+system-deps:
+	@command -v softhsm2-util >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq softhsm2 >/dev/null; }
 
 demo: install
 	$(BIN)/python -m weightwarden.demo

@@ -57,6 +57,22 @@ class KeyNotFoundError(KeyManagementError):
     """A key id or version is not known to the provider."""
 
 
+class KeyDisabledError(KeyManagementError):
+    """The key version exists but is disabled (it can be enabled again)."""
+
+
+class KeyDestroyedError(KeyManagementError):
+    """The key version was destroyed: what it protected is unreadable for good."""
+
+
+class ProviderUnavailableError(KeyManagementError):
+    """The key provider cannot be reached (token missing, service down, wrong PIN)."""
+
+
+class CustodyError(KeyManagementError):
+    """M-of-N custody: a bad, foreign, duplicate or insufficient set of shares."""
+
+
 class KeyringError(KeyManagementError):
     """The keyring is missing, corrupt or cannot be written."""
 
@@ -76,14 +92,18 @@ class UnsupportedModelError(WardenError):
 
 __all__ = [
     "BadPassphraseError",
+    "CustodyError",
     "DecryptionError",
     "FormatError",
     "HeaderError",
     "IntegrityError",
+    "KeyDestroyedError",
+    "KeyDisabledError",
     "KeyManagementError",
     "KeyNotFoundError",
     "KeyringError",
     "OutputExistsError",
+    "ProviderUnavailableError",
     "SignatureError",
     "TruncatedError",
     "UnsupportedModelError",

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+from abc import abstractmethod
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,10 +26,21 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .._atomic import atomic_write_bytes
-from ..errors import BadPassphraseError, KeyNotFoundError, KeyringError, WrongKeyError
+from ..audit import AuditAction, AuditSink, JsonlSink
+from ..audit import event as audit_event
+from ..errors import (
+    BadPassphraseError,
+    KeyDestroyedError,
+    KeyDisabledError,
+    KeyNotFoundError,
+    KeyringError,
+    WrongKeyError,
+)
 from .provider import KeyProvider, KeySlot, Signer, b64d, b64e, ed25519_key_id, wrap_aad
 
 KEYRING_FILE = "keyring.json"
+AUDIT_FILE = "audit.jsonl"
+KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TRUST_FILE = "trusted.json"
 _FORMAT = "weightwarden-keyring"
 _WRAP_ALG = "A256GCM"
@@ -87,7 +100,7 @@ class Ed25519Signer(Signer):
     def public_key(self) -> bytes:
         return self._pub
 
-    def sign(self, message: bytes) -> bytes:
+    def _sign(self, message: bytes) -> bytes:
         return self._key.sign(message)
 
     @classmethod
@@ -149,6 +162,7 @@ class Keyring:
         self._wrapping_key = bytearray(kdf.derive(passphrase, salt))
         self._s = secrets_
         self.trust = TrustStore.load(home)
+        self.audit: AuditSink = JsonlSink(home / AUDIT_FILE)
 
     # -- lifecycle ------------------------------------------------------------
     @classmethod
@@ -193,6 +207,7 @@ class Keyring:
             raise BadPassphraseError("the passphrase does not unlock this keyring") from None
         kr._s = json.loads(plain)
         kr.trust = TrustStore.load(home)
+        kr.audit = JsonlSink(home / AUDIT_FILE)
         return kr
 
     def _aad(self) -> bytes:
@@ -224,14 +239,21 @@ class Keyring:
         self.close()
 
     # -- keys -------------------------------------------------------------------
-    def new_kek(self, *, now: datetime | None = None) -> str:
-        kid = "kek-" + secrets.token_hex(8)
-        self._s["keks"][kid] = {
-            "current": 1,
-            "versions": {"1": {"key": b64e(secrets.token_bytes(32)), "state": "enabled", "created": _now(now)}},
-        }
+    def new_kek(self, name: str | None = None, *, now: datetime | None = None) -> str:
+        """A new key-encryption key; ``name`` (e.g. one per model, for shredding) or a random id."""
+        kid = name if name is not None else "kek-" + secrets.token_hex(8)
+        if not KEY_NAME.match(kid):
+            raise KeyringError("key names are 1-64 characters of letters, digits, '.', '_' and '-'")
+        if kid in self._s["keks"]:
+            raise KeyringError(f"key {kid} already exists")
+        self._s["keks"][kid] = {"current": 1, "versions": {"1": self._new_version(now)}}
         self._s.setdefault("default_kek", kid)
+        self.audit.emit(audit_event(AuditAction.KEY_CREATE, key_id=kid, key_version=1, provider="local"))
         return kid
+
+    @staticmethod
+    def _new_version(now: datetime | None) -> dict[str, str]:
+        return {"key": b64e(secrets.token_bytes(32)), "state": "enabled", "created": _now(now)}
 
     def new_signing_key(self, *, now: datetime | None = None) -> str:
         signer = Ed25519Signer.generate()
@@ -241,6 +263,7 @@ class Keyring:
         self._s["signing"][signer.key_id] = {"private": b64e(raw), "created": _now(now)}
         self._s.setdefault("default_signer", signer.key_id)
         self.trust.add(signer.public_key, label="own key")
+        self.audit.emit(audit_event(AuditAction.KEY_CREATE, key_id=signer.key_id, key_version=1, provider="local"))
         return signer.key_id
 
     def list_keys(self) -> list[dict[str, Any]]:
@@ -272,30 +295,78 @@ class Keyring:
             )
         return out
 
-    def _kek(self, key_id: str, version: int) -> bytes:
+    def _key_entry(self, key_id: str) -> dict[str, Any]:
         try:
-            v = self._s["keks"][key_id]["versions"][str(version)]
+            return self._s["keks"][key_id]
         except KeyError:
-            raise KeyNotFoundError(f"key {key_id} version {version} is not in this keyring") from None
+            raise KeyNotFoundError(f"key {key_id} is not in this keyring") from None
+
+    def _kek(self, key_id: str, version: int) -> bytes:
+        v = self._key_entry(key_id)["versions"].get(str(version))
+        if v is None:
+            raise KeyNotFoundError(f"key {key_id} version {version} is not in this keyring")
+        if v["state"] == "destroyed":
+            raise KeyDestroyedError(f"key {key_id} version {version} was destroyed")
         if v["state"] != "enabled":
-            raise KeyNotFoundError(f"key {key_id} version {version} is {v['state']}")
+            raise KeyDisabledError(f"key {key_id} version {version} is disabled")
         return b64d(v["key"], "key")
+
+    def _rotate(self, key_id: str, now: datetime | None = None) -> int:
+        entry = self._key_entry(key_id)
+        version = max(int(v) for v in entry["versions"]) + 1
+        entry["versions"][str(version)] = self._new_version(now)
+        entry["current"] = version
+        self.save()
+        return version
+
+    def _set_state(self, key_id: str, version: int, state: str) -> None:
+        v = self._key_entry(key_id)["versions"].get(str(version))
+        if v is None:
+            raise KeyNotFoundError(f"key {key_id} version {version} is not in this keyring")
+        if v["state"] == "destroyed":
+            raise KeyDestroyedError(f"key {key_id} version {version} was destroyed")
+        v["state"] = state
+        self.save()
+
+    def _destroy(self, key_id: str, version: int | None) -> list[int]:
+        entry = self._key_entry(key_id)
+        targets = [int(x) for x in entry["versions"]] if version is None else [version]
+        done = []
+        for ver in targets:
+            v = entry["versions"].get(str(ver))
+            if v is None:
+                raise KeyNotFoundError(f"key {key_id} version {ver} is not in this keyring")
+            if v["state"] != "destroyed":
+                v.pop("key", None)
+                v["state"] = "destroyed"
+                done.append(ver)
+        self.save()  # the keyring file is rewritten without the key bytes
+        return done
 
     def provider(self, key_id: str | None = None) -> LocalProvider:
         kid = key_id or self._s.get("default_kek")
         if not kid or kid not in self._s["keks"]:
             raise KeyNotFoundError(f"no key-encryption key {kid!r} in this keyring")
-        return LocalProvider(self, kid)
+        p = LocalProvider(self, kid)
+        p.audit = self.audit
+        return p
 
     def signer(self, key_id: str | None = None) -> Ed25519Signer:
         kid = key_id or self._s.get("default_signer")
         entry = self._s["signing"].get(kid) if kid else None
         if entry is None:
             raise KeyNotFoundError(f"no signing key {kid!r} in this keyring")
-        return Ed25519Signer(Ed25519PrivateKey.from_private_bytes(b64d(entry["private"], "signing key")))
+        s = Ed25519Signer(Ed25519PrivateKey.from_private_bytes(b64d(entry["private"], "signing key")))
+        s.audit = self.audit
+        return s
 
     def public_key(self, key_id: str | None = None) -> bytes:
-        return self.signer(key_id).public_key
+        kid = key_id or self._s.get("default_signer")
+        entry = self._s["signing"].get(kid) if kid else None
+        if entry is None:
+            raise KeyNotFoundError(f"no signing key {kid!r} in this keyring")
+        priv = Ed25519PrivateKey.from_private_bytes(b64d(entry["private"], "signing key"))
+        return priv.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 class _AesGcmWrapProvider(KeyProvider):
@@ -303,25 +374,15 @@ class _AesGcmWrapProvider(KeyProvider):
 
     name = "local"
 
-    def _kek(self, key_id: str, version: int) -> bytes:
-        raise NotImplementedError
-
-    def _current(self) -> tuple[str, int]:
-        raise NotImplementedError
-
-    def _has_key(self, key_id: str, version: int) -> bool:
-        try:
-            self._kek(key_id, version)
-        except KeyNotFoundError:
-            return False
-        return True
+    @abstractmethod
+    def _kek(self, key_id: str, version: int) -> bytes: ...
 
     def _wrap(self, dek: bytes, context: bytes) -> KeySlot:
-        key_id, version = self._current()
-        kek = self._kek(key_id, version)
+        version = self._current_version(self.key_id)
+        kek = self._kek(self.key_id, version)
         nonce = secrets.token_bytes(12)
-        ct = AESGCM(kek).encrypt(nonce, dek, wrap_aad(self.name, key_id, version, context))
-        return KeySlot(self.name, key_id, version, _WRAP_ALG, nonce + ct)
+        ct = AESGCM(kek).encrypt(nonce, dek, wrap_aad(self.name, self.key_id, version, context))
+        return KeySlot(self.name, self.key_id, version, _WRAP_ALG, nonce + ct)
 
     def _unwrap(self, slot: KeySlot, context: bytes) -> bytearray:
         if slot.alg != _WRAP_ALG:
@@ -348,24 +409,75 @@ class LocalProvider(_AesGcmWrapProvider):
     def _kek(self, key_id: str, version: int) -> bytes:
         return self._kr._kek(key_id, version)
 
-    def _current(self) -> tuple[str, int]:
-        return self.key_id, int(self._kr._s["keks"][self.key_id]["current"])
+    def _current_version(self, key_id: str) -> int:
+        return int(self._kr._key_entry(key_id)["current"])
+
+    def _rotate(self, key_id: str) -> int:
+        return self._kr._rotate(key_id)
+
+    def _set_state(self, key_id: str, version: int, state: str) -> None:
+        self._kr._set_state(key_id, version, state)
+
+    def _destroy(self, key_id: str, version: int | None) -> list[int]:
+        return self._kr._destroy(key_id, version)
+
+    def _versions(self, key_id: str) -> list[dict[str, Any]]:
+        vs = self._kr._key_entry(key_id)["versions"]
+        return [{"version": int(v), "state": vs[v]["state"]} for v in sorted(vs, key=int)]
 
 
 class StaticKeyProvider(_AesGcmWrapProvider):
-    """KEKs given as bytes (test vectors, KEKs delivered by another system)."""
+    """KEKs given as bytes, in memory only (test vectors, KEKs delivered by another system)."""
 
     def __init__(self, keks: dict[tuple[str, int], bytes], current: tuple[str, int] | None = None):
         if any(len(k) != 32 for k in keks.values()):
             raise ValueError("KEKs are 32 bytes")
-        self._keks = dict(keks)
-        self._cur = current or next(iter(self._keks))
+        self._keks: dict[tuple[str, int], bytes | None] = dict(keks)
+        self._state = {k: "enabled" for k in keks}
+        self.key_id, cur = current or next(iter(self._keks))
+        self._cur = {self.key_id: cur}
 
     def _kek(self, key_id: str, version: int) -> bytes:
-        try:
-            return self._keks[(key_id, version)]
-        except KeyError:
-            raise KeyNotFoundError(f"key {key_id} version {version} is not available") from None
+        state = self._state.get((key_id, version))
+        if state is None:
+            raise KeyNotFoundError(f"key {key_id} version {version} is not available")
+        if state == "destroyed":
+            raise KeyDestroyedError(f"key {key_id} version {version} was destroyed")
+        if state != "enabled":
+            raise KeyDisabledError(f"key {key_id} version {version} is disabled")
+        return self._keks[(key_id, version)]  # type: ignore[return-value]
 
-    def _current(self) -> tuple[str, int]:
-        return self._cur
+    def _current_version(self, key_id: str) -> int:
+        if key_id in self._cur:
+            return self._cur[key_id]
+        versions = [v for (k, v) in self._keks if k == key_id]
+        if not versions:
+            raise KeyNotFoundError(f"key {key_id} is not available")
+        return max(versions)
+
+    def _rotate(self, key_id: str) -> int:
+        v = self._current_version(key_id) + 1
+        self._keks[(key_id, v)] = secrets.token_bytes(32)
+        self._state[(key_id, v)] = "enabled"
+        self._cur[key_id] = v
+        return v
+
+    def _set_state(self, key_id: str, version: int, state: str) -> None:
+        if (key_id, version) not in self._state:
+            raise KeyNotFoundError(f"key {key_id} version {version} is not available")
+        if self._state[(key_id, version)] == "destroyed":
+            raise KeyDestroyedError(f"key {key_id} version {version} was destroyed")
+        self._state[(key_id, version)] = state
+
+    def _destroy(self, key_id: str, version: int | None) -> list[int]:
+        targets = [v for (k, v) in self._keks if k == key_id] if version is None else [version]
+        done = []
+        for v in targets:
+            if self._state.get((key_id, v)) not in (None, "destroyed"):
+                self._keks[(key_id, v)] = None
+                self._state[(key_id, v)] = "destroyed"
+                done.append(v)
+        return done
+
+    def _versions(self, key_id: str) -> list[dict[str, Any]]:
+        return [{"version": v, "state": self._state[(k, v)]} for (k, v) in sorted(self._keks) if k == key_id]

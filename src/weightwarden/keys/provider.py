@@ -15,7 +15,16 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import FormatError, KeyNotFoundError, WrongKeyError
+from ..audit import AuditAction, AuditSink, NullSink
+from ..audit import event as audit_event
+from ..errors import (
+    FormatError,
+    KeyDestroyedError,
+    KeyDisabledError,
+    KeyNotFoundError,
+    WardenError,
+    WrongKeyError,
+)
 
 DEK_LEN = 32
 
@@ -83,30 +92,87 @@ def wrap_aad(slot_provider: str, key_id: str, version: int, context: bytes) -> b
 
 
 class KeyProvider(ABC):
-    """Wraps and unwraps data keys under key-encryption keys it keeps to itself."""
+    """A key store that wraps and unwraps data keys under key-encryption keys it keeps.
+
+    ``key_id`` names the KEK new data keys are wrapped under (its current version);
+    ``unwrap`` takes any key of this store that a slot names.  Subclasses implement
+    the ``_`` methods; this base does the shared checks and emits an audit event for
+    every use and every change of key material.
+    """
 
     #: short name stored in key slots ("local", "pkcs11", ...)
     name: str
+    key_id: str
+    audit: AuditSink = NullSink()
 
+    # -- use -----------------------------------------------------------------------
     def wrap(self, dek: bytes | bytearray, context: bytes) -> KeySlot:
         if len(dek) != DEK_LEN:
             raise ValueError("data keys are 32 bytes")
-        slot = self._wrap(bytes(dek), context)
+        try:
+            slot = self._wrap(bytes(dek), context)
+        except WardenError as e:
+            self._emit(AuditAction.KEY_WRAP, _outcome(e), self.key_id, None, context, error=type(e).__name__)
+            raise
         if slot.provider != self.name:
             raise AssertionError("provider produced a slot for another provider")
+        self._emit(AuditAction.KEY_WRAP, "ok", slot.key_id, slot.version, context)
         return slot
 
     def unwrap(self, slot: KeySlot, context: bytes) -> bytearray:
         if slot.provider != self.name:
             raise KeyNotFoundError(f"slot belongs to provider {slot.provider!r}, not {self.name!r}")
-        dek = self._unwrap(slot, context)
-        if len(dek) != DEK_LEN:
-            raise WrongKeyError("unwrapped key has the wrong length")
+        try:
+            dek = self._unwrap(slot, context)
+            if len(dek) != DEK_LEN:
+                raise WrongKeyError("unwrapped key has the wrong length")
+        except KeyNotFoundError:
+            raise  # not this store's key: nothing was attempted
+        except WardenError as e:
+            self._emit(AuditAction.KEY_UNWRAP, _outcome(e), slot.key_id, slot.version, context, error=type(e).__name__)
+            raise
+        self._emit(AuditAction.KEY_UNWRAP, "ok", slot.key_id, slot.version, context)
         return dek
 
-    def can_unwrap(self, slot: KeySlot) -> bool:
-        return slot.provider == self.name and self._has_key(slot.key_id, slot.version)
+    def current_version(self, key_id: str | None = None) -> int:
+        return self._current_version(key_id or self.key_id)
 
+    # -- lifecycle -------------------------------------------------------------------
+    def rotate(self, key_id: str | None = None) -> int:
+        """Make a new version of the KEK; new wraps use it.  Returns the version."""
+        kid = key_id or self.key_id
+        version = self._rotate(kid)
+        self._emit(AuditAction.KEY_ROTATE, "ok", kid, version, None)
+        return version
+
+    def disable(self, version: int, key_id: str | None = None) -> None:
+        kid = key_id or self.key_id
+        if version == self.current_version(kid):
+            raise KeyDisabledError("the current version cannot be disabled; rotate first")
+        self._set_state(kid, version, "disabled")
+        self._emit(AuditAction.KEY_DISABLE, "ok", kid, version, None)
+
+    def enable(self, version: int, key_id: str | None = None) -> None:
+        kid = key_id or self.key_id
+        self._set_state(kid, version, "enabled")
+        self._emit(AuditAction.KEY_ENABLE, "ok", kid, version, None)
+
+    def destroy(self, version: int | None = None, key_id: str | None = None) -> list[int]:
+        """Destroy one version (not the current one), or with ``version=None`` every
+        version of the key: crypto-shredding of all it protects.  Returns what was destroyed."""
+        kid = key_id or self.key_id
+        if version is not None and version == self.current_version(kid):
+            raise KeyDisabledError("the current version cannot be destroyed alone; rotate first or shred the key")
+        done = self._destroy(kid, version)
+        for v in done:
+            self._emit(AuditAction.KEY_DESTROY, "ok", kid, v, None)
+        return done
+
+    def versions(self, key_id: str | None = None) -> list[dict[str, Any]]:
+        """[{"version": n, "state": "enabled" | "disabled" | "destroyed"}, ...]"""
+        return self._versions(key_id or self.key_id)
+
+    # -- backend ------------------------------------------------------------------------
     @abstractmethod
     def _wrap(self, dek: bytes, context: bytes) -> KeySlot: ...
 
@@ -114,13 +180,52 @@ class KeyProvider(ABC):
     def _unwrap(self, slot: KeySlot, context: bytes) -> bytearray: ...
 
     @abstractmethod
-    def _has_key(self, key_id: str, version: int) -> bool: ...
+    def _current_version(self, key_id: str) -> int: ...
+
+    @abstractmethod
+    def _rotate(self, key_id: str) -> int: ...
+
+    @abstractmethod
+    def _set_state(self, key_id: str, version: int, state: str) -> None: ...
+
+    @abstractmethod
+    def _destroy(self, key_id: str, version: int | None) -> list[int]: ...
+
+    @abstractmethod
+    def _versions(self, key_id: str) -> list[dict[str, Any]]: ...
+
+    def _emit(
+        self, action: AuditAction, outcome: str, key_id: str, version: int | None, context: bytes | None, **detail: Any
+    ) -> None:
+        self.audit.emit(
+            audit_event(
+                action,
+                outcome,
+                key_id=key_id,
+                key_version=version,
+                provider=self.name,
+                subject=context.hex() if context else None,
+                detail=detail,
+            )
+        )
+
+
+def _outcome(e: Exception) -> str:
+    return "denied" if isinstance(e, (WrongKeyError, KeyDisabledError, KeyDestroyedError)) else "error"
 
 
 class Signer(ABC):
-    """Signs sealed-file manifests."""
+    """Signs sealed-file manifests (Ed25519).  ``sign`` emits an audit event."""
 
     alg: str = "ed25519"
+    audit: AuditSink = NullSink()
+
+    def sign(self, message: bytes) -> bytes:
+        sig = self._sign(message)
+        self.audit.emit(audit_event(AuditAction.KEY_SIGN, "ok", key_id=self.key_id, provider=self.provider_name))
+        return sig
+
+    provider_name: str = "local"
 
     @property
     @abstractmethod
@@ -131,7 +236,7 @@ class Signer(ABC):
     def public_key(self) -> bytes: ...
 
     @abstractmethod
-    def sign(self, message: bytes) -> bytes: ...
+    def _sign(self, message: bytes) -> bytes: ...
 
 
 def ed25519_key_id(public_key: bytes) -> str:

@@ -19,6 +19,10 @@ from ..errors import (
     DecryptionError,
     FormatError,
     IntegrityError,
+    KeyDestroyedError,
+    KeyDisabledError,
+    KeyManagementError,
+    ProviderUnavailableError,
     SignatureError,
     TruncatedError,
     UnsupportedModelError,
@@ -28,7 +32,7 @@ from ..errors import (
 from ..keys.local import TrustStore
 from ..keys.provider import KeyProvider, KeySlot, b64d, ed25519_key_id
 from . import format as F
-from ._crypto import content_cipher, zero
+from ._crypto import commitment, content_cipher, zero
 
 Progress = Callable[[int], None]
 HASH_BATCH = 16
@@ -167,24 +171,44 @@ class SealedFile:
 
     # -- decryption ----------------------------------------------------------------------
     def unlock(self, providers: Sequence[KeyProvider]) -> SealedReader:
+        """Unwrap the data key with the first provider that can, check the key commitment."""
+        dek = self.unwrap_dek(providers)
+        try:
+            aead = content_cipher(dek, self.context.file_id, self.context.key_commitment)
+        finally:
+            zero(dek)
+        return SealedReader(self, aead)
+
+    def unwrap_dek(self, providers: Sequence[KeyProvider]) -> bytearray:
+        """The data key (caller zeroes it), checked against the signed key commitment."""
         _, slots = self.key_slots()
-        tried = False
+        return self.unwrap_slots(slots, providers, self.context.file_id, self.context.key_commitment)
+
+    @staticmethod
+    def unwrap_slots(
+        slots: Sequence[KeySlot], providers: Sequence[KeyProvider], file_id: bytes, key_commitment: bytes
+    ) -> bytearray:
+        failures: list[Exception] = []
         for slot in slots:
             for p in providers:
-                if p.can_unwrap(slot):
-                    tried = True
-                    try:
-                        dek = p.unwrap(slot, self.context.file_id)
-                    except WrongKeyError:
-                        continue
-                    try:
-                        aead = content_cipher(dek, self.context.file_id, self.context.key_commitment)
-                    finally:
-                        zero(dek)
-                    return SealedReader(self, aead)
+                if p.name != slot.provider:
+                    continue
+                try:
+                    dek = p.unwrap(slot, file_id)
+                except (WrongKeyError, KeyManagementError) as e:
+                    failures.append(e)
+                    continue
+                if not hmac.compare_digest(commitment(dek, file_id), key_commitment):
+                    zero(dek)
+                    failures.append(WrongKeyError("the data key does not match this file's key commitment"))
+                    continue
+                return dek
         names = ", ".join(f"{s.provider}:{s.key_id} v{s.version}" for s in slots)
-        why = "unwrap failed" if tried else "no available key"
-        raise WrongKeyError(f"{why} for this file (its key slots: {names})")
+        for kind in (KeyDestroyedError, KeyDisabledError, ProviderUnavailableError, WrongKeyError):
+            for e in failures:
+                if isinstance(e, kind):
+                    raise kind(f"{e} (this file's key slots: {names})")
+        raise WrongKeyError(f"no available key for this file (its key slots: {names})")
 
     def close(self) -> None:
         if getattr(self, "_mv", None) is not None:

@@ -1,0 +1,162 @@
+"""Typed audit events for every use of key material.
+
+Providers, the keyring and custody emit :class:`AuditEvent` records (who, what,
+when, why, outcome) to an :class:`AuditSink`.  The embedded default appends JSON
+lines to ``$WARDEN_HOME/audit.jsonl``; the broker's tamper-evident log consumes
+the same events.  Events never carry key material.
+
+``who`` and ``why`` come from :func:`context`::
+
+    with audit.context(actor="alice", reason="release to partner 42"):
+        ww.seal(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import getpass
+import json
+import os
+import socket
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class AuditAction(StrEnum):
+    """``scope:action`` tags, one per kind of event."""
+
+    KEY_CREATE = "key:create"
+    KEY_WRAP = "key:wrap"
+    KEY_UNWRAP = "key:unwrap"
+    KEY_SIGN = "key:sign"
+    KEY_ROTATE = "key:rotate"
+    KEY_DISABLE = "key:disable"
+    KEY_ENABLE = "key:enable"
+    KEY_DESTROY = "key:destroy"
+    KEY_REWRAP = "key:rewrap"
+    MODEL_SHRED = "model:shred"
+    CUSTODY_INIT = "custody:init"
+    CUSTODY_SHARE = "custody:share"
+    CUSTODY_UNSEAL = "custody:unseal"
+    CUSTODY_SEAL = "custody:seal"
+    CUSTODY_RESHARE = "custody:reshare"
+
+
+def _default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+_actor: contextvars.ContextVar[str | None] = contextvars.ContextVar("warden_actor", default=None)
+_reason: contextvars.ContextVar[str] = contextvars.ContextVar("warden_reason", default="")
+
+
+@contextlib.contextmanager
+def context(*, actor: str | None = None, reason: str | None = None) -> Iterator[None]:
+    """Set who acts and why for the events emitted inside the block."""
+    t1 = _actor.set(actor) if actor is not None else None
+    t2 = _reason.set(reason) if reason is not None else None
+    try:
+        yield
+    finally:
+        if t2 is not None:
+            _reason.reset(t2)
+        if t1 is not None:
+            _actor.reset(t1)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    action: AuditAction
+    outcome: str  # "ok" | "denied" | "error"
+    actor: str
+    reason: str
+    at: datetime
+    key_id: str | None = None
+    key_version: int | None = None
+    provider: str | None = None
+    subject: str | None = None  # file id, model name, split id ...
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "action": str(self.action),
+            "outcome": self.outcome,
+            "actor": self.actor,
+            "reason": self.reason,
+            "at": self.at.isoformat(timespec="microseconds"),
+            "key_id": self.key_id,
+            "key_version": self.key_version,
+            "provider": self.provider,
+            "subject": self.subject,
+            "detail": self.detail,
+        }
+
+
+def event(action: AuditAction, outcome: str = "ok", *, now: datetime | None = None, **kw: Any) -> AuditEvent:
+    return AuditEvent(
+        action=action,
+        outcome=outcome,
+        actor=_actor.get() or _default_actor(),
+        reason=_reason.get(),
+        at=now or datetime.now(UTC),
+        **kw,
+    )
+
+
+class AuditSink(ABC):
+    @abstractmethod
+    def emit(self, ev: AuditEvent) -> None: ...
+
+
+class NullSink(AuditSink):
+    def emit(self, ev: AuditEvent) -> None:
+        return None
+
+
+class MemorySink(AuditSink):
+    """Keeps events in a list (tests, and the broker before it persists them)."""
+
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+        self._lock = threading.Lock()
+
+    def emit(self, ev: AuditEvent) -> None:
+        with self._lock:
+            self.events.append(ev)
+
+    def actions(self) -> list[str]:
+        return [str(e.action) for e in self.events]
+
+
+class JsonlSink(AuditSink):
+    """Appends one JSON object per line; each line is one write(2) on an O_APPEND file."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def emit(self, ev: AuditEvent) -> None:
+        line = (json.dumps(ev.to_json(), sort_keys=True, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
