@@ -87,3 +87,32 @@ def test_cli_seals_a_model_directory(tmp_path, tensors, cli_env):
     assert len(info["members"]) == 5
     _ok(warden(cli_env, "open", str(tmp_path / "sealed"), "-o", str(tmp_path / "back")))
     assert (tmp_path / "back" / "tokenizer" / "vocab.txt").read_text() == "a\nb\nc\n"
+
+
+def test_cli_key_lifecycle_rewrap_and_shred(tmp_path, st_file, cli_env):
+    _ok(warden(cli_env, "init"))
+    _ok(warden(cli_env, "key", "new", "--name", "model-x"))
+    files = [tmp_path / f"m{i}.wws" for i in range(3)]
+    for f in files:
+        _ok(warden(cli_env, "seal", str(st_file), "-o", str(f), "--key", "model-x"))
+    before = [f.read_bytes() for f in files]
+    assert json.loads(_ok(warden(cli_env, "key", "rotate", "model-x", "--json")).stdout)["version"] == 2
+    _fails(warden(cli_env, "key", "disable", "model-x", "2"), "current version")
+    rep = json.loads(
+        _ok(warden(cli_env, "--reason", "rotation", "rewrap", *map(str, files), "--key", "model-x", "--json")).stdout
+    )
+    assert rep["rewrapped"] == 3
+    assert all(len(f.read_bytes()) == len(b) for f, b in zip(files, before, strict=True))
+    _ok(warden(cli_env, "key", "disable", "model-x", "1"))
+    _fails(warden(cli_env, "key", "destroy", "model-x", "1"), "--yes")
+    _ok(warden(cli_env, "key", "destroy", "model-x", "1", "--yes"))
+    _ok(warden(cli_env, "verify", str(files[0]), "--deep"))
+    states = {
+        (k["key_id"], k["version"]): k["state"]
+        for k in json.loads(_ok(warden(cli_env, "key", "list", "--json")).stdout)
+    }
+    assert states[("model-x", 1)] == "destroyed" and states[("model-x", 2)] == "enabled"
+    _fails(warden(cli_env, "shred", "model-x"), "--yes")
+    _ok(warden(cli_env, "shred", "model-x", "--yes"))
+    _fails(warden(cli_env, "verify", str(files[1]), "--deep"), "KeyDestroyedError")
+    _ok(warden(cli_env, "verify", str(files[1])))  # integrity is still checkable by anyone

@@ -27,11 +27,17 @@ Trust = TrustStore | Iterable[bytes]
 
 
 def default_keyring(home: Path | None = None) -> Keyring:
-    """Unlock the keyring under ``$WARDEN_HOME`` with ``$WARDEN_PASSPHRASE``."""
+    """The keyring under ``$WARDEN_HOME``: through the custody agent when it is under
+    M-of-N custody, else unlocked with ``$WARDEN_PASSPHRASE``."""
+    from .keys.agent import AgentKeyring, under_custody
+
+    home = home or default_home()
+    if under_custody(home):
+        return AgentKeyring(home)  # type: ignore[return-value]
     pw = os.environ.get("WARDEN_PASSPHRASE")
     if pw is None:
         raise KeyringError("set WARDEN_PASSPHRASE (or pass keyring=) to unlock the keyring")
-    return Keyring.unlock(home or default_home(), pw)
+    return Keyring.unlock(home, pw)
 
 
 def _trust(trust: Trust | None, keyring: Keyring | None) -> Trust:
@@ -60,6 +66,7 @@ def seal(
     dst: str | os.PathLike[str],
     *,
     keyring: Keyring | None = None,
+    key: str | None = None,
     provider: KeyProvider | None = None,
     signer: Signer | None = None,
     hide_header: bool = False,
@@ -67,11 +74,14 @@ def seal(
     force: bool = False,
     progress: Progress | None = None,
 ) -> list[SealResult]:
-    """Seal a safetensors file, any single file, or a whole model directory."""
+    """Seal a safetensors file, any single file, or a whole model directory.
+
+    ``key`` names the keyring's KEK to wrap under (one per model lets you shred a model).
+    """
     src, dst = Path(src), Path(dst)
     if provider is None or signer is None:
         kr = keyring or default_keyring()
-        provider = provider or kr.provider()
+        provider = provider or kr.provider(key)
         signer = signer or kr.signer()
     kw: dict[str, Any] = {"provider": provider, "signer": signer, "chunk_size": chunk_size}
     kw |= {"hide_header": hide_header, "force": force, "progress": progress}

@@ -18,19 +18,46 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
-from . import api
-from .errors import KeyringError, WardenError
+from . import api, audit
+from .errors import CustodyError, KeyringError, WardenError
 from .keys.local import KdfParams, Keyring, TrustStore, default_home
 from .keys.provider import ed25519_key_id
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Guard the weights of AI models.")
 key_app = typer.Typer(no_args_is_help=True, help="Keys in the local keyring.")
 trust_app = typer.Typer(no_args_is_help=True, help="Signers whose manifests `verify` accepts.")
+custody_app = typer.Typer(no_args_is_help=True, help="M-of-N custodians of the keyring's root key.")
+agent_app = typer.Typer(no_args_is_help=True, help="The custody agent (holds an unsealed keyring in memory).")
 app.add_typer(key_app, name="key")
 app.add_typer(trust_app, name="trust")
+app.add_typer(custody_app, name="custody")
+app.add_typer(agent_app, name="agent")
+_audit_ctx: list[Any] = []
+
+
+@app.callback()
+def _global(
+    reason: Annotated[
+        str, typer.Option("--reason", envvar="WARDEN_REASON", help="Why: recorded in the audit log.")
+    ] = "",
+    actor: Annotated[
+        str | None, typer.Option("--actor", envvar="WARDEN_ACTOR", help="Who, if not the OS user.")
+    ] = None,
+) -> None:
+    ctx = audit.context(actor=actor, reason=reason)
+    ctx.__enter__()
+    _audit_ctx.append(ctx)
+
 
 out = Console()
 err = Console(stderr=True)
@@ -61,16 +88,24 @@ def _passphrase(confirm: bool = False) -> str:
 
 
 def _keyring(home: Path | None) -> Keyring:
-    return Keyring.unlock(home or default_home(), _passphrase())
+    from .keys.agent import AgentKeyring, under_custody
+
+    h = home or default_home()
+    if under_custody(h):
+        return AgentKeyring(h)  # type: ignore[return-value]
+    return Keyring.unlock(h, _passphrase())
 
 
 @contextlib.contextmanager
-def _progress(total: int, what: str, enabled: bool) -> Iterator[Any]:
-    """A rich progress bar on stderr for long operations (hidden for --json and non-terminals)."""
-    if not enabled or total < 256 * 1024 * 1024 or not err.is_terminal:
+def _progress(total: int, what: str, enabled: bool, *, files: bool = False) -> Iterator[Any]:
+    """A rich progress bar on stderr for operations that take over about a second
+    (hidden for --json and non-terminals).  ``total`` counts bytes, or files."""
+    if not enabled or total < (200 if files else 256 * 1024 * 1024) or not err.is_terminal:
         yield None
         return
-    cols = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    cols: tuple[Any, ...] = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    if not files:
+        cols = (BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     with Progress("[progress.description]{task.description}", *cols, console=err, transient=True) as p:
         task = p.add_task(what, total=total)
         yield lambda n: p.advance(task, n)
@@ -111,12 +146,15 @@ def key_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 @key_app.command("new")
 def key_new(
-    kind: Annotated[str, typer.Option(help="kek or signing")] = "kek", home: HomeOpt = None, as_json: JsonOpt = False
+    kind: Annotated[str, typer.Option(help="kek or signing")] = "kek",
+    name: Annotated[str | None, typer.Option(help="KEK name, e.g. one per model (so it can be shredded)")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Create a new key-encryption key or signing key."""
     kr = _keyring(home)
     if kind == "kek":
-        kid = kr.new_kek()
+        kid = kr.new_kek(name)
     elif kind == "signing":
         kid = kr.new_signing_key()
     else:
@@ -192,6 +230,7 @@ def seal(
     output: Annotated[Path, typer.Option("-o", "--output", help="sealed file (or directory for a model dir)")],
     hide_header: Annotated[bool, typer.Option("--hide-header", help="encrypt names, shapes and metadata too")] = False,
     chunk_size: Annotated[int, typer.Option(help="plaintext bytes per AEAD chunk (power of two)")] = 1 << 20,
+    key: Annotated[str | None, typer.Option("--key", help="KEK to wrap under (default: the keyring's)")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
@@ -200,7 +239,7 @@ def seal(
     kr = _keyring(home)
     with _progress(_size(src), "sealing", not as_json) as prog:
         results = api.seal(
-            src, output, keyring=kr, hide_header=hide_header, chunk_size=chunk_size, force=force, progress=prog
+            src, output, keyring=kr, key=key, hide_header=hide_header, chunk_size=chunk_size, force=force, progress=prog
         )
     rows = [
         {"path": str(r.path), "file_id": r.file_id, "kind": r.kind, "bytes": r.data_len, "chunks": r.n_chunks,
@@ -270,6 +309,220 @@ def inspect(src: Annotated[Path, typer.Argument(help="sealed file or bundle")], 
                 out.print(f"... {len(m['tensors']) - 50} more")
 
 
+# -- key lifecycle ------------------------------------------------------------------------------
+KeyArg = Annotated[str | None, typer.Argument(help="KEK id (default: the keyring's default KEK)")]
+
+
+@key_app.command("rotate")
+def key_rotate(key_id: KeyArg = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Make a new version of a KEK; new seals use it (then `warden rewrap` the old files)."""
+    p = _keyring(home).provider(key_id)
+    v = p.rotate()
+    _emit({"key_id": p.key_id, "version": v}, as_json, f"{p.key_id} is now at version {v}")
+
+
+def _version_cmd(action: str, key_id: str, version: int, home: Path | None, as_json: bool) -> None:
+    p = _keyring(home).provider(key_id)
+    getattr(p, action)(version)
+    _emit({"key_id": key_id, "version": version, "action": action}, as_json, f"{action}d {key_id} version {version}")
+
+
+@key_app.command("disable")
+def key_disable(key_id: str, version: int, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Disable an old KEK version (files still wrapped only under it stop opening)."""
+    _version_cmd("disable", key_id, version, home, as_json)
+
+
+@key_app.command("enable")
+def key_enable(key_id: str, version: int, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Enable a disabled KEK version again."""
+    _version_cmd("enable", key_id, version, home, as_json)
+
+
+@key_app.command("destroy")
+def key_destroy(
+    key_id: str,
+    version: int,
+    yes: Annotated[bool, typer.Option("--yes", help="confirm: this cannot be undone")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Destroy one old KEK version for good."""
+    if not yes:
+        raise WardenError("destroying a key version cannot be undone: add --yes")
+    _version_cmd("destroy", key_id, version, home, as_json)
+
+
+@app.command()
+def rewrap(
+    paths: Annotated[list[Path], typer.Argument(help="sealed files or bundle directories")],
+    key: Annotated[str | None, typer.Option("--key", help="KEK to wrap under (default: the keyring's)")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-wrap data keys under the KEK's current version; ciphertext stays byte-identical.
+    Safe to interrupt and run again."""
+    from .sealed.bundle import MANIFEST
+    from .sealed.rewrap import rewrap as do_rewrap
+
+    kr = _keyring(home)
+    files: list[Path] = []
+    for p in paths:
+        files += sorted(q for q in p.iterdir() if q.name != MANIFEST) if p.is_dir() else [p]
+    target = kr.provider(key)
+    with _progress(len(files), "rewrapping", not as_json, files=True) as prog:
+        rep = do_rewrap(files, providers=[target], target=target, progress=prog)
+    _emit(rep.__dict__, as_json, f"rewrapped {rep.rewrapped}, finished {rep.finished}, already current {rep.current}")
+
+
+@app.command()
+def shred(
+    key_id: Annotated[str, typer.Argument(help="the model's KEK id")],
+    yes: Annotated[bool, typer.Option("--yes", help="confirm: every copy sealed under it becomes unreadable")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Crypto-shred a model: destroy every version of its KEK."""
+    from .sealed.rewrap import shred as do_shred
+
+    if not yes:
+        raise WardenError("shredding cannot be undone: add --yes")
+    done = do_shred(_keyring(home).provider(key_id))
+    _emit({"key_id": key_id, "destroyed_versions": done}, as_json, f"shredded {key_id} (versions {done})")
+
+
+# -- custody ------------------------------------------------------------------------------------
+def _custodians(specs: list[str]) -> tuple[list[Any], dict[str, str]]:
+    from .keys.custody import Custodian
+
+    out, pws = [], {}
+    for spec in specs:
+        name, sep, recipient = spec.partition("=")
+        if not sep:
+            raise CustodyError(f"--custodian takes NAME=age1... or NAME=passphrase, not {spec[:40]!r}")
+        out.append(Custodian(name, recipient))
+        if recipient == "passphrase":
+            env = "WARDEN_CUSTODIAN_PASSPHRASE_" + "".join(ch if ch.isalnum() else "_" for ch in name).upper()
+            pw = os.environ.get(env)
+            if pw is None:
+                if not sys.stdin.isatty():
+                    raise CustodyError(f"set {env} for custodian {name}")
+                pw = getpass.getpass(f"Passphrase for custodian {name}: ")
+            pws[name] = pw
+    return out, pws
+
+
+CustodianOpt = Annotated[
+    list[str], typer.Option("--custodian", help="NAME=age1... (age public key) or NAME=passphrase")
+]
+
+
+@custody_app.command("init")
+def custody_init(
+    custodian: CustodianOpt,
+    threshold: Annotated[int, typer.Option("--threshold", help="M: shares needed to unseal")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Put the keyring under M-of-N custody (it is then unsealed by custodians, not a passphrase)."""
+    custodians, pws = _custodians(custodian)
+    kr = Keyring.unlock(home or default_home(), _passphrase())
+    doc = kr.to_custody(custodians, threshold, pws)
+    _emit(
+        {"split_id": doc.split_id, "threshold": doc.threshold, "custodians": [c.name for c in custodians]},
+        as_json,
+        f"keyring under {doc.threshold}-of-{len(custodians)} custody; start the agent and unseal",
+    )
+
+
+@custody_app.command("unseal")
+def custody_unseal(
+    custodian: Annotated[str, typer.Option("--custodian", help="your custodian name")],
+    identity: Annotated[Path | None, typer.Option("--identity", help="your age identity file")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit one custodian's share to the agent (decrypted here, sent over the local socket)."""
+    from .keys.agent import AgentClient
+    from .keys.custody import CustodyDoc
+    from .keys.provider import b64e
+
+    h = home or default_home()
+    doc = CustodyDoc.load(h)
+    entry = doc.custodian(custodian)
+    if entry["recipient"] == "passphrase":
+        env = "WARDEN_CUSTODIAN_PASSPHRASE_" + "".join(ch if ch.isalnum() else "_" for ch in custodian).upper()
+        pw = os.environ.get(env) or (getpass.getpass(f"Passphrase for {custodian}: ") if sys.stdin.isatty() else None)
+        share = doc.open_share(custodian, passphrase=pw)
+    else:
+        if identity is None:
+            raise CustodyError("--identity FILE (your age identity) is needed for your share")
+        share = doc.open_share(custodian, identity=identity.read_text())
+    st = AgentClient(h).call("unseal", share=b64e(share.to_bytes()))
+    msg = "unsealed" if not st["sealed"] else f"sealed: {st['progress']} of {st['threshold']} shares"
+    _emit(st, as_json, msg)
+
+
+@custody_app.command("status")
+def custody_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Sealed or unsealed, and the unseal progress."""
+    from .keys.agent import AgentClient
+
+    st = AgentClient(home or default_home()).call("status")
+    msg = "unsealed" if not st["sealed"] else f"sealed: {st['progress']} of {st['threshold']} shares"
+    _emit(st, as_json, msg)
+
+
+@custody_app.command("seal")
+def custody_seal(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Make the agent forget the root key (seal the vault)."""
+    from .keys.agent import AgentClient
+
+    _emit(AgentClient(home or default_home()).call("seal"), as_json, "sealed")
+
+
+@custody_app.command("reshare")
+def custody_reshare(
+    custodian: CustodianOpt,
+    threshold: Annotated[int, typer.Option("--threshold", help="M: shares needed to unseal")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """New custodians and/or threshold for the same root key (the agent must be unsealed)."""
+    from .keys.agent import AgentClient
+
+    custodians, pws = _custodians(custodian)
+    req = [{"name": c.name, "recipient": c.recipient} for c in custodians]
+    st = AgentClient(home or default_home()).call("reshare", custodians=req, threshold=threshold, passphrases=pws)
+    _emit(st, as_json, f"re-shared {threshold}-of-{len(custodians)}; old shares no longer open anything")
+
+
+@agent_app.command("start")
+def agent_start(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Start the custody agent in the background (sealed)."""
+    from .keys import agent
+
+    pid = agent.start(home or default_home())
+    _emit({"pid": pid}, as_json, f"agent started (pid {pid}), sealed")
+
+
+@agent_app.command("stop")
+def agent_stop(home: HomeOpt = None) -> None:
+    """Stop the agent (it forgets everything)."""
+    from .keys import agent
+
+    agent.stop(home or default_home())
+    out.print("agent stopped")
+
+
+@agent_app.command("run")
+def agent_run(home: HomeOpt = None) -> None:
+    """Run the agent in the foreground."""
+    from .keys import agent
+
+    agent.serve(home or default_home())
+
+
 def main(argv: list[str] | None = None) -> int:
     cmd = typer.main.get_command(app)
     try:
@@ -294,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"error: {fmt()}\n")
         return 1
+    finally:
+        while _audit_ctx:
+            _audit_ctx.pop().__exit__(None, None, None)
     return 0
 
 

@@ -152,6 +152,10 @@ class TrustStore:
         atomic_write_bytes(self.path, _canon({"signers": self.signers}) + b"\n", force=True, mode=0o644)
 
 
+def _split_detail(doc: Any) -> dict[str, Any]:
+    return {"threshold": doc.threshold, "custodians": [c["name"] for c in doc.custodians]}
+
+
 class Keyring:
     """Key-encryption keys (versioned) and signing keys, sealed by a passphrase."""
 
@@ -183,7 +187,26 @@ class Keyring:
 
     @classmethod
     def unlock(cls, home: Path | None, passphrase: str) -> Keyring:
+        """Unlock a passphrase-protected keyring."""
         home = Path(home) if home is not None else default_home()
+        obj = cls._read(home)
+        if obj.get("protector") == "custody":
+            raise KeyringError("this keyring is under M-of-N custody: custodians unseal it (`warden custody unseal`)")
+        kdf = KdfParams.from_json(obj.get("kdf"))
+        salt = b64d(obj.get("salt"), "keyring salt")
+        return cls._open(home, obj, bytearray(kdf.derive(passphrase, salt)), kdf, salt)
+
+    @classmethod
+    def unlock_with_root(cls, home: Path | None, root_key: bytes) -> Keyring:
+        """Unlock a keyring under custody with its root key (rebuilt from M shares)."""
+        home = Path(home) if home is not None else default_home()
+        obj = cls._read(home)
+        if obj.get("protector") != "custody":
+            raise KeyringError("this keyring is protected by a passphrase, not by custodians")
+        return cls._open(home, obj, bytearray(root_key), None, b"")
+
+    @classmethod
+    def _read(cls, home: Path) -> dict[str, Any]:
         path = home / KEYRING_FILE
         try:
             obj = json.loads(path.read_text())
@@ -193,39 +216,75 @@ class Keyring:
             raise KeyringError(f"keyring {path} is unreadable") from e
         if not isinstance(obj, dict) or obj.get("format") != _FORMAT or obj.get("version") != 1:
             raise KeyringError(f"{path} is not a version-1 weightwarden keyring")
-        kdf = KdfParams.from_json(obj.get("kdf"))
-        salt = b64d(obj.get("salt"), "keyring salt")
+        return obj
+
+    @classmethod
+    def _open(cls, home: Path, obj: dict[str, Any], key: bytearray, kdf: KdfParams | None, salt: bytes) -> Keyring:
+        kr = cls.__new__(cls)
+        kr.home, kr._kdf, kr._salt, kr._wrapping_key = home, kdf, salt, key
         nonce = b64d(obj.get("nonce"), "keyring nonce")
         ct = b64d(obj.get("ciphertext"), "keyring ciphertext")
-        kr = cls.__new__(cls)
-        kr.home, kr._kdf, kr._salt = home, kdf, salt
-        kr._wrapping_key = bytearray(kdf.derive(passphrase, salt))
         try:
             plain = AESGCM(bytes(kr._wrapping_key)).decrypt(nonce, ct, kr._aad())
         except InvalidTag:
             kr.close()
+            if kdf is None:
+                raise KeyringError("the root key does not unlock this keyring") from None
             raise BadPassphraseError("the passphrase does not unlock this keyring") from None
         kr._s = json.loads(plain)
         kr.trust = TrustStore.load(home)
         kr.audit = JsonlSink(home / AUDIT_FILE)
         return kr
 
+    @property
+    def under_custody(self) -> bool:
+        return self._kdf is None
+
     def _aad(self) -> bytes:
+        if self._kdf is None:
+            return _canon({"format": _FORMAT, "version": 1, "protector": "custody"})
         return _canon({"format": _FORMAT, "version": 1, "kdf": asdict(self._kdf), "salt": b64e(self._salt)})
 
     def save(self) -> None:
         nonce = secrets.token_bytes(12)
         ct = AESGCM(bytes(self._wrapping_key)).encrypt(nonce, _canon(self._s), self._aad())
-        doc = {
-            "format": _FORMAT,
-            "version": 1,
-            "kdf": asdict(self._kdf),
-            "salt": b64e(self._salt),
-            "nonce": b64e(nonce),
-            "ciphertext": b64e(ct),
-        }
+        doc: dict[str, Any] = {"format": _FORMAT, "version": 1, "nonce": b64e(nonce), "ciphertext": b64e(ct)}
+        if self._kdf is None:
+            doc["protector"] = "custody"
+        else:
+            doc |= {"kdf": asdict(self._kdf), "salt": b64e(self._salt)}
         atomic_write_bytes(self.home / KEYRING_FILE, _canon(doc) + b"\n", force=True, mode=0o600)
         self.trust.save()
+
+    def to_custody(self, custodians: list[Any], threshold: int, passphrases: dict[str, str] | None = None) -> Any:
+        """Put this keyring under M-of-N custody: a fresh root key, split among custodians.
+
+        Afterwards the passphrase no longer opens it.  Returns the custody record.
+        """
+        from .custody import split
+
+        if self.under_custody:
+            raise KeyringError("this keyring is already under custody; use reshare")
+        root = secrets.token_bytes(32)
+        doc = split(root, custodians, threshold, passphrases)
+        doc.save(self.home)  # first the record, then the keyring: a crash in between keeps the passphrase working
+        self.close()
+        self._wrapping_key, self._kdf, self._salt = bytearray(root), None, b""
+        self.save()
+        self.audit.emit(audit_event(AuditAction.CUSTODY_INIT, subject=doc.split_id, detail=_split_detail(doc)))
+        return doc
+
+    def reshare(self, custodians: list[Any], threshold: int, passphrases: dict[str, str] | None = None) -> Any:
+        """New custodians (or threshold) for the same root key: keys and sealed files stay as they are;
+        the old shares no longer open anything."""
+        from .custody import split
+
+        if not self.under_custody:
+            raise KeyringError("this keyring is not under custody; use custody init")
+        doc = split(bytes(self._wrapping_key), custodians, threshold, passphrases)
+        doc.save(self.home)
+        self.audit.emit(audit_event(AuditAction.CUSTODY_RESHARE, subject=doc.split_id, detail=_split_detail(doc)))
+        return doc
 
     def close(self) -> None:
         """Best-effort zeroization of the passphrase-derived key."""
