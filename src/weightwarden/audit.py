@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import getpass
 import json
 import os
@@ -49,6 +50,7 @@ class AuditAction(StrEnum):
     CUSTODY_RESHARE = "custody:reshare"
 
 
+@functools.cache
 def _default_actor() -> str:
     try:
         user = getpass.getuser()
@@ -140,21 +142,31 @@ class MemorySink(AuditSink):
 
 
 class JsonlSink(AuditSink):
-    """Appends one JSON object per line; each line is one write(2) on an O_APPEND file."""
+    """Appends one JSON object per line; each line is one write(2) on an O_APPEND file,
+    so lines from several processes never interleave."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         self._lock = threading.Lock()
+        self._fd: int | None = None
 
     def emit(self, ev: AuditEvent) -> None:
         line = (json.dumps(ev.to_json(), sort_keys=True, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+            if self._fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.write(self._fd, line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -118,10 +119,26 @@ class Pkcs11Session:
 
 class Pkcs11Provider(KeyProvider):
     name = "pkcs11"
+    #: seconds a cached key state / handle is trusted; the token enforces disabled and
+    #: destroyed keys regardless, the cache only saves object searches
+    CACHE_TTL = 5.0
 
     def __init__(self, session: Pkcs11Session, key_id: str):
         self._s = session
         self.key_id = key_id
+        self._cache: dict[Any, tuple[float, Any]] = {}
+
+    def _cached(self, key: Any, load: Any) -> Any:
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.CACHE_TTL:
+            return hit[1]
+        value = load()
+        self._cache[key] = (now, value)
+        return value
+
+    def _invalidate(self) -> None:
+        self._cache.clear()
 
     # -- key objects and state ---------------------------------------------------
     def create_key(self, key_id: str | None = None) -> str:
@@ -139,13 +156,19 @@ class Pkcs11Provider(KeyProvider):
             KeyType.AES, 256, label=f"{kid}.v{version}", id=f"{kid}.v{version}".encode(), template=_KEK_TEMPLATE
         )
 
-    def _state(self, kid: str) -> tuple[Any, dict[str, Any]]:
-        obj = self._s.find_one(ObjectClass.DATA, f"{kid}.state")
-        if obj is None:
-            raise KeyNotFoundError(f"key {kid} is not on token {self._s.token_label!r}")
-        return obj, json.loads(bytes(obj[Attribute.VALUE]))
+    def _state(self, kid: str, *, fresh: bool = False) -> tuple[Any, dict[str, Any]]:
+        def load() -> tuple[Any, dict[str, Any]]:
+            obj = self._s.find_one(ObjectClass.DATA, f"{kid}.state")
+            if obj is None:
+                raise KeyNotFoundError(f"key {kid} is not on token {self._s.token_label!r}")
+            return obj, json.loads(bytes(obj[Attribute.VALUE]))
+
+        if fresh:
+            self._invalidate()
+        return self._cached(("state", kid), load)
 
     def _save_state(self, kid: str, state: dict[str, Any]) -> None:
+        self._invalidate()
         old = self._s.find_one(ObjectClass.DATA, f"{kid}.state")
         self._s.session.create_object(
             {
@@ -160,13 +183,18 @@ class Pkcs11Provider(KeyProvider):
             old.destroy()
 
     def _key(self, kid: str, version: int, *, for_use: bool = True) -> Any:
-        _, state = self._state(kid)
+        _, state = self._state(kid, fresh=not for_use)
         if version in state["destroyed"]:
             raise KeyDestroyedError(f"key {kid} version {version} was destroyed")
-        obj = self._s.find_one(ObjectClass.SECRET_KEY, f"{kid}.v{version}")
-        if obj is None:
-            raise KeyNotFoundError(f"key {kid} version {version} is not on the token")
-        if for_use and not obj[Attribute.DECRYPT]:
+
+        def load() -> tuple[Any, bool]:
+            obj = self._s.find_one(ObjectClass.SECRET_KEY, f"{kid}.v{version}")
+            if obj is None:
+                raise KeyNotFoundError(f"key {kid} version {version} is not on the token")
+            return obj, bool(obj[Attribute.DECRYPT])
+
+        obj, usable = self._cached(("key", kid, version), load)
+        if for_use and not usable:
             raise KeyDisabledError(f"key {kid} version {version} is disabled")
         return obj
 
@@ -183,7 +211,11 @@ class Pkcs11Provider(KeyProvider):
             aad = wrap_aad(self.name, self.key_id, version, context)
             try:
                 ct = key.encrypt(dek, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128))
+            except px.KeyFunctionNotPermitted:
+                self._invalidate()
+                raise KeyDisabledError(f"key {self.key_id} version {version} is disabled") from None
             except px.PKCS11Error as e:
+                self._invalidate()
                 raise ProviderUnavailableError(f"token refused to wrap: {type(e).__name__}") from None
         return KeySlot(self.name, self.key_id, version, WRAP_ALG, nonce + bytes(ct))
 
@@ -202,7 +234,11 @@ class Pkcs11Provider(KeyProvider):
             except (px.EncryptedDataInvalid, px.GeneralError, px.FunctionFailed):
                 raise WrongKeyError("the token's key does not unwrap the data key") from None
             except px.KeyFunctionNotPermitted:
+                self._invalidate()
                 raise KeyDisabledError(f"key {slot.key_id} version {slot.version} is disabled") from None
+            except (px.ObjectHandleInvalid, px.KeyHandleInvalid):
+                self._invalidate()
+                raise KeyNotFoundError(f"key {slot.key_id} version {slot.version} vanished; try again") from None
         return bytearray(dek)
 
     def _rotate(self, key_id: str) -> int:
@@ -225,11 +261,13 @@ class Pkcs11Provider(KeyProvider):
             flag = state == "enabled"
             key[Attribute.ENCRYPT] = flag
             key[Attribute.DECRYPT] = flag
+            self._invalidate()
 
     def _destroy(self, key_id: str, version: int | None) -> list[int]:
         with self._s.lock:
             _, st = self._state(key_id)
             done = []
+            self._invalidate()
             for obj in self._secret_objects(key_id):
                 v = int(obj.label.rsplit(".v", 1)[1])
                 if version is None or v == version:

@@ -196,7 +196,8 @@ def decode_slot_area(area: bytes) -> tuple[int, list[KeySlot]] | None:
     if magic != SLOT_MAGIC or SLOT_HEAD.size + blen + 32 > len(area):
         return None
     head_body = area[: SLOT_HEAD.size + blen]
-    if hashlib.sha256(area[:-32]).digest() != area[-32:] or any(area[SLOT_HEAD.size + blen : -32]):
+    pad = area[SLOT_HEAD.size + blen : -32]
+    if hashlib.sha256(area[:-32]).digest() != area[-32:] or pad != bytes(len(pad)):
         return None
     try:
         obj = strict_json(head_body[SLOT_HEAD.size :], "key slots", len(area))

@@ -56,11 +56,17 @@ def _read_exact(fd: int, n: int, off: int) -> bytes:
 def _plan(path: Path, providers: Sequence[KeyProvider], target: KeyProvider) -> _Plan:
     fd = os.open(path, os.O_RDONLY)
     try:
-        slot_size, context_len = F.parse_preamble(_read_exact(fd, F.PREAMBLE_LEN, 0))
-        areas = [_read_exact(fd, slot_size, F.PREAMBLE_LEN + i * slot_size) for i in (0, 1)]
-        ctx = F.parse_context(_read_exact(fd, context_len, F.PREAMBLE_LEN + 2 * slot_size))
+        head = os.pread(fd, 16384, 0)  # preamble, both slot areas and (usually) the context in one read
+        slot_size, context_len = F.parse_preamble(head[: F.PREAMBLE_LEN])
+        ctx_off = F.PREAMBLE_LEN + 2 * slot_size
+        if len(head) < ctx_off + context_len:
+            head = head[:ctx_off] + _read_exact(fd, context_len, ctx_off)
     finally:
         os.close(fd)
+    areas = [head[F.PREAMBLE_LEN + i * slot_size : F.PREAMBLE_LEN + (i + 1) * slot_size] for i in (0, 1)]
+    if len(areas[1]) != slot_size:
+        raise TruncatedError("file ends inside its key slots")
+    ctx = F.parse_context(head[ctx_off : ctx_off + context_len])
     decoded = [F.decode_slot_area(a) for a in areas]
     valid = [(d[0], i, d[1]) for i, d in enumerate(decoded) if d is not None]
     if not valid:
@@ -134,18 +140,19 @@ def rewrap(
         plans = [_plan(p, providers, target) for p in todo[start : start + batch]]
         _apply(plans, "write", durable)  # new slot areas, durable before ...
         _apply(plans, "clear", durable)  # ... the old wrapped keys are erased
+        done = [str(p.path) for p in plans if p.status == "rewrapped"]
         for p in plans:
             counts[p.status] += 1
-            if p.status == "rewrapped":
-                target.audit.emit(
-                    audit_event(
-                        AuditAction.KEY_REWRAP,
-                        key_id=target.key_id,
-                        key_version=target.current_version(),
-                        provider=target.name,
-                        subject=str(p.path),
-                    )
+        if done:  # one event per batch; each file's unwrap and wrap are events of their own
+            target.audit.emit(
+                audit_event(
+                    AuditAction.KEY_REWRAP,
+                    key_id=target.key_id,
+                    key_version=target.current_version(),
+                    provider=target.name,
+                    detail={"files": done},
                 )
+            )
         if progress is not None:
             progress(len(plans))
     return RewrapReport(counts["rewrapped"], counts["finished"], counts["current"], len(todo))
