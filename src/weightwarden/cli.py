@@ -87,6 +87,26 @@ def _passphrase(confirm: bool = False) -> str:
     return pw
 
 
+ProviderOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--provider", help="key provider URI: pkcs11:token=..;object=.. | awskms:///ARN | vault://MOUNT/keys/NAME"
+    ),
+]
+
+
+def _uri_providers(uris: list[str] | None) -> list[Any]:
+    from .keys.kms import from_uri
+
+    out = []
+    for u in uris or []:
+        try:
+            out.append(from_uri(u))
+        except ValueError as e:
+            raise WardenError(str(e)) from None
+    return out
+
+
 def _keyring(home: Path | None) -> Keyring:
     from .keys.agent import AgentKeyring, under_custody
 
@@ -231,16 +251,19 @@ def seal(
     hide_header: Annotated[bool, typer.Option("--hide-header", help="encrypt names, shapes and metadata too")] = False,
     chunk_size: Annotated[int, typer.Option(help="plaintext bytes per AEAD chunk (power of two)")] = 1 << 20,
     key: Annotated[str | None, typer.Option("--key", help="KEK to wrap under (default: the keyring's)")] = None,
+    provider: ProviderOpt = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Seal a checkpoint: encrypt, wrap its data key, sign its manifest."""
+    """Seal a checkpoint: encrypt, wrap its data key (keyring, HSM or KMS), sign its manifest."""
     kr = _keyring(home)
+    wrap = (_uri_providers(provider) or [None])[0]
     with _progress(_size(src), "sealing", not as_json) as prog:
         results = api.seal(
-            src, output, keyring=kr, key=key, hide_header=hide_header, chunk_size=chunk_size, force=force, progress=prog
-        )
+            src, output, keyring=kr, key=key, provider=wrap, hide_header=hide_header, chunk_size=chunk_size,
+            force=force, progress=prog,
+        )  # fmt: skip
     rows = [
         {"path": str(r.path), "file_id": r.file_id, "kind": r.kind, "bytes": r.data_len, "chunks": r.n_chunks,
          "signer": r.signer, "header_hidden": r.hidden}
@@ -254,15 +277,17 @@ def open_(
     src: Annotated[Path, typer.Argument(help="sealed file or bundle")],
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the PLAINTEXT")],
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
+    provider: ProviderOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Decrypt a sealed checkpoint to a plaintext file: only when you must have one on disk."""
     kr = _keyring(home)
+    provs = [*_uri_providers(provider), kr.provider()]
     total = api.inspect(src)
     nbytes = sum(m["data_len"] for m in total.get("members", [total]))
     with _progress(nbytes, "opening", not as_json) as prog:
-        paths = api.unseal(src, output, keyring=kr, force=force, progress=prog)
+        paths = api.unseal(src, output, keyring=kr, providers=provs, force=force, progress=prog)
     _emit({"written": [str(p) for p in paths]}, as_json, f"wrote plaintext to {output}")
 
 
@@ -357,6 +382,10 @@ def key_destroy(
 def rewrap(
     paths: Annotated[list[Path], typer.Argument(help="sealed files or bundle directories")],
     key: Annotated[str | None, typer.Option("--key", help="KEK to wrap under (default: the keyring's)")] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="wrap under this provider URI instead (e.g. move keys into an HSM)")
+    ] = None,
+    provider: ProviderOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -369,9 +398,11 @@ def rewrap(
     files: list[Path] = []
     for p in paths:
         files += sorted(q for q in p.iterdir() if q.name != MANIFEST) if p.is_dir() else [p]
-    target = kr.provider(key)
+    local = kr.provider(key)
+    target = _uri_providers([to])[0] if to else local
+    sources = [*_uri_providers(provider), local]
     with _progress(len(files), "rewrapping", not as_json, files=True) as prog:
-        rep = do_rewrap(files, providers=[target], target=target, progress=prog)
+        rep = do_rewrap(files, providers=sources, target=target, progress=prog)
     _emit(rep.__dict__, as_json, f"rewrapped {rep.rewrapped}, finished {rep.finished}, already current {rep.current}")
 
 

@@ -1,0 +1,221 @@
+"""Cloud KMS adapters: AWS KMS (boto3) and HashiCorp Vault transit (hvac).
+
+Both wrap the data key in the service and bind the sealed file's id as *encryption
+context* (AWS) or *associated data* (Vault), so a wrapped key cannot be moved to
+another file.  The services manage their own key versions: AWS KMS rotates behind one
+key id (our slots record version 1), Vault's ciphertext names its version (``vault:vN:``).
+
+URIs as users write them::
+
+    awskms:///arn:aws:kms:eu-west-1:111122223333:key/1234abcd-...   (also aws-kms://arn:...)
+    vault://transit/keys/model-a     (address and token from VAULT_ADDR / VAULT_TOKEN)
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+from ..errors import (
+    KeyDestroyedError,
+    KeyDisabledError,
+    KeyManagementError,
+    KeyNotFoundError,
+    ProviderUnavailableError,
+    WrongKeyError,
+)
+from .provider import KeyProvider, KeySlot
+
+
+def _context(context: bytes) -> dict[str, str]:
+    return {"weightwarden:file": context.hex(), "weightwarden:format": "1"}
+
+
+class AwsKmsProvider(KeyProvider):
+    """A KMS key (symmetric, ENCRYPT_DECRYPT) wraps data keys with KMS Encrypt/Decrypt."""
+
+    name = "awskms"
+    ALG = "AWS-KMS-ENCRYPT"
+
+    def __init__(self, key_arn: str, *, client: Any = None, region: str | None = None, endpoint_url: str | None = None):
+        if client is None:
+            import boto3
+
+            region = region or (key_arn.split(":")[3] if key_arn.startswith("arn:") else None)
+            client = boto3.client(
+                "kms", region_name=region, endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_KMS")
+            )
+        self._kms = client
+        self.key_id = key_arn
+
+    def _call(self, fn: str, **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self._kms, fn)(**kw)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("InvalidCiphertextException", "IncorrectKeyException"):
+                raise WrongKeyError("KMS refused to decrypt: wrong key or encryption context") from None
+            if code == "DisabledException":
+                raise KeyDisabledError(f"KMS key {self.key_id} is disabled") from None
+            if code == "KMSInvalidStateException":
+                raise KeyDestroyedError(f"KMS key {self.key_id} is pending deletion or deleted") from None
+            if code == "NotFoundException":
+                raise KeyNotFoundError(f"KMS key {self.key_id} does not exist") from None
+            raise ProviderUnavailableError(f"KMS error {code or 'unknown'}") from None
+        except BotoCoreError as e:
+            raise ProviderUnavailableError(f"KMS unreachable: {type(e).__name__}") from None
+
+    def _wrap(self, dek: bytes, context: bytes) -> KeySlot:
+        r = self._call("encrypt", KeyId=self.key_id, Plaintext=dek, EncryptionContext=_context(context))
+        return KeySlot(self.name, self.key_id, 1, self.ALG, bytes(r["CiphertextBlob"]))
+
+    def _unwrap(self, slot: KeySlot, context: bytes) -> bytearray:
+        if slot.alg != self.ALG:
+            raise WrongKeyError("not an AWS KMS wrapped key")
+        r = self._call("decrypt", KeyId=slot.key_id, CiphertextBlob=slot.wrapped, EncryptionContext=_context(context))
+        return bytearray(r["Plaintext"])
+
+    def _current_version(self, key_id: str) -> int:
+        return 1
+
+    def _rotate(self, key_id: str) -> int:
+        self._call("rotate_key_on_demand", KeyId=key_id)
+        return 1  # KMS keeps old key material behind the same key id; slots need no rewrap
+
+    def _set_state(self, key_id: str, version: int, state: str) -> None:
+        self._call("enable_key" if state == "enabled" else "disable_key", KeyId=key_id)
+
+    def _destroy(self, key_id: str, version: int | None) -> list[int]:
+        if version not in (None, 1):
+            raise KeyManagementError("AWS KMS destroys whole keys, not versions")
+        bare = key_id.rsplit("key/", 1)[-1]  # AWS takes an id or an ARN; some emulators only an id
+        self._call("schedule_key_deletion", KeyId=bare, PendingWindowInDays=7)
+        return [1]
+
+    def _versions(self, key_id: str) -> list[dict[str, Any]]:
+        meta = self._call("describe_key", KeyId=key_id)["KeyMetadata"]
+        state = {"Enabled": "enabled", "Disabled": "disabled"}.get(meta["KeyState"], "destroyed")
+        return [{"version": 1, "state": state}]
+
+    # KMS has no per-version state: lifecycle acts on the whole key
+    def disable(self, version: int, key_id: str | None = None) -> None:
+        self._set_state(key_id or self.key_id, version, "disabled")
+
+
+class VaultTransitProvider(KeyProvider):
+    """A Vault transit key (aes256-gcm96) wraps data keys; the file id is associated data."""
+
+    name = "vault"
+    ALG = "VAULT-TRANSIT"
+
+    def __init__(self, key_name: str, *, mount: str = "transit", client: Any = None):
+        if client is None:
+            import hvac
+
+            client = hvac.Client(url=os.environ.get("VAULT_ADDR"), token=os.environ.get("VAULT_TOKEN"))
+        self._v = client
+        self._mount = mount
+        self.key_id = key_name
+
+    def _transit(self, fn: str, **kw: Any) -> Any:
+        import hvac.exceptions as hx
+        import requests
+
+        try:
+            return getattr(self._v.secrets.transit, fn)(mount_point=self._mount, **kw)
+        except hx.InvalidRequest as e:
+            msg = str(e)
+            if "decryption" in msg or "cipher: message authentication failed" in msg:
+                raise WrongKeyError("Vault refused to decrypt: wrong key or associated data") from None
+            if "min_decryption_version" in msg or "archived" in msg:
+                raise KeyDisabledError(f"Vault key {self.key_id}: that version is no longer allowed") from None
+            raise KeyManagementError(f"Vault rejected the request: {msg[:120]}") from None
+        except hx.InvalidPath:
+            raise KeyNotFoundError(f"Vault transit key {self.key_id} does not exist") from None
+        except (hx.Forbidden, hx.Unauthorized):
+            raise ProviderUnavailableError("Vault denied access (token or policy)") from None
+        except (hx.VaultError, requests.RequestException) as e:
+            raise ProviderUnavailableError(f"Vault unreachable: {type(e).__name__}") from None
+
+    def _wrap(self, dek: bytes, context: bytes) -> KeySlot:
+        r = self._transit(
+            "encrypt_data",
+            name=self.key_id,
+            plaintext=base64.b64encode(dek).decode(),
+            associated_data=base64.b64encode(context).decode(),
+        )
+        ct: str = r["data"]["ciphertext"]
+        return KeySlot(self.name, self.key_id, int(ct.split(":")[1][1:]), self.ALG, ct.encode())
+
+    def _unwrap(self, slot: KeySlot, context: bytes) -> bytearray:
+        if slot.alg != self.ALG:
+            raise WrongKeyError("not a Vault transit wrapped key")
+        r = self._transit(
+            "decrypt_data",
+            name=slot.key_id,
+            ciphertext=slot.wrapped.decode(),
+            associated_data=base64.b64encode(context).decode(),
+        )
+        return bytearray(base64.b64decode(r["data"]["plaintext"]))
+
+    def _key(self, key_id: str) -> dict[str, Any]:
+        return self._transit("read_key", name=key_id)["data"]
+
+    def _current_version(self, key_id: str) -> int:
+        return int(self._key(key_id)["latest_version"])
+
+    def _rotate(self, key_id: str) -> int:
+        self._transit("rotate_key", name=key_id)
+        return self._current_version(key_id)
+
+    def _set_state(self, key_id: str, version: int, state: str) -> None:
+        # Vault disables versions from the oldest up: min_decryption_version
+        k = self._key(key_id)
+        floor = int(k["min_decryption_version"])
+        new = version + 1 if state == "disabled" else min(floor, version)
+        if state == "disabled" and version != floor:
+            raise KeyManagementError("Vault disables versions oldest first: disable the lowest enabled version")
+        self._transit("update_key_configuration", name=key_id, min_decryption_version=new)
+
+    def _destroy(self, key_id: str, version: int | None) -> list[int]:
+        k = self._key(key_id)
+        if version is None:
+            self._transit("update_key_configuration", name=key_id, deletion_allowed=True)
+            self._transit("delete_key", name=key_id)
+            return sorted(int(v) for v in k["keys"])
+        floor = int(k["min_decryption_version"])
+        if version >= floor:
+            raise KeyManagementError("disable a Vault key version before trimming it")
+        self._transit("trim_key", name=key_id, min_version=version + 1)
+        return [v for v in sorted(int(x) for x in k["keys"]) if v <= version]
+
+    def _versions(self, key_id: str) -> list[dict[str, Any]]:
+        k = self._key(key_id)
+        floor = int(k["min_decryption_version"])
+        return [
+            {"version": int(v), "state": "enabled" if int(v) >= floor else "disabled"}
+            for v in sorted(k["keys"], key=int)
+        ]
+
+
+def from_uri(uri: str) -> KeyProvider:
+    """A provider from a URI: awskms:///ARN, aws-kms://ARN, vault://MOUNT/keys/NAME, pkcs11:..."""
+    if uri.startswith("pkcs11:"):
+        from .pkcs11 import from_uri as pkcs11_from_uri
+
+        return pkcs11_from_uri(uri)
+    for prefix in ("awskms:///", "awskms://", "aws-kms://"):
+        if uri.startswith(prefix):
+            arn = uri[len(prefix) :]
+            if not arn.startswith("arn:") or ":kms:" not in arn:
+                raise ValueError("an AWS KMS URI names a key ARN: awskms:///arn:aws:kms:REGION:ACCOUNT:key/ID")
+            return AwsKmsProvider(arn)
+    if uri.startswith("vault://"):
+        mount, sep, name = uri[len("vault://") :].partition("/keys/")
+        if not sep or not mount or not name:
+            raise ValueError("a Vault URI is vault://MOUNT/keys/NAME")
+        return VaultTransitProvider(name, mount=mount)
+    raise ValueError(f"unknown key provider URI scheme in {uri[:40]!r}")
