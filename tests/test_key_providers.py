@@ -253,7 +253,9 @@ def test_rewrap_interrupted_between_phases_stays_readable_and_resumes(tmp_path, 
     need_versions(p)
     f = _seal(tmp_path, p, s)
     p.rotate()
-    _apply([_plan(f, [p], p)], "write", durable=True)  # a crash right after the new area is durable
+    plan = _plan(f, [p], p)
+    _apply([plan], "write", durable=True)  # a crash right after the new area is durable
+    plan.close()
     p.disable(1)
     assert _load(f, p, s)  # readable with the new version alone
     p.enable(1)

@@ -44,6 +44,12 @@ class _Plan:
     writes: list[tuple[int, bytes]] = field(default_factory=list)  # phase 1: new slot area
     clears: list[tuple[int, bytes]] = field(default_factory=list)  # phase 2: zero the old area
     status: str = "current"
+    fd: int | None = None  # open read-write while the plan has writes to apply
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _read_exact(fd: int, n: int, off: int) -> bytes:
@@ -54,15 +60,26 @@ def _read_exact(fd: int, n: int, off: int) -> bytes:
 
 
 def _plan(path: Path, providers: Sequence[KeyProvider], target: KeyProvider) -> _Plan:
-    fd = os.open(path, os.O_RDONLY)
+    plan = _Plan(path, fd=os.open(path, os.O_RDWR))
+    try:
+        return _plan_open(plan, providers, target)
+    finally:
+        if not (plan.writes or plan.clears):
+            plan.close()
+
+
+def _plan_open(plan: _Plan, providers: Sequence[KeyProvider], target: KeyProvider) -> _Plan:
+    fd, path = plan.fd, plan.path
+    assert fd is not None
     try:
         head = os.pread(fd, 16384, 0)  # preamble, both slot areas and (usually) the context in one read
         slot_size, context_len = F.parse_preamble(head[: F.PREAMBLE_LEN])
         ctx_off = F.PREAMBLE_LEN + 2 * slot_size
         if len(head) < ctx_off + context_len:
             head = head[:ctx_off] + _read_exact(fd, context_len, ctx_off)
-    finally:
-        os.close(fd)
+    except BaseException:
+        plan.close()
+        raise
     areas = [head[F.PREAMBLE_LEN + i * slot_size : F.PREAMBLE_LEN + (i + 1) * slot_size] for i in (0, 1)]
     if len(areas[1]) != slot_size:
         raise TruncatedError("file ends inside its key slots")
@@ -73,7 +90,6 @@ def _plan(path: Path, providers: Sequence[KeyProvider], target: KeyProvider) -> 
         raise FormatError(f"{path}: no valid key slot area")
     gen, cur, slots = max(valid)
     other = 1 - cur
-    plan = _Plan(path)
     want = (target.name, target.key_id, target.current_version())
     if all((s.provider, s.key_id, s.version) == want for s in slots):
         if decoded[other] is not None:  # an earlier run stopped before clearing the old area
@@ -94,22 +110,17 @@ def _plan(path: Path, providers: Sequence[KeyProvider], target: KeyProvider) -> 
 
 
 def _apply(plans: list[_Plan], phase: str, durable: bool) -> None:
-    fds = []
-    try:
-        for p in plans:
-            ops = p.writes if phase == "write" else p.clears
-            if not ops:
-                continue
-            fd = os.open(p.path, os.O_WRONLY)
-            fds.append(fd)
-            for off, data in ops:
-                if os.pwrite(fd, data, off) != len(data):
-                    raise OSError(f"short write to {p.path}")
-        if durable and fds:
-            _syncfs(fds[0])
-    finally:
-        for fd in fds:
-            os.close(fd)
+    """Apply one phase to every plan of a batch, then one durability barrier for all."""
+    touched = None
+    for p in plans:
+        ops = p.writes if phase == "write" else p.clears
+        for off, data in ops:
+            assert p.fd is not None
+            if os.pwrite(p.fd, data, off) != len(data):
+                raise OSError(f"short write to {p.path}")
+            touched = p.fd
+    if durable and touched is not None:
+        _syncfs(touched)
 
 
 @dataclass(frozen=True)
@@ -137,9 +148,15 @@ def rewrap(
     counts = {"rewrapped": 0, "finished": 0, "current": 0}
     todo = [Path(p) for p in paths]
     for start in range(0, len(todo), batch):
-        plans = [_plan(p, providers, target) for p in todo[start : start + batch]]
-        _apply(plans, "write", durable)  # new slot areas, durable before ...
-        _apply(plans, "clear", durable)  # ... the old wrapped keys are erased
+        plans: list[_Plan] = []
+        try:
+            for p in todo[start : start + batch]:
+                plans.append(_plan(p, providers, target))
+            _apply(plans, "write", durable)  # new slot areas, durable before ...
+            _apply(plans, "clear", durable)  # ... the old wrapped keys are erased
+        finally:
+            for p in plans:
+                p.close()
         done = [str(p.path) for p in plans if p.status == "rewrapped"]
         for p in plans:
             counts[p.status] += 1
