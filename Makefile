@@ -33,6 +33,7 @@ test: install-dev
 bench: install-dev
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/seal.py
+	$(BIN)/python bench/custody.py
 
 fuzz: install-dev
 	$(BIN)/pip install -q atheris
