@@ -429,3 +429,84 @@ def test_cli_seal_into_hsm_and_migrate(tmp_path, softhsm, st_file, cli_env):
     r = warden(env, "rewrap", str(tmp_path / "l.wws"), "--to", uri, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["rewrapped"] == 1, r.stderr
     assert ww.inspect(tmp_path / "l.wws")["key_slots"][0]["provider"] == "pkcs11"
+
+
+REWRAP_SCRIPT = """
+import sys, weightwarden as ww
+from pathlib import Path
+from weightwarden.sealed.rewrap import rewrap
+kr = ww.Keyring.unlock(sys.argv[1], sys.argv[2])
+p = kr.provider(sys.argv[3])
+files = sorted(Path(sys.argv[4]).glob("*.wws"))
+print("ready", flush=True)
+rewrap(files, providers=[p], target=p, batch=50)
+"""
+
+
+def test_rewrap_of_1000_files_killed_midway_stays_readable_and_resumes(tmp_path, keyring):
+    import signal
+    import sys
+    import time
+
+    from weightwarden.sealed import seal_file
+
+    kid = keyring.new_kek(uniq("bulk"))
+    keyring.save()
+    p, s = keyring.provider(kid), keyring.signer()
+    src = tmp_path / "config.json"
+    src.write_text('{"hidden_size": 8}')
+    d = tmp_path / "files"
+    d.mkdir()
+    files = [d / f"f{i:04d}.wws" for i in range(1000)]
+    for f in files:
+        seal_file(src, f, provider=p, signer=s, durable=False)
+    p.rotate()
+    rng = np.random.default_rng(7)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REWRAP_SCRIPT, str(keyring.home), PASSPHRASE, kid, str(d)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(float(rng.uniform(0.05, 0.25)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kr = ww.Keyring.unlock(keyring.home, PASSPHRASE)  # the rotation was saved by the parent
+    p = kr.provider(kid)
+    versions = []
+    for f in files:  # every file opens, with the old or the new version
+        with SealedFile(f) as sf:
+            versions.append(sf.key_slots()[1][0].version)
+            r = sf.unlock([p])
+            assert r.read_all().tobytes() == src.read_bytes()
+    assert set(versions) <= {1, 2}
+    rep = rewrap(files, providers=[p], target=p)
+    assert rep.rewrapped == versions.count(1) and rep.finished + rep.current == versions.count(2)
+    p.disable(1)
+    for f in files[::37]:
+        with SealedFile(f) as sf:
+            assert sum(F.decode_slot_area(a) is not None for a in sf._slot_areas) == 1  # old area erased
+            sf.unlock([p])
+
+
+def test_kms_provider_down(tmp_path):
+    import socket
+
+    import boto3
+
+    from weightwarden.keys.kms import AwsKmsProvider
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    client = boto3.client(
+        "kms",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="eu-west-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+        config=__import__("botocore.config").config.Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    p = AwsKmsProvider("arn:aws:kms:eu-west-1:111122223333:key/00000000-0000-0000-0000-000000000000", client=client)
+    with pytest.raises(ProviderUnavailableError, match="unreachable"):
+        p.wrap(os.urandom(32), b"file")
