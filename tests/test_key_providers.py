@@ -429,6 +429,18 @@ def test_cli_seal_into_hsm_and_migrate(tmp_path, softhsm, st_file, cli_env):
     r = warden(env, "rewrap", str(tmp_path / "l.wws"), "--to", uri, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["rewrapped"] == 1, r.stderr
     assert ww.inspect(tmp_path / "l.wws")["key_slots"][0]["provider"] == "pkcs11"
+    # the signing key in the HSM too
+    from weightwarden.keys.pkcs11 import Pkcs11Signer
+
+    label = uniq("cli-signer")
+    Pkcs11Signer(Pkcs11Session(SOFTHSM_LIB, softhsm, PIN), label, create=True)
+    suri = f"pkcs11:token={softhsm};object={label}?module-path={SOFTHSM_LIB}"
+    r = warden(env, "seal", str(st_file), "-o", str(tmp_path / "s.wws"), "--provider", uri, "--signer", suri)
+    assert r.returncode == 0, r.stderr
+    assert warden(env, "verify", str(tmp_path / "s.wws")).returncode == 1  # not trusted yet
+    pub = json.loads(warden(env, "key", "export-public", "--signer", suri, "--json").stdout)["public_key"]
+    assert warden(env, "trust", "add", pub, "--label", "hsm").returncode == 0
+    assert warden(env, "verify", str(tmp_path / "s.wws")).returncode == 0
 
 
 REWRAP_SCRIPT = """

@@ -95,6 +95,24 @@ ProviderOpt = Annotated[
 ]
 
 
+SignerOpt = Annotated[
+    str | None, typer.Option("--signer", help="sign with an Ed25519 key in an HSM: pkcs11:token=..;object=LABEL")
+]
+
+
+def _signer(kr: Any, uri: str | None) -> Any:
+    if uri is None:
+        return kr.signer()
+    if not uri.startswith("pkcs11:"):
+        raise WardenError("--signer takes a pkcs11: URI")
+    from .keys.pkcs11 import signer_from_uri
+
+    try:
+        return signer_from_uri(uri)
+    except ValueError as e:
+        raise WardenError(str(e)) from None
+
+
 def _uri_providers(uris: list[str] | None) -> list[Any]:
     from .keys.kms import from_uri
 
@@ -186,11 +204,12 @@ def key_new(
 @key_app.command("export-public")
 def key_export_public(
     key_id: Annotated[str | None, typer.Argument(help="signing key id (default: the default signer)")] = None,
+    signer_uri: SignerOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a signing key's public key, for others to `warden trust add`."""
-    signer = _keyring(home).signer(key_id)
+    signer = _signer(None, signer_uri) if signer_uri else _keyring(home).signer(key_id)
     pub = base64.b64encode(signer.public_key).decode()
     _emit({"key_id": signer.key_id, "public_key": pub}, as_json, f"{signer.key_id} {pub}")
 
@@ -252,6 +271,7 @@ def seal(
     chunk_size: Annotated[int, typer.Option(help="plaintext bytes per AEAD chunk (power of two)")] = 1 << 20,
     key: Annotated[str | None, typer.Option("--key", help="KEK to wrap under (default: the keyring's)")] = None,
     provider: ProviderOpt = None,
+    signer: SignerOpt = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
@@ -261,8 +281,8 @@ def seal(
     wrap = (_uri_providers(provider) or [None])[0]
     with _progress(_size(src), "sealing", not as_json) as prog:
         results = api.seal(
-            src, output, keyring=kr, key=key, provider=wrap, hide_header=hide_header, chunk_size=chunk_size,
-            force=force, progress=prog,
+            src, output, keyring=kr, key=key, provider=wrap, signer=_signer(kr, signer), hide_header=hide_header,
+            chunk_size=chunk_size, force=force, progress=prog,
         )  # fmt: skip
     rows = [
         {"path": str(r.path), "file_id": r.file_id, "kind": r.kind, "bytes": r.data_len, "chunks": r.n_chunks,

@@ -345,7 +345,7 @@ def parse_uri(uri: str) -> dict[str, str]:
     return out
 
 
-def from_uri(uri: str) -> Pkcs11Provider:
+def _session_from_uri(uri: str) -> tuple[Pkcs11Session, str]:
     f = parse_uri(uri)
     if "token" not in f or "object" not in f:
         raise ValueError("a pkcs11 URI needs token= and object=")
@@ -359,4 +359,16 @@ def from_uri(uri: str) -> Pkcs11Provider:
         raise ValueError("pin-source must be env:VAR or file:PATH")
     if pin is None:
         raise ProviderUnavailableError(f"no PIN: set {src[4:]}")
-    return Pkcs11Provider(Pkcs11Session(module, f["token"], pin), f["object"])
+    return Pkcs11Session(module, f["token"], pin), f["object"]
+
+
+def from_uri(uri: str) -> Pkcs11Provider:
+    """The KEK named by ``object=`` on the token."""
+    session, label = _session_from_uri(uri)
+    return Pkcs11Provider(session, label)
+
+
+def signer_from_uri(uri: str, *, create: bool = False) -> Pkcs11Signer:
+    """The Ed25519 key pair labelled ``object=`` on the token."""
+    session, label = _session_from_uri(uri)
+    return Pkcs11Signer(session, label, create=create)
