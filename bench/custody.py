@@ -84,7 +84,9 @@ def main() -> None:
         if not a.skip_hsm and os.path.exists(SOFTHSM) and shutil.which("softhsm2-util"):
             (work / "tokens").mkdir()
             conf = work / "softhsm2.conf"
-            conf.write_text(f"directories.tokendir = {work / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+            conf.write_text(
+                f"directories.tokendir = {work / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+            )
             os.environ["SOFTHSM2_CONF"] = str(conf)
             subprocess.run(
                 ["softhsm2-util", "--init-token", "--free", "--label", "bench", "--pin", "1234", "--so-pin", "5678"],
