@@ -443,6 +443,11 @@ def shred(
 
 
 # -- custody ------------------------------------------------------------------------------------
+def _custodian_env(name: str) -> str:
+    """The variable that holds a passphrase custodian's passphrase for automation."""
+    return "WARDEN_CUSTODIAN_PASSPHRASE_" + "".join(ch if ch.isalnum() else "_" for ch in name).upper()
+
+
 def _custodians(specs: list[str]) -> tuple[list[Any], dict[str, str]]:
     from .keys.custody import Custodian
 
@@ -453,7 +458,7 @@ def _custodians(specs: list[str]) -> tuple[list[Any], dict[str, str]]:
             raise CustodyError(f"--custodian takes NAME=age1... or NAME=passphrase, not {spec[:40]!r}")
         out.append(Custodian(name, recipient))
         if recipient == "passphrase":
-            env = "WARDEN_CUSTODIAN_PASSPHRASE_" + "".join(ch if ch.isalnum() else "_" for ch in name).upper()
+            env = _custodian_env(name)
             pw = os.environ.get(env)
             if pw is None:
                 if not sys.stdin.isatty():
@@ -466,12 +471,13 @@ def _custodians(specs: list[str]) -> tuple[list[Any], dict[str, str]]:
 CustodianOpt = Annotated[
     list[str], typer.Option("--custodian", help="NAME=age1... (age public key) or NAME=passphrase")
 ]
+ThresholdOpt = Annotated[int, typer.Option("--threshold", help="M: shares needed to unseal")]
 
 
 @custody_app.command("init")
 def custody_init(
     custodian: CustodianOpt,
-    threshold: Annotated[int, typer.Option("--threshold", help="M: shares needed to unseal")],
+    threshold: ThresholdOpt,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -502,8 +508,9 @@ def custody_unseal(
     doc = CustodyDoc.load(h)
     entry = doc.custodian(custodian)
     if entry["recipient"] == "passphrase":
-        env = "WARDEN_CUSTODIAN_PASSPHRASE_" + "".join(ch if ch.isalnum() else "_" for ch in custodian).upper()
-        pw = os.environ.get(env) or (getpass.getpass(f"Passphrase for {custodian}: ") if sys.stdin.isatty() else None)
+        pw = os.environ.get(_custodian_env(custodian)) or (
+            getpass.getpass(f"Passphrase for {custodian}: ") if sys.stdin.isatty() else None
+        )
         share = doc.open_share(custodian, passphrase=pw)
     else:
         if identity is None:
@@ -535,7 +542,7 @@ def custody_seal(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 @custody_app.command("reshare")
 def custody_reshare(
     custodian: CustodianOpt,
-    threshold: Annotated[int, typer.Option("--threshold", help="M: shares needed to unseal")],
+    threshold: ThresholdOpt,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -303,18 +303,14 @@ class AgentSigner(Signer):
     def __init__(self, client: AgentClient, key_id: str | None = None):
         self._c = client
         r = client.call("signer", key_id=key_id)
-        self._kid, self._pub = r["key_id"], b64d(r["public_key"], "public key")
-
-    @property
-    def key_id(self) -> str:
-        return self._kid
+        self._pub = b64d(r["public_key"], "public key")
 
     @property
     def public_key(self) -> bytes:
         return self._pub
 
     def _sign(self, message: bytes) -> bytes:
-        return b64d(self._c.call("sign", key_id=self._kid, message=b64e(message))["signature"], "signature")
+        return b64d(self._c.call("sign", key_id=self.key_id, message=b64e(message))["signature"], "signature")
 
 
 class AgentKeyring:

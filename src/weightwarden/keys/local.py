@@ -93,10 +93,6 @@ class Ed25519Signer(Signer):
         self._pub = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     @property
-    def key_id(self) -> str:
-        return ed25519_key_id(self._pub)
-
-    @property
     def public_key(self) -> bytes:
         return self._pub
 

@@ -36,7 +36,7 @@ from ..errors import (
     ProviderUnavailableError,
     WrongKeyError,
 )
-from .provider import KeyProvider, KeySlot, Signer, ed25519_key_id, wrap_aad
+from .provider import KeyProvider, KeySlot, Signer, wrap_aad
 
 WRAP_ALG = "A256GCM-PKCS11"
 SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
@@ -317,10 +317,6 @@ class Pkcs11Signer(Signer):
             point = bytes(pub[Attribute.EC_POINT])
         self._priv = priv
         self._pub = point[-32:]  # DER OCTET STRING 04 20 || key
-
-    @property
-    def key_id(self) -> str:
-        return ed25519_key_id(self._pub)
 
     @property
     def public_key(self) -> bytes:

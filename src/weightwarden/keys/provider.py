@@ -228,8 +228,8 @@ class Signer(ABC):
     provider_name: str = "local"
 
     @property
-    @abstractmethod
-    def key_id(self) -> str: ...
+    def key_id(self) -> str:
+        return ed25519_key_id(self.public_key)
 
     @property
     @abstractmethod
