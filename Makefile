@@ -36,7 +36,6 @@ bench: install-dev
 	$(BIN)/python bench/custody.py
 
 fuzz: install-dev
-	$(BIN)/pip install -q atheris
 	$(BIN)/python fuzz/fuzz_sealed.py -atheris_runs=200000
 
 lint: install-dev

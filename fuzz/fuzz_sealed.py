@@ -7,8 +7,10 @@ Any exception other than a WardenError is a bug.  Seeds: the committed test vect
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +22,9 @@ with atheris.instrument_imports():
     from weightwarden.sealed import SealedFile
     from weightwarden.sealed import format as F
 
-TMP = Path(tempfile.mkdtemp(prefix="ww-fuzz-")) / "input.wws"
+_WORK = Path(tempfile.mkdtemp(prefix="ww-fuzz-"))
+atexit.register(shutil.rmtree, _WORK, True)
+TMP = _WORK / "input.wws"
 VECTORS = Path(__file__).resolve().parent.parent / "tests" / "vectors"
 
 
@@ -47,7 +51,8 @@ def one_input(data: bytes) -> None:
 
 
 def main() -> None:
-    corpus = Path(tempfile.mkdtemp(prefix="ww-fuzz-corpus-"))
+    corpus = _WORK / "corpus"
+    corpus.mkdir()
     for p in VECTORS.glob("*.wws"):
         (corpus / p.name).write_bytes(b"\x00" + p.read_bytes())
     atheris.Setup([*sys.argv, str(corpus)], one_input)

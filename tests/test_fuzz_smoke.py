@@ -1,0 +1,27 @@
+"""The atheris harness runs: a short coverage-guided fuzz of the sealed-file parser in every
+test run (`make fuzz` runs it for longer).  Any exception that is not a WardenError fails it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("atheris", reason="atheris is not installed (it is in the dev extra)")
+
+HARNESS = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_sealed.py"
+
+
+def test_atheris_harness_finds_no_crash(tmp_path):
+    r = subprocess.run(
+        [sys.executable, str(HARNESS), "-atheris_runs=20000", "-seed=1", f"-artifact_prefix={tmp_path}/"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Done 20000" in r.stderr
+    assert not list(tmp_path.glob("crash-*"))
