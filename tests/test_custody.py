@@ -173,3 +173,31 @@ def test_custody_cli_end_to_end(tmp_path, st_file, cli_env, agent_home):
     assert any(e["action"] == "key:unwrap" and e["reason"] == "ticket-7" for e in log)
     text = (agent_home / "audit.jsonl").read_text() + (agent_home / "custody.json").read_text()
     assert all(str(i) not in text for i in ids)  # no custodian secret is ever written
+
+
+def test_agent_seals_itself_when_idle(tmp_path):
+    from weightwarden.keys.agent import _State
+    from weightwarden.keys.provider import b64e
+
+    home = tmp_path / "h"
+    kr = ww.Keyring.create(home, PASSPHRASE, kdf=TEST_KDF)
+    ids = identities(3)
+    doc = kr.to_custody(custodians(ids), 2)
+    state = _State(home, idle_seal=60)
+    for i in (0, 2):
+        st = state.handle({"op": "unseal", "share": b64e(doc.open_share(f"c{i}", identity=str(ids[i])).to_bytes())})
+    assert st["sealed"] is False
+    t0 = state.last_use
+    assert state.seal_if_idle(now=t0 + 59) is False
+    state.handle({"op": "list_keys"})  # a key operation resets the idle clock
+    assert state.seal_if_idle(now=state.last_use + 30) is False
+    assert state.seal_if_idle(now=state.last_use + 61) is True
+    assert state.status()["sealed"] is True
+    with pytest.raises(CustodyError, match="sealed: 0 of 2"):
+        state.handle({"op": "list_keys"})
+    # a half-finished unseal is forgotten too
+    state.handle({"op": "unseal", "share": b64e(doc.open_share("c1", identity=str(ids[1])).to_bytes())})
+    assert state.status()["progress"] == 1
+    assert state.seal_if_idle(now=state.last_use + 61) is True and state.status()["progress"] == 0
+    never = _State(home, idle_seal=0)
+    assert never.seal_if_idle(now=never.last_use + 10**9) is False

@@ -555,12 +555,17 @@ def custody_reshare(
     _emit(st, as_json, f"re-shared {threshold}-of-{len(custodians)}; old shares no longer open anything")
 
 
+IdleOpt = Annotated[
+    float, typer.Option("--idle-seal", help="seal again after this many seconds without key use (0: never)")
+]
+
+
 @agent_app.command("start")
-def agent_start(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+def agent_start(idle_seal: IdleOpt = 3600.0, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Start the custody agent in the background (sealed)."""
     from .keys import agent
 
-    pid = agent.start(home or default_home())
+    pid = agent.start(home or default_home(), idle_seal=idle_seal)
     _emit({"pid": pid}, as_json, f"agent started (pid {pid}), sealed")
 
 
@@ -574,11 +579,11 @@ def agent_stop(home: HomeOpt = None) -> None:
 
 
 @agent_app.command("run")
-def agent_run(home: HomeOpt = None) -> None:
+def agent_run(idle_seal: IdleOpt = 3600.0, home: HomeOpt = None) -> None:
     """Run the agent in the foreground."""
     from .keys import agent
 
-    agent.serve(home or default_home())
+    agent.serve(home or default_home(), idle_seal)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,14 +39,34 @@ SOCKET = "agent.sock"
 MAX_LINE = 1 << 20
 
 
+DEFAULT_IDLE_SEAL = 3600.0
+
+
 class _State:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, idle_seal: float = DEFAULT_IDLE_SEAL):
         self.home = home
         self.doc = CustodyDoc.load(home)
         self.session = UnsealSession(self.doc)
         self.keyring: Keyring | None = None
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.idle_seal = idle_seal  # seconds without a key operation before the agent seals itself; 0: never
+        self.last_use = time.monotonic()
+
+    def seal_if_idle(self, now: float | None = None) -> bool:
+        """Forget the root key after ``idle_seal`` seconds without use (and drop partial shares)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            if not self.idle_seal or now - self.last_use < self.idle_seal:
+                return False
+            if self.keyring is None and self.session.progress == 0:
+                return False
+            if self.keyring is not None:
+                self.keyring.close()
+                self.keyring = None
+            self.session.reset()
+            self._audit(AuditAction.CUSTODY_SEAL, "ok", subject=self.doc.split_id, detail={"why": "idle"})
+            return True
 
     def status(self) -> dict[str, Any]:
         return {
@@ -55,6 +75,7 @@ class _State:
             "threshold": self.doc.threshold,
             "split_id": self.doc.split_id,
             "custodians": [c["name"] for c in self.doc.custodians],
+            "idle_seal_seconds": self.idle_seal,
         }
 
     def _kr(self) -> Keyring:
@@ -69,6 +90,7 @@ class _State:
         with self.lock:
             if op == "status":
                 return self.status()
+            self.last_use = time.monotonic()
             if op == "unseal":
                 share = Share.from_bytes(b64d(req.get("share"), "share"))
                 if self.keyring is not None:
@@ -192,7 +214,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     state: _State
 
 
-def serve(home: Path) -> None:
+def serve(home: Path, idle_seal: float = DEFAULT_IDLE_SEAL) -> None:
     """Run the agent in the foreground until `shutdown` or SIGTERM."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(home, 0o700)
@@ -204,7 +226,13 @@ def serve(home: Path) -> None:
         server = _Server(str(path), _Handler)
     finally:
         os.umask(old)
-    server.state = _State(home)
+    server.state = _State(home, idle_seal)
+
+    def watch_idle() -> None:
+        while not server.state.stop.wait(min(1.0, idle_seal / 4 if idle_seal else 1.0)):
+            server.state.seal_if_idle()
+
+    threading.Thread(target=watch_idle, daemon=True).start()
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     try:
         server.serve_forever(poll_interval=0.2)
@@ -212,6 +240,7 @@ def serve(home: Path) -> None:
         server.server_close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        server.state.stop.set()
         if server.state.keyring is not None:
             server.state.keyring.close()
 
@@ -353,7 +382,7 @@ def under_custody(home: Path) -> bool:
         return False
 
 
-def start(home: Path, *, timeout: float = 15.0) -> int:
+def start(home: Path, *, idle_seal: float = DEFAULT_IDLE_SEAL, timeout: float = 15.0) -> int:
     """Start the agent in the background (a new session); returns its pid."""
     client = AgentClient(home)
     if client.running():
@@ -361,7 +390,7 @@ def start(home: Path, *, timeout: float = 15.0) -> int:
     CustodyDoc.load(home)  # fail early, in the caller, if there is no custody record
     log = open(home / "agent.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "weightwarden.keys.agent", "--home", str(home)],
+        [sys.executable, "-m", "weightwarden.keys.agent", "--home", str(home), "--idle-seal", str(idle_seal)],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
@@ -392,7 +421,9 @@ def stop(home: Path) -> None:
 def main() -> None:  # pragma: no cover - run as a process by `start`
     ap = argparse.ArgumentParser(prog="weightwarden.keys.agent")
     ap.add_argument("--home", type=Path, required=True)
-    serve(ap.parse_args().home)
+    ap.add_argument("--idle-seal", type=float, default=DEFAULT_IDLE_SEAL)
+    a = ap.parse_args()
+    serve(a.home, a.idle_seal)
 
 
 if __name__ == "__main__":  # pragma: no cover
