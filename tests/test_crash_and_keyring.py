@@ -32,15 +32,24 @@ def test_kill_at_random_points_leaves_nothing_under_target(tmp_path, keyring):
     save_file({f"t{i}": rng.standard_normal(1 << 20).astype(np.float32) for i in range(24)}, str(src))  # 96 MiB
     target = tmp_path / "out" / "big.wws"
     target.parent.mkdir()
-    outcomes = set()
-    for _ in range(8):
+
+    def start() -> subprocess.Popen[str]:
         p = subprocess.Popen(
             [sys.executable, "-c", SEAL_SCRIPT, str(keyring.home), PASSPHRASE, str(src), str(target)],
             stdout=subprocess.PIPE,
             text=True,
         )
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-        time.sleep(float(rng.uniform(0.0, 0.6)))
+        return p
+
+    t = time.perf_counter()  # how long one seal takes here, so the kills land while it runs
+    start().wait()
+    full = time.perf_counter() - t
+    target.unlink()
+    outcomes = set()
+    for _ in range(8):
+        p = start()
+        time.sleep(float(rng.uniform(0.0, 0.9 * full)))
         p.send_signal(signal.SIGKILL)
         p.wait()
         if target.exists():
