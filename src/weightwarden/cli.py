@@ -32,6 +32,7 @@ from . import api, audit
 from .errors import CustodyError, KeyringError, WardenError
 from .keys.local import KdfParams, Keyring, TrustStore, default_home
 from .keys.provider import ed25519_key_id
+from .sealed.bundle import SealedBundle
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Guard the weights of AI models.")
 key_app = typer.Typer(no_args_is_help=True, help="Keys in the local keyring.")
@@ -147,6 +148,14 @@ def _progress(total: int, what: str, enabled: bool, *, files: bool = False) -> I
     with Progress("[progress.description]{task.description}", *cols, console=err, transient=True) as p:
         task = p.add_task(what, total=total)
         yield lambda n: p.advance(task, n)
+
+
+def _sealed_size(path: Path, as_json: bool) -> int:
+    """Plaintext bytes of a sealed file or bundle, for sizing a progress bar (0 when no bar is shown)."""
+    if as_json or not err.is_terminal:
+        return 0
+    with api.open_sealed(path) as sealed:
+        return sealed.data_len if isinstance(sealed, SealedBundle) else sealed.context.data_len
 
 
 def _size(path: Path) -> int:
@@ -304,9 +313,7 @@ def open_(
     """Decrypt a sealed checkpoint to a plaintext file: only when you must have one on disk."""
     kr = _keyring(home)
     provs = [*_uri_providers(provider), kr.provider()]
-    total = api.inspect(src)
-    nbytes = sum(m["data_len"] for m in total.get("members", [total]))
-    with _progress(nbytes, "opening", not as_json) as prog:
+    with _progress(_sealed_size(src, as_json), "opening", not as_json) as prog:
         paths = api.unseal(src, output, keyring=kr, providers=provs, force=force, progress=prog)
     _emit({"written": [str(p) for p in paths]}, as_json, f"wrote plaintext to {output}")
 
@@ -324,9 +331,7 @@ def verify(
     """Check the signature and every chunk digest without any key; writes nothing."""
     trust: Any = [_parse_public(k) for k in trust_key] if trust_key else TrustStore.load(home or default_home())
     kr = _keyring(home) if deep else None
-    info = api.inspect(src)
-    nbytes = sum(m["data_len"] for m in info.get("members", [info]))
-    with _progress(nbytes, "verifying", not as_json) as prog:
+    with _progress(_sealed_size(src, as_json), "verifying", not as_json) as prog:
         rep = api.verify(src, trust=trust, deep=deep, keyring=kr, progress=prog)
     _emit(rep.to_json(), as_json, f"OK: {rep.files} file(s), {rep.chunks} chunks, signed by {rep.signer}" + (
         ", every tag checked" if deep else ""))  # fmt: skip
