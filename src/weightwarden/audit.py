@@ -48,6 +48,9 @@ class AuditAction(StrEnum):
     CUSTODY_UNSEAL = "custody:unseal"
     CUSTODY_SEAL = "custody:seal"
     CUSTODY_RESHARE = "custody:reshare"
+    PROVENANCE_REGISTER = "provenance:register"
+    PROVENANCE_REMOVE = "provenance:remove"
+    PROVENANCE_SCAN = "provenance:scan"
 
 
 @functools.cache

@@ -591,6 +591,180 @@ def agent_run(idle_seal: IdleOpt = 3600.0, home: HomeOpt = None) -> None:
     agent.serve(home or default_home(), idle_seal)
 
 
+# -- provenance: clone detection ------------------------------------------------------
+prov_app = typer.Typer(no_args_is_help=True, help="Is a model derived from one of ours? (p-values, registry)")
+app.add_typer(prov_app, name="provenance")
+AlphaOpt = Annotated[float, typer.Option("--alpha", help="significance level of the decision")]
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option("--registry", help="registry folder [default: $WARDEN_HOME/provenance]", show_default=False),
+]
+
+
+def _model_kw(path: Path, home: Path | None) -> dict[str, Any]:
+    """Sealed inputs are read with the keyring (decrypted in memory only); plain ones need nothing."""
+    from .provenance.scan import _looks_sealed
+
+    if (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _looks_sealed(path)):
+        return {"keyring": _keyring(home)}
+    return {}
+
+
+def _log(home: Path | None, action: audit.AuditAction, subject: str, **detail: Any) -> None:
+    sink = audit.JsonlSink((home or default_home()) / "audit.jsonl")
+    try:
+        sink.emit(audit.event(action, subject=subject, detail=detail))
+    finally:
+        sink.close()
+
+
+def _registry(registry: Path | None, home: Path | None) -> Any:
+    from .provenance import Registry, default_registry
+
+    return Registry(registry) if registry else default_registry(home)
+
+
+def _evidence_table(c: Any) -> Table:
+    t = Table("ref layer", "suspect layer", "p-value", "rho", "agree", "cos in", "cos out")
+    for e in c.layers:
+        t.add_row(str(e.reference_layer), str(e.suspect_layer), f"{e.p_value:.2e}" if e.p_value else
+                  f"1e{e.log_p / 2.302585:.0f}", f"{e.rho:.3f}", f"{e.agreement:.2f}", f"{e.cos_in:.3f}",
+                  f"{e.cos_out:.3f}")  # fmt: skip
+    return t
+
+
+def _verdict(j: dict[str, Any]) -> str:
+    p = f"{j['p_value']:.3g}" if j["p_value"] else f"1e{j['log10_p_value']:.0f}"
+    shared = ", ".join(j["shared_ranges"]) or "none"
+    return f"{j['decision'].upper()}: p = {p} (alpha {j['alpha']:g}); shared reference layers: {shared}"
+
+
+@prov_app.command("compare")
+def prov_compare(
+    suspect: Annotated[Path, typer.Argument(help="suspect checkpoint: .safetensors, HF folder, sealed file/bundle")],
+    reference: Annotated[Path, typer.Argument(help="reference checkpoint (ours)")],
+    alpha: AlphaOpt = 1e-6,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Test "SUSPECT and REFERENCE were initialised independently"; print the p-value and per-layer evidence."""
+    from .provenance import compare
+
+    c = compare(suspect, reference, alpha=alpha, **_model_kw(reference, home) or _model_kw(suspect, home))
+    j = c.to_json()
+    if as_json:
+        _emit(j, True)
+    else:
+        out.print(_evidence_table(c))
+        out.print(_verdict(j))
+
+
+@prov_app.command("register")
+def prov_register(
+    model: Annotated[Path, typer.Argument(help="a protected checkpoint")],
+    name: Annotated[str, typer.Option("--name", help="name to report it under")],
+    replace: Annotated[bool, typer.Option("--replace", help="overwrite an entry of that name")] = False,
+    registry: RegistryOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Store a compact signature of MODEL in the registry (not its weights)."""
+    reg = _registry(registry, home)
+    sig = reg.register(model, name, replace=replace, **_model_kw(model, home))
+    _log(home, audit.AuditAction.PROVENANCE_REGISTER, name, layers=len(sig.blocks))
+    _emit({"registered": name, "layers": len(sig.blocks), "registry_size": len(reg)}, as_json,
+          f"registered {name} ({len(sig.blocks)} MLP blocks); registry holds {len(reg)} model(s)")  # fmt: skip
+
+
+@prov_app.command("identify")
+def prov_identify(
+    suspect: Annotated[Path, typer.Argument(help="suspect checkpoint")],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="candidates given the exact test")] = 10,
+    alpha: AlphaOpt = 1e-6,
+    registry: RegistryOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank registered models against SUSPECT, with p-values corrected for the registry's size."""
+    reg = _registry(registry, home)
+    res = reg.identify(suspect, top_k=top_k, alpha=alpha, **_model_kw(suspect, home))
+    j = res.to_json()
+    if as_json:
+        _emit(j, True)
+        return
+    t = Table("model", "decision", "p-value (corrected)", "shared layers", "similarity")
+    for m in j["matches"]:
+        t.add_row(m["name"], m["decision"], f"{m['p_value']:.2e}" if m["p_value"] else
+                  f"1e{m['log10_p_value']:.0f}", ", ".join(m["shared_ranges"]), f"{m['similarity']:.3f}")  # fmt: skip
+    out.print(t)
+    out.print(f"derived from: {j['derived_from'] or 'none of the registered models'}")
+
+
+@prov_app.command("list")
+def prov_list(registry: RegistryOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Registered models."""
+    facts = _registry(registry, home).facts()
+    t = Table("name", "family", "layers", "d_model", "params")
+    for f in facts:
+        t.add_row(f["name"], f["family"], str(f["layers"]), str(f["d_model"]), str(f["params"]))
+    _emit({"models": facts}, as_json, t)
+
+
+@prov_app.command("remove")
+def prov_remove(name: str, registry: RegistryOpt = None, home: HomeOpt = None) -> None:
+    """Forget a registered model."""
+    _registry(registry, home).remove(name)
+    _log(home, audit.AuditAction.PROVENANCE_REMOVE, name)
+    out.print(f"removed {name}")
+
+
+@app.command("scan")
+def scan_cmd(
+    where: Annotated[list[str], typer.Argument(help="folders of checkpoints, list files, or s3://bucket/prefix")],
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", help="an existing Ray cluster [default: a local one]")
+    ] = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="CPUs of the local Ray")] = None,
+    state: Annotated[
+        Path | None, typer.Option("--state", help="resume file [default: under $WARDEN_HOME/scan]")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1)] = 10,
+    alpha: AlphaOpt = 1e-6,
+    registry: RegistryOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Report every checkpoint derived from a registered model; rerun with the same state to resume."""
+    from .provenance import scan
+
+    reg = _registry(registry, home)
+    bar: list[Any] = []
+    with contextlib.ExitStack() as stack:
+
+        def progress(done: int, total: int) -> None:
+            if as_json or not err.is_terminal:
+                return
+            if not bar:
+                p = stack.enter_context(Progress(transient=True, console=err))
+                bar.append((p, p.add_task("scanning", total=total)))
+            bar[0][0].update(bar[0][1], completed=done, total=total)
+
+        rep = scan(where, reg.root, state=state, ray_address=ray_address, workers=workers, top_k=top_k, alpha=alpha,
+                   on_progress=progress)  # fmt: skip
+    j = rep.to_json()
+    _log(home, audit.AuditAction.PROVENANCE_SCAN, ",".join(where)[:200], items=j["items"], derived=len(j["derived"]))
+    if as_json:
+        _emit(j, True)
+        return
+    t = Table("item", "derived from", "p-value", "shared layers")
+    for d in j["derived"]:
+        t.add_row(d["item"], d["derived_from"], f"{d['p_value']:.2e}" if d["p_value"] else
+                  f"1e{d['log10_p_value']:.0f}", ", ".join(d["shared_ranges"]))  # fmt: skip
+    out.print(t)
+    out.print(f"{j['items']} item(s), {len(j['derived'])} derived, {len(j['errors'])} error(s), "
+              f"{j['resumed_from_state']} resumed from state")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     cmd = typer.main.get_command(app)
     try:

@@ -90,6 +90,14 @@ class UnsupportedModelError(WardenError):
     """The input is not a checkpoint this tool can handle."""
 
 
+class RegistryError(WardenError):
+    """The provenance registry is missing, damaged, or lacks the model asked for."""
+
+
+class ScanError(WardenError):
+    """A hub scan could not start or resume (bad input list, unreadable state, no cluster)."""
+
+
 __all__ = [
     "BadPassphraseError",
     "CustodyError",
@@ -104,6 +112,8 @@ __all__ = [
     "KeyringError",
     "OutputExistsError",
     "ProviderUnavailableError",
+    "RegistryError",
+    "ScanError",
     "SignatureError",
     "TruncatedError",
     "UnsupportedModelError",

@@ -1,0 +1,317 @@
+"""The independence test: was a suspect checkpoint derived from a reference?
+
+For each MLP block of the reference (its signature) and each candidate block of the
+suspect, hidden units are matched twice with the Hungarian algorithm: once by their
+input weights and once by their output weights, both after aligning the residual
+streams through the embeddings.  If the suspect was derived from the reference,
+both matchings recover the same correspondence (whatever permutation or rescaling
+was applied); if the two were initialised independently, the two matchings are
+unrelated.  Spearman's rho between them gives a per-block p-value (after Zhu et
+al., ICML 2025); blocks are combined with Šidák's correction over the candidates
+tried and Fisher's method over the reference blocks.  docs/PROVENANCE.md states
+the null hypothesis, its assumptions and the calibration evidence.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from .layout import Layout, detect_layout
+from .signature import Signature, embedding_sample, extract_signature, iter_units
+from .source import TensorSource, open_source
+from .stats import LN10, bonferroni_logp, fisher_logp, sidak_logp, spearman_logp, to_p
+
+__all__ = ["DEFAULT_ALPHA", "Comparison", "LayerEvidence", "compare", "compare_many"]
+
+DEFAULT_ALPHA = 1e-6
+_EPS = 1e-12
+_ALL_PAIRS_MAX = 64  # blocks_ref x blocks_suspect up to which every pair is tried
+_BAND = 2
+_COST_BUDGET = 1 << 28  # bytes of cosine matrix held at once
+
+
+@dataclass(frozen=True)
+class LayerEvidence:
+    reference_layer: int
+    suspect_layer: int | None
+    log_p: float  # natural log, after Šidák over `candidates`
+    rho: float
+    agreement: float  # fraction of units both matchings send to the same suspect unit
+    cos_in: float  # mean |cosine| of matched units, input weights
+    cos_out: float  # mean |cosine| of matched units, output weights
+    units: int
+    candidates: int
+
+    @property
+    def p_value(self) -> float:
+        return to_p(self.log_p)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "reference_layer": self.reference_layer,
+            "suspect_layer": self.suspect_layer,
+            "p_value": self.p_value,
+            "log10_p_value": round(self.log_p / LN10, 3),
+            "spearman_rho": round(self.rho, 4),
+            "agreement": round(self.agreement, 4),
+            "cos_in": round(self.cos_in, 4),
+            "cos_out": round(self.cos_out, 4),
+            "units_compared": self.units,
+            "candidates_tried": self.candidates,
+        }
+
+
+@dataclass(frozen=True)
+class Comparison:
+    log_p: float
+    alpha: float
+    layers: tuple[LayerEvidence, ...]
+    alignment: dict[str, Any]
+    reference: dict[str, Any]
+    suspect: dict[str, Any]
+    corrected_for: int = 1  # number of references this suspect was tested against (Bonferroni)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def p_value(self) -> float:
+        return to_p(self.log_p)
+
+    @property
+    def derived(self) -> bool:
+        return self.log_p < math.log(self.alpha)
+
+    @property
+    def similarity(self) -> float:
+        """Mean matched cosine over the shared layers (0 if none): ranks references that are all significant."""
+        sh = [e for e in self.layers if e.log_p < math.log(self.alpha / max(len(self.layers), 1))]
+        return float(np.mean([(e.cos_in + e.cos_out) / 2 for e in sh])) if sh else 0.0
+
+    @property
+    def shared_layers(self) -> list[int]:
+        """Reference layers with their own significant evidence (Bonferroni over layers at ``alpha``)."""
+        cut = math.log(self.alpha / max(len(self.layers), 1))
+        return [e.reference_layer for e in self.layers if e.log_p < cut]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "null_hypothesis": "the suspect and the reference were initialised independently",
+            "p_value": self.p_value,
+            "log10_p_value": round(self.log_p / LN10, 3),
+            "alpha": self.alpha,
+            "decision": "derived" if self.derived else "no evidence of derivation",
+            "corrected_for_references": self.corrected_for,
+            "shared_layers": self.shared_layers,
+            "shared_ranges": _ranges(self.shared_layers),
+            "similarity": round(self.similarity, 4),
+            "alignment": self.alignment,
+            "reference": self.reference,
+            "suspect": self.suspect,
+            "layers": [e.to_json() for e in self.layers],
+            **self.extra,
+        }
+
+
+def _ranges(xs: list[int]) -> list[str]:
+    out: list[str] = []
+    for x in xs:
+        if out and int(out[-1].split("-")[-1]) == x - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{x}"
+        else:
+            out.append(str(x))
+    return out
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+
+
+def align_residual(e_ref: np.ndarray, e_sus: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """A map R (d_ref x d_sus) taking reference residual vectors to the suspect's basis.
+
+    With at least twice as many shared embedding rows as dimensions, the orthogonal
+    Procrustes solution (handles rotations, permutations and sign flips); otherwise a
+    signed permutation of dimensions found by the Hungarian algorithm on column
+    correlations; without embeddings, the identity.
+    """
+    d_r, d_s = e_ref.shape[1], e_sus.shape[1]
+    k = min(len(e_ref), len(e_sus))
+    if k == 0:
+        r = np.eye(d_r, d_s, dtype=np.float32)
+        return r, {"kind": "identity", "rows": 0, "fit": None}
+    a, b = e_ref[:k].astype(np.float64), e_sus[:k].astype(np.float64)
+    if k >= 2 * max(d_r, d_s):
+        u, s, vt = np.linalg.svd(a.T @ b, full_matrices=False)
+        r = u @ vt
+        fit = float(s.sum() / max(np.linalg.norm(a) * np.linalg.norm(b), _EPS))
+        return r.astype(np.float32), {"kind": "rotation", "rows": k, "fit": round(fit, 4)}
+    an = a / np.maximum(np.linalg.norm(a, axis=0), _EPS)
+    bn = b / np.maximum(np.linalg.norm(b, axis=0), _EPS)
+    c = an.T @ bn
+    ri, ci = linear_sum_assignment(-np.abs(c))
+    r = np.zeros((d_r, d_s), np.float32)
+    r[ri, ci] = np.sign(c[ri, ci]) + (c[ri, ci] == 0)
+    return r, {"kind": "signed-permutation", "rows": k, "fit": round(float(np.abs(c[ri, ci]).mean()), 4)}
+
+
+def candidates(n_ref: int, n_sus: int) -> list[list[int]]:
+    """Suspect block positions tried for each reference block position; fixed by the depths alone."""
+    if n_ref * n_sus <= _ALL_PAIRS_MAX:
+        return [list(range(n_sus)) for _ in range(n_ref)]
+    out = []
+    for r in range(n_ref):
+        prop = round(r * (n_sus - 1) / max(n_ref - 1, 1))
+        cs = {s for c in (r, prop) for s in range(c - _BAND, c + _BAND + 1) if 0 <= s < n_sus}
+        out.append(sorted(cs))
+    return out
+
+
+@dataclass
+class _Job:
+    sig: int
+    ref_pos: int
+    u_in: np.ndarray
+    u_out: np.ndarray
+    match: dict[str, np.ndarray] = field(default_factory=dict)
+    cos: dict[str, float] = field(default_factory=dict)
+
+
+def _match_view(src: TensorSource, block: Any, view: str, jobs: list[_Job], n_units: int) -> None:
+    """Fill job.match[view] (suspect unit per reference unit, -1 if none) by Hungarian matching on |cos|."""
+    if not jobs:
+        return
+    d = jobs[0].u_in.shape[1]
+    per_row = 4 * n_units
+    groups: list[list[_Job]] = [[]]
+    rows = 0
+    for j in jobs:
+        m = len(j.u_in)
+        if groups[-1] and (rows + m) * per_row > _COST_BUDGET:
+            groups.append([])
+            rows = 0
+        groups[-1].append(j)
+        rows += m
+    for grp in groups:
+        u = np.concatenate([j.u_in if view == "in" else j.u_out for j in grp], axis=0)
+        cost = np.empty((len(u), n_units), np.float32)
+        base = 0
+        for w in iter_units(src, block, view):
+            if w.shape[1] != d:
+                raise ValueError("aligned widths disagree")
+            w = _unit_rows(w)
+            np.abs(u @ w.T, out=cost[:, base : base + len(w)])
+            base += len(w)
+        off = 0
+        for j in grp:
+            m = len(j.u_in)
+            c = cost[off : off + m]
+            ri, ci = linear_sum_assignment(c, maximize=True)
+            pi = np.full(m, -1, np.int64)
+            pi[ri] = ci
+            j.match[view] = pi
+            j.cos[view] = float(c[ri, ci].mean()) if len(ri) else 0.0
+            off += m
+
+
+def compare_many(
+    signatures: Sequence[Signature],
+    suspect: str | os.PathLike[str] | TensorSource,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    **open_kw: Any,
+) -> list[Comparison]:
+    """Test one suspect against each signature in a single streaming pass over the suspect."""
+    own = not isinstance(suspect, TensorSource)
+    src = open_source(suspect, **open_kw)
+    try:
+        lay = detect_layout(src.shapes)
+        return _test(signatures, src, lay, alpha)
+    finally:
+        if own:
+            src.close()
+
+
+def _test(signatures: Sequence[Signature], src: TensorSource, lay: Layout, alpha: float) -> list[Comparison]:
+    n_sus = len(lay.blocks)
+    vocab_s = src.shapes[lay.embedding][0] if lay.embedding else 0
+    prepared = []
+    for si, sig in enumerate(signatures):
+        keep = sig.token_ids < vocab_s
+        e_sus = embedding_sample(src, lay, sig.token_ids[keep])
+        e_ref = sig.embed_rows[keep].astype(np.float32) if lay.embedding else np.zeros((0, sig.d_model), np.float32)
+        if not len(e_sus) and sig.d_model != lay.d_model:
+            e_ref = np.zeros((0, sig.d_model), np.float32)
+        r, info = align_residual(e_ref, e_sus)
+        cand = candidates(len(sig.blocks), n_sus)
+        jobs_by_s: dict[int, list[_Job]] = {}
+        all_jobs = []
+        for rp, b in enumerate(sig.blocks):
+            u_in = _unit_rows(b.in_vecs.astype(np.float32) @ r)
+            u_out = _unit_rows(b.out_vecs.astype(np.float32) @ r)
+            for s in cand[rp]:
+                j = _Job(si, rp, u_in, u_out)
+                jobs_by_s.setdefault(s, []).append(j)
+                all_jobs.append((s, j))
+        prepared.append((sig, info, cand, jobs_by_s, all_jobs))
+    for s, blk in enumerate(lay.blocks):
+        jobs = [j for _, _, _, jb, _ in prepared for j in jb.get(s, [])]
+        n_units = lay.units(src.shapes, blk)
+        for view in ("in", "out"):
+            _match_view(src, blk, view, jobs, n_units)
+    results = []
+    sus_info = {"family": lay.family, "layers": n_sus, "d_model": lay.d_model, "vocab": vocab_s}
+    for sig, info, cand, _, all_jobs in prepared:
+        best: dict[int, tuple[float, LayerEvidence]] = {}
+        for s, j in all_jobs:
+            a, b = j.match["in"], j.match["out"]
+            ok = (a >= 0) & (b >= 0)
+            rho, lp = spearman_logp(a[ok], b[ok])
+            ev = LayerEvidence(
+                sig.blocks[j.ref_pos].index, lay.blocks[s].index, lp, rho, float(np.mean(a[ok] == b[ok])) if ok.any()
+                else 0.0, j.cos["in"], j.cos["out"], int(ok.sum()), len(cand[j.ref_pos]),
+            )  # fmt: skip
+            if j.ref_pos not in best or lp < best[j.ref_pos][0]:
+                best[j.ref_pos] = (lp, ev)
+        layers = []
+        for rp in range(len(sig.blocks)):
+            if rp in best:
+                ev = best[rp][1]
+                layers.append(_replace_logp(ev, sidak_logp(ev.log_p, ev.candidates)))
+        overall = fisher_logp([e.log_p for e in layers])
+        ref_info = {"family": sig.family, "layers": len(sig.blocks), "d_model": sig.d_model, "vocab": sig.vocab}
+        ref_info.update({k: v for k, v in sig.meta.items() if k in ("name", "source", "params")})
+        results.append(Comparison(overall, alpha, tuple(layers), info, ref_info, sus_info))
+    return results
+
+
+def _replace_logp(ev: LayerEvidence, lp: float) -> LayerEvidence:
+    from dataclasses import replace
+
+    return replace(ev, log_p=lp)
+
+
+def compare(
+    suspect: str | os.PathLike[str] | TensorSource,
+    reference: str | os.PathLike[str] | TensorSource | Signature,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    max_units: int = 256,
+    rng: np.random.Generator | int | None = 0,
+    **open_kw: Any,
+) -> Comparison:
+    """Test H0 "suspect and reference were initialised independently"; see docs/PROVENANCE.md."""
+    sig = reference if isinstance(reference, Signature) else extract_signature(reference, max_units=max_units, rng=rng,
+                                                                               **open_kw)  # fmt: skip
+    return compare_many([sig], suspect, alpha=alpha, **open_kw)[0]
+
+
+def corrected(c: Comparison, n: int) -> Comparison:
+    from dataclasses import replace
+
+    return replace(c, log_p=bonferroni_logp(c.log_p, n), corrected_for=n)
