@@ -22,18 +22,18 @@ from scipy import stats
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from weightwarden.errors import FormatError, RegistryError, UnsupportedModelError  # noqa: E402
-from weightwarden.provenance import (  # noqa: E402
+from weightwarden.errors import FormatError, RegistryError, UnsupportedModelError
+from weightwarden.provenance import (
     Registry,
     Signature,
     compare,
+    compare_many,
     detect_layout,
     extract_signature,
-    compare_many,
 )
-from weightwarden.provenance.zoo import DERIVATIONS, FUNCTION_PRESERVING, Zoo  # noqa: E402
+from weightwarden.provenance.zoo import DERIVATIONS, FUNCTION_PRESERVING, Zoo
 
-from .conftest import warden  # noqa: E402
+from .conftest import warden
 
 STRICT = math.log(1e-12)
 

@@ -25,9 +25,9 @@ __all__ = [
     "Signature",
     "TensorSource",
     "compare",
+    "compare_many",
     "default_registry",
     "detect_layout",
     "extract_signature",
     "scan",
-    "compare_many",
 ]

@@ -26,7 +26,7 @@ import numpy as np
 
 from .._atomic import atomic_write_bytes
 from ..errors import FormatError, RegistryError
-from .compare import DEFAULT_ALPHA, Comparison, corrected, compare_many
+from .compare import DEFAULT_ALPHA, Comparison, compare_many, corrected
 from .layout import detect_layout
 from .signature import SKETCH_DIM, Signature, extract_signature, suspect_sketch
 from .source import TensorSource, open_source

@@ -10,6 +10,7 @@ plus the caller's working set, whatever the checkpoint's total size.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -55,10 +56,9 @@ class _PlainFile:
 
     def close(self) -> None:
         if self._mm is not None:
-            try:
+            # an array handed out may still view the map; it then closes when that array goes
+            with contextlib.suppress(BufferError):
                 self._mm.close()
-            except BufferError:  # an array handed out still views the map; it closes when that goes
-                pass
             self._mm = None
 
 
