@@ -78,3 +78,25 @@ def warden(env: dict[str, str], *args: str, cwd: Path | None = None) -> subproce
     return subprocess.run(
         [sys.executable, "-m", "weightwarden", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
     )
+
+
+# -- the provenance zoo: small models trained once per test session ---------------------------
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory: pytest.TempPathFactory):
+    """Set WARDEN_ZOO_CACHE to a folder to keep the trained models between runs."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from weightwarden.provenance.zoo import Zoo
+
+    return Zoo(os.environ.get("WARDEN_ZOO_CACHE") or tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def parent(zoo) -> Path:
+    return zoo.base("llama", 1, 300)
+
+
+@pytest.fixture(scope="session")
+def independents(zoo) -> list[Path]:
+    """Ten llama models of the parent's configuration, each from its own random initialisation."""
+    return [zoo.base("llama", 100 + i, 80) for i in range(10)]

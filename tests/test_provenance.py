@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import tracemalloc
 from pathlib import Path
 
@@ -36,23 +35,6 @@ from weightwarden.provenance.zoo import DERIVATIONS, FUNCTION_PRESERVING, Zoo
 from .conftest import warden
 
 STRICT = math.log(1e-12)
-
-
-@pytest.fixture(scope="session")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    root = os.environ.get("WARDEN_ZOO_CACHE") or tmp_path_factory.mktemp("zoo")
-    return Zoo(root)
-
-
-@pytest.fixture(scope="session")
-def parent(zoo: Zoo) -> Path:
-    return zoo.base("llama", 1, 300)
-
-
-@pytest.fixture(scope="session")
-def independents(zoo: Zoo) -> list[Path]:
-    """Ten llama models of the parent's configuration, each from its own random initialisation."""
-    return [zoo.base("llama", 100 + i, 80) for i in range(10)]
 
 
 # -- derived pairs -------------------------------------------------------------------------

@@ -60,6 +60,12 @@ def _is_model_dir(p: Path) -> bool:
     return p.is_dir() and (any(p.glob("*.safetensors")) or (p / "BUNDLE.wwb").exists())
 
 
+def _is_one_model(p: Path) -> bool:
+    """A folder given on the command line is one model (not a hub) if it says so: a Hugging Face config,
+    a sealed bundle, or a sharded checkpoint's index."""
+    return p.is_dir() and any((p / f).exists() for f in ("config.json", "BUNDLE.wwb", "model.safetensors.index.json"))
+
+
 def list_items(spec: str) -> list[str]:
     """Expand a folder, a list file or an s3:// prefix into checkpoint locations."""
     if spec.startswith("s3://"):
@@ -72,7 +78,7 @@ def list_items(spec: str) -> list[str]:
             if line and not line.startswith("#"):
                 out.append(line)
         return out
-    if p.is_file() or _is_model_dir(p):
+    if p.is_file() or _is_one_model(p):
         return [str(p)]
     if not p.is_dir():
         raise ScanError(f"{spec}: not a folder, a list file or an s3:// prefix")
@@ -176,6 +182,17 @@ def _read_state(path: Path) -> dict[str, dict[str, Any]]:
     return done
 
 
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last line (a crash mid-append) so the next record starts on a line of its own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+            os.fsync(fh.fileno())
+
+
 def default_state(specs: Iterable[str], registry_root: str) -> Path:
     from ..keys.local import default_home
 
@@ -208,6 +225,7 @@ def scan(
     state_path = Path(state) if state else default_state(specs, root)
     state_path.parent.mkdir(parents=True, exist_ok=True)
     done = _read_state(state_path)
+    _drop_torn_tail(state_path)
     todo = [i for i in items if i not in done]
     report = ScanReport(len(reg), len(items), len(items) - len(todo), {i: done[i] for i in items if i in done})
     if on_progress:
@@ -239,13 +257,6 @@ def _run_ray(todo: list[str], root: str, top_k: int, alpha: float, address: str 
     limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     fd = os.open(state_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        # drop a torn tail so the next line starts clean
-        size = os.fstat(fd).st_size
-        if size:
-            with open(state_path, "rb") as fh:
-                fh.seek(max(0, size - 1))
-                if fh.read(1) != b"\n":
-                    os.write(fd, b"\n")
         pending: dict[Any, str] = {}
         queue = list(todo)
         while queue or pending:

