@@ -34,6 +34,7 @@ bench: install-dev
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/seal.py
 	$(BIN)/python bench/custody.py
+	$(BIN)/python bench/provenance.py
 
 fuzz: install-dev
 	$(BIN)/python fuzz/fuzz_sealed.py -atheris_runs=200000
