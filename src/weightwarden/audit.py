@@ -51,6 +51,8 @@ class AuditAction(StrEnum):
     PROVENANCE_REGISTER = "provenance:register"
     PROVENANCE_REMOVE = "provenance:remove"
     PROVENANCE_SCAN = "provenance:scan"
+    RELEASE_CREATE = "release:create"
+    TRACE_RUN = "trace:run"
 
 
 @functools.cache

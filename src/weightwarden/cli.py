@@ -765,6 +765,77 @@ def scan_cmd(
               f"{j['resumed_from_state']} resumed from state")  # fmt: skip
 
 
+# -- release and trace: per-recipient fingerprints ----------------------------------------------
+@app.command("release")
+def release_cmd(
+    model: Annotated[Path, typer.Argument(help="the original: .safetensors file or model folder")],
+    to: Annotated[str, typer.Option("--to", help="the recipient this copy is for")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="where to write the fingerprinted copy")],
+    model_id: Annotated[
+        str | None, typer.Option("--model-id", help="[default: the model's file or folder name]")
+    ] = None,
+    seal_out: Annotated[bool, typer.Option("--seal", help="seal the copy (sealed-checkpoint format)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a copy of MODEL carrying a secret fingerprint of RECIPIENT, and record the release."""
+    import shutil
+    import tempfile
+
+    from .trace import release
+
+    kr = _keyring(home)
+    if seal_out:
+        tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=output.parent))
+        try:
+            inner = tmp / (output.name if model.is_dir() else "model.safetensors")
+            rel = release(model, to, inner, provider=kr.provider(), model_id=model_id, home=home)
+            api.seal(inner, output, keyring=kr, force=force)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        rel = release(model, to, output, provider=kr.provider(), model_id=model_id, home=home, force=force)
+    _log(home, audit.AuditAction.RELEASE_CREATE, rel.model_id, recipient=to, code_id=rel.code_id)
+    _emit({"release": rel.to_json(), "output": str(output)}, as_json,
+          f"released {rel.model_id} to {to} (code {rel.code_id}) at {output}")  # fmt: skip
+
+
+@app.command("trace")
+def trace_cmd(
+    suspect: Annotated[Path, typer.Argument(help="the leaked copy")],
+    model: Annotated[Path, typer.Option("--model", help="the original it was released from")],
+    model_id: Annotated[
+        str | None, typer.Option("--model-id", help="[default: the model's file or folder name]")
+    ] = None,
+    eps: Annotated[float, typer.Option("--eps", help="bound on accusing any innocent recipient")] = 1e-6,
+    population: Annotated[
+        int | None, typer.Option("--population", help="n for the bound [default: recipients]")
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Name the recipient(s) whose fingerprint SUSPECT carries, or say that no one can be accused."""
+    from .trace import trace
+
+    kr = _keyring(home)
+    rep = trace(suspect, model, provider=kr.provider(), model_id=model_id, home=home, eps=eps,
+                population=population, **_model_kw(suspect, home))  # fmt: skip
+    j = rep.to_json()
+    _log(home, audit.AuditAction.TRACE_RUN, rep.model_id, accused=[a["recipient"] for a in rep.accused])
+    if as_json:
+        _emit(j, True)
+        return
+    t = Table("recipient", "score", "accused", "false-accusation bound")
+    acc = {a["recipient"]: a for a in rep.accused}
+    for r in rep.ranking:
+        a = acc.get(r["recipient"])
+        t.add_row(r["recipient"], f"{r['score']:.1f}", "yes" if a else "no",
+                  f"{a['false_accusation_bound']:.2e}" if a else "")  # fmt: skip
+    out.print(t)
+    out.print(f"{j['decision']} (threshold {j['threshold']:.1f}, eps {eps:g}, {rep.recipients} recipients)")
+
+
 def main(argv: list[str] | None = None) -> int:
     cmd = typer.main.get_command(app)
     try:

@@ -143,9 +143,11 @@ class Zoo:
     # -- derivatives ---------------------------------------------------------------------
     def derive(self, parent: Path, how: str, *, seed: int = 1) -> Path:
         """Write ``parent`` transformed by ``how`` as a new checkpoint and return its path."""
+        import blake3
         import torch
 
-        name = f"{Path(parent).name}~{how}-{seed}"
+        tag = blake3.blake3(b"".join(f.read_bytes() for f in sorted(Path(parent).glob("*.safetensors")))).hexdigest()
+        name = f"{Path(parent).name}~{how}-{seed}-{tag[:8]}"  # a changed parent never reuses a stale child
         if (self.root / name / "config.json").exists():
             return self.root / name
         m = self.load(parent)
@@ -163,6 +165,10 @@ class Zoo:
                     k = p.numel() // 2
                     thr = p.abs().flatten().kthvalue(k).values
                     p[p.abs() <= thr] = 0
+            elif how == "mild-noise":
+                g = torch.Generator().manual_seed(seed)
+                for _n, p in _matrices(m):
+                    p += 0.02 * p.std() * torch.randn(p.shape, generator=g)
             elif how == "noise":
                 g = torch.Generator().manual_seed(seed)
                 for _n, p in _matrices(m):
@@ -204,6 +210,16 @@ class Zoo:
         elif how == "extend-vocab":
             self.train(m, 50, seed=seed + 100, split="finetune", lr=1e-3)
         return self.save(m, name, dtype=dtype)
+
+    def loss(self, path: Path, n: int = 16) -> float:
+        """Mean next-token loss on ``n`` held-out sequences (the finetune2 split, never trained on by base models)."""
+        import torch
+
+        m = self.load(path)
+        data = self.splits["finetune2"]
+        x = data[: n * self.seq].reshape(n, self.seq)
+        with torch.no_grad():
+            return float(m(input_ids=x, labels=x).loss)
 
     def logits(self, path: Path, n: int = 2) -> np.ndarray:
         import torch

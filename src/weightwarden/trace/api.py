@@ -1,0 +1,191 @@
+"""`warden release` and `warden trace` as library calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import blake3
+import numpy as np
+
+from .._atomic import atomic_output, write_all
+from ..errors import OutputExistsError, UnsupportedModelError
+from ..keys.provider import KeyProvider
+from ..provenance.layout import detect_layout
+from ..provenance.source import TensorSource
+from .mark import DEFAULT_ALPHA, embed_tensors, extract, marked_tensors
+from .store import ReleaseRecord, TraceStore, derive
+from .tardos import TardosCode, accusation_threshold
+
+__all__ = ["DEFAULT_EPS", "DEFAULT_LENGTH", "TraceReport", "release", "trace"]
+
+DEFAULT_LENGTH = 4096  # symbols: ≥ (pi^2/2) c^2 ln(n/eps) = 2,240 for n = 1e6, c = 4, eps = 1e-6
+DEFAULT_CUTOFF = 1e-3
+DEFAULT_EPS = 1e-6
+_NP_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32",
+             "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32",
+             "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}  # fmt: skip
+
+
+def _store(home: Path | None) -> TraceStore:
+    from ..keys.local import default_home
+
+    return TraceStore((home or default_home()) / "trace")
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Write a safetensors file (any numpy / ml_dtypes dtype) atomically; return its BLAKE3 hex digest."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    off = 0
+    for name, a in tensors.items():
+        dt = _NP_TO_ST.get(a.dtype.name)
+        if dt is None:
+            raise UnsupportedModelError(f"tensor {name[:64]!r}: dtype {a.dtype} cannot be written")
+        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    h = blake3.blake3()
+    with atomic_output(path, force=True) as fd:
+        data = (np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in tensors.values())
+        for part in (len(raw).to_bytes(8, "little"), raw, *data):
+            write_all(fd, part)
+            h.update(part)
+    return h.hexdigest()
+
+
+def _digest_files(files: list[Path]) -> str:
+    h = blake3.blake3()
+    for f in files:
+        h.update_mmap(f) if hasattr(h, "update_mmap") else h.update(f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def release(
+    model: str | os.PathLike[str],
+    recipient: str,
+    out: str | os.PathLike[str],
+    *,
+    provider: KeyProvider,
+    model_id: str | None = None,
+    home: Path | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    code_length: int = DEFAULT_LENGTH,
+    force: bool = False,
+    now: datetime | None = None,
+) -> ReleaseRecord:
+    """Write a copy of ``model`` (a safetensors file or a model folder) fingerprinted for ``recipient``."""
+    model, out = Path(model), Path(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists (use force)")
+    model_id = model_id or model.stem
+    store = _store(home)
+    rec = store.enroll(model_id, provider, code_length=code_length, cutoff=DEFAULT_CUTOFF, alpha=alpha, now=now)
+    secret = store.secret(rec, provider)
+    try:
+        code_key, embed_key = derive(secret, "tardos-code"), derive(secret, "embed")
+    finally:
+        secret[:] = bytes(len(secret))
+    idx = store.recipient_index(model_id, recipient)
+    code = TardosCode(code_key, rec.code_length, rec.cutoff)
+    x = code.codewords(idx, 1)[0]
+    files = sorted(model.glob("*.safetensors")) if model.is_dir() else [model]
+    if not files:
+        raise UnsupportedModelError(f"{model}: no .safetensors files")
+    with TensorSource(model) as src:
+        layout = detect_layout(src.shapes)
+        targets = {n for n, _ in marked_tensors(layout)}
+        tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=out.parent if out.parent.exists() else None))
+        try:
+            digests = []
+            for f in files:
+                with TensorSource(f) as part:
+                    tensors = {n: part.raw(n) for n in part.names()}
+                    meta = dict(part._where[next(iter(tensors))][1].metadata) if tensors else {}
+                    here = {n: tensors[n] for n in tensors if n in targets}
+                    tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here)))
+                    dst = tmp / f.name if model.is_dir() else tmp / "model.safetensors"
+                    digests.append(_write_safetensors(dst, tensors, meta))
+            if model.is_dir():
+                for extra in sorted(model.iterdir()):
+                    if extra.is_file() and extra.suffix != ".safetensors":
+                        shutil.copy2(extra, tmp / extra.name)
+                if out.exists():
+                    shutil.rmtree(out) if out.is_dir() else out.unlink()
+                os.replace(tmp, out)
+            else:
+                os.replace(tmp / "model.safetensors", out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    at = (now or datetime.now(UTC)).isoformat()
+    out_digest = blake3.blake3("".join(digests).encode()).hexdigest()[:32]
+    rel = ReleaseRecord(
+        model_id, recipient, idx, at, _digest_files(files), f"tardos-v1/{rec.code_length}/{idx}", out_digest
+    )
+    store.record(rel)
+    return rel
+
+
+@dataclass(frozen=True)
+class TraceReport:
+    model_id: str
+    recipients: int
+    eps: float
+    threshold: float
+    accused: list[dict[str, Any]]
+    ranking: list[dict[str, Any]]
+    symbols: int
+    blocks_aligned: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "recipients": self.recipients,
+            "eps": self.eps,
+            "threshold": round(self.threshold, 2),
+            "accused": self.accused,
+            "decision": ("accused: " + ", ".join(a["recipient"] for a in self.accused))
+            if self.accused
+            else "no one accused: the evidence does not reach the threshold",
+            "top": self.ranking,
+            "symbols": self.symbols,
+            "blocks_aligned": self.blocks_aligned,
+        }
+
+
+def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, provider: KeyProvider,
+          model_id: str | None = None, home: Path | None = None, eps: float = DEFAULT_EPS,
+          population: int | None = None, **open_kw: Any) -> TraceReport:  # fmt: skip
+    """Accuse the recipients whose fingerprint the suspect carries, keeping P(any innocent accused) <= eps.
+
+    ``population`` (default: the model's recipients) is the n of the union bound; pass a larger one to
+    keep the threshold fixed as recipients are added."""
+    model = Path(model)
+    model_id = model_id or model.stem
+    store = _store(home)
+    rec = store.model(model_id)
+    names = store.recipients(model_id)
+    secret = store.secret(rec, provider)
+    try:
+        code_key, embed_key = derive(secret, "tardos-code"), derive(secret, "embed")
+    finally:
+        secret[:] = bytes(len(secret))
+    ex = extract(model, suspect, embed_key, rec.code_length, rec.alpha, **open_kw)
+    y, w = ex.symbols()
+    code = TardosCode(code_key, rec.code_length, rec.cutoff)
+    n = max(population or 0, len(names), 1)
+    scores = code.scores(y, len(names), known=w)
+    z = accusation_threshold(code, y, w, n, eps)
+    order = np.argsort(-scores)
+    accused = [{"recipient": names[i], "score": round(float(scores[i]), 2),
+                "false_accusation_bound": min(1.0, n * code.innocent_tail(float(scores[i]), y, w))}
+               for i in order if scores[i] > z]  # fmt: skip
+    ranking = [{"recipient": names[i], "score": round(float(scores[i]), 2)} for i in order[:5]]
+    return TraceReport(model_id, len(names), eps, z, accused, ranking, rec.code_length, ex.blocks)

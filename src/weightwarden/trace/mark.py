@@ -1,0 +1,198 @@
+"""Keyed spread-spectrum embedding of a Tardos codeword into MLP weights, and non-blind extraction.
+
+Every weight of every MLP input/output matrix whose magnitude is at least the tensor's median (the
+half that magnitude pruning keeps) carries one chip: a keyed symbol index s(k) in [0, ell) and a
+keyed sign c(k) in {-1, +1}, both from an AES-256-CTR keystream keyed per tensor.  Recipient x's copy
+is ``w + alpha * std(W) * c(k) * (2 x[s(k)] - 1)``.  Extraction aligns the suspect to the original
+(residual basis from the embeddings, hidden units by Hungarian matching, per-unit rescaling undone),
+subtracts the original, and correlates the difference with the chips of each symbol.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import UnsupportedModelError
+from ..provenance.compare import align_residual, compare_many
+from ..provenance.layout import Block, Expert, Layout, detect_layout
+from ..provenance.signature import extract_signature
+from ..provenance.source import TensorSource, open_source
+from .tardos import _keystream_u32
+
+__all__ = ["DEFAULT_ALPHA", "Extraction", "embed_tensors", "extract", "marked_tensors"]
+
+DEFAULT_ALPHA = 0.01
+_EPS = 1e-12
+
+
+def marked_tensors(layout: Layout) -> list[tuple[str, bool]]:
+    """(tensor name, units_first) of every matrix that carries the mark."""
+    out = []
+    for b in layout.blocks:
+        for e in b.experts:
+            out.append((e.in_name, e.in_units_first))
+            out.append((e.out_name, e.out_units_first))
+    return out
+
+
+def _chips(key: bytes, name: str, n: int, ell: int) -> tuple[np.ndarray, np.ndarray]:
+    tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
+    u = _keystream_u32(tkey, 0, (n + 3) // 4 * 4)[:n]
+    return (u % ell).astype(np.int64), np.where(u >> 31, 1.0, -1.0).astype(np.float32)
+
+
+def _carrier(w: np.ndarray) -> np.ndarray:
+    a = np.abs(w)
+    return a >= np.median(a)
+
+
+def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.ndarray, key: bytes,
+                  alpha: float = DEFAULT_ALPHA, names: set[str] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Return copies of the marked tensors (same dtypes) carrying ``codeword``; other tensors untouched.
+    ``names`` restricts the work to the marked tensors present (one shard of a checkpoint)."""
+    ell = len(codeword)
+    sym_sign = np.where(codeword, 1.0, -1.0).astype(np.float32)
+    out = {}
+    for name, _ in marked_tensors(layout):
+        if names is not None and name not in names:
+            continue
+        w = tensors[name]
+        f = w.astype(np.float32)
+        sym, chip = _chips(key, name, f.size, ell)
+        delta = (alpha * float(f.std())) * chip * sym_sign[sym]
+        delta *= _carrier(f).reshape(-1)
+        out[name] = (f + delta.reshape(f.shape)).astype(w.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class Extraction:
+    corr: np.ndarray  # per symbol: sum over its chips of (aligned suspect - original) * chip / (alpha std)
+    chips: np.ndarray  # per symbol: chips that contributed
+    blocks: int  # original blocks aligned to a suspect block
+    var: np.ndarray | None = None  # per symbol: sum of chip weights (the variance of corr under noise)
+
+    def symbols(self) -> tuple[np.ndarray, np.ndarray]:
+        """(y, weight): the sign of each symbol's matched-filter correlation, and its reliability |z|
+        (corr over its standard deviation under the estimated noise), capped at 3x its median so that
+        no symbol dominates.  Symbols without chips weigh 0."""
+        y = self.corr > 0
+        var = self.var if self.var is not None else self.chips.astype(np.float64)
+        z = np.abs(self.corr) / np.sqrt(np.maximum(var, _EPS))
+        z[self.chips == 0] = 0.0
+        cap = 3 * float(np.median(z[z > 0])) if np.any(z > 0) else 1.0
+        return y, np.minimum(z, cap)
+
+
+def _unit_major(src: TensorSource, e: Expert, view: str) -> np.ndarray:
+    name, units_first = (e.in_name, e.in_units_first) if view == "in" else (e.out_name, e.out_units_first)
+    w = src.get(name)
+    return w if units_first else np.ascontiguousarray(w.T)
+
+
+def _from_unit_major(u: np.ndarray, units_first: bool) -> np.ndarray:
+    return u if units_first else u.T
+
+
+def _units(src: TensorSource, block: Block, view: str) -> Iterator[tuple[Expert, np.ndarray]]:
+    for e in block.experts:
+        yield e, _unit_major(src, e, view)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+
+
+def _match(orig: np.ndarray, sus: np.ndarray) -> np.ndarray:
+    """Suspect unit for each original unit: the identity if it already fits, else Hungarian on |cos|."""
+    a, b = _rows(orig), _rows(sus)
+    if len(a) == len(b) and np.median(np.abs((a * b).sum(1))) > 0.5:
+        return np.arange(len(a))
+    c = np.abs(a @ b.T)
+    ri, ci = linear_sum_assignment(c, maximize=True)
+    pi = np.full(len(a), -1, np.int64)
+    pi[ri] = ci
+    return pi
+
+
+def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.PathLike[str] | TensorSource,
+            key: bytes, ell: int, alpha: float = DEFAULT_ALPHA, **open_kw: Any) -> Extraction:  # fmt: skip
+    own_o, own_s = not isinstance(original, TensorSource), not isinstance(suspect, TensorSource)
+    o = open_source(original, **open_kw)
+    s = open_source(suspect, **open_kw)
+    try:
+        lo, ls = detect_layout(o.shapes), detect_layout(s.shapes)
+        # which suspect block holds which original block: the provenance test's per-layer evidence
+        comp = compare_many([extract_signature(o)], s)[0]
+        mapping = {e.reference_layer: e.suspect_layer for e in comp.layers
+                   if e.log_p < np.log(1e-6 / max(len(comp.layers), 1))}  # fmt: skip
+        if lo.embedding and ls.embedding:
+            v = min(o.shapes[lo.embedding][0], s.shapes[ls.embedding][0])
+            ids = np.arange(0, v, max(1, v // 8192))
+            r, _ = align_residual(o.get(lo.embedding, rows=ids), s.get(ls.embedding, rows=ids))
+        else:
+            r = np.eye(lo.d_model, ls.d_model, dtype=np.float32)
+        corr = np.zeros(ell, np.float64)
+        chips = np.zeros(ell, np.int64)
+        var = np.zeros(ell, np.float64)
+        sus_blocks = {b.index: b for b in ls.blocks}
+        used = 0
+        for bo in lo.blocks:
+            if bo.index not in mapping or mapping[bo.index] not in sus_blocks:
+                continue
+            bs = sus_blocks[mapping[bo.index]]
+            oin = np.concatenate([u for _, u in _units(o, bo, "in")])
+            sin = np.concatenate([u for _, u in _units(s, bs, "in")]) @ r.T  # back to the original's basis
+            pi = _match(oin, sin)
+            oout = np.concatenate([u for _, u in _units(o, bo, "out")])
+            sout = np.concatenate([u for _, u in _units(s, bs, "out")]) @ r.T
+            ok = pi >= 0
+            for view, ou, su in (("in", oin, sin), ("out", oout, sout)):
+                al = np.zeros_like(ou)
+                al[ok] = su[pi[ok]]
+                # undo per-unit rescaling (and sign flips): least-squares scale of each unit over the
+                # carrier-sized weights the suspect still has (pruned zeros would bias it)
+                m = (np.abs(ou) >= np.median(np.abs(ou), axis=1, keepdims=True)) & (al != 0)
+                num = (al * ou * m).sum(1)
+                den = np.maximum((ou * ou * m).sum(1), _EPS)
+                scale = np.where(np.abs(num) > _EPS, num / den, 1.0)
+                al = al / scale[:, None]
+                base = 0
+                for e in bo.experts:
+                    name, uf = (e.in_name, e.in_units_first) if view == "in" else (e.out_name, e.out_units_first)
+                    n = o.shapes[name][0 if uf else 1]
+                    w_o, w_s = ou[base : base + n], al[base : base + n]
+                    ok_u = np.broadcast_to(ok[base : base + n, None], w_o.shape)
+                    orig = _from_unit_major(w_o, uf).reshape(-1)
+                    sus_vals = _from_unit_major(w_s, uf).reshape(-1)
+                    d = sus_vals - orig
+                    keep = _carrier(orig) & _from_unit_major(ok_u, uf).reshape(-1) & (sus_vals != 0)
+                    sym, chip = _chips(key, name, orig.size, ell)
+                    std = max(float(orig.std()) * alpha, _EPS)
+                    # matched filter: weigh each chip by the inverse noise variance of its unit (the attack's
+                    # noise differs per unit, e.g. after rescaling then quantising); in mark units
+                    r2 = ((w_s - w_o) / std) ** 2
+                    noise = np.maximum(r2.mean(axis=1), 1.0)  # per unit; the mark alone gives 1
+                    inv = _from_unit_major(np.broadcast_to((1.0 / noise)[:, None], w_o.shape), uf).reshape(-1)
+                    contrib = d * chip / std * inv
+                    corr += np.bincount(sym[keep], weights=contrib[keep], minlength=ell)
+                    var += np.bincount(sym[keep], weights=inv[keep], minlength=ell)
+                    chips += np.bincount(sym[keep], minlength=ell)
+                    base += n
+            used += 1
+        if not used:
+            raise UnsupportedModelError("no block of the suspect could be aligned to the original")
+        return Extraction(corr, chips, used, var)
+    finally:
+        if own_o:
+            o.close()
+        if own_s:
+            s.close()
