@@ -35,6 +35,7 @@ bench: install-dev
 	$(BIN)/python bench/seal.py
 	$(BIN)/python bench/custody.py
 	$(BIN)/python bench/provenance.py
+	$(BIN)/python bench/tracing.py
 
 fuzz: install-dev
 	$(BIN)/python fuzz/fuzz_sealed.py -atheris_runs=200000

@@ -1,0 +1,143 @@
+"""Leak-attribution benchmark (issue 5).  Prints JSON.
+
+python bench/tracing.py            # speed, code statistics at n = 10^6, attacks on the zoo model
+python bench/tracing.py --no-zoo   # skip the model-level attacks (no torch needed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench"
+
+
+def speed() -> dict:
+    from weightwarden.provenance.layout import detect_layout
+    from weightwarden.trace import TardosCode, embed_tensors
+
+    rng = np.random.default_rng(0)
+    d, ff = 2048, 8192
+    sd = {"model.embed_tokens.weight": rng.standard_normal((1024, d), dtype=np.float32),
+          "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((ff, d), dtype=np.float32),
+          "model.layers.0.mlp.up_proj.weight": rng.standard_normal((ff, d), dtype=np.float32),
+          "model.layers.0.mlp.down_proj.weight": rng.standard_normal((d, ff), dtype=np.float32)}  # fmt: skip
+    lay = detect_layout({k: v.shape for k, v in sd.items()})
+    x = TardosCode(rng.bytes(32), 4096).codewords(0, 1)[0]
+    marked = {k: v for k, v in sd.items() if "mlp" in k}
+    nbytes = sum(v.nbytes for v in marked.values())
+    t = time.perf_counter()
+    for v in marked.values():
+        np.copy(v)
+    memcpy = time.perf_counter() - t
+    t = time.perf_counter()
+    embed_tensors(sd, lay, x, rng.bytes(32))
+    emb = time.perf_counter() - t
+    code = TardosCode(rng.bytes(32), 4096)
+    y = code.codewords(0, 1)[0] ^ (rng.random(4096) < 0.3)
+    t = time.perf_counter()
+    s = code.scores(y, 1_000_000)
+    score_s = time.perf_counter() - t
+    from weightwarden.trace import accusation_threshold
+
+    t = time.perf_counter()
+    z = accusation_threshold(code, y, None, 1_000_000, 1e-6)
+    thr_s = time.perf_counter() - t
+    return {
+        "embed_bytes": nbytes,
+        "embed_vs_memcpy": round(memcpy / emb, 3),
+        "embed_gb_per_s": round(nbytes / emb / 1e9, 2),
+        "score_1e6_recipients_seconds": round(score_s, 1),
+        "threshold_seconds": round(thr_s, 2),
+        "leaker_score": round(float(s[0]), 1),
+        "threshold_n1e6_eps1e-6": round(z, 1),
+        "innocents_above_threshold_of_999999": int((s[1:] > z).sum()),
+        "max_innocent_score": round(float(s[1:].max()), 1),
+    }
+
+
+def collusion(trials: int) -> dict:
+    """Symbol-level collusion: c colluders, each symbol taken from a uniformly chosen colluder's copy
+    (averaging behaves like majority with ties broken by noise), then 10% of symbols flipped."""
+    from weightwarden.trace import TardosCode, accusation_threshold
+
+    out = {}
+    n = 10_000
+    for c in (2, 3, 4):
+        caught = framed = 0
+        for t in range(trials):
+            rng = np.random.default_rng(1000 * c + t)
+            code = TardosCode(rng.bytes(32), 4096)
+            gang = rng.choice(n, c, replace=False)
+            xs = np.stack([code.codewords(int(g), 1)[0] for g in gang])
+            m = xs.mean(0)
+            y = (m > 0.5) | ((m == 0.5) & (rng.random(4096) < 0.5))
+            y ^= rng.random(4096) < 0.1
+            s = code.scores(y, n)
+            z = accusation_threshold(code, y, None, 10**6, 1e-6)
+            acc = set(np.nonzero(s > z)[0].tolist())
+            caught += bool(acc & set(gang.tolist()))
+            framed += bool(acc - set(gang.tolist()))
+        out[f"c{c}"] = {"trials": trials, "caught_fraction": caught / trials, "trials_with_innocent_accused": framed}
+    return out
+
+
+def zoo_attacks() -> dict:
+    import weightwarden as ww
+    from weightwarden.keys.local import KdfParams
+    from weightwarden.provenance.zoo import Zoo
+    from weightwarden.trace import release, trace
+
+    zoo = Zoo(BENCH / "zoo")
+    parent = zoo.base("llama", 1, 300)
+    root = BENCH / "tracing"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    kr = ww.Keyring.create(root / "home", "bench-passphrase", kdf=KdfParams(time_cost=1, memory_kib=1024,
+                                                                             parallelism=1))  # fmt: skip
+    out: dict = {}
+    for alpha in (0.01, 0.02):
+        home = root / f"home-{alpha}"
+        copies = {}
+        for r in [f"r{i}" for i in range(8)]:
+            copies[r] = root / f"a{alpha}-{r}"
+            release(parent, r, copies[r], provider=kr.provider(), home=home, model_id="m", alpha=alpha)
+        res = {"loss_ratio": round(math.exp(zoo.loss(copies["r3"]) - zoo.loss(parent)), 5)}
+        for how in ("ft-short", "ft-long", "ft-1000", "noise", "int4", "prune50"):
+            if how == "ft-1000":
+                m = zoo.load(copies["r3"])
+                zoo.train(m, 1000, seed=7, split="finetune", lr=1e-3)
+                leaked = zoo.save(m, f"bench-trace-{alpha}-ft1000")
+            else:
+                leaked = zoo.derive(copies["r3"], how)
+            rep = trace(leaked, parent, provider=kr.provider(), home=home, model_id="m", population=10**6)
+            j = rep.to_json()
+            res[how] = {"accused": [a["recipient"] for a in rep.accused], "top": j["top"][0],
+                        "threshold": j["threshold"]}  # fmt: skip
+        out[f"alpha_{alpha}"] = res
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-zoo", action="store_true")
+    ap.add_argument("--trials", type=int, default=100)
+    a = ap.parse_args()
+    out = {"bench": "tracing", "cores": os.cpu_count(), "speed": speed(), "collusion": collusion(a.trials)}
+    if not a.no_zoo:
+        out["zoo_attacks_leaker_r3"] = zoo_attacks()
+    BENCH.mkdir(exist_ok=True)
+    (BENCH / "tracing.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
