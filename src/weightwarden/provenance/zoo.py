@@ -196,8 +196,8 @@ class Zoo:
                 m.resize_token_embeddings(self.vocab + 128, mean_resizing=False)
             else:
                 raise ValueError(how)
-        if how == "ft-tiny":
-            self.train(m, 40, seed=seed + 100, split="finetune", lr=1e-3)
+        if how == "ft-tiny":  # a short fine-tune on other data than the ft-* derivations (a "sibling")
+            self.train(m, 40, seed=seed + 100, split="finetune2", lr=1e-3)
         elif how == "ft-short":
             self.train(m, 100, seed=seed + 100, split="finetune", lr=1e-3)
         elif how == "ft-long":
