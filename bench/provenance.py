@@ -285,7 +285,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.parents, args.siblings, args.no_big, args.peer_independent = 4, 2, True, 6
-    peer = None if args.no_peer else _ensure_cisco()
+    peer = None if (args.no_peer or args.only_big) else _ensure_cisco()
     out: dict = {"bench": "provenance"}
     if not args.only_big:
         out["accuracy"] = accuracy(args, peer)
