@@ -189,7 +189,10 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
                     base += n
             used += 1
         if not used:
-            raise UnsupportedModelError("no block of the suspect could be aligned to the original")
+            raise UnsupportedModelError(
+                "no block of the suspect could be aligned to the original: it does not look derived from it "
+                "(`warden provenance compare` gives the p-value)"
+            )
         return Extraction(corr, chips, used, var)
     finally:
         if own_o:
