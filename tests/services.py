@@ -45,6 +45,17 @@ def weed_binary() -> str | None:
     return str(cand) if cand.exists() else shutil.which("weed")
 
 
+ACCESS_KEY, SECRET_KEY = "k", "s"
+
+
+def _weed_env() -> dict[str, str]:
+    """SeaweedFS turns S3 auth on with whatever AWS_* credentials it finds in its environment (other tests
+    set some): give it exactly the ones the tests use."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+    return env
+
+
 @contextmanager
 def seaweedfs(data: Path) -> Iterator[str]:
     """A SeaweedFS master + volume + filer + S3 gateway on free local ports; yields the S3 endpoint URL."""
@@ -60,13 +71,13 @@ def seaweedfs(data: Path) -> Iterator[str]:
          f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", "-filer",
          f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}", "-master.volumeSizeLimitMB=64",
          "-master.telemetry=false"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=_weed_env(),
     )  # fmt: skip
     url = f"http://127.0.0.1:{ports['s3']}"
     try:
         import boto3
 
-        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s",
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
                           region_name="us-east-1")  # fmt: skip
         deadline = time.monotonic() + 60
         while True:

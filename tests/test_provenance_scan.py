@@ -17,7 +17,7 @@ from weightwarden.provenance import Registry, scan
 from weightwarden.provenance.scan import list_items
 
 from .conftest import warden
-from .services import seaweedfs
+from .services import ACCESS_KEY, SECRET_KEY, seaweedfs
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_scan_an_s3_bucket(hub: Path, registry: Registry, tmp_path: Path, monkey
     import boto3
 
     with seaweedfs(tmp_path / "weed") as url:
-        for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+        for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
                      "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
             monkeypatch.setenv(k, v)
         s3 = boto3.client("s3")
