@@ -603,9 +603,9 @@ RegistryOpt = Annotated[
 
 def _model_kw(path: Path, home: Path | None) -> dict[str, Any]:
     """Sealed inputs are read with the keyring (decrypted in memory only); plain ones need nothing."""
-    from .provenance.scan import _looks_sealed
+    from .provenance.source import _is_sealed
 
-    if (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _looks_sealed(path)):
+    if (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _is_sealed(path)):
         return {"keyring": _keyring(home)}
     return {}
 

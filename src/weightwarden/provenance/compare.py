@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .layout import Layout, detect_layout
-from .signature import Signature, embedding_sample, extract_signature, iter_units
+from .signature import Signature, _unit_rows, embedding_sample, extract_signature, iter_units
 from .source import TensorSource, open_source
 from .stats import LN10, bonferroni_logp, fisher_logp, sidak_logp, spearman_logp, to_p
 
@@ -126,10 +126,6 @@ def _ranges(xs: list[int]) -> list[str]:
         else:
             out.append(str(x))
     return out
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
 
 
 def align_residual(e_ref: np.ndarray, e_sus: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:

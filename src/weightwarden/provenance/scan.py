@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScanError, WardenError
+from .source import _is_sealed
 
 __all__ = ["ScanReport", "list_items", "scan"]
 
@@ -71,7 +72,7 @@ def list_items(spec: str) -> list[str]:
     if spec.startswith("s3://"):
         return _s3_items(spec)
     p = Path(spec)
-    if p.is_file() and p.suffix not in (".safetensors",) and not _looks_sealed(p):
+    if p.is_file() and p.suffix not in (".safetensors",) and not _is_sealed(p):
         out = []
         for line in p.read_text().splitlines():
             line = line.strip()
@@ -84,19 +85,9 @@ def list_items(spec: str) -> list[str]:
         raise ScanError(f"{spec}: not a folder, a list file or an s3:// prefix")
     items = []
     for c in sorted(p.iterdir()):
-        if _is_model_dir(c) or (c.is_file() and (c.suffix == ".safetensors" or _looks_sealed(c))):
+        if _is_model_dir(c) or (c.is_file() and (c.suffix == ".safetensors" or _is_sealed(c))):
             items.append(str(c))
     return items
-
-
-def _looks_sealed(p: Path) -> bool:
-    from ..sealed.format import MAGIC
-
-    try:
-        with open(p, "rb") as fh:
-            return fh.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
 
 
 def _s3():

@@ -164,8 +164,12 @@ class TensorSource:
 
 
 def _is_sealed(p: Path) -> bool:
-    with open(p, "rb") as fh:
-        return fh.read(len(F.MAGIC)) == F.MAGIC
+    """Does ``p`` start like a sealed file (unreadable files: no)?"""
+    try:
+        with open(p, "rb") as fh:
+            return fh.read(len(F.MAGIC)) == F.MAGIC
+    except OSError:
+        return False
 
 
 def _sealed_shape(reader: Any, name: str) -> tuple[int, ...]:

@@ -23,7 +23,7 @@ from scipy.optimize import linear_sum_assignment
 from ..errors import UnsupportedModelError
 from ..provenance.compare import align_residual, compare_many
 from ..provenance.layout import Block, Expert, Layout, detect_layout
-from ..provenance.signature import extract_signature
+from ..provenance.signature import _unit_rows, extract_signature
 from ..provenance.source import TensorSource, open_source
 from .tardos import _keystream_u32
 
@@ -107,13 +107,9 @@ def _units(src: TensorSource, block: Block, view: str) -> Iterator[tuple[Expert,
         yield e, _unit_major(src, e, view)
 
 
-def _rows(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
-
-
 def _match(orig: np.ndarray, sus: np.ndarray) -> np.ndarray:
     """Suspect unit for each original unit: the identity if it already fits, else Hungarian on |cos|."""
-    a, b = _rows(orig), _rows(sus)
+    a, b = _unit_rows(orig), _unit_rows(sus)
     if len(a) == len(b) and np.median(np.abs((a * b).sum(1))) > 0.5:
         return np.arange(len(a))
     c = np.abs(a @ b.T)
