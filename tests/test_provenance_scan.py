@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -80,10 +81,12 @@ def test_scan_an_s3_bucket(hub: Path, registry: Registry, tmp_path: Path, monkey
     import boto3
 
     with seaweedfs(tmp_path / "weed") as url:
+        for k in [k for k in os.environ if k.startswith("AWS_")]:  # e.g. a session token other tests left set
+            monkeypatch.delenv(k)
         for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
                      "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
             monkeypatch.setenv(k, v)
-        s3 = boto3.client("s3")
+        s3 = boto3.session.Session().client("s3")  # not the default session: it may hold other tests' keys
         s3.create_bucket(Bucket="hub")
         for name in ("acme-chat-7b", "honest-model"):
             for f in (hub / name).iterdir():

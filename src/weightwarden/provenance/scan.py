@@ -93,7 +93,8 @@ def list_items(spec: str) -> list[str]:
 def _s3():
     import boto3
 
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    # a fresh session reads the environment now (boto3's default session caches the first credentials it saw)
+    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
 
 
 def _split(url: str) -> tuple[str, str]:
