@@ -103,30 +103,41 @@ def accuracy(args: argparse.Namespace, peer: Path | None) -> dict:
                          "derived": c.derived, "seconds": round(time.perf_counter() - t, 3)})  # fmt: skip
     test_s = time.perf_counter() - t0
 
-    # registry: parents, their siblings (other derivatives of the same parent), unrelated models
+    # registry: parents, their siblings (other derivatives of the same parent), unrelated models; each
+    # registered in order, so the registry records every derivative's registered parent (lineage)
     reg = Registry(BENCH / "registry")
     for n in reg.names():
         reg.remove(n)
     t0 = time.perf_counter()
     for i, p in enumerate(parents):
-        reg.add(f"parent-{i}", sig(p))
+        reg.register(p, f"parent-{i}")
         for k in range(args.siblings):
-            reg.add(f"parent-{i}-ft{k}", extract_signature(zoo.derive(p, "ft-tiny", seed=50 + k)))
+            reg.register(zoo.derive(p, "ft-tiny", seed=50 + k), f"parent-{i}-ft{k}")
         for how in ("noise", "prune50", "int4"):
-            reg.add(f"parent-{i}-{how}", extract_signature(zoo.derive(p, how, seed=60)))
+            reg.register(zoo.derive(p, how, seed=60), f"parent-{i}-{how}")
     extra = 0
     while len(reg) < 100:
-        reg.add(f"unrelated-{extra}", extract_signature(zoo.base("llama", 3000 + extra, 40)))
+        reg.register(zoo.base("llama", 3000 + extra, 40), f"unrelated-{extra}")
         extra += 1
     build_s = time.perf_counter() - t0
+    lineage_ok = sum(reg.parent_of(n) == n.rsplit("-", 1)[0] for n in reg.names() if n.count("-") == 2)
+    lineage_n = sum(n.count("-") == 2 for n in reg.names())
+    lineage_fp = sum(reg.parent_of(n) is not None for n in reg.names() if n.count("-") != 2)
+    # suspects: a fine-tune of each parent (its parent: parent-i, though its siblings may sit closer)
+    # and a fine-tune of each parent's first sibling (its parent: that sibling)
+    suspects = [(f"ft-short of parent {i}", zoo.derive(p, "ft-short", seed=i + 1), f"parent-{i}")
+                for i, p in enumerate(parents)]  # fmt: skip
+    suspects += [(f"ft-short of parent-{i}-ft0", zoo.derive(zoo.derive(p, "ft-tiny", seed=50), "ft-short", seed=i + 1),
+                  f"parent-{i}-ft0") for i, p in enumerate(parents)]  # fmt: skip
     hits, ident = 0, []
     t0 = time.perf_counter()
-    for i, p in enumerate(parents):
-        suspect = zoo.derive(p, "ft-short", seed=i + 1)
+    for label, suspect, want in suspects:
         res = reg.identify(suspect, top_k=args.top_k)
-        top = res.matches[0][0] if res.matches else None
-        hits += top == f"parent-{i}"
-        ident.append({"suspect": f"ft-short of parent {i}", "top1": top,
+        top = res.best[0] if res.best else None
+        hits += top == want
+        derived_ms = [m for m in res.matches if m[1].derived]
+        nearest = max(derived_ms, key=lambda m: m[1].similarity)[0] if derived_ms else None
+        ident.append({"suspect": label, "expected": want, "top1": top, "nearest_derived": nearest,
                       "top1_log10_p_corrected": round(res.matches[0][1].log_p / math.log(10), 1)})  # fmt: skip
     identify_s = time.perf_counter() - t0
 
@@ -144,8 +155,13 @@ def accuracy(args: argparse.Namespace, peer: Path | None) -> dict:
         "false_negatives_at_alpha_1e-6": sum(not r["derived"] for r in d),
         "mean_compare_seconds_small": round(test_s / len(rows), 3),
         "registry_size": len(reg),
-        "identify_top1_accuracy": hits / len(parents),
-        "identify_seconds_each": round(identify_s / len(parents), 2),
+        "identify_suspects": len(suspects),
+        "identify_top1_accuracy": hits / len(suspects),
+        "identify_top1_if_ranked_by_similarity_alone": sum(r["nearest_derived"] == r["expected"] for r in ident)
+        / len(suspects),
+        "identify_seconds_each": round(identify_s / len(suspects), 2),
+        "registry_lineage_recovered": f"{lineage_ok}/{lineage_n}",
+        "registry_lineage_false_links": lineage_fp,
         "registry_build_seconds": round(build_s, 1),
         "identify": ident,
         "pairs": rows,

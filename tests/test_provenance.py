@@ -189,7 +189,7 @@ def test_signature_round_trip_and_damage(parent: Path) -> None:
         Signature.from_bytes(bytes(raw))
 
 
-def compare_many_stream_one_tensor_at_a_time(tmp_path: Path) -> None:
+def test_signatures_stream_one_tensor_at_a_time(tmp_path: Path) -> None:
     """Peak Python-heap memory stays near the largest tensor, far below the checkpoint."""
     rng = np.random.default_rng(0)
     d, ff, layers, vocab = 256, 1024, 12, 4096
@@ -232,10 +232,26 @@ def test_identify_ranks_the_parent_first(tmp_path: Path, zoo: Zoo, parent: Path,
     assert j["matches"][0]["corrected_for_references"] == 8
     derived = {m["name"] for m in j["matches"] if m["decision"] == "derived"}
     assert derived == {"parent", "sibling"}
+    # lineage: the sibling was registered after the parent and tests as derived from it
+    assert reg.parent_of("sibling") == "parent"
+    assert reg.parent_of("parent") is None and reg.parent_of("other-0") is None
+    sib_match = dict(res.matches)["sibling"]
+    assert sib_match.extra["lineage"]["registered_parent"] == "parent"
+    assert sib_match.extra["lineage"]["beta"] < 0.75 and not sib_match.extra["lineage"]["could_be_parent"]
+    # a fine-tune of the sibling: its parent is the sibling, not the root both come from
+    grandchild = zoo.derive(zoo.derive(parent, "ft-long"), "ft-short", seed=9)
+    res2 = reg.identify(grandchild, top_k=8)
+    assert res2.best is not None and res2.best[0] == "sibling", res2.to_json()["matches"][:2]
+    assert dict(res2.matches)["sibling"].extra["lineage"]["beta"] >= 0.75
     # an unrelated model is derived from nothing registered
     assert reg.identify(independents[8]).best is None
     with pytest.raises(RegistryError, match="already registered"):
         reg.register(parent, "parent")
+    with pytest.raises(RegistryError, match="does not test as derived"):
+        reg.register(independents[9], "claimed-child", parent="parent")
+    assert "claimed-child" not in reg.names()
+    reg.remove("parent")  # the sibling's record names a parent that is gone: it becomes a root
+    assert Registry(tmp_path / "reg").parent_of("sibling") is None
     reg.remove("sibling")
     assert "sibling" not in Registry(tmp_path / "reg").names()
 
@@ -280,6 +296,13 @@ def test_cli_compare_register_identify(cli_env: dict[str, str], zoo: Zoo, parent
     r = warden(cli_env, "provenance", "identify", str(child), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["derived_from"] == "ours"
+    r = warden(cli_env, "provenance", "register", str(child), "--name", "ours-int4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["registered_parent"] == "ours"  # lineage found by the test
+    r = warden(cli_env, "provenance", "register", str(independents[1]), "--name", "x", "--parent", "ours")
+    assert r.returncode == 1 and "does not test as derived" in r.stderr
+    models = json.loads(warden(cli_env, "provenance", "list", "--json").stdout)["models"]
+    assert [(m["name"], m.get("parent", {}).get("name")) for m in models] == [("ours", None), ("ours-int4", "ours")]
     r = warden(cli_env, "provenance", "compare", str(child), str(Path(cli_env["WARDEN_HOME"]) / "nope"))
     assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1
     audit = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()

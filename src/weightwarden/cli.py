@@ -624,17 +624,21 @@ def _registry(registry: Path | None, home: Path | None) -> Any:
     return Registry(registry) if registry else default_registry(home)
 
 
+def _pfmt(p: float, log10_p: float) -> str:
+    """A p-value for people: scientific while a float holds it, else its power of ten."""
+    return f"{p:.2e}" if p else f"1e{log10_p:.0f}"
+
+
 def _evidence_table(c: Any) -> Table:
     t = Table("ref layer", "suspect layer", "p-value", "rho", "agree", "cos in", "cos out")
     for e in c.layers:
-        t.add_row(str(e.reference_layer), str(e.suspect_layer), f"{e.p_value:.2e}" if e.p_value else
-                  f"1e{e.log_p / 2.302585:.0f}", f"{e.rho:.3f}", f"{e.agreement:.2f}", f"{e.cos_in:.3f}",
-                  f"{e.cos_out:.3f}")  # fmt: skip
+        t.add_row(str(e.reference_layer), str(e.suspect_layer), _pfmt(e.p_value, e.log_p / 2.302585),
+                  f"{e.rho:.3f}", f"{e.agreement:.2f}", f"{e.cos_in:.3f}", f"{e.cos_out:.3f}")  # fmt: skip
     return t
 
 
 def _verdict(j: dict[str, Any]) -> str:
-    p = f"{j['p_value']:.3g}" if j["p_value"] else f"1e{j['log10_p_value']:.0f}"
+    p = _pfmt(j["p_value"], j["log10_p_value"])
     shared = ", ".join(j["shared_ranges"]) or "none"
     return f"{j['decision'].upper()}: p = {p} (alpha {j['alpha']:g}); shared reference layers: {shared}"
 
@@ -664,16 +668,24 @@ def prov_register(
     model: Annotated[Path, typer.Argument(help="a protected checkpoint")],
     name: Annotated[str, typer.Option("--name", help="name to report it under")],
     replace: Annotated[bool, typer.Option("--replace", help="overwrite an entry of that name")] = False,
+    parent: Annotated[
+        str | None, typer.Option("--parent", help="its registered parent (checked by the test)", show_default=False)
+    ] = None,
+    no_lineage: Annotated[bool, typer.Option("--no-lineage", help="record no registered parent")] = False,
+    alpha: AlphaOpt = 1e-6,
     registry: RegistryOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Store a compact signature of MODEL in the registry (not its weights)."""
+    """Store a compact signature of MODEL in the registry (not its weights), with its registered parent."""
     reg = _registry(registry, home)
-    sig = reg.register(model, name, replace=replace, **_model_kw(model, home))
-    _log(home, audit.AuditAction.PROVENANCE_REGISTER, name, layers=len(sig.blocks))
-    _emit({"registered": name, "layers": len(sig.blocks), "registry_size": len(reg)}, as_json,
-          f"registered {name} ({len(sig.blocks)} MLP blocks); registry holds {len(reg)} model(s)")  # fmt: skip
+    sig = reg.register(model, name, replace=replace, parent=parent, lineage=not no_lineage, alpha=alpha,
+                       **_model_kw(model, home))  # fmt: skip
+    up = reg.parent_of(name)
+    _log(home, audit.AuditAction.PROVENANCE_REGISTER, name, layers=len(sig.blocks), parent=up)
+    _emit({"registered": name, "layers": len(sig.blocks), "registered_parent": up, "registry_size": len(reg)},
+          as_json, f"registered {name} ({len(sig.blocks)} MLP blocks, parent: {up or 'none'}); "
+          f"registry holds {len(reg)} model(s)")  # fmt: skip
 
 
 @prov_app.command("identify")
@@ -692,10 +704,12 @@ def prov_identify(
     if as_json:
         _emit(j, True)
         return
-    t = Table("model", "decision", "p-value (corrected)", "shared layers", "similarity")
+    t = Table("model", "decision", "p-value (corrected)", "shared layers", "similarity", "lineage")
     for m in j["matches"]:
-        t.add_row(m["name"], m["decision"], f"{m['p_value']:.2e}" if m["p_value"] else
-                  f"1e{m['log10_p_value']:.0f}", ", ".join(m["shared_ranges"]), f"{m['similarity']:.3f}")  # fmt: skip
+        lin = m.get("lineage", {})
+        beta = f"beta {lin['beta']:.2f} from {lin['registered_parent']}" if "beta" in lin else ""
+        t.add_row(m["name"], m["decision"], _pfmt(m["p_value"], m["log10_p_value"]), ", ".join(m["shared_ranges"]),
+                  f"{m['similarity']:.3f}", beta)  # fmt: skip
     out.print(t)
     out.print(f"derived from: {j['derived_from'] or 'none of the registered models'}")
 
@@ -704,9 +718,10 @@ def prov_identify(
 def prov_list(registry: RegistryOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Registered models."""
     facts = _registry(registry, home).facts()
-    t = Table("name", "family", "layers", "d_model", "params")
+    t = Table("name", "family", "layers", "d_model", "params", "registered parent")
     for f in facts:
-        t.add_row(f["name"], f["family"], str(f["layers"]), str(f["d_model"]), str(f["params"]))
+        up = f.get("parent") or {}
+        t.add_row(f["name"], f["family"], str(f["layers"]), str(f["d_model"]), str(f["params"]), up.get("name", ""))
     _emit({"models": facts}, as_json, t)
 
 
@@ -758,8 +773,8 @@ def scan_cmd(
         return
     t = Table("item", "derived from", "p-value", "shared layers")
     for d in j["derived"]:
-        t.add_row(d["item"], d["derived_from"], f"{d['p_value']:.2e}" if d["p_value"] else
-                  f"1e{d['log10_p_value']:.0f}", ", ".join(d["shared_ranges"]))  # fmt: skip
+        t.add_row(d["item"], d["derived_from"], _pfmt(d["p_value"], d["log10_p_value"]),
+                  ", ".join(d["shared_ranges"]))  # fmt: skip
     out.print(t)
     out.print(f"{j['items']} item(s), {len(j['derived'])} derived, {len(j['errors'])} error(s), "
               f"{j['resumed_from_state']} resumed from state")  # fmt: skip

@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .layout import Layout, detect_layout
-from .signature import Signature, _unit_rows, embedding_sample, extract_signature, iter_units
+from .signature import BlockSignature, Signature, _unit_rows, extract_signature, iter_embedding, iter_units
 from .source import TensorSource, open_source
 from .stats import LN10, bonferroni_logp, fisher_logp, sidak_logp, spearman_logp, to_p
 
@@ -34,7 +34,9 @@ DEFAULT_ALPHA = 1e-6
 _EPS = 1e-12
 _ALL_PAIRS_MAX = 64  # blocks_ref x blocks_suspect up to which every pair is tried
 _BAND = 2
-_COST_BUDGET = 1 << 28  # bytes of cosine matrix held at once
+_COST_BUDGET = 1 << 28  # bytes of cosine matrix held at once, at most ...
+_COST_FLOOR = 1 << 20  # ... and a quarter of the largest tensor, unless that is under 1 MiB
+_UNIT_CHUNK = 256  # suspect units read (as float32) at a time
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ class Comparison:
         return float(np.mean([(e.cos_in + e.cos_out) / 2 for e in sh])) if sh else 0.0
 
     @property
+    def dist2(self) -> float:
+        """Mean squared distance between a matched pair of unit vectors (input and output weights
+        concatenated, 0..8) over the layers compared; the distances of a lineage triangle."""
+        if not self.layers:
+            return float("inf")
+        return float(np.mean([4.0 - 2.0 * (e.cos_in + e.cos_out) for e in self.layers]))
+
+    @property
     def shared_layers(self) -> list[int]:
         """Reference layers with their own significant evidence (Bonferroni over layers at ``alpha``)."""
         cut = math.log(self.alpha / max(len(self.layers), 1))
@@ -136,24 +146,41 @@ def align_residual(e_ref: np.ndarray, e_sus: np.ndarray) -> tuple[np.ndarray, di
     signed permutation of dimensions found by the Hungarian algorithm on column
     correlations; without embeddings, the identity.
     """
-    d_r, d_s = e_ref.shape[1], e_sus.shape[1]
     k = min(len(e_ref), len(e_sus))
-    if k == 0:
-        r = np.eye(d_r, d_s, dtype=np.float32)
-        return r, {"kind": "identity", "rows": 0, "fit": None}
-    a, b = e_ref[:k].astype(np.float64), e_sus[:k].astype(np.float64)
-    if k >= 2 * max(d_r, d_s):
-        u, s, vt = np.linalg.svd(a.T @ b, full_matrices=False)
-        r = u @ vt
-        fit = float(s.sum() / max(np.linalg.norm(a) * np.linalg.norm(b), _EPS))
-        return r.astype(np.float32), {"kind": "rotation", "rows": k, "fit": round(fit, 4)}
-    an = a / np.maximum(np.linalg.norm(a, axis=0), _EPS)
-    bn = b / np.maximum(np.linalg.norm(b, axis=0), _EPS)
-    c = an.T @ bn
-    ri, ci = linear_sum_assignment(-np.abs(c))
-    r = np.zeros((d_r, d_s), np.float32)
-    r[ri, ci] = np.sign(c[ri, ci]) + (c[ri, ci] == 0)
-    return r, {"kind": "signed-permutation", "rows": k, "fit": round(float(np.abs(c[ri, ci]).mean()), 4)}
+    st = _AlignStats(e_ref.shape[1], e_sus.shape[1])
+    st.add(e_ref[:k], e_sus[:k])
+    return st.solve()
+
+
+class _AlignStats:
+    """Sufficient statistics of paired embedding rows for :func:`align_residual`, fed a slice at a time."""
+
+    def __init__(self, d_ref: int, d_sus: int):
+        self.cross = np.zeros((d_ref, d_sus))
+        self.sq_ref = np.zeros(d_ref)
+        self.sq_sus = np.zeros(d_sus)
+        self.rows = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        self.cross += a.T @ b
+        self.sq_ref += np.einsum("ij,ij->j", a, a)
+        self.sq_sus += np.einsum("ij,ij->j", b, b)
+        self.rows += len(a)
+
+    def solve(self) -> tuple[np.ndarray, dict[str, Any]]:
+        (d_r, d_s), k = self.cross.shape, self.rows
+        if k == 0:
+            return np.eye(d_r, d_s, dtype=np.float32), {"kind": "identity", "rows": 0, "fit": None}
+        if k >= 2 * max(d_r, d_s):
+            u, sv, vt = np.linalg.svd(self.cross, full_matrices=False)
+            fit = float(sv.sum() / max(math.sqrt(self.sq_ref.sum() * self.sq_sus.sum()), _EPS))
+            return (u @ vt).astype(np.float32), {"kind": "rotation", "rows": k, "fit": round(fit, 4)}
+        c = self.cross / np.outer(np.maximum(np.sqrt(self.sq_ref), _EPS), np.maximum(np.sqrt(self.sq_sus), _EPS))
+        ri, ci = linear_sum_assignment(-np.abs(c))
+        r = np.zeros((d_r, d_s), np.float32)
+        r[ri, ci] = np.sign(c[ri, ci]) + (c[ri, ci] == 0)
+        return r, {"kind": "signed-permutation", "rows": k, "fit": round(float(np.abs(c[ri, ci]).mean()), 4)}
 
 
 def candidates(n_ref: int, n_sus: int) -> list[list[int]]:
@@ -172,47 +199,57 @@ def candidates(n_ref: int, n_sus: int) -> list[list[int]]:
 class _Job:
     sig: int
     ref_pos: int
-    u_in: np.ndarray
-    u_out: np.ndarray
+    block: BlockSignature
+    r: np.ndarray  # residual map of this job's signature
     match: dict[str, np.ndarray] = field(default_factory=dict)
     cos: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def m(self) -> int:
+        return len(self.block.unit_ids)
 
-def _match_view(src: TensorSource, block: Any, view: str, jobs: list[_Job], n_units: int) -> None:
-    """Fill job.match[view] (suspect unit per reference unit, -1 if none) by Hungarian matching on |cos|."""
+    def units(self, view: str) -> np.ndarray:
+        """The reference units of ``view`` in the suspect's residual basis (computed when needed, not kept)."""
+        v = self.block.in_vecs if view == "in" else self.block.out_vecs
+        return _unit_rows(v.astype(np.float32) @ self.r)
+
+
+def _match_view(src: TensorSource, block: Any, view: str, jobs: list[_Job], n_units: int, budget: int) -> None:
+    """Fill job.match[view] (suspect unit per reference unit, -1 if none) by Hungarian matching on |cos|.
+
+    Jobs are grouped so that the cosine matrix held at once stays under ``budget`` bytes; each group
+    streams the suspect's units once."""
     if not jobs:
         return
-    d = jobs[0].u_in.shape[1]
     per_row = 4 * n_units
     groups: list[list[_Job]] = [[]]
     rows = 0
     for j in jobs:
-        m = len(j.u_in)
-        if groups[-1] and (rows + m) * per_row > _COST_BUDGET:
+        if groups[-1] and (rows + j.m) * per_row > budget:
             groups.append([])
             rows = 0
         groups[-1].append(j)
-        rows += m
+        rows += j.m
+    d = jobs[0].r.shape[1]
     for grp in groups:
-        u = np.concatenate([j.u_in if view == "in" else j.u_out for j in grp], axis=0)
+        u = np.concatenate([j.units(view) for j in grp], axis=0) if len(grp) > 1 else grp[0].units(view)
         cost = np.empty((len(u), n_units), np.float32)
         base = 0
-        for w in iter_units(src, block, view):
+        for w in iter_units(src, block, view, chunk=_UNIT_CHUNK):
             if w.shape[1] != d:
                 raise ValueError("aligned widths disagree")
-            w = _unit_rows(w)
-            np.abs(u @ w.T, out=cost[:, base : base + len(w)])
+            np.abs(u @ _unit_rows(w).T, out=cost[:, base : base + len(w)])
             base += len(w)
+        del u
         off = 0
         for j in grp:
-            m = len(j.u_in)
-            c = cost[off : off + m]
+            c = cost[off : off + j.m]
             ri, ci = linear_sum_assignment(c, maximize=True)
-            pi = np.full(m, -1, np.int64)
+            pi = np.full(j.m, -1, np.int64)
             pi[ri] = ci
             j.match[view] = pi
             j.cos[view] = float(c[ri, ci].mean()) if len(ri) else 0.0
-            off += m
+            off += j.m
 
 
 def compare_many(
@@ -236,22 +273,23 @@ def compare_many(
 def _test(signatures: Sequence[Signature], src: TensorSource, lay: Layout, alpha: float) -> list[Comparison]:
     n_sus = len(lay.blocks)
     vocab_s = src.shapes[lay.embedding][0] if lay.embedding else 0
+    largest = max((4 * math.prod(shp) for shp in src.shapes.values()), default=0)  # as float32
+    budget = min(_COST_BUDGET, max(_COST_FLOOR, largest // 4))
     prepared = []
     for si, sig in enumerate(signatures):
-        keep = sig.token_ids < vocab_s
-        e_sus = embedding_sample(src, lay, sig.token_ids[keep])
-        e_ref = sig.embed_rows[keep].astype(np.float32) if lay.embedding else np.zeros((0, sig.d_model), np.float32)
-        if not len(e_sus) and sig.d_model != lay.d_model:
-            e_ref = np.zeros((0, sig.d_model), np.float32)
-        r, info = align_residual(e_ref, e_sus)
+        keep = np.flatnonzero(sig.token_ids < vocab_s) if len(sig.embed_rows) else np.zeros(0, np.int64)
+        st = _AlignStats(sig.d_model, lay.d_model)
+        at = 0
+        for part in iter_embedding(src, lay, sig.token_ids[keep]):
+            st.add(sig.embed_rows[keep[at : at + len(part)]], part)
+            at += len(part)
+        r, info = st.solve()
         cand = candidates(len(sig.blocks), n_sus)
         jobs_by_s: dict[int, list[_Job]] = {}
         all_jobs = []
         for rp, b in enumerate(sig.blocks):
-            u_in = _unit_rows(b.in_vecs.astype(np.float32) @ r)
-            u_out = _unit_rows(b.out_vecs.astype(np.float32) @ r)
             for s in cand[rp]:
-                j = _Job(si, rp, u_in, u_out)
+                j = _Job(si, rp, b, r)
                 jobs_by_s.setdefault(s, []).append(j)
                 all_jobs.append((s, j))
         prepared.append((sig, info, cand, jobs_by_s, all_jobs))
@@ -259,7 +297,7 @@ def _test(signatures: Sequence[Signature], src: TensorSource, lay: Layout, alpha
         jobs = [j for _, _, _, jb, _ in prepared for j in jb.get(s, [])]
         n_units = lay.units(src.shapes, blk)
         for view in ("in", "out"):
-            _match_view(src, blk, view, jobs, n_units)
+            _match_view(src, blk, view, jobs, n_units, budget)
     results = []
     sus_info = {"family": lay.family, "layers": n_sus, "d_model": lay.d_model, "vocab": vocab_s}
     for sig, info, cand, _, all_jobs in prepared:

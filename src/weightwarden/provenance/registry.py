@@ -7,9 +7,20 @@ Layout under ``root`` (default ``$WARDEN_HOME/provenance``)::
 
 ``identify`` ranks every registered model by the cosine of retrieval sketches
 (one matrix-vector product), runs the exact test of :mod:`.compare` on the
-``top_k`` candidates in one pass over the suspect, and corrects each p-value by
-the registry size (Bonferroni), since the candidates were chosen by looking at
-the data.
+``top_k`` candidates (and their registered ancestors) in one pass over the
+suspect, and corrects each p-value by the registry size (Bonferroni), since the
+candidates were chosen by looking at the data.
+
+Lineage.  A model registered after another it tests as derived from records it as
+its registered parent (or the caller names the parent).  Among the registered
+models a suspect is derived from, the one it is closest to need not be its parent:
+a sibling fine-tuned on similar data can sit closer.  So a candidate X with a
+registered parent A counts as a possible parent of the suspect S only if S has
+travelled at least ``LINEAGE_BETA`` of the way from A to X, measured by projecting
+S - A on X - A with the law of cosines over the matched-unit distances
+(beta = (d(S,A)^2 + d(X,A)^2 - d(S,X)^2) / (2 d(X,A)^2)); a child of X inherits all
+of X's update (beta near 1 or more), a sibling only the part both updates share.
+docs/PROVENANCE.md has the figures and the limits.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +41,12 @@ from .layout import detect_layout
 from .signature import SKETCH_DIM, Signature, extract_signature, suspect_sketch
 from .source import TensorSource, open_source
 
-__all__ = ["Identification", "Registry"]
+__all__ = ["LINEAGE_BETA", "Identification", "Registry"]
 
 _NAME_MAX = 200
 _NO_SKETCH_MAX = 1000
+_ANCESTORS_MAX = 16
+LINEAGE_BETA = 0.75
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,7 @@ class Identification:
                 {"name": n, **{k: v for k, v in c.to_json().items() if k != "layers"}, "layers": len(c.layers)}
                 for n, c in self.matches
             ],
+            "lineage_beta_threshold": LINEAGE_BETA,
             "retrieval": [{"name": n, "score": round(s, 4)} for n, s in self.retrieved],
         }
 
@@ -115,15 +129,24 @@ class Registry:
         except FormatError as e:
             raise RegistryError(f"signature of {name[:_NAME_MAX]!r} is damaged: {e}") from None
 
-    def add(self, name: str, sig: Signature, *, replace: bool = False) -> None:
+    @staticmethod
+    def _check_name(name: str) -> None:
         if not name or len(name) > _NAME_MAX or any(ord(c) < 32 for c in name):
             raise RegistryError("a model name is 1-200 printable characters")
+
+    def add(self, name: str, sig: Signature, *, replace: bool = False, parent: dict[str, Any] | None = None) -> None:
+        """Store ``sig`` under ``name``; ``parent`` is the lineage record :meth:`register` makes."""
+        self._check_name(name)
         if name in self._names and not replace:
             raise RegistryError(f"{name!r} is already registered (use replace)")
+        if parent is not None and (parent.get("name") not in self._names or parent.get("name") == name):
+            raise RegistryError("a registered parent must be another registered model")
         (self.root / "sigs").mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.root / "sigs" / self._file(name), sig.to_bytes(), force=True)
         fact = {"name": name, "family": sig.family, "layers": len(sig.blocks), "d_model": sig.d_model,
                 "vocab": sig.vocab, "params": sig.meta.get("params")}  # fmt: skip
+        if parent is not None:
+            fact["parent"] = parent
         if name in self._names:
             i = self._names.index(name)
             self._facts[i] = fact
@@ -135,10 +158,44 @@ class Registry:
         self._save()
 
     def register(self, model: str | os.PathLike[str] | TensorSource, name: str, *, replace: bool = False,
+                 parent: str | None = None, lineage: bool = True, alpha: float = DEFAULT_ALPHA,
                  **kw: Any) -> Signature:  # fmt: skip
-        sig = extract_signature(model, meta={"name": name}, **kw)
-        self.add(name, sig, replace=replace)
+        """Extract and store ``model``'s signature.  Its registered parent is ``parent`` (which it must
+        test as derived from), or with ``lineage`` the model ``identify`` names, if any."""
+        self._check_name(name)
+        if name in self._names and not replace:
+            raise RegistryError(f"{name!r} is already registered (use replace)")
+        own = not isinstance(model, TensorSource)
+        src = open_source(model, **kw)
+        try:
+            sig = extract_signature(src, meta={"name": name})
+            link: tuple[str, Comparison] | None = None
+            if parent is not None:
+                if parent == name:
+                    raise RegistryError("a model cannot be its own registered parent")
+                c = compare_many([self.get(parent)], src, alpha=alpha)[0]
+                if not c.derived:
+                    raise RegistryError(f"{name[:_NAME_MAX]!r} does not test as derived from {parent[:_NAME_MAX]!r} "
+                                        f"(log10 p = {c.log_p / np.log(10):.1f})")  # fmt: skip
+                link = (parent, c)
+            elif lineage and any(n != name for n in self._names):
+                link = self._identify_src(src, top_k=10, alpha=alpha, exclude=name).best
+        finally:
+            if own:
+                src.close()
+        rec = None
+        if link is not None:
+            rec = {"name": link[0], "log10_p": round(link[1].log_p / float(np.log(10)), 2),
+                   "dist2": round(link[1].dist2, 6)}  # fmt: skip
+        self.add(name, sig, replace=replace, parent=rec)
         return sig
+
+    def parent_of(self, name: str) -> str | None:
+        """The registered parent of ``name`` (None for a root, or if the parent was removed)."""
+        if name not in self._names:
+            raise RegistryError(f"no registered model named {name[:_NAME_MAX]!r}")
+        p = self._facts[self._names.index(name)].get("parent")
+        return p["name"] if isinstance(p, dict) and p.get("name") in self._names else None
 
     def remove(self, name: str) -> None:
         if name not in self._names:
@@ -165,29 +222,61 @@ class Registry:
 
     def identify(self, suspect: str | os.PathLike[str] | TensorSource, *, top_k: int = 10,
                  alpha: float = DEFAULT_ALPHA, **open_kw: Any) -> Identification:  # fmt: skip
+        """Rank the registered models ``suspect`` may be derived from; ``best`` is its likely parent."""
         if not self._names:
             raise RegistryError("the registry is empty: register a model first")
         own = not isinstance(suspect, TensorSource)
         src = open_source(suspect, **open_kw)
         try:
-            lay = detect_layout(src.shapes)
-            sk = suspect_sketch(src, lay)
-            if np.any(sk):
-                got = self.retrieve(sk, top_k)
-            elif len(self._names) <= _NO_SKETCH_MAX:  # no embedding to sketch: test every registered model
-                got = [(n, 0.0) for n in self._names]
-            else:
-                raise RegistryError(f"the suspect has no token embedding to retrieve candidates by, and testing all "
-                                    f"{len(self._names)} registered models exceeds {_NO_SKETCH_MAX}")  # fmt: skip
-            sigs = [self.get(n) for n, _ in got]
-            comps = compare_many(sigs, src, alpha=alpha)
+            return self._identify_src(src, top_k=top_k, alpha=alpha)
         finally:
             if own:
                 src.close()
-        n = len(self._names)
-        tested = [(name, corrected(c, n)) for (name, _), c in zip(got, comps, strict=True)]
-        tested.sort(key=lambda t: (not t[1].derived, -t[1].similarity if t[1].derived else t[1].log_p))
-        return Identification(n, got, tested)
+
+    def _identify_src(self, src: TensorSource, *, top_k: int, alpha: float, exclude: str | None = None
+                      ) -> Identification:  # fmt: skip
+        lay = detect_layout(src.shapes)
+        sk = suspect_sketch(src, lay)
+        names = [n for n in self._names if n != exclude]
+        if np.any(sk):
+            got = [(n, s) for n, s in self.retrieve(sk, top_k + (exclude is not None)) if n != exclude][:top_k]
+        elif len(names) <= _NO_SKETCH_MAX:  # no embedding to sketch: test every registered model
+            got = [(n, 0.0) for n in names]
+        else:
+            raise RegistryError(f"the suspect has no token embedding to retrieve candidates by, and testing all "
+                                f"{len(names)} registered models exceeds {_NO_SKETCH_MAX}")  # fmt: skip
+        tested = [n for n, _ in got]
+        for n in list(tested):  # registered ancestors of the candidates join the test (lineage needs them)
+            a = self.parent_of(n)
+            for _ in range(_ANCESTORS_MAX):
+                if a is None or a in tested or a == exclude:
+                    break
+                tested.append(a)
+                a = self.parent_of(a)
+        comps = compare_many([self.get(n) for n in tested], src, alpha=alpha)
+        n_reg = len(names)
+        by_name = {name: corrected(c, n_reg) for name, c in zip(tested, comps, strict=True)}
+        return Identification(n_reg, got, self._rank(by_name))
+
+    def _rank(self, by_name: dict[str, Comparison]) -> list[tuple[str, Comparison]]:
+        """Derived candidates consistent with being the suspect's parent first (closest first), then the
+        other derived ones, then the rest by p-value."""
+        out = []
+        for name, c in by_name.items():
+            consistent = True
+            a = self.parent_of(name)
+            if c.derived and a is not None and a in by_name and by_name[a].derived:
+                rec = self._facts[self._names.index(name)]["parent"]
+                d_xa, d_sa, d_sx = float(rec["dist2"]), by_name[a].dist2, c.dist2
+                beta = (d_sa + d_xa - d_sx) / (2 * d_xa) if d_xa > 0 else float("inf")
+                consistent = beta >= LINEAGE_BETA
+                c = replace(c, extra={**c.extra, "lineage": {"registered_parent": a, "beta": round(beta, 4),
+                                                             "could_be_parent": consistent}})  # fmt: skip
+            elif a is not None:
+                c = replace(c, extra={**c.extra, "lineage": {"registered_parent": a}})
+            out.append((name, c, consistent))
+        out.sort(key=lambda t: (not t[1].derived, not t[2], -t[1].similarity if t[1].derived else t[1].log_p))
+        return [(n, c) for n, c, _ in out]
 
 
 def default_registry(home: str | os.PathLike[str] | None = None) -> Registry:

@@ -31,6 +31,8 @@ SIG_VERSION = 1
 SKETCH_TOKENS = tuple(range(0, 1024, 16))  # 64 token ids every vocabulary this tool reads has
 SKETCH_DIM = 256
 _EPS = 1e-12
+_SKETCH_ROWS = 256
+_EMBED_CHUNK = 512  # embedding rows read (as float32) at a time
 
 
 @dataclass(frozen=True)
@@ -147,13 +149,25 @@ def sketch_from_embedding(rows_by_id: dict[int, np.ndarray] | None) -> np.ndarra
     g = _unit_rows(x) @ _unit_rows(x).T
     iu = np.triu_indices(k, 1)
     v = g[iu].astype(np.float32)
-    proj = np.random.default_rng(20261128).standard_normal((len(v), SKETCH_DIM)).astype(np.float32)
-    s = v @ proj
+    # the fixed random projection, drawn a slice of rows at a time (same stream as one draw)
+    proj_rng = np.random.default_rng(20261128)
+    s = np.zeros(SKETCH_DIM, np.float32)
+    for a in range(0, len(v), _SKETCH_ROWS):
+        part = v[a : a + _SKETCH_ROWS]
+        s += part @ proj_rng.standard_normal((len(part), SKETCH_DIM)).astype(np.float32)
     return (s / max(float(np.linalg.norm(s)), _EPS)).astype(np.float32)
 
 
 def embedding_sample(src: TensorSource, layout: Layout, ids: np.ndarray) -> np.ndarray:
     return src.get(layout.embedding, rows=ids) if layout.embedding else np.zeros((0, layout.d_model), np.float32)
+
+
+def iter_embedding(src: TensorSource, layout: Layout, ids: np.ndarray) -> Iterator[np.ndarray]:
+    """The embedding rows ``ids`` as float32 blocks of at most ``_EMBED_CHUNK`` rows, in order."""
+    if not layout.embedding:
+        return
+    for a in range(0, len(ids), _EMBED_CHUNK):
+        yield src.get(layout.embedding, rows=ids[a : a + _EMBED_CHUNK])
 
 
 def suspect_sketch(src: TensorSource, layout: Layout) -> np.ndarray:
@@ -183,7 +197,11 @@ def extract_signature(
         vocab = src.shapes[layout.embedding][0] if layout.embedding else 0
         k = min(vocab, max_tokens)
         token_ids = np.sort(rng.choice(vocab, size=k, replace=False)).astype(np.int64) if k else np.zeros(0, np.int64)
-        emb = embedding_sample(src, layout, token_ids)
+        emb = np.zeros((len(token_ids) if layout.embedding else 0, layout.d_model), np.float16)
+        at = 0
+        for part in iter_embedding(src, layout, token_ids):
+            emb[at : at + len(part)] = part
+            at += len(part)
         blocks = []
         for b in layout.blocks:
             n = layout.units(src.shapes, b)
@@ -197,7 +215,7 @@ def extract_signature(
         info.update(meta or {})
         if not np.isfinite(emb).all() or any(not np.isfinite(b.in_vecs).all() for b in blocks):
             raise UnsupportedModelError("checkpoint holds non-finite weights")
-        return Signature(layout.family, layout.d_model, vocab, token_ids, emb.astype(np.float16), tuple(blocks),
+        return Signature(layout.family, layout.d_model, vocab, token_ids, emb, tuple(blocks),
                          sketch, info)  # fmt: skip
     finally:
         if own:
