@@ -15,7 +15,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
 install-dev: $(BIN)/python system-deps
-	$(BIN)/pip install -q -e '.[dev,hf,hsm,kms,cluster]'
+	$(BIN)/pip install -q -e '.[dev,hf,hsm,kms,cluster,server]'
 
 # Debian packages the tests use: SoftHSM2 (a real PKCS#11 token for the HSM provider).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

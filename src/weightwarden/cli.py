@@ -780,6 +780,105 @@ def scan_cmd(
               f"{j['resumed_from_state']} resumed from state")  # fmt: skip
 
 
+# -- the tamper-evident audit log ---------------------------------------------------------------
+audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log: heads, proofs, verification")
+app.add_typer(audit_app, name="audit")
+DbOpt = Annotated[
+    str | None,
+    typer.Option("--db", envvar="WARDEN_AUDIT_DB", help="SQLAlchemy URL [default: sqlite:///$WARDEN_HOME/audit.db]",
+                 show_default=False),
+]  # fmt: skip
+PubkeyOpt = Annotated[
+    str | None,
+    typer.Option("--pubkey", envvar="WARDEN_AUDIT_PUBKEY", help="the log's Ed25519 public key (hex), kept "
+                 "outside the database", show_default=False),
+]  # fmt: skip
+
+
+def _pubkey(pubkey: str | None, what: str) -> bytes:
+    if pubkey is None:
+        raise WardenError(f"{what} needs the log's public key (--pubkey): the database's own cannot be trusted")
+    try:
+        key = bytes.fromhex(pubkey)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise WardenError("--pubkey is an Ed25519 public key: 64 hex digits")
+    return key
+
+
+def _audit_log(db: str | None, home: Path | None, key: bytes | None = None) -> Any:
+    from .broker.auditlog import AuditLog
+
+    url = db or f"sqlite:///{(home or default_home()) / 'audit.db'}"
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
+        raise WardenError(f"no audit log at {url}")
+    return AuditLog(url, public_key=key, create=False)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WardenError(f"cannot read {path.name} as JSON ({type(e).__name__})") from None
+
+
+@audit_app.command("head")
+def audit_head(db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Print the latest signed tree head (keep a copy outside the database)."""
+    h = _audit_log(db, home).head().to_json()
+    _emit(h, as_json, f"size {h['size']}  root {h['root']}  at {h['at']}  key {h['key_id']}")
+
+
+@audit_app.command("prove")
+def audit_prove(index: int, db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """An inclusion proof of event INDEX under the latest signed head."""
+    p = _audit_log(db, home).prove(index).to_json()
+    _emit(p, as_json, json.dumps(p, indent=2, sort_keys=True))  # a proof is data: JSON either way
+
+
+@audit_app.command("check-proof")
+def audit_check_proof(proof: Path, pubkey: PubkeyOpt = None, as_json: JsonOpt = False) -> None:
+    """Check a proof file offline, with the log's public key only."""
+    from .broker.auditlog import InclusionProof, check_inclusion
+
+    key = _pubkey(pubkey, "checking a proof")
+    p = InclusionProof.from_json(_read_json(proof))
+    ev = check_inclusion(p, key)
+    what = f"{ev.get('action')} by {ev.get('actor')}"
+    _emit({"valid": True, "index": p.index, "head_size": p.head.size, "event": ev}, as_json,
+          f"event {p.index} is in the signed log of {p.head.size} events: {what}")  # fmt: skip
+
+
+@audit_app.command("verify")
+def audit_verify(
+    db: DbOpt = None,
+    pubkey: PubkeyOpt = None,
+    against: Annotated[Path | None, typer.Option("--against", help="a head kept outside the database")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute the whole tree from the events and check every signed head."""
+    from .broker.auditlog import SignedHead
+
+    log = _audit_log(db, home, _pubkey(pubkey, "verifying"))
+    kept = SignedHead.from_json(_read_json(against)) if against else None
+    rep = log.verify(against=kept)
+    _emit(rep, as_json, f"audit log intact: {rep['events']} events, {rep['heads_checked']} signed heads checked"
+          + (f", extends the kept head of size {rep['against']}" if kept else ""))  # fmt: skip
+
+
+@audit_app.command("export")
+def audit_export(
+    db: DbOpt = None,
+    start: Annotated[int, typer.Option("--start", min=0, help="first event index")] = 0,
+    home: HomeOpt = None,
+) -> None:
+    """Events as JSON lines (index, leaf hash, event) for a SIEM."""
+    for row in _audit_log(db, home).export(start):
+        sys.stdout.write(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n")
+
+
 # -- release and trace: per-recipient fingerprints ----------------------------------------------
 @app.command("release")
 def release_cmd(

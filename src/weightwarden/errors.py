@@ -98,7 +98,17 @@ class ScanError(WardenError):
     """A hub scan could not start or resume (bad input list, unreadable state, no cluster)."""
 
 
+class AuditLogError(WardenError):
+    """The audit log is unusable or asked for something it does not hold (bad index, no key)."""
+
+
+class AuditTamperedError(AuditLogError, IntegrityError):
+    """The audit log's events, nodes or heads disagree with a signed tree head: it was altered."""
+
+
 __all__ = [
+    "AuditLogError",
+    "AuditTamperedError",
     "BadPassphraseError",
     "CustodyError",
     "DecryptionError",
