@@ -23,6 +23,7 @@ publish heads to the SIEM or a second site.  docs/AUDIT_LOG.md has the formats.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import threading
@@ -130,7 +131,6 @@ def check_consistency(old: SignedHead, new: SignedHead, proof: Sequence[bytes], 
 
 def _db_errors(fn: Any) -> Any:
     """Database failures surface as :class:`AuditLogError` (typed, without the SQL or its values)."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*a: Any, **kw: Any) -> Any:
@@ -267,7 +267,6 @@ class AuditLog:
             return int(c.execute(sa.select(self.t_state.c.size).where(self.t_state.c.id == 1)).scalar_one())
 
     def _fetch(self, c: Any, keys: Sequence[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        import sqlalchemy as sa
 
         if not keys:
             return {}
@@ -275,10 +274,8 @@ class AuditLog:
         uniq = list(dict.fromkeys(keys))
         for a in range(0, len(uniq), 500):
             part = uniq[a : a + 500]
-            q = sa.select(self.t_nodes.c.level, self.t_nodes.c.idx, self.t_nodes.c.hash).where(
-                sa.tuple_(self.t_nodes.c.level, self.t_nodes.c.idx).in_(part)
-            )
-            out.update({(int(lv), int(i)): bytes(h) for lv, i, h in c.execute(q)})
+            params = {f"l{k}": lv for k, (lv, _) in enumerate(part)} | {f"i{k}": i for k, (_, i) in enumerate(part)}
+            out.update({(int(lv), int(i)): bytes(h) for lv, i, h in c.execute(_nodes_query(len(part)), params)})
         return out
 
     def _getter(self, c: Any, fn: Any) -> Any:
@@ -424,6 +421,17 @@ class AuditLog:
         for k, h in made.items():
             if k not in have or not hmac.compare_digest(have[k], h):
                 raise AuditTamperedError(f"node {k} disagrees with the events below it")
+
+
+@functools.lru_cache(maxsize=600)
+def _nodes_query(n: int) -> Any:
+    """``(level = ? AND idx = ?) OR ...`` for ``n`` keys, built once per length: both SQLite and
+    PostgreSQL answer it from the primary key (SQLite scans the table for a row-value IN list),
+    and building the expression with SQLAlchemy's operators costs more than the query."""
+    import sqlalchemy as sa
+
+    cond = " OR ".join(f"(level = :l{k} AND idx = :i{k})" for k in range(n))
+    return sa.text(f"SELECT level, idx, hash FROM ww_audit_nodes WHERE {cond}")
 
 
 def _zip_strict(a: Iterable[Any], b: Iterable[Any], what: str) -> Iterator[tuple[Any, Any]]:
