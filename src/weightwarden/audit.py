@@ -53,6 +53,17 @@ class AuditAction(StrEnum):
     PROVENANCE_SCAN = "provenance:scan"
     RELEASE_CREATE = "release:create"
     TRACE_RUN = "trace:run"
+    BROKER_ACCOUNT = "broker:account"
+    BROKER_SUSPEND = "broker:suspend"
+    BROKER_REVOKE = "broker:revoke"
+    BROKER_AUTHENTICATE = "broker:authenticate"
+    BROKER_AUTHORIZE = "broker:authorize"
+    BROKER_REJECT = "broker:reject"  # a malformed request, refused before any decision
+    BROKER_MODEL_ADD = "broker:model-add"
+    BROKER_STREAM = "broker:stream"
+    BROKER_ALERT = "broker:alert"
+    APPROVAL_REQUEST = "approval:request"
+    APPROVAL_GRANT = "approval:grant"
 
 
 @functools.cache
