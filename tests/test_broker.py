@@ -376,3 +376,63 @@ def test_weights_from_an_s3_bucket(tmp_path: Path, sealed: Path) -> None:
         r = Http(b)(a["loader"], "GET", "/v1/models/m1/weights")
         assert r.status_code == 200 and r.content == sealed.read_bytes()
         b.close()
+
+
+# -- the CLI: administer, serve over real HTTP, verify the audit log ----------------------------------
+def test_cli_serve_end_to_end(cli_env: dict[str, str], tmp_path: Path, st_file: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from .conftest import warden
+    from .services import free_port
+
+    def ok(r: Any) -> Any:
+        assert r.returncode == 0, r.stderr
+        return r
+
+    ok(warden(cli_env, "init"))
+    sealed = tmp_path / "m.wws"
+    ok(warden(cli_env, "seal", str(st_file), "-o", str(sealed)))
+    loader, auditor = Account("loader"), Account("aud")
+    ok(warden(cli_env, "broker", "model", "m1", str(sealed), "--team", "core"))
+    ok(warden(cli_env, "broker", "account", "loader", "--pubkey", loader.pub.hex(), "--kind", "workload",
+              "--role", "inference-loader", "--team", "core"))  # fmt: skip
+    ok(warden(cli_env, "broker", "account", "aud", "--pubkey", auditor.pub.hex(), "--kind", "human",
+              "--role", "auditor"))  # fmt: skip
+    r = warden(cli_env, "broker", "model", "bad", str(st_file), "--team", "core")  # plaintext: refused
+    assert r.returncode == 1 and r.stderr.startswith("error:")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port)], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(150):
+            try:
+                if httpx.get(f"{base}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the broker did not start")
+
+        def get(who: Account, path: str) -> httpx.Response:
+            tok = mint(who.name, who.key, who.kid, AUD, "GET", path)
+            return httpx.get(base + path, headers={"authorization": f"Bearer {tok}"}, timeout=30)
+
+        r = get(loader, "/v1/models/m1/weights")
+        assert r.status_code == 200 and r.content == sealed.read_bytes()
+        assert get(loader, "/v1/audit/head").status_code == 403
+        head = get(auditor, "/v1/audit/head").json()
+        assert head["size"] >= 6
+        spec = httpx.get(f"{base}/openapi.json").json()
+        assert "/v1/requests/{rid}/approvals" in spec["paths"]
+    finally:
+        proc.terminate()
+        _, errs = proc.communicate(timeout=30)
+    pub = next(line.split(": ")[1] for line in errs.splitlines() if "audit log public key" in line)
+    db = f"sqlite:///{Path(cli_env['WARDEN_HOME']) / 'broker' / 'broker.db'}"
+    r = ok(warden(cli_env, "audit", "verify", "--db", db, "--pubkey", pub, "--json"))
+    assert json.loads(r.stdout)["events"] >= head["size"]

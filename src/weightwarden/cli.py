@@ -879,6 +879,121 @@ def audit_export(
         sys.stdout.write(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n")
 
 
+# -- the access broker -----------------------------------------------------------------------------
+broker_app = typer.Typer(no_args_is_help=True, help="Administer the access broker (accounts, models)")
+app.add_typer(broker_app, name="broker")
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="WARDEN_BROKER_STORE", help="sealed-weights folder or s3://bucket/prefix "
+                 "[default: $WARDEN_HOME/broker/weights]", show_default=False),
+]  # fmt: skip
+BrokerDbOpt = Annotated[
+    str | None,
+    typer.Option("--db", envvar="WARDEN_BROKER_DB", help="SQLAlchemy URL of the broker's state and audit log "
+                 "[default: sqlite:///$WARDEN_HOME/broker/broker.db]", show_default=False),
+]  # fmt: skip
+
+
+def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None) -> Any:
+    """A broker over the keyring's signing key (it signs the audit log's tree heads)."""
+    from .broker.auditlog import AuditLog
+    from .broker.service import Broker, BrokerConfig
+    from .broker.storage import LocalWeightStore, S3WeightStore
+
+    h = home or default_home()
+    (h / "broker").mkdir(parents=True, exist_ok=True, mode=0o700)
+    url = db or f"sqlite:///{h / 'broker' / 'broker.db'}"
+    if store and store.startswith("s3://"):
+        bucket, _, prefix = store[5:].partition("/")
+        ws: Any = S3WeightStore(bucket, prefix, os.environ.get("AWS_ENDPOINT_URL"))
+    else:
+        ws = LocalWeightStore(Path(store) if store else h / "broker" / "weights")
+    log = AuditLog(url, _keyring(home).signer())
+    cfg = BrokerConfig(audience=audience) if audience else BrokerConfig()
+    return Broker(url, ws, log, cfg)
+
+
+@broker_app.command("account")
+def broker_account(
+    account: Annotated[str, typer.Argument(help="account id")],
+    pubkey: Annotated[str, typer.Option("--pubkey", help="the account's Ed25519 public key (hex)")],
+    kind: Annotated[str, typer.Option("--kind", help="service | workload | human")] = "service",
+    role: Annotated[list[str] | None, typer.Option("--role", help="a role (repeat)")] = None,
+    team: Annotated[list[str] | None, typer.Option("--team", help="a team (repeat)")] = None,
+    db: BrokerDbOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Add or replace an account (its key, roles and teams)."""
+    b = _broker(db, None, home)
+    try:
+        b.add_account(account, kind, _pubkey(pubkey, "an account"), set(role or []), set(team or []),
+                      actor=audit._default_actor())  # fmt: skip
+    finally:
+        b.close()
+    out.print(f"account {account}: {kind}, roles {sorted(role or [])}, teams {sorted(team or [])}")
+
+
+@broker_app.command("suspend")
+def broker_suspend(
+    account: str,
+    reason: Annotated[str, typer.Option("--reason")] = "",
+    db: BrokerDbOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Suspend an account: every token it holds is refused from now on."""
+    b = _broker(db, None, home)
+    try:
+        b.suspend(account, actor=audit._default_actor(), reason=reason)
+    finally:
+        b.close()
+    out.print(f"suspended {account}")
+
+
+@broker_app.command("model")
+def broker_model(
+    name: str,
+    sealed: Annotated[Path, typer.Argument(help="a sealed file (.wws)")],
+    team: Annotated[str, typer.Option("--team", help="the team that owns it")],
+    db: BrokerDbOpt = None,
+    store: StoreOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Admit a sealed model (its digests and signature are checked; plaintext is refused)."""
+    from .keys.local import TrustStore
+
+    b = _broker(db, store, home)
+    try:
+        size = b.add_model(name, team, sealed, trust=TrustStore.load(home), actor=audit._default_actor())
+    finally:
+        b.close()
+    out.print(f"model {name} ({size} bytes) admitted for team {team}")
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8443,
+    audience: Annotated[
+        str, typer.Option("--audience", help="the aud claim tokens must carry")
+    ] = "weightwarden-broker",
+    db: BrokerDbOpt = None,
+    store: StoreOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Run the access broker (FastAPI on uvicorn).  Put TLS in front of it (a proxy or --ssl-* via uvicorn)."""
+    import uvicorn
+
+    from .broker.app import create_app
+
+    b = _broker(db, store, home, audience)
+    sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
+    sys.stderr.flush()
+    try:
+        uvicorn.run(create_app(b), host=host, port=port, log_level="warning", server_header=False)
+    finally:
+        b.close()
+
+
 # -- release and trace: per-recipient fingerprints ----------------------------------------------
 @app.command("release")
 def release_cmd(
