@@ -255,6 +255,22 @@ def test_streams_are_metered_and_suspended_at_the_budget(state_url: str, tmp_pat
     b.close()
 
 
+def test_a_stream_is_cut_where_its_budget_ends(tmp_path: Path, sealed: Path) -> None:
+    from weightwarden.broker.service import EgressLimitError
+
+    size = sealed.stat().st_size
+    cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=size // 2))
+    b, _ = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, cfg)
+    got = 0
+    with pytest.raises(EgressLimitError, match="suspended"):
+        for part in b.stream(b.principal("loader"), "m1"):
+            got += len(part)
+    assert size // 2 - (1 << 16) < got <= size // 2  # leases never let more out than the budget
+    ends = [e["event"] for e in b.log.export() if e["event"]["action"] == "broker:stream"]
+    assert [(e["detail"]["phase"], e["outcome"]) for e in ends] == [("start", "ok"), ("suspended", "denied")]
+    b.close()
+
+
 def test_replicas_share_one_budget(state_url: str, tmp_path: Path, sealed: Path) -> None:
     """Two broker replicas on one database, six concurrent streams: never more than the budget."""
     chunk = 1 << 16

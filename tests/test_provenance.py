@@ -30,6 +30,7 @@ from weightwarden.provenance import (
     detect_layout,
     extract_signature,
 )
+from weightwarden.provenance.registry import LINEAGE_BETA
 from weightwarden.provenance.zoo import DERIVATIONS, FUNCTION_PRESERVING, Zoo
 
 from .conftest import warden
@@ -237,12 +238,12 @@ def test_identify_ranks_the_parent_first(tmp_path: Path, zoo: Zoo, parent: Path,
     assert reg.parent_of("parent") is None and reg.parent_of("other-0") is None
     sib_match = dict(res.matches)["sibling"]
     assert sib_match.extra["lineage"]["registered_parent"] == "parent"
-    assert sib_match.extra["lineage"]["beta"] < 0.75 and not sib_match.extra["lineage"]["could_be_parent"]
+    assert sib_match.extra["lineage"]["beta"] < LINEAGE_BETA and not sib_match.extra["lineage"]["could_be_parent"]
     # a fine-tune of the sibling: its parent is the sibling, not the root both come from
     grandchild = zoo.derive(zoo.derive(parent, "ft-long"), "ft-short", seed=9)
     res2 = reg.identify(grandchild, top_k=8)
     assert res2.best is not None and res2.best[0] == "sibling", res2.to_json()["matches"][:2]
-    assert dict(res2.matches)["sibling"].extra["lineage"]["beta"] >= 0.75
+    assert dict(res2.matches)["sibling"].extra["lineage"]["beta"] >= LINEAGE_BETA
     # an unrelated model is derived from nothing registered
     assert reg.identify(independents[8]).best is None
     with pytest.raises(RegistryError, match="already registered"):

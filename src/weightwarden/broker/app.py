@@ -152,10 +152,16 @@ def create_app(broker: Broker) -> Any:
 
         def rest() -> Any:
             yield first
-            yield from it
+            try:
+                yield from it
+            except EgressLimitError:
+                return  # suspended mid-stream: the body ends short of its Content-Length, so the client
+                # sees a broken transfer (and a sealed file cut short never opens); the event is logged
 
+        size = broker.model(name)["size"]
         return StreamingResponse(rest(), media_type="application/octet-stream",
-                                 headers={"content-disposition": f'attachment; filename="{name}.wws"'})  # fmt: skip
+                                 headers={"content-disposition": f'attachment; filename="{name}.wws"',
+                                          "content-length": str(size)})  # fmt: skip
 
     @app.get("/v1/models/{name}/weights", response_class=StreamingResponse)
     def stream_weights(name: str, p: Who, request: Request) -> StreamingResponse:
@@ -197,6 +203,11 @@ def create_app(broker: Broker) -> Any:
             return broker.log.prove(index).to_json()
         except AuditLogError as e:
             raise BrokerErrorHTTP(404, str(e)) from None
+
+    @app.get("/v1/metrics")
+    def metrics(p: Who) -> dict[str, Any]:
+        broker.authorize(p, Permission.AUDIT_LOG_READ)
+        return {**broker.metrics(), "audit_events": broker.log.size()}
 
     @app.get("/v1/alerts")
     def alerts(p: Who) -> dict[str, Any]:

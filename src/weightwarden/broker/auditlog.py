@@ -446,9 +446,9 @@ def _zip_strict(a: Iterable[Any], b: Iterable[Any], what: str) -> Iterator[tuple
         yield x, y
 
 
-def _sqlite_begin_immediate(engine: Any) -> None:
+def _sqlite_begin_immediate(engine: Any, synchronous: str = "FULL") -> None:
     """SQLite: take the write lock at BEGIN (so two appenders serialise instead of failing) and
-    keep a write-ahead log with full fsync."""
+    keep a write-ahead log (``synchronous``: FULL fsyncs every commit)."""
     from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
@@ -456,7 +456,7 @@ def _sqlite_begin_immediate(engine: Any) -> None:
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute(f"PRAGMA synchronous={synchronous}")
         cur.close()
 
     @event.listens_for(engine, "begin")

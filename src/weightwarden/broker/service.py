@@ -12,6 +12,8 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -74,6 +76,7 @@ class BrokerConfig:
     max_models_per_hour: int = 5
     auto_suspend: frozenset[str] = frozenset({"volume", "many-models"})
     chunk: int = CHUNK
+    lease: int = 64 * CHUNK  # bytes reserved from the buckets per database transaction
 
 
 @dataclass
@@ -144,11 +147,23 @@ class Broker:
             kw["connect_args"] = {"timeout": 30, "check_same_thread": False}
         self.engine = sa.create_engine(self.url, **kw)
         if self.url.startswith("sqlite"):
-            _sqlite_begin_immediate(self.engine)
+            # the broker's own state (token ids, buckets) commits without waiting for fsync; the audit
+            # log, even in the same file, keeps full fsync on its own connections
+            _sqlite_begin_immediate(self.engine, synchronous="NORMAL")
         md = sa.MetaData()
         self.t = _tables(md)
         md.create_all(self.engine)
         self.sink = MerkleLogSink(self.log)
+        self._decisions: deque[float] = deque(maxlen=100_000)  # seconds per policy decision, newest last
+
+    def metrics(self) -> dict[str, Any]:
+        """Policy-decision latency over the last 100,000 decisions (milliseconds)."""
+        xs = sorted(self._decisions)
+        if not xs:
+            return {"decisions": 0}
+        q = lambda f: round(1000 * xs[min(len(xs) - 1, int(f * len(xs)))], 3)
+        return {"decisions": len(xs), "decision_ms_p50": q(0.5), "decision_ms_p99": q(0.99),
+                "decision_ms_max": round(1000 * xs[-1], 3)}  # fmt: skip
 
     def close(self) -> None:
         self.sink.close()
@@ -256,7 +271,9 @@ class Broker:
                   context: dict[str, Any] | None = None, now: datetime | None = None) -> Decision:  # fmt: skip
         """Decide and audit; raise :class:`Forbidden` on deny."""
         team = self.model(model)["team"] if model is not None else None
+        t0 = time.perf_counter()
         d = self.policy.decide(p, perm, model, team, context)
+        self._decisions.append(time.perf_counter() - t0)
         self.audit(AuditAction.BROKER_AUTHORIZE, "ok" if d.allowed else "denied", p.id, model, now=now,
                    permission=str(perm), policies=list(d.reasons))  # fmt: skip
         if not d.allowed:
@@ -509,28 +526,53 @@ class Broker:
         chunks = self.store.read(model, self.config.chunk)
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],
                    request=request_id, network=network)  # fmt: skip
-        return self._metered(p, model, chunks, now)
+        return self._metered(p, model, chunks, info["size"], now)
 
-    def _metered(self, p: Principal, model: str, chunks: Iterator[bytes], now: datetime | None) -> Iterator[bytes]:
+    def _metered(self, p: Principal, model: str, chunks: Iterator[bytes], size: int,
+                 now: datetime | None) -> Iterator[bytes]:  # fmt: skip
+        """Yield ``chunks`` while debiting the buckets.  Bytes are reserved a lease at a time (one
+        transaction per ``config.lease`` bytes, not per chunk), falling back to the exact chunk when
+        the buckets hold less; whatever is reserved but not sent is credited back at the end."""
         import sqlalchemy as sa
 
         cfg = self.config
         keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
-        sent = 0
+        sent = reserved = 0
         try:
             for b in chunks:
-                short = self._take(keys, len(b), now)
-                if short is not None:
-                    self.alert(p.id, "egress-limit", {"bucket": short, "model": model, "sent": sent}, now=now)
-                    self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="suspended",
-                               bytes=sent, bucket=short)  # fmt: skip
-                    raise EgressLimitError(f"egress budget {short.split(':')[0]} exhausted; stream suspended")
+                if reserved < len(b):
+                    need = len(b) - reserved
+                    want = max(need, min(cfg.lease, size - sent - reserved))
+                    short = self._take(keys, want, now)
+                    if short is not None and want > need:
+                        want, short = need, self._take(keys, need, now)
+                    if short is not None:
+                        self.alert(p.id, "egress-limit", {"bucket": short, "model": model, "sent": sent}, now=now)
+                        self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="suspended",
+                                   bytes=sent, bucket=short)  # fmt: skip
+                        raise EgressLimitError(f"egress budget {short.split(':')[0]} exhausted; stream suspended")
+                    reserved += want
+                reserved -= len(b)
                 sent += len(b)
                 yield b
         finally:
+            if reserved > 0:
+                self._refund(keys, reserved, now)
             with self._write() as c:
                 c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=int(_ts(now)), bytes=sent))
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="end", bytes=sent)
+
+    def _refund(self, keys: list[tuple[str, Limit]], n: int, now: datetime | None) -> None:
+        import sqlalchemy as sa
+
+        b = self.t.buckets
+        t = _ts(now)
+        with self._write() as c:
+            for k, lim in keys:
+                r = c.execute(sa.select(b).where(b.c.key == k).with_for_update()).first()
+                if r is not None:
+                    tokens = min(lim.burst, r.tokens + lim.rate * max(0.0, t - r.updated) + n)
+                    c.execute(sa.update(b).where(b.c.key == k).values(tokens=tokens, updated=t))
 
 
 class _WriteTx:

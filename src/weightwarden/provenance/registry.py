@@ -46,7 +46,7 @@ __all__ = ["LINEAGE_BETA", "Identification", "Registry"]
 _NAME_MAX = 200
 _NO_SKETCH_MAX = 1000
 _ANCESTORS_MAX = 16
-LINEAGE_BETA = 0.75
+LINEAGE_BETA = 0.875
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,264 @@
+"""Broker benchmark (issue 6 targets), load from a second process on loopback; prints JSON.
+
+    python bench/broker.py [--clients 200] [--seconds 60] [--db sqlite|postgresql] [--stream-mib 256]
+
+The broker runs as ``warden serve`` would (uvicorn, one process) in a child process; this
+process drives it with ``--clients`` concurrent HTTP clients (httpx, asyncio), each signing a
+fresh single-use token per request.  Measured:
+
+* policy decisions: p50/p99 on the server (``/v1/metrics``), and request latency on the client;
+* audit events: every request the clients saw answered 200 is exactly one ``broker:authorize``
+  event in the Merkle log, none lost or duplicated (and ``verify`` passes);
+* egress: streaming clients hit a per-principal budget (rate R, burst B); bytes delivered
+  against the R·T + B the budget allows (held within 5%);
+* streaming speed: one authorised download of a ``--stream-mib`` sealed file against reading
+  the same file from disk (page cache), side by side.
+The machine is shared and noisy: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+AUD = "weightwarden-broker"
+PG = os.environ.get("WARDEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+class Acct:
+    def __init__(self, name: str):
+        from weightwarden.keys.provider import ed25519_key_id
+
+        self.name, self.key = name, Ed25519PrivateKey.generate()
+        self.pub = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.kid = ed25519_key_id(self.pub)
+
+    def headers(self, method: str, path: str) -> dict[str, str]:
+        from weightwarden.broker.tokens import mint
+
+        return {"authorization": f"Bearer {mint(self.name, self.key, self.kid, AUD, method, path)}"}
+
+
+SERVE = r"""
+import json, sys, uvicorn
+from weightwarden.broker.app import create_app
+from weightwarden.broker.auditlog import AuditLog
+from weightwarden.broker.service import Broker, BrokerConfig, Limit
+from weightwarden.broker.storage import LocalWeightStore
+from weightwarden.keys.local import Ed25519Signer
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+cfg = json.loads(sys.argv[1])
+signer = Ed25519Signer(load_pem_private_key(open(cfg["key"], "rb").read(), None))
+log = AuditLog(cfg["db"], signer)
+b = Broker(cfg["db"], LocalWeightStore(cfg["store"]), log, BrokerConfig(
+    per_principal=Limit(cfg["rate"], cfg["burst"]), volume_bytes_per_hour=1e15, max_models_per_hour=10**6))
+uvicorn.run(create_app(b), host="127.0.0.1", port=cfg["port"], log_level="error", backlog=4096)
+"""
+
+
+def setup(tmp: Path, db: str, stream_mib: int, rate: float, burst: float, port: int) -> tuple[dict, dict]:
+    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+    from safetensors.numpy import save_file
+
+    import weightwarden as ww
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.broker.service import Broker
+    from weightwarden.broker.storage import LocalWeightStore
+    from weightwarden.keys.local import Ed25519Signer, KdfParams
+
+    kr = ww.Keyring.create(tmp / "home", "bench-passphrase", kdf=KdfParams(1, 1024, 1))
+    rng = np.random.default_rng(0)
+    src = tmp / "w.safetensors"
+    n = stream_mib * (1 << 20) // 4 // 8
+    save_file({f"t{i}": rng.standard_normal(n).astype(np.float32) for i in range(8)}, str(src))
+    ww.seal(src, tmp / "w.wws", keyring=kr)
+    small = tmp / "s.safetensors"
+    save_file({"t": rng.standard_normal(4096).astype(np.float32)}, str(small))
+    ww.seal(small, tmp / "s.wws", keyring=kr)
+    key = Ed25519PrivateKey.generate()
+    (tmp / "log.pem").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    log = AuditLog(db, Ed25519Signer(key))
+    b = Broker(db, LocalWeightStore(tmp / "store"), log)
+    accts = {"reader": Acct("reader"), "big": Acct("big"), "aud": Acct("aud")}
+    accts |= {f"lim{i}": Acct(f"lim{i}") for i in range(4)}
+    b.add_account("reader", "service", accts["reader"].pub, {"reader"}, {"core"})
+    b.add_account("big", "workload", accts["big"].pub, {"inference-loader"}, {"core"})
+    b.add_account("aud", "human", accts["aud"].pub, {"auditor"}, set())
+    for i in range(4):
+        b.add_account(f"lim{i}", "workload", accts[f"lim{i}"].pub, {"inference-loader"}, {"core"})
+    b.add_model("big", "core", tmp / "w.wws")
+    b.add_model("small", "core", tmp / "s.wws")
+    b.close()
+    cfg = {"db": db, "store": str(tmp / "store"), "key": str(tmp / "log.pem"), "rate": rate, "burst": burst,
+           "port": port}  # fmt: skip
+    return cfg, accts
+
+
+async def load(base: str, accts: dict, clients: int, seconds: float) -> dict:
+    lat: list[float] = []
+    ok = {"n": 0, "errors": 0}
+    deadline = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as c:
+
+        async def one() -> None:
+            while time.perf_counter() < deadline:
+                t = time.perf_counter()
+                r = await c.get("/v1/models/small", headers=accts["reader"].headers("GET", "/v1/models/small"))
+                lat.append(time.perf_counter() - t)
+                if r.status_code == 200:
+                    ok["n"] += 1
+                else:
+                    ok["errors"] += 1
+
+        await asyncio.gather(*(one() for _ in range(clients)))
+    lat.sort()
+    return {"requests_ok": ok["n"], "requests_failed": ok["errors"], "requests_per_s": round(ok["n"] / seconds),
+            "client_latency_ms_p50": round(1000 * lat[len(lat) // 2], 2),
+            "client_latency_ms_p99": round(1000 * lat[int(0.99 * len(lat))], 2)}  # fmt: skip
+
+
+async def egress(base: str, accts: dict, seconds: float, rate: float, burst: float) -> dict:
+    got = {f"lim{i}": 0 for i in range(4)}
+    deadline = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+
+        async def pull(who: str) -> None:
+            while time.perf_counter() < deadline:
+                path = "/v1/models/big/weights"
+                try:
+                    async with c.stream("GET", path, headers=accts[who].headers("GET", path)) as r:
+                        if r.status_code != 200:
+                            await asyncio.sleep(0.05)
+                            continue
+                        async for part in r.aiter_raw():
+                            got[who] += len(part)
+                except httpx.HTTPError:  # the stream was suspended mid-way at the budget
+                    await asyncio.sleep(0.05)
+
+        await asyncio.gather(*(pull(w) for w in got))
+    t = time.perf_counter() - t0
+    allowed = rate * t + burst
+    dev = [abs(v - allowed) / allowed for v in got.values()]
+    return {"streams": len(got), "seconds": round(t, 1), "allowed_bytes_each": int(allowed),
+            "delivered_bytes": list(got.values()), "max_deviation": round(max(dev), 4),
+            "never_over_budget": all(v <= allowed + (1 << 20) for v in got.values())}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--egress-seconds", type=float, default=20)
+    ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    ap.add_argument("--stream-mib", type=int, default=256)
+    args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from services import free_port
+
+    rate, burst = 8e6, 4e6  # egress budget of the lim* workloads: 8 MB/s after a 4 MB burst
+    out: dict = {"cores": os.cpu_count(), "db": args.db, "clients": args.clients, "seconds": args.seconds}
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        handle = None
+        if args.db == "sqlite":
+            db = f"sqlite:///{tmp / 'broker.db'}"
+        else:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from auditlog import _drop, _pg_schema
+
+            db, handle = _pg_schema()
+        port = free_port()
+        cfg, accts = setup(tmp, db, args.stream_mib, rate, burst, port)
+        srv = subprocess.Popen([sys.executable, "-c", SERVE, json.dumps(cfg)])
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                try:
+                    httpx.get(base + "/v1/health", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            out["load"] = asyncio.run(load(base, accts, args.clients, args.seconds))
+            m = httpx.get(base + "/v1/metrics", headers=accts["aud"].headers("GET", "/v1/metrics")).json()
+            out["server_policy_decision_ms"] = {k: v for k, v in m.items() if k.startswith("decision")}
+            out["egress"] = asyncio.run(egress(base, accts, args.egress_seconds, rate, burst))
+        finally:
+            srv.terminate()
+            srv.wait()
+        # streaming speed: a second server with a budget that does not bind
+        cfg2 = {**cfg, "rate": 1e12, "burst": 1e13, "port": free_port()}
+        srv = subprocess.Popen([sys.executable, "-c", SERVE, json.dumps(cfg2)])
+        base = f"http://127.0.0.1:{cfg2['port']}"
+        try:
+            for _ in range(300):
+                try:
+                    httpx.get(base + "/v1/health", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            sealed = tmp / "store" / "big.wws"
+            disk, http = [], []
+            for _ in range(3):
+                t = time.perf_counter()
+                with open(sealed, "rb") as fh:
+                    while fh.read(1 << 20):
+                        pass
+                disk.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                n = 0
+                with httpx.stream(
+                    "GET",
+                    base + "/v1/models/big/weights",
+                    headers=accts["big"].headers("GET", "/v1/models/big/weights"),
+                    timeout=300,
+                ) as r:
+                    for part in r.iter_raw(1 << 20):
+                        n += len(part)
+                http.append(time.perf_counter() - t)
+                assert n == sealed.stat().st_size
+            size = sealed.stat().st_size
+            out["stream"] = {"bytes": size, "disk_read_mb_s": round(size / min(disk) / 1e6),
+                             "broker_stream_mb_s": round(size / min(http) / 1e6),
+                             "ratio_stream_over_disk": round(min(disk) / min(http), 3)}  # fmt: skip
+        finally:
+            srv.terminate()
+            srv.wait()
+        # audit: one broker:authorize "ok" event per answered metadata request, nothing lost or doubled
+        from weightwarden.broker.auditlog import AuditLog
+
+        log = AuditLog(db, create=False)
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        pub = load_pem_private_key(Path(cfg["key"]).read_bytes(), None).public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw)  # fmt: skip
+        rep = log.verify(public_key=pub)
+        small_ok = sum(1 for e in log.export() if e["event"]["action"] == "broker:authorize"
+                       and e["event"]["subject"] == "small" and e["event"]["outcome"] == "ok")  # fmt: skip
+        out["audit"] = {"events": rep["events"], "verified": True, "authorize_events_for_load": small_ok,
+                        "answered_requests": out["load"]["requests_ok"],
+                        "lost_or_duplicated": small_ok - out["load"]["requests_ok"]}  # fmt: skip
+        log.close()
+        if handle is not None:
+            _drop(handle)
+    out["targets"] = {"decision_ms_p99_under": 5, "egress_within": 0.05, "stream_ratio_at_least": 0.5,
+                      "lost_or_duplicated": 0}  # fmt: skip
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
