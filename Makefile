@@ -17,11 +17,13 @@ install: $(BIN)/python
 install-dev: $(BIN)/python system-deps
 	$(BIN)/pip install -q -e '.[dev,hf,hsm,kms,cluster,server]'
 
-# Debian packages the tests use: SoftHSM2 (a real PKCS#11 token for the HSM provider).
+# Debian packages the tests use: SoftHSM2 (a real PKCS#11 token for the HSM provider), and
+# Chromium with its WebDriver (the web console's tests drive it headless).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 system-deps:
-	@command -v softhsm2-util >/dev/null || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq softhsm2 >/dev/null; }
+	@{ command -v softhsm2-util && command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	  softhsm2 chromium chromium-driver >/dev/null; }
 
 demo: install
 	$(BIN)/python -m weightwarden.demo

@@ -976,22 +976,46 @@ def serve_cmd(
     audience: Annotated[
         str, typer.Option("--audience", help="the aud claim tokens must carry")
     ] = "weightwarden-broker",
+    rp_id: Annotated[str, typer.Option("--rp-id", help="WebAuthn relying party id (the console's host)")] = "localhost",
+    origin: Annotated[
+        list[str] | None, typer.Option("--origin", help="the console's origin [default: http://localhost:PORT]")
+    ] = None,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Run the access broker (FastAPI on uvicorn).  Put TLS in front of it (a proxy or --ssl-* via uvicorn)."""
+    """Run the access broker and its web console (FastAPI on uvicorn).  Put TLS in front of it."""
     import uvicorn
 
     from .broker.app import create_app
+    from .broker.passkeys import Passkeys
 
     b = _broker(db, store, home, audience)
+    pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
     sys.stderr.flush()
     try:
-        uvicorn.run(create_app(b), host=host, port=port, log_level="warning", server_header=False)
+        uvicorn.run(create_app(b, pk), host=host, port=port, log_level="warning", server_header=False)
     finally:
         b.close()
+
+
+@broker_app.command("enroll")
+def broker_enroll(
+    account: str,
+    rp_id: Annotated[str, typer.Option("--rp-id")] = "localhost",
+    db: BrokerDbOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """A one-time code (15 minutes) with which a person registers a passkey in the console."""
+    from .broker.passkeys import Passkeys
+
+    b = _broker(db, None, home)
+    try:
+        code = Passkeys(b, rp_id=rp_id).enroll_code(account, actor=audit._default_actor())
+    finally:
+        b.close()
+    sys.stdout.write(code + "\n")
 
 
 # -- release and trace: per-recipient fingerprints ----------------------------------------------

@@ -74,7 +74,8 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(broker: Broker) -> Any:
+def create_app(broker: Broker, passkeys: Any = None) -> Any:
+    """The broker's ASGI app; with ``passkeys`` (a :class:`.passkeys.Passkeys`), the web console too."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -214,6 +215,10 @@ def create_app(broker: Broker) -> Any:
         broker.authorize(p, Permission.AUDIT_LOG_READ)
         return {"alerts": broker.alerts()}
 
+    if passkeys is not None:
+        from .console import console_router
+
+        app.include_router(console_router(passkeys))
     app.add_middleware(_BodyLimit, broker=broker)
     return app
 

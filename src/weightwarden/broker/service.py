@@ -9,6 +9,7 @@ call that depends on time has a ``now`` parameter.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import secrets
@@ -109,7 +110,7 @@ def _tables(md: Any) -> _Tables:
                  C("model", sa.String(128)), C("action", sa.String(40)), C("created", sa.BigInteger),
                  C("expires", sa.BigInteger), C("status", sa.String(16)), C("reason", sa.Text)),
         sa.Table("ww_approvals", md, C("request_id", sa.String(40), primary_key=True),
-                 C("approver", sa.String(128), primary_key=True), C("signature", sa.LargeBinary(64)),
+                 C("approver", sa.String(128), primary_key=True), C("signature", sa.LargeBinary),
                  C("at", sa.BigInteger)),
         sa.Table("ww_buckets", md, C("key", sa.String(200), primary_key=True), C("tokens", sa.Float),
                  C("updated", sa.Float)),
@@ -367,10 +368,25 @@ class Broker:
                 "approvals_needed": self.config.approvals_needed}  # fmt: skip
 
     def approve(self, p: Principal, rid: str, signature: bytes, *, now: datetime | None = None) -> dict[str, Any]:
-        """Record ``p``'s signed approval; the request is approved at M distinct approvers."""
-        import sqlalchemy as sa
+        """Record ``p``'s approval, an Ed25519 signature of :meth:`approval_message` by ``p``'s account
+        key; the request is approved at M distinct approvers."""
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        def check(req: dict[str, Any]) -> bytes:
+            try:
+                key = bytes(self._account(p.id).public_key)
+                Ed25519PublicKey.from_public_bytes(key).verify(signature, self.approval_message(req))
+            except (InvalidSignature, ValueError):
+                raise Forbidden("the approval signature does not verify") from None
+            return signature
+
+        return self.record_approval(p, rid, check, now=now)
+
+    def record_approval(self, p: Principal, rid: str, check: Any, *, now: datetime | None = None) -> dict[str, Any]:
+        """The two-person rule's bookkeeping, whatever proves the approval: ``check(request)`` verifies
+        the approver's proof (a signature, a WebAuthn assertion) and returns the bytes to record."""
+        import sqlalchemy as sa
 
         req = self.request(rid, now=now)
         try:
@@ -381,11 +397,7 @@ class Broker:
                 raise Conflict(f"request is {req['status']}")
             if p.id in req["approvals"]:
                 raise Conflict("this approver has already approved")
-            try:
-                key = bytes(self._account(p.id).public_key)
-                Ed25519PublicKey.from_public_bytes(key).verify(signature, self.approval_message(req))
-            except (InvalidSignature, ValueError):
-                raise Forbidden("the approval signature does not verify") from None
+            proof = check(req)
             t = int(_ts(now))
             with self._write() as c:
                 cur = c.execute(sa.select(self.t.requests.c.status).where(self.t.requests.c.id == rid)
@@ -393,8 +405,7 @@ class Broker:
                 if cur != "pending":
                     raise Conflict(f"request is {cur}")
                 try:
-                    c.execute(sa.insert(self.t.approvals).values(request_id=rid, approver=p.id, signature=signature,
-                                                                 at=t))  # fmt: skip
+                    c.execute(sa.insert(self.t.approvals).values(request_id=rid, approver=p.id, signature=proof, at=t))
                 except sa.exc.IntegrityError:
                     raise Conflict("this approver has already approved") from None
                 n = c.execute(sa.select(sa.func.count()).select_from(self.t.approvals)
@@ -405,8 +416,17 @@ class Broker:
             self.audit(AuditAction.APPROVAL_GRANT, "denied", p.id, req["model"], reason=str(e), now=now, request=rid)
             raise
         self.audit(AuditAction.APPROVAL_GRANT, "ok", p.id, req["model"], now=now, request=rid,
-                   signature=signature.hex())  # fmt: skip
+                   proof_sha256=hashlib.sha256(proof).hexdigest())  # fmt: skip
         return self.request(rid, now=now)
+
+    def requests(self, *, status: str | None = None, now: datetime | None = None) -> list[dict[str, Any]]:
+        import sqlalchemy as sa
+
+        q = sa.select(self.t.requests.c.id).order_by(self.t.requests.c.created)
+        with self.engine.connect() as c:
+            ids = list(c.execute(q).scalars())
+        out = [self.request(i, now=now) for i in ids]
+        return [r for r in out if status is None or r["status"] == status]
 
     # -- egress ---------------------------------------------------------------------------
     def _take(self, keys: list[tuple[str, Limit]], n: int, now: datetime | None) -> str | None:
