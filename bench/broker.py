@@ -60,6 +60,7 @@ from weightwarden.broker.storage import LocalWeightStore
 from weightwarden.keys.local import Ed25519Signer
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 cfg = json.loads(sys.argv[1])
+sys.setswitchinterval(0.001)  # as warden serve does
 signer = Ed25519Signer(load_pem_private_key(open(cfg["key"], "rb").read(), None))
 log = AuditLog(cfg["db"], signer)
 b = Broker(cfg["db"], LocalWeightStore(cfg["store"]), log, BrokerConfig(

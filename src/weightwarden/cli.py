@@ -992,6 +992,7 @@ def serve_cmd(
 
     b = _broker(db, store, home, audience)
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
+    sys.setswitchinterval(0.001)  # short GIL slices: a policy decision never waits a 5 ms slice behind a stream
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
     sys.stderr.flush()
     try:

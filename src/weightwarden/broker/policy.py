@@ -68,30 +68,49 @@ class Policy:
         import cedarpy
 
         self._set = cedarpy.PolicySet.from_str(self.text)
+        self._cache: dict[tuple[Principal, str | None, str | None], Any] = {}
+
+    def _entities(self, p: Principal, model: str | None, team: str | None) -> Any:
+        """The entity graph of one decision, parsed once per distinct (principal, model, team)."""
+        import json
+
+        import cedarpy
+
+        key = (p, model, team)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        ents: list[dict[str, Any]] = [
+            {"uid": {"type": "Principal", "id": p.id}, "parents": [{"type": "Role", "id": r} for r in sorted(p.roles)],
+             "attrs": {"kind": p.kind, "suspended": p.suspended,
+                       "teams": [{"__entity": {"type": "Team", "id": t}} for t in sorted(p.teams)]}},
+        ]  # fmt: skip
+        ents += [{"uid": {"type": "Role", "id": r}, "parents": [], "attrs": {}} for r in sorted(p.roles)]
+        if model is not None and team is not None:
+            ents.append({"uid": {"type": "Model", "id": model}, "parents": [],
+                         "attrs": {"team": {"__entity": {"type": "Team", "id": team}}}})  # fmt: skip
+        ents.append({"uid": {"type": "Org", "id": "org"}, "parents": [], "attrs": {}})
+        parsed = cedarpy.Entities.from_json_str(json.dumps(ents))
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[key] = parsed
+        return parsed
 
     def decide(self, p: Principal, perm: Permission, model: str | None = None, team: str | None = None,
                context: dict[str, Any] | None = None) -> Decision:  # fmt: skip
         """Is ``p`` allowed ``perm`` on ``model`` (of ``team``), given ``context``?  Deny by default."""
         import cedarpy
 
-        pid = {"type": "Principal", "id": p.id}
-        ents: list[dict[str, Any]] = [
-            {"uid": pid, "parents": [{"type": "Role", "id": r} for r in sorted(p.roles)],
-             "attrs": {"kind": p.kind, "suspended": p.suspended,
-                       "teams": [{"__entity": {"type": "Team", "id": t}} for t in sorted(p.teams)]}},
-        ]  # fmt: skip
-        ents += [{"uid": {"type": "Role", "id": r}, "parents": [], "attrs": {}} for r in sorted(p.roles)]
         if perm in MODEL_PERMISSIONS:
             if model is None or team is None:
                 return Decision(False, errors=("a model permission needs the model and its team",))
             res = {"type": "Model", "id": model}
-            ents.append({"uid": res, "parents": [], "attrs": {"team": {"__entity": {"type": "Team", "id": team}}}})
         else:
             res = {"type": "Org", "id": "org"}
-            ents.append({"uid": res, "parents": [], "attrs": {}})
         ctx = {"approved": False, "workload": p.kind == "workload", **(context or {})}
-        req = {"principal": pid, "action": {"type": "Action", "id": str(perm)}, "resource": res, "context": ctx}
-        r = cedarpy.is_authorized(req, self._set, ents)
+        req = {"principal": {"type": "Principal", "id": p.id}, "action": {"type": "Action", "id": str(perm)},
+               "resource": res, "context": ctx}  # fmt: skip
+        r = cedarpy.is_authorized(req, self._set, self._entities(p, model, team))
         allowed = r.decision == cedarpy.Decision.Allow
         diag = r.diagnostics
         return Decision(allowed, tuple(diag.reasons), tuple(str(e) for e in diag.errors))
