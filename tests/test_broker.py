@@ -172,6 +172,11 @@ def test_tokens_are_short_lived_bound_single_use_and_revocable(state_url: str, t
     for why, t in bad.items():
         r = http.c.get("/v1/models", headers={"authorization": f"Bearer {t}"})
         assert r.status_code == 401, why
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    # an unknown account and a known one with a forged signature look the same from outside
+    msgs = {http.c.get("/v1/models", headers={"authorization": f"Bearer {bad[k]}"}).json()["error"]
+            for k in ("forged", "unknown account", "other account's key")}  # fmt: skip
+    assert len(msgs) == 1
     assert http(None, "GET", "/v1/models").status_code == 401
     # revocation: every token issued before now is refused at once
     early = rd.token("GET", "/v1/models", now=datetime.now(UTC) - timedelta(seconds=30))
@@ -181,7 +186,7 @@ def test_tokens_are_short_lived_bound_single_use_and_revocable(state_url: str, t
     b.suspend("reader", actor="aud", reason="test")
     assert http(rd, "GET", "/v1/models").status_code == 401
     denied = [e for e in b.log.export() if e["event"]["action"] == "broker:authenticate"]
-    assert len(denied) == len(bad) + 4 and all(e["event"]["outcome"] == "denied" for e in denied)
+    assert len(denied) == len(bad) + 3 + 4 and all(e["event"]["outcome"] == "denied" for e in denied)
     assert not any(t in json.dumps(denied) for t in bad.values() if len(t) > 40)  # tokens are never logged
     b.close()
 

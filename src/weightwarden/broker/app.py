@@ -92,7 +92,10 @@ def create_app(broker: Broker, passkeys: Any = None) -> Any:
 
     @app.exception_handler(BrokerError)
     async def _broker_error(_: Request, e: BrokerError) -> JSONResponse:
-        return err(e.status, str(e))
+        r = err(e.status, str(e))
+        if e.status == 401:
+            r.headers["www-authenticate"] = 'Bearer realm="weightwarden"'
+        return r
 
     @app.exception_handler(BadNameError)
     async def _bad_name(req: Request, e: BadNameError) -> JSONResponse:

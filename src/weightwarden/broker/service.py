@@ -55,6 +55,7 @@ class EgressLimitError(BrokerError):
 
 
 APPROVAL_CONTEXT = b"weightwarden approval v1\n"
+_GENERIC = "token signature or claims are invalid"
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,9 @@ class Broker:
         except (TokenError, Unauthorized) as e:
             self.audit(AuditAction.BROKER_AUTHENTICATE, "denied", who, path[:200], reason=str(e), now=now,
                        method=method, network=network)  # fmt: skip
-            raise Unauthorized(str(e)) from None
+            # the log keeps the precise reason; the caller does not learn which accounts exist
+            public = str(e) if isinstance(e, TokenError) and "key this account" not in str(e) else _GENERIC
+            raise Unauthorized(public) from None
         p = self.principal(acct)
         if p.suspended:
             self.audit(AuditAction.BROKER_AUTHENTICATE, "denied", acct, path[:200], reason="account suspended",
