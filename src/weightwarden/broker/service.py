@@ -77,7 +77,7 @@ class BrokerConfig:
     allowed_hours_utc: tuple[int, int] = (0, 24)
     max_models_per_hour: int = 5
     auto_suspend: frozenset[str] = frozenset({"volume", "many-models"})
-    chunk: int = CHUNK
+    chunk: int = 4 * CHUNK  # bytes read and sent at a time
     lease: int = 64 * CHUNK  # bytes reserved from the buckets per database transaction
 
 
