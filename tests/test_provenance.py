@@ -30,7 +30,7 @@ from weightwarden.provenance import (
     detect_layout,
     extract_signature,
 )
-from weightwarden.provenance.registry import LINEAGE_BETA
+from weightwarden.provenance.registry import LINEAGE_MAX_COS
 from weightwarden.provenance.zoo import DERIVATIONS, FUNCTION_PRESERVING, Zoo
 
 from .conftest import warden
@@ -238,12 +238,13 @@ def test_identify_ranks_the_parent_first(tmp_path: Path, zoo: Zoo, parent: Path,
     assert reg.parent_of("parent") is None and reg.parent_of("other-0") is None
     sib_match = dict(res.matches)["sibling"]
     assert sib_match.extra["lineage"]["registered_parent"] == "parent"
-    assert sib_match.extra["lineage"]["beta"] < LINEAGE_BETA and not sib_match.extra["lineage"]["could_be_parent"]
+    lin = sib_match.extra["lineage"]
+    assert lin["cos_angle_at_candidate"] > LINEAGE_MAX_COS and not lin["could_be_parent"]
     # a fine-tune of the sibling: its parent is the sibling, not the root both come from
     grandchild = zoo.derive(zoo.derive(parent, "ft-long"), "ft-short", seed=9)
     res2 = reg.identify(grandchild, top_k=8)
     assert res2.best is not None and res2.best[0] == "sibling", res2.to_json()["matches"][:2]
-    assert dict(res2.matches)["sibling"].extra["lineage"]["beta"] >= LINEAGE_BETA
+    assert dict(res2.matches)["sibling"].extra["lineage"]["cos_angle_at_candidate"] <= LINEAGE_MAX_COS
     # an unrelated model is derived from nothing registered
     assert reg.identify(independents[8]).best is None
     with pytest.raises(RegistryError, match="already registered"):

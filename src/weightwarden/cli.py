@@ -707,7 +707,10 @@ def prov_identify(
     t = Table("model", "decision", "p-value (corrected)", "shared layers", "similarity", "lineage")
     for m in j["matches"]:
         lin = m.get("lineage", {})
-        beta = f"beta {lin['beta']:.2f} from {lin['registered_parent']}" if "beta" in lin else ""
+        beta = ""
+        if "could_be_parent" in lin:
+            kind = "could be parent" if lin["could_be_parent"] else "sibling-like"
+            beta = f"{kind} (cos {lin['cos_angle_at_candidate']:.2f} from {lin['registered_parent']})"
         t.add_row(m["name"], m["decision"], _pfmt(m["p_value"], m["log10_p_value"]), ", ".join(m["shared_ranges"]),
                   f"{m['similarity']:.3f}", beta)  # fmt: skip
     out.print(t)

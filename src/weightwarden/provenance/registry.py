@@ -15,18 +15,19 @@ Lineage.  A model registered after another it tests as derived from records it a
 its registered parent (or the caller names the parent).  Among the registered
 models a suspect is derived from, the one it is closest to need not be its parent:
 a sibling fine-tuned on similar data can sit closer.  So a candidate X with a
-registered parent A counts as a possible parent of the suspect S only if S has
-travelled at least ``LINEAGE_BETA`` of the way from A to X, measured by projecting
-S - A on X - A with the law of cosines over the matched-unit distances
-(beta = (d(S,A)^2 + d(X,A)^2 - d(S,X)^2) / (2 d(X,A)^2)); a child of X inherits all
-of X's update (beta near 1 or more), a sibling only the part both updates share.
-docs/PROVENANCE.md has the figures and the limits.
+registered parent A counts as a possible parent of the suspect S only if S's own
+update, S - X, does not point back toward A: the angle A-X-S, from the law of
+cosines over the matched-unit distances, must have a cosine of at most
+``LINEAGE_MAX_COS``.  A child's update is roughly orthogonal to X's (or continues
+it); a sibling's position relative to X contains minus X's own update, so it points
+back toward A.  docs/PROVENANCE.md has the figures and the limits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,12 +42,12 @@ from .layout import detect_layout
 from .signature import SKETCH_DIM, Signature, extract_signature, suspect_sketch
 from .source import TensorSource, open_source
 
-__all__ = ["LINEAGE_BETA", "Identification", "Registry"]
+__all__ = ["LINEAGE_MAX_COS", "Identification", "Registry"]
 
 _NAME_MAX = 200
 _NO_SKETCH_MAX = 1000
 _ANCESTORS_MAX = 16
-LINEAGE_BETA = 0.875
+LINEAGE_MAX_COS = 0.2
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class Identification:
                 {"name": n, **{k: v for k, v in c.to_json().items() if k != "layers"}, "layers": len(c.layers)}
                 for n, c in self.matches
             ],
-            "lineage_beta_threshold": LINEAGE_BETA,
+            "lineage_max_cos": LINEAGE_MAX_COS,
             "retrieval": [{"name": n, "score": round(s, 4)} for n, s in self.retrieved],
         }
 
@@ -268,9 +269,12 @@ class Registry:
             if c.derived and a is not None and a in by_name and by_name[a].derived:
                 rec = self._facts[self._names.index(name)]["parent"]
                 d_xa, d_sa, d_sx = float(rec["dist2"]), by_name[a].dist2, c.dist2
+                # beta: how far along A -> X the suspect has come; cos: the angle A-X-S (law of cosines)
                 beta = (d_sa + d_xa - d_sx) / (2 * d_xa) if d_xa > 0 else float("inf")
-                consistent = beta >= LINEAGE_BETA
+                cos = (d_xa + d_sx - d_sa) / (2 * math.sqrt(d_xa * d_sx)) if d_xa > 0 and d_sx > 0 else -1.0
+                consistent = cos <= LINEAGE_MAX_COS
                 c = replace(c, extra={**c.extra, "lineage": {"registered_parent": a, "beta": round(beta, 4),
+                                                             "cos_angle_at_candidate": round(cos, 4),
                                                              "could_be_parent": consistent}})  # fmt: skip
             elif a is not None:
                 c = replace(c, extra={**c.extra, "lineage": {"registered_parent": a}})
