@@ -74,8 +74,14 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(broker: Broker, passkeys: Any = None) -> Any:
-    """The broker's ASGI app; with ``passkeys`` (a :class:`.passkeys.Passkeys`), the web console too."""
+def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any:
+    """The broker's ASGI app; with ``passkeys`` (a :class:`.passkeys.Passkeys`), the web console too.
+
+    ``threads``: worker threads for the (blocking) service calls.  Few: the work holds the GIL
+    most of the time, and fewer runnable threads keep a policy decision from queueing behind them."""
+    import contextlib
+
+    import anyio
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -84,7 +90,13 @@ def create_app(broker: Broker, passkeys: Any = None) -> Any:
 
     from .policy import Permission, Principal
 
-    app = FastAPI(title="weightwarden broker", version="1", description="One guarded door to the weights.")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> Any:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = threads
+        yield
+
+    app = FastAPI(title="weightwarden broker", version="1", description="One guarded door to the weights.",
+                  lifespan=lifespan)  # fmt: skip
     bearer = HTTPBearer(auto_error=False, description="a request token (see docs/BROKER.md): EdDSA JWT, single use")
 
     def err(status: int, msg: str) -> JSONResponse:
@@ -143,8 +155,9 @@ def create_app(broker: Broker, passkeys: Any = None) -> Any:
 
     @app.get("/v1/models/{name}")
     def get_model(name: str, p: Who) -> dict[str, Any]:
-        broker.authorize(p, Permission.MODEL_METADATA_READ, name)
-        return broker.model(name)
+        info = broker.model(name)
+        broker.authorize(p, Permission.MODEL_METADATA_READ, name, team=info["team"])
+        return info
 
     def _stream(it: Any, name: str) -> StreamingResponse:
         try:

@@ -171,6 +171,8 @@ class AuditLog:
         self.public_key = public_key or (signer.public_key if signer is not None else None)
         self.checkpoint = max(1, checkpoint)
         self._lock = threading.Lock()
+        self._frontier: merkle.Frontier | None = None  # the right edge after this object's last commit
+        self._nodes: dict[tuple[int, int], bytes] = {}  # complete-subtree hashes read by proofs
         kw: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kw["connect_args"] = {"timeout": 30, "check_same_thread": False}
@@ -219,38 +221,49 @@ class AuditLog:
     @_db_errors
     def append(self, events: Iterable[AuditEvent | dict[str, Any]], *, now: datetime | None = None) -> list[int]:
         """Append events atomically and sign the new head; returns their indices."""
+        return self._append_bodies([_canonical(e) for e in events], now)
+
+    def _append_bodies(self, bodies: list[bytes], now: datetime | None = None) -> list[int]:
+        """Append canonical JSON bodies (see :func:`_canonical`) in one transaction."""
         import sqlalchemy as sa
 
         if self.signer is None:
             raise AuditLogError("appending needs the log's signing key")
-        bodies = [_canonical(e) for e in events]
         if not bodies:
             return []
+        q = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         with self._lock, self.engine.connect() as c0, c0.execution_options(ww_write=True).begin():
             c = c0
             size = c.execute(
                 sa.select(self.t_state.c.size).where(self.t_state.c.id == 1).with_for_update()
             ).scalar_one()
-            keys = merkle.Frontier.keys(size)
-            have = self._fetch(c, keys)
-            if len(have) != len(keys):
-                raise AuditTamperedError("the log's right edge is missing nodes")
-            f = merkle.Frontier([(lv, i, have[(lv, i)]) for lv, i in keys])
+            if self._frontier is not None and self._frontier.size == size:
+                f = self._frontier  # nobody appended since our last commit: our right edge is current
+            else:
+                keys = merkle.Frontier.keys(size)
+                have = self._fetch(c, keys)
+                if len(have) != len(keys):
+                    raise AuditTamperedError("the log's right edge is missing nodes")
+                f = merkle.Frontier([(lv, i, have[(lv, i)]) for lv, i in keys])
+            self._frontier = None  # until this transaction commits
+            f = merkle.Frontier(list(f.stack))
             rows_e, rows_n = [], []
             for k, b in enumerate(bodies):
                 h = merkle.leaf_hash(b)
-                rows_e.append({"idx": size + k, "body": b})
-                rows_n.append({"level": 0, "idx": size + k, "hash": h})
-                rows_n += [{"level": lv, "idx": i, "hash": x} for lv, i, x in f.push(h)]
+                rows_e.append((size + k, b))
+                rows_n.append((0, size + k, h))
+                rows_n += f.push(h)
             new = size + len(bodies)
-            c.execute(sa.insert(self.t_events), rows_e)
-            c.execute(sa.insert(self.t_nodes), rows_n)
+            # plain DB-API executemany: SQLAlchemy's per-row parameter processing cost more than the inserts
+            c.exec_driver_sql(f"INSERT INTO ww_audit_events (idx, body) VALUES ({q}, {q})", rows_e)
+            c.exec_driver_sql(f"INSERT INTO ww_audit_nodes (level, idx, hash) VALUES ({q}, {q}, {q})", rows_n)
             head = self._sign(new, f.root(), now)
             if size and size // self.checkpoint == new // self.checkpoint:  # keep the last head of each bucket
                 c.execute(sa.delete(self.t_heads).where(self.t_heads.c.size == size))
             c.execute(sa.insert(self.t_heads).values(size=new, root=head.root, at=head.at, key_id=head.key_id,
                                                      signature=head.signature))  # fmt: skip
             c.execute(sa.update(self.t_state).where(self.t_state.c.id == 1).values(size=new))
+        self._frontier = f
         return list(range(size, new))
 
     def _sign(self, size: int, root: bytes, now: datetime | None) -> SignedHead:
@@ -278,8 +291,20 @@ class AuditLog:
             out.update({(int(lv), int(i)): bytes(h) for lv, i, h in c.execute(_nodes_query(len(part)), params)})
         return out
 
-    def _getter(self, c: Any, fn: Any) -> Any:
-        have = self._fetch(c, merkle.needed(fn))
+    def _getter(self, c: Any, fn: Any, *, cached: bool = False) -> Any:
+        """Run ``fn(get)`` over stored nodes fetched in one query.  ``cached`` (proofs only, never
+        verification) keeps nodes seen before: a complete subtree's hash never changes, and a proof
+        built from them is checked by its reader against the signed head anyway."""
+        need = merkle.needed(fn)
+        if cached:
+            have = {k: self._nodes[k] for k in need if k in self._nodes}
+            fresh = self._fetch(c, [k for k in need if k not in have])
+            if len(self._nodes) > 200_000:
+                self._nodes.clear()
+            self._nodes.update(fresh)
+            have.update(fresh)
+        else:
+            have = self._fetch(c, need)
 
         def get(level: int, i: int) -> bytes:
             try:
@@ -325,7 +350,7 @@ class AuditLog:
             b = c.execute(sa.select(self.t_events.c.body).where(self.t_events.c.idx == index)).scalar()
             if b is None:
                 raise AuditTamperedError(f"event {index} is missing from the log")
-            path = self._getter(c, lambda g: merkle.inclusion_proof(g, index, head.size))
+            path = self._getter(c, lambda g: merkle.inclusion_proof(g, index, head.size), cached=True)
         return InclusionProof(index, bytes(b), tuple(path), head)
 
     @_db_errors
@@ -334,7 +359,7 @@ class AuditLog:
         if not 0 <= old <= new <= self.size():
             raise AuditLogError("a consistency proof needs 0 <= old <= new <= size")
         with self.engine.connect() as c:
-            return self._getter(c, lambda g: merkle.consistency_proof(g, old, new))
+            return self._getter(c, lambda g: merkle.consistency_proof(g, old, new), cached=True)
 
     @_db_errors
     def export(self, start: int = 0) -> Iterator[dict[str, Any]]:
@@ -474,7 +499,7 @@ class MerkleLogSink(AuditSink):
     def __init__(self, log: AuditLog, *, max_batch: int = 1000):
         self.log = log
         self.max_batch = max_batch
-        self._q: list[tuple[dict[str, Any], Future[int]]] = []
+        self._q: list[tuple[bytes, Future[int]]] = []
         self._cv = threading.Condition()
         self._closed = False
         self._writer: threading.Thread | None = None
@@ -484,13 +509,12 @@ class MerkleLogSink(AuditSink):
 
     def append(self, ev: AuditEvent | dict[str, Any]) -> int:
         """Queue ``ev``, wait for its commit and return its index."""
-        obj = ev.to_json() if isinstance(ev, AuditEvent) else ev
-        _canonical(obj)  # a bad event fails here, alone, not the batch it would join
+        body = _canonical(ev)  # a bad event fails here, alone, not the batch it would join
         fut: Future[int] = Future()
         with self._cv:
             if self._closed:
                 raise AuditLogError("the audit sink is closed")
-            self._q.append((obj, fut))
+            self._q.append((body, fut))
             if self._writer is None:
                 self._writer = threading.Thread(target=self._run, name="warden-audit-writer", daemon=True)
                 self._writer.start()
@@ -506,7 +530,7 @@ class MerkleLogSink(AuditSink):
                     return
                 batch, self._q = self._q[: self.max_batch], self._q[self.max_batch :]
             try:
-                idx = self.log.append([e for e, _ in batch])
+                idx = self.log._append_bodies([b for b, _ in batch])
             except BaseException as e:  # every waiter learns the batch failed
                 for _, f in batch:
                     f.set_exception(e)

@@ -157,6 +157,7 @@ class Broker:
         md.create_all(self.engine)
         self.sink = MerkleLogSink(self.log)
         self._decisions: deque[float] = deque(maxlen=100_000)  # seconds per policy decision, newest last
+        self._jti_inserts = 0
 
     def metrics(self) -> dict[str, Any]:
         """Policy-decision latency over the last 100,000 decisions (milliseconds)."""
@@ -251,9 +252,11 @@ class Broker:
             if cl.iat < (r.revoked_before or 0):
                 raise TokenError("token was revoked")
             t = int(_ts(now))
+            self._jti_inserts += 1
             try:
                 with self._write() as c:
-                    c.execute(sa.delete(self.t.jti).where(self.t.jti.c.exp < t - 60))
+                    if self._jti_inserts % 256 == 1:  # expired token ids are swept now and then, not per request
+                        c.execute(sa.delete(self.t.jti).where(self.t.jti.c.exp < t - 60))
                     c.execute(sa.insert(self.t.jti).values(jti=f"{acct}:{cl.jti}", exp=cl.exp))
             except sa.exc.IntegrityError:
                 raise TokenError("token was already used") from None
@@ -263,7 +266,7 @@ class Broker:
             # the log keeps the precise reason; the caller does not learn which accounts exist
             public = str(e) if isinstance(e, TokenError) and "key this account" not in str(e) else _GENERIC
             raise Unauthorized(public) from None
-        p = self.principal(acct)
+        p = Principal(r.id, r.kind, frozenset(json.loads(r.roles)), frozenset(json.loads(r.teams)), bool(r.suspended))
         if p.suspended:
             self.audit(AuditAction.BROKER_AUTHENTICATE, "denied", acct, path[:200], reason="account suspended",
                        now=now)  # fmt: skip
@@ -271,10 +274,11 @@ class Broker:
         return p
 
     # -- authorization --------------------------------------------------------------------
-    def authorize(self, p: Principal, perm: Permission, model: str | None = None, *,
+    def authorize(self, p: Principal, perm: Permission, model: str | None = None, *, team: str | None = None,
                   context: dict[str, Any] | None = None, now: datetime | None = None) -> Decision:  # fmt: skip
-        """Decide and audit; raise :class:`Forbidden` on deny."""
-        team = self.model(model)["team"] if model is not None else None
+        """Decide and audit; raise :class:`Forbidden` on deny.  ``team``: the model's, if already looked up."""
+        if model is not None and team is None:
+            team = self.model(model)["team"]
         t0 = time.perf_counter()
         d = self.policy.decide(p, perm, model, team, context)
         self._decisions.append(time.perf_counter() - t0)
@@ -563,8 +567,8 @@ class Broker:
         sent = reserved = 0
         try:
             for b in chunks:
-                if reserved < len(b):
-                    need = len(b) - reserved
+                while reserved < len(b):  # reserve in pieces of at most 1 MiB, a lease at a time when possible
+                    need = min(len(b) - reserved, CHUNK)
                     want = max(need, min(cfg.lease, size - sent - reserved))
                     short = self._take(keys, want, now)
                     if short is not None and want > need:
