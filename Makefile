@@ -38,6 +38,8 @@ bench: install-dev
 	$(BIN)/python bench/custody.py
 	$(BIN)/python bench/provenance.py
 	$(BIN)/python bench/tracing.py
+	$(BIN)/python bench/auditlog.py
+	$(BIN)/python bench/broker.py
 
 fuzz: install-dev
 	$(BIN)/python fuzz/fuzz_sealed.py -atheris_runs=200000
