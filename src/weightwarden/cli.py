@@ -1022,6 +1022,57 @@ def broker_enroll(
     sys.stdout.write(code + "\n")
 
 
+# -- export control ------------------------------------------------------------------------------
+@app.command("classify")
+def classify_cmd(
+    model: Annotated[Path, typer.Argument(help="checkpoint: .safetensors, HF folder, sealed file or bundle")],
+    tokens: Annotated[float | None, typer.Option("--tokens", help="training tokens (compute = 6·N·D)")] = None,
+    compute: Annotated[float | None, typer.Option("--compute", help="declared training compute, FLOP")] = None,
+    chip_hours: Annotated[float | None, typer.Option("--chip-hours")] = None,
+    peak_flops: Annotated[float | None, typer.Option("--peak-flops", help="peak dense FLOP/s per chip")] = None,
+    utilization: Annotated[float | None, typer.Option("--utilization", help="0..1 [default 0.4]")] = None,
+    published: Annotated[bool, typer.Option("--published", help="the weights are published")] = False,
+    experts_per_token: Annotated[int | None, typer.Option("--experts-per-token", min=1)] = None,
+    country: Annotated[str | None, typer.Option("--country", help="destination (ISO 3166 alpha-2)")] = None,
+    as_of: Annotated[str | None, typer.Option("--as-of", help="evaluate the rules at this date (YYYY-MM-DD)")] = None,
+    rules: Annotated[Path | None, typer.Option("--rules", help="a signed rules file (FILE + FILE.sig)")] = None,
+    rules_key: Annotated[str | None, typer.Option("--rules-key", help="Ed25519 key (hex) that signs --rules")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Parameters, training compute and the outcome under each export-control regime."""
+    import datetime as _dt
+
+    from .release import classify, load_rules
+    from .release.rules import SHIPPED_RULES_KEY
+
+    when = None
+    if as_of:
+        try:
+            when = _dt.date.fromisoformat(as_of)
+        except ValueError:
+            raise typer.BadParameter("--as-of is YYYY-MM-DD") from None
+    rs = None
+    if rules:
+        keys = [SHIPPED_RULES_KEY] + ([_pubkey(rules_key, "a rules file")] if rules_key else [])
+        rs = load_rules(rules, keys)
+    c = classify(model, rules=rs, as_of=when, country=country, tokens=tokens, declared_flop=compute,
+                 chip_hours=chip_hours, peak_flops=peak_flops, utilization=utilization, published=published,
+                 experts_per_token=experts_per_token, **_model_kw(model, home))  # fmt: skip
+    j = c.to_json()
+    if as_json:
+        _emit(j, True)
+        return
+    comp = c.compute
+    flop = f"{comp.flop:.2e} FLOP ({comp.method}, {comp.low:.1e}..{comp.high:.1e})" if comp else "unknown"
+    out.print(f"{c.model}: {c.total_params:,} parameters ({c.active_params:,} active); training compute {flop}")
+    t = Table("regime", "outcome", "reasons")
+    for o in c.outcomes:
+        t.add_row(o["regime"], o["outcome"], "; ".join(o["reasons"]))
+    out.print(t)
+    out.print(f"rules {c.rules_version}, as of {c.as_of}")
+
+
 # -- release and trace: per-recipient fingerprints ----------------------------------------------
 @app.command("release")
 def release_cmd(
