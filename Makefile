@@ -40,6 +40,7 @@ bench: install-dev
 	$(BIN)/python bench/tracing.py
 	$(BIN)/python bench/auditlog.py
 	$(BIN)/python bench/broker.py
+	$(BIN)/python bench/export.py
 
 fuzz: install-dev
 	$(BIN)/python fuzz/fuzz_sealed.py -atheris_runs=200000

@@ -1073,6 +1073,62 @@ def classify_cmd(
     out.print(f"rules {c.rules_version}, as of {c.as_of}")
 
 
+@app.command("screen")
+def screen_cmd(
+    name: Annotated[str, typer.Argument(help="a person or organisation; `update` with --file loads a new list")],
+    alias: Annotated[list[str] | None, typer.Option("--alias", help="another name of the same party (repeat)")] = None,
+    country: Annotated[str | None, typer.Option("--country", help="its country (ISO 3166 alpha-2)")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", min=0, max=100)] = 86.0,
+    file: Annotated[
+        Path | None, typer.Option("--file", help="a screening list (CSL JSON/CSV, OpenSanctions FtM)")
+    ] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Screen NAME against the restricted-party list (`warden screen update --file F` loads a newer one)."""
+    from importlib import resources
+
+    from ._atomic import atomic_write_bytes
+    from .release.screen import ScreeningList
+
+    store = (home or default_home()) / "screening"
+    if name == "update":
+        if file is None:
+            raise WardenError("warden screen update needs --file")
+        data = file.read_bytes()
+        lst = ScreeningList.parse(data, file.name)  # refuses an unknown format before anything is replaced
+        store.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_bytes(store / "list.dat", data, force=True)
+        import datetime as _dt
+
+        rec = {"origin": file.name, "sha256": lst.sha256, "format": lst.format, "entries": len(lst.entries),
+               "loaded": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}  # fmt: skip
+        atomic_write_bytes(store / "list.json", json.dumps(rec).encode(), force=True)
+        _emit(rec, as_json, f"screening list {file.name}: {len(lst.entries)} entries, sha256 {lst.sha256[:16]}…")
+        return
+    if file is not None:
+        lst = ScreeningList.load(file)
+    elif (store / "list.dat").exists():
+        meta = json.loads((store / "list.json").read_text())
+        lst = ScreeningList.parse((store / "list.dat").read_bytes(), meta.get("origin", ""))
+    else:
+        with resources.as_file(resources.files("weightwarden.release").joinpath("lists/sample_csl.json")) as p:
+            lst = ScreeningList.load(p)
+        err.print("note: screening against the shipped SAMPLE list (fictitious); load a real one with "
+                  "`warden screen update --file`")  # fmt: skip
+    r = lst.screen(name, aliases=tuple(alias or ()), country=country, threshold=threshold)
+    if as_json:
+        _emit(r, True)
+        return
+    t = Table("score", "entry", "matched name", "source", "countries")
+    for h in r["hits"]:
+        t.add_row(f"{h['score']:.1f}", h["entry"]["name"], h["matched_name"], h["entry"]["source"],
+                  ",".join(h["entry"]["countries"]))  # fmt: skip
+    out.print(t)
+    out.print(f"{r['decision'].upper()} (threshold {threshold:g}; list {r['list']['origin']}, "
+              f"{r['list']['entries']} entries)")  # fmt: skip
+
+
 # -- release and trace: per-recipient fingerprints ----------------------------------------------
 @app.command("release")
 def release_cmd(

@@ -1,0 +1,95 @@
+"""Export-control gate benchmark (issue 7 targets); prints JSON.
+
+    python bench/export.py [--entries 20000] [--queries 200]
+
+* classification: training compute by 6·N·D against published estimates (within 10%);
+* screening: recall and precision on the hand-written variants of the sample list
+  (tests/vectors/screening_variants.json), and the time to screen one name against a list of
+  ``--entries`` entries (the sample list padded with generated names), median over ``--queries``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from weightwarden.release import estimate_compute
+from weightwarden.release.screen import Entry, ScreeningList
+
+ROOT = Path(__file__).resolve().parents[1]
+LIT = [("GPT-3 175B", 175e9, 175e9, 300e9, 3.14e23), ("Llama 2 70B", 70e9, 70e9, 2e12, 8.1e23),
+       ("Llama 3.1 405B", 405e9, 405e9, 15.6e12, 3.8e25),
+       ("DeepSeek-V3 (671B total, 37B active)", 671e9, 37e9, 14.8e12, 3.4e24)]  # fmt: skip
+SYL = ["ka", "ri", "mo", "tan", "vel", "zor", "shi", "lin", "dra", "gov", "pet", "nik", "ol", "as", "ber", "chen",
+       "hua", "yev", "mir", "sa", "kov", "ski", "ra", "din", "el", "far", "gu", "ho", "it", "ju"]  # fmt: skip
+
+
+def _name(rng: random.Random) -> str:
+    parts = ["".join(rng.choice(SYL) for _ in range(rng.randint(2, 3))).capitalize() for _ in range(rng.randint(2, 3))]
+    if rng.random() < 0.3:
+        parts.append(rng.choice(["Ltd", "LLC", "Co., Ltd.", "GmbH", "JSC", "Trading FZE"]))
+    return " ".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--entries", type=int, default=20000)
+    ap.add_argument("--queries", type=int, default=200)
+    args = ap.parse_args()
+    rows = []
+    for name, total, active, tokens, published in LIT:
+        c = estimate_compute(active_params=active, tokens=tokens)
+        rows.append({"model": name, "total_params": total, "active_params": active, "tokens": tokens,
+                     "compute_6ND": float(f"{c.flop:.3g}"), "published_estimate": published,
+                     "error": round(abs(c.flop - published) / published, 3),
+                     "over_eu_1e25": c.flop >= 1e25})  # fmt: skip
+    sample = ScreeningList.load(ROOT / "src/weightwarden/release/lists/sample_csl.json")
+    v = json.loads((ROOT / "tests/vectors/screening_variants.json").read_text())
+    tp = sum(any(h["entry"]["id"] == want for h in sample.screen(n)["hits"]) for n, want in v["variants"])
+    wrong = sum(sum(h["entry"]["id"] != want for h in sample.screen(n)["hits"]) for n, want in v["variants"])
+    fp = sum(len(sample.screen(n)["hits"]) for n in v["innocents"])
+    rng = random.Random(0)
+    gen = [Entry(f"gen-{i}", _name(rng), (_name(rng),) if rng.random() < 0.5 else ())
+           for i in range(args.entries - len(sample.entries))]  # fmt: skip
+    big = ScreeningList(sample.entries + gen, "generated", "-")
+    qs = [n for n, _ in v["variants"]] + v["innocents"]
+    times = []
+    for i in range(args.queries):
+        t = time.perf_counter()
+        big.screen(qs[i % len(qs)])
+        times.append(time.perf_counter() - t)
+    out = {
+        "classification": rows,
+        "classification_all_within_10pct": all(r["error"] < 0.10 for r in rows),
+        "screening": {
+            "variants": len(v["variants"]),
+            "innocents": len(v["innocents"]),
+            "recall": round(tp / len(v["variants"]), 4),
+            "precision": round(tp / max(tp + fp + wrong, 1), 4),
+            "false_hits_innocents": fp,
+            "wrong_entry_hits": wrong,
+        },
+        "screen_one_name": {
+            "entries": len(big.entries),
+            "names_indexed": len(big._names),
+            "ms_median": round(1000 * statistics.median(times), 2),
+            "ms_p99": round(1000 * sorted(times)[int(0.99 * len(times))], 2),
+        },
+        "targets": {
+            "compute_error_under": 0.10,
+            "recall_at_least": 0.98,
+            "precision_at_least": 0.9,
+            "screen_ms_under": 50,
+        },
+    }
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Restricted-party screening: fuzzy matching of a person or organisation against a list the user
+downloads (the US Consolidated Screening List as JSON or CSV, or OpenSanctions FollowTheMoney
+entities as JSON lines).
+
+Names are normalised with ``rigour`` (transliteration to ASCII, company-type and honorific
+removal, case folding) and scored with ``rapidfuzz`` against every name and alias of every entry:
+the score is the best of token-sort (word order), token-set (missing or extra names) and plain
+ratio (spelling), 0..100.  A hit at or above the threshold is reported with the entry, the name
+that matched, both normalised forms and the component scores; a destination country that the
+entry lists adds nothing, one it does not list is noted (not a reason to clear a hit).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import WardenError
+
+__all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize"]
+
+DEFAULT_THRESHOLD = 86.0
+_PUNCT = re.compile(r"[^\w\s]")
+_SPACE = re.compile(r"\s+")
+
+
+class ScreeningError(WardenError):
+    """A screening list is missing, empty or in a format this tool does not read."""
+
+
+def normalize(name: str) -> str:
+    from rigour.names import remove_org_types, remove_person_prefixes
+    from rigour.text import ascii_text
+
+    s = ascii_text(name or "").lower()
+    s = _SPACE.sub(" ", _PUNCT.sub(" ", s)).strip()
+    s = remove_person_prefixes(remove_org_types(s, replacement=" "))
+    return _SPACE.sub(" ", s).strip()
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    name: str
+    aliases: tuple[str, ...] = ()
+    kind: str = ""
+    countries: tuple[str, ...] = ()
+    source: str = ""
+    programs: tuple[str, ...] = ()
+
+
+@dataclass
+class ScreeningList:
+    entries: list[Entry]
+    format: str
+    sha256: str
+    origin: str = ""
+    _names: list[str] = field(default_factory=list)
+    _owner: list[int] = field(default_factory=list)
+    _raw: list[str] = field(default_factory=list)
+    _tokens: list[frozenset[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.entries:
+            raise ScreeningError("the screening list has no entries")
+        for i, e in enumerate(self.entries):
+            for n in (e.name, *e.aliases):
+                k = normalize(n)
+                if k:
+                    self._names.append(k)
+                    self._tokens.append(frozenset(k.split()))
+                    self._owner.append(i)
+                    self._raw.append(n)
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ScreeningList:
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ScreeningError(f"cannot read the screening list ({type(e).__name__})") from None
+        return cls.parse(data, p.name)
+
+    @classmethod
+    def parse(cls, data: bytes, origin: str = "") -> ScreeningList:
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise ScreeningError("the screening list is not UTF-8") from None
+        head = text.lstrip()[:1]
+        first = text.splitlines()[0].lower() if text.strip() else ""
+        try:
+            if head == "{" and '"schema"' in text[:2000] and '"properties"' in text[:4000]:
+                return cls(_ftm(text), "opensanctions-ftm", digest, origin)
+            if head in ("{", "["):
+                return cls(_csl_json(text), "csl-json", digest, origin)
+            if "name" in first and "source" in first:
+                return cls(_csl_csv(text), "csl-csv", digest, origin)
+        except (TypeError, AttributeError, ValueError, csv.Error) as e:  # a hostile field of the wrong type
+            raise ScreeningError(f"the screening list is malformed ({type(e).__name__})") from None
+        raise ScreeningError("unknown screening-list format (expected CSL JSON or CSV, or OpenSanctions FtM)")
+
+    # -- screening ------------------------------------------------------------------------------
+    def screen(self, name: str, *, aliases: tuple[str, ...] = (), country: str | None = None,
+               threshold: float = DEFAULT_THRESHOLD, limit: int = 5) -> dict[str, Any]:  # fmt: skip
+        """Hits for ``name`` (and its ``aliases``) at or above ``threshold``, best first, explained."""
+        import numpy as np
+        from rapidfuzz import fuzz, process
+
+        best: dict[int, dict[str, Any]] = {}
+        queries = []
+        for q in (name, *aliases):
+            nq = normalize(q)
+            if nq:
+                queries.append((q, nq))
+                short = " ".join(t for t in nq.split() if len(t) > 1)  # initials dropped: "S. I. Petrov"
+                if short and short != nq:
+                    queries.append((q, short))
+        for q, nq in queries:
+            # scores under the threshold come back as 0 (rapidfuzz stops early on them)
+            cut = threshold - 1e-9
+            sort = process.cdist([nq], self._names, scorer=fuzz.token_sort_ratio, score_cutoff=cut, workers=1)[0]
+            tset = process.cdist([nq], self._names, scorer=fuzz.token_set_ratio, score_cutoff=cut, workers=1)[0]
+            plain = process.cdist([nq], self._names, scorer=fuzz.ratio, score_cutoff=cut, workers=1)[0]
+            # token-set (missing or extra names) counts only where one name's words are all in the other's,
+            # and that name has two words at least: "li na" is not a shortened "li wei dong"
+            qt = set(nq.split())
+            for j in np.flatnonzero(tset >= threshold - 1e-9):
+                nt = self._tokens[j]
+                small, big = (qt, nt) if len(qt) <= len(nt) else (nt, qt)
+                if len(small) < 2 or not small <= big:
+                    tset[j] = 0
+            score = np.maximum(np.maximum(sort, plain), tset * 0.98)  # a subset match counts a little less
+            for j in np.flatnonzero(score >= threshold - 1e-9):
+                i = self._owner[j]
+                s = float(score[j])
+                if i not in best or s > best[i]["score"]:
+                    e = self.entries[i]
+                    best[i] = {"score": round(s, 1), "entry": {"id": e.id, "name": e.name, "kind": e.kind,
+                               "countries": list(e.countries), "source": e.source, "programs": list(e.programs)},
+                               "matched_name": self._raw[j], "query": q,
+                               "explanation": {"query_normalized": nq, "name_normalized": self._names[j],
+                                               "token_sort": round(float(sort[j]), 1),
+                                               "token_set": round(float(tset[j]), 1),
+                                               "ratio": round(float(plain[j]), 1)}}  # fmt: skip
+        hits = sorted(best.values(), key=lambda h: -h["score"])[:limit]
+        for h in hits:
+            cs = h["entry"]["countries"]
+            if country and cs:
+                h["explanation"]["country"] = ("listed for the entry" if country.upper() in cs
+                                               else f"{country.upper()} not listed for the entry")  # fmt: skip
+        return {"query": name, "aliases": list(aliases), "country": country, "threshold": threshold,
+                "decision": "match" if hits else "clear", "hits": hits,
+                "list": {"format": self.format, "sha256": self.sha256, "entries": len(self.entries),
+                         "origin": self.origin}}  # fmt: skip
+
+
+def _csl_json(text: str) -> list[Entry]:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise ScreeningError("the screening list is not valid JSON") from None
+    rows = doc.get("results", doc) if isinstance(doc, dict) else doc
+    if not isinstance(rows, list):
+        raise ScreeningError("a CSL JSON list holds its entries under 'results'")
+    out = []
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str):
+            raise ScreeningError(f"CSL entry {i} has no name")
+        alts = r.get("alt_names") or []
+        if isinstance(alts, str):
+            alts = [a.strip() for a in alts.split(";")]
+        countries = tuple(sorted({str(a.get("country", "")).upper() for a in r.get("addresses") or []
+                                  if isinstance(a, dict) and a.get("country")}))  # fmt: skip
+        progs = r.get("programs") or []
+        out.append(Entry(str(r.get("id", i)), r["name"], tuple(str(a) for a in alts if a), str(r.get("type", "")),
+                         countries, str(r.get("source", "")), tuple(str(p) for p in progs)))  # fmt: skip
+    return out
+
+
+def _csl_csv(text: str) -> list[Entry]:
+    out = []
+    for i, r in enumerate(csv.DictReader(io.StringIO(text))):
+        if not r.get("name"):
+            raise ScreeningError(f"CSL row {i} has no name")
+        alts = tuple(a.strip() for a in (r.get("alt_names") or "").split(";") if a.strip())
+        countries = tuple(sorted({c.strip().upper() for c in re.findall(r",\s*([A-Z]{2})\s*(?:;|$)",
+                                                                          r.get("addresses") or "")}))  # fmt: skip
+        out.append(Entry(r.get("_id") or r.get("id") or str(i), r["name"], alts, r.get("type", ""), countries,
+                         r.get("source", ""), tuple(p.strip() for p in (r.get("programs") or "").split(";")
+                                                    if p.strip())))  # fmt: skip
+    return out
+
+
+def _ftm(text: str) -> list[Entry]:
+    out = []
+    for i, line in enumerate(text.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            props = r["properties"]
+            names = [str(n) for n in props.get("name", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ScreeningError(f"FtM line {i + 1} is not an entity") from None
+        if r.get("schema") not in ("Person", "Company", "Organization", "LegalEntity") or not names:
+            continue
+        aliases = names[1:] + [str(a) for a in props.get("alias", []) + props.get("previousName", [])]
+        out.append(Entry(str(r.get("id", i)), names[0], tuple(aliases), r["schema"],
+                         tuple(sorted({str(c).upper() for c in props.get("country", [])})),
+                         ",".join(r.get("datasets", [])), tuple(str(t) for t in props.get("topics", []))))  # fmt: skip
+    return out

@@ -1,0 +1,112 @@
+"""Restricted-party screening (issue 7): recall and precision on hand-written name variants of the
+shipped sample list, the three list formats, bad lists failing closed, and the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from weightwarden.release.screen import ScreeningError, ScreeningList, normalize
+
+from .conftest import warden
+
+ROOT = Path(__file__).parents[1]
+SAMPLE = ROOT / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
+VARIANTS = json.loads((Path(__file__).parent / "vectors" / "screening_variants.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def sample() -> ScreeningList:
+    return ScreeningList.load(SAMPLE)
+
+
+def test_recall_and_precision_on_name_variants(sample: ScreeningList) -> None:
+    tp = fn = fp = 0
+    for name, want in VARIANTS["variants"]:
+        ids = [h["entry"]["id"] for h in sample.screen(name)["hits"]]
+        tp += want in ids
+        fn += want not in ids
+        fp += sum(i != want for i in ids)
+    fp += sum(len(sample.screen(n)["hits"]) for n in VARIANTS["innocents"])
+    recall, precision = tp / (tp + fn), tp / (tp + fp)
+    assert recall >= 0.98 and precision >= 0.9, (recall, precision)
+
+
+def test_a_hit_is_explained(sample: ScreeningList) -> None:
+    r = sample.screen("Petrov Sergei Ivanovich", country="DE", aliases=("S. Petrov",))
+    assert r["decision"] == "match"
+    h = r["hits"][0]
+    assert h["entry"]["id"] == "sample-000" and h["score"] >= 86
+    ex = h["explanation"]
+    assert ex["query_normalized"] == "petrov sergei ivanovich" and {"token_sort", "token_set", "ratio"} <= set(ex)
+    assert ex["country"] == "DE not listed for the entry"  # noted, not a reason to clear
+    assert r["list"]["format"] == "csl-json" and len(r["list"]["sha256"]) == 64
+    assert sample.screen("Ada Lovelace")["decision"] == "clear"
+    assert normalize("Сергей Петров") == "sergei petrov"
+    assert normalize("ACME Trading Co., Ltd.") == "acme trading"
+
+
+def test_csv_and_followthemoney_formats(tmp_path: Path) -> None:
+    csv = tmp_path / "csl.csv"
+    csv.write_text('_id,source,name,type,addresses,alt_names,programs\n'
+                   'x1,Entity List,Volga Photonics JSC,Entity,"1 Lenina St, Kazan, RU",'
+                   'Volga Photonika;VPJ,EAR\n')  # fmt: skip
+    lst = ScreeningList.load(csv)
+    assert lst.format == "csl-csv" and lst.entries[0].countries == ("RU",)
+    assert lst.screen("Volga Photonika")["hits"][0]["entry"]["id"] == "x1"
+    ftm = tmp_path / "entities.ftm.json"
+    rows = [{"id": "os-1", "schema": "Person", "datasets": ["us_ofac_sdn"],
+             "properties": {"name": ["Ivan Drago"], "alias": ["Иван Драго"], "country": ["ru"]}},
+            {"id": "os-2", "schema": "Address", "properties": {"full": ["somewhere"]}}]  # fmt: skip
+    ftm.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    lst = ScreeningList.load(ftm)
+    assert lst.format == "opensanctions-ftm" and len(lst.entries) == 1
+    assert lst.screen("Иван Драго")["hits"][0]["entry"]["id"] == "os-1"
+
+
+def test_bad_lists_fail_closed(tmp_path: Path) -> None:
+    for content in (b"", b"hello world\n", b'{"results": [{"nom": "x"}]}', b"{not json", b"\xff\xfe\x00",
+                    b'{"results": []}', b'{"schema": "Person", "properties": 1}\n'):  # fmt: skip
+        f = tmp_path / "bad"
+        f.write_bytes(content)
+        with pytest.raises(ScreeningError):
+            ScreeningList.load(f)
+    with pytest.raises(ScreeningError):
+        ScreeningList.load(tmp_path / "missing.json")
+
+
+def test_cli_screen_and_update(cli_env: dict[str, str], tmp_path: Path) -> None:
+    r = warden(cli_env, "screen", "Kim Chol-Ho", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["hits"][0]["entry"]["id"] == "sample-004" and "SAMPLE" in r.stderr
+    mine = tmp_path / "list.csv"
+    mine.write_text("_id,source,name,type,addresses,alt_names,programs\nz9,SDN,Orion Cyber Ltd,Entity,,,\n")
+    r = warden(cli_env, "screen", "update", "--file", str(mine), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["entries"] == 1
+    r = warden(cli_env, "screen", "Orion Cyber Limited", "--json")
+    assert json.loads(r.stdout)["hits"][0]["entry"]["id"] == "z9"
+    assert json.loads(warden(cli_env, "screen", "Kim Chol-Ho", "--json").stdout)["decision"] == "clear"
+    bad = tmp_path / "bad.txt"
+    bad.write_text("nothing here")
+    r = warden(cli_env, "screen", "update", "--file", str(bad))
+    assert r.returncode == 1 and "unknown screening-list format" in r.stderr
+    r = warden(cli_env, "screen", "Orion Cyber", "--json")  # the loaded list is still the good one
+    assert json.loads(r.stdout)["list"]["origin"] == "list.csv"
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+                         ["results", "name", "alt_names", "addresses", "country", "schema", "properties", "alias",
+                          "programs", "id"]), c, max_size=5), max_leaves=15)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), _json.map(lambda o: json.dumps(o).encode())))
+def test_hostile_lists_are_a_typed_error(data: bytes) -> None:
+    with contextlib.suppress(ScreeningError):
+        ScreeningList.parse(data)
