@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,24 @@ b = Broker(cfg["db"], LocalWeightStore(cfg["store"]), log, BrokerConfig(
     chunk=cfg.get("chunk", 4 << 20)))
 uvicorn.run(create_app(b), host="127.0.0.1", port=cfg["port"], log_level="error", backlog=4096)
 """
+
+
+@contextlib.contextmanager
+def _serve(cfg: dict) -> Iterator[str]:
+    """The broker in a child process (as `warden serve` runs it); yields its base URL once it answers."""
+    srv = subprocess.Popen([sys.executable, "-c", SERVE, json.dumps(cfg)])
+    base = f"http://127.0.0.1:{cfg['port']}"
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(base + "/v1/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        srv.terminate()
+        srv.wait()
 
 
 def setup(tmp: Path, db: str, stream_mib: int, rate: float, burst: float, port: int) -> tuple[dict, dict]:
@@ -199,33 +219,14 @@ def main() -> None:
             db, handle = _pg_schema()
         port = free_port()
         cfg, accts = setup(tmp, db, args.stream_mib, rate, burst, port)
-        srv = subprocess.Popen([sys.executable, "-c", SERVE, json.dumps(cfg)])
-        base = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(300):
-                try:
-                    httpx.get(base + "/v1/health", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+        with _serve(cfg) as base:
             out["load"] = asyncio.run(load(base, accts, args.clients, args.seconds))
             m = httpx.get(base + "/v1/metrics", headers=accts["aud"].headers("GET", "/v1/metrics")).json()
             out["server_policy_decision_ms"] = {k: v for k, v in m.items() if k.startswith("decision")}
             out["egress"] = asyncio.run(egress(base, accts, args.egress_seconds, rate, burst))
-        finally:
-            srv.terminate()
-            srv.wait()
         # streaming speed: a second server with a budget that does not bind
         cfg2 = {**cfg, "rate": 1e12, "burst": 1e13, "port": free_port(), "chunk": args.stream_chunk_mib << 20}
-        srv = subprocess.Popen([sys.executable, "-c", SERVE, json.dumps(cfg2)])
-        base = f"http://127.0.0.1:{cfg2['port']}"
-        try:
-            for _ in range(300):
-                try:
-                    httpx.get(base + "/v1/health", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+        with _serve(cfg2) as base:
             sealed = tmp / "store" / "big.wws"
             disk, http, curl = [], [], []
             for _ in range(3):
@@ -259,9 +260,6 @@ def main() -> None:
                              "broker_stream_curl_mb_s": round(size / min(curl) / 1e6),
                              "ratio_stream_over_disk_httpx": round(min(disk) / min(http), 3),
                              "ratio_stream_over_disk_curl": round(min(disk) / min(curl), 3)}  # fmt: skip
-        finally:
-            srv.terminate()
-            srv.wait()
         # audit: one broker:authorize "ok" event per answered metadata request, nothing lost or doubled
         from weightwarden.broker.auditlog import AuditLog
 

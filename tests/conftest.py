@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -100,3 +102,33 @@ def parent(zoo) -> Path:
 def independents(zoo) -> list[Path]:
     """Ten llama models of the parent's configuration, each from its own random initialisation."""
     return [zoo.base("llama", 100 + i, 80) for i in range(10)]
+
+
+# -- shared state on SQLite and on PostgreSQL (127.0.0.1:5432, database test; a schema per test) ------
+PG_URL = os.environ.get("WARDEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _pg_schema_url() -> Iterator[str]:
+    sa = pytest.importorskip("sqlalchemy")
+    pytest.importorskip("psycopg", reason="psycopg (server extra) drives PostgreSQL")
+    try:
+        eng = sa.create_engine(PG_URL)
+        with eng.begin() as c:
+            schema = "t_" + uuid.uuid4().hex[:12]
+            c.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    except sa.exc.OperationalError:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_URL}")
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with eng.begin() as c:
+            c.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+        eng.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+    else:
+        yield from _pg_schema_url()

@@ -9,8 +9,6 @@ import contextlib
 import json
 import os
 import threading
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -34,7 +32,6 @@ from weightwarden.keys import Ed25519Signer
 from .conftest import warden
 
 VECTORS = Path(__file__).parent / "vectors" / "merkle.json"
-PG_URL = os.environ.get("WARDEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
@@ -111,33 +108,7 @@ def test_proofs_hold_for_any_size(n: int, data: st.DataObject) -> None:
     assert len(merkle.needed(lambda g: merkle.inclusion_proof(g, m, n))) <= max(1, n.bit_length() ** 2)
 
 
-# -- the log on SQLite and PostgreSQL ---------------------------------------------------------------
-def _pg_schema_url() -> Iterator[str]:
-    sa = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg", reason="psycopg (server extra) drives PostgreSQL")
-    try:
-        eng = sa.create_engine(PG_URL)
-        with eng.begin() as c:
-            schema = "t_" + uuid.uuid4().hex[:12]
-            c.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    except sa.exc.OperationalError:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_URL}")
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with eng.begin() as c:
-            c.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        eng.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'audit.db'}"
-    else:
-        yield from _pg_schema_url()
-
-
+# -- the log on SQLite and PostgreSQL (the db_url fixture is in conftest) ---------------------------------
 @pytest.fixture
 def signer() -> Ed25519Signer:
     return Ed25519Signer.generate()

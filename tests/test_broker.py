@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ from weightwarden.broker.storage import LocalWeightStore, S3WeightStore
 from weightwarden.broker.tokens import mint
 from weightwarden.keys import Ed25519Signer
 from weightwarden.keys.provider import ed25519_key_id
-
-from .test_auditlog import _pg_schema_url
 
 pytest.importorskip("fastapi", reason="the broker's HTTP layer is the server extra")
 pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
@@ -77,14 +74,6 @@ def test_every_role_action_and_resource() -> None:
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgresql"])
-def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'broker.db'}"
-    else:
-        yield from _pg_schema_url()
-
-
 @pytest.fixture
 def sealed(tmp_path: Path, keyring: ww.Keyring) -> Path:
     import numpy as np
@@ -112,10 +101,10 @@ class Account:
         return self.key.sign(msg)
 
 
-def _broker(state_url: str, tmp_path: Path, sealed: Path, config: BrokerConfig | None = None,
+def _broker(db_url: str, tmp_path: Path, sealed: Path, config: BrokerConfig | None = None,
             store: Any = None) -> tuple[Broker, dict[str, Account]]:  # fmt: skip
-    log = AuditLog(state_url, Ed25519Signer.generate())
-    b = Broker(state_url, store or LocalWeightStore(tmp_path / "store"), log, config or BrokerConfig(chunk=1 << 16))
+    log = AuditLog(db_url, Ed25519Signer.generate())
+    b = Broker(db_url, store or LocalWeightStore(tmp_path / "store"), log, config or BrokerConfig(chunk=1 << 16))
     accts = {n: Account(n) for n in ("rel", "ap1", "ap2", "ap3", "loader", "aud", "reader", "rel2")}
     b.add_account("rel", "human", accts["rel"].pub, {"releaser"}, {"core"})
     b.add_account("rel2", "human", accts["rel2"].pub, {"releaser", "approver"}, {"core"})
@@ -147,8 +136,8 @@ class Http:
 
 
 # -- request tokens ----------------------------------------------------------------------------
-def test_tokens_are_short_lived_bound_single_use_and_revocable(state_url: str, tmp_path: Path, sealed: Path) -> None:
-    b, a = _broker(state_url, tmp_path, sealed)
+def test_tokens_are_short_lived_bound_single_use_and_revocable(db_url: str, tmp_path: Path, sealed: Path) -> None:
+    b, a = _broker(db_url, tmp_path, sealed)
     http = Http(b)
     rd = a["reader"]
     assert http(rd, "GET", "/v1/models").json()["models"][0]["name"] == "m1"
@@ -192,8 +181,8 @@ def test_tokens_are_short_lived_bound_single_use_and_revocable(state_url: str, t
 
 
 # -- two-person rule ---------------------------------------------------------------------------
-def test_a_full_copy_needs_two_other_approvers(state_url: str, tmp_path: Path, sealed: Path) -> None:
-    b, a = _broker(state_url, tmp_path, sealed)
+def test_a_full_copy_needs_two_other_approvers(db_url: str, tmp_path: Path, sealed: Path) -> None:
+    b, a = _broker(db_url, tmp_path, sealed)
     http = Http(b)
     r = http(a["rel"], "POST", "/v1/requests", json={"model": "m1", "action": "copy", "reason": "eval partner"})
     assert r.status_code == 201, r.text
@@ -229,8 +218,8 @@ def test_a_full_copy_needs_two_other_approvers(state_url: str, tmp_path: Path, s
     b.close()
 
 
-def test_approvals_expire(state_url: str, tmp_path: Path, sealed: Path) -> None:
-    b, a = _broker(state_url, tmp_path, sealed, BrokerConfig(approval_window_s=600))
+def test_approvals_expire(db_url: str, tmp_path: Path, sealed: Path) -> None:
+    b, a = _broker(db_url, tmp_path, sealed, BrokerConfig(approval_window_s=600))
     t0 = datetime(2026, 11, 28, 9, tzinfo=UTC)
     req = b.request_copy(b.principal("rel"), "m1", now=t0)
     msg = b.approval_message(req)
@@ -245,10 +234,10 @@ def test_approvals_expire(state_url: str, tmp_path: Path, sealed: Path) -> None:
 
 
 # -- egress limits -----------------------------------------------------------------------------
-def test_streams_are_metered_and_suspended_at_the_budget(state_url: str, tmp_path: Path, sealed: Path) -> None:
+def test_streams_are_metered_and_suspended_at_the_budget(db_url: str, tmp_path: Path, sealed: Path) -> None:
     size = sealed.stat().st_size
     cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=size + 1000))
-    b, a = _broker(state_url, tmp_path, sealed, cfg)
+    b, a = _broker(db_url, tmp_path, sealed, cfg)
     http = Http(b)
     r = http(a["loader"], "GET", "/v1/models/m1/weights")
     assert r.status_code == 200 and r.content == sealed.read_bytes()
@@ -276,13 +265,13 @@ def test_a_stream_is_cut_where_its_budget_ends(tmp_path: Path, sealed: Path) -> 
     b.close()
 
 
-def test_replicas_share_one_budget(state_url: str, tmp_path: Path, sealed: Path) -> None:
+def test_replicas_share_one_budget(db_url: str, tmp_path: Path, sealed: Path) -> None:
     """Two broker replicas on one database, six concurrent streams: never more than the budget."""
     chunk = 1 << 16
     budget = 10 * chunk
     cfg = BrokerConfig(chunk=chunk, per_principal=Limit(rate=0.0, burst=budget), max_models_per_hour=99)
-    b1, _ = _broker(state_url, tmp_path, sealed, cfg)
-    b2 = Broker(state_url, b1.store, b1.log, cfg)
+    b1, _ = _broker(db_url, tmp_path, sealed, cfg)
+    b2 = Broker(db_url, b1.store, b1.log, cfg)
     got: list[int] = []
     lock = threading.Lock()
 
@@ -308,9 +297,9 @@ def test_replicas_share_one_budget(state_url: str, tmp_path: Path, sealed: Path)
 
 
 # -- anomaly rules ------------------------------------------------------------------------------
-def test_anomaly_rules_alert_and_suspend(state_url: str, tmp_path: Path, sealed: Path) -> None:
+def test_anomaly_rules_alert_and_suspend(db_url: str, tmp_path: Path, sealed: Path) -> None:
     cfg = BrokerConfig(chunk=1 << 16, allowed_hours_utc=(8, 18), max_models_per_hour=1)
-    b, _ = _broker(state_url, tmp_path, sealed, cfg)
+    b, _ = _broker(db_url, tmp_path, sealed, cfg)
     b.add_model("m2", "core", sealed)
     p = b.principal("loader")
     day, night = datetime(2026, 11, 28, 10, tzinfo=UTC), datetime(2026, 11, 28, 3, tzinfo=UTC)
