@@ -927,12 +927,9 @@ def broker_account(
     home: HomeOpt = None,
 ) -> None:
     """Add or replace an account (its key, roles and teams)."""
-    b = _broker(db, None, home)
-    try:
+    with _broker(db, None, home) as b:
         b.add_account(account, kind, _pubkey(pubkey, "an account"), set(role or []), set(team or []),
                       actor=audit._default_actor())  # fmt: skip
-    finally:
-        b.close()
     out.print(f"account {account}: {kind}, roles {sorted(role or [])}, teams {sorted(team or [])}")
 
 
@@ -944,11 +941,8 @@ def broker_suspend(
     home: HomeOpt = None,
 ) -> None:
     """Suspend an account: every token it holds is refused from now on."""
-    b = _broker(db, None, home)
-    try:
+    with _broker(db, None, home) as b:
         b.suspend(account, actor=audit._default_actor(), reason=reason)
-    finally:
-        b.close()
     out.print(f"suspended {account}")
 
 
@@ -964,11 +958,8 @@ def broker_model(
     """Admit a sealed model (its digests and signature are checked; plaintext is refused)."""
     from .keys.local import TrustStore
 
-    b = _broker(db, store, home)
-    try:
+    with _broker(db, store, home) as b:
         size = b.add_model(name, team, sealed, trust=TrustStore.load(home), actor=audit._default_actor())
-    finally:
-        b.close()
     out.print(f"model {name} ({size} bytes) admitted for team {team}")
 
 
@@ -1014,11 +1005,8 @@ def broker_enroll(
     """A one-time code (15 minutes) with which a person registers a passkey in the console."""
     from .broker.passkeys import Passkeys
 
-    b = _broker(db, None, home)
-    try:
+    with _broker(db, None, home) as b:
         code = Passkeys(b, rp_id=rp_id).enroll_code(account, actor=audit._default_actor())
-    finally:
-        b.close()
     sys.stdout.write(code + "\n")
 
 

@@ -172,6 +172,12 @@ class Broker:
         self.sink.close()
         self.engine.dispose()
 
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _write(self) -> Any:
         c = self.engine.connect()
         return _WriteTx(c)
