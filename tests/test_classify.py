@@ -83,9 +83,21 @@ def test_classify_a_checkpoint_under_the_shipped_rules(tmp_path: Path) -> None:
     assert gb["us-ear-eccn-4e091"]["outcome"] == "allowed"  # tier 1
     pub = {o["regime"]: o for o in classify(d, declared_flop=3e26, as_of=date(2025, 3, 1), published=True).outcomes}
     assert pub["us-ear-eccn-4e091"]["outcome"] == "allowed"  # published weights excluded
-    # unknown compute fails closed: needs review, never "allowed"
-    unknown = {o["regime"]: o["outcome"] for o in classify(d, as_of=date(2026, 6, 1)).outcomes}
+    # nothing declared: bounded by 6·N·10^15 tokens, which a model this small cannot bring near 10^25
+    bounded = classify(d, as_of=date(2026, 6, 1))
+    assert bounded.compute.method == "upper-bound" and bounded.compute.high == 6 * n * 1e15
+    eu = {o["regime"]: o for o in bounded.outcomes}["eu-ai-act-gpai-systemic-risk"]
+    assert eu["outcome"] == "allowed" and "upper bound" in eu["reasons"][0]
+    # no estimate at all fails closed: needs review, never "allowed"
+    unknown = {o["regime"]: o["outcome"] for o in default_rules().evaluate(total_params=n, active_params=n,
+               compute=None, published=False, as_of=date(2026, 6, 1), country="FR")}  # fmt: skip
     assert unknown["eu-ai-act-gpai-systemic-risk"] == "needs-review"
+    # model-card fields in config.json are read when nothing is passed
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "training_compute_flop": 2e25}))
+    card = classify(d, as_of=date(2026, 6, 1))
+    assert card.compute.method == "declared" and card.compute.flop == 2e25
+    assert {o["regime"]: o["outcome"] for o in card.outcomes}["eu-ai-act-gpai-systemic-risk"] == "notify"
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     # an estimate whose band straddles a threshold is not decided by its midpoint
     near = {o["regime"]: o["outcome"] for o in classify(d, tokens=9e25 / 6 / n, as_of=date(2026, 6, 1)).outcomes}
     assert near["us-ca-sb53-frontier-model"] == "needs-review"

@@ -60,7 +60,9 @@ def released(tmp_path_factory: pytest.TempPathFactory, parent: Path) -> tuple[Pa
     copies = {}
     for r in RECIPIENTS:
         copies[r] = root / f"for-{r}"
-        rel = release(parent, r, copies[r], provider=kr.provider(), home=root / "home", model_id="zoo-llama")
+        rel = release(
+            parent, r, copies[r], provider=kr.provider(), country="GB", home=root / "home", model_id="zoo-llama"
+        )
         assert rel.recipient == r and rel.code_id.startswith("tardos-v1/")
     return root / "home", copies, kr
 
@@ -149,13 +151,15 @@ def test_unknown_model_and_bad_ids(released, parent: Path) -> None:
 def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: Path) -> None:
     assert warden(cli_env, "init").returncode == 0
     for r in ("ann", "ben", "cat"):
-        res = warden(cli_env, "release", str(parent), "--to", r, "-o", str(tmp_path / r), "--json")
+        res = warden(cli_env, "release", str(parent), "--to", r, "--country", "FR", "-o", str(tmp_path / r), "--json")
         assert res.returncode == 0, res.stderr
     res = warden(cli_env, "trace", str(tmp_path / "ben"), "--model", str(parent), "--json")
     assert res.returncode == 0, res.stderr
     j = json.loads(res.stdout)
     assert [a["recipient"] for a in j["accused"]] == ["ben"] and j["recipients"] == 3
-    res = warden(cli_env, "release", str(parent), "--to", "dan", "-o", str(tmp_path / "dan.sealed"), "--seal")
+    res = warden(
+        cli_env, "release", str(parent), "--to", "dan", "--country", "FR", "-o", str(tmp_path / "dan.sealed"), "--seal"
+    )
     assert res.returncode == 0, res.stderr
     assert not list((tmp_path / "dan.sealed").glob("*.safetensors"))
     res = warden(cli_env, "trace", str(tmp_path / "dan.sealed"), "--model", str(parent), "--json")
@@ -172,7 +176,7 @@ def test_real_minilm_keeps_its_sentence_embeddings(tmp_path: Path, keyring) -> N
     import transformers as T
 
     src = Path(gt.__file__).parent / "model"
-    rel = release(src, "zed", tmp_path / "minilm-zed", provider=keyring.provider(), home=tmp_path / "h")
+    rel = release(src, "zed", tmp_path / "minilm-zed", provider=keyring.provider(), country="DE", home=tmp_path / "h")
     sentences = [
         "The weights of a frontier model are a national security asset.",
         "A stolen checkpoint clones years of work.",

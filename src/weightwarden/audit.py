@@ -52,6 +52,9 @@ class AuditAction(StrEnum):
     PROVENANCE_REMOVE = "provenance:remove"
     PROVENANCE_SCAN = "provenance:scan"
     RELEASE_CREATE = "release:create"
+    RELEASE_GATE = "release:gate"  # an export-control decision, with the rule-set version
+    RELEASE_OVERRIDE = "release:override"  # a gate decision overridden by two-person approval
+    RELEASE_LICENSE = "release:license"  # a license record filed
     TRACE_RUN = "trace:run"
     BROKER_ACCOUNT = "broker:account"
     BROKER_SUSPEND = "broker:suspend"

@@ -885,11 +885,18 @@ def audit_export(
 # -- the access broker -----------------------------------------------------------------------------
 broker_app = typer.Typer(no_args_is_help=True, help="Administer the access broker (accounts, models)")
 app.add_typer(broker_app, name="broker")
+license_app = typer.Typer(no_args_is_help=True, help="Export licenses on file (the release gate consults them)")
+app.add_typer(license_app, name="license")
 StoreOpt = Annotated[
     str | None,
     typer.Option("--store", envvar="WARDEN_BROKER_STORE", help="sealed-weights folder or s3://bucket/prefix "
                  "[default: $WARDEN_HOME/broker/weights]", show_default=False),
 ]  # fmt: skip
+# export-control facts about a model (warden classify, warden release, warden broker model)
+TokensOpt = Annotated[float | None, typer.Option("--tokens", help="training tokens (compute = 6·N·D)")]
+ComputeOpt = Annotated[float | None, typer.Option("--compute", help="declared training compute, FLOP")]
+PublishedOpt = Annotated[bool, typer.Option("--published", help="the weights are published")]
+ExpertsOpt = Annotated[int | None, typer.Option("--experts-per-token", min=1)]
 BrokerDbOpt = Annotated[
     str | None,
     typer.Option("--db", envvar="WARDEN_BROKER_DB", help="SQLAlchemy URL of the broker's state and audit log "
@@ -897,8 +904,10 @@ BrokerDbOpt = Annotated[
 ]  # fmt: skip
 
 
-def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None) -> Any:
-    """A broker over the keyring's signing key (it signs the audit log's tree heads)."""
+def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None,
+            gate: bool = False) -> Any:  # fmt: skip
+    """A broker over the keyring's signing key (it signs the audit log's tree heads); with ``gate``, the
+    export-control gate configured under ``home`` decides its release requests."""
     from .broker.auditlog import AuditLog
     from .broker.service import Broker, BrokerConfig
     from .broker.storage import LocalWeightStore, S3WeightStore
@@ -913,6 +922,10 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
         ws = LocalWeightStore(Path(store) if store else h / "broker" / "weights")
     log = AuditLog(url, _keyring(home).signer())
     cfg = BrokerConfig(audience=audience) if audience else BrokerConfig()
+    if gate:
+        from .release.gate import ReleaseGate
+
+        return Broker(url, ws, log, cfg, gate=ReleaseGate.from_home(h))
     return Broker(url, ws, log, cfg)
 
 
@@ -951,16 +964,28 @@ def broker_model(
     name: str,
     sealed: Annotated[Path, typer.Argument(help="a sealed file (.wws)")],
     team: Annotated[str, typer.Option("--team", help="the team that owns it")],
+    tokens: TokensOpt = None,
+    compute: ComputeOpt = None,
+    published: PublishedOpt = False,
+    experts_per_token: ExpertsOpt = None,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Admit a sealed model (its digests and signature are checked; plaintext is refused)."""
+    """Admit a sealed model (its digests and signature are checked; plaintext is refused) and record
+    its export-control classification, on which the gate decides releases of it."""
     from .keys.local import TrustStore
+    from .release import classify
 
+    c = classify(sealed, tokens=tokens, declared_flop=compute, published=published,
+                 experts_per_token=experts_per_token, **_model_kw(sealed, home))  # fmt: skip
     with _broker(db, store, home) as b:
-        size = b.add_model(name, team, sealed, trust=TrustStore.load(home), actor=audit._default_actor())
-    out.print(f"model {name} ({size} bytes) admitted for team {team}")
+        size = b.add_model(name, team, sealed, trust=TrustStore.load(home), actor=audit._default_actor(),
+                           classification=c)  # fmt: skip
+    out.print(
+        f"model {name} ({size} bytes) admitted for team {team}; {c.total_params:,} parameters"
+        + (f", training compute {c.compute.flop:.2e} FLOP ({c.compute.method})" if c.compute else "")
+    )
 
 
 @app.command("serve")
@@ -984,7 +1009,7 @@ def serve_cmd(
     from .broker.app import create_app
     from .broker.passkeys import Passkeys
 
-    b = _broker(db, store, home, audience)
+    b = _broker(db, store, home, audience, gate=True)
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
     sys.setswitchinterval(0.001)  # short GIL slices: a policy decision never waits a 5 ms slice behind a stream
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
@@ -1014,13 +1039,13 @@ def broker_enroll(
 @app.command("classify")
 def classify_cmd(
     model: Annotated[Path, typer.Argument(help="checkpoint: .safetensors, HF folder, sealed file or bundle")],
-    tokens: Annotated[float | None, typer.Option("--tokens", help="training tokens (compute = 6·N·D)")] = None,
-    compute: Annotated[float | None, typer.Option("--compute", help="declared training compute, FLOP")] = None,
+    tokens: TokensOpt = None,
+    compute: ComputeOpt = None,
     chip_hours: Annotated[float | None, typer.Option("--chip-hours")] = None,
     peak_flops: Annotated[float | None, typer.Option("--peak-flops", help="peak dense FLOP/s per chip")] = None,
     utilization: Annotated[float | None, typer.Option("--utilization", help="0..1 [default 0.4]")] = None,
-    published: Annotated[bool, typer.Option("--published", help="the weights are published")] = False,
-    experts_per_token: Annotated[int | None, typer.Option("--experts-per-token", min=1)] = None,
+    published: PublishedOpt = False,
+    experts_per_token: ExpertsOpt = None,
     country: Annotated[str | None, typer.Option("--country", help="destination (ISO 3166 alpha-2)")] = None,
     as_of: Annotated[str | None, typer.Option("--as-of", help="evaluate the rules at this date (YYYY-MM-DD)")] = None,
     rules: Annotated[Path | None, typer.Option("--rules", help="a signed rules file (FILE + FILE.sig)")] = None,
@@ -1121,36 +1146,124 @@ def screen_cmd(
 @app.command("release")
 def release_cmd(
     model: Annotated[Path, typer.Argument(help="the original: .safetensors file or model folder")],
-    to: Annotated[str, typer.Option("--to", help="the recipient this copy is for")],
+    to: Annotated[str, typer.Option("--to", help="the recipient (end user) this copy is for")],
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the fingerprinted copy")],
+    country: Annotated[
+        str | None, typer.Option("--country", help="destination country (ISO 3166 alpha-2); without it: review")
+    ] = None,
+    alias: Annotated[list[str] | None, typer.Option("--alias", help="another name of the recipient (repeat)")] = None,
     model_id: Annotated[
         str | None, typer.Option("--model-id", help="[default: the model's file or folder name]")
     ] = None,
+    tokens: TokensOpt = None,
+    compute: ComputeOpt = None,
+    published: PublishedOpt = False,
+    experts_per_token: ExpertsOpt = None,
+    request: Annotated[
+        str | None, typer.Option("--request", help="the broker's approved release request (two-person rule)")
+    ] = None,
+    db: BrokerDbOpt = None,
+    store: StoreOpt = None,
     seal_out: Annotated[bool, typer.Option("--seal", help="seal the copy (sealed-checkpoint format)")] = False,
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a copy of MODEL carrying a secret fingerprint of RECIPIENT, and record the release."""
+    """Write a copy of MODEL carrying a secret fingerprint of RECIPIENT, and record the release.
+
+    The export-control gate decides first; anything but `allow` is refused unless --request names a
+    release request the broker's approvers approved (which covers exactly the reasons they saw).
+    With --request and --seal the sealed copy is handed to the broker, which streams it to the requester."""
+    import contextlib
     import shutil
     import tempfile
 
+    from .release.gate import ReleaseDenied
     from .trace import release
 
     kr = _keyring(home)
-    if seal_out:
-        tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=output.parent))
+    ckw = {"tokens": tokens, "declared_flop": compute, "published": published, "experts_per_token": experts_per_token}
+    with contextlib.ExitStack() as stack:
+        approval: Any = None
+        b = None
+        if request:
+            b = stack.enter_context(_broker(db, store, home))
+
+            def approval(d: Any) -> Any:
+                return b.consume_release(request, d, actor=audit._default_actor())
+
+        kw = {"provider": kr.provider(), "country": country, "aliases": tuple(alias or ()), "approval": approval,
+              "classify_kw": ckw, "model_id": model_id, "home": home}  # fmt: skip
         try:
-            inner = tmp / (output.name if model.is_dir() else "model.safetensors")
-            rel = release(model, to, inner, provider=kr.provider(), model_id=model_id, home=home)
-            api.seal(inner, output, keyring=kr, force=force)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        rel = release(model, to, output, provider=kr.provider(), model_id=model_id, home=home, force=force)
-    _log(home, audit.AuditAction.RELEASE_CREATE, rel.model_id, recipient=to, code_id=rel.code_id)
-    _emit({"release": rel.to_json(), "output": str(output)}, as_json,
-          f"released {rel.model_id} to {to} (code {rel.code_id}) at {output}")  # fmt: skip
+            if seal_out:
+                tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=output.parent))
+                try:
+                    inner = tmp / (output.name if model.is_dir() else "model.safetensors")
+                    rel = release(model, to, inner, **kw)
+                    api.seal(inner, output, keyring=kr, force=force)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                rel = release(model, to, output, force=force, **kw)
+        except ReleaseDenied as e:
+            if as_json and e.decision is not None:
+                _emit({"released": False, "gate": e.decision.to_json()}, True)
+            elif e.decision is not None:
+                t = Table("reason", "outcome", "detail")
+                for r in e.decision.reasons:
+                    t.add_row(r.code, r.outcome, r.text)
+                err.print(t)
+            raise
+        if b is not None and seal_out:
+            b.attach_release(request, output, actor=audit._default_actor())
+    _log(home, audit.AuditAction.RELEASE_CREATE, rel.model_id, recipient=to, code_id=rel.code_id, gate=rel.gate,
+         rules_version=rel.rules_version)  # fmt: skip
+    _emit({"released": True, "release": rel.to_json(), "output": str(output)}, as_json,
+          f"released {rel.model_id} to {to} (code {rel.code_id}; gate: {rel.gate}, rules {rel.rules_version}) "
+          f"at {output}")  # fmt: skip
+
+
+@license_app.command("add")
+def license_add(
+    license_id: Annotated[str, typer.Argument(help="the license number")],
+    regime: Annotated[list[str], typer.Option("--regime", help="a regime id it covers (repeat)")],
+    recipient: Annotated[str, typer.Option("--recipient", help="the licensed end user")],
+    country: Annotated[list[str], typer.Option("--country", help="a licensed destination (repeat)")],
+    model: Annotated[list[str], typer.Option("--model", help="a model id it covers, or * (repeat)")],
+    valid_from: Annotated[str, typer.Option("--from", help="YYYY-MM-DD")],
+    valid_until: Annotated[str, typer.Option("--until", help="YYYY-MM-DD")],
+    authority: Annotated[str, typer.Option("--authority", help="who issued it (e.g. BIS)")] = "",
+    reference: Annotated[str, typer.Option("--reference", help="a document reference")] = "",
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """File an export license; the gate allows what it covers (regime, model, recipient, country, dates)."""
+    from .release.gate import LicenseBook, LicenseRecord
+
+    rec = LicenseRecord.from_json({"id": license_id, "regimes": regime, "recipient": recipient, "countries": country,
+                                   "models": model, "valid_from": valid_from, "valid_until": valid_until,
+                                   "authority": authority, "reference": reference})  # fmt: skip
+    book = LicenseBook.load((home or default_home()) / "release" / "licenses.json")
+    book.add(rec)
+    _log(home, audit.AuditAction.RELEASE_LICENSE, license_id, **rec.to_json())
+    _emit(rec.to_json(), as_json, f"license {license_id} filed ({len(book.records)} on file)")
+
+
+@license_app.command("list")
+def license_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """The license records on file."""
+    from .release.gate import LicenseBook
+
+    book = LicenseBook.load((home or default_home()) / "release" / "licenses.json")
+    rows = [r.to_json() for r in book.records]
+    if as_json:
+        _emit(rows, True)
+        return
+    t = Table("id", "regimes", "recipient", "countries", "models", "valid")
+    for r in rows:
+        t.add_row(r["id"], ",".join(r["regimes"]), r["recipient"], ",".join(r["countries"]), ",".join(r["models"]),
+                  f"{r['valid_from']}..{r['valid_until']}")  # fmt: skip
+    out.print(t)
 
 
 @app.command("trace")

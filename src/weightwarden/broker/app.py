@@ -141,6 +141,14 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
         model: str = Field(min_length=1, max_length=128)
         action: str = Field(default="copy", pattern="^(copy|release)$")
         reason: str = Field(default="", max_length=500)
+        recipient: str | None = Field(
+            default=None,
+            min_length=1,
+            max_length=256,
+            description="a release: the end user, screened by the export-control gate",
+        )
+        country: str | None = Field(default=None, pattern="^[A-Za-z]{2}$", description="a release: destination")
+        aliases: list[str] = Field(default_factory=list, max_length=10)
 
     class Approval(BaseModel):
         signature: str = Field(pattern="^[0-9a-f]{128}$", description="Ed25519 signature (hex) of the request")
@@ -187,7 +195,15 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
 
     @app.post("/v1/requests", status_code=201)
     def open_request(body: CopyRequest, p: Who) -> dict[str, Any]:
-        return broker.request_copy(p, body.model, body.action, reason=body.reason)
+        return broker.request_copy(
+            p,
+            body.model,
+            body.action,
+            reason=body.reason,
+            recipient=body.recipient,
+            country=body.country,
+            aliases=tuple(a[:256] for a in body.aliases),
+        )
 
     @app.get("/v1/requests/{rid}")
     def get_request(rid: str, p: Who) -> dict[str, Any]:

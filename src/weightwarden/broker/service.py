@@ -109,7 +109,9 @@ def _tables(md: Any) -> _Tables:
                  C("size", sa.BigInteger), C("detail", sa.Text)),
         sa.Table("ww_requests", md, C("id", sa.String(40), primary_key=True), C("requester", sa.String(128)),
                  C("model", sa.String(128)), C("action", sa.String(40)), C("created", sa.BigInteger),
-                 C("expires", sa.BigInteger), C("status", sa.String(16)), C("reason", sa.Text)),
+                 C("expires", sa.BigInteger), C("status", sa.String(16)), C("reason", sa.Text),
+                 C("recipient", sa.String(256)), C("country", sa.String(2)), C("gate", sa.Text),
+                 C("artifact", sa.String(160))),
         sa.Table("ww_approvals", md, C("request_id", sa.String(40), primary_key=True),
                  C("approver", sa.String(128), primary_key=True), C("signature", sa.LargeBinary),
                  C("at", sa.BigInteger)),
@@ -138,6 +140,7 @@ class Broker:
     log: AuditLog
     config: BrokerConfig = field(default_factory=BrokerConfig)
     policy: Policy = field(default_factory=Policy)
+    gate: Any = None  # the export-control gate (release.gate.ReleaseGate); without one, releases are refused
 
     def __post_init__(self) -> None:
         import sqlalchemy as sa
@@ -295,9 +298,12 @@ class Broker:
         return d
 
     # -- models ---------------------------------------------------------------------------
-    def add_model(self, name: str, team: str, path: Any, *, trust: Any = None, actor: str = "admin") -> int:
+    def add_model(self, name: str, team: str, path: Any, *, trust: Any = None, actor: str = "admin",
+                  classification: Any = None) -> int:  # fmt: skip
         """Admit a sealed file: its structure and chunk digests are checked (and its signature against
-        ``trust``, a TrustStore, when given); plaintext is refused."""
+        ``trust``, a TrustStore, when given); plaintext is refused.  ``classification`` (a
+        :class:`~weightwarden.release.classify.Classification`) is what the export-control gate decides
+        releases of this model on; without one, every release of it needs review."""
         import sqlalchemy as sa
 
         from ..sealed.reader import SealedFile
@@ -307,6 +313,8 @@ class Broker:
             sf.verify_digests()
             signer = sf.check_signature(trust) if trust is not None else None
             detail = {"signer_public_key": sf.public_key.hex(), "trusted_signer": signer}
+        if classification is not None:
+            detail["classification"] = classification.to_json()
         size = self.store.put(name, path)
         with self._write() as c:
             c.execute(sa.delete(self.t.models).where(self.t.models.c.name == name))
@@ -322,7 +330,7 @@ class Broker:
             r = c.execute(sa.select(self.t.models).where(self.t.models.c.name == name)).first()
         if r is None:
             raise NotFound(f"no model {name!r}")
-        return {"name": r.name, "team": r.team, "size": int(r.size)}
+        return {"name": r.name, "team": r.team, "size": int(r.size), "detail": json.loads(r.detail or "{}")}
 
     def models(self, p: Principal) -> list[dict[str, Any]]:
         import sqlalchemy as sa
@@ -337,8 +345,13 @@ class Broker:
 
     # -- two-person rule ------------------------------------------------------------------
     def request_copy(self, p: Principal, model: str, action: str = "copy", *, reason: str = "",
+                     recipient: str | None = None, country: str | None = None, aliases: tuple[str, ...] = (),
                      now: datetime | None = None) -> dict[str, Any]:  # fmt: skip
-        """Open a request for a full copy (``copy``) or a release (``release``); it needs approvals."""
+        """Open a request for a full copy (``copy``) or a release (``release``); it needs approvals.
+
+        A release names its ``recipient`` (the end user) and destination ``country``; the export-control
+        gate decides it now, the decision is recorded on the request (an audit event with the rule-set
+        version), and approvers sign it: approving a release the gate did not allow is an override."""
         import sqlalchemy as sa
 
         perm = {"copy": Permission.MODEL_WEIGHTS_COPY, "release": Permission.RELEASE_COPY_CREATE}.get(action)
@@ -346,21 +359,53 @@ class Broker:
             raise BrokerError("action is copy or release")
         # the requester must hold the role (checked as if approved: approval is the only missing piece)
         self.authorize(p, perm, model, context={"approved": True}, now=now)
+        gate = None
+        if action == "release":
+            gate = self._gate_decision(p, model, recipient, country, aliases, now)
         t = int(_ts(now))
         rid = secrets.token_hex(16)
         with self._write() as c:
             c.execute(sa.insert(self.t.requests).values(id=rid, requester=p.id, model=model, action=action,
                       created=t, expires=t + self.config.approval_window_s, status="pending",
-                      reason=reason[:500]))  # fmt: skip
+                      reason=reason[:500], recipient=gate.recipient if gate else None,
+                      country=gate.country if gate else None,
+                      gate=json.dumps(gate.to_json()) if gate else None))  # fmt: skip
         self.audit(AuditAction.APPROVAL_REQUEST, "ok", p.id, model, now=now, request=rid, kind=action,
-                   reason=reason[:500])  # fmt: skip
+                   reason=reason[:500], gate=gate.decision if gate else None)  # fmt: skip
         return self.request(rid, now=now)
+
+    def _gate_decision(self, p: Principal, model: str, recipient: str | None, country: str | None,
+                       aliases: tuple[str, ...], now: datetime | None) -> Any:  # fmt: skip
+        from ..release.classify import Classification
+        from ..release.gate import Destination, ReleaseDenied
+
+        try:
+            if self.gate is None:
+                raise ReleaseDenied("this broker has no export-control gate configured: releases are refused")
+            if not recipient:
+                raise ReleaseDenied("a release names its recipient (and destination country)")
+            dest = Destination(recipient, country.upper() if country else None, tuple(aliases))
+            c = self.model(model)["detail"].get("classification")
+            cls = Classification.from_json(c) if c else None
+            d = self.gate.decide(cls, dest, model_id=model, as_of=datetime.fromtimestamp(_ts(now), UTC).date())
+        except ReleaseDenied as e:
+            self.audit(AuditAction.RELEASE_GATE, "denied", p.id, model, reason=str(e), now=now)
+            raise BrokerError(str(e)) from None
+        self.audit(AuditAction.RELEASE_GATE, "ok" if d.allowed else "denied", p.id, model, now=now,
+                   decision=d.decision, blocking=sorted(d.blocking), rules_version=d.rules_version,
+                   list_sha256=d.list_sha256, digest=d.digest, recipient=d.recipient, country=d.country)  # fmt: skip
+        return d
 
     @staticmethod
     def approval_message(req: dict[str, Any]) -> bytes:
         """What an approver signs: the request's id, model, action, requester and expiry."""
-        return APPROVAL_CONTEXT + "\n".join([req["id"], req["model"], req["action"], req["requester"],
-                                             str(req["expires"])]).encode()  # fmt: skip
+        lines = [req["id"], req["model"], req["action"], req["requester"], str(req["expires"])]
+        g = req.get("gate")
+        if req["action"] == "release" and g:
+            lines += [f"release-to {req['recipient']} {req['country'] or '??'}", f"gate {g['decision']} {g['digest']}"]
+            if g["decision"] != "allow":
+                lines.append("override " + ",".join(g["blocking"]))
+        return APPROVAL_CONTEXT + "\n".join(lines).encode()
 
     def request(self, rid: str, *, now: datetime | None = None) -> dict[str, Any]:
         import sqlalchemy as sa
@@ -374,11 +419,16 @@ class Broker:
             ap = c.execute(sa.select(self.t.approvals.c.approver).where(self.t.approvals.c.request_id == rid)
                            .order_by(self.t.approvals.c.at)).scalars().all()  # fmt: skip
         status = r.status
-        if status in ("pending", "approved") and int(_ts(now)) >= r.expires:
+        if status in ("pending", "approved", "released") and int(_ts(now)) >= r.expires:
             status = "expired"
-        return {"id": r.id, "requester": r.requester, "model": r.model, "action": r.action, "created": r.created,
-                "expires": r.expires, "status": status, "approvals": list(ap),
-                "approvals_needed": self.config.approvals_needed}  # fmt: skip
+        out = {"id": r.id, "requester": r.requester, "model": r.model, "action": r.action, "created": r.created,
+               "expires": r.expires, "status": status, "approvals": list(ap),
+               "approvals_needed": self.config.approvals_needed}  # fmt: skip
+        if r.action == "release":
+            g = json.loads(r.gate) if r.gate else None
+            out |= {"recipient": r.recipient, "country": r.country, "gate": g,
+                    "override": bool(g and g["decision"] != "allow"), "artifact": r.artifact}  # fmt: skip
+        return out
 
     def approve(self, p: Principal, rid: str, signature: bytes, *, now: datetime | None = None) -> dict[str, Any]:
         """Record ``p``'s approval, an Ed25519 signature of :meth:`approval_message` by ``p``'s account
@@ -423,14 +473,71 @@ class Broker:
                     raise Conflict("this approver has already approved") from None
                 n = c.execute(sa.select(sa.func.count()).select_from(self.t.approvals)
                               .where(self.t.approvals.c.request_id == rid)).scalar_one()  # fmt: skip
-                if n >= self.config.approvals_needed:
+                done = n >= self.config.approvals_needed
+                if done:
                     c.execute(sa.update(self.t.requests).where(self.t.requests.c.id == rid).values(status="approved"))
         except BrokerError as e:
             self.audit(AuditAction.APPROVAL_GRANT, "denied", p.id, req["model"], reason=str(e), now=now, request=rid)
             raise
         self.audit(AuditAction.APPROVAL_GRANT, "ok", p.id, req["model"], now=now, request=rid,
                    proof_sha256=hashlib.sha256(proof).hexdigest())  # fmt: skip
+        if done and req.get("override"):
+            self.audit(AuditAction.RELEASE_OVERRIDE, "ok", p.id, req["model"], now=now, request=rid,
+                       overridden=req["gate"]["blocking"], decision=req["gate"]["decision"],
+                       digest=req["gate"]["digest"], approvers=[*req["approvals"], p.id])  # fmt: skip
         return self.request(rid, now=now)
+
+    # -- releases -------------------------------------------------------------------------
+    def consume_release(self, rid: str, decision: Any, *, actor: str, now: datetime | None = None) -> dict[str, Any]:
+        """Check that the approved release request ``rid`` covers ``decision`` (the gate's decision as the
+        release is made: same model, recipient and country, and no blocking reason the approvers did not
+        override), and mark it released.  Raises :class:`~weightwarden.release.gate.ReleaseDenied`."""
+        import sqlalchemy as sa
+
+        from ..release.gate import ReleaseDenied, check_override
+
+        try:
+            req = self.request(rid, now=now)
+            if req["action"] != "release":
+                raise ReleaseDenied("the request is not for a release")
+            if req["status"] != "approved":
+                raise ReleaseDenied(f"the release request is {req['status']}, not approved")
+            if (req["model"], req["recipient"], req["country"]) != (decision.model_id, decision.recipient,
+                                                                    decision.country):  # fmt: skip
+                raise ReleaseDenied("the approved request is for another model, recipient or country")
+            check_override(decision, set(req["gate"]["blocking"]))
+            with self._write() as c:
+                n = c.execute(sa.update(self.t.requests).where(self.t.requests.c.id == rid,
+                              self.t.requests.c.status == "approved").values(status="released")).rowcount  # fmt: skip
+            if n != 1:
+                raise ReleaseDenied("the approved release request was already used")
+        except (ReleaseDenied, NotFound) as e:
+            self.audit(AuditAction.RELEASE_GATE, "denied", actor, None, reason=str(e)[:300], now=now, request=rid)
+            raise ReleaseDenied(str(e), decision) from None
+        self.audit(AuditAction.RELEASE_GATE, "ok" if decision.allowed else "overridden", actor, decision.model_id,
+                   now=now, request=rid, decision=decision.decision, blocking=sorted(decision.blocking),
+                   rules_version=decision.rules_version, digest=decision.digest)  # fmt: skip
+        return self.request(rid, now=now)
+
+    def attach_release(self, rid: str, path: Any, *, actor: str, now: datetime | None = None) -> str:
+        """Store the fingerprinted, sealed copy made for a released request; the requester's stream of
+        ``rid`` then sends this copy (never the original)."""
+        import sqlalchemy as sa
+
+        from ..sealed.reader import SealedFile
+
+        req = self.request(rid, now=now)
+        if req["action"] != "release" or req["status"] != "released" or req["artifact"]:
+            raise Conflict("only a released request without a copy yet takes one")
+        with SealedFile(path) as sf:  # plaintext is refused
+            sf.verify_digests()
+        name = f"release-{rid}"
+        size = self.store.put(name, path)
+        with self._write() as c:
+            c.execute(sa.update(self.t.requests).where(self.t.requests.c.id == rid).values(artifact=name))
+        self.audit(AuditAction.RELEASE_CREATE, "ok", actor, req["model"], now=now, request=rid, bytes=size,
+                   recipient=req["recipient"])  # fmt: skip
+        return name
 
     def requests(self, *, status: str | None = None, now: datetime | None = None) -> list[dict[str, Any]]:
         import sqlalchemy as sa
@@ -548,13 +655,25 @@ class Broker:
                 raise Forbidden("the request is for another model or requester")
             if req["status"] in ("used", "expired"):
                 raise Conflict(f"the request is {req['status']}")
-            perm = Permission.MODEL_WEIGHTS_COPY if req["action"] == "copy" else Permission.RELEASE_COPY_CREATE
-            self.authorize(p, perm, model, context={"approved": req["status"] == "approved"}, now=now)
-            with self._write() as c:  # single use: approved -> used, atomically
+            release = req["action"] == "release"
+            if release and not req["artifact"]:
+                raise Conflict("a release streams its fingerprinted copy: make it first (warden release --request)")
+            perm = Permission.RELEASE_COPY_CREATE if release else Permission.MODEL_WEIGHTS_COPY
+            ready = req["status"] == ("released" if release else "approved")
+            self.authorize(p, perm, model, context={"approved": ready}, now=now)
+            with self._write() as c:  # single use: approved (released) -> used, atomically
                 n = c.execute(sa.update(self.t.requests).where(self.t.requests.c.id == request_id,
-                              self.t.requests.c.status == "approved").values(status="used")).rowcount  # fmt: skip
+                              self.t.requests.c.status == ("released" if release else "approved"))
+                              .values(status="used")).rowcount  # fmt: skip
             if n != 1:
                 raise Conflict("the approved request was already used")
+            if release:
+                info = {"size": self.store.size(req["artifact"])}
+                self._check_anomalies(p, model, network, now)
+                chunks = self.store.read(req["artifact"], self.config.chunk)
+                self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],
+                           request=request_id, network=network, copy=req["artifact"])  # fmt: skip
+                return self._metered(p, model, chunks, info["size"], now)
         self._check_anomalies(p, model, network, now)
         chunks = self.store.read(model, self.config.chunk)
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],

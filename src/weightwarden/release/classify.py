@@ -9,6 +9,11 @@ so active = total − routed + routed·k/E, layer by layer.  Training compute, i
 preference: a declared figure; 6·N·D with N the *active* parameters and D the training tokens
 (Kaplan et al. 2020: forward + backward ≈ 6 operations per parameter per token, ±30%); or
 hardware: chip-hours × peak dense FLOP/s × utilisation (±50%: utilisation is rarely known).
+With none of these, an *upper bound* 6·N·D_max (D_max = 10^15 tokens, about 65 times the largest
+published training set): a small model clears a threshold it could not reach whatever it was
+trained on, and a large one whose compute is unknown gets ``needs-review`` (its band straddles).
+A declared figure or token count may come from the caller or from ``config.json``
+(``training_compute_flop``, ``training_tokens``: weightwarden's model-card fields).
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from ..errors import UnsupportedModelError
 
 __all__ = ["Classification", "Compute", "classify", "count_parameters", "estimate_compute"]
 
+# no model is trained on more tokens than this (Llama 3: 1.5e13); the bound used when nothing is declared
+MAX_TRAINING_TOKENS = 1e15
 _EXPERT = re.compile(r"^(?P<layer>.*?)\.experts\.(?P<e>\d+)\.")
 
 
 @dataclass(frozen=True)
 class Compute:
     flop: float
-    method: str  # "declared" | "6ND" | "hardware"
+    method: str  # "declared" | "6ND" | "hardware" | "upper-bound"
     low: float
     high: float
     basis: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +66,9 @@ def estimate_compute(*, active_params: float | None = None, tokens: float | None
         return Compute(c, "hardware", c / 1.5, c * 1.5,
                        {"chip_hours": chip_hours, "peak_flops": peak_flops, "utilization": u,
                         "utilization_assumed": utilization is None})  # fmt: skip
+    if active_params is not None and active_params > 0:
+        c = 6.0 * active_params * MAX_TRAINING_TOKENS
+        return Compute(c, "upper-bound", 0.0, c, {"active_params": active_params, "max_tokens": MAX_TRAINING_TOKENS})
     return None
 
 
@@ -107,6 +117,13 @@ class Classification:
         d["compute"] = asdict(self.compute) if self.compute else None
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Classification:
+        c = d.get("compute")
+        return cls(str(d["model"]), int(d["total_params"]), int(d["active_params"]), dict(d.get("moe") or {}),
+                   Compute(**c) if c else None, bool(d["published"]), list(d.get("outcomes") or []),
+                   str(d.get("rules_version", "")), str(d.get("as_of", "")))  # fmt: skip
+
 
 def _config(path: Path) -> dict[str, Any]:
     cfg = path / "config.json" if path.is_dir() else path.with_name("config.json")
@@ -132,6 +149,15 @@ def classify(model: str | os.PathLike[str], *, rules: Any = None, as_of: date | 
         if not src.shapes:
             raise UnsupportedModelError("no tensors: the parameter count cannot be read")
         total, active, moe = count_parameters(src.shapes, int(k) if k else None)
+        card = {**(src.config or {}), **cfg}
+    if declared_flop is None and tokens is None and chip_hours is None:
+        try:
+            declared_flop = float(card["training_compute_flop"]) if "training_compute_flop" in card else None
+            tokens = float(card["training_tokens"]) if "training_tokens" in card else None
+        except (TypeError, ValueError):
+            raise UnsupportedModelError(
+                "config.json: training_compute_flop / training_tokens is not a number"
+            ) from None
     comp = estimate_compute(active_params=active, tokens=tokens, declared_flop=declared_flop, chip_hours=chip_hours,
                             peak_flops=peak_flops, utilization=utilization)  # fmt: skip
     rs = rules or default_rules()

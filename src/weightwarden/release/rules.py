@@ -76,6 +76,11 @@ class RuleSet:
             elif value is None:
                 row |= {"outcome": "needs-review", "in_force": True,
                         "reasons": [f"{r.metric} unknown: declare compute, tokens or hardware"]}  # fmt: skip
+            elif r.metric == "training_compute" and compute.method == "upper-bound" and value >= r.threshold:
+                row |= {"outcome": "needs-review", "in_force": True,
+                        "reasons": [f"training compute not declared; with {compute.basis['active_params']:.3g} active "
+                                    f"parameters it could reach {compute.high:.2e} >= {r.threshold:.0e}: "
+                                    "declare compute, tokens or hardware"]}  # fmt: skip
             elif r.metric == "training_compute" and compute.low < r.threshold <= compute.high:
                 row |= {"outcome": "needs-review", "in_force": True,
                         "reasons": [f"the estimate {compute.flop:.2e} ({compute.method}, {compute.low:.2e}..."
@@ -87,8 +92,10 @@ class RuleSet:
                         outcome, why = r.country_outcomes[g], why + f"; destination {country.upper()} is in {g}"
                 row |= {"outcome": outcome, "in_force": True, "reasons": [why]}
             else:
+                upper = r.metric == "training_compute" and compute.method == "upper-bound"
+                bound = " (upper bound: 6·N·10^15 tokens)" if upper else ""
                 row |= {"outcome": "allowed", "in_force": True,
-                        "reasons": [f"{r.metric} {value:.3g} < {r.threshold:.0e}"]}  # fmt: skip
+                        "reasons": [f"{r.metric} {value:.3g}{bound} < {r.threshold:.0e}"]}  # fmt: skip
             out.append(row)
         return out
 

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,11 +15,14 @@ from typing import Any
 import blake3
 import numpy as np
 
+from .. import audit
 from .._atomic import atomic_output, write_all
+from ..audit import AuditAction
 from ..errors import OutputExistsError, UnsupportedModelError
 from ..keys.provider import KeyProvider
 from ..provenance.layout import detect_layout
 from ..provenance.source import TensorSource
+from ..release.gate import Destination, GateDecision, ReleaseDenied, ReleaseGate
 from .mark import DEFAULT_ALPHA, embed_tensors, extract, marked_tensors
 from .store import ReleaseRecord, TraceStore, derive
 from .tardos import TardosCode, accusation_threshold
@@ -73,6 +77,11 @@ def release(
     out: str | os.PathLike[str],
     *,
     provider: KeyProvider,
+    country: str | None,
+    aliases: tuple[str, ...] = (),
+    gate: ReleaseGate | None = None,
+    approval: Callable[[GateDecision], Any] | None = None,
+    classify_kw: dict[str, Any] | None = None,
     model_id: str | None = None,
     home: Path | None = None,
     alpha: float = DEFAULT_ALPHA,
@@ -80,12 +89,37 @@ def release(
     force: bool = False,
     now: datetime | None = None,
 ) -> ReleaseRecord:
-    """Write a copy of ``model`` (a safetensors file or a model folder) fingerprinted for ``recipient``."""
+    """Write a copy of ``model`` (a safetensors file or a model folder) fingerprinted for ``recipient``.
+
+    The export-control gate decides first (``gate``, default: the one configured under ``home``) for
+    ``recipient`` in ``country``; anything but ``allow`` raises :class:`ReleaseDenied` and writes nothing,
+    unless ``approval`` (the broker's check of an approved release request, two-person rule) accepts the
+    decision: it is called with the decision whenever given, and raises :class:`ReleaseDenied` when the
+    approved request does not cover it.  The decision is an audit event on the provider's sink, with
+    the rule-set version."""
     model, out = Path(model), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists (use force)")
     model_id = model_id or model.stem
     store = _store(home)
+    store._model_path(model_id)  # a bad id is refused before anything is decided
+    gate = gate or ReleaseGate.from_home(home)
+    dest = Destination(recipient, country, tuple(aliases))
+    when = (now or datetime.now(UTC)).date()
+    decision = gate.decide_model(model, dest, model_id=model_id, as_of=when, **(classify_kw or {}))
+    outcome = "ok" if decision.allowed else "denied"
+    if approval is not None:
+        try:
+            approval(decision)
+            outcome = "ok" if decision.allowed else "overridden"
+        except ReleaseDenied:
+            provider.audit.emit(audit.event(AuditAction.RELEASE_GATE, "denied", subject=model_id,
+                                            detail=decision.to_json(), now=now))  # fmt: skip
+            raise
+    provider.audit.emit(audit.event(AuditAction.RELEASE_GATE, outcome, subject=model_id, detail=decision.to_json(),
+                                    now=now))  # fmt: skip
+    if outcome == "denied":
+        raise ReleaseDenied(f"the export-control gate says {decision.explain()}", decision)
     rec = store.enroll(model_id, provider, code_length=code_length, cutoff=DEFAULT_CUTOFF, alpha=alpha, now=now)
     secret = store.secret(rec, provider)
     try:
@@ -127,7 +161,17 @@ def release(
     at = (now or datetime.now(UTC)).isoformat()
     out_digest = blake3.blake3("".join(digests).encode()).hexdigest()[:32]
     rel = ReleaseRecord(
-        model_id, recipient, idx, at, _digest_files(files), f"tardos-v1/{rec.code_length}/{idx}", out_digest
+        model_id,
+        recipient,
+        idx,
+        at,
+        _digest_files(files),
+        f"tardos-v1/{rec.code_length}/{idx}",
+        out_digest,
+        country=decision.country,
+        gate=decision.decision + ("/overridden" if outcome == "overridden" else ""),
+        gate_digest=decision.digest,
+        rules_version=decision.rules_version,
     )
     store.record(rel)
     return rel

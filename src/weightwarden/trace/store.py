@@ -65,6 +65,10 @@ class ReleaseRecord:
     model_version: str
     code_id: str
     output_sha256: str | None
+    country: str | None = None
+    gate: str = ""  # the export-control decision ("allow", or "<decision>/overridden")
+    gate_digest: str = ""
+    rules_version: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -125,6 +129,10 @@ class TraceStore:
         db.execute("""CREATE TABLE IF NOT EXISTS releases (id INTEGER PRIMARY KEY, model_id TEXT NOT NULL,
                       recipient TEXT NOT NULL, at TEXT NOT NULL, model_version TEXT NOT NULL,
                       code_id TEXT NOT NULL, output_sha256 TEXT)""")
+        cols = {r[1] for r in db.execute("PRAGMA table_info(releases)")}
+        for col in ("country", "gate", "gate_digest", "rules_version"):  # added with the export-control gate
+            if col not in cols:
+                db.execute(f"ALTER TABLE releases ADD COLUMN {col} TEXT")
         return db
 
     def recipient_index(self, model_id: str, recipient: str) -> int:
@@ -151,9 +159,10 @@ class TraceStore:
     def record(self, rel: ReleaseRecord) -> None:
         db = self._db()
         try:
-            db.execute("INSERT INTO releases (model_id, recipient, at, model_version, code_id, output_sha256) "
-                       "VALUES (?,?,?,?,?,?)", (rel.model_id, rel.recipient, rel.at, rel.model_version, rel.code_id,
-                                                rel.output_sha256))  # fmt: skip
+            db.execute("INSERT INTO releases (model_id, recipient, at, model_version, code_id, output_sha256, country, "
+                       "gate, gate_digest, rules_version) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (rel.model_id, rel.recipient, rel.at, rel.model_version, rel.code_id, rel.output_sha256,
+                        rel.country, rel.gate, rel.gate_digest, rel.rules_version))  # fmt: skip
         finally:
             db.close()
 
@@ -168,10 +177,24 @@ class TraceStore:
     def releases(self, model_id: str | None = None) -> list[dict[str, Any]]:
         db = self._db()
         try:
-            q = "SELECT model_id, recipient, at, model_version, code_id, output_sha256 FROM releases"
+            q = (
+                "SELECT model_id, recipient, at, model_version, code_id, output_sha256, country, gate, gate_digest, "
+                "rules_version FROM releases"
+            )
             rows = db.execute(q + (" WHERE model_id=?" if model_id else "") + " ORDER BY id",
                               (model_id,) if model_id else ()).fetchall()  # fmt: skip
         finally:
             db.close()
-        keys = ("model_id", "recipient", "at", "model_version", "code_id", "output_sha256")
+        keys = (
+            "model_id",
+            "recipient",
+            "at",
+            "model_version",
+            "code_id",
+            "output_sha256",
+            "country",
+            "gate",
+            "gate_digest",
+            "rules_version",
+        )
         return [dict(zip(keys, r, strict=True)) for r in rows]

@@ -1,0 +1,305 @@
+"""The release decision: one gate that every copy leaving the house passes.
+
+:meth:`ReleaseGate.decide` combines the model's classification under the signed rules
+(:mod:`.rules`), the destination country, restricted-party screening of the end user
+(:mod:`.screen`) and the license records on file, and returns ``allow``, ``needs-license``,
+``needs-review`` or ``deny`` with every reason.  Reasons carry stable codes
+(``regime:<id>:<outcome>``, ``screening:<entry id>``, ``destination:unknown``, ...): an
+override approved in the broker (two-person rule) names the codes it overrode, and a later
+decision with any code that was not overridden is refused again (:func:`check_override`).
+
+Severity, lowest first: allow < needs-license < needs-review < deny; the decision is the most
+severe of its reasons.  A regime outcome maps as: ``allowed`` and ``notify`` -> allow (a
+notification duty is reported as a reason), ``license-required`` -> needs-license unless a
+license record covers it, ``needs-review`` -> needs-review, ``presumption-of-denial`` -> deny
+unless a license record covers it.  A screening hit -> deny.  No destination country ->
+needs-review.  The gate fails closed: a rules file that does not verify, a screening list that
+does not parse, or a model that cannot be classified never gives ``allow``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from ..errors import WardenError
+
+__all__ = ["DECISIONS", "Destination", "GateDecision", "LicenseBook", "LicenseRecord", "Reason", "ReleaseDenied",
+           "ReleaseGate", "check_override"]  # fmt: skip
+
+DECISIONS = ("allow", "needs-license", "needs-review", "deny")  # lowest severity first
+_FROM_REGIME = {"allowed": "allow", "notify": "allow", "license-required": "needs-license",
+                "needs-review": "needs-review", "presumption-of-denial": "deny"}  # fmt: skip
+
+
+class ReleaseDenied(WardenError):
+    """The export-control gate did not allow the release (and no approved override covers it)."""
+
+    def __init__(self, message: str, decision: GateDecision | None = None):
+        super().__init__(message)
+        self.decision = decision
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Who receives the copy: the end user as screened, its other names, and the country it goes to."""
+
+    recipient: str
+    country: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.recipient or len(self.recipient) > 256 or any(ord(c) < 32 for c in self.recipient):
+            raise ReleaseDenied("a recipient is 1-256 printable characters")
+        if self.country is not None and (len(self.country) != 2 or not self.country.isalpha()):
+            raise ReleaseDenied("a country is an ISO 3166 alpha-2 code (two letters)")
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str  # stable: what an override names
+    outcome: str  # one of DECISIONS
+    text: str
+
+    @property
+    def blocking(self) -> bool:
+        return self.outcome != "allow"
+
+
+@dataclass(frozen=True)
+class LicenseRecord:
+    """An export license (or an authorisation of the same force) on file."""
+
+    id: str
+    regimes: tuple[str, ...]
+    recipient: str
+    countries: tuple[str, ...]
+    models: tuple[str, ...]  # model ids, or "*"
+    valid_from: date
+    valid_until: date
+    authority: str = ""
+    reference: str = ""
+
+    def covers(self, regime: str, model_id: str, dest: Destination, when: date) -> bool:
+        from .screen import normalize
+
+        return (regime in self.regimes and ("*" in self.models or model_id in self.models)
+                and dest.country is not None and dest.country.upper() in self.countries
+                and normalize(self.recipient) == normalize(dest.recipient)
+                and self.valid_from <= when <= self.valid_until)  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["valid_from"], d["valid_until"] = self.valid_from.isoformat(), self.valid_until.isoformat()
+        return d
+
+    @classmethod
+    def from_json(cls, o: Any) -> LicenseRecord:
+        try:
+            rec = cls(str(o["id"]), tuple(map(str, o["regimes"])), str(o["recipient"]),
+                      tuple(str(c).upper() for c in o["countries"]), tuple(map(str, o["models"])),
+                      date.fromisoformat(o["valid_from"]), date.fromisoformat(o["valid_until"]),
+                      str(o.get("authority", "")), str(o.get("reference", "")))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as e:
+            raise ReleaseDenied(f"a license record is malformed ({type(e).__name__})") from None
+        if not rec.id or not rec.regimes or not rec.countries or not rec.models or rec.valid_until < rec.valid_from:
+            raise ReleaseDenied(f"license {rec.id!r}: needs regimes, countries, models and a valid period")
+        return rec
+
+
+@dataclass
+class LicenseBook:
+    """License records kept as one JSON file (``$WARDEN_HOME/release/licenses.json``), replaced atomically."""
+
+    path: Path | None = None
+    records: list[LicenseRecord] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LicenseBook:
+        p = Path(path)
+        if not p.exists():
+            return cls(p)
+        try:
+            doc = json.loads(p.read_bytes())
+            recs = [LicenseRecord.from_json(o) for o in doc["licenses"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ReleaseDenied("the license records are unreadable") from None
+        return cls(p, recs)
+
+    def add(self, rec: LicenseRecord) -> None:
+        from .._atomic import atomic_write_bytes
+
+        if any(r.id == rec.id for r in self.records):
+            raise ReleaseDenied(f"license {rec.id!r} is already on file")
+        self.records.append(rec)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            doc = {"format": 1, "licenses": [r.to_json() for r in self.records]}
+            atomic_write_bytes(self.path, json.dumps(doc, indent=1).encode(), force=True)
+
+    def covering(self, regime: str, model_id: str, dest: Destination, when: date) -> LicenseRecord | None:
+        return next((r for r in self.records if r.covers(regime, model_id, dest, when)), None)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    decision: str
+    model_id: str
+    recipient: str
+    country: str | None
+    reasons: tuple[Reason, ...]
+    rules_version: str
+    rules_signed_by: str
+    list_sha256: str
+    as_of: str
+    classification: dict[str, Any]
+
+    @property
+    def allowed(self) -> bool:
+        return self.decision == "allow"
+
+    @property
+    def blocking(self) -> frozenset[str]:
+        """The codes of the reasons that keep this from ``allow``: what an override must name."""
+        return frozenset(r.code for r in self.reasons if r.blocking)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 over what was decided and why (not the date): what approvers sign."""
+        core = {"decision": self.decision, "model": self.model_id, "recipient": self.recipient,
+                "country": self.country, "blocking": sorted(self.blocking), "rules": self.rules_version,
+                "list": self.list_sha256}  # fmt: skip
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decision": self.decision, "model": self.model_id, "recipient": self.recipient,
+                "country": self.country, "reasons": [asdict(r) for r in self.reasons],
+                "blocking": sorted(self.blocking), "rules_version": self.rules_version,
+                "rules_signed_by": self.rules_signed_by, "list_sha256": self.list_sha256, "as_of": self.as_of,
+                "classification": self.classification, "digest": self.digest}  # fmt: skip
+
+    def explain(self) -> str:
+        why = "; ".join(r.text for r in self.reasons if r.blocking) or "no reason against"
+        return f"{self.decision}: {why}"
+
+
+def check_override(decision: GateDecision, overridden: frozenset[str] | set[str]) -> None:
+    """Raise :class:`ReleaseDenied` unless every blocking reason of ``decision`` is among the
+    ``overridden`` codes (those an approved override named)."""
+    new = decision.blocking - set(overridden)
+    if new:
+        raise ReleaseDenied(f"the approved override does not cover: {', '.join(sorted(new))}", decision)
+
+
+class ReleaseGate:
+    """The export-control gate over one rule set, one screening list and the license records."""
+
+    def __init__(self, rules: Any, screening: Any, licenses: LicenseBook | None = None, *,
+                 threshold: float | None = None):  # fmt: skip
+        from .screen import DEFAULT_THRESHOLD
+
+        if rules is None or screening is None:
+            raise ReleaseDenied("the gate needs a verified rule set and a screening list")
+        self.rules, self.screening = rules, screening
+        self.licenses = licenses or LicenseBook()
+        self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+
+    @classmethod
+    def from_home(cls, home: str | os.PathLike[str] | None = None) -> ReleaseGate:
+        """The gate as configured under ``home``: the shipped rules (or ``release/rules.toml`` signed by a
+        key in ``release/rules-keys``), the list loaded by ``warden screen update`` (else the shipped sample),
+        and ``release/licenses.json``."""
+        from importlib import resources
+
+        from ..keys.local import default_home
+        from .rules import SHIPPED_RULES_KEY, default_rules, load_rules
+        from .screen import ScreeningList
+
+        h = Path(home) if home else default_home()
+        own = h / "release" / "rules.toml"
+        if own.exists():
+            keys = [SHIPPED_RULES_KEY]
+            kf = h / "release" / "rules-keys"
+            if kf.exists():
+                keys += [bytes.fromhex(x) for x in kf.read_text().split() if x.strip()]
+            rules = load_rules(own, keys)
+        else:
+            rules = default_rules()
+        lst = h / "screening" / "list.dat"
+        if lst.exists():
+            meta = json.loads((h / "screening" / "list.json").read_text())
+            screening = ScreeningList.parse(lst.read_bytes(), meta.get("origin", ""))
+        else:
+            with resources.as_file(resources.files(__package__).joinpath("lists/sample_csl.json")) as p:
+                screening = ScreeningList.load(p)
+        return cls(rules, screening, LicenseBook.load(h / "release" / "licenses.json"))
+
+    def decide(
+        self, classification: Any, dest: Destination, *, model_id: str, as_of: date | None = None
+    ) -> GateDecision:
+        """The decision for releasing a model of this ``classification`` to ``dest``.
+
+        ``classification`` is a :class:`~.classify.Classification`, or ``None`` when the model could
+        not be classified (the decision is then ``needs-review`` at best)."""
+        when = as_of or date.today()
+        reasons: list[Reason] = []
+        summary: dict[str, Any] = {}
+        if dest.country is None:
+            reasons.append(Reason("destination:unknown", "needs-review", "the destination country is not known"))
+        if classification is None:
+            reasons.append(Reason("classification:failed", "needs-review", "the model could not be classified"))
+        else:
+            comp = classification.compute
+            summary = {"total_params": classification.total_params, "active_params": classification.active_params,
+                       "compute_flop": comp.flop if comp else None, "compute_method": comp.method if comp else None,
+                       "published": classification.published}  # fmt: skip
+            c = classification
+            outs = self.rules.evaluate(total_params=c.total_params, active_params=c.active_params, compute=comp,
+                                       published=c.published, as_of=when, country=dest.country)  # fmt: skip
+            for o in outs:
+                outcome = _FROM_REGIME[o["outcome"]]
+                text = f"{o['regime']}: {o['outcome']} ({'; '.join(o['reasons'])})"
+                if outcome in ("needs-license", "deny"):
+                    lic = self.licenses.covering(o["regime"], model_id, dest, when)
+                    if lic is not None:
+                        reasons.append(
+                            Reason(
+                                f"license:{lic.id}",
+                                "allow",
+                                f"{text}; covered by license {lic.id} "
+                                f"({lic.authority} {lic.reference}, until {lic.valid_until})".strip(),
+                            )
+                        )
+                        continue
+                reasons.append(Reason(f"regime:{o['regime']}:{o['outcome']}", outcome, text))
+        hits = self.screening.screen(dest.recipient, aliases=dest.aliases, country=dest.country,
+                                     threshold=self.threshold)["hits"]  # fmt: skip
+        for h in hits:
+            e = h["entry"]
+            reasons.append(Reason(f"screening:{e['id']}", "deny",
+                                  f"{dest.recipient!r} matches {e['name']!r} on {e['source'] or 'the list'} "
+                                  f"(score {h['score']}, matched {h['matched_name']!r})"))  # fmt: skip
+        if not hits:
+            reasons.append(Reason("screening:clear", "allow", f"no match at threshold {self.threshold:g} among "
+                                  f"{len(self.screening.entries)} listed parties"))  # fmt: skip
+        decision = max((r.outcome for r in reasons), key=DECISIONS.index, default="allow")
+        return GateDecision(decision, model_id, dest.recipient, dest.country.upper() if dest.country else None,
+                            tuple(reasons), self.rules.version, self.rules.signed_by, self.screening.sha256,
+                            when.isoformat(), summary)  # fmt: skip
+
+    def decide_model(self, model: str | os.PathLike[str], dest: Destination, *, model_id: str,
+                     as_of: date | None = None, **classify_kw: Any) -> GateDecision:  # fmt: skip
+        """Classify ``model`` (a failure to classify gives ``needs-review``, never ``allow``), then decide."""
+        from ..errors import FormatError, UnsupportedModelError
+        from .classify import classify
+
+        try:
+            c = classify(model, rules=self.rules, as_of=as_of, country=dest.country, **classify_kw)
+        except (UnsupportedModelError, FormatError, ValueError):
+            c = None
+        return self.decide(c, dest, model_id=model_id, as_of=as_of)

@@ -1,0 +1,279 @@
+"""The release decision gate (issue 7): classification + destination + screening + licenses ->
+allow / needs-license / needs-review / deny with reasons; `warden release` and the broker cannot
+skip it; an override is the broker's two-person approval of exactly the reasons it names."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import weightwarden as ww
+from weightwarden import audit
+from weightwarden.errors import WardenError
+from weightwarden.release import classify, default_rules
+from weightwarden.release.gate import (
+    Destination,
+    LicenseBook,
+    LicenseRecord,
+    ReleaseDenied,
+    ReleaseGate,
+    check_override,
+)
+from weightwarden.release.rules import RulesError
+from weightwarden.release.screen import ScreeningList
+
+from .conftest import warden
+
+SAMPLE = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
+MARCH_2025 = date(2025, 3, 1)  # the US 4E091 rule in force
+LISTED = "Sergei Ivanovich Petrov"  # sample-000 on the (fictitious) sample list
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("gate") / "m"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    t = {"model.embed_tokens.weight": rng.standard_normal((128, 64))}
+    for i in range(2):  # a tiny Llama-shaped MLP stack: enough weights to carry a fingerprint
+        t |= {f"model.layers.{i}.mlp.gate_proj.weight": rng.standard_normal((256, 64)) / 8,
+              f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 64)) / 8,
+              f"model.layers.{i}.mlp.down_proj.weight": rng.standard_normal((64, 256)) / 16}  # fmt: skip
+    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def gate() -> ReleaseGate:
+    return ReleaseGate(default_rules(), ScreeningList.load(SAMPLE))
+
+
+def test_decisions_and_their_reasons(gate: ReleaseGate, model: Path) -> None:
+    small = classify(model, as_of=MARCH_2025)
+    d = gate.decide(small, Destination("Acme Robotics GmbH", "DE"), model_id="m", as_of=MARCH_2025)
+    assert d.decision == "allow" and d.blocking == frozenset()
+    assert "screening:clear" in {r.code for r in d.reasons}
+    assert d.rules_version == default_rules().version and d.list_sha256 == gate.screening.sha256
+    # a restricted party is denied, with the entry that matched
+    d = gate.decide(small, Destination("Sergei I. Petrov", "DE"), model_id="m", as_of=MARCH_2025)
+    assert d.decision == "deny" and d.blocking == {"screening:sample-000"}
+    assert "Sergei Ivanovich Petrov" in d.explain()
+    # no destination: review, never allow
+    d = gate.decide(small, Destination("Acme Robotics GmbH"), model_id="m", as_of=MARCH_2025)
+    assert d.decision == "needs-review" and d.blocking == {"destination:unknown"}
+    # a model that could not be classified: review
+    d = gate.decide(None, Destination("Acme Robotics GmbH", "DE"), model_id="m", as_of=MARCH_2025)
+    assert d.decision == "needs-review" and "classification:failed" in d.blocking
+    # a model declared over 10^26: tier 3 is denied, an unlisted country needs a license, tier 1 is allowed
+    big = classify(model, declared_flop=3e26, as_of=MARCH_2025)
+    assert gate.decide(big, Destination("Acme", "CN"), model_id="m", as_of=MARCH_2025).decision == "deny"
+    d = gate.decide(big, Destination("Acme", "IN"), model_id="m", as_of=MARCH_2025)
+    assert d.decision == "needs-license" and d.blocking == {"regime:us-ear-eccn-4e091:license-required"}
+    assert gate.decide(big, Destination("Acme", "GB"), model_id="m", as_of=MARCH_2025).decision == "allow"
+    # the most severe reason wins: a listed party in an unlisted country is denied
+    assert gate.decide(big, Destination(LISTED, "IN"), model_id="m", as_of=MARCH_2025).decision == "deny"
+    # the same model after the rescission: the EU notification duty is a reason, not a block
+    d = gate.decide(big, Destination("Acme", "IN"), model_id="m", as_of=date(2026, 6, 1))
+    assert d.decision == "allow" and "regime:eu-ai-act-gpai-systemic-risk:notify" in {r.code for r in d.reasons}
+
+
+def test_unknown_compute_of_a_large_model_needs_review(gate: ReleaseGate, model: Path) -> None:
+    """With nothing declared, 6·N·10^15 tokens bounds the compute: a tiny model clears every threshold,
+    a 7B model could cross 10^25 and goes to review."""
+    from dataclasses import replace
+
+    from weightwarden.release.classify import estimate_compute
+
+    small = classify(model, as_of=date(2026, 6, 1))
+    assert small.compute.method == "upper-bound" and small.compute.high < 1e25
+    assert gate.decide(small, Destination("Acme", "FR"), model_id="m", as_of=date(2026, 6, 1)).allowed
+    large = replace(small, total_params=7_000_000_000, active_params=7_000_000_000,
+                    compute=estimate_compute(active_params=7e9))  # fmt: skip
+    d = gate.decide(large, Destination("Acme", "FR"), model_id="m", as_of=date(2026, 6, 1))
+    assert d.decision == "needs-review" and "regime:eu-ai-act-gpai-systemic-risk:needs-review" in d.blocking
+    # declared tokens settle it (7e9 x 2e12 x 6 = 8.4e22)
+    known = replace(large, compute=estimate_compute(active_params=7e9, tokens=2e12))
+    assert gate.decide(known, Destination("Acme", "FR"), model_id="m", as_of=date(2026, 6, 1)).allowed
+
+
+def test_license_records_cover_exactly_what_they_name(tmp_path: Path, model: Path) -> None:
+    book = LicenseBook.load(tmp_path / "licenses.json")
+    book.add(LicenseRecord.from_json({"id": "D123456", "regimes": ["us-ear-eccn-4e091"],
+                                      "recipient": "Acme Labs Pvt Ltd", "countries": ["in"], "models": ["m"],
+                                      "valid_from": "2025-02-01", "valid_until": "2025-12-31",
+                                      "authority": "BIS"}))  # fmt: skip
+    assert LicenseBook.load(tmp_path / "licenses.json").records == book.records  # persisted
+    with pytest.raises(ReleaseDenied, match="already on file"):
+        book.add(book.records[0])
+    gate = ReleaseGate(default_rules(), ScreeningList.load(SAMPLE), LicenseBook.load(tmp_path / "licenses.json"))
+    big = classify(model, declared_flop=3e26, as_of=MARCH_2025)
+    d = gate.decide(big, Destination("ACME LABS PVT. LTD.", "IN"), model_id="m", as_of=MARCH_2025)
+    assert d.decision == "allow" and "license:D123456" in {r.code for r in d.reasons}
+    for dest, mid, when in [
+        (Destination("Acme Labs Pvt Ltd", "PK"), "m", MARCH_2025),  # another country
+        (Destination("Other Corp", "IN"), "m", MARCH_2025),  # another recipient
+        (Destination("Acme Labs Pvt Ltd", "IN"), "m2", MARCH_2025),  # another model
+        (Destination("Acme Labs Pvt Ltd", "IN"), "m", date(2025, 1, 20)),
+    ]:  # not yet valid
+        assert gate.decide(big, dest, model_id=mid, as_of=when).decision == "needs-license"  # fmt: skip
+    with pytest.raises(ReleaseDenied, match="malformed"):
+        LicenseRecord.from_json({"id": "x", "regimes": ["r"]})
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ReleaseDenied, match="unreadable"):
+        LicenseBook.load(tmp_path / "bad.json")
+
+
+def test_an_override_covers_only_the_reasons_it_names(gate: ReleaseGate, model: Path) -> None:
+    small = classify(model, as_of=MARCH_2025)
+    nocountry = gate.decide(small, Destination("Acme"), model_id="m", as_of=MARCH_2025)
+    check_override(nocountry, {"destination:unknown"})
+    listed = gate.decide(small, Destination(LISTED), model_id="m", as_of=MARCH_2025)
+    with pytest.raises(ReleaseDenied, match="screening:sample-000"):
+        check_override(listed, {"destination:unknown"})
+    # the digest binds the decision and its blocking reasons, not the date
+    later = gate.decide(small, Destination("Acme"), model_id="m", as_of=date(2025, 3, 2))
+    assert later.digest == nocountry.digest != listed.digest
+
+
+def test_the_gate_fails_closed_on_bad_configuration(tmp_path: Path) -> None:
+    home = tmp_path / "h"
+    (home / "release").mkdir(parents=True)
+    rules = (Path(__file__).parents[1] / "src/weightwarden/release/rules/default.toml").read_text()
+    (home / "release" / "rules.toml").write_text(rules.replace("1e25", "1e27"))  # edited: signature fails
+    (home / "release" / "rules.toml.sig").write_text((Path(str(SAMPLE.parents[1] / "rules/default.toml") + ".sig"))
+                                                     .read_text())  # fmt: skip
+    with pytest.raises(RulesError, match="not signed by a trusted key"):
+        ReleaseGate.from_home(home)
+    with pytest.raises(ReleaseDenied):
+        ReleaseGate(default_rules(), None)
+    with pytest.raises(ReleaseDenied, match="ISO 3166"):
+        Destination("Acme", "Germany")
+
+
+def test_release_cannot_skip_the_gate(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
+    from weightwarden.trace import release
+
+    sink = audit.MemorySink()
+    prov = keyring.provider()
+    prov.audit = sink
+    out = tmp_path / "copy"
+    with pytest.raises(ReleaseDenied, match="deny") as e:
+        release(model, LISTED, out, provider=prov, country="DE", home=tmp_path / "h")
+    assert e.value.decision.blocking == {"screening:sample-000"}
+    assert not out.exists() and not list(tmp_path.glob(".warden-release-*"))  # nothing written
+    ev = [x for x in sink.events if x.action == audit.AuditAction.RELEASE_GATE]
+    assert ev and ev[-1].outcome == "denied" and ev[-1].detail["rules_version"] == default_rules().version
+    # an approval check that refuses keeps it refused; one that accepts overrides, and the record says so
+    with pytest.raises(ReleaseDenied):
+        release(model, LISTED, out, provider=prov, country="DE", home=tmp_path / "h",
+                approval=lambda d: check_override(d, {"destination:unknown"}))  # fmt: skip
+    assert not out.exists()
+    rel = release(model, LISTED, out, provider=prov, country="DE", home=tmp_path / "h",
+                  approval=lambda d: check_override(d, {"screening:sample-000"}))  # fmt: skip
+    assert rel.gate == "deny/overridden" and out.exists()
+    ok = release(model, "Acme Robotics GmbH", tmp_path / "c2", provider=prov, country="DE", home=tmp_path / "h")
+    assert ok.gate == "allow" and ok.rules_version == default_rules().version and ok.country == "DE"
+    from weightwarden.trace.store import TraceStore
+
+    recs = TraceStore(tmp_path / "h" / "trace").releases("m")
+    assert [r["gate"] for r in recs] == ["deny/overridden", "allow"]
+
+
+# -- the broker: release requests, overrides, and the fingerprinted copy --------------------------
+def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: Path, model: Path,
+                                                         keyring: ww.Keyring) -> None:  # fmt: skip
+    pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.broker.service import Broker, BrokerConfig, BrokerError, Conflict
+    from weightwarden.broker.storage import LocalWeightStore
+    from weightwarden.keys import Ed25519Signer
+    from weightwarden.trace import release
+
+    from .test_broker import Account
+
+    sealed = tmp_path / "m.wws"
+    ww.seal(model / "model.safetensors", sealed, keyring=keyring)
+    log = AuditLog(db_url, Ed25519Signer.generate())
+    gate = ReleaseGate(default_rules(), ScreeningList.load(SAMPLE))
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    with Broker(db_url, LocalWeightStore(tmp_path / "store"), log, BrokerConfig(chunk=1 << 16), gate=gate) as b:
+        acc = {n: Account(n) for n in ("rel", "ap1", "ap2")}
+        b.add_account("rel", "human", acc["rel"].pub, {"releaser"}, {"core"})
+        for n in ("ap1", "ap2"):
+            b.add_account(n, "human", acc[n].pub, {"approver"}, {"core"})
+        b.add_model("m", "core", sealed, classification=classify(sealed, keyring=keyring))
+        rel = b.principal("rel")
+        with pytest.raises(BrokerError, match="names its recipient"):
+            b.request_copy(rel, "m", "release", now=now)
+        # a listed party: the request opens, marked as an override of exactly that reason
+        req = b.request_copy(rel, "m", "release", recipient=LISTED, country="DE", now=now)
+        assert (
+            req["gate"]["decision"] == "deny"
+            and req["override"]
+            and req["gate"]["blocking"] == ["screening:sample-000"]
+        )
+        msg = b.approval_message(req)
+        assert b"override screening:sample-000" in msg and req["gate"]["digest"].encode() in msg
+        for n in ("ap1", "ap2"):
+            req = b.approve(b.principal(n), req["id"], acc[n].sign(msg), now=now)
+        assert req["status"] == "approved"
+        actions = [e["event"]["action"] for e in log.export()]
+        assert actions.count("release:gate") == 2 and actions.count("release:override") == 1  # refusal + decision
+        # the approved override is for that recipient and country only, and is used once
+        home = tmp_path / "h"
+        approve = lambda d: b.consume_release(req["id"], d, actor="custodian", now=now)
+        with pytest.raises(ReleaseDenied, match="another model, recipient or country"):
+            release(model, LISTED, tmp_path / "x", provider=keyring.provider(), country="FR", home=home,
+                    model_id="m", approval=approve, now=now)  # fmt: skip
+        with pytest.raises(Conflict, match="make it first"):
+            list(b.stream(rel, "m", request_id=req["id"], now=now))
+        plain = tmp_path / "copy"
+        r = release(model, LISTED, plain, provider=keyring.provider(), country="DE", home=home, model_id="m",
+                    approval=approve, now=now)  # fmt: skip
+        assert r.gate == "deny/overridden"
+        with pytest.raises(ReleaseDenied, match="released, not approved"):
+            release(model, LISTED, tmp_path / "y", provider=keyring.provider(), country="DE", home=home,
+                    model_id="m", approval=approve, now=now)  # fmt: skip
+        copy = tmp_path / "copy.wws"
+        ww.seal(plain / "model.safetensors", copy, keyring=keyring)
+        with pytest.raises(WardenError):
+            b.attach_release(req["id"], plain / "model.safetensors", actor="custodian", now=now)  # plaintext refused
+        b.attach_release(req["id"], copy, actor="custodian", now=now)
+        got = b"".join(b.stream(rel, "m", request_id=req["id"], now=now))
+        assert got == copy.read_bytes() != sealed.read_bytes()  # the fingerprinted copy, not the original
+        with pytest.raises(Conflict):
+            list(b.stream(rel, "m", request_id=req["id"], now=now))
+    nogate = Broker(db_url, LocalWeightStore(tmp_path / "store"), AuditLog(db_url, Ed25519Signer.generate()))
+    with nogate, pytest.raises(BrokerError, match="no export-control gate"):
+        nogate.request_copy(nogate.principal("rel"), "m", "release", recipient="Acme", country="DE", now=now)
+
+
+def test_cli_release_gate_and_licenses(cli_env: dict[str, str], model: Path, tmp_path: Path) -> None:
+    assert warden(cli_env, "init").returncode == 0
+    res = warden(cli_env, "release", str(model), "--to", LISTED, "--country", "DE", "-o", str(tmp_path / "a"),
+                 "--json")  # fmt: skip
+    assert res.returncode == 1 and not (tmp_path / "a").exists()
+    j = json.loads(res.stdout)
+    assert j["released"] is False and j["gate"]["decision"] == "deny" and "ReleaseDenied" in res.stderr
+    res = warden(cli_env, "release", str(model), "--to", "Acme Labs", "-o", str(tmp_path / "b"))
+    assert res.returncode == 1 and "destination:unknown" in res.stderr
+    # a model declared at 3e26 FLOP goes to IN under a license only (evaluated today: the 4E091 rule is
+    # rescinded, so use a rules-independent check: the license is filed and listed)
+    res = warden(cli_env, "license", "add", "D1", "--regime", "us-ear-eccn-4e091", "--recipient", "Acme Labs",
+                 "--country", "IN", "--model", "m", "--from", "2025-01-01", "--until", "2025-12-31",
+                 "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    res = warden(cli_env, "license", "list", "--json")
+    assert [r["id"] for r in json.loads(res.stdout)] == ["D1"]
+    res = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "IN", "-o", str(tmp_path / "c"),
+                 "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["release"]["gate"] == "allow"
+    log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
+    assert '"release:gate"' in log and '"release:license"' in log
