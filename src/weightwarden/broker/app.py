@@ -183,7 +183,7 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
                 return  # suspended mid-stream: the body ends short of its Content-Length, so the client
                 # sees a broken transfer (and a sealed file cut short never opens); the event is logged
 
-        size = broker.model(name)["size"]
+        size = it.size if hasattr(it, "size") else broker.model(name)["size"]
         return StreamingResponse(rest(), media_type="application/octet-stream",
                                  headers={"content-disposition": f'attachment; filename="{name}.wws"',
                                           "content-length": str(size)})  # fmt: skip

@@ -58,6 +58,22 @@ APPROVAL_CONTEXT = b"weightwarden approval v1\n"
 _GENERIC = "token signature or claims are invalid"
 
 
+class WeightStream(Iterator[bytes]):
+    """The chunks of a weight stream (debited from the egress buckets as they go) and its ``size``."""
+
+    def __init__(self, chunks: Iterator[bytes], size: int):
+        self._chunks, self.size = chunks, size
+
+    def __iter__(self) -> WeightStream:
+        return self
+
+    def __next__(self) -> bytes:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        getattr(self._chunks, "close", lambda: None)()
+
+
 @dataclass(frozen=True)
 class Limit:
     rate: float  # bytes per second refilled
@@ -673,12 +689,12 @@ class Broker:
                 chunks = self.store.read(req["artifact"], self.config.chunk)
                 self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],
                            request=request_id, network=network, copy=req["artifact"])  # fmt: skip
-                return self._metered(p, model, chunks, info["size"], now)
+                return WeightStream(self._metered(p, model, chunks, info["size"], now), info["size"])
         self._check_anomalies(p, model, network, now)
         chunks = self.store.read(model, self.config.chunk)
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],
                    request=request_id, network=network)  # fmt: skip
-        return self._metered(p, model, chunks, info["size"], now)
+        return WeightStream(self._metered(p, model, chunks, info["size"], now), info["size"])
 
     def _metered(self, p: Principal, model: str, chunks: Iterator[bytes], size: int,
                  now: datetime | None) -> Iterator[bytes]:  # fmt: skip

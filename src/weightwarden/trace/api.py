@@ -187,6 +187,8 @@ class TraceReport:
     ranking: list[dict[str, Any]]
     symbols: int
     blocks_aligned: int
+    population: int = 0  # the n of the union bound
+    scores_top: tuple[tuple[str, float], ...] = ()  # the 20 best scores, for plots
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -201,6 +203,7 @@ class TraceReport:
             "top": self.ranking,
             "symbols": self.symbols,
             "blocks_aligned": self.blocks_aligned,
+            "population": self.population,
         }
 
 
@@ -232,4 +235,5 @@ def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pro
                 "false_accusation_bound": min(1.0, n * code.innocent_tail(float(scores[i]), y, w))}
                for i in order if scores[i] > z]  # fmt: skip
     ranking = [{"recipient": names[i], "score": round(float(scores[i]), 2)} for i in order[:5]]
-    return TraceReport(model_id, len(names), eps, z, accused, ranking, rec.code_length, ex.blocks)
+    top = tuple((names[i], float(scores[i])) for i in order[:20])
+    return TraceReport(model_id, len(names), eps, z, accused, ranking, rec.code_length, ex.blocks, n, top)
