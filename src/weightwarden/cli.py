@@ -195,10 +195,29 @@ def key_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 def key_new(
     kind: Annotated[str, typer.Option(help="kek or signing")] = "kek",
     name: Annotated[str | None, typer.Option(help="KEK name, e.g. one per model (so it can be shredded)")] = None,
+    provider: Annotated[
+        str | None, typer.Option("--provider", help="create it in this HSM instead: a pkcs11: URI (object= names it)")
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a new key-encryption key or signing key."""
+    """Create a new key-encryption key or signing key (in the keyring, or inside a PKCS#11 token)."""
+    if provider is not None:
+        if not provider.startswith("pkcs11:"):
+            raise WardenError("--provider creates keys in a PKCS#11 token; KMS and Vault keys are made there")
+        from .keys.pkcs11 import from_uri, signer_from_uri
+
+        try:
+            if kind == "kek":
+                kid = from_uri(provider).create_key()
+            elif kind == "signing":
+                kid = signer_from_uri(provider, create=True).key_id
+            else:
+                raise WardenError("--kind must be kek or signing")
+        except ValueError as e:
+            raise WardenError(str(e)) from None
+        _emit({"key_id": kid, "kind": kind, "provider": "pkcs11"}, as_json, f"new {kind} key {kid} in the token")
+        return
     kr = _keyring(home)
     if kind == "kek":
         kid = kr.new_kek(name)
@@ -804,14 +823,22 @@ PubkeyOpt = Annotated[
 
 
 def _pubkey(pubkey: str | None, what: str) -> bytes:
+    """An Ed25519 public key given as 64 hex digits, as base64, or as `warden key export-public` prints it."""
+    import base64
+    import binascii
+
     if pubkey is None:
         raise WardenError(f"{what} needs the log's public key (--pubkey): the database's own cannot be trusted")
+    text = pubkey.strip().split()[-1] if pubkey.strip() else ""
     try:
-        key = bytes.fromhex(pubkey)
+        key = bytes.fromhex(text)
     except ValueError:
-        key = b""
+        try:
+            key = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
     if len(key) != 32:
-        raise WardenError("--pubkey is an Ed25519 public key: 64 hex digits")
+        raise WardenError("--pubkey is an Ed25519 public key: 64 hex digits, base64, or `warden key export-public`")
     return key
 
 
@@ -943,7 +970,7 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
 @broker_app.command("account")
 def broker_account(
     account: Annotated[str, typer.Argument(help="account id")],
-    pubkey: Annotated[str, typer.Option("--pubkey", help="the account's Ed25519 public key (hex)")],
+    pubkey: Annotated[str, typer.Option("--pubkey", help="the account's Ed25519 public key (hex or base64)")],
     kind: Annotated[str, typer.Option("--kind", help="service | workload | human")] = "service",
     role: Annotated[list[str] | None, typer.Option("--role", help="a role (repeat)")] = None,
     team: Annotated[list[str] | None, typer.Option("--team", help="a team (repeat)")] = None,
