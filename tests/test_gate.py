@@ -277,3 +277,70 @@ def test_cli_release_gate_and_licenses(cli_env: dict[str, str], model: Path, tmp
     assert json.loads(res.stdout)["release"]["gate"] == "allow"
     log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
     assert '"release:gate"' in log and '"release:license"' in log
+
+
+def test_a_sealed_release_never_writes_plaintext(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """--seal: the fingerprinted copy is sealed from memory; the plaintext writer and temporary folders are
+    never used, for a single file and for a model folder (a bundle)."""
+    import tempfile
+
+    import weightwarden.trace.api as tapi
+
+    def forbidden(*a: object, **k: object) -> None:
+        raise AssertionError("plaintext would be written to disk")
+
+    monkeypatch.setattr(tapi, "_write_safetensors", forbidden)
+    monkeypatch.setattr(tempfile, "mkdtemp", forbidden)
+    prov, signer = keyring.provider(), keyring.signer()
+    one = tmp_path / "one.wws"
+    tapi.release(model / "model.safetensors", "Acme Robotics GmbH", one, provider=prov, country="DE",
+                 model_id="m", home=tmp_path / "h", seal=(prov, signer))  # fmt: skip
+    folder = tmp_path / "bundle"
+    tapi.release(model, "Blue Harbor AI", folder, provider=prov, country="FR", model_id="m", home=tmp_path / "h",
+                 seal=(prov, signer), hide_header=True)  # fmt: skip
+    monkeypatch.undo()
+    plain = (model / "model.safetensors").read_bytes()
+    for f in [one, *folder.iterdir()]:
+        blob = f.read_bytes()
+        assert not any(plain[i : i + 64] in blob for i in range(4096, len(plain) - 64, 4099))
+    a = ww.load(one, keyring=keyring)
+    b = ww.load(folder, keyring=keyring)
+    w = "model.layers.0.mlp.down_proj.weight"
+    from safetensors.numpy import load_file
+
+    o = load_file(str(model / "model.safetensors"))
+    assert not np.array_equal(a[w], o[w]) and not np.array_equal(a[w], b[w])  # marked, per recipient
+    assert float(np.abs(a[w] - o[w]).max()) <= 0.011 * float(o[w].std())
+    assert (folder / "BUNDLE.wwb").exists() and len(list(folder.glob("*.wws"))) == 2  # weights + config.json
+    from weightwarden.trace import trace
+
+    rep = trace(folder, model, provider=prov, home=tmp_path / "h", model_id="m", keyring=keyring)
+    assert [x["recipient"] for x in rep.accused] == ["Blue Harbor AI"]
+
+
+def test_the_chunked_embedding_is_the_specified_one() -> None:
+    """embed_tensors (one cache-sized pass) equals the scheme as written in docs/TRACING.md:
+    w + alpha*std(W)*c(k)*(2x[s(k)]-1) on carriers (|w| >= median |w|), for any codeword and length."""
+    from weightwarden.provenance.layout import detect_layout
+    from weightwarden.trace.mark import _chips, _stats, embed_tensors
+
+    rng = np.random.default_rng(5)
+    sd = {"model.embed_tokens.weight": rng.standard_normal((64, 48)).astype(np.float32),
+          "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((600, 48)).astype(np.float32),
+          "model.layers.0.mlp.up_proj.weight": rng.standard_normal((600, 48)).astype(np.float32),
+          "model.layers.0.mlp.down_proj.weight": (rng.standard_normal((48, 600)) * 3).astype(np.float16)}  # fmt: skip
+    lay = detect_layout({k: v.shape for k, v in sd.items()})
+    for ell in (4096, 1000):
+        x = rng.random(ell) < 0.4
+        key = rng.bytes(32)
+        got = embed_tensors(sd, lay, x, key, alpha=0.02)
+        assert set(got) == {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+        for name, out in got.items():
+            f = sd[name].astype(np.float32).reshape(-1)
+            std, thr = _stats(f)
+            sym, chip = _chips(key, name, f.size, ell)
+            want = f + (np.float32(0.02 * std) * chip * np.where(x, 1.0, -1.0).astype(np.float32)[sym]
+                        * (np.abs(f) >= thr))  # fmt: skip
+            assert out.dtype == sd[name].dtype and out.shape == sd[name].shape
+            assert np.array_equal(out.reshape(-1), want.astype(sd[name].dtype))

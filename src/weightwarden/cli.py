@@ -1222,8 +1222,6 @@ def release_cmd(
     release request the broker's approvers approved (which covers exactly the reasons they saw).
     With --request and --seal the sealed copy is handed to the broker, which streams it to the requester."""
     import contextlib
-    import shutil
-    import tempfile
 
     from .release.gate import ReleaseDenied
     from .trace import release
@@ -1242,16 +1240,7 @@ def release_cmd(
         kw = {"provider": kr.provider(), "country": country, "aliases": tuple(alias or ()), "approval": approval,
               "classify_kw": ckw, "model_id": model_id, "home": home}  # fmt: skip
         try:
-            if seal_out:
-                tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=output.parent))
-                try:
-                    inner = tmp / (output.name if model.is_dir() else "model.safetensors")
-                    rel = release(model, to, inner, **kw)
-                    api.seal(inner, output, keyring=kr, force=force)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                rel = release(model, to, output, force=force, **kw)
+            rel = release(model, to, output, force=force, seal=(kr.provider(), kr.signer()) if seal_out else None, **kw)
         except ReleaseDenied as e:
             if as_json and e.decision is not None:
                 _emit({"released": False, "gate": e.decision.to_json()}, True)

@@ -25,7 +25,7 @@ from ..keys.local import TrustStore
 from ..keys.provider import KeyProvider, Signer, b64d, b64e, ed25519_key_id
 from . import format as F
 from .reader import SealedFile, SealedReader
-from .writer import Progress, SealResult, seal_file
+from .writer import MemorySource, Progress, SealResult, seal_file
 
 MANIFEST = "BUNDLE.wwb"
 BUNDLE_DOMAIN = b"weightwarden/v1/bundle\x00"
@@ -53,7 +53,11 @@ def seal_dir(
     force: bool = False,
     durable: bool = True,
     progress: Progress | None = None,
+    replace: dict[str, MemorySource] | None = None,
 ) -> list[SealResult]:
+    """Seal every file of ``src`` into the bundle ``dst``; ``replace`` maps a member's relative path to
+    in-memory contents sealed instead of the file on disk (a fingerprinted copy is never written in
+    plaintext)."""
     if not force and os.path.lexists(dst):
         raise OutputExistsError(f"{dst} exists; pass force=True (--force) to overwrite")
     files = _member_files(src)
@@ -67,7 +71,7 @@ def seal_dir(
             rel = path.relative_to(src).as_posix()
             out_name = f"{i:05d}.wws" if hide_header else rel.replace("/", "__") + ".wws"
             res = seal_file(
-                path, tmp / out_name, provider=provider, signer=signer, chunk_size=chunk_size,
+                (replace or {}).get(rel, path), tmp / out_name, provider=provider, signer=signer, chunk_size=chunk_size,
                 hide_header=hide_header, name=rel, bundle={"id": bundle_id.hex(), "member": i},
                 durable=durable, progress=progress,
             )  # fmt: skip

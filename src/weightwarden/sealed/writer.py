@@ -33,14 +33,27 @@ class SealResult:
     hidden: bool
 
 
-def _detect_kind(path: Path, kind: str) -> str:
+class MemorySource:
+    """File contents held in memory (for instance an anonymous mmap) to seal without writing plaintext to
+    disk: ``seal_file(MemorySource("model.safetensors", buf), dst, ...)``."""
+
+    def __init__(self, name: str, data: bytes | bytearray | memoryview | mmap.mmap):
+        self.name = name
+        self.data = data
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.name).suffix
+
+
+def _detect_kind(path: Path | MemorySource, kind: str) -> str:
     if kind != "auto":
         return kind
     return "safetensors" if path.suffix == ".safetensors" else "blob"
 
 
 def seal_file(
-    src: str | os.PathLike[str],
+    src: str | os.PathLike[str] | MemorySource,
     dst: str | os.PathLike[str],
     *,
     provider: KeyProvider,
@@ -56,47 +69,66 @@ def seal_file(
 ) -> SealResult:
     """Seal one file.  ``.safetensors`` files are sealed with tensor access; others as blobs.
 
-    The output appears at ``dst`` only once complete and fsynced (``durable``).
+    The output appears at ``dst`` only once complete and fsynced (``durable``).  ``src`` may be a
+    :class:`MemorySource`: its bytes are sealed as they are, never written anywhere in plaintext.
     """
-    src, dst = Path(src), Path(dst)
+    if not isinstance(src, MemorySource):
+        src = Path(src)
+    dst = Path(dst)
     if not F.MIN_CHUNK <= chunk_size <= F.MAX_CHUNK or chunk_size & (chunk_size - 1):
         raise ValueError("chunk_size must be a power of two between 4 KiB and 64 MiB")
     check_target(dst, force)
+    kind = _detect_kind(src, kind)
+    if isinstance(src, MemorySource):
+        whole = memoryview(src.data).cast("B")
+        try:
+            return _seal_view(whole, src.name, dst, kind, name, provider, signer, chunk_size, hide_header, bundle,
+                              force, durable, progress)  # fmt: skip
+        finally:
+            whole.release()
     with open(src, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        kind = _detect_kind(src, kind)
-        descriptor: dict[str, object] = {"name": name or src.name}
-        data_off = 0
-        if kind == "safetensors":
-            try:
-                n = F.read_safetensors_prefix(head, size)
-            except HeaderError as e:
-                raise UnsupportedModelError(f"{src.name} is not a valid safetensors file: {e}") from None
-            raw = f.read(n)
-            data_off = 8 + n
-            try:
-                F.parse_tensor_header(raw, size - data_off)
-                descriptor["raw"] = raw.decode("utf-8")
-            except (HeaderError, UnicodeDecodeError) as e:
-                raise UnsupportedModelError(f"{src.name} is not a valid safetensors file: {e}") from None
-        elif kind != "blob":
-            raise ValueError("kind must be auto, safetensors or blob")
-        data_len = size - data_off
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         try:
-            src_mv = memoryview(mm)[data_off:] if mm is not None else memoryview(b"")
+            whole = memoryview(mm) if mm is not None else memoryview(b"")
             try:
-                result = _write(
-                    dst, src_mv, data_len, kind, descriptor, provider, signer, chunk_size, hide_header,
-                    bundle, force, durable, progress,
-                )  # fmt: skip
+                return _seal_view(whole, src.name, dst, kind, name, provider, signer, chunk_size, hide_header, bundle,
+                                  force, durable, progress)  # fmt: skip
             finally:
-                src_mv.release()
+                whole.release()
         finally:
             if mm is not None:
                 mm.close()
-    return result
+
+
+def _seal_view(whole: memoryview, src_name: str, dst: Path, kind: str, name: str | None, provider: KeyProvider,
+               signer: Signer, chunk_size: int, hide_header: bool, bundle: dict[str, object] | None, force: bool,
+               durable: bool, progress: Progress | None) -> SealResult:  # fmt: skip
+    size = len(whole)
+    descriptor: dict[str, object] = {"name": name or src_name}
+    data_off = 0
+    if kind == "safetensors":
+        try:
+            n = F.read_safetensors_prefix(bytes(whole[:8]), size)
+        except HeaderError as e:
+            raise UnsupportedModelError(f"{src_name} is not a valid safetensors file: {e}") from None
+        raw = bytes(whole[8 : 8 + n])
+        data_off = 8 + n
+        try:
+            F.parse_tensor_header(raw, size - data_off)
+            descriptor["raw"] = raw.decode("utf-8")
+        except (HeaderError, UnicodeDecodeError) as e:
+            raise UnsupportedModelError(f"{src_name} is not a valid safetensors file: {e}") from None
+    elif kind != "blob":
+        raise ValueError("kind must be auto, safetensors or blob")
+    src_mv = whole[data_off:]
+    try:
+        return _write(
+            dst, src_mv, size - data_off, kind, descriptor, provider, signer, chunk_size, hide_header,
+            bundle, force, durable, progress,
+        )  # fmt: skip
+    finally:
+        src_mv.release()
 
 
 def _write(

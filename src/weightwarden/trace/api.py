@@ -43,8 +43,7 @@ def _store(home: Path | None) -> TraceStore:
     return TraceStore((home or default_home()) / "trace")
 
 
-def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
-    """Write a safetensors file (any numpy / ml_dtypes dtype) atomically; return its BLAKE3 hex digest."""
+def _header(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     off = 0
     for name, a in tensors.items():
@@ -54,7 +53,12 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dic
         header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
         off += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    return raw + b" " * (-len(raw) % 8)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Write a safetensors file (any numpy / ml_dtypes dtype) atomically; return its BLAKE3 hex digest."""
+    raw = _header(tensors, metadata)
     h = blake3.blake3()
     with atomic_output(path, force=True) as fd:
         data = (np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in tensors.values())
@@ -62,6 +66,24 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dic
             write_all(fd, part)
             h.update(part)
     return h.hexdigest()
+
+
+def _safetensors_in_memory(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[Any, str]:
+    """A safetensors file in anonymous memory (an mmap with no file behind it) and its BLAKE3 digest."""
+    import mmap
+
+    raw = _header(tensors, metadata)
+    size = 8 + len(raw) + sum(a.nbytes for a in tensors.values())
+    buf = mmap.mmap(-1, max(size, 1))
+    h = blake3.blake3()
+    off = 0
+    for part in (len(raw).to_bytes(8, "little"), raw,
+                 *(np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in tensors.values())):  # fmt: skip
+        mv = memoryview(part).cast("B")
+        buf[off : off + len(mv)] = mv
+        h.update(mv)
+        off += len(mv)
+    return buf, h.hexdigest()
 
 
 def _digest_files(files: list[Path]) -> str:
@@ -87,6 +109,8 @@ def release(
     alpha: float = DEFAULT_ALPHA,
     code_length: int = DEFAULT_LENGTH,
     force: bool = False,
+    seal: tuple[KeyProvider, Any] | None = None,
+    hide_header: bool = False,
     now: datetime | None = None,
 ) -> ReleaseRecord:
     """Write a copy of ``model`` (a safetensors file or a model folder) fingerprinted for ``recipient``.
@@ -96,7 +120,8 @@ def release(
     unless ``approval`` (the broker's check of an approved release request, two-person rule) accepts the
     decision: it is called with the decision whenever given, and raises :class:`ReleaseDenied` when the
     approved request does not cover it.  The decision is an audit event on the provider's sink, with
-    the rule-set version."""
+    the rule-set version.  ``seal`` = (key provider, signer): the copy is written as a sealed file (a
+    bundle for a model folder), sealed from memory so that its plaintext never reaches a disk."""
     model, out = Path(model), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists (use force)")
@@ -135,29 +160,52 @@ def release(
     with TensorSource(model) as src:
         layout = detect_layout(src.shapes)
         targets = {n for n, _ in marked_tensors(layout)}
-        tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=out.parent if out.parent.exists() else None))
-        try:
-            digests = []
-            for f in files:
-                with TensorSource(f) as part:
-                    tensors = {n: part.raw(n) for n in part.names()}
-                    meta = dict(part._where[next(iter(tensors))][1].metadata) if tensors else {}
-                    here = {n: tensors[n] for n in tensors if n in targets}
-                    tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here)))
+
+        def marked(f: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+            with TensorSource(f) as part:
+                tensors = {n: part.raw(n) for n in part.names()}
+                meta = dict(part._where[next(iter(tensors))][1].metadata) if tensors else {}
+                here = {n: tensors[n] for n in tensors if n in targets}
+                tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here)))
+            return tensors, meta
+
+        digests = []
+        if seal is not None:  # sealed from memory: the fingerprinted plaintext never touches a disk
+            from ..sealed.bundle import seal_dir
+            from ..sealed.writer import MemorySource, seal_file
+
+            bufs: dict[str, Any] = {}
+            try:
+                for f in files:
+                    buf, digest = _safetensors_in_memory(*marked(f))
+                    bufs[f.name] = buf
+                    digests.append(digest)
+                kw = {"provider": seal[0], "signer": seal[1], "hide_header": hide_header, "force": force}
+                if model.is_dir():
+                    seal_dir(model, out, replace={n: MemorySource(n, b) for n, b in bufs.items()}, **kw)
+                else:
+                    seal_file(MemorySource(files[0].name, bufs[files[0].name]), out, **kw)
+            finally:
+                for b in bufs.values():
+                    b.close()
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=out.parent if out.parent.exists() else None))
+            try:
+                for f in files:
                     dst = tmp / f.name if model.is_dir() else tmp / "model.safetensors"
-                    digests.append(_write_safetensors(dst, tensors, meta))
-            if model.is_dir():
-                for extra in sorted(model.iterdir()):
-                    if extra.is_file() and extra.suffix != ".safetensors":
-                        shutil.copy2(extra, tmp / extra.name)
-                if out.exists():
-                    shutil.rmtree(out) if out.is_dir() else out.unlink()
-                os.replace(tmp, out)
-            else:
-                os.replace(tmp / "model.safetensors", out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+                    digests.append(_write_safetensors(dst, *marked(f)))
+                if model.is_dir():
+                    for extra in sorted(model.iterdir()):
+                        if extra.is_file() and extra.suffix != ".safetensors":
+                            shutil.copy2(extra, tmp / extra.name)
+                    if out.exists():
+                        shutil.rmtree(out) if out.is_dir() else out.unlink()
+                    os.replace(tmp, out)
+                else:
+                    os.replace(tmp / "model.safetensors", out)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
     at = (now or datetime.now(UTC)).isoformat()
     out_digest = blake3.blake3("".join(digests).encode()).hexdigest()[:32]
     rel = ReleaseRecord(

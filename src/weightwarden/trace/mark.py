@@ -49,27 +49,58 @@ def _chips(key: bytes, name: str, n: int, ell: int) -> tuple[np.ndarray, np.ndar
     return (u % ell).astype(np.int64), np.where(u >> 31, 1.0, -1.0).astype(np.float32)
 
 
+_SAMPLE = 1 << 20  # weights sampled (evenly strided) for a tensor's spread and median magnitude
+_CHUNK = 1 << 18  # weights embedded at a time: every temporary stays in the CPU cache
+
+
+def _stats(w: np.ndarray) -> tuple[float, float]:
+    """(standard deviation, median |w|) of a tensor, from an evenly strided sample of at most 2^20 of its
+    weights in its natural order: the same numbers at release and at trace time, in O(sample) time."""
+    flat = w.reshape(-1)
+    s = flat[:: max(1, flat.size // _SAMPLE)].astype(np.float64)
+    return float(s.std()), float(np.median(np.abs(s)))
+
+
 def _carrier(w: np.ndarray) -> np.ndarray:
-    a = np.abs(w)
-    return a >= np.median(a)
+    """The weights that carry chips: those whose magnitude is at least the tensor's (sampled) median."""
+    return np.abs(w) >= _stats(w)[1]
 
 
 def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.ndarray, key: bytes,
                   alpha: float = DEFAULT_ALPHA, names: set[str] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Return copies of the marked tensors (same dtypes) carrying ``codeword``; other tensors untouched.
-    ``names`` restricts the work to the marked tensors present (one shard of a checkpoint)."""
+    ``names`` restricts the work to the marked tensors present (one shard of a checkpoint).
+
+    One pass over each tensor in cache-sized chunks: chip k's symbol is keystream word u_k mod ell and
+    its sign is u_k's top bit; the weight moves by +-alpha*std when it is a carrier."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
     ell = len(codeword)
-    sym_sign = np.where(codeword, 1.0, -1.0).astype(np.float32)
+    bits = np.asarray(codeword, dtype=bool).astype(np.uint8)
+    pow2 = ell & (ell - 1) == 0
     out = {}
     for name, _ in marked_tensors(layout):
         if names is not None and name not in names:
             continue
         w = tensors[name]
-        f = w.astype(np.float32)
-        sym, chip = _chips(key, name, f.size, ell)
-        delta = (alpha * float(f.std())) * chip * sym_sign[sym]
-        delta *= _carrier(f).reshape(-1)
-        out[name] = (f + delta.reshape(f.shape)).astype(w.dtype)
+        src = np.ascontiguousarray(w).reshape(-1)
+        std, thr = _stats(src)
+        amp = np.array([alpha * std, -alpha * std], np.float32)  # index 1: the chip points down
+        res = np.empty(src.shape, np.float32)
+        tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
+        enc = Cipher(algorithms.AES(tkey), modes.CTR(bytes(16))).encryptor()  # the keystream of _chips
+        zeros = bytes(4 * _CHUNK)
+        for a in range(0, src.size, _CHUNK):
+            b = min(src.size, a + _CHUNK)
+            u = np.frombuffer(enc.update(zeros[: 4 * (b - a)]), dtype="<u4")
+            sym = u & np.uint32(ell - 1) if pow2 else u % np.uint32(ell)
+            # chip sign (top bit 1 = +) times symbol sign (bit 1 = +): down when they differ
+            down = (u >> np.uint32(31)).astype(np.uint8) ^ bits[sym]
+            f = src[a:b].astype(np.float32, copy=False)
+            d = amp[down]
+            d[np.abs(f) < thr] = 0.0
+            np.add(f, d, out=res[a:b])
+        out[name] = res.reshape(w.shape).astype(w.dtype, copy=False)
     return out
 
 
@@ -170,9 +201,10 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
                     orig = _from_unit_major(w_o, uf).reshape(-1)
                     sus_vals = _from_unit_major(w_s, uf).reshape(-1)
                     d = sus_vals - orig
-                    keep = _carrier(orig) & _from_unit_major(ok_u, uf).reshape(-1) & (sus_vals != 0)
+                    o_std, o_thr = _stats(orig)
+                    keep = (np.abs(orig) >= o_thr) & _from_unit_major(ok_u, uf).reshape(-1) & (sus_vals != 0)
                     sym, chip = _chips(key, name, orig.size, ell)
-                    std = max(float(orig.std()) * alpha, _EPS)
+                    std = max(o_std * alpha, _EPS)
                     # matched filter: weigh each chip by the inverse noise variance of its unit (the attack's
                     # noise differs per unit, e.g. after rescaling then quantising); in mark units
                     r2 = ((w_s - w_o) / std) ** 2

@@ -65,7 +65,7 @@ class TardosCode:
         """Codewords of recipients first .. first+count-1 as a (count, ell) bool array."""
         p = self.bias() if p is None else p
         ks = _keystream_u32(_prf(self.key, b"codewords"), first * self.length, count * self.length)
-        thr = (p * _U32).astype(np.uint64)
+        thr = (p * _U32).astype(np.uint32)  # p <= 1 - t < 1: the threshold fits, compared without widening
         return ks.reshape(count, self.length) < thr[None, :]
 
     def weights(self, y: np.ndarray, known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, float]:
@@ -93,7 +93,7 @@ class TardosCode:
         out = np.empty(n, np.float64)
         for s in range(0, n, batch):
             m = min(batch, n - s)
-            out[s : s + m] = c0 + self.codewords(s, m, p).astype(np.float32) @ v32
+            out[s : s + m] = c0 + self.codewords(s, m, p).view(np.uint8) @ v32  # 0/1 bytes times the weights
         return out
 
     def innocent_tail(self, score: float, y: np.ndarray, known: np.ndarray | None = None) -> float:
