@@ -10,6 +10,7 @@ subtracts the original, and correlates the difference with the chips of each sym
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -73,35 +74,46 @@ def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.n
 
     One pass over each tensor in cache-sized chunks: chip k's symbol is keystream word u_k mod ell and
     its sign is u_k's top bit; the weight moves by +-alpha*std when it is a carrier."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from concurrent.futures import ThreadPoolExecutor
 
     ell = len(codeword)
     bits = np.asarray(codeword, dtype=bool).astype(np.uint8)
-    pow2 = ell & (ell - 1) == 0
     out = {}
-    for name, _ in marked_tensors(layout):
-        if names is not None and name not in names:
-            continue
-        w = tensors[name]
-        src = np.ascontiguousarray(w).reshape(-1)
-        std, thr = _stats(src)
-        amp = np.array([alpha * std, -alpha * std], np.float32)  # index 1: the chip points down
-        res = np.empty(src.shape, np.float32)
-        tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
-        enc = Cipher(algorithms.AES(tkey), modes.CTR(bytes(16))).encryptor()  # the keystream of _chips
-        zeros = bytes(4 * _CHUNK)
-        for a in range(0, src.size, _CHUNK):
-            b = min(src.size, a + _CHUNK)
-            u = np.frombuffer(enc.update(zeros[: 4 * (b - a)]), dtype="<u4")
-            sym = u & np.uint32(ell - 1) if pow2 else u % np.uint32(ell)
-            # chip sign (top bit 1 = +) times symbol sign (bit 1 = +): down when they differ
-            down = (u >> np.uint32(31)).astype(np.uint8) ^ bits[sym]
-            f = src[a:b].astype(np.float32, copy=False)
-            d = amp[down]
-            d[np.abs(f) < thr] = 0.0
-            np.add(f, d, out=res[a:b])
-        out[name] = res.reshape(w.shape).astype(w.dtype, copy=False)
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        for name, _ in marked_tensors(layout):
+            if names is not None and name not in names:
+                continue
+            w = tensors[name]
+            src = np.ascontiguousarray(w).reshape(-1)
+            std, thr = _stats(src)
+            # by (carrier? no: +2) + (down? +1): +amp, -amp, 0, 0
+            amp = np.array([alpha * std, -alpha * std, 0.0, 0.0], np.float32)
+            res = np.empty(src.shape, np.float32)
+            tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
+            spans = range(0, src.size, _CHUNK * 8)  # threads take runs of 8 chunks (numpy and AES release the GIL)
+            run = functools.partial(_embed_span, src, res, tkey=tkey, bits=bits, ell=ell, amp=amp, thr=thr)
+            list(pool.map(lambda a, run=run, n=src.size: run(a, min(n, a + _CHUNK * 8)), spans))
+            out[name] = res.reshape(w.shape).astype(w.dtype, copy=False)
     return out
+
+
+def _embed_span(src: np.ndarray, res: np.ndarray, start: int, end: int, tkey: bytes, bits: np.ndarray, ell: int,
+                amp: np.ndarray, thr: float) -> None:  # fmt: skip
+    """res[start:end] = src + chips, from the tensor's keystream at word ``start`` (a multiple of 4)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(tkey), modes.CTR((start // 4).to_bytes(16, "big"))).encryptor()
+    zeros = bytes(4 * _CHUNK)
+    pow2 = ell & (ell - 1) == 0
+    for a in range(start, end, _CHUNK):
+        b = min(end, a + _CHUNK)
+        u = np.frombuffer(enc.update(zeros[: 4 * (b - a)]), dtype="<u4")
+        sym = u & np.uint32(ell - 1) if pow2 else u % np.uint32(ell)
+        # chip sign (top bit 1 = +) times symbol sign (bit 1 = +): down when they differ
+        sel = (u >> np.uint32(31)).astype(np.uint8) ^ bits[sym]
+        f = src[a:b].astype(np.float32, copy=False)
+        sel |= (np.abs(f) < thr).view(np.uint8) << np.uint8(1)  # not a carrier: no change
+        np.add(f, amp[sel], out=res[a:b])
 
 
 @dataclass(frozen=True)
