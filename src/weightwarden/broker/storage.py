@@ -81,8 +81,14 @@ class LocalWeightStore(WeightStore):
 
 
 def _chunks(fh: Any, chunk: int) -> Iterator[bytes]:
-    with fh:
-        while b := fh.read(chunk):
+    """The file's bytes ``chunk`` at a time, the next chunk read by a helper thread while this one is sent
+    (a stream from a cold disk overlaps its reads with the network; reads release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with fh, ThreadPoolExecutor(1, thread_name_prefix="warden-readahead") as pool:
+        nxt = pool.submit(fh.read, chunk)
+        while b := nxt.result():
+            nxt = pool.submit(fh.read, chunk)
             yield b
 
 
