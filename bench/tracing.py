@@ -215,12 +215,67 @@ def minilm_finetune(steps: int, lrs: tuple[float, ...] = (5e-5, 2e-4)) -> dict:
     return out
 
 
+def big_trace(gib: float = 1.0) -> dict:
+    """Trace a ~1 GiB copy: a random Llama-shaped checkpoint (d 2048, ff 8192) released to one recipient,
+    then extracted and scored against 10^6 recipients (the registered recipient and 999,999 more codewords
+    of the same code), timed end to end."""
+    from safetensors.numpy import save_file
+
+    import weightwarden as ww
+    from weightwarden.keys.local import KdfParams
+    from weightwarden.trace import TardosCode, accusation_threshold, release
+    from weightwarden.trace.mark import extract
+    from weightwarden.trace.store import TraceStore, derive
+
+    root = BENCH / "tracing-big"
+    shutil.rmtree(root, ignore_errors=True)
+    (root / "orig").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    d, ff = 2048, 8192
+    layers = max(1, round(gib * (1 << 30) / (3 * d * ff * 4)))
+    sd = {"model.embed_tokens.weight": rng.standard_normal((8192, d), dtype=np.float32)}
+    for i in range(layers):
+        for n, shp in (("gate_proj", (ff, d)), ("up_proj", (ff, d)), ("down_proj", (d, ff))):
+            sd[f"model.layers.{i}.mlp.{n}.weight"] = rng.standard_normal(shp, dtype=np.float32) / 45
+    save_file(sd, str(root / "orig" / "model.safetensors"))
+    size = (root / "orig" / "model.safetensors").stat().st_size
+    del sd
+    kr = ww.Keyring.create(root / "home", "bench-passphrase", kdf=KdfParams(time_cost=1, memory_kib=1024,
+                                                                             parallelism=1))  # fmt: skip
+    t = time.perf_counter()
+    release(root / "orig", "the leaker", root / "copy", provider=kr.provider(), country="FR", home=root / "h",
+            model_id="big")  # fmt: skip
+    release_s = time.perf_counter() - t
+    store = TraceStore(root / "h" / "trace")
+    rec = store.model("big")
+    secret = store.secret(rec, kr.provider())
+    t = time.perf_counter()
+    ex = extract(root / "orig", root / "copy", derive(secret, "embed"), rec.code_length, rec.alpha)
+    extract_s = time.perf_counter() - t
+    y, w = ex.symbols()
+    code = TardosCode(derive(secret, "tardos-code"), rec.code_length, rec.cutoff)
+    t = time.perf_counter()
+    scores = code.scores(y, 10**6, known=w)
+    z = accusation_threshold(code, y, w, 10**6, 1e-6)
+    score_s = time.perf_counter() - t
+    accused = np.flatnonzero(scores > z).tolist()
+    return {"checkpoint_bytes": size, "layers": layers, "release_seconds": round(release_s, 1),
+            "extract_align_seconds": round(extract_s, 1), "score_1e6_and_threshold_seconds": round(score_s, 1),
+            "trace_total_seconds": round(extract_s + score_s, 1), "accused_indices": accused,
+            "leaker_index": 0, "target_seconds": 60}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-zoo", action="store_true")
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--minilm-finetune", type=int, default=0, metavar="STEPS")
+    ap.add_argument("--big-trace", type=float, default=0, metavar="GIB", help="only: time tracing a GIB copy")
     a = ap.parse_args()
+    if a.big_trace:
+        r = {"bench": "tracing-big", "cores": os.cpu_count(), **big_trace(a.big_trace)}
+        print(json.dumps(r, indent=2))
+        return
     if a.minilm_finetune:
         r = {"bench": "tracing-minilm-finetune", "cores": os.cpu_count(), **minilm_finetune(a.minilm_finetune)}
         BENCH.mkdir(exist_ok=True)

@@ -44,10 +44,15 @@ def marked_tensors(layout: Layout) -> list[tuple[str, bool]]:
     return out
 
 
+_SIGN = np.array([-1.0, 1.0], np.float32)
+
+
 def _chips(key: bytes, name: str, n: int, ell: int) -> tuple[np.ndarray, np.ndarray]:
+    """(symbol index, sign) of the chips of tensor ``name``: keystream word u -> (u mod ell, + if top bit)."""
     tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
     u = _keystream_u32(tkey, 0, (n + 3) // 4 * 4)[:n]
-    return (u % ell).astype(np.int64), np.where(u >> 31, 1.0, -1.0).astype(np.float32)
+    sym = u & np.uint32(ell - 1) if ell & (ell - 1) == 0 else u % np.uint32(ell)
+    return sym.astype(np.intp), _SIGN[u >> np.uint32(31)]
 
 
 _SAMPLE = 1 << 20  # weights sampled (evenly strided) for a tensor's spread and median magnitude
@@ -199,7 +204,7 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
                 al[ok] = su[pi[ok]]
                 # undo per-unit rescaling (and sign flips): least-squares scale of each unit over the
                 # carrier-sized weights the suspect still has (pruned zeros would bias it)
-                m = (np.abs(ou) >= np.median(np.abs(ou), axis=1, keepdims=True)) & (al != 0)
+                m = (np.abs(ou) >= _stats(ou)[1]) & (al != 0)  # the block's larger half (sampled median)
                 num = (al * ou * m).sum(1)
                 den = np.maximum((ou * ou * m).sum(1), _EPS)
                 scale = np.where(np.abs(num) > _EPS, num / den, 1.0)
