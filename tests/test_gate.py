@@ -181,7 +181,7 @@ def test_release_cannot_skip_the_gate(tmp_path: Path, model: Path, keyring: ww.K
     assert ok.gate == "allow" and ok.rules_version == default_rules().version and ok.country == "DE"
     from weightwarden.trace.store import TraceStore
 
-    recs = TraceStore(tmp_path / "h" / "trace").releases("m")
+    recs = TraceStore(tmp_path / "h" / "trace", f"sqlite:///{tmp_path / 'h' / 'broker' / 'broker.db'}").releases("m")
     assert [r["gate"] for r in recs] == ["deny/overridden", "allow"]
 
 
@@ -344,3 +344,49 @@ def test_the_chunked_embedding_is_the_specified_one() -> None:
                         * (np.abs(f) >= thr))  # fmt: skip
             assert out.dtype == sd[name].dtype and out.shape == sd[name].shape
             assert np.array_equal(out.reshape(-1), want.astype(sd[name].dtype))
+
+
+def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path, model: Path,
+                                                     keyring: ww.Keyring) -> None:  # fmt: skip
+    """Recipients and releases are rows of the broker's database (SQLite or PostgreSQL): indices stay
+    dense and unique when several processes release at once, and a trace reads them from there."""
+    import threading
+
+    from weightwarden.trace import release, trace
+    from weightwarden.trace.store import TraceStore
+
+    stores = [TraceStore(tmp_path / "t", db_url) for _ in range(4)]  # one engine each, like separate processes
+    got: dict[str, int] = {}
+    lock = threading.Lock()
+
+    errors: list[BaseException] = []
+
+    def take(k: int) -> None:
+        try:
+            for i in range(6):
+                idx = stores[k].recipient_index("m", f"partner-{k}-{i}")
+                with lock:
+                    got[f"partner-{k}-{i}"] = idx
+        except BaseException as e:  # a thread's failure fails the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=take, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(got.values()) == list(range(24))  # dense, no index given twice
+    assert stores[0].recipient_index("m", "partner-2-3") == got["partner-2-3"]  # stable
+    assert stores[1].recipients("m") == sorted(got, key=got.get)
+    for st in stores:
+        st.close()
+    prov = keyring.provider()
+    rel = release(model, "Acme Robotics GmbH", tmp_path / "copy", provider=prov, country="DE", home=tmp_path / "h",
+                  db=db_url, model_id="m2")  # fmt: skip
+    shared = TraceStore(tmp_path / "elsewhere", db_url)
+    assert [r["recipient"] for r in shared.releases("m2")] == ["Acme Robotics GmbH"]
+    assert shared.releases("m2")[0]["gate"] == "allow" and shared.releases("m2")[0]["code_id"] == rel.code_id
+    rep = trace(tmp_path / "copy", model, provider=prov, home=tmp_path / "h", db=db_url, model_id="m2")
+    assert [a["recipient"] for a in rep.accused] == ["Acme Robotics GmbH"]
+    shared.close()

@@ -1238,7 +1238,7 @@ def release_cmd(
                 return b.consume_release(request, d, actor=audit._default_actor())
 
         kw = {"provider": kr.provider(), "country": country, "aliases": tuple(alias or ()), "approval": approval,
-              "classify_kw": ckw, "model_id": model_id, "home": home}  # fmt: skip
+              "classify_kw": ckw, "model_id": model_id, "home": home, "db": db}  # fmt: skip
         try:
             rel = release(model, to, output, force=force, seal=(kr.provider(), kr.signer()) if seal_out else None, **kw)
         except ReleaseDenied as e:
@@ -1314,6 +1314,7 @@ def trace_cmd(
         int | None, typer.Option("--population", help="n for the bound [default: recipients]")
     ] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="also write a PNG figure here (needs matplotlib)")] = None,
+    db: BrokerDbOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1321,7 +1322,7 @@ def trace_cmd(
     from .trace import trace
 
     kr = _keyring(home)
-    rep = trace(suspect, model, provider=kr.provider(), model_id=model_id, home=home, eps=eps,
+    rep = trace(suspect, model, provider=kr.provider(), model_id=model_id, home=home, db=db, eps=eps,
                 population=population, **_model_kw(suspect, home))  # fmt: skip
     j = rep.to_json()
     _log(home, audit.AuditAction.TRACE_RUN, rep.model_id, accused=[a["recipient"] for a in rep.accused])

@@ -37,10 +37,16 @@ _NP_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": 
              "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}  # fmt: skip
 
 
-def _store(home: Path | None) -> TraceStore:
+def _store(home: Path | None, db: str | None = None) -> TraceStore:
+    """Tracing secrets under ``home/trace``; recipients and releases in the broker's database (``db``, default
+    the broker's embedded one, ``home/broker/broker.db``), where the broker and its replicas see them."""
     from ..keys.local import default_home
 
-    return TraceStore((home or default_home()) / "trace")
+    h = home or default_home()
+    if db is None:
+        (h / "broker").mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = f"sqlite:///{h / 'broker' / 'broker.db'}"
+    return TraceStore(h / "trace", db)
 
 
 def _header(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
@@ -106,6 +112,7 @@ def release(
     classify_kw: dict[str, Any] | None = None,
     model_id: str | None = None,
     home: Path | None = None,
+    db: str | None = None,
     alpha: float = DEFAULT_ALPHA,
     code_length: int = DEFAULT_LENGTH,
     force: bool = False,
@@ -126,7 +133,7 @@ def release(
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists (use force)")
     model_id = model_id or model.stem
-    store = _store(home)
+    store = _store(home, db)
     store._model_path(model_id)  # a bad id is refused before anything is decided
     gate = gate or ReleaseGate.from_home(home)
     dest = Destination(recipient, country, tuple(aliases))
@@ -256,7 +263,7 @@ class TraceReport:
 
 
 def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, provider: KeyProvider,
-          model_id: str | None = None, home: Path | None = None, eps: float = DEFAULT_EPS,
+          model_id: str | None = None, home: Path | None = None, db: str | None = None, eps: float = DEFAULT_EPS,
           population: int | None = None, **open_kw: Any) -> TraceReport:  # fmt: skip
     """Accuse the recipients whose fingerprint the suspect carries, keeping P(any innocent accused) <= eps.
 
@@ -264,7 +271,7 @@ def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pro
     keep the threshold fixed as recipients are added."""
     model = Path(model)
     model_id = model_id or model.stem
-    store = _store(home)
+    store = _store(home, db)
     rec = store.model(model_id)
     names = store.recipients(model_id)
     secret = store.secret(rec, provider)

@@ -1,9 +1,11 @@
 """Release records and per-model tracing secrets.
 
 ``$WARDEN_HOME/trace/`` holds, per enrolled model, a JSON record with the tracing parameters and its
-32-byte master secret *wrapped by a key provider* (the keyring, an HSM or KMS: the custody layer), and
-one SQLite database of releases (recipient, recipient index, time, model version, code id, output
-digest), the state the broker will share.  The code key and the embedding key derive from the
+32-byte master secret *wrapped by a key provider* (the keyring, an HSM or KMS: the custody layer).
+Recipients (with their codeword index) and releases (recipient, time, model version, code id, output
+digest, destination, export-gate decision, rules version) are rows of an SQL database: the broker's
+(SQLite embedded, PostgreSQL shared) when its URL is given, else ``trace/releases.db``.
+The code key and the embedding key derive from the
 master secret with HMAC-SHA256 under distinct labels.
 """
 
@@ -15,7 +17,6 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,9 +83,30 @@ def derive(secret: bytes | bytearray, label: str) -> bytes:
     return hmac.new(bytes(secret), label.encode(), hashlib.sha256).digest()
 
 
+_RELEASE_COLUMNS = (
+    "model_id",
+    "recipient",
+    "at",
+    "model_version",
+    "code_id",
+    "output_sha256",
+    "country",
+    "gate",
+    "gate_digest",
+    "rules_version",
+)
+
+
 class TraceStore:
-    def __init__(self, root: str | os.PathLike[str]):
+    """Per-model tracing records under ``root``; recipients and releases in the SQL database ``url``
+    (default: ``root/releases.db``; give the broker's URL to share them with the broker and its replicas)."""
+
+    def __init__(self, root: str | os.PathLike[str], url: str | None = None):
         self.root = Path(root)
+        self.url = url
+        self._eng: Any = None
+        self._rcp: Any = None
+        self._rel: Any = None
 
     # -- models -----------------------------------------------------------------------
     def _model_path(self, model_id: str) -> Path:
@@ -120,81 +142,84 @@ class TraceStore:
         return provider.unwrap(rec.slot, _context(rec.model_id))
 
     # -- releases ---------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = sqlite3.connect(self.root / "releases.db", isolation_level=None, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("""CREATE TABLE IF NOT EXISTS recipients (model_id TEXT NOT NULL, recipient TEXT NOT NULL,
-                      idx INTEGER NOT NULL, PRIMARY KEY (model_id, recipient), UNIQUE (model_id, idx))""")
-        db.execute("""CREATE TABLE IF NOT EXISTS releases (id INTEGER PRIMARY KEY, model_id TEXT NOT NULL,
-                      recipient TEXT NOT NULL, at TEXT NOT NULL, model_version TEXT NOT NULL,
-                      code_id TEXT NOT NULL, output_sha256 TEXT)""")
-        cols = {r[1] for r in db.execute("PRAGMA table_info(releases)")}
-        for col in ("country", "gate", "gate_digest", "rules_version"):  # added with the export-control gate
-            if col not in cols:
-                db.execute(f"ALTER TABLE releases ADD COLUMN {col} TEXT")
-        return db
+    def _engine(self) -> Any:
+        if self._eng is None:
+            import sqlalchemy as sa
+
+            url = self.url
+            if url is None:
+                self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                url = f"sqlite:///{self.root / 'releases.db'}"
+            kw: dict[str, Any] = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+            self._eng = sa.create_engine(url, **kw)
+            if url.startswith("sqlite"):
+                from ..broker.auditlog import _sqlite_begin_immediate
+
+                _sqlite_begin_immediate(self._eng, synchronous="FULL")
+            md = sa.MetaData()
+            C = sa.Column
+            self._rcp = sa.Table("ww_trace_recipients", md, C("model_id", sa.String(128), primary_key=True),
+                                 C("recipient", sa.String(256), primary_key=True), C("idx", sa.Integer, nullable=False),
+                                 sa.UniqueConstraint("model_id", "idx"))  # fmt: skip
+            self._rel = sa.Table("ww_trace_releases", md, C("id", sa.Integer, primary_key=True, autoincrement=True),
+                                 *(C(k, sa.String(256)) for k in _RELEASE_COLUMNS))  # fmt: skip
+            with self._eng.connect() as c, c.execution_options(ww_write=True).begin():  # creators take turns
+                if c.dialect.name == "postgresql":
+                    c.exec_driver_sql("SELECT pg_advisory_xact_lock(7317101)")  # (SQLite: BEGIN IMMEDIATE)
+                md.create_all(c)
+        return self._eng
+
+    def close(self) -> None:
+        if self._eng is not None:
+            self._eng.dispose()
+            self._eng = None
 
     def recipient_index(self, model_id: str, recipient: str) -> int:
-        """The recipient's codeword index for this model, assigned on first release (in one transaction)."""
+        """The recipient's codeword index for this model, assigned on first release: indices are dense and
+        unique per model, also when several processes release at once (a unique key; the loser retries)."""
+        import sqlalchemy as sa
+
         if not recipient or len(recipient) > 256 or any(ord(c) < 32 for c in recipient):
             raise TraceError("a recipient is 1-256 printable characters")
-        db = self._db()
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            row = db.execute("SELECT idx FROM recipients WHERE model_id=? AND recipient=?",
-                             (model_id, recipient)).fetchone()  # fmt: skip
-            if row is None:
-                (n,) = db.execute("SELECT COUNT(*) FROM recipients WHERE model_id=?", (model_id,)).fetchone()
-                db.execute("INSERT INTO recipients VALUES (?,?,?)", (model_id, recipient, n))
-                row = (n,)
-            db.execute("COMMIT")
-            return int(row[0])
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
+        eng, t = self._engine(), self._rcp
+        mine = sa.select(t.c.idx).where(t.c.model_id == model_id, t.c.recipient == recipient)
+        for _ in range(50):
+            with eng.connect() as c:
+                row = c.execute(mine).first()
+            if row is not None:
+                return int(row[0])
+            try:
+                with eng.connect() as c, c.execution_options(ww_write=True).begin():  # SQLite: the write lock at BEGIN
+                    n = c.execute(
+                        sa.select(sa.func.count()).select_from(t).where(t.c.model_id == model_id)
+                    ).scalar_one()
+                    c.execute(sa.insert(t).values(model_id=model_id, recipient=recipient, idx=int(n)))
+                return int(n)
+            except sa.exc.IntegrityError:
+                continue  # another release took that index (or that recipient) first: look again
+        raise TraceError("could not assign a recipient index (too much contention)")
 
     def record(self, rel: ReleaseRecord) -> None:
-        db = self._db()
-        try:
-            db.execute("INSERT INTO releases (model_id, recipient, at, model_version, code_id, output_sha256, country, "
-                       "gate, gate_digest, rules_version) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                       (rel.model_id, rel.recipient, rel.at, rel.model_version, rel.code_id, rel.output_sha256,
-                        rel.country, rel.gate, rel.gate_digest, rel.rules_version))  # fmt: skip
-        finally:
-            db.close()
+        import sqlalchemy as sa
+
+        with self._engine().connect() as c, c.execution_options(ww_write=True).begin():
+            c.execute(sa.insert(self._rel).values(**{k: getattr(rel, k) for k in _RELEASE_COLUMNS}))
 
     def recipients(self, model_id: str) -> list[str]:
-        db = self._db()
-        try:
-            rows = db.execute("SELECT recipient FROM recipients WHERE model_id=? ORDER BY idx", (model_id,)).fetchall()
-        finally:
-            db.close()
+        import sqlalchemy as sa
+
+        eng = self._engine()
+        t = self._rcp
+        with eng.connect() as c:
+            rows = c.execute(sa.select(t.c.recipient).where(t.c.model_id == model_id).order_by(t.c.idx)).all()
         return [r[0] for r in rows]
 
     def releases(self, model_id: str | None = None) -> list[dict[str, Any]]:
-        db = self._db()
-        try:
-            q = (
-                "SELECT model_id, recipient, at, model_version, code_id, output_sha256, country, gate, gate_digest, "
-                "rules_version FROM releases"
-            )
-            rows = db.execute(q + (" WHERE model_id=?" if model_id else "") + " ORDER BY id",
-                              (model_id,) if model_id else ()).fetchall()  # fmt: skip
-        finally:
-            db.close()
-        keys = (
-            "model_id",
-            "recipient",
-            "at",
-            "model_version",
-            "code_id",
-            "output_sha256",
-            "country",
-            "gate",
-            "gate_digest",
-            "rules_version",
-        )
-        return [dict(zip(keys, r, strict=True)) for r in rows]
+        import sqlalchemy as sa
+
+        self._engine()
+        q = sa.select(*(self._rel.c[k] for k in _RELEASE_COLUMNS)).order_by(self._rel.c.id)
+        if model_id:
+            q = q.where(self._rel.c.model_id == model_id)
+        with self._engine().connect() as c:
+            return [dict(zip(_RELEASE_COLUMNS, r, strict=True)) for r in c.execute(q).all()]
