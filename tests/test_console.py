@@ -37,7 +37,14 @@ def console(tmp_path: Path, sealed: Path) -> Iterator[dict[str, Any]]:  # noqa: 
 
     port = free_port()
     url = f"sqlite:///{tmp_path / 'b.db'}"
-    b = Broker(url, LocalWeightStore(tmp_path / "store"), AuditLog(url, Ed25519Signer.generate()), BrokerConfig())
+    from weightwarden.release import default_rules
+    from weightwarden.release.gate import ReleaseGate
+    from weightwarden.release.screen import ScreeningList
+
+    sample = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
+    gate = ReleaseGate(default_rules(), ScreeningList.load(sample))
+    b = Broker(url, LocalWeightStore(tmp_path / "store"), AuditLog(url, Ed25519Signer.generate()), BrokerConfig(),
+               gate=gate)  # fmt: skip
     pk = Passkeys(b, rp_id="localhost", origins=(f"http://localhost:{port}",))
     rel = Account("rel")
     b.add_account("rel", "service", rel.pub, {"releaser"}, {"core"})
@@ -126,8 +133,14 @@ def test_approvals_with_passkeys_in_a_real_browser(console: dict[str, Any], brow
     d.get(console["base"] + "/console")  # no session: sent to sign in
     assert d.current_url.endswith("/console/login")
     req = b.request_copy(b.principal("rel"), "m1", reason="partner evaluation")
+    # a release the export gate denied: approvers see the recipient, the decision and what they would override
+    held = b.request_copy(b.principal("rel"), "m1", "release", recipient="Sergei I. Petrov", country="DE")
     for n, approver in enumerate(("ap1", "ap2"), start=1):
         _enroll_and_sign_in(d, console, approver)
+        item = d.find_element(By.ID, f"req-{held['id']}").text
+        assert "Sergei I. Petrov" in item and "DENY" in item and "approving overrides: " in item
+        assert "screening:sample-000" in item and "classification:failed" in item  # admitted unclassified
+        assert "Sergei I. Petrov" in d.find_element(By.ID, "releases").text
         btn = d.find_element(By.CSS_SELECTOR, f"#req-{req['id']} button.approve")
         btn.click()
         _wait(lambda: "approved:" in _status(d) or "failed" in _status(d), "the approval")

@@ -28,6 +28,22 @@ def _page(title: str, body: str) -> str:
             "<script src='/console/app.js'></script></body></html>")  # fmt: skip
 
 
+def _gate(q: dict[str, Any]) -> str:
+    e = html.escape
+    """What an approver must see of a release request: recipient, destination, the export gate's decision
+    and, when the gate did not allow it, that approving overrides these reasons."""
+    if q.get("action") != "release" or not q.get("gate"):
+        return ""
+    g = q["gate"]
+    out = (
+        f" to <b>{e(q.get('recipient') or '?')}</b> ({e(q.get('country') or 'no country')}); export gate: "
+        f"<span class='gate' data-decision='{e(g['decision'])}'>{e(g['decision'].upper())}</span>"
+    )
+    if g["decision"] != "allow":
+        out += f" <b class='override'>approving overrides: {e(', '.join(g['blocking']))}</b>"
+    return out
+
+
 def console_router(pk: Passkeys) -> Any:
     from fastapi import APIRouter, Cookie, Header, Request
     from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -124,13 +140,28 @@ def console_router(pk: Passkeys) -> Any:
                                         broker.model(q["model"])["team"]).allowed:  # fmt: skip
                 continue
             pend.append(f"<li id='req-{e(q['id'])}' data-status='{e(q['status'])}'>{e(q['action'])} of "
-                        f"<b>{e(q['model'])}</b> for {e(q['requester'])} ({len(q['approvals'])}/"
+                        f"<b>{e(q['model'])}</b> for {e(q['requester'])}{_gate(q)} ({len(q['approvals'])}/"
                         f"{q['approvals_needed']} approvals) <button class='approve' "
                         f"data-rid='{e(q['id'])}'>Approve with passkey</button></li>")  # fmt: skip
         parts.append("<h2>Pending approvals</h2><ul id='pending'>" + ("".join(pend) or "<li>none</li>") + "</ul>")
         mine = [q for q in reqs if q["requester"] == p.id]
         parts.append("<h2>Your requests</h2><ul>" + "".join(
             f"<li>{e(q['action'])} of {e(q['model'])}: {e(q['status'])}</li>" for q in mine) + "</ul>")  # fmt: skip
+        rel = [
+            q
+            for q in reqs
+            if q["action"] == "release"
+            and (
+                q["requester"] == p.id
+                or broker.policy.decide(
+                    p, Permission.APPROVAL_REQUEST_APPROVE, q["model"], broker.model(q["model"])["team"]
+                ).allowed
+            )
+        ]
+        parts.append("<h2>Releases</h2><ul id='releases'>" + ("".join(
+            f"<li id='rel-{e(q['id'])}'>{e(q['model'])}{_gate(q)}: {e(q['status'])}"
+            + (" (fingerprinted copy ready)" if q.get("artifact") else "") + "</li>" for q in rel)
+            or "<li>none</li>") + "</ul>")  # fmt: skip
         models = "".join(f"<li>{e(m['name'])} (team {e(m['team'])}, {m['size']} bytes)</li>" for m in broker.models(p))
         parts.append("<h2>Models</h2><ul>" + models + "</ul>")
         if broker.policy.decide(p, Permission.AUDIT_LOG_READ).allowed:
