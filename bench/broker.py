@@ -240,69 +240,47 @@ def main() -> None:
         cfg2 = {**cfg, "rate": 1e12, "burst": 1e13, "port": free_port(), "chunk": args.stream_chunk_mib << 20}
         with _serve(cfg2) as base:
             sealed = tmp / "store" / "big.wws"
-            disk, http, curl = [], [], []
-            for _ in range(3):
-                t = time.perf_counter()
-                with open(sealed, "rb") as fh:
-                    while fh.read(1 << 20):
-                        pass
-                disk.append(time.perf_counter() - t)
-                t = time.perf_counter()
-                n = 0
-                with httpx.stream(
-                    "GET",
-                    base + "/v1/models/big/weights",
-                    headers=accts["big"].headers("GET", "/v1/models/big/weights"),
-                    timeout=300,
-                ) as r:
-                    for part in r.iter_raw(1 << 20):
-                        n += len(part)
-                http.append(time.perf_counter() - t)
-                assert n == sealed.stat().st_size
-                # the same download by curl (a C client), to separate the server from httpx's own cost
-                path = "/v1/models/big/weights"
-                h = accts["big"].headers("GET", path)["authorization"]
-                t = time.perf_counter()
-                subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"authorization: {h}", base + path],
-                               check=True)  # fmt: skip
-                curl.append(time.perf_counter() - t)
+            path = "/v1/models/big/weights"
             size = sealed.stat().st_size
+
+            def round_(cold: bool) -> dict[str, float]:
+                """Seconds to read the file, to download it with httpx, and with curl (a C client, to separate
+                the server from httpx's own cost); ``cold``: the page cache dropped before each."""
+                t: dict[str, float] = {}
+                for how in ("disk", "httpx", "curl"):
+                    if cold:
+                        _drop_caches()
+                    t0 = time.perf_counter()
+                    if how == "disk":
+                        with open(sealed, "rb") as fh:
+                            while fh.read(1 << 20):
+                                pass
+                    elif how == "httpx":
+                        n = 0
+                        with httpx.stream("GET", base + path, headers=accts["big"].headers("GET", path),
+                                          timeout=300) as r:  # fmt: skip
+                            for part in r.iter_raw(1 << 20):
+                                n += len(part)
+                        assert n == size
+                    else:
+                        h = accts["big"].headers("GET", path)["authorization"]
+                        subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"authorization: {h}", base + path],
+                                       check=True)  # fmt: skip
+                    t[how] = time.perf_counter() - t0
+                return t
+
+            def summary(rounds: list[dict[str, float]]) -> dict[str, float]:
+                best = {k: min(r[k] for r in rounds) for k in ("disk", "httpx", "curl")}
+                return {"disk_read_mb_s": round(size / best["disk"] / 1e6),
+                        "broker_stream_httpx_mb_s": round(size / best["httpx"] / 1e6),
+                        "broker_stream_curl_mb_s": round(size / best["curl"] / 1e6),
+                        "ratio_stream_over_disk_httpx": round(best["disk"] / best["httpx"], 3),
+                        "ratio_stream_over_disk_curl": round(best["disk"] / best["curl"], 3)}  # fmt: skip
+
             # from disk for real: the page cache dropped before the read and before each download (root only)
-            cold: dict[str, list[float]] = {"disk": [], "httpx": [], "curl": []}
-            for _ in range(2 if _drop_caches() else 0):
-                _drop_caches()
-                t = time.perf_counter()
-                with open(sealed, "rb") as fh:
-                    while fh.read(1 << 20):
-                        pass
-                cold["disk"].append(time.perf_counter() - t)
-                _drop_caches()
-                t = time.perf_counter()
-                with httpx.stream("GET", base + path, headers=accts["big"].headers("GET", path), timeout=300) as r:
-                    for _part in r.iter_raw(1 << 20):
-                        pass
-                cold["httpx"].append(time.perf_counter() - t)
-                _drop_caches()
-                h = accts["big"].headers("GET", path)["authorization"]
-                t = time.perf_counter()
-                subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"authorization: {h}", base + path],
-                               check=True)  # fmt: skip
-                cold["curl"].append(time.perf_counter() - t)
-            if cold["disk"]:
-                out["stream_from_disk"] = {
-                    "disk_read_mb_s": round(size / min(cold["disk"]) / 1e6),
-                    "broker_stream_httpx_mb_s": round(size / min(cold["httpx"]) / 1e6),
-                    "broker_stream_curl_mb_s": round(size / min(cold["curl"]) / 1e6),
-                    "ratio_stream_over_disk_httpx": round(min(cold["disk"]) / min(cold["httpx"]), 3),
-                    "ratio_stream_over_disk_curl": round(min(cold["disk"]) / min(cold["curl"]), 3),
-                }
-            else:
-                out["stream_from_disk"] = "not measured: dropping the page cache needs root"
-            out["stream"] = {"bytes": size, "disk_read_mb_s": round(size / min(disk) / 1e6),
-                             "broker_stream_httpx_mb_s": round(size / min(http) / 1e6),
-                             "broker_stream_curl_mb_s": round(size / min(curl) / 1e6),
-                             "ratio_stream_over_disk_httpx": round(min(disk) / min(http), 3),
-                             "ratio_stream_over_disk_curl": round(min(disk) / min(curl), 3)}  # fmt: skip
+            out["stream_from_disk"] = (summary([round_(True) for _ in range(2)]) if _drop_caches()
+                                       else "not measured: dropping the page cache needs root")  # fmt: skip
+            out["stream"] = {"bytes": size, **summary([round_(False) for _ in range(3)])}
         # audit: one broker:authorize "ok" event per answered metadata request, nothing lost or doubled
         from weightwarden.broker.auditlog import AuditLog
 

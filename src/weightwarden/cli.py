@@ -1146,7 +1146,6 @@ def screen_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Screen NAME against the restricted-party list (`warden screen update --file F` loads a newer one)."""
-    from importlib import resources
 
     from ._atomic import atomic_write_bytes
     from .release.screen import ScreeningList
@@ -1166,14 +1165,8 @@ def screen_cmd(
         atomic_write_bytes(store / "list.json", json.dumps(rec).encode(), force=True)
         _emit(rec, as_json, f"screening list {file.name}: {len(lst.entries)} entries, sha256 {lst.sha256[:16]}…")
         return
-    if file is not None:
-        lst = ScreeningList.load(file)
-    elif (store / "list.dat").exists():
-        meta = json.loads((store / "list.json").read_text())
-        lst = ScreeningList.parse((store / "list.dat").read_bytes(), meta.get("origin", ""))
-    else:
-        with resources.as_file(resources.files("weightwarden.release").joinpath("lists/sample_csl.json")) as p:
-            lst = ScreeningList.load(p)
+    lst = ScreeningList.load(file) if file is not None else ScreeningList.from_home(home or default_home())
+    if lst.is_sample:
         err.print("note: screening against the shipped SAMPLE list (fictitious); load a real one with "
                   "`warden screen update --file`")  # fmt: skip
     r = lst.screen(name, aliases=tuple(alias or ()), country=country, threshold=threshold)
@@ -1221,8 +1214,6 @@ def release_cmd(
     The export-control gate decides first; anything but `allow` is refused unless --request names a
     release request the broker's approvers approved (which covers exactly the reasons they saw).
     With --request and --seal the sealed copy is handed to the broker, which streams it to the requester."""
-    import contextlib
-
     from .release.gate import ReleaseDenied
     from .trace import release
 

@@ -214,8 +214,6 @@ class ReleaseGate:
         """The gate as configured under ``home``: the shipped rules (or ``release/rules.toml`` signed by a
         key in ``release/rules-keys``), the list loaded by ``warden screen update`` (else the shipped sample),
         and ``release/licenses.json``."""
-        from importlib import resources
-
         from ..keys.local import default_home
         from .rules import SHIPPED_RULES_KEY, default_rules, load_rules
         from .screen import ScreeningList
@@ -230,14 +228,7 @@ class ReleaseGate:
             rules = load_rules(own, keys)
         else:
             rules = default_rules()
-        lst = h / "screening" / "list.dat"
-        if lst.exists():
-            meta = json.loads((h / "screening" / "list.json").read_text())
-            screening = ScreeningList.parse(lst.read_bytes(), meta.get("origin", ""))
-        else:
-            with resources.as_file(resources.files(__package__).joinpath("lists/sample_csl.json")) as p:
-                screening = ScreeningList.load(p)
-        return cls(rules, screening, LicenseBook.load(h / "release" / "licenses.json"))
+        return cls(rules, ScreeningList.from_home(h), LicenseBook.load(h / "release" / "licenses.json"))
 
     def decide(
         self, classification: Any, dest: Destination, *, model_id: str, as_of: date | None = None

@@ -62,6 +62,7 @@ class ScreeningList:
     format: str
     sha256: str
     origin: str = ""
+    is_sample: bool = False
     _names: list[str] = field(default_factory=list)
     _owner: list[int] = field(default_factory=list)
     _raw: list[str] = field(default_factory=list)
@@ -108,6 +109,21 @@ class ScreeningList:
         except (TypeError, AttributeError, ValueError, csv.Error) as e:  # a hostile field of the wrong type
             raise ScreeningError(f"the screening list is malformed ({type(e).__name__})") from None
         raise ScreeningError("unknown screening-list format (expected CSL JSON or CSV, or OpenSanctions FtM)")
+
+    @classmethod
+    def from_home(cls, home: str | os.PathLike[str]) -> ScreeningList:
+        """The list loaded by `warden screen update` under ``home``, else the shipped (fictitious) sample;
+        ``is_sample`` tells which."""
+        from importlib import resources
+
+        store = Path(home) / "screening"
+        if (store / "list.dat").exists():
+            meta = json.loads((store / "list.json").read_text())
+            return cls.parse((store / "list.dat").read_bytes(), meta.get("origin", ""))
+        with resources.as_file(resources.files(__package__).joinpath("lists/sample_csl.json")) as p:
+            lst = cls.load(p)
+        lst.is_sample = True
+        return lst
 
     # -- screening ------------------------------------------------------------------------------
     def screen(self, name: str, *, aliases: tuple[str, ...] = (), country: str | None = None,

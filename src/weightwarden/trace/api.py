@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,13 +62,20 @@ def _header(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
+def _parts(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Iterator[Any]:
+    """A safetensors file's bytes in order: header length, header, each tensor's data."""
+    raw = _header(tensors, metadata)
+    yield len(raw).to_bytes(8, "little")
+    yield raw
+    for a in tensors.values():
+        yield np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
     """Write a safetensors file (any numpy / ml_dtypes dtype) atomically; return its BLAKE3 hex digest."""
-    raw = _header(tensors, metadata)
     h = blake3.blake3()
     with atomic_output(path, force=True) as fd:
-        data = (np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in tensors.values())
-        for part in (len(raw).to_bytes(8, "little"), raw, *data):
+        for part in _parts(tensors, metadata):
             write_all(fd, part)
             h.update(part)
     return h.hexdigest()
@@ -78,13 +85,11 @@ def _safetensors_in_memory(tensors: dict[str, np.ndarray], metadata: dict[str, s
     """A safetensors file in anonymous memory (an mmap with no file behind it) and its BLAKE3 digest."""
     import mmap
 
-    raw = _header(tensors, metadata)
-    size = 8 + len(raw) + sum(a.nbytes for a in tensors.values())
+    size = 8 + len(_header(tensors, metadata)) + sum(a.nbytes for a in tensors.values())
     buf = mmap.mmap(-1, max(size, 1))
     h = blake3.blake3()
     off = 0
-    for part in (len(raw).to_bytes(8, "little"), raw,
-                 *(np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in tensors.values())):  # fmt: skip
+    for part in _parts(tensors, metadata):
         mv = memoryview(part).cast("B")
         buf[off : off + len(mv)] = mv
         h.update(mv)
