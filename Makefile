@@ -1,5 +1,5 @@
 # The two commands the README opens with:
-#   make demo   install (core + server, cluster, plot extras) and run the whole lifecycle end to end
+#   make demo   install (core + server, cluster, plot, fast extras) and run the whole lifecycle end to end
 #   make test   install (core + dev + torch + transformers) and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,10 +12,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e '.[server,cluster,plot]'
+	$(BIN)/pip install -q -e '.[server,cluster,plot,fast]'
 
 install-dev: $(BIN)/python system-deps
-	$(BIN)/pip install -q -e '.[dev,hf,hsm,kms,cluster,server]'
+	$(BIN)/pip install -q -e '.[dev,hf,hsm,kms,cluster,server,fast]'
 
 # Debian packages the tests use: SoftHSM2 (a real PKCS#11 token for the HSM provider), and
 # Chromium with its WebDriver (the web console's tests drive it headless).

@@ -23,30 +23,48 @@ BENCH = ROOT / ".bench"
 
 
 def speed() -> dict:
+    """Embedding vs a copy of the same tensors (both allocate their output), side by side, best of 3
+    each, alternating: float32 and bfloat16 checkpoints, the fused kernel (numba, the `fast` extra) and
+    the numpy one, at the default code length.  Then scoring 10^6 recipients."""
+    import ml_dtypes
+
     from weightwarden.provenance.layout import detect_layout
-    from weightwarden.trace import TardosCode, embed_tensors
+    from weightwarden.trace import DEFAULT_LENGTH, TardosCode, embed_tensors
+    from weightwarden.trace._kernel import KERNEL
 
     rng = np.random.default_rng(0)
     d, ff = 2048, 8192
-    sd = {"model.embed_tokens.weight": rng.standard_normal((1024, d), dtype=np.float32),
-          "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((ff, d), dtype=np.float32),
-          "model.layers.0.mlp.up_proj.weight": rng.standard_normal((ff, d), dtype=np.float32),
-          "model.layers.0.mlp.down_proj.weight": rng.standard_normal((d, ff), dtype=np.float32)}  # fmt: skip
-    lay = detect_layout({k: v.shape for k, v in sd.items()})
-    x = TardosCode(rng.bytes(32), 4096).codewords(0, 1)[0]
-    marked = {k: v for k, v in sd.items() if "mlp" in k}
-    nbytes = sum(v.nbytes for v in marked.values())
-    # best of 3, alternating, for both: the first touch of fresh memory (page faults) is noise either way
-    memcpy = emb = float("inf")
-    key = rng.bytes(32)
-    for _ in range(3):
-        t = time.perf_counter()
-        for v in marked.values():
-            np.copy(v)
-        memcpy = min(memcpy, time.perf_counter() - t)
-        t = time.perf_counter()
-        embed_tensors(sd, lay, x, key)
-        emb = min(emb, time.perf_counter() - t)
+    out: dict = {"embed_threads": min(4, os.cpu_count() or 1), "code_length": DEFAULT_LENGTH,
+                 "kernels": ["numba", "numpy"] if KERNEL == "numba" else ["numpy"]}  # fmt: skip
+    for dt in (np.float32, ml_dtypes.bfloat16):
+        shapes = {
+            "model.embed_tokens.weight": (1024, d),
+            "model.layers.0.mlp.gate_proj.weight": (ff, d),
+            "model.layers.0.mlp.up_proj.weight": (ff, d),
+            "model.layers.0.mlp.down_proj.weight": (d, ff),
+        }
+        sd = {k: rng.standard_normal(shp, dtype=np.float32).astype(dt) for k, shp in shapes.items()}
+        lay = detect_layout({k: v.shape for k, v in sd.items()})
+        x = TardosCode(rng.bytes(32), DEFAULT_LENGTH).codewords(0, 1)[0]
+        marked = {k: v for k, v in sd.items() if k.endswith(("gate_proj.weight", "down_proj.weight"))}
+        nbytes = sum(v.nbytes for v in marked.values())
+        # best of 3, alternating: the first touch of fresh memory (page faults) is paid by both
+        best = {"memcpy": float("inf"), **{k: float("inf") for k in out["kernels"]}}
+        key = rng.bytes(32)
+        for _ in range(3):
+            t = time.perf_counter()
+            for v in marked.values():
+                np.copy(v)
+            best["memcpy"] = min(best["memcpy"], time.perf_counter() - t)
+            for k in out["kernels"]:
+                t = time.perf_counter()
+                embed_tensors(sd, lay, x, key, kernel=k)
+                best[k] = min(best[k], time.perf_counter() - t)
+        name = np.dtype(dt).name
+        out[name] = {"embed_bytes": nbytes, "memcpy_gb_per_s": round(nbytes / best["memcpy"] / 1e9, 2)}
+        for k in out["kernels"]:
+            out[name][f"embed_{k}_gb_per_s"] = round(nbytes / best[k] / 1e9, 2)
+            out[name][f"embed_{k}_vs_memcpy"] = round(best["memcpy"] / best[k], 3)
     code = TardosCode(rng.bytes(32), 4096)
     y = code.codewords(0, 1)[0] ^ (rng.random(4096) < 0.3)
     t = time.perf_counter()
@@ -58,11 +76,7 @@ def speed() -> dict:
     z = accusation_threshold(code, y, None, 1_000_000, 1e-6)
     thr_s = time.perf_counter() - t
     return {
-        "embed_bytes": nbytes,
-        "embed_threads": min(4, os.cpu_count() or 1),
-        "memcpy_gb_per_s": round(nbytes / memcpy / 1e9, 2),
-        "embed_vs_memcpy": round(memcpy / emb, 3),
-        "embed_gb_per_s": round(nbytes / emb / 1e9, 2),
+        **out,
         "score_1e6_recipients_seconds": round(score_s, 1),
         "threshold_seconds": round(thr_s, 2),
         "leaker_score": round(float(s[0]), 1),

@@ -319,22 +319,30 @@ def test_a_sealed_release_never_writes_plaintext(tmp_path: Path, model: Path, ke
     assert [x["recipient"] for x in rep.accused] == ["Blue Harbor AI"]
 
 
-def test_the_chunked_embedding_is_the_specified_one() -> None:
-    """embed_tensors (one cache-sized pass) equals the scheme as written in docs/TRACING.md:
-    w + alpha*std(W)*c(k)*(2x[s(k)]-1) on carriers (|w| >= median |w|), for any codeword and length."""
-    from weightwarden.provenance.layout import detect_layout
-    from weightwarden.trace.mark import _chips, _stats, embed_tensors
+@pytest.mark.parametrize("kernel", ["numpy", "numba"])
+def test_the_chunked_embedding_is_the_specified_one(kernel: str) -> None:
+    """embed_tensors (one cache-sized pass, on threads) equals the scheme as written in docs/TRACING.md:
+    w + alpha*std(W)*c(k)*(2x[s(k)]-1) on carriers (|w| >= median |w|), for any codeword and length,
+    with the numpy kernel and with the fused one (the ``fast`` extra), byte for byte."""
+    import ml_dtypes
 
+    from weightwarden.provenance.layout import detect_layout
+    from weightwarden.trace import _kernel
+    from weightwarden.trace.mark import _CHUNK, _chips, _stats, embed_tensors
+
+    if kernel == "numba" and _kernel.KERNEL != "numba":
+        pytest.skip("numba (the `fast` extra) is not installed: the fused kernel is not in use")
     rng = np.random.default_rng(5)
-    sd = {"model.embed_tokens.weight": rng.standard_normal((64, 48)).astype(np.float32),
-          "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((600, 48)).astype(np.float32),
-          "model.layers.0.mlp.up_proj.weight": rng.standard_normal((600, 48)).astype(np.float32),
-          "model.layers.0.mlp.down_proj.weight": (rng.standard_normal((48, 600)) * 3).astype(np.float16)}  # fmt: skip
-    lay = detect_layout({k: v.shape for k, v in sd.items()})
-    for ell in (4096, 1000):
+    ff = 8 * _CHUNK // 48 + 700  # gate_proj spans two threads' runs of chunks, the last one partial
+    for ell, gate_dtype in ((4096, np.float32), (1000, ml_dtypes.bfloat16)):
+        sd = {"model.embed_tokens.weight": rng.standard_normal((64, 48)).astype(np.float32),
+              "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((ff, 48)).astype(gate_dtype),
+              "model.layers.0.mlp.up_proj.weight": rng.standard_normal((ff, 48)).astype(np.float32),
+              "model.layers.0.mlp.down_proj.weight": (3 * rng.standard_normal((48, ff))).astype("f2")}  # fmt: skip
+        lay = detect_layout({k: v.shape for k, v in sd.items()})
         x = rng.random(ell) < 0.4
         key = rng.bytes(32)
-        got = embed_tensors(sd, lay, x, key, alpha=0.02)
+        got = embed_tensors(sd, lay, x, key, alpha=0.02, kernel=kernel)
         assert set(got) == {"model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight"}
         for name, out in got.items():
             f = sd[name].astype(np.float32).reshape(-1)
@@ -343,7 +351,8 @@ def test_the_chunked_embedding_is_the_specified_one() -> None:
             want = f + (np.float32(0.02 * std) * chip * np.where(x, 1.0, -1.0).astype(np.float32)[sym]
                         * (np.abs(f) >= thr))  # fmt: skip
             assert out.dtype == sd[name].dtype and out.shape == sd[name].shape
-            assert np.array_equal(out.reshape(-1), want.astype(sd[name].dtype))
+            assert np.array_equal(out.reshape(-1).view(np.uint8), want.astype(sd[name].dtype).view(np.uint8))
+            assert 0.4 < np.mean(out.reshape(-1) != sd[name].reshape(-1)) < 0.6  # about half the weights carry
 
 
 def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path, model: Path,

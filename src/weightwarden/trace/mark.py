@@ -26,6 +26,7 @@ from ..provenance.compare import align_residual, compare_many
 from ..provenance.layout import Block, Expert, Layout, detect_layout
 from ..provenance.signature import _unit_rows, extract_signature
 from ..provenance.source import TensorSource, open_source
+from ._kernel import chip_table, embed_chunk
 from .tardos import _keystream_u32
 
 __all__ = ["DEFAULT_ALPHA", "Extraction", "embed_tensors", "extract", "marked_tensors"]
@@ -55,15 +56,22 @@ def _chips(key: bytes, name: str, n: int, ell: int) -> tuple[np.ndarray, np.ndar
     return sym.astype(np.intp), _SIGN[u >> np.uint32(31)]
 
 
-_SAMPLE = 1 << 20  # weights sampled (evenly strided) for a tensor's spread and median magnitude
+_RUN, _RUNS = 1 << 12, 1 << 6  # spread and median from 64 evenly spaced runs of 4096 consecutive weights
 _CHUNK = 1 << 18  # weights embedded at a time: every temporary stays in the CPU cache
 
 
 def _stats(w: np.ndarray) -> tuple[float, float]:
-    """(standard deviation, median |w|) of a tensor, from an evenly strided sample of at most 2^20 of its
-    weights in its natural order: the same numbers at release and at trace time, in O(sample) time."""
+    """(standard deviation, median |w|) of a tensor in its natural order: of all its weights when it has at
+    most 2^18, else of 64 runs of 4096 consecutive weights starting at (j * (n - 4096)) // 63 for
+    j = 0..63.  The same numbers at release and at trace time, from 2^18 weights of any tensor read as 64
+    runs (a strided sample would touch every cache line of the tensor)."""
     flat = w.reshape(-1)
-    s = flat[:: max(1, flat.size // _SAMPLE)].astype(np.float64)
+    n = flat.size
+    if n <= _RUN * _RUNS:
+        s = flat.astype(np.float64)
+    else:
+        starts = (np.arange(_RUNS, dtype=np.int64) * (n - _RUN)) // (_RUNS - 1)
+        s = np.concatenate([flat[a : a + _RUN] for a in starts.tolist()]).astype(np.float64)
     return float(s.std()), float(np.median(np.abs(s)))
 
 
@@ -73,16 +81,17 @@ def _carrier(w: np.ndarray) -> np.ndarray:
 
 
 def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.ndarray, key: bytes,
-                  alpha: float = DEFAULT_ALPHA, names: set[str] | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+                  alpha: float = DEFAULT_ALPHA, names: set[str] | None = None,
+                  kernel: str | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """Return copies of the marked tensors (same dtypes) carrying ``codeword``; other tensors untouched.
     ``names`` restricts the work to the marked tensors present (one shard of a checkpoint).
 
     One pass over each tensor in cache-sized chunks: chip k's symbol is keystream word u_k mod ell and
-    its sign is u_k's top bit; the weight moves by +-alpha*std when it is a carrier."""
+    its sign is u_k's top bit; the weight moves by +-alpha*std when it is a carrier.  ``kernel``
+    ("numba" or "numpy") overrides the inner loop chosen at import (`_kernel.KERNEL`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     ell = len(codeword)
-    bits = np.asarray(codeword, dtype=bool).astype(np.uint8)
     out = {}
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         for name, _ in marked_tensors(layout):
@@ -91,34 +100,31 @@ def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.n
             w = tensors[name]
             src = np.ascontiguousarray(w).reshape(-1)
             std, thr = _stats(src)
-            # by (carrier? no: +2) + (down? +1): +amp, -amp, 0, 0
-            amp = np.array([alpha * std, -alpha * std, 0.0, 0.0], np.float32)
-            res = np.empty(src.shape, np.float32)
+            tab = chip_table(codeword, alpha * std)
+            res = np.empty(src.shape, src.dtype)
             tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
-            spans = range(0, src.size, _CHUNK * 8)  # threads take runs of 8 chunks (numpy and AES release the GIL)
-            run = functools.partial(_embed_span, src, res, tkey=tkey, bits=bits, ell=ell, amp=amp, thr=thr)
+            spans = range(
+                0, src.size, _CHUNK * 8
+            )  # threads take runs of 8 chunks (the kernels and AES release the GIL)
+            run = functools.partial(_embed_span, src, res, tkey=tkey, tab=tab, ell=ell, thr=thr, kernel=kernel)
             list(pool.map(lambda a, run=run, n=src.size: run(a, min(n, a + _CHUNK * 8)), spans))
-            out[name] = res.reshape(w.shape).astype(w.dtype, copy=False)
+            out[name] = res.reshape(w.shape)
     return out
 
 
-def _embed_span(src: np.ndarray, res: np.ndarray, start: int, end: int, tkey: bytes, bits: np.ndarray, ell: int,
-                amp: np.ndarray, thr: float) -> None:  # fmt: skip
+def _embed_span(src: np.ndarray, res: np.ndarray, start: int, end: int, tkey: bytes, tab: np.ndarray, ell: int,
+                thr: float, kernel: str | None) -> None:  # fmt: skip
     """res[start:end] = src + chips, from the tensor's keystream at word ``start`` (a multiple of 4)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     enc = Cipher(algorithms.AES(tkey), modes.CTR((start // 4).to_bytes(16, "big"))).encryptor()
     zeros = bytes(4 * _CHUNK)
-    pow2 = ell & (ell - 1) == 0
+    buf = bytearray(4 * _CHUNK + 15)  # update_into wants room for a block more
+    words = np.frombuffer(buf, dtype="<u4", count=_CHUNK)
     for a in range(start, end, _CHUNK):
         b = min(end, a + _CHUNK)
-        u = np.frombuffer(enc.update(zeros[: 4 * (b - a)]), dtype="<u4")
-        sym = u & np.uint32(ell - 1) if pow2 else u % np.uint32(ell)
-        # chip sign (top bit 1 = +) times symbol sign (bit 1 = +): down when they differ
-        sel = (u >> np.uint32(31)).astype(np.uint8) ^ bits[sym]
-        f = src[a:b].astype(np.float32, copy=False)
-        sel |= (np.abs(f) < thr).view(np.uint8) << np.uint8(1)  # not a carrier: no change
-        np.add(f, amp[sel], out=res[a:b])
+        enc.update_into(zeros[: 4 * (b - a)], buf)
+        embed_chunk(src[a:b], words[: b - a], tab, ell, thr, res[a:b], kernel)
 
 
 @dataclass(frozen=True)
