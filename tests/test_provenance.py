@@ -309,3 +309,22 @@ def test_cli_compare_register_identify(cli_env: dict[str, str], zoo: Zoo, parent
     assert r.returncode == 1 and r.stderr.startswith("error:") and len(r.stderr.splitlines()) == 1
     audit = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
     assert '"provenance:register"' in audit
+
+
+def test_the_residual_alignment_skips_the_svd_only_when_it_would_give_the_identity() -> None:
+    """align_residual returns the identity without an SVD when the basis is unchanged (or barely
+    moved); a rotated basis still gets the Procrustes rotation."""
+    from weightwarden.provenance.compare import _polar_is_identity, align_residual
+
+    rng = np.random.default_rng(3)
+    e = rng.standard_normal((512, 64)) * np.linspace(0.5, 2, 64)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 64)))
+    small = e + 1e-4 * rng.standard_normal(e.shape)
+    assert _polar_is_identity(e.T @ e) and _polar_is_identity(e.T @ small)
+    assert not _polar_is_identity(e.T @ (e @ q))
+    for sus, want in ((e, np.eye(64)), (small, np.eye(64)), (e @ q, q)):
+        r, info = align_residual(e, sus)
+        assert info["kind"] == "rotation"
+        np.testing.assert_allclose(r, want, atol=2e-3)
+        u, _, vt = np.linalg.svd(e.T @ sus)  # what the SVD would have said
+        np.testing.assert_allclose(r, u @ vt, atol=1e-2)

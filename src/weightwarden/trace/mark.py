@@ -161,12 +161,26 @@ def _units(src: TensorSource, block: Block, view: str) -> Iterator[tuple[Expert,
         yield e, _unit_major(src, e, view)
 
 
+_MATCH_COLS = 512  # coordinates the unit matching compares (evenly spaced) when units are longer
+_MATCH_ROWS = 1024  # original units compared at a time
+
+
 def _match(orig: np.ndarray, sus: np.ndarray) -> np.ndarray:
-    """Suspect unit for each original unit: the identity if it already fits, else Hungarian on |cos|."""
+    """Suspect unit for each original unit (-1: none): the identity if it already fits; else each unit's
+    best |cos| partner when that is a one-to-one map (it is then the optimal assignment), else Hungarian
+    on |cos|.  Cosines of units longer than 512 are taken over 512 evenly spaced coordinates: enough to
+    tell a unit's partner from the rest, at O(units^2 * 512) for any width."""
     a, b = _unit_rows(orig), _unit_rows(sus)
     if len(a) == len(b) and np.median(np.abs((a * b).sum(1))) > 0.5:
         return np.arange(len(a))
-    c = np.abs(a @ b.T)
+    if a.shape[1] > _MATCH_COLS:
+        cols = np.linspace(0, a.shape[1] - 1, _MATCH_COLS).astype(np.intp)
+        a, b = _unit_rows(a[:, cols]), _unit_rows(b[:, cols])
+    bt = np.ascontiguousarray(b.T)
+    best = np.concatenate([np.abs(a[i : i + _MATCH_ROWS] @ bt).argmax(1) for i in range(0, len(a), _MATCH_ROWS)])
+    if len(a) <= len(b) and np.unique(best).size == len(a):
+        return best.astype(np.int64)
+    c = np.abs(a @ bt)
     ri, ci = linear_sum_assignment(c, maximize=True)
     pi = np.full(len(a), -1, np.int64)
     pi[ri] = ci
