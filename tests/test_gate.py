@@ -399,3 +399,41 @@ def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path
     rep = trace(tmp_path / "copy", model, provider=prov, home=tmp_path / "h", db=db_url, model_id="m2")
     assert [a["recipient"] for a in rep.accused] == ["Acme Robotics GmbH"]
     shared.close()
+
+
+def test_the_fused_matched_filter_equals_the_numpy_one() -> None:
+    """accumulate_chunk (the extraction's inner loop) gives the same sums with both kernels, and they
+    are the matched filter as specified: carriers of the original that the suspect still has, in matched
+    units, each adding (suspect - original) * scale * its unit's weight * chip sign to its symbol."""
+    from weightwarden.trace import _kernel
+    from weightwarden.trace.mark import _chips
+
+    rng = np.random.default_rng(9)
+    rows, cols, ell = 300, 70, 1000
+    orig = rng.standard_normal(rows * cols).astype(np.float32)
+    sus = (orig + 0.1 * rng.standard_normal(orig.size)).astype(np.float32)
+    sus[rng.random(orig.size) < 0.1] = 0.0  # pruned
+    key = rng.bytes(32)
+    sym, chip = _chips(key, "t", orig.size, ell)
+    import hashlib
+    import hmac
+
+    from weightwarden.trace.tardos import _keystream_u32
+
+    words = _keystream_u32(hmac.new(key, b"chips|t", hashlib.sha256).digest(), 0, orig.size + 4)[: orig.size]
+    for units_first, n_units in ((True, rows), (False, cols)):
+        inv = rng.random(n_units) + 0.5
+        inv[rng.random(n_units) < 0.2] = -1.0  # unmatched
+        unit = np.arange(orig.size) // cols if units_first else np.arange(orig.size) % cols
+        keep = (np.abs(orig) >= np.float32(0.6)) & (sus != 0) & (inv[unit] >= 0)
+        want = np.bincount(sym[keep], weights=((sus - orig) * 2.5 * inv[unit] * chip)[keep], minlength=ell)
+        kernels = ["numpy", "numba"] if _kernel.KERNEL == "numba" else ["numpy"]
+        for k in kernels:
+            corr, var, chips = np.zeros(ell), np.zeros(ell), np.zeros(ell, np.int64)
+            for a in range(0, orig.size, 4096):  # in chunks, as extraction feeds it
+                b = min(orig.size, a + 4096)
+                _kernel.accumulate_chunk(orig[a:b], sus[a:b], words[a:b], a, cols, units_first, inv, 0.6, ell, 2.5,
+                                         corr, var, chips, kernel=k)  # fmt: skip
+            np.testing.assert_allclose(corr, want, rtol=1e-5, atol=1e-6)  # float32 differences, rounded apart
+            np.testing.assert_allclose(var, np.bincount(sym[keep], weights=inv[unit][keep], minlength=ell))
+            assert np.array_equal(chips, np.bincount(sym[keep], minlength=ell))

@@ -9,14 +9,16 @@ reference: the fused kernel must give the same bytes (tested).  Arithmetic is fl
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["KERNEL", "chip_table", "embed_chunk"]
+__all__ = ["KERNEL", "accumulate_chunk", "chip_table", "embed_chunk"]
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
+_scratch = threading.local()
 
 
 def chip_table(bits: np.ndarray, alpha_std: float) -> np.ndarray:
@@ -77,13 +79,36 @@ def _fused() -> Callable[..., None] | None:
         if w.dtype == np.float32 and out.dtype == np.float32:
             _k32(w, u, tab, ell, pow2, np.float32(thr), out)
         elif w.dtype == _BF16 and out.dtype == _BF16:
-            s32 = np.empty(w.size, np.uint32)
+            s32 = getattr(_scratch, "s32", None)
+            if s32 is None or s32.size < w.size:  # one scratch buffer per thread, reused chunk after chunk
+                s32 = _scratch.s32 = np.empty(w.size, np.uint32)
             _kbf16(w.view(np.uint16), u, tab, ell, pow2, np.float32(thr), out.view(np.uint16), s32)
         else:  # other dtypes: widen the chunk (cache-resident), then narrow it, as the numpy kernel does
             tmp = np.empty(w.shape, np.float32)
             _k32(w.astype(np.float32), u, tab, ell, pow2, np.float32(thr), tmp)
             out[...] = tmp.astype(out.dtype)
 
+    @numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
+    def _acc(orig, sus, u, first, cols, units_first, inv, thr, ell, pow2, scale, corr, var, chips):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        mask = np.uint32(ell - 1)
+        e = np.uint32(ell)
+        for i in range(orig.size):
+            o = orig[i]
+            v = sus[i]
+            if abs(o) < thr or v == 0:
+                continue
+            k = first + i
+            iv = inv[k // cols] if units_first else inv[k % cols]
+            if iv < 0:  # an unmatched unit
+                continue
+            x = u[i]
+            s = (x & mask) if pow2 else (x % e)
+            c = (v - o) * scale * iv
+            corr[s] += c if (x >> np.uint32(31)) else -c
+            var[s] += iv
+            chips[s] += 1
+
+    run.accumulate = _acc  # type: ignore[attr-defined]
     return run
 
 
@@ -98,3 +123,27 @@ def embed_chunk(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: fl
         _FUSED(w, u, tab, ell, thr, out)
     else:
         _numpy_chunk(w, u, tab, ell, thr, out)
+
+
+def accumulate_chunk(orig: np.ndarray, sus: np.ndarray, u: np.ndarray, first: int, cols: int, units_first: bool,
+                     inv: np.ndarray, thr: float, ell: int, scale: float, corr: np.ndarray, var: np.ndarray,
+                     chips: np.ndarray, kernel: str | None = None) -> None:  # fmt: skip
+    """The matched filter over one chunk (flat positions first .. first+len-1 of a tensor with ``cols``
+    columns): for each carrier of the original (|orig| >= thr) that the suspect still has (sus != 0) in a
+    matched unit (inv >= 0; inv is per unit, units are rows when ``units_first``), add
+    (sus - orig) * scale * inv * chip sign to corr[symbol], inv to var[symbol] and 1 to chips[symbol]."""
+    if (kernel or KERNEL) == "numba" and _FUSED is not None:
+        _FUSED.accumulate(orig, sus, u, first, cols, units_first, inv, np.float32(thr), ell, ell & (ell - 1) == 0,  # type: ignore[attr-defined]
+                          float(scale), corr, var, chips)  # fmt: skip
+        return
+    pos = np.arange(first, first + orig.size, dtype=np.int64)
+    iv = inv[pos // cols] if units_first else inv[pos % cols]
+    keep = (np.abs(orig) >= np.float32(thr)) & (sus != 0) & (iv >= 0)
+    pow2 = ell & (ell - 1) == 0
+    sym = (u & np.uint32(ell - 1) if pow2 else u % np.uint32(ell))[keep].astype(np.intp)
+    sign = np.where((u[keep] >> np.uint32(31)) == 1, 1.0, -1.0)
+    ivk = iv[keep].astype(np.float64)
+    d = (sus[keep].astype(np.float64) - orig[keep].astype(np.float64)) * scale * ivk * sign
+    corr += np.bincount(sym, weights=d, minlength=ell)
+    var += np.bincount(sym, weights=ivk, minlength=ell)
+    chips += np.bincount(sym, minlength=ell)

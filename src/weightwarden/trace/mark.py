@@ -26,7 +26,7 @@ from ..provenance.compare import align_residual, compare_many
 from ..provenance.layout import Block, Expert, Layout, detect_layout
 from ..provenance.signature import _unit_rows, extract_signature
 from ..provenance.source import TensorSource, open_source
-from ._kernel import chip_table, embed_chunk
+from ._kernel import accumulate_chunk, chip_table, embed_chunk
 from .tardos import _keystream_u32
 
 __all__ = ["DEFAULT_ALPHA", "Extraction", "embed_tensors", "extract", "marked_tensors"]
@@ -187,6 +187,26 @@ def _match(orig: np.ndarray, sus: np.ndarray) -> np.ndarray:
     return pi
 
 
+def _accumulate(key: bytes, name: str, orig: np.ndarray, sus: np.ndarray, cols: int, units_first: bool,
+                inv: np.ndarray, thr: float, ell: int, scale: float, corr: np.ndarray, var: np.ndarray,
+                chips: np.ndarray) -> None:  # fmt: skip
+    """Add one tensor's chips to the matched filter, a cache-sized chunk of keystream at a time."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
+    enc = Cipher(algorithms.AES(tkey), modes.CTR(bytes(16))).encryptor()
+    zeros = bytes(4 * _CHUNK)
+    buf = bytearray(4 * _CHUNK + 15)
+    words = np.frombuffer(buf, dtype="<u4", count=_CHUNK)
+    inv = np.ascontiguousarray(inv, dtype=np.float64)
+    orig, sus = np.ascontiguousarray(orig, np.float32), np.ascontiguousarray(sus, np.float32)
+    for a in range(0, orig.size, _CHUNK):
+        b = min(orig.size, a + _CHUNK)
+        enc.update_into(zeros[: 4 * (b - a)], buf)
+        accumulate_chunk(orig[a:b], sus[a:b], words[: b - a], a, cols, units_first, inv, thr, ell, scale,
+                         corr, var, chips)  # fmt: skip
+
+
 def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.PathLike[str] | TensorSource,
             key: bytes, ell: int, alpha: float = DEFAULT_ALPHA, **open_kw: Any) -> Extraction:  # fmt: skip
     own_o, own_s = not isinstance(original, TensorSource), not isinstance(suspect, TensorSource)
@@ -234,23 +254,17 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
                     name, uf = (e.in_name, e.in_units_first) if view == "in" else (e.out_name, e.out_units_first)
                     n = o.shapes[name][0 if uf else 1]
                     w_o, w_s = ou[base : base + n], al[base : base + n]
-                    ok_u = np.broadcast_to(ok[base : base + n, None], w_o.shape)
                     orig = _from_unit_major(w_o, uf).reshape(-1)
                     sus_vals = _from_unit_major(w_s, uf).reshape(-1)
-                    d = sus_vals - orig
                     o_std, o_thr = _stats(orig)
-                    keep = (np.abs(orig) >= o_thr) & _from_unit_major(ok_u, uf).reshape(-1) & (sus_vals != 0)
-                    sym, chip = _chips(key, name, orig.size, ell)
                     std = max(o_std * alpha, _EPS)
                     # matched filter: weigh each chip by the inverse noise variance of its unit (the attack's
                     # noise differs per unit, e.g. after rescaling then quantising); in mark units
                     r2 = ((w_s - w_o) / std) ** 2
-                    noise = np.maximum(r2.mean(axis=1), 1.0)  # per unit; the mark alone gives 1
-                    inv = _from_unit_major(np.broadcast_to((1.0 / noise)[:, None], w_o.shape), uf).reshape(-1)
-                    contrib = d * chip / std * inv
-                    corr += np.bincount(sym[keep], weights=contrib[keep], minlength=ell)
-                    var += np.bincount(sym[keep], weights=inv[keep], minlength=ell)
-                    chips += np.bincount(sym[keep], minlength=ell)
+                    inv = 1.0 / np.maximum(r2.mean(axis=1), 1.0)  # per unit; the mark alone gives noise 1
+                    inv[~ok[base : base + n]] = -1.0  # unmatched units carry nothing
+                    _accumulate(key, name, orig, sus_vals, w_o.shape[1] if uf else n, uf, inv, o_thr, ell, 1.0 / std,
+                                corr, var, chips)  # fmt: skip
                     base += n
             used += 1
         if not used:
