@@ -8,6 +8,8 @@ reference: the fused kernel must give the same bytes (tested).  Arithmetic is fl
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import threading
 from collections.abc import Callable
@@ -42,13 +44,10 @@ def _numpy_chunk(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: f
         out[...] = (f + d).astype(out.dtype)
 
 
-def _fused() -> Callable[..., None] | None:
-    if os.environ.get("WEIGHTWARDEN_KERNEL", "") == "numpy":
-        return None
-    try:
-        import numba
-    except ImportError:
-        return None
+@functools.cache
+def _fused() -> Callable[..., None]:
+    """The compiled kernels, built (or loaded from numba's on-disk cache) at first use."""
+    import numba
 
     @numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
     def _k32(w, u, tab, ell, pow2, thr, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
@@ -112,15 +111,15 @@ def _fused() -> Callable[..., None] | None:
     return run
 
 
-_FUSED = _fused()
-KERNEL = "numba" if _FUSED is not None else "numpy"
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # imported only when a kernel first runs
+KERNEL = "numba" if _HAVE_NUMBA and os.environ.get("WEIGHTWARDEN_KERNEL", "") != "numpy" else "numpy"
 
 
 def embed_chunk(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: float, out: np.ndarray,
                 kernel: str | None = None) -> None:  # fmt: skip
     """out[:] = the marked chunk ``w`` (1-D, same length as the keystream words ``u``)."""
-    if (kernel or KERNEL) == "numba" and _FUSED is not None:
-        _FUSED(w, u, tab, ell, thr, out)
+    if (kernel or KERNEL) == "numba" and _HAVE_NUMBA:
+        _fused()(w, u, tab, ell, thr, out)
     else:
         _numpy_chunk(w, u, tab, ell, thr, out)
 
@@ -132,8 +131,8 @@ def accumulate_chunk(orig: np.ndarray, sus: np.ndarray, u: np.ndarray, first: in
     columns): for each carrier of the original (|orig| >= thr) that the suspect still has (sus != 0) in a
     matched unit (inv >= 0; inv is per unit, units are rows when ``units_first``), add
     (sus - orig) * scale * inv * chip sign to corr[symbol], inv to var[symbol] and 1 to chips[symbol]."""
-    if (kernel or KERNEL) == "numba" and _FUSED is not None:
-        _FUSED.accumulate(orig, sus, u, first, cols, units_first, inv, np.float32(thr), ell, ell & (ell - 1) == 0,  # type: ignore[attr-defined]
+    if (kernel or KERNEL) == "numba" and _HAVE_NUMBA:
+        _fused().accumulate(orig, sus, u, first, cols, units_first, inv, np.float32(thr), ell, ell & (ell - 1) == 0,  # type: ignore[attr-defined]
                           float(scale), corr, var, chips)  # fmt: skip
         return
     pos = np.arange(first, first + orig.size, dtype=np.int64)
