@@ -50,8 +50,7 @@ _SIGN = np.array([-1.0, 1.0], np.float32)
 
 def _chips(key: bytes, name: str, n: int, ell: int) -> tuple[np.ndarray, np.ndarray]:
     """(symbol index, sign) of the chips of tensor ``name``: keystream word u -> (u mod ell, + if top bit)."""
-    tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
-    u = _keystream_u32(tkey, 0, (n + 3) // 4 * 4)[:n]
+    u = _keystream_u32(_tensor_key(key, name), 0, (n + 3) // 4 * 4)[:n]
     sym = u & np.uint32(ell - 1) if ell & (ell - 1) == 0 else u % np.uint32(ell)
     return sym.astype(np.intp), _SIGN[u >> np.uint32(31)]
 
@@ -73,11 +72,6 @@ def _stats(w: np.ndarray) -> tuple[float, float]:
         starts = (np.arange(_RUNS, dtype=np.int64) * (n - _RUN)) // (_RUNS - 1)
         s = np.concatenate([flat[a : a + _RUN] for a in starts.tolist()]).astype(np.float64)
     return float(s.std()), float(np.median(np.abs(s)))
-
-
-def _carrier(w: np.ndarray) -> np.ndarray:
-    """The weights that carry chips: those whose magnitude is at least the tensor's (sampled) median."""
-    return np.abs(w) >= _stats(w)[1]
 
 
 def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.ndarray, key: bytes,
@@ -102,7 +96,7 @@ def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.n
             std, thr = _stats(src)
             tab = chip_table(codeword, alpha * std)
             res = np.empty(src.shape, src.dtype)
-            tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
+            tkey = _tensor_key(key, name)
             spans = range(
                 0, src.size, _CHUNK * 8
             )  # threads take runs of 8 chunks (the kernels and AES release the GIL)
@@ -115,6 +109,18 @@ def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.n
 def _embed_span(src: np.ndarray, res: np.ndarray, start: int, end: int, tkey: bytes, tab: np.ndarray, ell: int,
                 thr: float, kernel: str | None) -> None:  # fmt: skip
     """res[start:end] = src + chips, from the tensor's keystream at word ``start`` (a multiple of 4)."""
+    for a, b, words in _keystream_chunks(tkey, start, end):
+        embed_chunk(src[a:b], words, tab, ell, thr, res[a:b], kernel)
+
+
+def _tensor_key(key: bytes, name: str) -> bytes:
+    """The AES key of tensor ``name``'s chip keystream."""
+    return hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
+
+
+def _keystream_chunks(tkey: bytes, start: int, end: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(a, b, keystream words a..b-1) for a..b cache-sized chunks of [start, end) (start a multiple of 4),
+    all in one reused buffer: each chunk's words are valid until the next is yielded."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     enc = Cipher(algorithms.AES(tkey), modes.CTR((start // 4).to_bytes(16, "big"))).encryptor()
@@ -124,7 +130,7 @@ def _embed_span(src: np.ndarray, res: np.ndarray, start: int, end: int, tkey: by
     for a in range(start, end, _CHUNK):
         b = min(end, a + _CHUNK)
         enc.update_into(zeros[: 4 * (b - a)], buf)
-        embed_chunk(src[a:b], words[: b - a], tab, ell, thr, res[a:b], kernel)
+        yield a, b, words[: b - a]
 
 
 @dataclass(frozen=True)
@@ -191,20 +197,10 @@ def _accumulate(key: bytes, name: str, orig: np.ndarray, sus: np.ndarray, cols: 
                 inv: np.ndarray, thr: float, ell: int, scale: float, corr: np.ndarray, var: np.ndarray,
                 chips: np.ndarray) -> None:  # fmt: skip
     """Add one tensor's chips to the matched filter, a cache-sized chunk of keystream at a time."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
-    tkey = hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
-    enc = Cipher(algorithms.AES(tkey), modes.CTR(bytes(16))).encryptor()
-    zeros = bytes(4 * _CHUNK)
-    buf = bytearray(4 * _CHUNK + 15)
-    words = np.frombuffer(buf, dtype="<u4", count=_CHUNK)
     inv = np.ascontiguousarray(inv, dtype=np.float64)
     orig, sus = np.ascontiguousarray(orig, np.float32), np.ascontiguousarray(sus, np.float32)
-    for a in range(0, orig.size, _CHUNK):
-        b = min(orig.size, a + _CHUNK)
-        enc.update_into(zeros[: 4 * (b - a)], buf)
-        accumulate_chunk(orig[a:b], sus[a:b], words[: b - a], a, cols, units_first, inv, thr, ell, scale,
-                         corr, var, chips)  # fmt: skip
+    for a, b, words in _keystream_chunks(_tensor_key(key, name), 0, orig.size):
+        accumulate_chunk(orig[a:b], sus[a:b], words, a, cols, units_first, inv, thr, ell, scale, corr, var, chips)
 
 
 def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.PathLike[str] | TensorSource,
