@@ -417,7 +417,11 @@ def main() -> None:
     )
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--permute", action="store_true", help="with --big-trace: the leaker permutes hidden units")
+    ap.add_argument("--speed", action="store_true", help="only: embedding against a copy, and scoring")
     a = ap.parse_args()
+    if a.speed:
+        print(json.dumps({"bench": "tracing-speed", "cores": os.cpu_count(), **speed()}, indent=2))
+        return
     if a.finetune_trials:
         r = {"bench": "tracing-finetune-trials", "cores": os.cpu_count(),
              **finetune_trials(a.steps, a.finetune_trials)}  # fmt: skip

@@ -333,12 +333,13 @@ def test_the_chunked_embedding_is_the_specified_one(kernel: str) -> None:
     if kernel == "numba" and _kernel.KERNEL != "numba":
         pytest.skip("numba (the `fast` extra) is not installed: the fused kernel is not in use")
     rng = np.random.default_rng(5)
-    ff = 8 * _CHUNK // 48 + 700  # gate_proj spans two threads' runs of chunks, the last one partial
+    ff = 8 * _CHUNK // 45 + 701  # gate_proj spans two threads' runs of chunks, the last chunk and run partial
     for ell, gate_dtype in ((4096, np.float32), (1000, ml_dtypes.bfloat16)):
-        sd = {"model.embed_tokens.weight": rng.standard_normal((64, 48)).astype(np.float32),
-              "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((ff, 48)).astype(gate_dtype),
-              "model.layers.0.mlp.up_proj.weight": rng.standard_normal((ff, 48)).astype(np.float32),
-              "model.layers.0.mlp.down_proj.weight": (3 * rng.standard_normal((48, ff))).astype("f2")}  # fmt: skip
+        sd = {"model.embed_tokens.weight": rng.standard_normal((64, 45)).astype(np.float32),
+              "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((ff, 45)).astype(gate_dtype),
+              "model.layers.0.mlp.up_proj.weight": rng.standard_normal((ff, 45)).astype(np.float32),
+              "model.layers.0.mlp.down_proj.weight": (3 * rng.standard_normal((45, ff))).astype("f2")}  # fmt: skip
+        sd["model.layers.0.mlp.gate_proj.weight"][0, :3] = [0.0, -0.0, np.nan]  # kept bit for bit (not carriers)
         lay = detect_layout({k: v.shape for k, v in sd.items()})
         x = rng.random(ell) < 0.4
         key = rng.bytes(32)
@@ -348,10 +349,13 @@ def test_the_chunked_embedding_is_the_specified_one(kernel: str) -> None:
             f = sd[name].astype(np.float32).reshape(-1)
             std, thr = _stats(f)
             sym, chip = _chips(key, name, f.size, ell)
-            want = f + (np.float32(0.02 * std) * chip * np.where(x, 1.0, -1.0).astype(np.float32)[sym]
-                        * (np.abs(f) >= thr))  # fmt: skip
+            assert sym.min() >= 0 and sym.max() < ell and len(np.unique(sym)) == ell  # every symbol has chips
+            mark = np.float32(0.02 * std) * chip * np.where(x, 1.0, -1.0).astype(np.float32)[sym]
+            car = np.abs(f) >= thr
+            want = sd[name].reshape(-1).copy()
+            want[car] = (f[car] + mark[car]).astype(want.dtype)
             assert out.dtype == sd[name].dtype and out.shape == sd[name].shape
-            assert np.array_equal(out.reshape(-1).view(np.uint8), want.astype(sd[name].dtype).view(np.uint8))
+            assert np.array_equal(out.reshape(-1).view(np.uint8), want.view(np.uint8))
             assert 0.4 < np.mean(out.reshape(-1) != sd[name].reshape(-1)) < 0.6  # about half the weights carry
 
 
@@ -406,7 +410,7 @@ def test_the_fused_matched_filter_equals_the_numpy_one() -> None:
     are the matched filter as specified: carriers of the original that the suspect still has, in matched
     units, each adding (suspect - original) * scale * its unit's weight * chip sign to its symbol."""
     from weightwarden.trace import _kernel
-    from weightwarden.trace.mark import _chips
+    from weightwarden.trace.mark import _chips, _keystream_chunks, _tensor_key
 
     rng = np.random.default_rng(9)
     rows, cols, ell = 300, 70, 1000
@@ -414,13 +418,8 @@ def test_the_fused_matched_filter_equals_the_numpy_one() -> None:
     sus = (orig + 0.1 * rng.standard_normal(orig.size)).astype(np.float32)
     sus[rng.random(orig.size) < 0.1] = 0.0  # pruned
     key = rng.bytes(32)
-    sym, chip = _chips(key, "t", orig.size, ell)
-    import hashlib
-    import hmac
-
-    from weightwarden.trace.tardos import _keystream_u32
-
-    words = _keystream_u32(hmac.new(key, b"chips|t", hashlib.sha256).digest(), 0, orig.size + 4)[: orig.size]
+    sym, chip = _chips(key, "t", orig.size, ell)  # orig.size is not a whole number of runs
+    words = np.concatenate([w.copy() for _, _, w in _keystream_chunks(_tensor_key(key, "t"), 0, orig.size)])
     for units_first, n_units in ((True, rows), (False, cols)):
         inv = rng.random(n_units) + 0.5
         inv[rng.random(n_units) < 0.2] = -1.0  # unmatched
@@ -432,8 +431,9 @@ def test_the_fused_matched_filter_equals_the_numpy_one() -> None:
             corr, var, chips = np.zeros(ell), np.zeros(ell), np.zeros(ell, np.int64)
             for a in range(0, orig.size, 4096):  # in chunks, as extraction feeds it
                 b = min(orig.size, a + 4096)
-                _kernel.accumulate_chunk(orig[a:b], sus[a:b], words[a:b], a, cols, units_first, inv, 0.6, ell, 2.5,
-                                         corr, var, chips, kernel=k)  # fmt: skip
+                u = words[a // 16 :]  # 64 words per block of 1024
+                _kernel.accumulate_chunk(orig[a:b], sus[a:b], u, a, cols, units_first, inv, 0.6, ell, 2.5, corr, var,
+                                         chips, kernel=k)  # fmt: skip
             np.testing.assert_allclose(corr, want, rtol=1e-5, atol=1e-6)  # float32 differences, rounded apart
             np.testing.assert_allclose(var, np.bincount(sym[keep], weights=inv[unit][keep], minlength=ell))
             assert np.array_equal(chips, np.bincount(sym[keep], minlength=ell))

@@ -52,9 +52,11 @@ def _load_ok(path, keyring) -> bool:
 @pytest.mark.parametrize("hide", [False, True])
 def test_every_single_byte_flip_is_caught(tmp_path, keyring, hide):
     src = tmp_path / "t.safetensors"
-    save_file({"w": np.random.default_rng(2).standard_normal(2100).astype(np.float32)}, str(src))
+    # 1,100 weights: one full 4 KiB chunk and a partial last one, so every kind of byte is there
+    save_file({"w": np.random.default_rng(2).standard_normal(1100).astype(np.float32)}, str(src))
     out = tmp_path / "t.wws"
     ww.seal(src, out, keyring=keyring, chunk_size=CHUNK, hide_header=hide)
+    assert _layout(out).n_chunks == 2
     good = out.read_bytes()
     ref = ww.load(out, keyring=keyring)["w"].tobytes()
     lay = _layout(out)

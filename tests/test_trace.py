@@ -146,6 +146,22 @@ def test_unknown_model_and_bad_ids(released, parent: Path) -> None:
         trace(parent, parent, provider=kr.provider(), home=home, model_id="never-released")
     with pytest.raises(TraceError, match="model id"):
         trace(parent, parent, provider=kr.provider(), home=home, model_id="../etc/passwd")
+    # a record of chip layout 1 (pre-release builds, an older record version) is refused by name,
+    # not read as layout 2 (which would trace against the wrong chips and accuse no one)
+    import json
+
+    from weightwarden.errors import FormatError
+    from weightwarden.trace.store import TraceStore
+
+    rec = json.loads((home / "trace" / "models" / "zoo-llama.json").read_text())
+    assert rec["version"] == 2
+    old = home / "trace" / "models" / "layout-one.json"
+    old.write_text(json.dumps({**rec, "model_id": "layout-one", "version": 1}))
+    with pytest.raises(FormatError, match="version 1 is not supported"):
+        trace(parent, parent, provider=kr.provider(), home=home, model_id="layout-one")
+    with pytest.raises(TraceError, match="code length"):
+        TraceStore(home / "trace").enroll("too-long", kr.provider(), code_length=1 << 17, cutoff=1e-3, alpha=0.01)
+    assert not (home / "trace" / "models" / "too-long.json").exists()
 
 
 def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: Path) -> None:

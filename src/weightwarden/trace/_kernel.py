@@ -1,9 +1,16 @@
-"""The embedding's inner loop, fused into one pass when numba is installed (the ``fast`` extra).
+"""The embedding's and the extraction's inner loops (chip layout 2), fused when numba is installed.
 
-Both kernels compute, for one cache-sized chunk, ``out = w + tab[sym + ell * top]`` where the weight
-is a carrier (``|w| >= thr``) and ``out = w`` otherwise; ``sym`` is the keystream word mod ``ell``
-and ``top`` its top bit; ``tab`` holds +-alpha*std per (symbol, chip sign).  The numpy kernel is the
-reference: the fused kernel must give the same bytes (tested).  Arithmetic is float32 either way.
+Chip layout 2 (docs/TRACING.md): a tensor's weights, in their natural order, fall in blocks of 1024;
+block b takes the 64 keystream words u_{64b} .. u_{64b+63}.  Weight 64i + j of a block (i < 16, j < 64)
+belongs to word j: its symbol is the word's top 16 bits scaled to the code, ``((u >> 16) * ell) >> 16``,
+and its sign is bit i of the word (set: +).  A carrier (``|w| >= thr``) becomes ``w + sign * tab[symbol]``,
+where ``tab`` holds +alpha*std for a codeword bit 1 and -alpha*std for a 0; any other weight keeps its
+exact bits.  Arithmetic is float32.  (So a word's 16 chips lie 64 weights apart, and the 64 words of a
+block are read by a loop that runs along the weights: vectorisable, with no table look-up per weight.)
+
+The numpy kernels are the reference and the fallback; the fused ones (the ``fast`` extra) must give the
+same bytes and the same sums (tested).  bfloat16 is widened by a shift and narrowed by rounding to
+nearest even, as ml_dtypes does.
 """
 
 from __future__ import annotations
@@ -11,37 +18,68 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import threading
 from collections.abc import Callable
 
 import ml_dtypes
 import numpy as np
 
-__all__ = ["KERNEL", "accumulate_chunk", "chip_table", "embed_chunk"]
+__all__ = ["BLOCK", "KERNEL", "WORDS", "accumulate_chunk", "chip_signs", "chip_symbols", "chip_table",
+           "embed_chunk", "word_symbols", "words_for"]  # fmt: skip
 
+BLOCK, WORDS, BITS = 1024, 64, 16  # weights per block, keystream words per block, chips per word
+_GROUP = 16  # blocks whose words the fused embedding prepares at a time
 _BF16 = np.dtype(ml_dtypes.bfloat16)
-_scratch = threading.local()
+_LANES = np.arange(BITS, dtype=np.uint32)
 
 
 def chip_table(bits: np.ndarray, alpha_std: float) -> np.ndarray:
-    """float32 [2 * ell]: entry sym + ell * top is +alpha*std when the chip's sign (top bit) equals the
-    codeword bit of its symbol, -alpha*std when it differs."""
-    b = np.asarray(bits, dtype=bool)
+    """float32 [ell]: +alpha*std for a codeword bit 1, -alpha*std for a 0 (a chip's sign multiplies it)."""
     a = np.float32(alpha_std)
-    return np.concatenate([np.where(b, -a, a), np.where(b, a, -a)]).astype(np.float32)
+    return np.where(np.asarray(bits, dtype=bool), a, -a).astype(np.float32)
+
+
+def words_for(n: int) -> int:
+    """Keystream words that n weights take: 64 per block of 1024, the last block counted whole."""
+    return -(-n // BLOCK) * WORDS
+
+
+def word_symbols(u: np.ndarray, ell: int) -> np.ndarray:
+    """The symbol of each keystream word: ((u >> 16) * ell) >> 16, in [0, ell) for ell <= 65536."""
+    return ((u.astype(np.uint64) >> np.uint64(16)) * np.uint64(ell) >> np.uint64(16)).astype(np.intp)
+
+
+def _per_weight(per_word: np.ndarray, n: int) -> np.ndarray:
+    """Spread a value per word to the weights of the word (weight 64i + j of block b: word 64b + j)."""
+    nb = -(-n // BLOCK)
+    w = per_word[: nb * WORDS].reshape(nb, 1, WORDS)
+    return np.broadcast_to(w, (nb, BITS, WORDS)).reshape(-1)[:n]
+
+
+def chip_symbols(u: np.ndarray, n: int, ell: int) -> np.ndarray:
+    """intp [n]: the symbol of each of the first n weights whose words are ``u``."""
+    return _per_weight(word_symbols(u, ell), n)
+
+
+def chip_signs(u: np.ndarray, n: int) -> np.ndarray:
+    """float32 [n]: the sign of each of the first n weights whose words are ``u`` (weight 64i + j of a
+    block: bit i of its word j)."""
+    nb = -(-n // BLOCK)
+    bits = (u[: nb * WORDS].reshape(nb, 1, WORDS) >> _LANES[None, :, None]) & np.uint32(1)
+    return np.where(bits.reshape(-1)[:n] == 1, np.float32(1.0), np.float32(-1.0))
 
 
 def _numpy_chunk(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: float, out: np.ndarray) -> None:
-    pow2 = ell & (ell - 1) == 0
-    sym = u & np.uint32(ell - 1) if pow2 else u % np.uint32(ell)
-    idx = sym + (u >> np.uint32(31)) * np.uint32(ell)
+    n = w.size
+    nb = -(-n // BLOCK)
+    words = u[: nb * WORDS].reshape(nb, 1, WORDS)
+    v = tab[word_symbols(words, ell)]  # +-alpha*std per word, then signed per weight by its bit
+    d = np.where((words >> _LANES[None, :, None]) & np.uint32(1) == 1, v, -v).reshape(-1)[:n]
     f = w.astype(np.float32, copy=False)
-    d = tab[idx]
-    d[np.abs(f) < np.float32(thr)] = 0.0  # not a carrier: no change
+    car = np.abs(f) >= np.float32(thr)
     if out.dtype == np.float32:
-        np.add(f, d, out=out)
-    else:
-        out[...] = (f + d).astype(out.dtype)
+        np.copyto(out, np.where(car, f + d, f))
+    else:  # the others keep their exact bits
+        np.copyto(out, np.where(car, (f + d).astype(out.dtype), w))
 
 
 @functools.cache
@@ -49,63 +87,136 @@ def _fused() -> Callable[..., None]:
     """The compiled kernels, built (or loaded from numba's on-disk cache) at first use."""
     import numba
 
-    @numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
-    def _k32(w, u, tab, ell, pow2, thr, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-        mask = np.uint32(ell - 1)
-        e = np.uint32(ell)
-        for i in range(w.size):
-            x = u[i]
-            s = (x & mask) if pow2 else (x % e)
-            f = w[i]
-            d = tab[np.intp(s + (x >> np.uint32(31)) * e)]
-            out[i] = f + (d if abs(f) >= thr else np.float32(0.0))
+    opts = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 
-    @numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
-    def _kbf16(w, u, tab, ell, pow2, thr, out, s32):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    @numba.njit(**opts)
+    def _values(u, r0, count, tab, e, vp, vn, uw):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        for j in range(count):  # +-tab[symbol] and the sign bits of words r0 .. r0+count-1
+            x = u[r0 + j]
+            v = tab[np.intp((np.uint64(x >> np.uint32(16)) * e) >> np.uint64(16))]
+            vp[j] = v
+            vn[j] = -v
+            uw[j] = x
+
+    # The words' values are computed for a group of 16 blocks first, then the blocks are read: the loop
+    # over j has a constant trip count and loads every operand unconditionally before selecting, which
+    # LLVM vectorises (and reading values stored long before avoids store-forwarding stalls).  Whole
+    # groups run loops of constant trip count; the rest runs the same arithmetic per weight.
+    @numba.njit(**opts)
+    def _k32(w, u, tab, ell, thr, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        vp = np.empty(_GROUP * WORDS, np.float32)
+        vn = np.empty(_GROUP * WORDS, np.float32)
+        uw = np.empty(_GROUP * WORDS, np.uint32)
+        e = np.uint64(ell)
+        n = w.size
+        z = np.uint32(0)
+        full = n - n % (_GROUP * BLOCK)
+        for g in range(0, full, _GROUP * BLOCK):
+            _values(u, g // BITS, _GROUP * WORDS, tab, e, vp, vn, uw)
+            for blk in range(_GROUP):
+                c = blk * WORDS
+                for i in range(BITS):
+                    bit = np.uint32(np.uint32(1) << np.uint32(i))
+                    b = g + blk * BLOCK + i * WORDS
+                    for j in range(WORDS):
+                        f = w[b + j]
+                        p = vp[c + j]
+                        q = vn[c + j]
+                        d = p if np.uint32(uw[c + j] & bit) != z else q
+                        out[b + j] = f + d if abs(f) >= thr else f
+        if n > full:
+            _values(u, full // BITS, -(-(n - full) // BLOCK) * WORDS, tab, e, vp, vn, uw)
+            for k in range(n - full):
+                j = (k // BLOCK) * WORDS + k % WORDS
+                bit = np.uint32(np.uint32(1) << np.uint32((k % BLOCK) // WORDS))
+                f = w[full + k]
+                d = vp[j] if np.uint32(uw[j] & bit) != z else vn[j]
+                out[full + k] = f + d if abs(f) >= thr else f
+
+    @numba.njit(**opts)
+    def _bf16_add(x, d, thr):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
         # bfloat16 is the top half of a float32: widen by a shift, add in float32, narrow by rounding to
         # nearest even (as ml_dtypes does); a weight left unchanged narrows back to its own bits
-        f32 = s32.view(np.float32)
+        f = np.uint32(np.uint32(x) << np.uint32(16)).view(np.float32)
+        y = np.float32(f + d if abs(f) >= thr else f).view(np.uint32)
+        return np.uint16((y + np.uint32(0x7FFF) + ((y >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @numba.njit(**opts)
+    def _kbf16(w, u, tab, ell, thr, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        vp = np.empty(_GROUP * WORDS, np.float32)
+        vn = np.empty(_GROUP * WORDS, np.float32)
+        uw = np.empty(_GROUP * WORDS, np.uint32)
+        e = np.uint64(ell)
         n = w.size
-        for i in range(n):
-            s32[i] = np.uint32(w[i]) << np.uint32(16)
-        _k32(f32[:n], u, tab, ell, pow2, thr, f32[:n])
-        for i in range(n):
-            x = s32[i]
-            out[i] = np.uint16((x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        z = np.uint32(0)
+        full = n - n % (_GROUP * BLOCK)
+        for g in range(0, full, _GROUP * BLOCK):
+            _values(u, g // BITS, _GROUP * WORDS, tab, e, vp, vn, uw)
+            for blk in range(_GROUP):
+                c = blk * WORDS
+                for i in range(BITS):
+                    bit = np.uint32(np.uint32(1) << np.uint32(i))
+                    b = g + blk * BLOCK + i * WORDS
+                    for j in range(WORDS):
+                        p = vp[c + j]
+                        q = vn[c + j]
+                        out[b + j] = _bf16_add(w[b + j], p if np.uint32(uw[c + j] & bit) != z else q, thr)
+        if n > full:
+            _values(u, full // BITS, -(-(n - full) // BLOCK) * WORDS, tab, e, vp, vn, uw)
+            for k in range(n - full):
+                j = (k // BLOCK) * WORDS + k % WORDS
+                bit = np.uint32(np.uint32(1) << np.uint32((k % BLOCK) // WORDS))
+                d = vp[j] if np.uint32(uw[j] & bit) != z else vn[j]
+                out[full + k] = _bf16_add(w[full + k], d, thr)
 
     def run(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: float, out: np.ndarray) -> None:
-        pow2 = ell & (ell - 1) == 0
         if w.dtype == np.float32 and out.dtype == np.float32:
-            _k32(w, u, tab, ell, pow2, np.float32(thr), out)
+            _k32(w, u, tab, ell, np.float32(thr), out)
         elif w.dtype == _BF16 and out.dtype == _BF16:
-            s32 = getattr(_scratch, "s32", None)
-            if s32 is None or s32.size < w.size:  # one scratch buffer per thread, reused chunk after chunk
-                s32 = _scratch.s32 = np.empty(w.size, np.uint32)
-            _kbf16(w.view(np.uint16), u, tab, ell, pow2, np.float32(thr), out.view(np.uint16), s32)
+            _kbf16(w.view(np.uint16), u, tab, ell, np.float32(thr), out.view(np.uint16))
         else:  # other dtypes: widen the chunk (cache-resident), then narrow it, as the numpy kernel does
+            f = w.astype(np.float32)
             tmp = np.empty(w.shape, np.float32)
-            _k32(w.astype(np.float32), u, tab, ell, pow2, np.float32(thr), tmp)
-            out[...] = tmp.astype(out.dtype)
+            _k32(f, u, tab, ell, np.float32(thr), tmp)
+            car = np.abs(f) >= np.float32(thr)
+            out[...] = w
+            out[car] = tmp[car].astype(out.dtype)
 
-    @numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)
-    def _acc(orig, sus, u, first, cols, units_first, inv, thr, ell, pow2, scale, corr, var, chips):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-        mask = np.uint32(ell - 1)
-        e = np.uint32(ell)
-        for i in range(orig.size):
-            o = orig[i]
-            v = sus[i]
-            if abs(o) < thr or v == 0:
-                continue
-            k = first + i
-            iv = inv[k // cols] if units_first else inv[k % cols]
-            if iv < 0:  # an unmatched unit
-                continue
-            x = u[i]
-            s = (x & mask) if pow2 else (x % e)
-            c = (v - o) * scale * iv
-            corr[s] += c if (x >> np.uint32(31)) else -c
-            var[s] += iv
-            chips[s] += 1
+    @numba.njit(**opts)
+    def _acc(orig, sus, u, first, cols, units_first, inv, thr, ell, scale, corr, var, chips):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        # weights in their natural order (block, then i, then j), the unit counted on from the chunk's
+        # first weight; each word's sums are kept apart for the block, then added to its symbol
+        e = np.uint64(ell)
+        n = orig.size
+        row, col = first // cols, first % cols
+        cs = np.zeros(WORDS, np.float64)
+        vs = np.zeros(WORDS, np.float64)
+        ks = np.zeros(WORDS, np.int64)
+        for a in range(0, n, BLOCK):
+            r0 = a // BITS
+            cs[:] = 0.0
+            vs[:] = 0.0
+            ks[:] = 0
+            for k in range(min(BLOCK, n - a)):
+                j = k % WORDS
+                iv = inv[row] if units_first else inv[col]
+                col += 1
+                if col == cols:
+                    col = 0
+                    row += 1
+                o = orig[a + k]
+                v = sus[a + k]
+                if abs(o) < thr or v == 0 or iv < 0:  # not a carrier, pruned, or an unmatched unit
+                    continue
+                c = (v - o) * scale * iv
+                cs[j] += c if (u[r0 + j] >> np.uint32(k // WORDS)) & np.uint32(1) else -c
+                vs[j] += iv
+                ks[j] += 1
+            for j in range(WORDS):
+                s = np.intp((np.uint64(u[r0 + j] >> np.uint32(16)) * e) >> np.uint64(16))
+                corr[s] += cs[j]
+                var[s] += vs[j]
+                chips[s] += ks[j]
 
     run.accumulate = _acc  # type: ignore[attr-defined]
     return run
@@ -117,7 +228,7 @@ KERNEL = "numba" if _HAVE_NUMBA and os.environ.get("WEIGHTWARDEN_KERNEL", "") !=
 
 def embed_chunk(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: float, out: np.ndarray,
                 kernel: str | None = None) -> None:  # fmt: skip
-    """out[:] = the marked chunk ``w`` (1-D, same length as the keystream words ``u``)."""
+    """out[:] = the marked chunk ``w`` (1-D, starting a block; ``u``: its keystream words, 64 per block)."""
     if (kernel or KERNEL) == "numba" and _HAVE_NUMBA:
         _fused()(w, u, tab, ell, thr, out)
     else:
@@ -128,21 +239,21 @@ def accumulate_chunk(orig: np.ndarray, sus: np.ndarray, u: np.ndarray, first: in
                      inv: np.ndarray, thr: float, ell: int, scale: float, corr: np.ndarray, var: np.ndarray,
                      chips: np.ndarray, kernel: str | None = None) -> None:  # fmt: skip
     """The matched filter over one chunk (flat positions first .. first+len-1 of a tensor with ``cols``
-    columns): for each carrier of the original (|orig| >= thr) that the suspect still has (sus != 0) in a
-    matched unit (inv >= 0; inv is per unit, units are rows when ``units_first``), add
-    (sus - orig) * scale * inv * chip sign to corr[symbol], inv to var[symbol] and 1 to chips[symbol]."""
+    columns; ``first`` starts a block, ``u`` holds its words): for each carrier of the original
+    (|orig| >= thr) that the suspect still has (sus != 0) in a matched unit (inv >= 0; inv is per unit,
+    units are rows when ``units_first``), add (sus - orig) * scale * inv * chip sign to corr[symbol], inv
+    to var[symbol] and 1 to chips[symbol]."""
     if (kernel or KERNEL) == "numba" and _HAVE_NUMBA:
-        _fused().accumulate(orig, sus, u, first, cols, units_first, inv, np.float32(thr), ell, ell & (ell - 1) == 0,  # type: ignore[attr-defined]
-                          float(scale), corr, var, chips)  # fmt: skip
+        _fused().accumulate(orig, sus, u, first, cols, units_first, inv, np.float32(thr), ell,  # type: ignore[attr-defined]
+                            float(scale), corr, var, chips)  # fmt: skip
         return
-    pos = np.arange(first, first + orig.size, dtype=np.int64)
+    n = orig.size
+    pos = np.arange(first, first + n, dtype=np.int64)
     iv = inv[pos // cols] if units_first else inv[pos % cols]
     keep = (np.abs(orig) >= np.float32(thr)) & (sus != 0) & (iv >= 0)
-    pow2 = ell & (ell - 1) == 0
-    sym = (u & np.uint32(ell - 1) if pow2 else u % np.uint32(ell))[keep].astype(np.intp)
-    sign = np.where((u[keep] >> np.uint32(31)) == 1, 1.0, -1.0)
+    sym = chip_symbols(u, n, ell)[keep]
     ivk = iv[keep].astype(np.float64)
-    d = (sus[keep].astype(np.float64) - orig[keep].astype(np.float64)) * scale * ivk * sign
+    d = (sus[keep] - orig[keep]).astype(np.float64) * scale * ivk * chip_signs(u, n)[keep]
     corr += np.bincount(sym, weights=d, minlength=ell)
     var += np.bincount(sym, weights=ivk, minlength=ell)
     chips += np.bincount(sym, minlength=ell)

@@ -2,8 +2,10 @@
 
 Every weight of every MLP input/output matrix whose magnitude is at least the tensor's median (the
 half that magnitude pruning keeps) carries one chip: a keyed symbol index s(k) in [0, ell) and a
-keyed sign c(k) in {-1, +1}, both from an AES-256-CTR keystream keyed per tensor.  Recipient x's copy
-is ``w + alpha * std(W) * c(k) * (2 x[s(k)] - 1)``.  Extraction aligns the suspect to the original
+keyed sign c(k) in {-1, +1}.  Chip layout 2: each 32-bit word of an AES-256-CTR keystream keyed per
+tensor gives 16 weights, 64 apart within a block of 1024, one symbol (its top 16 bits) and a sign each
+(its low 16 bits; `_kernel` has the exact map).  Recipient x's copy is
+``w + alpha * std(W) * c(k) * (2 x[s(k)] - 1)``.  Extraction aligns the suspect to the original
 (residual basis from the embeddings, hidden units by Hungarian matching, per-unit rescaling undone),
 subtracts the original, and correlates the difference with the chips of each symbol.
 """
@@ -26,7 +28,7 @@ from ..provenance.compare import align_residual, compare_many
 from ..provenance.layout import Block, Expert, Layout, detect_layout
 from ..provenance.signature import _unit_rows, extract_signature
 from ..provenance.source import TensorSource, open_source
-from ._kernel import accumulate_chunk, chip_table, embed_chunk
+from ._kernel import BLOCK, accumulate_chunk, chip_signs, chip_symbols, chip_table, embed_chunk, words_for
 from .tardos import _keystream_u32
 
 __all__ = ["DEFAULT_ALPHA", "Extraction", "embed_tensors", "extract", "marked_tensors"]
@@ -45,33 +47,37 @@ def marked_tensors(layout: Layout) -> list[tuple[str, bool]]:
     return out
 
 
-_SIGN = np.array([-1.0, 1.0], np.float32)
+CHIP_LAYOUT = 2  # the version of the chip layout (recorded per model; docs/TRACING.md)
 
 
 def _chips(key: bytes, name: str, n: int, ell: int) -> tuple[np.ndarray, np.ndarray]:
-    """(symbol index, sign) of the chips of tensor ``name``: keystream word u -> (u mod ell, + if top bit)."""
-    u = _keystream_u32(_tensor_key(key, name), 0, (n + 3) // 4 * 4)[:n]
-    sym = u & np.uint32(ell - 1) if ell & (ell - 1) == 0 else u % np.uint32(ell)
-    return sym.astype(np.intp), _SIGN[u >> np.uint32(31)]
+    """(symbol index, sign) of each of the n chips of tensor ``name``, as the spec writes them."""
+    u = _keystream_u32(_tensor_key(key, name), 0, words_for(n))
+    return chip_symbols(u, n, ell), chip_signs(u, n)
 
 
-_RUN, _RUNS = 1 << 12, 1 << 6  # spread and median from 64 evenly spaced runs of 4096 consecutive weights
+_RUN, _RUNS = 1 << 10, 1 << 6  # spread and median from 64 evenly spaced runs of 1024 consecutive weights
 _CHUNK = 1 << 18  # weights embedded at a time: every temporary stays in the CPU cache
 
 
 def _stats(w: np.ndarray) -> tuple[float, float]:
     """(standard deviation, median |w|) of a tensor in its natural order: of all its weights when it has at
-    most 2^18, else of 64 runs of 4096 consecutive weights starting at (j * (n - 4096)) // 63 for
-    j = 0..63.  The same numbers at release and at trace time, from 2^18 weights of any tensor read as 64
-    runs (a strided sample would touch every cache line of the tensor)."""
+    most 2^16, else of 64 runs of 1024 consecutive weights starting at (j * (n - 1024)) // 63 for
+    j = 0..63.  The median of m values is the (m // 2)-th smallest (from 0).  The same numbers at release
+    and at trace time, from at most 2^16 weights of any tensor (a strided sample would touch every cache
+    line of the tensor).  Non-finite values are left out."""
     flat = w.reshape(-1)
     n = flat.size
     if n <= _RUN * _RUNS:
-        s = flat.astype(np.float64)
+        s = flat.astype(np.float32)
     else:
         starts = (np.arange(_RUNS, dtype=np.int64) * (n - _RUN)) // (_RUNS - 1)
-        s = np.concatenate([flat[a : a + _RUN] for a in starts.tolist()]).astype(np.float64)
-    return float(s.std()), float(np.median(np.abs(s)))
+        s = np.concatenate([flat[a : a + _RUN] for a in starts.tolist()]).astype(np.float32)
+    s = s[np.isfinite(s)]  # a NaN or an infinity (never a carrier) must not poison the spread
+    if not s.size:
+        return 0.0, 0.0
+    a = np.abs(s)
+    return float(s.astype(np.float64).std()), float(np.partition(a, a.size // 2)[a.size // 2])
 
 
 def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.ndarray, key: bytes,
@@ -80,29 +86,29 @@ def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.n
     """Return copies of the marked tensors (same dtypes) carrying ``codeword``; other tensors untouched.
     ``names`` restricts the work to the marked tensors present (one shard of a checkpoint).
 
-    One pass over each tensor in cache-sized chunks: chip k's symbol is keystream word u_k mod ell and
-    its sign is u_k's top bit; the weight moves by +-alpha*std when it is a carrier.  ``kernel``
-    ("numba" or "numpy") overrides the inner loop chosen at import (`_kernel.KERNEL`)."""
+    One pass over each tensor in cache-sized chunks (chip layout 2, `_kernel`): a carrier moves by
+    +-alpha*std.  ``kernel`` ("numba" or "numpy") overrides the inner loop chosen at import
+    (`_kernel.KERNEL`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     ell = len(codeword)
-    out = {}
+    if not 0 < ell <= 1 << 16:
+        raise ValueError("chip layout 2 takes codes of 1 to 65,536 symbols")
+    out, jobs = {}, []
+    for name, _ in marked_tensors(layout):
+        if names is not None and name not in names:
+            continue
+        w = tensors[name]
+        src = np.ascontiguousarray(w).reshape(-1)
+        std, thr = _stats(src)
+        res = np.empty(src.shape, src.dtype)
+        run = functools.partial(_embed_span, src, res, tkey=_tensor_key(key, name),
+                                tab=chip_table(codeword, alpha * std), ell=ell, thr=thr, kernel=kernel)  # fmt: skip
+        # threads take runs of 8 chunks, of every tensor at once (kernels and AES drop the GIL)
+        jobs += [functools.partial(run, a, min(src.size, a + _CHUNK * 8)) for a in range(0, src.size, _CHUNK * 8)]
+        out[name] = res.reshape(w.shape)
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        for name, _ in marked_tensors(layout):
-            if names is not None and name not in names:
-                continue
-            w = tensors[name]
-            src = np.ascontiguousarray(w).reshape(-1)
-            std, thr = _stats(src)
-            tab = chip_table(codeword, alpha * std)
-            res = np.empty(src.shape, src.dtype)
-            tkey = _tensor_key(key, name)
-            spans = range(
-                0, src.size, _CHUNK * 8
-            )  # threads take runs of 8 chunks (the kernels and AES release the GIL)
-            run = functools.partial(_embed_span, src, res, tkey=tkey, tab=tab, ell=ell, thr=thr, kernel=kernel)
-            list(pool.map(lambda a, run=run, n=src.size: run(a, min(n, a + _CHUNK * 8)), spans))
-            out[name] = res.reshape(w.shape)
+        list(pool.map(lambda job: job(), jobs))
     return out
 
 
@@ -114,23 +120,27 @@ def _embed_span(src: np.ndarray, res: np.ndarray, start: int, end: int, tkey: by
 
 
 def _tensor_key(key: bytes, name: str) -> bytes:
-    """The AES key of tensor ``name``'s chip keystream."""
-    return hmac.new(key, b"chips|" + name.encode(), hashlib.sha256).digest()
+    """The AES key of tensor ``name``'s chip keystream (layout 2)."""
+    return hmac.new(key, b"chips/2|" + name.encode(), hashlib.sha256).digest()
 
 
 def _keystream_chunks(tkey: bytes, start: int, end: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """(a, b, keystream words a..b-1) for a..b cache-sized chunks of [start, end) (start a multiple of 4),
-    all in one reused buffer: each chunk's words are valid until the next is yielded."""
+    """(a, b, the keystream words of weights a..b-1) for cache-sized chunks of [start, end) (start a
+    multiple of the 1024-weight block), all in one reused buffer: each chunk's words are valid until the
+    next is yielded."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    enc = Cipher(algorithms.AES(tkey), modes.CTR((start // 4).to_bytes(16, "big"))).encryptor()
-    zeros = bytes(4 * _CHUNK)
-    buf = bytearray(4 * _CHUNK + 15)  # update_into wants room for a block more
-    words = np.frombuffer(buf, dtype="<u4", count=_CHUNK)
+    if start % BLOCK:
+        raise ValueError("chip keystream offsets are whole blocks")
+    enc = Cipher(algorithms.AES(tkey), modes.CTR((words_for(start) // 4).to_bytes(16, "big"))).encryptor()
+    zeros = bytes(4 * words_for(_CHUNK))
+    buf = bytearray(len(zeros) + 15)  # update_into wants room for a block more
+    u = np.frombuffer(buf, dtype="<u4", count=words_for(_CHUNK))
     for a in range(start, end, _CHUNK):
         b = min(end, a + _CHUNK)
-        enc.update_into(zeros[: 4 * (b - a)], buf)
-        yield a, b, words[: b - a]
+        m = words_for(b - a)  # whole blocks: a multiple of 4 words, so the next chunk starts on an AES block
+        enc.update_into(zeros[: 4 * m], buf)
+        yield a, b, u[:m]
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from ..keys.provider import KeyProvider, KeySlot
 
 __all__ = ["ModelRecord", "ReleaseRecord", "TraceError", "TraceStore"]
 
+RECORD_VERSION = 2  # the model record's version; version 2 marks with chip layout 2 (docs/TRACING.md)
+MAX_CODE_LENGTH = 1 << 16  # a run's symbol comes from 16 keystream bits
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -46,10 +48,19 @@ class ModelRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "code_length": self.code_length, "cutoff": self.cutoff,
-                "alpha": self.alpha, "slot": self.slot.to_json(), "created": self.created, "version": 1}  # fmt: skip
+                "alpha": self.alpha, "slot": self.slot.to_json(), "created": self.created,
+                "version": RECORD_VERSION}  # fmt: skip
 
     @classmethod
     def from_json(cls, obj: Any) -> ModelRecord:
+        if not isinstance(obj, dict):
+            raise FormatError("tracing record is malformed (not an object)")
+        version = obj.get("version", 1)
+        if version != RECORD_VERSION:
+            raise FormatError(
+                f"tracing record version {version!r} is not supported (this weightwarden reads version "
+                f"{RECORD_VERSION}, chip layout 2; version 1 came from pre-release builds)"
+            )
         try:
             return cls(str(obj["model_id"]), int(obj["code_length"]), float(obj["cutoff"]), float(obj["alpha"]),
                        KeySlot.from_json(obj["slot"]), str(obj["created"]))  # fmt: skip
@@ -119,6 +130,8 @@ class TraceStore:
         path = self._model_path(model_id)
         if path.exists():
             return self.model(model_id)
+        if not 0 < code_length <= MAX_CODE_LENGTH or code_length % 4:
+            raise TraceError(f"a code length is a multiple of 4 from 4 to {MAX_CODE_LENGTH}")
         secret = bytearray(secrets.token_bytes(32))
         try:
             slot = provider.wrap(secret, _context(model_id))
