@@ -132,7 +132,7 @@ def zoo_attacks() -> dict:
         copies = {}
         for r in [f"r{i}" for i in range(8)]:
             copies[r] = root / f"a{alpha}-{r}"
-            release(parent, r, copies[r], provider=kr.provider(), home=home, model_id="m", alpha=alpha)
+            release(parent, r, copies[r], provider=kr.provider(), country="FR", home=home, model_id="m", alpha=alpha)
         res = {"loss_ratio": round(math.exp(zoo.loss(copies["r3"]) - zoo.loss(parent)), 5)}
         for how in ("ft-short", "ft-long", "ft-1000", "noise", "int4", "prune50"):
             if how == "ft-1000":
@@ -146,6 +146,41 @@ def zoo_attacks() -> dict:
             res[how] = {"accused": [a["recipient"] for a in rep.accused], "top": j["top"][0],
                         "threshold": j["threshold"]}  # fmt: skip
         out[f"alpha_{alpha}"] = res
+    return out
+
+
+def quality() -> dict:
+    """What a fingerprint costs: the zoo llama's held-out loss ratio (copy / original) and the real MiniLM's
+    sentence embeddings (cosine to the original's, the tests' six sentences), for three recipients each."""
+    import torch
+    import transformers as T
+
+    from weightwarden.provenance.zoo import Zoo
+    from weightwarden.trace import release
+
+    src, root, kr, home, _ = _minilm_bench("tracing-quality")
+    zoo = Zoo(BENCH / "zoo")
+    parent = zoo.base("llama", 1, 300)
+    sentences = ["The weights of a frontier model are a national security asset.",
+                 "A stolen checkpoint clones years of work.", "Two custodians must approve every full copy.",
+                 "Python ships with plenty of text to train on.", "The quick brown fox jumps over the lazy dog.",
+                 "Export controls now reach model weights."]  # fmt: skip
+    tok = T.AutoTokenizer.from_pretrained(src)
+    batch = tok(sentences, padding=True, return_tensors="pt")
+
+    def embed(path: Path) -> np.ndarray:
+        with torch.no_grad():
+            h = T.AutoModel.from_pretrained(path).eval()(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+
+    base = embed(src)
+    out: dict = {"zoo_loss_ratio": [], "minilm_cosine_min": [], "target": {"loss_ratio": 1.001, "cosine": 0.999}}
+    for r in ("r0", "r1", "r2"):
+        release(parent, r, root / f"zoo-{r}", provider=kr.provider(), country="FR", home=home, model_id="zoo")
+        out["zoo_loss_ratio"].append(round(math.exp(zoo.loss(root / f"zoo-{r}") - zoo.loss(parent)), 6))
+        release(src, r, root / f"minilm-{r}", provider=kr.provider(), country="FR", home=home, model_id="minilm")
+        out["minilm_cosine_min"].append(round(float((embed(root / f"minilm-{r}") * base).sum(1).min()), 6))
     return out
 
 
@@ -418,9 +453,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--permute", action="store_true", help="with --big-trace: the leaker permutes hidden units")
     ap.add_argument("--speed", action="store_true", help="only: embedding against a copy, and scoring")
+    ap.add_argument("--quality", action="store_true", help="only: loss ratio and MiniLM embedding cosine")
     a = ap.parse_args()
     if a.speed:
         print(json.dumps({"bench": "tracing-speed", "cores": os.cpu_count(), **speed()}, indent=2))
+        return
+    if a.quality:
+        print(json.dumps({"bench": "tracing-quality", **quality()}, indent=2))
         return
     if a.finetune_trials:
         r = {"bench": "tracing-finetune-trials", "cores": os.cpu_count(),
