@@ -1,4 +1,5 @@
-"""The committed sealed-format v1 vectors keep decrypting and failing exactly as specified."""
+"""The committed sealed-format v1 vectors keep decrypting and failing exactly as specified; the chip-layout-2
+vectors pin the fingerprint layout."""
 
 from __future__ import annotations
 
@@ -41,3 +42,38 @@ def test_vector(tmp_path, name):
 def test_vectors_reject_other_signers():
     with pytest.raises(errors.UntrustedSignerError):
         ww.verify(HERE / "v1-visible.wws", trust=[b"\x01" * 32])
+
+
+CHIPS = json.loads((HERE / "chips-v2.json").read_text())
+
+
+@pytest.mark.parametrize("kernel", ["numpy", "numba"])
+@pytest.mark.parametrize("case", CHIPS["cases"], ids=lambda c: f"ell{c['ell']}")
+def test_chip_layout_2_vectors(case: dict, kernel: str) -> None:
+    """The package's chip keystream, symbols, signs and both embedding kernels against vectors written
+    from docs/TRACING.md's text in plain Python (tests/vectors/make_chip_vectors.py)."""
+    import ml_dtypes
+    import numpy as np
+
+    from weightwarden.trace import _kernel
+    from weightwarden.trace.mark import _chips, _keystream_chunks, _tensor_key
+
+    if kernel == "numba" and _kernel.KERNEL != "numba":
+        pytest.skip("numba (the `fast` extra) is not installed: the fused kernel is not in use")
+    key, name, n, ell = bytes.fromhex(CHIPS["embedding_key"]), case["name"], case["n"], case["ell"]
+    assert _tensor_key(key, name).hex() == case["tensor_key"]
+    sym, sign = _chips(key, name, n, ell)
+    assert sym.tolist() == case["symbols"]
+    assert "".join("+" if s > 0 else "-" for s in sign) == case["signs"]
+    ((_, _, words),) = list(_keystream_chunks(_tensor_key(key, name), 0, n))
+    tab = _kernel.chip_table(np.array([c == "1" for c in case["codeword"]]),
+                             np.array(case["table_value"], np.uint32).view(np.float32))  # fmt: skip
+    thr = float(np.array(case["threshold"], np.uint32).view(np.float32))
+    w = np.array(case["weights_f32"], np.uint32).view(np.float32)
+    out = np.empty_like(w)
+    _kernel.embed_chunk(w, words, tab, ell, thr, out, kernel=kernel)
+    assert out.view(np.uint32).tolist() == case["marked_f32"]
+    wb = (np.array(case["weights_f32"], np.uint32) >> 16).astype(np.uint16).view(ml_dtypes.bfloat16)
+    outb = np.empty_like(wb)
+    _kernel.embed_chunk(wb, words, tab, ell, thr, outb, kernel=kernel)
+    assert outb.view(np.uint16).tolist() == case["marked_bf16"]
