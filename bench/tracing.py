@@ -24,7 +24,7 @@ BENCH = ROOT / ".bench"
 
 
 def speed() -> dict:
-    """Embedding vs a copy of the same tensors (both allocate their output), side by side, best of 3
+    """Embedding vs a copy of the same tensors (both allocate their output), side by side, best of 7
     each, alternating: float32 and bfloat16 checkpoints, the fused kernel (numba, the `fast` extra) and
     the numpy one, at the default code length.  Then scoring 10^6 recipients."""
     import ml_dtypes
@@ -49,10 +49,10 @@ def speed() -> dict:
         x = TardosCode(rng.bytes(32), DEFAULT_LENGTH).codewords(0, 1)[0]
         marked = {k: v for k, v in sd.items() if k.endswith(("gate_proj.weight", "down_proj.weight"))}
         nbytes = sum(v.nbytes for v in marked.values())
-        # best of 3, alternating: the first touch of fresh memory (page faults) is paid by both
+        # best of 7, alternating: the first touch of fresh memory (page faults) is paid by both
         best = {"memcpy": float("inf"), **{k: float("inf") for k in out["kernels"]}}
         key = rng.bytes(32)
-        for _ in range(3):
+        for _ in range(7):
             t = time.perf_counter()
             for v in marked.values():
                 np.copy(v)

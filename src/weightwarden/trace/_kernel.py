@@ -90,48 +90,15 @@ def _fused() -> Callable[..., None]:
     opts = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 
     @numba.njit(**opts)
-    def _values(u, r0, count, tab, e, vp, vn, uw):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-        for j in range(count):  # +-tab[symbol] and the sign bits of words r0 .. r0+count-1
+    def _values(u, r0, count, tab, e, vb, nu):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        for j in range(count):  # the bits of tab[symbol] and the inverted word, of words r0 .. r0+count-1
             x = u[r0 + j]
-            v = tab[np.intp((np.uint64(x >> np.uint32(16)) * e) >> np.uint64(16))]
-            vp[j] = v
-            vn[j] = -v
-            uw[j] = x
+            vb[j] = np.float32(tab[np.intp((np.uint64(x >> np.uint32(16)) * e) >> np.uint64(16))]).view(np.uint32)
+            nu[j] = ~x
 
-    # The words' values are computed for a group of 16 blocks first, then the blocks are read: the loop
-    # over j has a constant trip count and loads every operand unconditionally before selecting, which
-    # LLVM vectorises (and reading values stored long before avoids store-forwarding stalls).  Whole
-    # groups run loops of constant trip count; the rest runs the same arithmetic per weight.
     @numba.njit(**opts)
-    def _k32(w, u, tab, ell, thr, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-        vp = np.empty(_GROUP * WORDS, np.float32)
-        vn = np.empty(_GROUP * WORDS, np.float32)
-        uw = np.empty(_GROUP * WORDS, np.uint32)
-        e = np.uint64(ell)
-        n = w.size
-        z = np.uint32(0)
-        full = n - n % (_GROUP * BLOCK)
-        for g in range(0, full, _GROUP * BLOCK):
-            _values(u, g // BITS, _GROUP * WORDS, tab, e, vp, vn, uw)
-            for blk in range(_GROUP):
-                c = blk * WORDS
-                for i in range(BITS):
-                    bit = np.uint32(np.uint32(1) << np.uint32(i))
-                    b = g + blk * BLOCK + i * WORDS
-                    for j in range(WORDS):
-                        f = w[b + j]
-                        p = vp[c + j]
-                        q = vn[c + j]
-                        d = p if np.uint32(uw[c + j] & bit) != z else q
-                        out[b + j] = f + d if abs(f) >= thr else f
-        if n > full:
-            _values(u, full // BITS, -(-(n - full) // BLOCK) * WORDS, tab, e, vp, vn, uw)
-            for k in range(n - full):
-                j = (k // BLOCK) * WORDS + k % WORDS
-                bit = np.uint32(np.uint32(1) << np.uint32((k % BLOCK) // WORDS))
-                f = w[full + k]
-                d = vp[j] if np.uint32(uw[j] & bit) != z else vn[j]
-                out[full + k] = f + d if abs(f) >= thr else f
+    def _f32_add(x, d, thr):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+        return x + d if abs(x) >= thr else x
 
     @numba.njit(**opts)
     def _bf16_add(x, d, thr):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
@@ -141,33 +108,42 @@ def _fused() -> Callable[..., None]:
         y = np.float32(f + d if abs(f) >= thr else f).view(np.uint32)
         return np.uint16((y + np.uint32(0x7FFF) + ((y >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
-    @numba.njit(**opts)
-    def _kbf16(w, u, tab, ell, thr, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-        vp = np.empty(_GROUP * WORDS, np.float32)
-        vn = np.empty(_GROUP * WORDS, np.float32)
-        uw = np.empty(_GROUP * WORDS, np.uint32)
-        e = np.uint64(ell)
-        n = w.size
-        z = np.uint32(0)
-        full = n - n % (_GROUP * BLOCK)
-        for g in range(0, full, _GROUP * BLOCK):
-            _values(u, g // BITS, _GROUP * WORDS, tab, e, vp, vn, uw)
-            for blk in range(_GROUP):
-                c = blk * WORDS
-                for i in range(BITS):
-                    bit = np.uint32(np.uint32(1) << np.uint32(i))
-                    b = g + blk * BLOCK + i * WORDS
-                    for j in range(WORDS):
-                        p = vp[c + j]
-                        q = vn[c + j]
-                        out[b + j] = _bf16_add(w[b + j], p if np.uint32(uw[c + j] & bit) != z else q, thr)
-        if n > full:
-            _values(u, full // BITS, -(-(n - full) // BLOCK) * WORDS, tab, e, vp, vn, uw)
-            for k in range(n - full):
-                j = (k // BLOCK) * WORDS + k % WORDS
-                bit = np.uint32(np.uint32(1) << np.uint32((k % BLOCK) // WORDS))
-                d = vp[j] if np.uint32(uw[j] & bit) != z else vn[j]
-                out[full + k] = _bf16_add(w[full + k], d, thr)
+    # The words' values are computed for a group of 16 blocks first, then the blocks are read: the loop
+    # over j has a constant trip count and no branch (a weight's signed value is tab[symbol] with its sign
+    # bit flipped where the weight's bit of the word is clear), which LLVM vectorises; reading values
+    # stored long before avoids store-forwarding stalls.  Whole groups run loops of constant trip count;
+    # the rest runs the same arithmetic per weight.  ``add`` marks one weight (float32, or bfloat16 held
+    # as uint16), inlined by LLVM.
+    def _kernel_for(add):  # type: ignore[no-untyped-def]
+        @numba.njit(**opts)
+        def kern(w, u, tab, ell, thr, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+            vb = np.empty(_GROUP * WORDS, np.uint32)
+            nu = np.empty(_GROUP * WORDS, np.uint32)
+            e = np.uint64(ell)
+            n = w.size
+            sign = np.uint32(0x80000000)
+            full = n - n % (_GROUP * BLOCK)
+            for g in range(0, full, _GROUP * BLOCK):
+                _values(u, g // BITS, _GROUP * WORDS, tab, e, vb, nu)
+                for blk in range(_GROUP):
+                    c = blk * WORDS
+                    for i in range(BITS):
+                        sh = np.uint32(31 - i)
+                        b = g + blk * BLOCK + i * WORDS
+                        for j in range(WORDS):
+                            d = np.uint32(vb[c + j] ^ ((nu[c + j] << sh) & sign)).view(np.float32)
+                            out[b + j] = add(w[b + j], d, thr)
+            if n > full:
+                _values(u, full // BITS, -(-(n - full) // BLOCK) * WORDS, tab, e, vb, nu)
+                for k in range(n - full):
+                    j = (k // BLOCK) * WORDS + k % WORDS
+                    sh = np.uint32(31 - (k % BLOCK) // WORDS)
+                    d = np.uint32(vb[j] ^ ((nu[j] << sh) & sign)).view(np.float32)
+                    out[full + k] = add(w[full + k], d, thr)
+
+        return kern
+
+    _k32, _kbf16 = _kernel_for(_f32_add), _kernel_for(_bf16_add)
 
     def run(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: float, out: np.ndarray) -> None:
         if w.dtype == np.float32 and out.dtype == np.float32:
