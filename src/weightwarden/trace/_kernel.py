@@ -23,11 +23,23 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 
-__all__ = ["BLOCK", "KERNEL", "WORDS", "accumulate_chunk", "chip_signs", "chip_symbols", "chip_table",
-           "embed_chunk", "word_symbols", "words_for"]  # fmt: skip
+__all__ = [
+    "BLOCK",
+    "KERNEL",
+    "MAX_SYMBOLS",
+    "WORDS",
+    "accumulate_chunk",
+    "chip_signs",
+    "chip_symbols",
+    "chip_table",
+    "embed_chunk",
+    "word_symbols",
+    "words_for",
+]  # fmt: skip
 
 BLOCK, WORDS, BITS = 1024, 64, 16  # weights per block, keystream words per block, chips per word
 _GROUP = 16  # blocks whose words the fused embedding prepares at a time
+MAX_SYMBOLS = 1 << 16  # a word's symbol is scaled from its top 16 bits
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 _LANES = np.arange(BITS, dtype=np.uint32)
 
@@ -154,9 +166,7 @@ def _fused() -> Callable[..., None]:
             f = w.astype(np.float32)
             tmp = np.empty(w.shape, np.float32)
             _k32(f, u, tab, ell, np.float32(thr), tmp)
-            car = np.abs(f) >= np.float32(thr)
-            out[...] = w
-            out[car] = tmp[car].astype(out.dtype)
+            np.copyto(out, np.where(np.abs(f) >= np.float32(thr), tmp.astype(out.dtype), w))
 
     @numba.njit(**opts)
     def _acc(orig, sus, u, first, cols, units_first, inv, thr, ell, scale, corr, var, chips):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled

@@ -28,7 +28,17 @@ from ..provenance.compare import align_residual, compare_many
 from ..provenance.layout import Block, Expert, Layout, detect_layout
 from ..provenance.signature import _unit_rows, extract_signature
 from ..provenance.source import TensorSource, open_source
-from ._kernel import _BF16, BLOCK, accumulate_chunk, chip_signs, chip_symbols, chip_table, embed_chunk, words_for
+from ._kernel import (
+    _BF16,
+    BLOCK,
+    MAX_SYMBOLS,
+    accumulate_chunk,
+    chip_signs,
+    chip_symbols,
+    chip_table,
+    embed_chunk,
+    words_for,
+)
 from .tardos import _keystream_u32
 
 __all__ = ["DEFAULT_ALPHA", "Extraction", "embed_tensors", "extract", "marked_tensors"]
@@ -45,9 +55,6 @@ def marked_tensors(layout: Layout) -> list[tuple[str, bool]]:
             out.append((e.in_name, e.in_units_first))
             out.append((e.out_name, e.out_units_first))
     return out
-
-
-CHIP_LAYOUT = 2  # the version of the chip layout (recorded per model; docs/TRACING.md)
 
 
 def _chips(key: bytes, name: str, n: int, ell: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,8 +102,8 @@ def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.n
     from concurrent.futures import ThreadPoolExecutor
 
     ell = len(codeword)
-    if not 0 < ell <= 1 << 16:
-        raise ValueError("chip layout 2 takes codes of 1 to 65,536 symbols")
+    if not 0 < ell <= MAX_SYMBOLS:
+        raise ValueError(f"chip layout 2 takes codes of 1 to {MAX_SYMBOLS} symbols")
     out, jobs = {}, []
     for name, _ in marked_tensors(layout):
         if names is not None and name not in names:

@@ -25,11 +25,11 @@ from typing import Any
 from .._atomic import atomic_write_bytes
 from ..errors import FormatError, WardenError
 from ..keys.provider import KeyProvider, KeySlot
+from ._kernel import MAX_SYMBOLS
 
 __all__ = ["ModelRecord", "ReleaseRecord", "TraceError", "TraceStore"]
 
 RECORD_VERSION = 2  # the model record's version; version 2 marks with chip layout 2 (docs/TRACING.md)
-MAX_CODE_LENGTH = 1 << 16  # a run's symbol comes from 16 keystream bits
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -130,8 +130,8 @@ class TraceStore:
         path = self._model_path(model_id)
         if path.exists():
             return self.model(model_id)
-        if not 0 < code_length <= MAX_CODE_LENGTH or code_length % 4:
-            raise TraceError(f"a code length is a multiple of 4 from 4 to {MAX_CODE_LENGTH}")
+        if not 0 < code_length <= MAX_SYMBOLS or code_length % 4:
+            raise TraceError(f"a code length is a multiple of 4 from 4 to {MAX_SYMBOLS}")
         secret = bytearray(secrets.token_bytes(32))
         try:
             slot = provider.wrap(secret, _context(model_id))
