@@ -731,7 +731,7 @@ def custody_workload_token(
 
     tok = _secrets.token_urlsafe(32)
     dig = token_digest(tok)
-    msg = f"WARDEN_WORKLOAD={_plain(name)} WARDEN_WORKLOAD_TOKEN={tok}\npolicy: {_plain(name)} = \"{dig}\""
+    msg = f'WARDEN_WORKLOAD={_plain(name)} WARDEN_WORKLOAD_TOKEN={tok}\npolicy: {_plain(name)} = "{dig}"'
     _emit({"workload": name, "token": tok, "digest": dig}, as_json, msg)
 
 
