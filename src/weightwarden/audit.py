@@ -67,6 +67,12 @@ class AuditAction(StrEnum):
     BROKER_ALERT = "broker:alert"
     APPROVAL_REQUEST = "approval:request"
     APPROVAL_GRANT = "approval:grant"
+    CUSTODY_REQUEST = "custody:request"  # a custody change requested (operation, parameters, statement digest)
+    CUSTODY_APPROVE = "custody:approve"  # one custodian's signed approval of that exact statement
+    CUSTODY_CHANGE = "custody:change"  # a custody change executed (or refused) with its quorum of approvers
+    KEY_EXPORT = "key:export"  # key material exported (sealed to a recipient) after a quorum
+    POLICY_DENY = "policy:deny"  # a key use refused by the key-use policy
+    POLICY_SET = "policy:set"  # the key-use policy or the key-use auditing changed after a quorum
 
 
 @functools.cache

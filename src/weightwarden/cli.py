@@ -516,6 +516,22 @@ def custody_init(
     )
 
 
+def _open_share(home: Path, custodian: str, identity: Path | None) -> Any:
+    """One custodian's share, opened on their terminal with their age identity or passphrase."""
+    from .keys.custody import CustodyDoc
+
+    doc = CustodyDoc.load(home)
+    entry = doc.custodian(custodian)
+    if entry["recipient"] == "passphrase":
+        pw = os.environ.get(_custodian_env(custodian)) or (
+            getpass.getpass(f"Passphrase for {custodian}: ") if sys.stdin.isatty() else None
+        )
+        return doc.open_share(custodian, passphrase=pw)
+    if identity is None:
+        raise CustodyError("--identity FILE (your age identity) is needed for your share")
+    return doc.open_share(custodian, identity=identity.read_text())
+
+
 @custody_app.command("unseal")
 def custody_unseal(
     custodian: Annotated[str, typer.Option("--custodian", help="your custodian name")],
@@ -525,21 +541,10 @@ def custody_unseal(
 ) -> None:
     """Submit one custodian's share to the agent (decrypted here, sent over the local socket)."""
     from .keys.agent import AgentClient
-    from .keys.custody import CustodyDoc
     from .keys.provider import b64e
 
     h = home or default_home()
-    doc = CustodyDoc.load(h)
-    entry = doc.custodian(custodian)
-    if entry["recipient"] == "passphrase":
-        pw = os.environ.get(_custodian_env(custodian)) or (
-            getpass.getpass(f"Passphrase for {custodian}: ") if sys.stdin.isatty() else None
-        )
-        share = doc.open_share(custodian, passphrase=pw)
-    else:
-        if identity is None:
-            raise CustodyError("--identity FILE (your age identity) is needed for your share")
-        share = doc.open_share(custodian, identity=identity.read_text())
+    share = _open_share(h, custodian, identity)
     st = AgentClient(h).call("unseal", share=b64e(share.to_bytes()))
     msg = "unsealed" if not st["sealed"] else f"sealed: {st['progress']} of {st['threshold']} shares"
     _emit(st, as_json, msg)
@@ -563,20 +568,171 @@ def custody_seal(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     _emit(AgentClient(home or default_home()).call("seal"), as_json, "sealed")
 
 
-@custody_app.command("reshare")
-def custody_reshare(
+# custody changes: requested, approved by M custodians (each signs that exact statement), executed
+request_app = typer.Typer(no_args_is_help=True, help="Request a custody change; M custodians must then approve it.")
+custody_app.add_typer(request_app, name="request")
+TtlOpt = Annotated[float, typer.Option("--ttl", help="seconds the custodians have to approve it")]
+OpArg = Annotated[str, typer.Argument(help="the operation id `warden custody request` printed")]
+
+
+def _plain(text: Any) -> str:
+    """Text from the agent or a file, safe for a terminal: no control characters, no rich markup."""
+    from rich.markup import escape
+
+    return escape("".join(ch if ch.isprintable() else "?" for ch in str(text)))
+
+
+def _request(kind: str, params: dict[str, Any], ttl: float, home: Path | None, as_json: bool, **extra: Any) -> None:
+    from .keys.agent import AgentClient
+
+    r = AgentClient(home or default_home()).call("request", kind=kind, params=params, ttl_seconds=ttl, **extra)
+    op = _plain(r["op_id"])
+    msg = f"requested {op}: {_plain(r['summary'])}\nstatement digest {_plain(r['digest'])}"
+    _emit(r, as_json, msg + f"\neach custodian: warden custody approve {op} --custodian NAME")
+
+
+@request_app.command("reshare")
+def request_reshare(
     custodian: CustodianOpt,
     threshold: ThresholdOpt,
+    ttl: TtlOpt = 3600.0,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """New custodians and/or threshold for the same root key (the agent must be unsealed)."""
+    """New custodians and/or threshold for the same root key (keys and sealed files stay as they are)."""
+    custodians, pws = _custodians(custodian)
+    params = {"threshold": threshold, "custodians": [{"name": c.name, "recipient": c.recipient} for c in custodians]}
+    _request("reshare", params, ttl, home, as_json, passphrases=pws)
+
+
+@request_app.command("destroy")
+def request_destroy(
+    key_id: Annotated[str, typer.Argument(help="KEK id")],
+    version: Annotated[int | None, typer.Option("--version", help="one old version (default: all: shred)")] = None,
+    ttl: TtlOpt = 3600.0,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Destroy one old version of a KEK, or every version (crypto-shred its models)."""
+    _request("destroy", {"key_id": key_id, "version": version}, ttl, home, as_json)
+
+
+@request_app.command("export")
+def request_export(
+    key_id: Annotated[str, typer.Argument(help="KEK id or signing key id")],
+    to: Annotated[str, typer.Option("--to", help="age X25519 recipient (age1...) the key is sealed to")],
+    version: Annotated[int, typer.Option("--version", help="KEK version")] = 1,
+    ttl: TtlOpt = 3600.0,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export key material, sealed with age to one recipient (escrow, migration)."""
+    _request("export", {"key_id": key_id, "version": version, "recipient": to}, ttl, home, as_json)
+
+
+@request_app.command("policy")
+def request_policy(
+    file: Annotated[Path, typer.Argument(help="the new key-use policy (TOML; docs/CUSTODY.md)")],
+    ttl: TtlOpt = 3600.0,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Replace the key-use policy (who may wrap, unwrap, sign or manage which key)."""
+    from .keys.policy import Policy
+
+    _request("policy", {"policy": Policy.load_file(file).to_json()}, ttl, home, as_json)
+
+
+@request_app.command("audit")
+def request_audit(
+    key_use: Annotated[str, typer.Option("--key-use", help="on or off: record every wrap, unwrap and sign")],
+    ttl: TtlOpt = 3600.0,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn the recording of key use on or off (custody events and refusals are always recorded)."""
+    if key_use not in ("on", "off"):
+        raise CustodyError("--key-use takes on or off")
+    _request("audit", {"key_use": key_use == "on"}, ttl, home, as_json)
+
+
+@custody_app.command("pending")
+def custody_pending(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Custody changes waiting for approval."""
+    from .keys.agent import AgentClient
+    from .keys.quorum import Statement
+
+    sts = [Statement.from_json(x) for x in AgentClient(home or default_home()).call("pending")["pending"]]
+    _emit([st.to_json() for st in sts], as_json, "\n".join(f"{_plain(st.op_id)}: {_plain(st.describe())}" for st in sts)
+          or "no pending custody changes")  # fmt: skip
+
+
+@custody_app.command("approve")
+def custody_approve(
+    op_id: OpArg,
+    custodian: Annotated[str, typer.Option("--custodian", help="your custodian name")],
+    identity: Annotated[Path | None, typer.Option("--identity", help="your age identity file")] = None,
+    digest: Annotated[str | None, typer.Option("--digest", help="approve only a statement of this digest")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Approve one requested custody change: your share (opened here) signs that exact statement."""
+    from datetime import UTC, datetime
+
+    from .keys.agent import approve, fetch_statement
+
+    h = home or default_home()
+    st = fetch_statement(h, op_id)
+    if digest is not None and digest != st.digest:
+        raise CustodyError(f"the statement's digest is {st.digest}, not the --digest given: nothing approved")
+    err.print(f"approving {_plain(st.op_id)}: {_plain(st.describe())} (digest {st.digest})")
+    r = approve(h, st, _open_share(h, custodian, identity), now=datetime.now(UTC))
+    _emit(r, as_json, f"{r['approvals']} of {r['threshold']} approvals for {_plain(op_id)}")
+
+
+@custody_app.command("execute")
+def custody_execute(
+    op_id: OpArg,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="export: write the age-sealed key here")] = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Carry out a custody change once M custodians have approved it."""
+    from .keys.agent import AgentClient
+    from .keys.provider import b64d
+
+    r = AgentClient(home or default_home()).call("execute", op_id=op_id)
+    res = r.get("result")
+    if output is not None and isinstance(res, dict) and "sealed_key" in res:
+        from ._atomic import atomic_write_bytes
+
+        atomic_write_bytes(output, b64d(res["sealed_key"], "sealed key"), mode=0o600)
+        res["sealed_key"] = str(output)
+    _emit(r, as_json, f"executed {_plain(r['kind'])} {_plain(op_id)}, approved by {_plain(', '.join(r['approvers']))}")
+
+
+@custody_app.command("policy")
+def custody_policy(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """The key-use policy in force (and whether key use is audited)."""
     from .keys.agent import AgentClient
 
-    custodians, pws = _custodians(custodian)
-    req = [{"name": c.name, "recipient": c.recipient} for c in custodians]
-    st = AgentClient(home or default_home()).call("reshare", custodians=req, threshold=threshold, passphrases=pws)
-    _emit(st, as_json, f"re-shared {threshold}-of-{len(custodians)}; old shares no longer open anything")
+    r = AgentClient(home or default_home()).call("policy")
+    _emit(r, as_json, _plain(json.dumps(r, indent=2, sort_keys=True)))
+
+
+@custody_app.command("workload-token")
+def custody_workload_token(
+    name: Annotated[str, typer.Argument(help="workload name, as in the policy's [workloads]")], as_json: JsonOpt = False
+) -> None:
+    """A fresh secret token for a workload, and the digest the policy file holds for it."""
+    import secrets as _secrets
+
+    from .keys.policy import token_digest
+
+    tok = _secrets.token_urlsafe(32)
+    dig = token_digest(tok)
+    msg = f'WARDEN_WORKLOAD={_plain(name)} WARDEN_WORKLOAD_TOKEN={tok}\npolicy: {_plain(name)} = "{dig}"'
+    _emit({"workload": name, "token": tok, "digest": dig}, as_json, msg)
 
 
 IdleOpt = Annotated[

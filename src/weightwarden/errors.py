@@ -132,3 +132,16 @@ __all__ = [
     "WardenError",
     "WrongKeyError",
 ]
+
+
+# --- custody quorum and key-use policy (issue 16) ---------------------------------------
+class QuorumError(CustodyError):
+    """A custody change lacks a fresh quorum of approvals for that exact operation (too few, replayed,
+    for another operation, given before it was requested, or the request expired)."""
+
+
+class PolicyDeniedError(KeyManagementError):
+    """The key-use policy does not let this caller (OS user, workload) do this with this key."""
+
+
+__all__ += ["PolicyDeniedError", "QuorumError"]

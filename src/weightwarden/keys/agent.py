@@ -6,14 +6,20 @@ are in, the agent rebuilds the root key, unlocks the keyring and serves wrap, un
 sign to local ``warden`` commands.  Shares and keys never touch the disk.
 
 Transport: a Unix socket ``$WARDEN_HOME/agent.sock`` (mode 0600, in a 0700 directory);
-the agent also checks that each peer runs as its own user (SO_PEERCRED).  One JSON
-object per line each way.  Every operation is an audit event in ``audit.jsonl``.
+the agent reads each peer's OS user (SO_PEERCRED).  One JSON object per line each way.
+
+Who may use which key is the key-use policy (keys/policy.py): per OS user and workload,
+per key and operation; while sealed, and for every custody operation, only the agent's own
+user.  Custody changes (re-share, destroy, export, policy, auditing) need a fresh quorum of
+custodians' approvals of that exact change (keys/quorum.py): an unsealed agent alone
+refuses them.  Every operation and every refusal is an audit event.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import contextvars
 import json
 import os
 import signal
@@ -24,22 +30,60 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from .. import audit, errors
 from ..audit import AuditAction
 from ..audit import event as audit_event
-from ..errors import CustodyError, ProviderUnavailableError, WardenError
+from ..errors import CustodyError, PolicyDeniedError, ProviderUnavailableError, QuorumError, WardenError
 from .custody import CUSTODY_FILE, CustodyDoc, Share, UnsealSession
 from .local import Keyring, TrustStore
+from .policy import Policy
 from .provider import KeyProvider, KeySlot, Signer, b64d, b64e
+from .quorum import Approval, QuorumBook, check_params, make_statement
 
 SOCKET = "agent.sock"
 MAX_LINE = 1 << 20
 
 
 DEFAULT_IDLE_SEAL = 3600.0
+#: operations only the agent's own OS user may ask for (custody, not key use)
+CUSTODY_OPS = frozenset({"unseal", "seal", "shutdown", "request", "show", "pending", "approve", "execute", "policy"})
+_KEY_USE = (AuditAction.KEY_WRAP, AuditAction.KEY_UNWRAP, AuditAction.KEY_SIGN)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the socket peer's OS user and pid, and the workload it proved (if any)."""
+
+    uid: int
+    pid: int = 0
+    workload: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"uid": self.uid, "pid": self.pid, "workload": self.workload}
+
+
+_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("warden_agent_caller", default=None)
+
+
+class _CallerSink(audit.AuditSink):
+    """Adds the authenticated caller to every event, and drops ok key-use events while key-use
+    auditing is off (refusals, lifecycle and custody events are always recorded)."""
+
+    def __init__(self, inner: audit.AuditSink, state: _State):
+        self.inner, self.state = inner, state
+
+    def emit(self, ev: audit.AuditEvent) -> None:
+        if ev.action in _KEY_USE and ev.outcome == "ok" and not self.state.audit_key_use:
+            return
+        c = _caller.get()
+        if c is not None:
+            ev = replace(ev, detail={**ev.detail, "caller": c.to_json()})
+        self.inner.emit(ev)
 
 
 class _State:
@@ -52,6 +96,9 @@ class _State:
         self.stop = threading.Event()
         self.idle_seal = idle_seal  # seconds without a key operation before the agent seals itself; 0: never
         self.last_use = time.monotonic()
+        self.book = QuorumBook()
+        self.policy: Policy = Policy.default(os.getuid())
+        self.audit_key_use = True
 
     def seal_if_idle(self, now: float | None = None) -> bool:
         """Forget the root key after ``idle_seal`` seconds without use (and drop partial shares)."""
@@ -76,6 +123,7 @@ class _State:
             "split_id": self.doc.split_id,
             "custodians": [c["name"] for c in self.doc.custodians],
             "idle_seal_seconds": self.idle_seal,
+            "pending_changes": [st.op_id for st in self.book.pending()],
         }
 
     def _kr(self) -> Keyring:
@@ -85,11 +133,58 @@ class _State:
             )
         return self.keyring
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle(
+        self, req: dict[str, Any], caller: Caller | None = None, *, now: datetime | None = None
+    ) -> dict[str, Any]:
+        """One request from ``caller`` (default: the agent's own user, as for in-process use)."""
+        caller = caller or Caller(os.getuid(), os.getpid())
+        token = _caller.set(caller)
+        try:
+            return self._handle(req, caller, now or datetime.now(UTC))
+        finally:
+            _caller.reset(token)
+
+    def _deny(self, what: str, message: str, **detail: Any) -> PolicyDeniedError:
+        self._audit(AuditAction.POLICY_DENY, "denied", detail={"op": what, **detail}, error=message)
+        return PolicyDeniedError(message)
+
+    def _admit(self, req: dict[str, Any], caller: Caller) -> Caller:
+        """Authenticate the caller's workload and check that the policy lets them in at all."""
+        op = str(req.get("op"))[:32]
+        own = caller.uid == os.getuid()
+        if op in CUSTODY_OPS or self.keyring is None:
+            if not own:
+                raise self._deny(op, "the agent serves custody operations (and a sealed vault) only to its own user")
+            return caller
+        try:
+            wl = self.policy.workload(req.get("workload"), req.get("workload_token"))
+        except PolicyDeniedError as e:
+            raise self._deny(op, str(e), workload=str(req.get("workload"))[:64]) from None
+        caller = replace(caller, workload=wl)
+        _caller.set(caller)
+        if not self.policy.admits(caller.uid, wl):
+            raise self._deny(
+                op, f"the key-use policy admits no rule for uid {caller.uid}" + (f" workload {wl}" if wl else "")
+            )
+        return caller
+
+    def _allow(self, caller: Caller, op: str, key_id: str | None) -> None:
+        kid = key_id or ""
+        if not self.policy.allows(caller.uid, caller.workload, op, kid):
+            raise self._deny(
+                op,
+                f"the key-use policy does not let uid {caller.uid}"
+                + (f" (workload {caller.workload})" if caller.workload else "")
+                + f" {op} with key {kid[:64]!r}",
+                key_id=kid[:80],
+            )
+
+    def _handle(self, req: dict[str, Any], caller: Caller, now: datetime) -> dict[str, Any]:
         op = req.get("op")
         with self.lock:
             if op == "status":
                 return self.status()
+            caller = self._admit(req, caller)
             self.last_use = time.monotonic()
             if op == "unseal":
                 share = Share.from_bytes(b64d(req.get("share"), "share"))
@@ -104,9 +199,10 @@ class _State:
                 self._audit(AuditAction.CUSTODY_SHARE, "ok", **ev)
                 if root is not None:
                     try:
-                        self.keyring = Keyring.unlock_with_root(self.home, root)
+                        kr = Keyring.unlock_with_root(self.home, root)
                     finally:
                         self.session.reset()
+                    self._open(kr)
                     self._audit(AuditAction.CUSTODY_UNSEAL, "ok", subject=self.doc.split_id)
                 return self.status()
             if op == "seal":
@@ -119,12 +215,23 @@ class _State:
             if op == "shutdown":
                 self.stop.set()
                 return {"stopping": True}
+            if op in ("request", "show", "pending", "approve", "execute"):
+                return self._quorum(op, req, now)
             kr = self._kr()
+            if op == "policy":
+                return {
+                    "policy": self.policy.to_json(),
+                    "digest": self.policy.digest,
+                    "key_use_audit": self.audit_key_use,
+                }
             if op == "wrap":
-                slot = kr.provider(req.get("key_id")).wrap(b64d(req["dek"], "dek"), b64d(req["context"], "context"))
+                kid = req.get("key_id") or kr._s.get("default_kek")
+                self._allow(caller, "wrap", kid)
+                slot = kr.provider(kid).wrap(b64d(req["dek"], "dek"), b64d(req["context"], "context"))
                 return {"slot": slot.to_json()}
             if op == "unwrap":
                 slot = KeySlot.from_json(req["slot"])
+                self._allow(caller, "unwrap", slot.key_id)
                 dek = kr.provider(slot.key_id).unwrap(slot, b64d(req["context"], "context"))
                 try:
                     return {"dek": b64e(bytes(dek))}
@@ -132,47 +239,237 @@ class _State:
                     for i in range(len(dek)):
                         dek[i] = 0
             if op == "sign":
-                s = kr.signer(req.get("key_id"))
+                kid = req.get("key_id") or kr._s.get("default_signer")
+                self._allow(caller, "sign", kid)
+                s = kr.signer(kid)
                 return {"signature": b64e(s.sign(b64d(req["message"], "message")))}
-            if op == "signer":
+            if op == "signer":  # public key only
                 s = kr.signer(req.get("key_id"))
                 return {"key_id": s.key_id, "public_key": b64e(s.public_key)}
             if op == "list_keys":
                 return {"keys": kr.list_keys(), "default_kek": kr._s.get("default_kek")}
             if op == "new_kek":
+                self._allow(caller, "manage", req.get("name") or "*")
                 kid = kr.new_kek(req.get("name"))
                 kr.save()
                 return {"key_id": kid}
-            if op == "key":  # lifecycle: current_version, rotate, disable, enable, destroy, versions
+            if op == "key":  # lifecycle: current_version, rotate, disable, enable, versions (destroy: quorum)
                 p = kr.provider(req.get("key_id"))
                 action = req.get("action")
                 if action == "current_version":
                     return {"result": p.current_version()}
+                if action == "versions":
+                    return {"result": p.versions()}
+                if action == "destroy":
+                    v = req.get("version")
+                    raise self._refuse("destroy", {"key_id": p.key_id, "version": v})
+                self._allow(caller, "manage", p.key_id)
                 if action == "rotate":
                     return {"result": p.rotate()}
                 if action in ("disable", "enable"):
                     getattr(p, action)(int(req["version"]))
                     return {"result": None}
-                if action == "destroy":
-                    v = req.get("version")
-                    return {"result": p.destroy(None if v is None else int(v))}
-                if action == "versions":
-                    return {"result": p.versions()}
                 raise CustodyError(f"unknown key action {str(action)[:32]!r}")
             if op == "reshare":
-                from .custody import Custodian
-
-                custodians = [Custodian(c["name"], c["recipient"]) for c in req["custodians"]]
-                doc = kr.reshare(custodians, int(req["threshold"]), req.get("passphrases") or {})
-                self.doc, self.session = doc, UnsealSession(doc)
-                return self.status()
+                raise self._refuse("reshare", {"threshold": req.get("threshold")})
         raise CustodyError(f"unknown agent operation {str(op)[:32]!r}")
 
     def _audit(self, action: AuditAction, outcome: str, **kw: Any) -> None:
         err = kw.pop("error", None)
         if err:
             kw.setdefault("detail", {})["error"] = err
+        c = _caller.get()
+        if c is not None:
+            kw["detail"] = {**kw.get("detail", {}), "caller": c.to_json()}
         audit.JsonlSink(self.home / "audit.jsonl").emit(audit_event(action, outcome, **kw))
+
+    # -- custody changes: a fresh quorum of that exact change ---------------------------------
+    def _open(self, kr: Keyring) -> None:
+        """Serve ``kr``: its key-use policy and auditing switch come from inside it (authenticated)."""
+        stored = kr._s.get("policy")
+        self.policy = Policy.default(os.getuid()) if stored is None else Policy.from_json(stored)
+        self.audit_key_use = bool(kr._s.get("audit_key_use", True))
+        kr.audit = _CallerSink(kr.audit, self)
+        self.keyring = kr
+
+    def _refuse(self, kind: str, params: dict[str, Any]) -> QuorumError:
+        msg = (
+            f"{kind} is a custody change: it needs {self.doc.threshold} custodians' approval of that exact change "
+            f"(`warden custody request {kind} ...`, then `warden custody approve`, then `warden custody execute`)"
+        )
+        self._audit(
+            AuditAction.CUSTODY_CHANGE,
+            "denied",
+            subject=self.doc.split_id,
+            detail={"operation": kind, "params": params, "why": "no quorum"},
+            error=msg,
+        )
+        return QuorumError(msg)
+
+    def _quorum(self, op: str, req: dict[str, Any], now: datetime) -> dict[str, Any]:
+        if op == "pending":
+            return {"pending": [st.to_json() for st in self.book.pending()]}
+        if op == "show":
+            op_id = str(req.get("op_id"))
+            st = self.book.get(op_id)
+            return {"statement": st.to_json(), "digest": st.digest, "approvals": self.book.progress(op_id)}
+        kr = self._kr()  # custody changes are requested, approved and executed against the unsealed keyring
+        if op == "request":
+            kind = str(req.get("kind"))[:32]
+            try:
+                params = check_params(kind, req.get("params"))
+                self._precheck(kr, kind, params)
+                ttl = timedelta(seconds=float(req.get("ttl_seconds") or 3600))
+                st = make_statement(
+                    kind, params, self.doc, requested_by=audit._actor.get() or audit._default_actor(), now=now, ttl=ttl
+                )
+            except (WardenError, ValueError, OverflowError) as e:
+                self._audit(
+                    AuditAction.CUSTODY_REQUEST,
+                    "denied",
+                    subject=self.doc.split_id,
+                    detail={"operation": kind},
+                    error=str(e),
+                )
+                if isinstance(e, WardenError):
+                    raise
+                raise QuorumError("ttl_seconds must be a number of seconds") from None
+            secrets_ = {"passphrases": dict(req.get("passphrases") or {})} if kind == "reshare" else {}
+            self.book.add(st, secrets_)
+            self._audit(AuditAction.CUSTODY_REQUEST, "ok", subject=st.op_id, detail=_describe(st))
+            return {"op_id": st.op_id, "digest": st.digest, "statement": st.to_json(), "summary": st.describe()}
+        op_id = str(req.get("op_id"))[:64]
+        if op == "approve":
+            try:
+                appr = Approval.from_json(req.get("approval"))
+                if appr.op_id != op_id:
+                    raise QuorumError("this approval is for another operation id")
+                n = self.book.approve(self.doc, appr, now=now)
+            except WardenError as e:
+                self._audit(
+                    AuditAction.CUSTODY_APPROVE,
+                    "denied",
+                    subject=op_id,
+                    error=str(e),
+                    detail={
+                        "custodian": str((req.get("approval") or {}).get("custodian"))[:64]
+                        if isinstance(req.get("approval"), dict)
+                        else None
+                    },
+                )
+                raise
+            self._audit(
+                AuditAction.CUSTODY_APPROVE,
+                "ok",
+                subject=op_id,
+                detail={
+                    "custodian": appr.custodian,
+                    "digest": appr.digest,
+                    "approved_at": appr.approved_at.isoformat(),
+                    "signature": b64e(appr.signature),
+                },
+            )
+            return {"op_id": op_id, "approvals": n, "threshold": self.doc.threshold}
+        if op == "execute":
+            try:
+                st, approvals, secrets_ = self.book.take(op_id, self.doc, now=now)
+            except WardenError as e:
+                self._audit(AuditAction.CUSTODY_CHANGE, "denied", subject=op_id, error=str(e))
+                raise
+            detail = {
+                **_describe(st),
+                "approvers": [a.custodian for a in approvals],
+                "approvals": [a.to_json() for a in approvals],
+            }
+            try:
+                result = self._execute(kr, st, secrets_)
+            except WardenError as e:
+                self._audit(AuditAction.CUSTODY_CHANGE, "error", subject=st.op_id, detail=detail, error=str(e))
+                raise
+            self._audit(AuditAction.CUSTODY_CHANGE, "ok", subject=st.op_id, detail=detail)
+            return {"op_id": st.op_id, "kind": st.kind, "approvers": detail["approvers"], "result": result}
+        raise CustodyError(f"unknown agent operation {op[:32]!r}")
+
+    def _precheck(self, kr: Keyring, kind: str, params: dict[str, Any]) -> None:
+        """Refuse at request time what could not be carried out (so custodians never approve a dud)."""
+        if kind in ("destroy", "export"):
+            kid, v = params["key_id"], params["version"]
+            if kind == "export" and kid in kr._s["signing"]:
+                if v != 1:
+                    raise QuorumError("export: a signing key has only version 1")
+                return
+            p = kr.provider(kid)
+            if kind == "destroy" and v is not None and v == p.current_version():
+                raise QuorumError(
+                    "destroy: the current version cannot be destroyed alone; rotate first or shred the key"
+                )
+            if v is not None and v not in [x["version"] for x in p.versions()]:
+                raise QuorumError(f"{kind}: key {kid} has no version {v}")
+
+    def _execute(self, kr: Keyring, st: Any, secrets_: dict[str, Any]) -> Any:
+        p = st.params
+        if st.kind == "reshare":
+            from .custody import Custodian
+
+            custodians = [Custodian(c["name"], c["recipient"]) for c in p["custodians"]]
+            doc = kr.reshare(custodians, int(p["threshold"]), secrets_.get("passphrases") or {})
+            self.doc, self.session = doc, UnsealSession(doc)
+            self.book.clear()  # approvals of the old custodians carry no weight any more
+            return {"split_id": doc.split_id, "threshold": doc.threshold}
+        if st.kind == "destroy":
+            from ..sealed.rewrap import shred
+
+            prov = kr.provider(p["key_id"])
+            return shred(prov) if p["version"] is None else prov.destroy(int(p["version"]))
+        if st.kind == "export":
+            import pyrage
+
+            kid, v = p["key_id"], int(p["version"])
+            if kid in kr._s["signing"]:
+                material = {"kind": "ed25519-signing-key", "private": kr._s["signing"][kid]["private"]}
+            else:
+                material = {"kind": "kek", "key": b64e(kr._kek(kid, v))}
+            blob = json.dumps({"format": "weightwarden-key-export", "key_id": kid, "version": v, **material}).encode()
+            sealed = pyrage.encrypt(blob, [pyrage.x25519.Recipient.from_str(p["recipient"])])
+            self._audit(
+                AuditAction.KEY_EXPORT,
+                "ok",
+                key_id=kid,
+                key_version=v,
+                provider="local",
+                subject=st.op_id,
+                detail={"recipient": p["recipient"]},
+            )
+            return {"sealed_key": b64e(sealed), "recipient": p["recipient"]}
+        if st.kind == "policy":
+            pol = Policy.from_json(p["policy"])
+            kr._s["policy"] = pol.to_json()
+            kr.save()
+            self.policy = pol
+            self._audit(AuditAction.POLICY_SET, "ok", subject=st.op_id, detail={"policy_digest": pol.digest})
+            return {"policy_digest": pol.digest}
+        if st.kind == "audit":
+            kr._s["audit_key_use"] = bool(p["key_use"])
+            kr.save()
+            self.audit_key_use = bool(p["key_use"])
+            self._audit(AuditAction.POLICY_SET, "ok", subject=st.op_id, detail={"key_use_audit": self.audit_key_use})
+            return {"key_use_audit": self.audit_key_use}
+        raise QuorumError(f"unknown custody change {st.kind!r}")
+
+
+def _describe(st: Any) -> dict[str, Any]:
+    params = dict(st.params)
+    if st.kind == "policy":
+        params = {"policy_digest": Policy.from_json(params["policy"]).digest}
+    return {
+        "operation": st.kind,
+        "params": params,
+        "op_id": st.op_id,
+        "digest": st.digest,
+        "requested_by": st.requested_by,
+        "requested_at": st.requested_at.isoformat(),
+        "expires_at": st.expires_at.isoformat(),
+    }
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -180,10 +477,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         creds = self.request.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        if uid != os.getuid():
-            self._reply({"error": "CustodyError", "message": "the agent serves only its own user"})
-            return
+        pid, uid, _gid = struct.unpack("3i", creds)
         line = self.rfile.readline(MAX_LINE + 1)
         if len(line) > MAX_LINE:
             self._reply({"error": "FormatError", "message": "request too large"})
@@ -197,7 +491,7 @@ class _Handler(socketserver.StreamRequestHandler):
             return
         try:
             with audit.context(actor=str(req.get("actor") or f"uid{uid}"), reason=str(req.get("reason") or "")):
-                self._reply(self.server.state.handle(req))
+                self._reply(self.server.state.handle(req, Caller(uid, pid)))
         except WardenError as e:
             self._reply({"error": type(e).__name__, "message": str(e)})
         except (KeyError, TypeError, ValueError) as e:
@@ -258,6 +552,9 @@ class AgentClient:
             req["actor"] = actor
         if reason:
             req["reason"] = reason
+        for field_, env in (("workload", "WARDEN_WORKLOAD"), ("workload_token", "WARDEN_WORKLOAD_TOKEN")):
+            if os.environ.get(env) and field_ not in req:  # the workload this process runs as (key-use policy)
+                req[field_] = os.environ[env]
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(60)
@@ -371,6 +668,27 @@ class AgentKeyring:
 
     def save(self) -> None:
         return None
+
+
+def fetch_statement(home: Path, op_id: str) -> Any:
+    """A pending custody change's statement, rebuilt and re-hashed here (the agent's digest is not trusted)."""
+    from .quorum import Statement
+
+    r = AgentClient(home).call("show", op_id=op_id)
+    st = Statement.from_json(r["statement"])
+    if st.op_id != op_id:
+        raise QuorumError("the agent answered with another operation's statement")
+    if st.split_id != CustodyDoc.load(home).split_id:
+        raise QuorumError("the change was requested under another custody record than this home's custody.json")
+    return st
+
+
+def approve(home: Path, stmt: Any, share: Share, *, now: datetime) -> dict[str, Any]:
+    """Sign ``stmt`` with the approval key of ``share`` (here, on the custodian's side) and hand the approval in."""
+    from .quorum import sign_approval
+
+    appr = sign_approval(stmt, share, now=now)
+    return AgentClient(home).call("approve", op_id=stmt.op_id, approval=appr.to_json())
 
 
 def under_custody(home: Path) -> bool:

@@ -9,6 +9,10 @@
 * ``custody.json`` (public) holds the split id, M, the custodians, their sealed shares, a
   digest of each plaintext share (to name a corrupt share), a commitment to R and the
   wrapped root key.  M−1 shares reveal nothing about R.
+* Each share also yields an Ed25519 **approval key** (HKDF of the share); its public half is in
+  the record and bound into the wrapped root key's associated data, so editing the record
+  breaks the unseal.  Custodians sign custody changes with it (``keys/quorum.py``): the
+  share never leaves their terminal.
 * Unsealing gathers shares in memory (:class:`UnsealSession`, held by the agent);
   re-sharing draws a new R for a new set of custodians and re-wraps the same root key,
   so every key and every sealed file stays as it is, and the old shares open nothing.
@@ -29,8 +33,10 @@ import pyrage
 from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .._atomic import atomic_write_bytes
 from ..errors import CustodyError
@@ -47,6 +53,25 @@ def _canon(obj: Any) -> bytes:
 
 def _commit(r: bytes, split_id: str) -> str:
     return HKDF(hashes.SHA256(), 32, bytes.fromhex(split_id), b"weightwarden/v1/unseal-commit").derive(r).hex()
+
+
+def approval_key(share: Share) -> Ed25519PrivateKey:
+    """The Ed25519 key a custodian signs custody-change approvals with, derived from their share."""
+    seed = HKDF(
+        hashes.SHA256(), 32, bytes.fromhex(share.split_id), b"weightwarden/v1/approve\0" + bytes([share.index])
+    ).derive(share.value)
+    return Ed25519PrivateKey.from_private_bytes(seed)
+
+
+def _root_aad(split_id: str, threshold: int, entries: list[dict[str, Any]]) -> bytes:
+    """Associated data of the wrapped root key.  Records with approval keys bind the threshold and
+    every custodian's name, index, recipient and approval key, so a record edited to change who
+    approves (or how many must) no longer unwraps the root key."""
+    aad = b"weightwarden/v1/root\0" + bytes.fromhex(split_id)
+    if not any("approver" in c for c in entries):
+        return aad  # a record made before approval keys existed
+    who = [{k: c.get(k) for k in ("name", "index", "recipient", "approver")} for c in entries]
+    return aad + b"\0approvers\0" + hashlib.sha256(_canon({"threshold": threshold, "custodians": who})).digest()
 
 
 def _share_digest(split_id: str, index: int, share: bytes) -> str:
@@ -133,6 +158,16 @@ class CustodyDoc:
                 return c
         raise CustodyError(f"{name} is not a custodian of this split")
 
+    def approver(self, name: str) -> bytes:
+        """The custodian's Ed25519 approval public key (trusted once the record unsealed the keyring)."""
+        key = self.custodian(name).get("approver")
+        if key is None:
+            raise CustodyError(
+                "this custody record has no approval keys (made before quorum approvals); "
+                "custody changes cannot be approved until the keyring is put under a new custody record"
+            )
+        return b64d(key, "approval key")
+
     def open_share(self, name: str, *, identity: str | None = None, passphrase: str | None = None) -> Share:
         """Decrypt one custodian's sealed share with their age identity or passphrase."""
         c = self.custodian(name)
@@ -187,10 +222,11 @@ def split(
                 "index": i + 1,
                 "sealed_share": b64e(sealed),
                 "share_digest": _share_digest(split_id, i + 1, share.value),
+                "approver": b64e(approval_key(share).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)),
             }
         )
     nonce = secrets.token_bytes(12)
-    wrapped = nonce + AESGCM(r).encrypt(nonce, root_key, b"weightwarden/v1/root\0" + bytes.fromhex(split_id))
+    wrapped = nonce + AESGCM(r).encrypt(nonce, root_key, _root_aad(split_id, threshold, entries))
     return CustodyDoc(
         {
             "format": "weightwarden-custody",
@@ -247,6 +283,6 @@ def combine(doc: CustodyDoc, shares: list[Share]) -> bytes:
         raise CustodyError("the shares do not rebuild this record's unseal key")
     w = doc.wrapped_root
     try:
-        return AESGCM(r).decrypt(w[:12], w[12:], b"weightwarden/v1/root\0" + bytes.fromhex(doc.split_id))
+        return AESGCM(r).decrypt(w[:12], w[12:], _root_aad(doc.split_id, doc.threshold, doc.custodians))
     except InvalidTag:
         raise CustodyError("the custody record's wrapped root key is corrupt") from None
