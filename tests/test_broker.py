@@ -103,7 +103,7 @@ class Account:
 
 def _broker(db_url: str, tmp_path: Path, sealed: Path, config: BrokerConfig | None = None,
             store: Any = None) -> tuple[Broker, dict[str, Account]]:  # fmt: skip
-    log = AuditLog(db_url, Ed25519Signer.generate())
+    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
     b = Broker(db_url, store or LocalWeightStore(tmp_path / "store"), log, config or BrokerConfig(chunk=1 << 16))
     accts = {n: Account(n) for n in ("rel", "ap1", "ap2", "ap3", "loader", "aud", "reader", "rel2")}
     b.add_account("rel", "human", accts["rel"].pub, {"releaser"}, {"core"})

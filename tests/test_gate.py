@@ -199,7 +199,7 @@ def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: 
 
     sealed = tmp_path / "m.wws"
     ww.seal(model / "model.safetensors", sealed, keyring=keyring)
-    log = AuditLog(db_url, Ed25519Signer.generate())
+    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
     gate = ReleaseGate(default_rules(), ScreeningList.load(SAMPLE))
     now = datetime(2026, 6, 1, 12, tzinfo=UTC)
     with Broker(db_url, LocalWeightStore(tmp_path / "store"), log, BrokerConfig(chunk=1 << 16), gate=gate) as b:
@@ -249,7 +249,7 @@ def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: 
         assert got == copy.read_bytes() != sealed.read_bytes()  # the fingerprinted copy, not the original
         with pytest.raises(Conflict):
             list(b.stream(rel, "m", request_id=req["id"], now=now))
-    nogate = Broker(db_url, LocalWeightStore(tmp_path / "store"), AuditLog(db_url, Ed25519Signer.generate()))
+    nogate = Broker(db_url, LocalWeightStore(tmp_path / "store"), AuditLog(db_url, Ed25519Signer.generate("audit-log")))
     with nogate, pytest.raises(BrokerError, match="no export-control gate"):
         nogate.request_copy(nogate.principal("rel"), "m", "release", recipient="Acme", country="DE", now=now)
 

@@ -820,6 +820,12 @@ PubkeyOpt = Annotated[
     typer.Option("--pubkey", envvar="WARDEN_AUDIT_PUBKEY", help="the log's Ed25519 public key (hex), kept "
                  "outside the database", show_default=False),
 ]  # fmt: skip
+LogIdOpt = Annotated[
+    str | None,
+    typer.Option("--log-id", envvar="WARDEN_AUDIT_LOG_ID", help="the log's id (32 hex digits, printed by `warden "
+                 "serve` and in every head), kept outside the database: another log signed by the same key is "
+                 "refused", show_default=False),
+]  # fmt: skip
 
 
 def _pubkey(pubkey: str | None, what: str) -> bytes:
@@ -842,13 +848,22 @@ def _pubkey(pubkey: str | None, what: str) -> bytes:
     return key
 
 
-def _audit_log(db: str | None, home: Path | None, key: bytes | None = None) -> Any:
+def _audit_log(db: str | None, home: Path | None, key: bytes | None = None, log_id: str | None = None) -> Any:
     from .broker.auditlog import AuditLog
 
     url = db or f"sqlite:///{(home or default_home()) / 'broker' / 'broker.db'}"
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         raise WardenError(f"no audit log at {url}")
-    return AuditLog(url, public_key=key, create=False)
+    return AuditLog(url, public_key=key, create=False, log_id=_log_id(log_id))
+
+
+def _log_id(text: str | None) -> bytes | None:
+    from .broker.auditlog import parse_log_id
+
+    try:
+        return parse_log_id(text, "--log-id")
+    except WardenError as e:
+        raise WardenError(str(e)) from None
 
 
 def _read_json(path: Path) -> Any:
@@ -862,7 +877,7 @@ def _read_json(path: Path) -> Any:
 def audit_head(db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Print the latest signed tree head (keep a copy outside the database)."""
     h = _audit_log(db, home).head().to_json()
-    _emit(h, as_json, f"size {h['size']}  root {h['root']}  at {h['at']}  key {h['key_id']}")
+    _emit(h, as_json, f"log {h['log_id']}  size {h['size']}  root {h['root']}  at {h['at']}  key {h['key_id']}")
 
 
 @audit_app.command("prove")
@@ -873,16 +888,23 @@ def audit_prove(index: int, db: DbOpt = None, home: HomeOpt = None, as_json: Jso
 
 
 @audit_app.command("check-proof")
-def audit_check_proof(proof: Path, pubkey: PubkeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Check a proof file offline, with the log's public key only."""
+def audit_check_proof(proof: Path, pubkey: PubkeyOpt = None, log_id: LogIdOpt = None, as_json: JsonOpt = False) -> None:
+    """Check a proof file offline, with the log's public key (and log id) only."""
     from .broker.auditlog import InclusionProof, check_inclusion
 
     key = _pubkey(pubkey, "checking a proof")
     p = InclusionProof.from_json(_read_json(proof))
-    ev = check_inclusion(p, key)
+    ev = check_inclusion(p, key, _log_id(log_id))
     what = f"{ev.get('action')} by {ev.get('actor')}"
-    _emit({"valid": True, "index": p.index, "head_size": p.head.size, "event": ev}, as_json,
-          f"event {p.index} is in the signed log of {p.head.size} events: {what}")  # fmt: skip
+    _unpinned(log_id, as_json)
+    _emit({"valid": True, "index": p.index, "head_size": p.head.size, "log_id": p.head.log_id.hex(),
+           "log_id_pinned": log_id is not None, "event": ev}, as_json,
+          f"event {p.index} is in the signed log {p.head.log_id.hex()} of {p.head.size} events: {what}")  # fmt: skip
+
+
+def _unpinned(log_id: str | None, as_json: bool) -> None:
+    if log_id is None and not as_json:
+        err.print("note: no --log-id pinned: another log signed by the same key would pass too")
 
 
 @audit_app.command("verify")
@@ -890,17 +912,19 @@ def audit_verify(
     db: DbOpt = None,
     pubkey: PubkeyOpt = None,
     against: Annotated[Path | None, typer.Option("--against", help="a head kept outside the database")] = None,
+    log_id: LogIdOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Recompute the whole tree from the events and check every signed head."""
+    """Recompute the whole tree from the events and check every signed head (of the pinned log)."""
     from .broker.auditlog import SignedHead
 
-    log = _audit_log(db, home, _pubkey(pubkey, "verifying"))
+    log = _audit_log(db, home, _pubkey(pubkey, "verifying"), log_id)
     kept = SignedHead.from_json(_read_json(against)) if against else None
     rep = log.verify(against=kept)
-    _emit(rep, as_json, f"audit log intact: {rep['events']} events, {rep['heads_checked']} signed heads checked"
-          + (f", extends the kept head of size {rep['against']}" if kept else ""))  # fmt: skip
+    _unpinned(log_id, as_json)
+    _emit(rep, as_json, f"audit log {rep['log_id']} intact: {rep['events']} events, {rep['heads_checked']} signed "
+          "heads checked" + (f", extends the kept head of size {rep['against']}" if kept else ""))  # fmt: skip
 
 
 @audit_app.command("export")
@@ -938,8 +962,9 @@ BrokerDbOpt = Annotated[
 
 def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None,
             gate: bool = False, per_principal: tuple[float, float] | None = None) -> Any:  # fmt: skip
-    """A broker over the keyring's signing key (it signs the audit log's tree heads); with ``gate``, the
-    export-control gate configured under ``home`` decides its release requests."""
+    """A broker over the keyring's audit-log key (it signs the audit log's tree heads; made when there is
+    none; never the sealing key); with ``gate``, the export-control gate configured under ``home`` decides
+    its release requests."""
     from .broker.auditlog import AuditLog
     from .broker.service import Broker, BrokerConfig
     from .broker.storage import LocalWeightStore, S3WeightStore
@@ -952,7 +977,7 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
         ws: Any = S3WeightStore(bucket, prefix, os.environ.get("AWS_ENDPOINT_URL"))
     else:
         ws = LocalWeightStore(Path(store) if store else h / "broker" / "weights")
-    log = AuditLog(url, _keyring(home).signer())
+    log = AuditLog(url, _keyring(home).signer(purpose="audit-log", create=True))
     cfg = BrokerConfig(audience=audience) if audience else BrokerConfig()
     if per_principal is not None:
         import dataclasses
@@ -1060,6 +1085,7 @@ def serve_cmd(
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
     sys.setswitchinterval(0.001)  # short GIL slices: a policy decision never waits a 5 ms slice behind a stream
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
+    sys.stderr.write(f"audit log id (pin it with the key): {b.log.log_id.hex()}\n")
     sys.stderr.flush()
     try:
         uvicorn.run(create_app(b, pk), host=host, port=port, log_level="warning", server_header=False)
