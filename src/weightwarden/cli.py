@@ -101,7 +101,7 @@ SignerOpt = Annotated[
 ]
 
 
-def _signer(kr: Any, uri: str | None) -> Any:
+def _signer(kr: Any, uri: str | None, purpose: str | None = None) -> Any:
     if uri is None:
         return kr.signer()
     if not uri.startswith("pkcs11:"):
@@ -109,7 +109,7 @@ def _signer(kr: Any, uri: str | None) -> Any:
     from .keys.pkcs11 import signer_from_uri
 
     try:
-        return signer_from_uri(uri)
+        return signer_from_uri(uri, purpose=purpose)
     except ValueError as e:
         raise WardenError(str(e)) from None
 
@@ -183,17 +183,25 @@ def _kdf_from_env() -> KdfParams:
 def key_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List keys (ids, versions, states; never key material)."""
     keys = _keyring(home).list_keys()
-    t = Table("key id", "kind", "version", "state", "current", "default", "created")
+    t = Table("key id", "kind", "purpose", "version", "state", "current", "default", "created")
     for k in keys:
-        t.add_row(
-            k["key_id"], k["kind"], str(k["version"]), k["state"], str(k["current"]), str(k["default"]), k["created"]
-        )
+        t.add_row(k["key_id"], k["kind"], k.get("purpose", "sealing"), str(k["version"]), k["state"], str(k["current"]),
+                  str(k["default"]), k["created"])  # fmt: skip
     _emit(keys, as_json, t)
+
+
+PurposeOpt = Annotated[
+    str | None,
+    typer.Option("--purpose", help="what the key is for: signing keys sealing | audit-log | export-rules; "
+                 "KEKs sealing | tracing [default: sealing]", show_default=False),
+]  # fmt: skip
 
 
 @key_app.command("new")
 def key_new(
     kind: Annotated[str, typer.Option(help="kek or signing")] = "kek",
+    signing: Annotated[bool, typer.Option("--signing", help="a signing key (same as --kind signing)")] = False,
+    purpose: PurposeOpt = None,
     name: Annotated[str | None, typer.Option(help="KEK name, e.g. one per model (so it can be shredded)")] = None,
     provider: Annotated[
         str | None, typer.Option("--provider", help="create it in this HSM instead: a pkcs11: URI (object= names it)")
@@ -201,7 +209,15 @@ def key_new(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a new key-encryption key or signing key (in the keyring, or inside a PKCS#11 token)."""
+    """Create a new key-encryption key or signing key of one purpose (in the keyring, or inside a PKCS#11
+    token).  The first key of a purpose becomes that purpose's default."""
+    from .keys.provider import KEK_PURPOSES, SIGNING_PURPOSES, check_purpose
+
+    kind = "signing" if signing else kind
+    if kind not in ("kek", "signing"):
+        raise WardenError("--kind must be kek or signing")
+    purpose = check_purpose(purpose or "sealing", SIGNING_PURPOSES if kind == "signing" else KEK_PURPOSES,
+                            f"--purpose (for a {kind} key)")  # fmt: skip
     if provider is not None:
         if not provider.startswith("pkcs11:"):
             raise WardenError("--provider creates keys in a PKCS#11 token; KMS and Vault keys are made there")
@@ -209,37 +225,38 @@ def key_new(
 
         try:
             if kind == "kek":
+                if purpose != "sealing":
+                    raise WardenError("--purpose: a token's KEKs wrap data keys (sealing) only")
                 kid = from_uri(provider).create_key()
-            elif kind == "signing":
-                kid = signer_from_uri(provider, create=True).key_id
             else:
-                raise WardenError("--kind must be kek or signing")
+                kid = signer_from_uri(provider, create=True, purpose=purpose).key_id
         except ValueError as e:
             raise WardenError(str(e)) from None
-        _emit({"key_id": kid, "kind": kind, "provider": "pkcs11"}, as_json, f"new {kind} key {kid} in the token")
+        _emit({"key_id": kid, "kind": kind, "purpose": purpose, "provider": "pkcs11"}, as_json,
+              f"new {kind} key {kid} ({purpose}) in the token")  # fmt: skip
         return
     kr = _keyring(home)
-    if kind == "kek":
-        kid = kr.new_kek(name)
-    elif kind == "signing":
-        kid = kr.new_signing_key()
-    else:
-        raise WardenError("--kind must be kek or signing")
+    kid = kr.new_kek(name, purpose=purpose) if kind == "kek" else kr.new_signing_key(purpose=purpose)
     kr.save()
-    _emit({"key_id": kid, "kind": kind}, as_json, f"new {kind} key {kid}")
+    _emit({"key_id": kid, "kind": kind, "purpose": purpose}, as_json, f"new {kind} key {kid} ({purpose})")
 
 
 @key_app.command("export-public")
 def key_export_public(
-    key_id: Annotated[str | None, typer.Argument(help="signing key id (default: the default signer)")] = None,
+    key_id: Annotated[str | None, typer.Argument(help="signing key id (default: the purpose's default key)")] = None,
+    purpose: PurposeOpt = None,
     signer_uri: SignerOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a signing key's public key, for others to `warden trust add`."""
-    signer = _signer(None, signer_uri) if signer_uri else _keyring(home).signer(key_id)
+    """Print a signing key's public key, for others to `warden trust add --purpose` (or to pin an audit log)."""
+    if signer_uri:
+        signer = _signer(None, signer_uri, purpose)
+    else:
+        signer = _keyring(home).signer(key_id, purpose=purpose or (None if key_id else "sealing"))
     pub = base64.b64encode(signer.public_key).decode()
-    _emit({"key_id": signer.key_id, "public_key": pub}, as_json, f"{signer.key_id} {pub}")
+    _emit({"key_id": signer.key_id, "purpose": signer.purpose, "public_key": pub}, as_json,
+          f"{signer.key_id} {pub}")  # fmt: skip
 
 
 def _parse_public(text: str) -> bytes:
@@ -260,24 +277,28 @@ def _parse_public(text: str) -> bytes:
 def trust_add(
     public_key: Annotated[str, typer.Argument(help="base64 public key, or a file holding it")],
     label: Annotated[str, typer.Option(help="who this is")] = "",
+    purpose: Annotated[str, typer.Option("--purpose", help="sealing | legacy-sealing (also version-1 manifests) | "
+                                         "audit-log | export-rules")] = "sealing",
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Trust a signer's public key."""
+    """Trust a signer's public key for one purpose (a key trusted for another purpose is refused: remove it first)."""
     ts = TrustStore.load(home or default_home())
-    kid = ts.add(_parse_public(public_key), label)
+    kid = ts.add(_parse_public(public_key), label, purpose)
     ts.save()
-    _emit({"key_id": kid, "label": label}, as_json, f"trusted {kid}")
+    _emit({"key_id": kid, "label": label, "purpose": purpose}, as_json, f"trusted {kid} for {purpose}")
 
 
 @trust_app.command("list")
 def trust_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List trusted signers."""
+    """List trusted signers and what each is trusted for."""
+    from rich.markup import escape
+
     ts = TrustStore.load(home or default_home())
-    rows = [{"key_id": k, "label": v.get("label", "")} for k, v in sorted(ts.signers.items())]
-    t = Table("key id", "label")
+    rows = [{"key_id": k, "label": v.get("label", ""), "purpose": ts.purpose(k)} for k, v in sorted(ts.signers.items())]
+    t = Table("key id", "purpose", "label")
     for r in rows:
-        t.add_row(r["key_id"], r["label"])
+        t.add_row(r["key_id"], r["purpose"], escape(str(r["label"])))
     _emit(rows, as_json, t)
 
 
