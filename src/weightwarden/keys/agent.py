@@ -30,10 +30,10 @@ from typing import Any
 from .. import audit, errors
 from ..audit import AuditAction
 from ..audit import event as audit_event
-from ..errors import CustodyError, ProviderUnavailableError, WardenError
+from ..errors import CustodyError, KeyPurposeError, ProviderUnavailableError, WardenError
 from .custody import CUSTODY_FILE, CustodyDoc, Share, UnsealSession
 from .local import Keyring, TrustStore
-from .provider import KeyProvider, KeySlot, Signer, b64d, b64e
+from .provider import KeyProvider, KeySlot, Signer, b64d, b64e, purpose_message
 
 SOCKET = "agent.sock"
 MAX_LINE = 1 << 20
@@ -131,12 +131,20 @@ class _State:
                 finally:
                     for i in range(len(dek)):
                         dek[i] = 0
-            if op == "sign":
-                s = kr.signer(req.get("key_id"))
-                return {"signature": b64e(s.sign(b64d(req["message"], "message")))}
+            if op == "sign":  # the message comes labelled; the agent signs only its key's own purpose
+                s = kr.signer(req.get("key_id"), purpose=req.get("purpose"))
+                msg = b64d(req["message"], "message")
+                if not msg.startswith(purpose_message(s.purpose, b"")):
+                    self._audit(AuditAction.KEY_SIGN, "denied", key_id=s.key_id, provider="local",
+                                detail={"purpose": s.purpose}, error="message not labelled with the key's purpose")
+                    raise KeyPurposeError(f"key {s.key_id} signs {s.purpose!r} messages only")
+                sig = s._sign(msg)
+                s.audit.emit(audit_event(AuditAction.KEY_SIGN, "ok", key_id=s.key_id, provider="local",
+                                         detail={"purpose": s.purpose}))  # fmt: skip
+                return {"signature": b64e(sig)}
             if op == "signer":
-                s = kr.signer(req.get("key_id"))
-                return {"key_id": s.key_id, "public_key": b64e(s.public_key)}
+                s = kr.signer(req.get("key_id"), purpose=req.get("purpose"), create=req.get("create") is True)
+                return {"key_id": s.key_id, "public_key": b64e(s.public_key), "purpose": s.purpose}
             if op == "list_keys":
                 return {"keys": kr.list_keys(), "default_kek": kr._s.get("default_kek")}
             if op == "new_kek":
@@ -329,17 +337,22 @@ class AgentProvider(KeyProvider):
 
 
 class AgentSigner(Signer):
-    def __init__(self, client: AgentClient, key_id: str | None = None):
+    """A signing key the agent holds, of the purpose the agent reports (it checks every message's label)."""
+
+    def __init__(self, client: AgentClient, key_id: str | None = None, *, purpose: str | None = None,
+                 create: bool = False):  # fmt: skip
         self._c = client
-        r = client.call("signer", key_id=key_id)
+        r = client.call("signer", key_id=key_id, purpose=purpose, create=create)
         self._pub = b64d(r["public_key"], "public key")
+        self.purpose = str(r.get("purpose", "sealing"))
 
     @property
     def public_key(self) -> bytes:
         return self._pub
 
     def _sign(self, message: bytes) -> bytes:
-        return b64d(self._c.call("sign", key_id=self.key_id, message=b64e(message))["signature"], "signature")
+        r = self._c.call("sign", key_id=self.key_id, purpose=self.purpose, message=b64e(message))
+        return b64d(r["signature"], "signature")
 
 
 class AgentKeyring:
@@ -357,11 +370,11 @@ class AgentKeyring:
         kid = key_id or self.client.call("list_keys")["default_kek"]
         return AgentProvider(self.client, kid)
 
-    def signer(self, key_id: str | None = None) -> AgentSigner:
-        return AgentSigner(self.client, key_id)
+    def signer(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> AgentSigner:
+        return AgentSigner(self.client, key_id, purpose=purpose, create=create)
 
-    def public_key(self, key_id: str | None = None) -> bytes:
-        return self.signer(key_id).public_key
+    def public_key(self, key_id: str | None = None, *, purpose: str | None = None) -> bytes:
+        return self.signer(key_id, purpose=purpose).public_key
 
     def list_keys(self) -> list[dict[str, Any]]:
         return list(self.client.call("list_keys")["keys"])
