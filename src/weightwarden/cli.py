@@ -1275,8 +1275,9 @@ def release_cmd(
             def approval(d: Any) -> Any:
                 return b.consume_release(request, d, actor=audit._default_actor())
 
-        kw = {"provider": kr.provider(), "country": country, "aliases": tuple(alias or ()), "approval": approval,
-              "classify_kw": ckw, "model_id": model_id, "home": home, "db": db}  # fmt: skip
+        kw = {"provider": kr.provider(purpose="tracing", create=True), "country": country,
+              "aliases": tuple(alias or ()), "approval": approval, "classify_kw": ckw, "model_id": model_id,
+              "home": home, "db": db}  # fmt: skip
         try:
             rel = release(model, to, output, force=force, seal=(kr.provider(), kr.signer()) if seal_out else None, **kw)
         except ReleaseDenied as e:
@@ -1360,7 +1361,7 @@ def trace_cmd(
     from .trace import trace
 
     kr = _keyring(home)
-    rep = trace(suspect, model, provider=kr.provider(), model_id=model_id, home=home, db=db, eps=eps,
+    rep = trace(suspect, model, provider=kr.provider(purpose="tracing"), model_id=model_id, home=home, db=db, eps=eps,
                 population=population, **_model_kw(suspect, home))  # fmt: skip
     j = rep.to_json()
     _log(home, audit.AuditAction.TRACE_RUN, rep.model_id, accused=[a["recipient"] for a in rep.accused])

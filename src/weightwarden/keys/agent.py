@@ -120,12 +120,17 @@ class _State:
                 self.stop.set()
                 return {"stopping": True}
             kr = self._kr()
+            if op == "provider":  # a KEK of one purpose (made when asked and missing)
+                p = kr.provider(req.get("key_id"), purpose=req.get("purpose"), create=req.get("create") is True)
+                return {"key_id": p.key_id, "purpose": p.purpose}
             if op == "wrap":
-                slot = kr.provider(req.get("key_id")).wrap(b64d(req["dek"], "dek"), b64d(req["context"], "context"))
+                p = kr.provider(req.get("key_id"), purpose=req.get("purpose"))
+                slot = p.wrap(b64d(req["dek"], "dek"), b64d(req["context"], "context"))
                 return {"slot": slot.to_json()}
-            if op == "unwrap":
+            if op == "unwrap":  # with a purpose, a KEK of another purpose is refused
                 slot = KeySlot.from_json(req["slot"])
-                dek = kr.provider(slot.key_id).unwrap(slot, b64d(req["context"], "context"))
+                p = kr.provider(slot.key_id, purpose=req.get("purpose"))
+                dek = p.unwrap(slot, b64d(req["context"], "context"))
                 try:
                     return {"dek": b64e(bytes(dek))}
                 finally:
@@ -305,16 +310,17 @@ class AgentProvider(KeyProvider):
 
     name = "local"
 
-    def __init__(self, client: AgentClient, key_id: str):
+    def __init__(self, client: AgentClient, key_id: str, purpose: str = "sealing"):
         self._c = client
         self.key_id = key_id
+        self.purpose = purpose
 
     def _wrap(self, dek: bytes, context: bytes) -> KeySlot:
-        r = self._c.call("wrap", key_id=self.key_id, dek=b64e(dek), context=b64e(context))
+        r = self._c.call("wrap", key_id=self.key_id, purpose=self.purpose, dek=b64e(dek), context=b64e(context))
         return KeySlot.from_json(r["slot"])
 
     def _unwrap(self, slot: KeySlot, context: bytes) -> bytearray:
-        r = self._c.call("unwrap", slot=slot.to_json(), context=b64e(context))
+        r = self._c.call("unwrap", slot=slot.to_json(), purpose=self.purpose, context=b64e(context))
         return bytearray(b64d(r["dek"], "dek"))
 
     def _key(self, action: str, key_id: str, **kw: Any) -> Any:
@@ -366,9 +372,9 @@ class AgentKeyring:
         self.trust = TrustStore.load(home)
         self.audit = audit.NullSink()  # the agent records every use itself
 
-    def provider(self, key_id: str | None = None) -> AgentProvider:
-        kid = key_id or self.client.call("list_keys")["default_kek"]
-        return AgentProvider(self.client, kid)
+    def provider(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> AgentProvider:
+        r = self.client.call("provider", key_id=key_id, purpose=purpose, create=create)
+        return AgentProvider(self.client, str(r["key_id"]), str(r["purpose"]))
 
     def signer(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> AgentSigner:
         return AgentSigner(self.client, key_id, purpose=purpose, create=create)
