@@ -943,7 +943,7 @@ def audit_verify(
     log = _audit_log(db, home, _pubkey(pubkey, "verifying"), log_id)
     kept = SignedHead.from_json(_read_json(against)) if against else None
     rep = log.verify(against=kept)
-    _unpinned(log_id, as_json)
+    _unpinned(log_id or (kept.log_id.hex() if kept else None), as_json)  # a kept head names its log
     _emit(rep, as_json, f"audit log {rep['log_id']} intact: {rep['events']} events, {rep['heads_checked']} signed "
           "heads checked" + (f", extends the kept head of size {rep['against']}" if kept else ""))  # fmt: skip
 
