@@ -454,6 +454,8 @@ def test_a_log_without_a_log_id_is_refused(db_url: str, signer: Ed25519Signer) -
         with pytest.raises(AuditLogError, match="no log id"):
             call()
     assert again.size() == 5
+    rows = list(again.export())  # its events can still be moved out
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4] and rows[0]["log_id"] is None
 
 
 def test_cli_pins_the_log_id(cli_env: dict[str, str], tmp_path: Path, signer: Ed25519Signer) -> None:
@@ -462,6 +464,8 @@ def test_cli_pins_the_log_id(cli_env: dict[str, str], tmp_path: Path, signer: Ed
     pub, lid = signer.public_key.hex(), log.log_id.hex()
     r = warden(cli_env, "audit", "head", "--db", url, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["log_id"] == lid
+    r = warden(cli_env, "audit", "export", "--db", url, "--start", "10")
+    assert [json.loads(x)["log_id"] for x in r.stdout.splitlines()] == [lid, lid]
     r = warden(cli_env, "audit", "verify", "--db", url, "--pubkey", pub, "--log-id", lid, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["log_id_pinned"] is True

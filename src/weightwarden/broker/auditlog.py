@@ -442,14 +442,22 @@ class AuditLog:
 
     @_db_errors
     def export(self, start: int = 0) -> Iterator[dict[str, Any]]:
-        """Events from ``start`` on, in order, each with its index and leaf hash (JSON lines for a SIEM)."""
+        """Events from ``start`` on, in order, each with the log id, its index and leaf hash (JSON lines for
+        a SIEM).  A log from before log ids exports with ``log_id`` null: moving its events out is the way on."""
         import sqlalchemy as sa
 
+        try:
+            lid: str | None = self.log_id.hex()
+        except LogIdentityError:
+            raise
+        except AuditLogError:
+            lid = None
         with self.engine.connect() as c:
             q = sa.select(self.t_events).where(self.t_events.c.idx >= start).order_by(self.t_events.c.idx)
             for r in c.execution_options(stream_results=True, yield_per=1000).execute(q):
                 b = bytes(r.body)
-                yield {"index": int(r.idx), "leaf_hash": merkle.leaf_hash(b).hex(), "event": json.loads(b)}
+                yield {"log_id": lid, "index": int(r.idx), "leaf_hash": merkle.leaf_hash(b).hex(),
+                       "event": json.loads(b)}
 
     # -- verification -------------------------------------------------------------------
     @_db_errors
