@@ -235,3 +235,16 @@ def test_agent_signs_only_its_keys_own_purpose(tmp_path):
     signs = [e for e in events if e["action"] == "key:sign"]
     assert [e["outcome"] for e in signs] == ["denied", "denied", "denied", "ok"]
     assert signs[-1]["detail"]["purpose"] == "audit-log"
+    # KEKs through the agent: a tracing KEK is made on request, and a slot under it does not unwrap
+    # as a sealing key (nor a file's data key as a tracing one)
+    tracing = state.handle({"op": "provider", "purpose": "tracing", "create": True})
+    assert tracing["purpose"] == "tracing"
+    slot = state.handle({"op": "wrap", "key_id": tracing["key_id"], "purpose": "tracing", "dek": b64e(bytes(32)),
+                         "context": b64e(b"warden-trace-secret|m")})["slot"]  # fmt: skip
+    with pytest.raises(KeyPurposeError):
+        state.handle({"op": "unwrap", "slot": slot, "purpose": "sealing", "context": b64e(b"warden-trace-secret|m")})
+    dek = state.handle({"op": "unwrap", "slot": slot, "purpose": "tracing", "context": b64e(b"warden-trace-secret|m")})
+    assert b64d(dek["dek"]) == bytes(32)
+    with pytest.raises(KeyPurposeError):
+        state.handle({"op": "wrap", "purpose": "tracing", "key_id": state.handle({"op": "provider"})["key_id"],
+                      "dek": b64e(bytes(32)), "context": b64e(b"x")})  # fmt: skip
