@@ -74,7 +74,7 @@ def plain_rate(url: str, bodies: list[bytes], batch: int, table: str) -> float:
 
 
 def log_rates(url: str, n: int, threads: int) -> dict:
-    signer = Ed25519Signer.generate()
+    signer = Ed25519Signer.generate("audit-log")
     bodies = [_canonical(_ev(i)) for i in range(n)]
     single_n = max(200, n // 20)
     out: dict = {}
@@ -123,6 +123,7 @@ def log_rates(url: str, n: int, threads: int) -> dict:
 def build_big(path: Path, n: int, signer: Ed25519Signer) -> SignedHead:
     """A SQLite log of ``n`` events: every node bulk-loaded, bodies stored for a sample only."""
     log = AuditLog(f"sqlite:///{path}", signer)
+    log_id = log.log_id
     log.close()
     con = sqlite3.connect(path)
     con.execute("PRAGMA journal_mode=WAL")
@@ -143,17 +144,17 @@ def build_big(path: Path, n: int, signer: Ed25519Signer) -> SignedHead:
     con.executemany("INSERT INTO ww_audit_nodes (level, idx, hash) VALUES (?, ?, ?)", rows)
     con.executemany("INSERT INTO ww_audit_events (idx, body) VALUES (?, ?)", bodies)
     at = NOW.isoformat(timespec="microseconds")
-    sig = signer.sign_unaudited(SignedHead.message(n, f.root(), at))
+    sig = signer.sign_unaudited(SignedHead.message(log_id, n, f.root(), at))
     con.execute("INSERT INTO ww_audit_heads (size, root, at, key_id, signature) VALUES (?, ?, ?, ?, ?)",
                 (n, f.root(), at, signer.key_id, sig))  # fmt: skip
     con.execute("UPDATE ww_audit_state SET size = ?", (n,))
     con.commit()
     con.close()
-    return SignedHead(n, f.root(), at, signer.key_id, sig)
+    return SignedHead(n, f.root(), at, signer.key_id, sig, log_id)
 
 
 def proof_latency(n: int, tmp: Path) -> dict:
-    signer = Ed25519Signer.generate()
+    signer = Ed25519Signer.generate("audit-log")
     t0 = time.perf_counter()
     head = build_big(tmp / "big.db", n, signer)
     build = time.perf_counter() - t0

@@ -65,7 +65,7 @@ from weightwarden.keys.local import Ed25519Signer
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 cfg = json.loads(sys.argv[1])
 sys.setswitchinterval(0.001)  # as warden serve does
-signer = Ed25519Signer(load_pem_private_key(open(cfg["key"], "rb").read(), None))
+signer = Ed25519Signer(load_pem_private_key(open(cfg["key"], "rb").read(), None), "audit-log")
 log = AuditLog(cfg["db"], signer)
 b = Broker(cfg["db"], LocalWeightStore(cfg["store"]), log, BrokerConfig(
     per_principal=Limit(cfg["rate"], cfg["burst"]), volume_bytes_per_hour=1e15, max_models_per_hour=10**6,
@@ -127,7 +127,7 @@ def setup(tmp: Path, db: str, stream_mib: int, rate: float, burst: float, port: 
     ww.seal(mid, tmp / "mid.wws", keyring=kr)
     key = Ed25519PrivateKey.generate()
     (tmp / "log.pem").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
-    log = AuditLog(db, Ed25519Signer(key))
+    log = AuditLog(db, Ed25519Signer(key, "audit-log"))
     b = Broker(db, LocalWeightStore(tmp / "store"), log)
     accts = {"reader": Acct("reader"), "big": Acct("big"), "aud": Acct("aud")}
     accts |= {f"lim{i}": Acct(f"lim{i}") for i in range(4)}

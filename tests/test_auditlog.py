@@ -111,7 +111,7 @@ def test_proofs_hold_for_any_size(n: int, data: st.DataObject) -> None:
 # -- the log on SQLite and PostgreSQL (the db_url fixture is in conftest) ---------------------------------
 @pytest.fixture
 def signer() -> Ed25519Signer:
-    return Ed25519Signer.generate()
+    return Ed25519Signer.generate("audit-log")
 
 
 def _ev(i: int) -> audit.AuditEvent:
@@ -250,7 +250,7 @@ def test_cutting_the_tail_is_caught_by_a_head_kept_outside(db_url: str, signer: 
 
 def test_heads_signed_by_another_key_are_rejected(db_url: str, signer: Ed25519Signer) -> None:
     log = _filled(db_url, signer, n=40)
-    intruder = AuditLog(db_url, Ed25519Signer.generate())
+    intruder = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
     intruder.append([_ev(999)], now=NOW)  # someone with database access but not the key
     with pytest.raises(AuditTamperedError, match="not signed by"):
         log.verify()
@@ -337,13 +337,147 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
 
 
 @settings(max_examples=300, deadline=None)
-@given(_json, st.sampled_from(["size", "root", "at", "key_id", "signature", "index", "event", "path", "head"]))
+@given(_json, st.sampled_from(["size", "root", "at", "key_id", "signature", "index", "event", "path", "head",
+                                "log_id", "version"]))  # fmt: skip
 def test_hostile_proof_and_head_json_is_a_typed_error(junk: object, key: str) -> None:
     """Parsers of proofs and heads from outside raise AuditLogError and nothing else."""
-    head = {"size": 3, "root": "00" * 32, "at": "x", "key_id": "k", "signature": "00" * 64}
+    head = {"version": 2, "log_id": "00" * 16, "size": 3, "root": "00" * 32, "at": "x", "key_id": "k",
+            "signature": "00" * 64}  # fmt: skip
     proof = {"index": 0, "event": {}, "path": [], "head": head}
     docs = [junk, {**head, key: junk}, {**proof, key: junk}, {**proof, "head": {**head, key: junk}}]
     for doc in docs:
         for parse in (SignedHead.from_json, InclusionProof.from_json):
             with contextlib.suppress(AuditLogError):
                 parse(doc)
+
+
+# -- one key, one purpose; heads name their log (issue 16) --------------------------------------------
+def _tables(url: str) -> set[str]:
+    import sqlalchemy as sa
+
+    eng = sa.create_engine(url)
+    try:
+        return {t for t in sa.inspect(eng).get_table_names() if t.startswith("ww_audit")}
+    finally:
+        eng.dispose()
+
+
+def _blob(url: str, b: bytes) -> str:
+    return f"decode('{b.hex()}', 'hex')" if url.startswith("postgresql") else f"x'{b.hex()}'"
+
+
+def test_a_sealing_key_cannot_sign_tree_heads(db_url: str) -> None:
+    """The log refuses a signer of another purpose before it touches the database."""
+    from weightwarden.errors import KeyPurposeError
+
+    for purpose in ("sealing", "export-rules"):
+        with pytest.raises(KeyPurposeError, match="'audit-log' key"):
+            AuditLog(db_url, Ed25519Signer.generate(purpose))
+    assert _tables(db_url) == set()  # nothing was created
+    AuditLog(db_url, Ed25519Signer.generate("audit-log")).close()
+    assert "ww_audit_meta" in _tables(db_url)  # (what a log of the right key creates)
+
+
+def test_a_tree_head_signed_by_a_sealing_key_is_refused(db_url: str, signer: Ed25519Signer) -> None:
+    """An intruder holding the database and a sealing key (not the log's) re-signs the latest head
+    under the sealing label: refused offline and by verify, whichever key the verifier pins."""
+    from weightwarden.errors import HeadKeyPurposeError
+
+    log = _filled(db_url, signer, n=20)
+    h = log.head()
+    sealing = Ed25519Signer.generate("sealing")
+    forged_sig = sealing.sign_unaudited(SignedHead.message(h.log_id, h.size, h.root, h.at))
+    forged = SignedHead(h.size, h.root, h.at, sealing.key_id, forged_sig, h.log_id)
+    with pytest.raises(HeadKeyPurposeError, match="purpose 'sealing'"):
+        forged.check(sealing.public_key)
+    with pytest.raises(AuditTamperedError, match="not signed by"):
+        forged.check(signer.public_key)
+    before = list(log.export())
+    _sql(log, f"UPDATE ww_audit_heads SET signature = {_blob(db_url, forged_sig)}, key_id = '{sealing.key_id}' "
+              f"WHERE size = {h.size}")  # fmt: skip
+    with pytest.raises(HeadKeyPurposeError):
+        log.verify(public_key=sealing.public_key)  # pinned on the wrong (sealing) key: still refused
+    with pytest.raises(AuditTamperedError, match="not signed by"):
+        log.verify()
+    with pytest.raises(HeadKeyPurposeError):
+        check_inclusion(log.prove(3), sealing.public_key)
+    assert log.size() == 20 and list(log.export()) == before  # refusals change nothing
+
+
+def test_another_log_signed_by_the_same_key_is_refused_when_pinned(db_url: str, signer: Ed25519Signer) -> None:
+    """The broker's key signs a whole different log (an intruder swapped the database for it): every
+    head, proof and the database itself name another log id, refused once the log id is pinned."""
+    from weightwarden.errors import LogIdentityError
+
+    log = _filled(db_url, signer, n=30)
+    pinned, kept, proof = log.log_id, log.head(), log.prove(5)
+    for t in ("ww_audit_events", "ww_audit_nodes", "ww_audit_heads", "ww_audit_state", "ww_audit_meta"):
+        _sql(log, f"DROP TABLE {t}")
+    log.close()
+    other = AuditLog(db_url, signer)  # a fresh log in its place, same key
+    other.append([audit.event(audit.AuditAction.KEY_UNWRAP, subject="nothing-to-see", now=NOW)], now=NOW)
+    assert other.log_id != pinned
+    other.verify()  # unpinned, it is a valid log of that key: why the id must be pinned
+    swapped = AuditLog(db_url, public_key=signer.public_key, log_id=pinned.hex(), create=False)
+    for call in (swapped.verify, swapped.head, lambda: swapped.prove(0)):
+        with pytest.raises(LogIdentityError, match="not the pinned log"):
+            call()
+    with pytest.raises(LogIdentityError):
+        other.verify(against=kept)  # a head kept from the real log, even without a pinned id
+    with pytest.raises(LogIdentityError):
+        check_inclusion(other.prove(0), signer.public_key, pinned)
+    with pytest.raises(LogIdentityError):
+        check_consistency(kept, other.head(), [], signer.public_key)
+    check_inclusion(proof, signer.public_key, pinned)  # the real log's proof still checks offline
+    assert other.size() == 1  # refusals wrote nothing
+
+
+def test_heads_copied_from_another_log_do_not_verify(db_url: str, tmp_path: Path, signer: Ed25519Signer) -> None:
+    """Same key, same events, another log: its signed heads do not pass for this log's (the log id is
+    in the signed message)."""
+    a = _filled(db_url, signer, n=10)
+    b = _filled(f"sqlite:///{tmp_path / 'twin.db'}", signer, n=10)
+    assert a.head().root == b.head().root and a.log_id != b.log_id
+    hb = b.head()
+    _sql(a, f"UPDATE ww_audit_heads SET signature = {_blob(db_url, hb.signature)}, at = '{hb.at}' WHERE size = 10")
+    with pytest.raises(AuditTamperedError, match="not signed by"):
+        a.verify()
+
+
+def test_a_log_without_a_log_id_is_refused(db_url: str, signer: Ed25519Signer) -> None:
+    """A log written before heads named their log (events, no id) is not verified, nor appended to."""
+    log = _filled(db_url, signer, n=5)
+    _sql(log, "DELETE FROM ww_audit_meta")
+    log.close()
+    again = AuditLog(db_url, signer)  # opening does not invent an id for a log that holds events
+    for call in (again.verify, again.head, lambda: again.append([_ev(9)], now=NOW)):
+        with pytest.raises(AuditLogError, match="no log id"):
+            call()
+    assert again.size() == 5
+    rows = list(again.export())  # its events can still be moved out
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4] and rows[0]["log_id"] is None
+
+
+def test_cli_pins_the_log_id(cli_env: dict[str, str], tmp_path: Path, signer: Ed25519Signer) -> None:
+    url = f"sqlite:///{tmp_path / 'cli-audit.db'}"
+    log = _filled(url, signer, n=12)
+    pub, lid = signer.public_key.hex(), log.log_id.hex()
+    r = warden(cli_env, "audit", "head", "--db", url, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["log_id"] == lid
+    r = warden(cli_env, "audit", "export", "--db", url, "--start", "10")
+    assert [json.loads(x)["log_id"] for x in r.stdout.splitlines()] == [lid, lid]
+    r = warden(cli_env, "audit", "verify", "--db", url, "--pubkey", pub, "--log-id", lid, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["log_id_pinned"] is True
+    r = warden(cli_env, "audit", "verify", "--db", url, "--pubkey", pub, "--log-id", "ab" * 16)
+    assert r.returncode == 1 and "not the pinned log" in r.stderr
+    r = warden({**cli_env, "WARDEN_AUDIT_LOG_ID": "cd" * 16}, "audit", "verify", "--db", url, "--pubkey", pub)
+    assert r.returncode == 1 and "not the pinned log" in r.stderr
+    r = warden(cli_env, "audit", "verify", "--db", url, "--pubkey", pub, "--log-id", "xyz")
+    assert r.returncode == 1 and "--log-id must be 32 hex digits" in r.stderr
+    r = warden(cli_env, "audit", "prove", "4", "--db", url, "--json")
+    (tmp_path / "proof.json").write_text(r.stdout)
+    r = warden(cli_env, "audit", "check-proof", str(tmp_path / "proof.json"), "--pubkey", pub, "--log-id", "ab" * 16)
+    assert r.returncode == 1 and "not of the pinned log" in r.stderr
+    r = warden(cli_env, "audit", "check-proof", str(tmp_path / "proof.json"), "--pubkey", pub, "--log-id", lid)
+    assert r.returncode == 0 and lid in r.stdout

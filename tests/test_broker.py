@@ -3,6 +3,7 @@ bad input, S3 storage, and the audit trail of it all.  State tests run on SQLite
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import threading
@@ -103,7 +104,7 @@ class Account:
 
 def _broker(db_url: str, tmp_path: Path, sealed: Path, config: BrokerConfig | None = None,
             store: Any = None) -> tuple[Broker, dict[str, Account]]:  # fmt: skip
-    log = AuditLog(db_url, Ed25519Signer.generate())
+    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
     b = Broker(db_url, store or LocalWeightStore(tmp_path / "store"), log, config or BrokerConfig(chunk=1 << 16))
     accts = {n: Account(n) for n in ("rel", "ap1", "ap2", "ap3", "loader", "aud", "reader", "rel2")}
     b.add_account("rel", "human", accts["rel"].pub, {"releaser"}, {"core"})
@@ -446,6 +447,17 @@ def test_cli_serve_end_to_end(cli_env: dict[str, str], tmp_path: Path, st_file: 
     db = f"sqlite:///{Path(cli_env['WARDEN_HOME']) / 'broker' / 'broker.db'}"
     r = ok(warden(cli_env, "audit", "verify", "--db", db, "--pubkey", pub, "--json"))
     assert json.loads(r.stdout)["events"] >= head["size"]
+    # one key, one purpose: the log is signed by the keyring's audit-log key, not the sealing key; the
+    # printed log id is the one every head names, and pinning it verifies
+    log_id = next(line.split(": ")[1] for line in errs.splitlines() if "audit log id" in line)
+    assert head["log_id"] == log_id
+    sealing = json.loads(ok(warden(cli_env, "key", "export-public", "--json")).stdout)["public_key"]
+    audit_key = json.loads(ok(warden(cli_env, "key", "export-public", "--purpose", "audit-log", "--json")).stdout)
+    assert bytes.fromhex(pub) == base64.b64decode(audit_key["public_key"]) != base64.b64decode(sealing)
+    r = ok(warden(cli_env, "audit", "verify", "--db", db, "--pubkey", pub, "--log-id", log_id, "--json"))
+    assert json.loads(r.stdout)["log_id_pinned"] is True
+    r = warden(cli_env, "audit", "verify", "--db", db, "--pubkey", base64.b64decode(sealing).hex(), "--json")
+    assert r.returncode == 1 and "not signed by" in r.stderr  # the sealing key does not vouch for the log
 
 
 # -- the OpenAPI contract, fuzzed: no input makes the broker fail with a 5xx --------------------------

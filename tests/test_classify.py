@@ -104,9 +104,11 @@ def test_classify_a_checkpoint_under_the_shipped_rules(tmp_path: Path) -> None:
 
 
 def _signed(tmp_path: Path, text: str, key: Ed25519PrivateKey) -> Path:
+    from weightwarden.keys.provider import purpose_message
+
     p = tmp_path / "mine.toml"
     p.write_text(text)
-    (tmp_path / "mine.toml.sig").write_text(key.sign(p.read_bytes()).hex())
+    (tmp_path / "mine.toml.sig").write_text(key.sign(purpose_message("export-rules", p.read_bytes())).hex())
     return p
 
 
@@ -153,3 +155,39 @@ def test_cli_classify(cli_env: dict[str, str], tmp_path: Path) -> None:
     r = warden(cli_env, "classify", str(tmp_path / "missing.safetensors"))
     assert r.returncode == 1 and r.stderr.startswith("error:")
     assert RULES.exists()
+
+
+OWN_RULES = ('format = 1\nversion = "x1"\n[[regime]]\nid = "lab-policy"\njurisdiction = "LAB"\n'
+             'metric = "total_params"\nthreshold = 1e9\neffective = "2020-01-01"\noutcome = "needs-review"\n')
+
+
+def test_rules_signed_by_a_key_of_another_purpose_are_refused(tmp_path: Path) -> None:
+    """A sealing (or audit-log) key that the gate trusts as a rules key still cannot vouch for rules:
+    its signatures carry its own purpose label.  An unlabelled signature is accepted from the shipped
+    rules key only."""
+    from weightwarden.errors import KeyPurposeError
+    from weightwarden.keys import Ed25519Signer
+    from weightwarden.release.rules import RulesKeyPurposeError, sign_rules
+
+    p = tmp_path / "mine.toml"
+    p.write_text(OWN_RULES)
+    for purpose in ("sealing", "audit-log"):
+        other = Ed25519Signer.generate(purpose)
+        (tmp_path / "mine.toml.sig").write_text(other.sign(p.read_bytes()).hex())  # e.g. via the agent
+        with pytest.raises(RulesKeyPurposeError, match=f"purpose '{purpose}'"):
+            load_rules(p, [other.public_key])
+        with pytest.raises(KeyPurposeError, match="'export-rules' key"):
+            sign_rules(p, other)  # the library will not sign rules with it
+    (tmp_path / "mine.toml.sig").unlink()
+    with pytest.raises(KeyPurposeError):
+        sign_rules(p, Ed25519Signer.generate("sealing"))
+    assert not (tmp_path / "mine.toml.sig").exists()  # the refusal wrote nothing
+    raw = Ed25519PrivateKey.generate()
+    pub = raw.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    (tmp_path / "mine.toml.sig").write_text(raw.sign(p.read_bytes()).hex())  # unlabelled, by a non-shipped key
+    with pytest.raises(RulesError, match="not signed by a trusted key"):
+        load_rules(p, [pub])
+    rules_key = Ed25519Signer.generate("export-rules")
+    sign_rules(p, rules_key)
+    assert load_rules(p, [rules_key.public_key]).signed_by == rules_key.key_id
+    assert default_rules().regimes  # the shipped, unlabelled signature by the shipped key still loads

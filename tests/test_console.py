@@ -43,8 +43,8 @@ def console(tmp_path: Path, sealed: Path) -> Iterator[dict[str, Any]]:  # noqa: 
 
     sample = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
     gate = ReleaseGate(default_rules(), ScreeningList.load(sample))
-    b = Broker(url, LocalWeightStore(tmp_path / "store"), AuditLog(url, Ed25519Signer.generate()), BrokerConfig(),
-               gate=gate)  # fmt: skip
+    log = AuditLog(url, Ed25519Signer.generate("audit-log"))
+    b = Broker(url, LocalWeightStore(tmp_path / "store"), log, BrokerConfig(), gate=gate)
     pk = Passkeys(b, rp_id="localhost", origins=(f"http://localhost:{port}",))
     rel = Account("rel")
     b.add_account("rel", "service", rel.pub, {"releaser"}, {"core"})

@@ -201,3 +201,50 @@ def test_agent_seals_itself_when_idle(tmp_path):
     assert state.seal_if_idle(now=state.last_use + 61) is True and state.status()["progress"] == 0
     never = _State(home, idle_seal=0)
     assert never.seal_if_idle(now=never.last_use + 10**9) is False
+
+
+def test_agent_signs_only_its_keys_own_purpose(tmp_path):
+    """The agent holds keys of several purposes and signs a message only under the label of the key's
+    own purpose: a client (or a process that took over the socket) asking the sealing key to sign a
+    tree head, or the log key a manifest, is refused and the refusal audited."""
+    from weightwarden.errors import KeyPurposeError
+    from weightwarden.keys.agent import _State
+    from weightwarden.keys.provider import b64d, b64e, purpose_message, verify_purpose
+
+    home = tmp_path / "h"
+    kr = ww.Keyring.create(home, PASSPHRASE, kdf=TEST_KDF)
+    sealing_id = kr.signer().key_id
+    ids = identities(3)
+    doc = kr.to_custody(custodians(ids), 2)
+    state = _State(home, idle_seal=600)
+    for i in (0, 1):
+        state.handle({"op": "unseal", "share": b64e(doc.open_share(f"c{i}", identity=str(ids[i])).to_bytes())})
+    log_key = state.handle({"op": "signer", "purpose": "audit-log", "create": True})
+    assert log_key["purpose"] == "audit-log" and log_key["key_id"] != sealing_id
+    assert state.handle({"op": "signer", "purpose": "audit-log"})["key_id"] == log_key["key_id"]  # made once
+    with pytest.raises(KeyPurposeError):
+        state.handle({"op": "signer", "key_id": sealing_id, "purpose": "audit-log"})
+    head = purpose_message("audit-log", b"a tree head")
+    for kid, msg in ((sealing_id, head), (log_key["key_id"], purpose_message("sealing", b"a manifest")),
+                     (sealing_id, b"no label at all")):  # fmt: skip
+        with pytest.raises(KeyPurposeError, match="messages only"):
+            state.handle({"op": "sign", "key_id": kid, "message": b64e(msg)})
+    sig = b64d(state.handle({"op": "sign", "key_id": log_key["key_id"], "message": b64e(head)})["signature"])
+    verify_purpose(b64d(log_key["public_key"]), "audit-log", b"a tree head", sig)
+    events = [json.loads(x) for x in (home / "audit.jsonl").read_text().splitlines()]
+    signs = [e for e in events if e["action"] == "key:sign"]
+    assert [e["outcome"] for e in signs] == ["denied", "denied", "denied", "ok"]
+    assert signs[-1]["detail"]["purpose"] == "audit-log"
+    # KEKs through the agent: a tracing KEK is made on request, and a slot under it does not unwrap
+    # as a sealing key (nor a file's data key as a tracing one)
+    tracing = state.handle({"op": "provider", "purpose": "tracing", "create": True})
+    assert tracing["purpose"] == "tracing"
+    slot = state.handle({"op": "wrap", "key_id": tracing["key_id"], "purpose": "tracing", "dek": b64e(bytes(32)),
+                         "context": b64e(b"warden-trace-secret|m")})["slot"]  # fmt: skip
+    with pytest.raises(KeyPurposeError):
+        state.handle({"op": "unwrap", "slot": slot, "purpose": "sealing", "context": b64e(b"warden-trace-secret|m")})
+    dek = state.handle({"op": "unwrap", "slot": slot, "purpose": "tracing", "context": b64e(b"warden-trace-secret|m")})
+    assert b64d(dek["dek"]) == bytes(32)
+    with pytest.raises(KeyPurposeError):
+        state.handle({"op": "wrap", "purpose": "tracing", "key_id": state.handle({"op": "provider"})["key_id"],
+                      "dek": b64e(bytes(32)), "context": b64e(b"x")})  # fmt: skip

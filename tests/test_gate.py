@@ -34,6 +34,11 @@ MARCH_2025 = date(2025, 3, 1)  # the US 4E091 rule in force
 LISTED = "Sergei Ivanovich Petrov"  # sample-000 on the (fictitious) sample list
 
 
+def _tracing(kr):
+    """The keyring's tracing KEK (tracing secrets are never wrapped by the sealing KEK)."""
+    return kr.provider(purpose="tracing", create=True)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("gate") / "m"
@@ -160,7 +165,7 @@ def test_release_cannot_skip_the_gate(tmp_path: Path, model: Path, keyring: ww.K
     from weightwarden.trace import release
 
     sink = audit.MemorySink()
-    prov = keyring.provider()
+    prov = _tracing(keyring)
     prov.audit = sink
     out = tmp_path / "copy"
     with pytest.raises(ReleaseDenied, match="deny") as e:
@@ -199,7 +204,7 @@ def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: 
 
     sealed = tmp_path / "m.wws"
     ww.seal(model / "model.safetensors", sealed, keyring=keyring)
-    log = AuditLog(db_url, Ed25519Signer.generate())
+    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
     gate = ReleaseGate(default_rules(), ScreeningList.load(SAMPLE))
     now = datetime(2026, 6, 1, 12, tzinfo=UTC)
     with Broker(db_url, LocalWeightStore(tmp_path / "store"), log, BrokerConfig(chunk=1 << 16), gate=gate) as b:
@@ -229,16 +234,16 @@ def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: 
         home = tmp_path / "h"
         approve = lambda d: b.consume_release(req["id"], d, actor="custodian", now=now)
         with pytest.raises(ReleaseDenied, match="another model, recipient or country"):
-            release(model, LISTED, tmp_path / "x", provider=keyring.provider(), country="FR", home=home,
+            release(model, LISTED, tmp_path / "x", provider=_tracing(keyring), country="FR", home=home,
                     model_id="m", approval=approve, now=now)  # fmt: skip
         with pytest.raises(Conflict, match="make it first"):
             list(b.stream(rel, "m", request_id=req["id"], now=now))
         plain = tmp_path / "copy"
-        r = release(model, LISTED, plain, provider=keyring.provider(), country="DE", home=home, model_id="m",
+        r = release(model, LISTED, plain, provider=_tracing(keyring), country="DE", home=home, model_id="m",
                     approval=approve, now=now)  # fmt: skip
         assert r.gate == "deny/overridden"
         with pytest.raises(ReleaseDenied, match="released, not approved"):
-            release(model, LISTED, tmp_path / "y", provider=keyring.provider(), country="DE", home=home,
+            release(model, LISTED, tmp_path / "y", provider=_tracing(keyring), country="DE", home=home,
                     model_id="m", approval=approve, now=now)  # fmt: skip
         copy = tmp_path / "copy.wws"
         ww.seal(plain / "model.safetensors", copy, keyring=keyring)
@@ -249,7 +254,7 @@ def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: 
         assert got == copy.read_bytes() != sealed.read_bytes()  # the fingerprinted copy, not the original
         with pytest.raises(Conflict):
             list(b.stream(rel, "m", request_id=req["id"], now=now))
-    nogate = Broker(db_url, LocalWeightStore(tmp_path / "store"), AuditLog(db_url, Ed25519Signer.generate()))
+    nogate = Broker(db_url, LocalWeightStore(tmp_path / "store"), AuditLog(db_url, Ed25519Signer.generate("audit-log")))
     with nogate, pytest.raises(BrokerError, match="no export-control gate"):
         nogate.request_copy(nogate.principal("rel"), "m", "release", recipient="Acme", country="DE", now=now)
 
@@ -292,13 +297,13 @@ def test_a_sealed_release_never_writes_plaintext(tmp_path: Path, model: Path, ke
 
     monkeypatch.setattr(tapi, "_write_safetensors", forbidden)
     monkeypatch.setattr(tempfile, "mkdtemp", forbidden)
-    prov, signer = keyring.provider(), keyring.signer()
+    prov, signer = _tracing(keyring), keyring.signer()
     one = tmp_path / "one.wws"
     tapi.release(model / "model.safetensors", "Acme Robotics GmbH", one, provider=prov, country="DE",
-                 model_id="m", home=tmp_path / "h", seal=(prov, signer))  # fmt: skip
+                 model_id="m", home=tmp_path / "h", seal=(keyring.provider(), signer))  # fmt: skip
     folder = tmp_path / "bundle"
     tapi.release(model, "Blue Harbor AI", folder, provider=prov, country="FR", model_id="m", home=tmp_path / "h",
-                 seal=(prov, signer), hide_header=True)  # fmt: skip
+                 seal=(keyring.provider(), signer), hide_header=True)  # fmt: skip
     monkeypatch.undo()
     plain = (model / "model.safetensors").read_bytes()
     for f in [one, *folder.iterdir()]:
@@ -394,7 +399,7 @@ def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path
     assert stores[1].recipients("m") == sorted(got, key=got.get)
     for st in stores:
         st.close()
-    prov = keyring.provider()
+    prov = _tracing(keyring)
     rel = release(model, "Acme Robotics GmbH", tmp_path / "copy", provider=prov, country="DE", home=tmp_path / "h",
                   db=db_url, model_id="m2")  # fmt: skip
     shared = TraceStore(tmp_path / "elsewhere", db_url)

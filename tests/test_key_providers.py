@@ -443,6 +443,56 @@ def test_cli_seal_into_hsm_and_migrate(tmp_path, softhsm, st_file, cli_env):
     assert warden(env, "verify", str(tmp_path / "s.wws")).returncode == 0
 
 
+def test_hsm_signer_has_one_purpose(tmp_path, softhsm, st_file, monkeypatch):
+    """A token's signing key carries the purpose it was made with (in its CKA_ID): an audit-log key in the
+    HSM signs tree heads, and cannot seal, nor be taken for a sealing key; a pair made before purposes
+    existed is a sealing key."""
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.errors import HeadKeyPurposeError, KeyPurposeError
+    from weightwarden.keys.pkcs11 import Pkcs11Session, Pkcs11Signer, signer_from_uri
+
+    monkeypatch.setenv("WARDEN_PKCS11_PIN", PIN)
+    session = Pkcs11Session(SOFTHSM_LIB, softhsm, PIN)
+    try:
+        label = uniq("log-key")
+        log_key = Pkcs11Signer(session, label, create=True, purpose="audit-log")
+        assert log_key.purpose == "audit-log"
+        with pytest.raises(KeyPurposeError, match="not a 'sealing' key"):
+            Pkcs11Signer(session, label, purpose="sealing")
+        uri = f"pkcs11:token={softhsm};object={label}?module-path={SOFTHSM_LIB}&purpose=sealing"
+        with pytest.raises(KeyPurposeError):
+            signer_from_uri(uri)
+        assert Pkcs11Signer(session, label).purpose == "audit-log"  # unasked, it says what it is
+        p = ww.keys.StaticKeyProvider({("k", 1): b"\x01" * 32})
+        with pytest.raises(KeyPurposeError, match="'sealing' key"):
+            ww.seal(st_file, tmp_path / "x.wws", provider=p, signer=log_key)
+        assert not (tmp_path / "x.wws").exists() and not list(tmp_path.glob(".ww-tmp*"))  # nothing written
+        log = AuditLog(f"sqlite:///{tmp_path / 'a.db'}", log_key)
+        log.append([audit.event(audit.AuditAction.KEY_SIGN)])
+        assert log.verify()["events"] == 1
+        old = uniq("pre-purpose")  # made as before: CKA_ID = label
+        from pkcs11 import Attribute, KeyType
+        from pkcs11.util.ec import encode_named_curve_parameters
+
+        with session.lock:
+            session.session.create_domain_parameters(
+                KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")}, local=True
+            ).generate_keypair(store=True, label=old, id=old.encode())
+        legacy = Pkcs11Signer(session, old)
+        assert legacy.purpose == "sealing"
+        with pytest.raises(KeyPurposeError):
+            AuditLog(f"sqlite:///{tmp_path / 'b.db'}", legacy)
+        forged = log.head()
+        from weightwarden.broker.auditlog import SignedHead
+
+        sig = legacy.sign_unaudited(SignedHead.message(forged.log_id, forged.size, forged.root, forged.at))
+        with pytest.raises(HeadKeyPurposeError):
+            SignedHead(forged.size, forged.root, forged.at, legacy.key_id, sig, forged.log_id).check(legacy.public_key)
+        log.close()
+    finally:
+        session.close()
+
+
 REWRAP_SCRIPT = """
 import sys, weightwarden as ww
 from pathlib import Path

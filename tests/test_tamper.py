@@ -170,7 +170,7 @@ def test_signature_forged_by_other_key(tmp_path, small, other_keyring, keyring):
     signer = other_keyring.signer()
     block = F.canon(
         {"alg": "ed25519", "key_id": signer.key_id, "public_key": ww.keys.provider.b64e(signer.public_key),
-         "signature": ww.keys.provider.b64e(signer.sign(msg))}
+         "purpose": signer.purpose, "signature": ww.keys.provider.b64e(signer.sign(msg))}
     )  # fmt: skip
     bad = tmp_path / "forged.wws"
     bad.write_bytes(b[: lay.sig_off] + struct.pack("<I", len(block)) + block)

@@ -20,6 +20,11 @@ RECIPIENTS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"
 
 
 # -- the code ---------------------------------------------------------------------------------
+def _tracing(kr):
+    """The keyring's tracing KEK (tracing secrets are never wrapped by the sealing KEK)."""
+    return kr.provider(purpose="tracing", create=True)
+
+
 def test_code_length_and_codewords() -> None:
     assert code_length(10**6, 4, 1e-6) == 2240  # (pi^2/2) c^2 ln(n/eps), rounded up to 64
     code = TardosCode(bytes(range(32)), 1024)
@@ -61,7 +66,7 @@ def released(tmp_path_factory: pytest.TempPathFactory, parent: Path) -> tuple[Pa
     for r in RECIPIENTS:
         copies[r] = root / f"for-{r}"
         rel = release(
-            parent, r, copies[r], provider=kr.provider(), country="GB", home=root / "home", model_id="zoo-llama"
+            parent, r, copies[r], provider=_tracing(kr), country="GB", home=root / "home", model_id="zoo-llama"
         )
         assert rel.recipient == r and rel.code_id.startswith("tardos-v1/")
     return root / "home", copies, kr
@@ -69,7 +74,7 @@ def released(tmp_path_factory: pytest.TempPathFactory, parent: Path) -> tuple[Pa
 
 def _trace(released, suspect: Path, parent: Path):
     home, _, kr = released
-    return trace(suspect, parent, provider=kr.provider(), home=home, model_id="zoo-llama", population=10**6)
+    return trace(suspect, parent, provider=_tracing(kr), home=home, model_id="zoo-llama", population=10**6)
 
 
 def test_copies_differ_per_recipient_and_keep_quality(released, parent: Path, zoo) -> None:
@@ -143,9 +148,9 @@ def test_a_forged_guess_does_not_frame_someone_else(released, parent: Path, zoo,
 def test_unknown_model_and_bad_ids(released, parent: Path) -> None:
     home, _, kr = released
     with pytest.raises(TraceError, match="no releases"):
-        trace(parent, parent, provider=kr.provider(), home=home, model_id="never-released")
+        trace(parent, parent, provider=_tracing(kr), home=home, model_id="never-released")
     with pytest.raises(TraceError, match="model id"):
-        trace(parent, parent, provider=kr.provider(), home=home, model_id="../etc/passwd")
+        trace(parent, parent, provider=_tracing(kr), home=home, model_id="../etc/passwd")
     # a record of chip layout 1 (pre-release builds, an older record version) is refused by name,
     # not read as layout 2 (which would trace against the wrong chips and accuse no one)
     import json
@@ -158,9 +163,9 @@ def test_unknown_model_and_bad_ids(released, parent: Path) -> None:
     old = home / "trace" / "models" / "layout-one.json"
     old.write_text(json.dumps({**rec, "model_id": "layout-one", "version": 1}))
     with pytest.raises(FormatError, match="version 1 is not supported"):
-        trace(parent, parent, provider=kr.provider(), home=home, model_id="layout-one")
+        trace(parent, parent, provider=_tracing(kr), home=home, model_id="layout-one")
     with pytest.raises(TraceError, match="code length"):
-        TraceStore(home / "trace").enroll("too-long", kr.provider(), code_length=1 << 17, cutoff=1e-3, alpha=0.01)
+        TraceStore(home / "trace").enroll("too-long", _tracing(kr), code_length=1 << 17, cutoff=1e-3, alpha=0.01)
     assert not (home / "trace" / "models" / "too-long.json").exists()
 
 
@@ -192,7 +197,7 @@ def test_real_minilm_keeps_its_sentence_embeddings(tmp_path: Path, keyring) -> N
     import transformers as T
 
     src = Path(gt.__file__).parent / "model"
-    rel = release(src, "zed", tmp_path / "minilm-zed", provider=keyring.provider(), country="DE", home=tmp_path / "h")
+    rel = release(src, "zed", tmp_path / "minilm-zed", provider=_tracing(keyring), country="DE", home=tmp_path / "h")
     sentences = [
         "The weights of a frontier model are a national security asset.",
         "A stolen checkpoint clones years of work.",
@@ -215,5 +220,5 @@ def test_real_minilm_keeps_its_sentence_embeddings(tmp_path: Path, keyring) -> N
     cos = (embed(src) * embed(tmp_path / "minilm-zed")).sum(1)
     assert cos.min() >= 0.999, cos
     assert rel.recipient == "zed"
-    rep = trace(tmp_path / "minilm-zed", src, provider=keyring.provider(), home=tmp_path / "h", population=10**6)
+    rep = trace(tmp_path / "minilm-zed", src, provider=_tracing(keyring), home=tmp_path / "h", population=10**6)
     assert [a["recipient"] for a in rep.accused] == ["zed"]

@@ -1,5 +1,6 @@
-"""The committed sealed-format v1 vectors keep decrypting and failing exactly as specified; the chip-layout-2
-vectors pin the fingerprint layout."""
+"""The committed sealed-format vectors keep decrypting and failing exactly as specified (``v1-*``: written
+before signatures carried a purpose label, accepted only from a trust entry marked ``legacy-sealing``;
+``v2-*``: purpose-labelled); the chip-layout-2 vectors pin the fingerprint layout."""
 
 from __future__ import annotations
 
@@ -12,36 +13,74 @@ import pytest
 
 import weightwarden as ww
 from weightwarden import errors
-from weightwarden.keys.local import StaticKeyProvider
+from weightwarden.keys.local import StaticKeyProvider, TrustStore
 
 HERE = Path(__file__).parent / "vectors"
 DOC = json.loads((HERE / "vectors.json").read_text())
+V2 = DOC["v2"]
 PROVIDER = StaticKeyProvider({(DOC["kek_id"], 1): bytes.fromhex(DOC["kek_hex"])})
-TRUST = [base64.b64decode(DOC["signer_public_key"])]
+V1_KEY = base64.b64decode(DOC["signer_public_key"])
+V2_KEY = base64.b64decode(V2["signer_public_key"])
 
 
-@pytest.mark.parametrize("name", sorted(DOC["cases"]))
-def test_vector(tmp_path, name):
-    case = DOC["cases"][name]
-    path = HERE / name
+def _legacy_trust() -> TrustStore:
+    ts = TrustStore()
+    ts.add(V1_KEY, "pre-purpose sealing key", purpose="legacy-sealing")
+    return ts
+
+
+def _check(tmp_path: Path, path: Path, case: dict, trust, tensors: dict) -> None:
     if case["expect"] == "ok":
-        ww.verify(path, trust=TRUST, deep=True, providers=[PROVIDER])
-        got = ww.load(path, providers=[PROVIDER], trust=TRUST)
-        assert {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in got.items()} == DOC["tensors_sha256"]
+        ww.verify(path, trust=trust, deep=True, providers=[PROVIDER])
+        got = ww.load(path, providers=[PROVIDER], trust=trust)
+        assert {k: hashlib.sha256(v.tobytes()).hexdigest() for k, v in got.items()} == tensors
         out = tmp_path / "plain.safetensors"
-        ww.unseal(path, out, providers=[PROVIDER], trust=TRUST)
+        ww.unseal(path, out, providers=[PROVIDER], trust=trust)
         assert hashlib.sha256(out.read_bytes()).hexdigest() == case["plaintext_sha256"]
     else:
         err = getattr(errors, case["expect"])
         with pytest.raises(err):
-            ww.verify(path, trust=TRUST)
+            ww.verify(path, trust=trust)
         with pytest.raises(err):
-            ww.load(path, providers=[PROVIDER], trust=TRUST)
+            ww.load(path, providers=[PROVIDER], trust=trust)
+
+
+@pytest.mark.parametrize("name", sorted(DOC["cases"]))
+def test_v1_vector_with_a_legacy_trust_entry(tmp_path, name):
+    _check(tmp_path, HERE / name, DOC["cases"][name], _legacy_trust(), DOC["tensors_sha256"])
+
+
+@pytest.mark.parametrize("name", sorted(V2["cases"]))
+def test_v2_vector(tmp_path, name):
+    _check(tmp_path, HERE / name, V2["cases"][name], [V2_KEY], V2["tensors_sha256"])
 
 
 def test_vectors_reject_other_signers():
     with pytest.raises(errors.UntrustedSignerError):
         ww.verify(HERE / "v1-visible.wws", trust=[b"\x01" * 32])
+    with pytest.raises(errors.UntrustedSignerError):
+        ww.verify(HERE / "v2-visible.wws", trust=[b"\x01" * 32])
+
+
+def test_v1_vector_needs_an_entry_marked_legacy():
+    """A v1 signature has no purpose label: neither a plain sealing entry nor a bare key vouches for it."""
+    plain = TrustStore()
+    plain.add(V1_KEY, "sealing key", purpose="sealing")
+    for trust in (plain, [V1_KEY]):
+        with pytest.raises(errors.KeyPurposeError, match="legacy-sealing"):
+            ww.verify(HERE / "v1-visible.wws", trust=trust)
+    ww.verify(HERE / "v1-visible.wws", trust=_legacy_trust())
+
+
+@pytest.mark.parametrize("purpose", ["audit-log", "export-rules"])
+def test_v2_vector_from_a_key_trusted_for_another_purpose(purpose):
+    ts = TrustStore()
+    ts.add(V2_KEY, "not a sealing key", purpose=purpose)
+    with pytest.raises(errors.KeyPurposeError, match="not for sealing"):
+        ww.verify(HERE / "v2-visible.wws", trust=ts)
+    legacy = TrustStore()
+    legacy.add(V2_KEY, "an old key, still sealing", purpose="legacy-sealing")
+    ww.verify(HERE / "v2-visible.wws", trust=legacy)  # a legacy entry also takes labelled sealing signatures
 
 
 CHIPS = json.loads((HERE / "chips-v2.json").read_text())

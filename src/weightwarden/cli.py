@@ -101,7 +101,7 @@ SignerOpt = Annotated[
 ]
 
 
-def _signer(kr: Any, uri: str | None) -> Any:
+def _signer(kr: Any, uri: str | None, purpose: str | None = None) -> Any:
     if uri is None:
         return kr.signer()
     if not uri.startswith("pkcs11:"):
@@ -109,7 +109,7 @@ def _signer(kr: Any, uri: str | None) -> Any:
     from .keys.pkcs11 import signer_from_uri
 
     try:
-        return signer_from_uri(uri)
+        return signer_from_uri(uri, purpose=purpose)
     except ValueError as e:
         raise WardenError(str(e)) from None
 
@@ -183,17 +183,25 @@ def _kdf_from_env() -> KdfParams:
 def key_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """List keys (ids, versions, states; never key material)."""
     keys = _keyring(home).list_keys()
-    t = Table("key id", "kind", "version", "state", "current", "default", "created")
+    t = Table("key id", "kind", "purpose", "version", "state", "current", "default", "created")
     for k in keys:
-        t.add_row(
-            k["key_id"], k["kind"], str(k["version"]), k["state"], str(k["current"]), str(k["default"]), k["created"]
-        )
+        t.add_row(k["key_id"], k["kind"], k.get("purpose", "sealing"), str(k["version"]), k["state"], str(k["current"]),
+                  str(k["default"]), k["created"])  # fmt: skip
     _emit(keys, as_json, t)
+
+
+PurposeOpt = Annotated[
+    str | None,
+    typer.Option("--purpose", help="what the key is for: signing keys sealing | audit-log | export-rules; "
+                 "KEKs sealing | tracing [default: sealing]", show_default=False),
+]  # fmt: skip
 
 
 @key_app.command("new")
 def key_new(
     kind: Annotated[str, typer.Option(help="kek or signing")] = "kek",
+    signing: Annotated[bool, typer.Option("--signing", help="a signing key (same as --kind signing)")] = False,
+    purpose: PurposeOpt = None,
     name: Annotated[str | None, typer.Option(help="KEK name, e.g. one per model (so it can be shredded)")] = None,
     provider: Annotated[
         str | None, typer.Option("--provider", help="create it in this HSM instead: a pkcs11: URI (object= names it)")
@@ -201,7 +209,15 @@ def key_new(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a new key-encryption key or signing key (in the keyring, or inside a PKCS#11 token)."""
+    """Create a new key-encryption key or signing key of one purpose (in the keyring, or inside a PKCS#11
+    token).  The first key of a purpose becomes that purpose's default."""
+    from .keys.provider import KEK_PURPOSES, SIGNING_PURPOSES, check_purpose
+
+    kind = "signing" if signing else kind
+    if kind not in ("kek", "signing"):
+        raise WardenError("--kind must be kek or signing")
+    purpose = check_purpose(purpose or "sealing", SIGNING_PURPOSES if kind == "signing" else KEK_PURPOSES,
+                            f"--purpose (for a {kind} key)")  # fmt: skip
     if provider is not None:
         if not provider.startswith("pkcs11:"):
             raise WardenError("--provider creates keys in a PKCS#11 token; KMS and Vault keys are made there")
@@ -209,37 +225,38 @@ def key_new(
 
         try:
             if kind == "kek":
+                if purpose != "sealing":
+                    raise WardenError("--purpose: a token's KEKs wrap data keys (sealing) only")
                 kid = from_uri(provider).create_key()
-            elif kind == "signing":
-                kid = signer_from_uri(provider, create=True).key_id
             else:
-                raise WardenError("--kind must be kek or signing")
+                kid = signer_from_uri(provider, create=True, purpose=purpose).key_id
         except ValueError as e:
             raise WardenError(str(e)) from None
-        _emit({"key_id": kid, "kind": kind, "provider": "pkcs11"}, as_json, f"new {kind} key {kid} in the token")
+        _emit({"key_id": kid, "kind": kind, "purpose": purpose, "provider": "pkcs11"}, as_json,
+              f"new {kind} key {kid} ({purpose}) in the token")  # fmt: skip
         return
     kr = _keyring(home)
-    if kind == "kek":
-        kid = kr.new_kek(name)
-    elif kind == "signing":
-        kid = kr.new_signing_key()
-    else:
-        raise WardenError("--kind must be kek or signing")
+    kid = kr.new_kek(name, purpose=purpose) if kind == "kek" else kr.new_signing_key(purpose=purpose)
     kr.save()
-    _emit({"key_id": kid, "kind": kind}, as_json, f"new {kind} key {kid}")
+    _emit({"key_id": kid, "kind": kind, "purpose": purpose}, as_json, f"new {kind} key {kid} ({purpose})")
 
 
 @key_app.command("export-public")
 def key_export_public(
-    key_id: Annotated[str | None, typer.Argument(help="signing key id (default: the default signer)")] = None,
+    key_id: Annotated[str | None, typer.Argument(help="signing key id (default: the purpose's default key)")] = None,
+    purpose: PurposeOpt = None,
     signer_uri: SignerOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Print a signing key's public key, for others to `warden trust add`."""
-    signer = _signer(None, signer_uri) if signer_uri else _keyring(home).signer(key_id)
+    """Print a signing key's public key, for others to `warden trust add --purpose` (or to pin an audit log)."""
+    if signer_uri:
+        signer = _signer(None, signer_uri, purpose)
+    else:
+        signer = _keyring(home).signer(key_id, purpose=purpose or (None if key_id else "sealing"))
     pub = base64.b64encode(signer.public_key).decode()
-    _emit({"key_id": signer.key_id, "public_key": pub}, as_json, f"{signer.key_id} {pub}")
+    _emit({"key_id": signer.key_id, "purpose": signer.purpose, "public_key": pub}, as_json,
+          f"{signer.key_id} {pub}")  # fmt: skip
 
 
 def _parse_public(text: str) -> bytes:
@@ -260,24 +277,28 @@ def _parse_public(text: str) -> bytes:
 def trust_add(
     public_key: Annotated[str, typer.Argument(help="base64 public key, or a file holding it")],
     label: Annotated[str, typer.Option(help="who this is")] = "",
+    purpose: Annotated[str, typer.Option("--purpose", help="sealing | legacy-sealing (also version-1 manifests) | "
+                                         "audit-log | export-rules")] = "sealing",
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Trust a signer's public key."""
+    """Trust a signer's public key for one purpose (a key trusted for another purpose is refused: remove it first)."""
     ts = TrustStore.load(home or default_home())
-    kid = ts.add(_parse_public(public_key), label)
+    kid = ts.add(_parse_public(public_key), label, purpose)
     ts.save()
-    _emit({"key_id": kid, "label": label}, as_json, f"trusted {kid}")
+    _emit({"key_id": kid, "label": label, "purpose": purpose}, as_json, f"trusted {kid} for {purpose}")
 
 
 @trust_app.command("list")
 def trust_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
-    """List trusted signers."""
+    """List trusted signers and what each is trusted for."""
+    from rich.markup import escape
+
     ts = TrustStore.load(home or default_home())
-    rows = [{"key_id": k, "label": v.get("label", "")} for k, v in sorted(ts.signers.items())]
-    t = Table("key id", "label")
+    rows = [{"key_id": k, "label": v.get("label", ""), "purpose": ts.purpose(k)} for k, v in sorted(ts.signers.items())]
+    t = Table("key id", "purpose", "label")
     for r in rows:
-        t.add_row(r["key_id"], r["label"])
+        t.add_row(r["key_id"], r["purpose"], escape(str(r["label"])))
     _emit(rows, as_json, t)
 
 
@@ -976,6 +997,12 @@ PubkeyOpt = Annotated[
     typer.Option("--pubkey", envvar="WARDEN_AUDIT_PUBKEY", help="the log's Ed25519 public key (hex), kept "
                  "outside the database", show_default=False),
 ]  # fmt: skip
+LogIdOpt = Annotated[
+    str | None,
+    typer.Option("--log-id", envvar="WARDEN_AUDIT_LOG_ID", help="the log's id (32 hex digits, printed by `warden "
+                 "serve` and in every head), kept outside the database: another log signed by the same key is "
+                 "refused", show_default=False),
+]  # fmt: skip
 
 
 def _pubkey(pubkey: str | None, what: str) -> bytes:
@@ -998,13 +1025,22 @@ def _pubkey(pubkey: str | None, what: str) -> bytes:
     return key
 
 
-def _audit_log(db: str | None, home: Path | None, key: bytes | None = None) -> Any:
+def _audit_log(db: str | None, home: Path | None, key: bytes | None = None, log_id: str | None = None) -> Any:
     from .broker.auditlog import AuditLog
 
     url = db or f"sqlite:///{(home or default_home()) / 'broker' / 'broker.db'}"
     if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
         raise WardenError(f"no audit log at {url}")
-    return AuditLog(url, public_key=key, create=False)
+    return AuditLog(url, public_key=key, create=False, log_id=_log_id(log_id))
+
+
+def _log_id(text: str | None) -> bytes | None:
+    from .broker.auditlog import parse_log_id
+
+    try:
+        return parse_log_id(text, "--log-id")
+    except WardenError as e:
+        raise WardenError(str(e)) from None
 
 
 def _read_json(path: Path) -> Any:
@@ -1018,7 +1054,7 @@ def _read_json(path: Path) -> Any:
 def audit_head(db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Print the latest signed tree head (keep a copy outside the database)."""
     h = _audit_log(db, home).head().to_json()
-    _emit(h, as_json, f"size {h['size']}  root {h['root']}  at {h['at']}  key {h['key_id']}")
+    _emit(h, as_json, f"log {h['log_id']}  size {h['size']}  root {h['root']}  at {h['at']}  key {h['key_id']}")
 
 
 @audit_app.command("prove")
@@ -1029,16 +1065,23 @@ def audit_prove(index: int, db: DbOpt = None, home: HomeOpt = None, as_json: Jso
 
 
 @audit_app.command("check-proof")
-def audit_check_proof(proof: Path, pubkey: PubkeyOpt = None, as_json: JsonOpt = False) -> None:
-    """Check a proof file offline, with the log's public key only."""
+def audit_check_proof(proof: Path, pubkey: PubkeyOpt = None, log_id: LogIdOpt = None, as_json: JsonOpt = False) -> None:
+    """Check a proof file offline, with the log's public key (and log id) only."""
     from .broker.auditlog import InclusionProof, check_inclusion
 
     key = _pubkey(pubkey, "checking a proof")
     p = InclusionProof.from_json(_read_json(proof))
-    ev = check_inclusion(p, key)
+    ev = check_inclusion(p, key, _log_id(log_id))
     what = f"{ev.get('action')} by {ev.get('actor')}"
-    _emit({"valid": True, "index": p.index, "head_size": p.head.size, "event": ev}, as_json,
-          f"event {p.index} is in the signed log of {p.head.size} events: {what}")  # fmt: skip
+    _unpinned(log_id, as_json)
+    _emit({"valid": True, "index": p.index, "head_size": p.head.size, "log_id": p.head.log_id.hex(),
+           "log_id_pinned": log_id is not None, "event": ev}, as_json,
+          f"event {p.index} is in the signed log {p.head.log_id.hex()} of {p.head.size} events: {what}")  # fmt: skip
+
+
+def _unpinned(log_id: str | None, as_json: bool) -> None:
+    if log_id is None and not as_json:
+        err.print("note: no --log-id pinned: another log signed by the same key would pass too")
 
 
 @audit_app.command("verify")
@@ -1046,17 +1089,19 @@ def audit_verify(
     db: DbOpt = None,
     pubkey: PubkeyOpt = None,
     against: Annotated[Path | None, typer.Option("--against", help="a head kept outside the database")] = None,
+    log_id: LogIdOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Recompute the whole tree from the events and check every signed head."""
+    """Recompute the whole tree from the events and check every signed head (of the pinned log)."""
     from .broker.auditlog import SignedHead
 
-    log = _audit_log(db, home, _pubkey(pubkey, "verifying"))
+    log = _audit_log(db, home, _pubkey(pubkey, "verifying"), log_id)
     kept = SignedHead.from_json(_read_json(against)) if against else None
     rep = log.verify(against=kept)
-    _emit(rep, as_json, f"audit log intact: {rep['events']} events, {rep['heads_checked']} signed heads checked"
-          + (f", extends the kept head of size {rep['against']}" if kept else ""))  # fmt: skip
+    _unpinned(log_id or (kept.log_id.hex() if kept else None), as_json)  # a kept head names its log
+    _emit(rep, as_json, f"audit log {rep['log_id']} intact: {rep['events']} events, {rep['heads_checked']} signed "
+          "heads checked" + (f", extends the kept head of size {rep['against']}" if kept else ""))  # fmt: skip
 
 
 @audit_app.command("export")
@@ -1094,8 +1139,9 @@ BrokerDbOpt = Annotated[
 
 def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None,
             gate: bool = False, per_principal: tuple[float, float] | None = None) -> Any:  # fmt: skip
-    """A broker over the keyring's signing key (it signs the audit log's tree heads); with ``gate``, the
-    export-control gate configured under ``home`` decides its release requests."""
+    """A broker over the keyring's audit-log key (it signs the audit log's tree heads; made when there is
+    none; never the sealing key); with ``gate``, the export-control gate configured under ``home`` decides
+    its release requests."""
     from .broker.auditlog import AuditLog
     from .broker.service import Broker, BrokerConfig
     from .broker.storage import LocalWeightStore, S3WeightStore
@@ -1108,7 +1154,7 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
         ws: Any = S3WeightStore(bucket, prefix, os.environ.get("AWS_ENDPOINT_URL"))
     else:
         ws = LocalWeightStore(Path(store) if store else h / "broker" / "weights")
-    log = AuditLog(url, _keyring(home).signer())
+    log = AuditLog(url, _keyring(home).signer(purpose="audit-log", create=True))
     cfg = BrokerConfig(audience=audience) if audience else BrokerConfig()
     if per_principal is not None:
         import dataclasses
@@ -1216,6 +1262,7 @@ def serve_cmd(
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
     sys.setswitchinterval(0.001)  # short GIL slices: a policy decision never waits a 5 ms slice behind a stream
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
+    sys.stderr.write(f"audit log id (pin it with the key): {b.log.log_id.hex()}\n")
     sys.stderr.flush()
     try:
         uvicorn.run(create_app(b, pk), host=host, port=port, log_level="warning", server_header=False)
@@ -1384,8 +1431,9 @@ def release_cmd(
             def approval(d: Any) -> Any:
                 return b.consume_release(request, d, actor=audit._default_actor())
 
-        kw = {"provider": kr.provider(), "country": country, "aliases": tuple(alias or ()), "approval": approval,
-              "classify_kw": ckw, "model_id": model_id, "home": home, "db": db}  # fmt: skip
+        kw = {"provider": kr.provider(purpose="tracing", create=True), "country": country,
+              "aliases": tuple(alias or ()), "approval": approval, "classify_kw": ckw, "model_id": model_id,
+              "home": home, "db": db}  # fmt: skip
         try:
             rel = release(model, to, output, force=force, seal=(kr.provider(), kr.signer()) if seal_out else None, **kw)
         except ReleaseDenied as e:
@@ -1469,7 +1517,7 @@ def trace_cmd(
     from .trace import trace
 
     kr = _keyring(home)
-    rep = trace(suspect, model, provider=kr.provider(), model_id=model_id, home=home, db=db, eps=eps,
+    rep = trace(suspect, model, provider=kr.provider(purpose="tracing"), model_id=model_id, home=home, db=db, eps=eps,
                 population=population, **_model_kw(suspect, home))  # fmt: skip
     j = rep.to_json()
     _log(home, audit.AuditAction.TRACE_RUN, rep.model_id, accused=[a["recipient"] for a in rep.accused])

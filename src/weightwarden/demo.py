@@ -213,6 +213,8 @@ class Demo:
             raise DemoFailure("the broker did not start: " + (self.root / "serve.log").read_text()[-400:])
         self.pubkey = next(ln.split(": ")[-1].strip() for ln in (self.root / "serve.log").read_text().splitlines()
                            if "audit log public key" in ln)  # fmt: skip
+        self.log_id = next(ln.split(": ")[-1].strip() for ln in (self.root / "serve.log").read_text().splitlines()
+                           if "audit log id" in ln)  # fmt: skip
 
         def call(who: str, method: str, path: str, **kw: Any) -> httpx.Response:
             k, kid = keys[who]
@@ -377,10 +379,11 @@ class Demo:
         self.act("6. the tamper-evident audit log")
 
         def intact() -> tuple[bool, str]:
-            j = self.wjson("audit", "verify", "--pubkey", self.pubkey)
+            j = self.wjson("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id)
             return j[
                 "events"
-            ] > 20, f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}…"
+            ] > 20, (f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}… "
+                     f"and log {self.log_id[:12]}…")  # fmt: skip
 
         self.check("warden audit verify: every event of the broker's log is intact", intact)
 
@@ -393,7 +396,7 @@ class Demo:
                     "UPDATE ww_audit_events SET body = ? WHERE idx = ?", (body.replace(b'"ok"', b'"no"', 1), idx)
                 )
             db.close()
-            r = self.warden("audit", "verify", "--pubkey", self.pubkey, expect=1)
+            r = self.warden("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id, expect=1)
             return "Tampered" in r.stderr, f"row {idx} (an approval) edited: {r.stderr.strip()[:120]}"
 
         self.check("one edited row is caught", edited)

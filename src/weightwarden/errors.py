@@ -145,3 +145,19 @@ class PolicyDeniedError(KeyManagementError):
 
 
 __all__ += ["PolicyDeniedError", "QuorumError"]
+
+
+# --- key purposes (issue 16) ---------------------------------------------------------
+class KeyPurposeError(SignatureError):
+    """A key of one purpose (sealing, audit-log, export-rules, tracing) was used or offered for another."""
+
+
+class HeadKeyPurposeError(KeyPurposeError, AuditTamperedError):
+    """An audit tree head is signed by a key that is not an audit-log key."""
+
+
+class LogIdentityError(AuditTamperedError):
+    """A tree head, proof or database belongs to another audit log than the one pinned."""
+
+
+__all__ += ["HeadKeyPurposeError", "KeyPurposeError", "LogIdentityError"]

@@ -1,8 +1,9 @@
 """The tamper-evident audit log: every event a leaf of an append-only Merkle tree (RFC 9162).
 
 Storage is any SQLAlchemy database: SQLite is the embedded default, PostgreSQL the shared one
-several broker replicas append to.  Four tables::
+several broker replicas append to.  Five tables::
 
+    ww_audit_meta    one row: the log's identity, a random 16-byte log id fixed at creation
     ww_audit_events  idx -> canonical JSON body of the event
     ww_audit_nodes   (level, idx) -> hash of every complete subtree (level 0: the leaf hashes)
     ww_audit_heads   signed tree heads: the latest, and one every ``checkpoint`` events
@@ -10,7 +11,9 @@ several broker replicas append to.  Four tables::
 
 An append runs in one transaction: lock the state row, read the tree's right edge (at most
 log2(n) nodes, one query), add the leaves and the nodes they complete, sign the new head with
-the log's Ed25519 key and store it.  Proofs read O(log² n) stored nodes in one query.  Anyone
+the log's Ed25519 key (a key of purpose ``audit-log``, never the sealing key) and store it.  A head
+signs the log id with size, root and time, so a head of one log never passes for another's, even
+under the same key.  Proofs read O(log² n) stored nodes in one query.  Anyone
 holding a signed head and the log's public key can check an inclusion proof offline
 (:func:`check_inclusion`), and a head they kept against a later one (:func:`check_consistency`).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -34,13 +38,31 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..audit import AuditEvent, AuditSink
-from ..errors import AuditLogError, AuditTamperedError
+from ..errors import AuditLogError, AuditTamperedError, HeadKeyPurposeError, LogIdentityError
+from ..keys.provider import verify_purpose
 from . import merkle
 
 __all__ = ["AuditLog", "InclusionProof", "MerkleLogSink", "SignedHead", "check_consistency", "check_inclusion"]
 
-HEAD_CONTEXT = b"weightwarden audit tree head v1\n"
+HEAD_CONTEXT = b"weightwarden audit tree head v2\n"
+HEAD_VERSION = 2
+LOG_ID_LEN = 16
+PURPOSE = "audit-log"
 _MAX_BODY = 1 << 20
+
+
+def parse_log_id(value: bytes | str | None, what: str = "log id") -> bytes | None:
+    """A log id given as 16 bytes or 32 hex digits (None stays None)."""
+    if value is None or isinstance(value, bytes):
+        raw = value
+    else:
+        try:
+            raw = bytes.fromhex(value.strip())
+        except ValueError:
+            raw = b""
+    if raw is not None and len(raw) != LOG_ID_LEN:
+        raise AuditLogError(f"{what} must be {2 * LOG_ID_LEN} hex digits (as `warden serve` and every head print it)")
+    return raw
 
 
 def _canonical(ev: AuditEvent | dict[str, Any]) -> bytes:
@@ -53,41 +75,54 @@ def _canonical(ev: AuditEvent | dict[str, Any]) -> bytes:
 
 @dataclass(frozen=True)
 class SignedHead:
-    """A signed statement "the log held ``size`` events, with this root, at this time"."""
+    """A signed statement "log ``log_id`` held ``size`` events, with this root, at this time"."""
 
     size: int
     root: bytes
     at: str  # ISO 8601, UTC
     key_id: str
     signature: bytes
+    log_id: bytes
 
     @staticmethod
-    def message(size: int, root: bytes, at: str) -> bytes:
-        return HEAD_CONTEXT + size.to_bytes(8, "big") + root + at.encode()
+    def message(log_id: bytes, size: int, root: bytes, at: str) -> bytes:
+        """The head message (version 2); the signer prefixes the ``audit-log`` purpose label."""
+        if len(log_id) != LOG_ID_LEN:
+            raise AuditLogError("a log id is 16 bytes")
+        return HEAD_CONTEXT + log_id + size.to_bytes(8, "big") + root + at.encode()
 
-    def check(self, public_key: bytes) -> None:
-        """Raise :class:`AuditTamperedError` unless ``public_key`` signed this head."""
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
+    def check(self, public_key: bytes, log_id: bytes | None = None) -> None:
+        """Raise :class:`AuditTamperedError` unless ``public_key`` signed this head as an audit-log key
+        (:class:`HeadKeyPurposeError` if a key of another purpose did), and, given ``log_id`` (the pinned
+        log), :class:`LogIdentityError` unless the head is of that log."""
+        if log_id is not None and not hmac.compare_digest(self.log_id, log_id):
+            raise LogIdentityError(f"the tree head of size {self.size} is of log {self.log_id.hex()}, not of the "
+                                   f"pinned log {log_id.hex()}: another log, refused")  # fmt: skip
         try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(self.signature, self.message(self.size, self.root,
-                                                                                               self.at))  # fmt: skip
-        except (InvalidSignature, ValueError):
+            verify_purpose(public_key, PURPOSE, self.message(self.log_id, self.size, self.root, self.at),
+                           self.signature, what=f"the tree head of size {self.size}", error=AuditTamperedError,
+                           purpose_error=HeadKeyPurposeError)  # fmt: skip
+        except HeadKeyPurposeError:
+            raise
+        except AuditTamperedError:
             raise AuditTamperedError(f"the tree head of size {self.size} is not signed by the log's key") from None
 
     def to_json(self) -> dict[str, Any]:
-        return {"size": self.size, "root": self.root.hex(), "at": self.at, "key_id": self.key_id,
-                "signature": self.signature.hex()}  # fmt: skip
+        return {"version": HEAD_VERSION, "log_id": self.log_id.hex(), "size": self.size, "root": self.root.hex(),
+                "at": self.at, "key_id": self.key_id, "signature": self.signature.hex()}  # fmt: skip
 
     @classmethod
     def from_json(cls, obj: Any) -> SignedHead:
+        if isinstance(obj, dict) and "log_id" not in obj and "signature" in obj:
+            raise AuditLogError("not a signed tree head of version 2 (a version-1 head names no log)")
         try:
+            if obj.get("version", HEAD_VERSION) != HEAD_VERSION:
+                raise ValueError
             h = cls(int(obj["size"]), bytes.fromhex(obj["root"]), str(obj["at"]), str(obj["key_id"]),
-                    bytes.fromhex(obj["signature"]))  # fmt: skip
-        except (KeyError, TypeError, ValueError):
+                    bytes.fromhex(obj["signature"]), bytes.fromhex(obj["log_id"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise AuditLogError("not a signed tree head") from None
-        if h.size < 0 or len(h.root) != 32 or len(h.signature) != 64:
+        if h.size < 0 or len(h.root) != 32 or len(h.signature) != 64 or len(h.log_id) != LOG_ID_LEN:
             raise AuditLogError("not a signed tree head")
         return h
 
@@ -112,19 +147,22 @@ class InclusionProof:
             raise AuditLogError("not an inclusion proof") from None
 
 
-def check_inclusion(proof: InclusionProof, public_key: bytes) -> dict[str, Any]:
-    """Offline check: the head is signed by ``public_key`` and the event is leaf ``index`` under it."""
-    proof.head.check(public_key)
+def check_inclusion(proof: InclusionProof, public_key: bytes, log_id: bytes | None = None) -> dict[str, Any]:
+    """Offline check: the head is signed by ``public_key`` (and is of log ``log_id``, when pinned) and
+    the event is leaf ``index`` under it."""
+    proof.head.check(public_key, log_id)
     if not merkle.verify_inclusion(merkle.leaf_hash(proof.body), proof.index, proof.head.size, proof.path,
                                    proof.head.root):  # fmt: skip
         raise AuditTamperedError(f"event {proof.index} is not in the signed tree of size {proof.head.size}")
     return json.loads(proof.body)
 
 
-def check_consistency(old: SignedHead, new: SignedHead, proof: Sequence[bytes], public_key: bytes) -> None:
-    """Offline check: both heads are signed and ``new``'s tree extends ``old``'s (nothing rewritten)."""
-    old.check(public_key)
-    new.check(public_key)
+def check_consistency(old: SignedHead, new: SignedHead, proof: Sequence[bytes], public_key: bytes,
+                      log_id: bytes | None = None) -> None:  # fmt: skip
+    """Offline check: both heads are signed, of one log (``log_id``, when pinned), and ``new``'s tree
+    extends ``old``'s (nothing rewritten)."""
+    old.check(public_key, log_id)
+    new.check(public_key, old.log_id)
     if not merkle.verify_consistency(old.size, new.size, old.root, new.root, proof):
         raise AuditTamperedError(f"the log of size {new.size} does not extend the head of size {old.size}")
 
@@ -158,15 +196,21 @@ class AuditLog:
     """An append-only, signed Merkle log of audit events in a SQL database.
 
     ``url``: a SQLAlchemy URL (``sqlite:///path.db``, ``postgresql+psycopg://...``).  ``signer``: a
-    :class:`weightwarden.keys.provider.Signer` (local key, agent, PKCS#11) that signs tree heads;
-    it is needed to append, not to read, prove or verify.  ``public_key`` pins the key heads must
-    carry (default: the signer's)."""
+    :class:`weightwarden.keys.provider.Signer` (local key, agent, PKCS#11) of purpose ``audit-log``
+    that signs tree heads (a key of another purpose is refused, :class:`KeyPurposeError`); it is
+    needed to append, not to read, prove or verify.  ``public_key`` pins the key heads must carry
+    (default: the signer's); ``log_id`` pins the log (default: the database's own, which an
+    attacker holding the database can swap for another log signed by the same key)."""
 
     def __init__(self, url: str, signer: Any | None = None, *, public_key: bytes | None = None,
-                 checkpoint: int = 1024, create: bool = True):  # fmt: skip
+                 checkpoint: int = 1024, create: bool = True, log_id: bytes | str | None = None):  # fmt: skip
         import sqlalchemy as sa
 
+        if signer is not None:
+            signer.require(PURPOSE)
         self.url = url
+        self.pinned_log_id = parse_log_id(log_id, "the pinned log id")
+        self._log_id: bytes | None = None
         self.signer = signer
         self.public_key = public_key or (signer.public_key if signer is not None else None)
         self.checkpoint = max(1, checkpoint)
@@ -183,6 +227,9 @@ class AuditLog:
         if url.startswith("sqlite"):
             _sqlite_begin_immediate(self.engine)
         md = sa.MetaData()
+        self.t_meta = sa.Table("ww_audit_meta", md,
+                               sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+                               sa.Column("log_id", sa.String(2 * LOG_ID_LEN), nullable=False))  # fmt: skip
         self.t_events = sa.Table("ww_audit_events", md,
                                  sa.Column("idx", sa.BigInteger, primary_key=True, autoincrement=False),
                                  sa.Column("body", sa.LargeBinary, nullable=False))  # fmt: skip
@@ -203,10 +250,38 @@ class AuditLog:
             if create:
                 md.create_all(self.engine)
                 with self.engine.begin() as c:
-                    if c.execute(sa.select(self.t_state.c.size)).first() is None:
+                    size = c.execute(sa.select(self.t_state.c.size)).scalar()
+                    if size is None:
                         c.execute(sa.insert(self.t_state).values(id=1, size=0))
+                    # a new (or still empty) log gets its identity; a log that holds events but no id
+                    # was written before heads named their log, and stays without one (refused below)
+                    if not size and c.execute(sa.select(self.t_meta.c.log_id)).first() is None:
+                        c.execute(sa.insert(self.t_meta).values(id=1, log_id=secrets.token_hex(LOG_ID_LEN)))
         except sa.exc.SQLAlchemyError as e:
             raise AuditLogError(f"cannot open the audit database ({type(e).__name__})") from None
+
+    @property
+    def log_id(self) -> bytes:
+        """This log's identity (from its database), checked against the pinned one."""
+        if self._log_id is None:
+            import sqlalchemy as sa
+
+            try:
+                with self.engine.connect() as c:
+                    found = c.execute(sa.select(self.t_meta.c.log_id).where(self.t_meta.c.id == 1)).scalar()
+            except sa.exc.SQLAlchemyError:
+                found = None
+            if found is None:
+                raise AuditLogError("this audit log has no log id: it was written before tree heads named their log "
+                                    "(version-1 heads, signed by the sealing key); export its events (`warden audit "
+                                    "export`) and start a new log")  # fmt: skip
+            lid = parse_log_id(str(found), "the database's log id")
+            assert lid is not None
+            self._log_id = lid
+        if self.pinned_log_id is not None and not hmac.compare_digest(self._log_id, self.pinned_log_id):
+            raise LogIdentityError(f"the database holds log {self._log_id.hex()}, not the pinned log "
+                                   f"{self.pinned_log_id.hex()}: another log, refused")  # fmt: skip
+        return self._log_id
 
     def close(self) -> None:
         self.engine.dispose()
@@ -231,6 +306,7 @@ class AuditLog:
             raise AuditLogError("appending needs the log's signing key")
         if not bodies:
             return []
+        log_id = self.log_id
         q = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         with self._lock, self.engine.connect() as c0, c0.execution_options(ww_write=True).begin():
             c = c0
@@ -257,7 +333,7 @@ class AuditLog:
             # plain DB-API executemany: SQLAlchemy's per-row parameter processing cost more than the inserts
             c.exec_driver_sql(f"INSERT INTO ww_audit_events (idx, body) VALUES ({q}, {q})", rows_e)
             c.exec_driver_sql(f"INSERT INTO ww_audit_nodes (level, idx, hash) VALUES ({q}, {q}, {q})", rows_n)
-            head = self._sign(new, f.root(), now)
+            head = self._sign(log_id, new, f.root(), now)
             if size and size // self.checkpoint == new // self.checkpoint:  # keep the last head of each bucket
                 c.execute(sa.delete(self.t_heads).where(self.t_heads.c.size == size))
             c.execute(sa.insert(self.t_heads).values(size=new, root=head.root, at=head.at, key_id=head.key_id,
@@ -266,10 +342,10 @@ class AuditLog:
         self._frontier = f
         return list(range(size, new))
 
-    def _sign(self, size: int, root: bytes, now: datetime | None) -> SignedHead:
+    def _sign(self, log_id: bytes, size: int, root: bytes, now: datetime | None) -> SignedHead:
         at = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
-        sig = self.signer.sign_unaudited(SignedHead.message(size, root, at))
-        return SignedHead(size, root, at, self.signer.key_id, sig)
+        sig = self.signer.sign_unaudited(SignedHead.message(log_id, size, root, at))
+        return SignedHead(size, root, at, self.signer.key_id, sig, log_id)
 
     # -- reading ------------------------------------------------------------------------
     @_db_errors
@@ -319,6 +395,7 @@ class AuditLog:
         """The latest signed head, or the stored one of exactly ``size``."""
         import sqlalchemy as sa
 
+        log_id = self.log_id
         q = sa.select(self.t_heads).order_by(self.t_heads.c.size.desc()).limit(1)
         if size is not None:
             q = sa.select(self.t_heads).where(self.t_heads.c.size == size)
@@ -326,7 +403,7 @@ class AuditLog:
             r = c.execute(q).first()
         if r is None:
             raise AuditLogError("the log has no signed head" + (f" of size {size}" if size is not None else ""))
-        return SignedHead(int(r.size), bytes(r.root), r.at, r.key_id, bytes(r.signature))
+        return SignedHead(int(r.size), bytes(r.root), r.at, r.key_id, bytes(r.signature), log_id)
 
     @_db_errors
     def event(self, index: int) -> dict[str, Any]:
@@ -344,6 +421,8 @@ class AuditLog:
         import sqlalchemy as sa
 
         head = head or self.head()
+        if not hmac.compare_digest(head.log_id, self.log_id):
+            raise LogIdentityError(f"the head given is of log {head.log_id.hex()}, not of this log")
         if not 0 <= index < head.size:
             raise AuditLogError(f"event {index} is not under the head of size {head.size}")
         with self.engine.connect() as c:
@@ -363,25 +442,35 @@ class AuditLog:
 
     @_db_errors
     def export(self, start: int = 0) -> Iterator[dict[str, Any]]:
-        """Events from ``start`` on, in order, each with its index and leaf hash (JSON lines for a SIEM)."""
+        """Events from ``start`` on, in order, each with the log id, its index and leaf hash (JSON lines for
+        a SIEM).  A log from before log ids exports with ``log_id`` null: moving its events out is the way on."""
         import sqlalchemy as sa
 
+        try:
+            lid: str | None = self.log_id.hex()
+        except LogIdentityError:
+            raise
+        except AuditLogError:
+            lid = None
         with self.engine.connect() as c:
             q = sa.select(self.t_events).where(self.t_events.c.idx >= start).order_by(self.t_events.c.idx)
             for r in c.execution_options(stream_results=True, yield_per=1000).execute(q):
                 b = bytes(r.body)
-                yield {"index": int(r.idx), "leaf_hash": merkle.leaf_hash(b).hex(), "event": json.loads(b)}
+                yield {"log_id": lid, "index": int(r.idx), "leaf_hash": merkle.leaf_hash(b).hex(),
+                       "event": json.loads(b)}
 
     # -- verification -------------------------------------------------------------------
     @_db_errors
     def verify(self, *, against: SignedHead | None = None, public_key: bytes | None = None) -> dict[str, Any]:
         """Recompute every node from the event bodies and check every stored head; raise
-        :class:`AuditTamperedError` on the first disagreement.  ``against``: a head kept elsewhere."""
+        :class:`AuditTamperedError` on the first disagreement.  ``against``: a head kept elsewhere
+        (it must be of this log: :class:`LogIdentityError`, as for a pinned log id that differs)."""
         import sqlalchemy as sa
 
         key = public_key or self.public_key
         if key is None:
             raise AuditLogError("verifying needs the log's public key")
+        log_id = self.log_id
         with self.engine.connect() as c:
             size = int(c.execute(sa.select(self.t_state.c.size).where(self.t_state.c.id == 1)).scalar_one())
             # level 0: the stored leaf hashes are the hashes of the bodies, indices 0..n-1 without gaps
@@ -409,10 +498,10 @@ class AuditLog:
             stored = c.execute(sa.select(sa.func.count()).select_from(self.t_nodes)).scalar_one()
             if stored != 2 * n - bin(n).count("1"):
                 raise AuditTamperedError("the log stores nodes no event accounts for")
-            heads = [SignedHead(int(r.size), bytes(r.root), r.at, r.key_id, bytes(r.signature))
+            heads = [SignedHead(int(r.size), bytes(r.root), r.at, r.key_id, bytes(r.signature), log_id)
                      for r in c.execute(sa.select(self.t_heads).order_by(self.t_heads.c.size))]  # fmt: skip
             for h in heads:
-                h.check(key)
+                h.check(key, log_id)
                 if h.size > size:
                     raise AuditTamperedError(f"a head of size {h.size} is beyond the log's {size} events")
                 root = self._getter(c, lambda g, s=h.size: merkle.subtree_hash(g, 0, s))
@@ -421,7 +510,7 @@ class AuditLog:
             if size and (not heads or heads[-1].size != size):
                 raise AuditTamperedError("the newest events are not covered by a signed head")
             if against is not None:
-                against.check(key)
+                against.check(key, log_id)
                 if against.size > size:
                     raise AuditTamperedError(f"the log holds {size} events, fewer than the {against.size} of the "
                                              "head kept outside it: events were cut")  # fmt: skip
@@ -429,7 +518,8 @@ class AuditLog:
                 if not hmac.compare_digest(root, against.root):
                     raise AuditTamperedError(f"the log was rewritten since the head of size {against.size}")
         return {"events": size, "heads_checked": len(heads), "root": heads[-1].root.hex() if heads else
-                merkle.EMPTY_ROOT.hex(), "against": against.size if against else None}  # fmt: skip
+                merkle.EMPTY_ROOT.hex(), "against": against.size if against else None, "log_id": log_id.hex(),
+                "log_id_pinned": self.pinned_log_id is not None}  # fmt: skip
 
     def _level_rows(self, c: Any, level: int) -> Iterator[tuple[int, int, bytes]]:
         import sqlalchemy as sa

@@ -197,7 +197,7 @@ def console_router(pk: Passkeys) -> Any:
         broker.authorize(who(ww_session), Permission.AUDIT_LOG_READ)
         try:
             proof = broker.log.prove(index)
-            check_inclusion(proof, broker.log.public_key)
+            check_inclusion(proof, broker.log.public_key, broker.log.log_id)
         except AuditLogError:
             return {"ok": False}
         return {"ok": True, "head_size": proof.head.size}

@@ -38,11 +38,18 @@ from typing import Any
 from .. import audit, errors
 from ..audit import AuditAction
 from ..audit import event as audit_event
-from ..errors import CustodyError, PolicyDeniedError, ProviderUnavailableError, QuorumError, WardenError
+from ..errors import (
+    CustodyError,
+    KeyPurposeError,
+    PolicyDeniedError,
+    ProviderUnavailableError,
+    QuorumError,
+    WardenError,
+)
 from .custody import CUSTODY_FILE, CustodyDoc, Share, UnsealSession
 from .local import Keyring, TrustStore
 from .policy import Policy
-from .provider import KeyProvider, KeySlot, Signer, b64d, b64e
+from .provider import KeyProvider, KeySlot, Signer, b64d, b64e, purpose_message
 from .quorum import Approval, QuorumBook, check_params, make_statement
 
 SOCKET = "agent.sock"
@@ -224,28 +231,44 @@ class _State:
                     "digest": self.policy.digest,
                     "key_use_audit": self.audit_key_use,
                 }
+            if op == "provider":  # names a KEK of one purpose (making a missing one is a 'manage' use); each
+                # wrap and unwrap with it is checked against the policy on its own
+                if req.get("create") is True:
+                    self._allow(caller, "manage", req.get("key_id"))
+                p = kr.provider(req.get("key_id"), purpose=req.get("purpose"), create=req.get("create") is True)
+                return {"key_id": p.key_id, "purpose": p.purpose}
             if op == "wrap":
-                kid = req.get("key_id") or kr._s.get("default_kek")
-                self._allow(caller, "wrap", kid)
-                slot = kr.provider(kid).wrap(b64d(req["dek"], "dek"), b64d(req["context"], "context"))
+                p = kr.provider(req.get("key_id"), purpose=req.get("purpose"))
+                self._allow(caller, "wrap", p.key_id)
+                slot = p.wrap(b64d(req["dek"], "dek"), b64d(req["context"], "context"))
                 return {"slot": slot.to_json()}
-            if op == "unwrap":
+            if op == "unwrap":  # with a purpose, a KEK of another purpose is refused
                 slot = KeySlot.from_json(req["slot"])
                 self._allow(caller, "unwrap", slot.key_id)
-                dek = kr.provider(slot.key_id).unwrap(slot, b64d(req["context"], "context"))
+                p = kr.provider(slot.key_id, purpose=req.get("purpose"))
+                dek = p.unwrap(slot, b64d(req["context"], "context"))
                 try:
                     return {"dek": b64e(bytes(dek))}
                 finally:
                     for i in range(len(dek)):
                         dek[i] = 0
-            if op == "sign":
-                kid = req.get("key_id") or kr._s.get("default_signer")
-                self._allow(caller, "sign", kid)
-                s = kr.signer(kid)
-                return {"signature": b64e(s.sign(b64d(req["message"], "message")))}
+            if op == "sign":  # the message comes labelled; the agent signs only its key's own purpose
+                s = kr.signer(req.get("key_id"), purpose=req.get("purpose"))
+                self._allow(caller, "sign", s.key_id)
+                msg = b64d(req["message"], "message")
+                if not msg.startswith(purpose_message(s.purpose, b"")):
+                    self._audit(AuditAction.KEY_SIGN, "denied", key_id=s.key_id, provider="local",
+                                detail={"purpose": s.purpose}, error="message not labelled with the key's purpose")
+                    raise KeyPurposeError(f"key {s.key_id} signs {s.purpose!r} messages only")
+                sig = s._sign(msg)
+                s.audit.emit(audit_event(AuditAction.KEY_SIGN, "ok", key_id=s.key_id, provider="local",
+                                         detail={"purpose": s.purpose}))  # fmt: skip
+                return {"signature": b64e(sig)}
             if op == "signer":  # public key only
-                s = kr.signer(req.get("key_id"))
-                return {"key_id": s.key_id, "public_key": b64e(s.public_key)}
+                if req.get("create") is True:
+                    self._allow(caller, "manage", req.get("key_id"))
+                s = kr.signer(req.get("key_id"), purpose=req.get("purpose"), create=req.get("create") is True)
+                return {"key_id": s.key_id, "public_key": b64e(s.public_key), "purpose": s.purpose}
             if op == "list_keys":
                 return {"keys": kr.list_keys(), "default_kek": kr._s.get("default_kek")}
             if op == "new_kek":
@@ -594,16 +617,17 @@ class AgentProvider(KeyProvider):
 
     name = "local"
 
-    def __init__(self, client: AgentClient, key_id: str):
+    def __init__(self, client: AgentClient, key_id: str, purpose: str = "sealing"):
         self._c = client
         self.key_id = key_id
+        self.purpose = purpose
 
     def _wrap(self, dek: bytes, context: bytes) -> KeySlot:
-        r = self._c.call("wrap", key_id=self.key_id, dek=b64e(dek), context=b64e(context))
+        r = self._c.call("wrap", key_id=self.key_id, purpose=self.purpose, dek=b64e(dek), context=b64e(context))
         return KeySlot.from_json(r["slot"])
 
     def _unwrap(self, slot: KeySlot, context: bytes) -> bytearray:
-        r = self._c.call("unwrap", slot=slot.to_json(), context=b64e(context))
+        r = self._c.call("unwrap", slot=slot.to_json(), purpose=self.purpose, context=b64e(context))
         return bytearray(b64d(r["dek"], "dek"))
 
     def _key(self, action: str, key_id: str, **kw: Any) -> Any:
@@ -626,17 +650,22 @@ class AgentProvider(KeyProvider):
 
 
 class AgentSigner(Signer):
-    def __init__(self, client: AgentClient, key_id: str | None = None):
+    """A signing key the agent holds, of the purpose the agent reports (it checks every message's label)."""
+
+    def __init__(self, client: AgentClient, key_id: str | None = None, *, purpose: str | None = None,
+                 create: bool = False):  # fmt: skip
         self._c = client
-        r = client.call("signer", key_id=key_id)
+        r = client.call("signer", key_id=key_id, purpose=purpose, create=create)
         self._pub = b64d(r["public_key"], "public key")
+        self.purpose = str(r.get("purpose", "sealing"))
 
     @property
     def public_key(self) -> bytes:
         return self._pub
 
     def _sign(self, message: bytes) -> bytes:
-        return b64d(self._c.call("sign", key_id=self.key_id, message=b64e(message))["signature"], "signature")
+        r = self._c.call("sign", key_id=self.key_id, purpose=self.purpose, message=b64e(message))
+        return b64d(r["signature"], "signature")
 
 
 class AgentKeyring:
@@ -650,15 +679,15 @@ class AgentKeyring:
         self.trust = TrustStore.load(home)
         self.audit = audit.NullSink()  # the agent records every use itself
 
-    def provider(self, key_id: str | None = None) -> AgentProvider:
-        kid = key_id or self.client.call("list_keys")["default_kek"]
-        return AgentProvider(self.client, kid)
+    def provider(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> AgentProvider:
+        r = self.client.call("provider", key_id=key_id, purpose=purpose, create=create)
+        return AgentProvider(self.client, str(r["key_id"]), str(r["purpose"]))
 
-    def signer(self, key_id: str | None = None) -> AgentSigner:
-        return AgentSigner(self.client, key_id)
+    def signer(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> AgentSigner:
+        return AgentSigner(self.client, key_id, purpose=purpose, create=create)
 
-    def public_key(self, key_id: str | None = None) -> bytes:
-        return self.signer(key_id).public_key
+    def public_key(self, key_id: str | None = None, *, purpose: str | None = None) -> bytes:
+        return self.signer(key_id, purpose=purpose).public_key
 
     def list_keys(self) -> list[dict[str, Any]]:
         return list(self.client.call("list_keys")["keys"])

@@ -33,10 +33,22 @@ from ..errors import (
     KeyDestroyedError,
     KeyDisabledError,
     KeyNotFoundError,
+    KeyPurposeError,
     KeyringError,
     WrongKeyError,
 )
-from .provider import KeyProvider, KeySlot, Signer, b64d, b64e, ed25519_key_id, wrap_aad
+from .provider import (
+    KEK_PURPOSES,
+    TRUST_PURPOSES,
+    KeyProvider,
+    KeySlot,
+    Signer,
+    b64d,
+    b64e,
+    check_purpose,
+    ed25519_key_id,
+    wrap_aad,
+)
 
 KEYRING_FILE = "keyring.json"
 AUDIT_FILE = "audit.jsonl"
@@ -88,7 +100,8 @@ class KdfParams:
 
 
 class Ed25519Signer(Signer):
-    def __init__(self, private: Ed25519PrivateKey):
+    def __init__(self, private: Ed25519PrivateKey, purpose: str = "sealing"):
+        self.purpose = check_purpose(purpose)
         self._key = private
         self._pub = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -100,12 +113,14 @@ class Ed25519Signer(Signer):
         return self._key.sign(message)
 
     @classmethod
-    def generate(cls) -> Ed25519Signer:
-        return cls(Ed25519PrivateKey.generate())
+    def generate(cls, purpose: str = "sealing") -> Ed25519Signer:
+        return cls(Ed25519PrivateKey.generate(), purpose)
 
 
 class TrustStore:
-    """Public keys of signers whose manifests are accepted."""
+    """Public keys of trusted signers, each for one purpose (``sealing``: manifests ``verify`` accepts;
+    ``legacy-sealing``: also version-1 manifests without a purpose label; ``audit-log``;
+    ``export-rules``).  An entry written before purposes existed reads as ``sealing``."""
 
     def __init__(self, path: Path | None = None, signers: dict[str, dict[str, str]] | None = None):
         self.path = path
@@ -125,13 +140,25 @@ class TrustStore:
             raise KeyringError(f"trust store {path} is unreadable or malformed") from e
         return cls(path, signers)
 
-    def add(self, public_key: bytes, label: str = "") -> str:
+    def add(self, public_key: bytes, label: str = "", purpose: str = "sealing") -> str:
+        """Trust ``public_key`` for ``purpose``.  A key already trusted for another purpose is refused
+        (:class:`KeyPurposeError`): a purpose is never widened by adding the key again; remove it first."""
+        check_purpose(purpose, TRUST_PURPOSES, "trust purpose")
         if len(public_key) != 32:
             raise KeyringError("an Ed25519 public key is 32 bytes")
         Ed25519PublicKey.from_public_bytes(public_key)
         kid = ed25519_key_id(public_key)
-        self.signers[kid] = {"public_key": b64e(public_key), "label": label}
+        old = self.purpose(kid)
+        if old is not None and old != purpose:
+            raise KeyPurposeError(
+                f"{kid} is already trusted for {old!r}; a key has one purpose: `warden trust remove {kid}` first"
+            )
+        self.signers[kid] = {"public_key": b64e(public_key), "label": label, "purpose": purpose}
         return kid
+
+    def purpose(self, key_id: str) -> str | None:
+        entry = self.signers.get(key_id)
+        return None if entry is None else str(entry.get("purpose", "sealing"))
 
     def remove(self, key_id: str) -> None:
         if self.signers.pop(key_id, None) is None:
@@ -146,6 +173,12 @@ class TrustStore:
             raise KeyringError("this trust store has no file")
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_bytes(self.path, _canon({"signers": self.signers}) + b"\n", force=True, mode=0o644)
+
+
+def _default_slot(kind: str, purpose: str) -> str:
+    """Where the keyring records a purpose's default key (``default_kek`` / ``default_signer`` for
+    sealing, as before purposes existed)."""
+    return f"default_{kind}" if purpose == "sealing" else f"default_{kind}:{purpose}"
 
 
 def _split_detail(doc: Any) -> dict[str, Any]:
@@ -177,7 +210,7 @@ class Keyring:
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         kr = cls(home, passphrase, kdf or KdfParams(), secrets.token_bytes(16), {"keks": {}, "signing": {}})
         kr.new_kek(now=now)
-        kr.new_signing_key(now=now)
+        kr.new_signing_key(now=now)  # the sealing key; audit-log and other keys are made when needed
         kr.save()
         return kr
 
@@ -294,31 +327,42 @@ class Keyring:
         self.close()
 
     # -- keys -------------------------------------------------------------------
-    def new_kek(self, name: str | None = None, *, now: datetime | None = None) -> str:
-        """A new key-encryption key; ``name`` (e.g. one per model, for shredding) or a random id."""
-        kid = name if name is not None else "kek-" + secrets.token_hex(8)
+    def new_kek(self, name: str | None = None, *, purpose: str = "sealing", now: datetime | None = None) -> str:
+        """A new key-encryption key; ``name`` (e.g. one per model, for shredding) or a random id.
+        ``purpose``: ``sealing`` (data keys of sealed files) or ``tracing`` (tracing secrets)."""
+        check_purpose(purpose, KEK_PURPOSES, "KEK purpose")
+        prefix = "kek-" if purpose == "sealing" else f"{purpose}-kek-"
+        kid = name if name is not None else prefix + secrets.token_hex(8)
         if not KEY_NAME.match(kid):
             raise KeyringError("key names are 1-64 characters of letters, digits, '.', '_' and '-'")
         if kid in self._s["keks"]:
             raise KeyringError(f"key {kid} already exists")
-        self._s["keks"][kid] = {"current": 1, "versions": {"1": self._new_version(now)}}
-        self._s.setdefault("default_kek", kid)
-        self.audit.emit(audit_event(AuditAction.KEY_CREATE, key_id=kid, key_version=1, provider="local"))
+        self._s["keks"][kid] = {"current": 1, "versions": {"1": self._new_version(now)}, "purpose": purpose}
+        self._s.setdefault(_default_slot("kek", purpose), kid)
+        self.audit.emit(audit_event(AuditAction.KEY_CREATE, key_id=kid, key_version=1, provider="local",
+                                    detail={"purpose": purpose}))  # fmt: skip
         return kid
+
+    def kek_purpose(self, key_id: str) -> str:
+        return str(self._key_entry(key_id).get("purpose", "sealing"))
 
     @staticmethod
     def _new_version(now: datetime | None) -> dict[str, str]:
         return {"key": b64e(secrets.token_bytes(32)), "state": "enabled", "created": _now(now)}
 
-    def new_signing_key(self, *, now: datetime | None = None) -> str:
-        signer = Ed25519Signer.generate()
+    def new_signing_key(self, *, purpose: str = "sealing", now: datetime | None = None) -> str:
+        """A new Ed25519 key of one ``purpose`` (sealing, audit-log, export-rules); the first of each
+        purpose is that purpose's default.  It is trusted here for that purpose only."""
+        signer = Ed25519Signer.generate(purpose)
         from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
 
         raw = signer._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        self._s["signing"][signer.key_id] = {"private": b64e(raw), "created": _now(now)}
-        self._s.setdefault("default_signer", signer.key_id)
-        self.trust.add(signer.public_key, label="own key")
-        self.audit.emit(audit_event(AuditAction.KEY_CREATE, key_id=signer.key_id, key_version=1, provider="local"))
+        self._s["signing"][signer.key_id] = {"private": b64e(raw), "created": _now(now), "purpose": purpose}
+        self._s.setdefault(_default_slot("signer", purpose), signer.key_id)
+        self.trust.add(signer.public_key, label="own key" if purpose == "sealing" else f"own {purpose} key",
+                       purpose=purpose)  # fmt: skip
+        self.audit.emit(audit_event(AuditAction.KEY_CREATE, key_id=signer.key_id, key_version=1, provider="local",
+                                    detail={"purpose": purpose}))  # fmt: skip
         return signer.key_id
 
     def list_keys(self) -> list[dict[str, Any]]:
@@ -332,8 +376,9 @@ class Keyring:
                         "version": int(ver),
                         "state": v["state"],
                         "current": int(ver) == k["current"],
-                        "default": kid == self._s.get("default_kek"),
+                        "default": kid == self._s.get(_default_slot("kek", k.get("purpose", "sealing"))),
                         "created": v["created"],
+                        "purpose": k.get("purpose", "sealing"),
                     }
                 )
         for kid, k in sorted(self._s["signing"].items()):
@@ -344,8 +389,9 @@ class Keyring:
                     "version": 1,
                     "state": "enabled",
                     "current": True,
-                    "default": kid == self._s.get("default_signer"),
+                    "default": kid == self._s.get(_default_slot("signer", k.get("purpose", "sealing"))),
                     "created": k["created"],
+                    "purpose": k.get("purpose", "sealing"),
                 }
             )
         return out
@@ -398,28 +444,52 @@ class Keyring:
         self.save()  # the keyring file is rewritten without the key bytes
         return done
 
-    def provider(self, key_id: str | None = None) -> LocalProvider:
-        kid = key_id or self._s.get("default_kek")
+    def provider(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> LocalProvider:
+        """A provider over one KEK: ``key_id``, or the default KEK of ``purpose`` (default ``sealing``;
+        with ``create``, made and saved when there is none).  It wraps and unwraps only with KEKs of its
+        purpose; a ``key_id`` of another purpose than the one asked for is refused."""
+        if purpose is not None:
+            check_purpose(purpose, KEK_PURPOSES, "KEK purpose")
+        kid = key_id or self._s.get(_default_slot("kek", purpose or "sealing"))
+        if not kid and create:
+            kid = self.new_kek(purpose=purpose or "sealing")
+            self.save()
         if not kid or kid not in self._s["keks"]:
-            raise KeyNotFoundError(f"no key-encryption key {kid!r} in this keyring")
-        p = LocalProvider(self, kid)
+            raise KeyNotFoundError(f"no {purpose or 'sealing'} key-encryption key {kid!r} in this keyring")
+        have = self.kek_purpose(kid)
+        if purpose is not None and have != purpose:
+            raise KeyPurposeError(f"key {kid} is a {have!r} KEK, not a {purpose!r} one")
+        p = LocalProvider(self, kid, have)
         p.audit = self.audit
         return p
 
-    def signer(self, key_id: str | None = None) -> Ed25519Signer:
-        kid = key_id or self._s.get("default_signer")
+    def _signing_entry(self, key_id: str | None, purpose: str | None, create: bool) -> tuple[str, dict[str, Any]]:
+        if purpose is not None:
+            check_purpose(purpose)
+        kid = key_id or self._s.get(_default_slot("signer", purpose or "sealing"))
+        if not kid and create:
+            kid = self.new_signing_key(purpose=purpose or "sealing")
+            self.save()
         entry = self._s["signing"].get(kid) if kid else None
         if entry is None:
-            raise KeyNotFoundError(f"no signing key {kid!r} in this keyring")
-        s = Ed25519Signer(Ed25519PrivateKey.from_private_bytes(b64d(entry["private"], "signing key")))
+            raise KeyNotFoundError(f"no {purpose or 'sealing'} signing key {kid!r} in this keyring")
+        have = entry.get("purpose", "sealing")
+        if purpose is not None and have != purpose:
+            raise KeyPurposeError(f"key {kid} is a {have!r} key, not a {purpose!r} key")
+        return kid, entry
+
+    def signer(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> Ed25519Signer:
+        """A signing key: ``key_id``, or the default key of ``purpose`` (default ``sealing``).  A key of
+        another purpose than the one asked for is refused (:class:`KeyPurposeError`).  With ``create``,
+        a purpose's first key is made (and saved) when there is none: an audit log's key, for example."""
+        _, entry = self._signing_entry(key_id, purpose, create)
+        s = Ed25519Signer(Ed25519PrivateKey.from_private_bytes(b64d(entry["private"], "signing key")),
+                          entry.get("purpose", "sealing"))  # fmt: skip
         s.audit = self.audit
         return s
 
-    def public_key(self, key_id: str | None = None) -> bytes:
-        kid = key_id or self._s.get("default_signer")
-        entry = self._s["signing"].get(kid) if kid else None
-        if entry is None:
-            raise KeyNotFoundError(f"no signing key {kid!r} in this keyring")
+    def public_key(self, key_id: str | None = None, *, purpose: str | None = None) -> bytes:
+        _, entry = self._signing_entry(key_id, purpose, False)
         priv = Ed25519PrivateKey.from_private_bytes(b64d(entry["private"], "signing key"))
         return priv.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -457,11 +527,15 @@ class _AesGcmWrapProvider(KeyProvider):
 class LocalProvider(_AesGcmWrapProvider):
     """KEKs held in the passphrase-protected local keyring; wraps with its current version."""
 
-    def __init__(self, keyring: Keyring, key_id: str):
+    def __init__(self, keyring: Keyring, key_id: str, purpose: str = "sealing"):
         self._kr = keyring
         self.key_id = key_id
+        self.purpose = purpose
 
     def _kek(self, key_id: str, version: int) -> bytes:
+        have = self._kr.kek_purpose(key_id)
+        if have != self.purpose:  # a tracing KEK never unwraps a file's data key, nor the reverse
+            raise KeyPurposeError(f"key {key_id} is a {have!r} KEK; this provider unwraps {self.purpose!r} keys only")
         return self._kr._kek(key_id, version)
 
     def _current_version(self, key_id: str) -> int:

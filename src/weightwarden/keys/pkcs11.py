@@ -33,10 +33,11 @@ from ..errors import (
     KeyDestroyedError,
     KeyDisabledError,
     KeyNotFoundError,
+    KeyPurposeError,
     ProviderUnavailableError,
     WrongKeyError,
 )
-from .provider import KeyProvider, KeySlot, Signer, wrap_aad
+from .provider import KeyProvider, KeySlot, Signer, check_purpose, wrap_aad
 
 WRAP_ALG = "A256GCM-PKCS11"
 SOFTHSM_MODULES = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
@@ -294,12 +295,26 @@ class Pkcs11Provider(KeyProvider):
             return bytes(self._key(key_id or self.key_id, version, for_use=False)[Attribute.VALUE])
 
 
+_PURPOSE_ID = b"ww-purpose="
+
+
+def _id_purpose(cka_id: bytes) -> str:
+    """The purpose recorded in a key pair's CKA_ID (``ww-purpose=P;LABEL``); a pair made before purposes
+    existed (CKA_ID = label) is a sealing key."""
+    if cka_id.startswith(_PURPOSE_ID):
+        return cka_id[len(_PURPOSE_ID) :].split(b";", 1)[0].decode("ascii", "replace")
+    return "sealing"
+
+
 class Pkcs11Signer(Signer):
-    """An Ed25519 signing key generated and kept inside the token."""
+    """An Ed25519 signing key generated and kept inside the token, of one purpose: fixed at creation in
+    the key pair's CKA_ID; asking for it as another purpose is refused (:class:`KeyPurposeError`)."""
 
     provider_name = "pkcs11"
 
-    def __init__(self, session: Pkcs11Session, label: str, *, create: bool = False):
+    def __init__(self, session: Pkcs11Session, label: str, *, create: bool = False, purpose: str | None = None):
+        if purpose is not None:
+            check_purpose(purpose)
         self._s = session
         with session.lock:
             priv = session.find_one(ObjectClass.PRIVATE_KEY, label)
@@ -309,12 +324,19 @@ class Pkcs11Signer(Signer):
                 params = session.session.create_domain_parameters(
                     KeyType.EC_EDWARDS, {Attribute.EC_PARAMS: encode_named_curve_parameters("1.3.101.112")}, local=True
                 )
-                params.generate_keypair(store=True, label=label, id=label.encode())
+                cka_id = _PURPOSE_ID + (purpose or "sealing").encode() + b";" + label.encode()
+                params.generate_keypair(store=True, label=label, id=cka_id)
                 priv = session.find_one(ObjectClass.PRIVATE_KEY, label)
             pub = session.find_one(ObjectClass.PUBLIC_KEY, label)
             if priv is None or pub is None:
                 raise KeyNotFoundError(f"no Ed25519 key pair labelled {label!r} on the token")
             point = bytes(pub[Attribute.EC_POINT])
+            have = _id_purpose(bytes(priv[Attribute.ID]))
+        if have != _id_purpose(bytes(pub[Attribute.ID])):
+            raise KeyPurposeError(f"the key pair {label!r} on the token records two purposes")
+        if purpose is not None and have != purpose:
+            raise KeyPurposeError(f"the token's key {label!r} is a {have!r} key, not a {purpose!r} key")
+        self.purpose = check_purpose(have)
         self._priv = priv
         self._pub = point[-32:]  # DER OCTET STRING 04 20 || key
 
@@ -364,7 +386,9 @@ def from_uri(uri: str) -> Pkcs11Provider:
     return Pkcs11Provider(session, label)
 
 
-def signer_from_uri(uri: str, *, create: bool = False) -> Pkcs11Signer:
-    """The Ed25519 key pair labelled ``object=`` on the token."""
+def signer_from_uri(uri: str, *, create: bool = False, purpose: str | None = None) -> Pkcs11Signer:
+    """The Ed25519 key pair labelled ``object=`` on the token; ``purpose`` (or the URI's ``purpose=``)
+    is the purpose it must have (made with, when ``create``)."""
+    purpose = purpose or parse_uri(uri).get("purpose")
     session, label = _session_from_uri(uri)
-    return Pkcs11Signer(session, label, create=create)
+    return Pkcs11Signer(session, label, create=create, purpose=purpose)

@@ -22,11 +22,70 @@ from ..errors import (
     KeyDestroyedError,
     KeyDisabledError,
     KeyNotFoundError,
+    KeyPurposeError,
+    SignatureError,
     WardenError,
     WrongKeyError,
 )
 
 DEK_LEN = 32
+
+#: What a signing key is for: one key, one purpose (docs/FORMAT.md §1.4).  Every signature made
+#: through :class:`Signer` covers ``SIG_LABEL ‖ purpose ‖ 0x00 ‖ message``.
+SIGNING_PURPOSES = ("sealing", "audit-log", "export-rules")
+#: What a key-encryption key is for: data keys of sealed files, or per-model tracing secrets.
+KEK_PURPOSES = ("sealing", "tracing")
+#: A trust entry for a pre-purpose key that may still verify version-1 manifests (no purpose label).
+LEGACY_SEALING = "legacy-sealing"
+TRUST_PURPOSES = (*SIGNING_PURPOSES, LEGACY_SEALING)
+SIG_LABEL = b"weightwarden/signature/v2\x00"
+
+
+def check_purpose(purpose: Any, allowed: tuple[str, ...] = SIGNING_PURPOSES, what: str = "purpose") -> str:
+    if purpose not in allowed:
+        raise KeyPurposeError(f"{what} {str(purpose)[:32]!r} is not one of {', '.join(allowed)}")
+    return str(purpose)
+
+
+def purpose_message(purpose: str, message: bytes) -> bytes:
+    """The bytes a key of ``purpose`` actually signs for ``message``."""
+    return SIG_LABEL + check_purpose(purpose).encode() + b"\x00" + bytes(message)
+
+
+def verify_purpose(
+    public_key: bytes,
+    purpose: str,
+    message: bytes,
+    signature: bytes,
+    *,
+    what: str = "signature",
+    error: type[WardenError] = SignatureError,
+    purpose_error: type[WardenError] = KeyPurposeError,
+) -> None:
+    """Check ``signature`` over ``message`` under ``purpose``'s label.  A signature that verifies under
+    another purpose's label raises ``purpose_error`` (a key of that purpose made it); anything else
+    that fails raises ``error``."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        pk = Ed25519PublicKey.from_public_bytes(bytes(public_key))
+    except ValueError:
+        raise error(f"{what}: not an Ed25519 public key") from None
+    try:
+        pk.verify(signature, purpose_message(purpose, message))
+        return
+    except InvalidSignature:
+        pass
+    for other in SIGNING_PURPOSES:
+        if other == purpose:
+            continue
+        try:
+            pk.verify(signature, purpose_message(other, message))
+        except InvalidSignature:
+            continue
+        raise purpose_error(f"{what} was made by a key of purpose {other!r}, not {purpose!r}: refused")
+    raise error(f"{what} is invalid")
 
 
 def b64e(b: bytes) -> str:
@@ -215,14 +274,18 @@ def _outcome(e: Exception) -> str:
 
 
 class Signer(ABC):
-    """Signs sealed-file manifests (Ed25519).  ``sign`` emits an audit event."""
+    """Signs with an Ed25519 key of one ``purpose`` (``sealing``: manifests; ``audit-log``: tree heads;
+    ``export-rules``: rules files).  What it signs is always ``purpose_message(purpose, message)``, so a
+    signature of one purpose never verifies as another.  ``sign`` emits an audit event."""
 
     alg: str = "ed25519"
     audit: AuditSink = NullSink()
+    purpose: str = "sealing"
 
     def sign(self, message: bytes) -> bytes:
-        sig = self._sign(message)
-        self.audit.emit(audit_event(AuditAction.KEY_SIGN, "ok", key_id=self.key_id, provider=self.provider_name))
+        sig = self._sign(purpose_message(self.purpose, message))
+        self.audit.emit(audit_event(AuditAction.KEY_SIGN, "ok", key_id=self.key_id, provider=self.provider_name,
+                                    detail={"purpose": self.purpose}))  # fmt: skip
         return sig
 
     provider_name: str = "local"
@@ -230,7 +293,13 @@ class Signer(ABC):
     def sign_unaudited(self, message: bytes) -> bytes:
         """Sign without an audit event: only for the audit log's own tree heads, which would
         otherwise log themselves without end."""
-        return self._sign(message)
+        return self._sign(purpose_message(self.purpose, message))
+
+    def require(self, purpose: str) -> Signer:
+        """This signer, if its key is of ``purpose``; else :class:`KeyPurposeError` (nothing signed)."""
+        if self.purpose != purpose:
+            raise KeyPurposeError(f"key {self.key_id} is a {self.purpose!r} key; this needs a {purpose!r} key")
+        return self
 
     @property
     def key_id(self) -> str:

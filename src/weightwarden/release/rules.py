@@ -6,9 +6,12 @@ have a unique ``id``, a ``metric`` (``training_compute``, ``total_params`` or ``
 positive ``threshold``, an ``effective`` date and an ``outcome``; it MAY have a ``rescinded``
 date, ``published_exempt``, ``country_groups`` and ``country_outcomes``.  Two regimes of one
 jurisdiction on one metric MUST NOT be in force at the same time (overlap is refused).  Every
-file is verified before use: a detached Ed25519 signature over its exact bytes (``<file>.sig``,
-hex) by a trusted key: the shipped rules key or one the caller passes.  Anything else fails
-closed with :class:`RulesError`.
+file is verified before use: a detached Ed25519 signature (``<file>.sig``, hex) by a trusted key of
+purpose ``export-rules`` over its exact bytes under that purpose's label (``purpose_message``,
+docs/FORMAT.md §1.4; :func:`sign_rules` writes one).  A signature made by a key of another purpose
+(a sealing key, an audit-log key) is refused with :class:`RulesKeyPurposeError`.  The shipped rules
+predate purpose labels: their unlabelled signature is accepted from the shipped rules key only, whose
+purpose is pinned here.  Anything else fails closed with :class:`RulesError`.
 """
 
 from __future__ import annotations
@@ -18,20 +21,27 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import date
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from ..errors import WardenError
+from ..errors import KeyPurposeError, WardenError
 
-__all__ = ["OUTCOMES", "SHIPPED_RULES_KEY", "Regime", "RuleSet", "RulesError", "default_rules", "load_rules"]
+__all__ = ["OUTCOMES", "SHIPPED_RULES_KEY", "Regime", "RuleSet", "RulesError", "RulesKeyPurposeError",
+           "default_rules", "load_rules", "sign_rules"]  # fmt: skip
 
 # The public half of the key that signs the shipped rules (its private half is not in this repository).
 SHIPPED_RULES_KEY = bytes.fromhex("bbdc7b621b3a9e5b05e2cce35c7fe841456d8e51372c9123011fd7fa87db06fb")
 OUTCOMES = ("allowed", "notify", "needs-review", "license-required", "presumption-of-denial")
 METRICS = ("training_compute", "total_params", "active_params")
+PURPOSE = "export-rules"
 
 
 class RulesError(WardenError):
     """A rules file is unsigned, signed by an untrusted key, malformed, or has overlapping regimes."""
+
+
+class RulesKeyPurposeError(KeyPurposeError, RulesError):
+    """A rules file is signed by a key of another purpose than ``export-rules`` (e.g. a sealing key)."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,7 @@ def load_rules(path: str | os.PathLike[str], trusted: list[bytes] | None = None)
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from ..keys.provider import ed25519_key_id
+    from ..keys.provider import ed25519_key_id, verify_purpose
 
     try:
         data = open(path, "rb").read()
@@ -167,11 +177,31 @@ def load_rules(path: str | os.PathLike[str], trusted: list[bytes] | None = None)
         raise RulesError("the rules signature is not hex") from None
     for key in trusted or [SHIPPED_RULES_KEY]:
         try:
-            Ed25519PublicKey.from_public_bytes(key).verify(sig, data)
-        except (InvalidSignature, ValueError):
-            continue
+            verify_purpose(key, PURPOSE, data, sig, what="the rules signature", purpose_error=RulesKeyPurposeError)
+        except RulesKeyPurposeError:
+            raise
+        except WardenError:
+            if bytes(key) != SHIPPED_RULES_KEY:
+                continue
+            try:  # the shipped rules' signature predates purpose labels; that key signs rules only
+                Ed25519PublicKey.from_public_bytes(key).verify(sig, data)
+            except (InvalidSignature, ValueError):
+                continue
         return parse_rules(data, ed25519_key_id(key))
     raise RulesError("the rules file is not signed by a trusted key")
+
+
+def sign_rules(path: str | os.PathLike[str], signer: Any) -> Path:
+    """Sign a rules file with ``signer`` (a :class:`~weightwarden.keys.provider.Signer` of purpose
+    ``export-rules``; any other is refused before anything is written) into ``<path>.sig``."""
+    from .._atomic import atomic_write_bytes
+
+    signer.require(PURPOSE)
+    data = open(path, "rb").read()
+    parse_rules(data, signer.key_id)  # sign only what loads
+    out = Path(f"{os.fspath(path)}.sig")
+    atomic_write_bytes(out, signer.sign(data).hex().encode() + b"\n", force=True, mode=0o644)
+    return out
 
 
 def default_rules() -> RuleSet:

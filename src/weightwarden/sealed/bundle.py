@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .._atomic import TMP_PREFIX, _fsync_dir, atomic_write_bytes
 from ..errors import FormatError, IntegrityError, OutputExistsError, SignatureError, UntrustedSignerError
 from ..keys.local import TrustStore
 from ..keys.provider import KeyProvider, Signer, b64d, b64e, ed25519_key_id
 from . import format as F
-from .reader import SealedFile, SealedReader
+from .reader import SIG_FIELDS_V2, SealedFile, SealedReader, check_manifest_signature, sig_purpose
 from .writer import MemorySource, Progress, SealResult, seal_file
 
 MANIFEST = "BUNDLE.wwb"
@@ -58,6 +56,7 @@ def seal_dir(
     """Seal every file of ``src`` into the bundle ``dst``; ``replace`` maps a member's relative path to
     in-memory contents sealed instead of the file on disk (a fingerprinted copy is never written in
     plaintext)."""
+    signer.require("sealing")
     if not force and os.path.lexists(dst):
         raise OutputExistsError(f"{dst} exists; pass force=True (--force) to overwrite")
     files = _member_files(src)
@@ -87,6 +86,7 @@ def seal_dir(
                 "alg": F.SIG_ID,
                 "key_id": signer.key_id,
                 "public_key": b64e(signer.public_key),
+                "purpose": signer.purpose,
                 "signature": b64e(sig),
             },
         }
@@ -130,8 +130,9 @@ class SealedBundle:
         body, sig = doc["body"], doc["signature"]
         if not isinstance(body, dict) or body.get("format") != "weightwarden-bundle" or body.get("version") != 1:
             raise FormatError("not a version-1 bundle manifest")
-        if not isinstance(sig, dict) or sig.get("alg") != F.SIG_ID:
+        if not isinstance(sig, dict) or sig.get("alg") != F.SIG_ID or not set(sig) <= SIG_FIELDS_V2:
             raise FormatError("bundle signature block is malformed")
+        self.sig_purpose = sig_purpose(sig, "bundle signature block")
         self._body_raw = F.canon(body)
         self.public_key = b64d(sig.get("public_key"), "public key")
         self.signature = b64d(sig.get("signature"), "signature")
@@ -173,10 +174,8 @@ class SealedBundle:
             raise IntegrityError(f"bundle holds files its manifest does not list: {extra[:3]}")
 
     def check_signature(self, trust: TrustStore | Iterable[bytes] | None) -> str:
-        try:
-            Ed25519PublicKey.from_public_bytes(self.public_key).verify(self.signature, BUNDLE_DOMAIN + self._body_raw)
-        except InvalidSignature:
-            raise SignatureError("bundle manifest signature is invalid") from None
+        check_manifest_signature(self.public_key, self.signature, self.sig_purpose, BUNDLE_DOMAIN + self._body_raw,
+                                 self.signer_id, trust, "bundle manifest signature")  # fmt: skip
         for m in self.members:
             m.check_signature(trust)
         if trust is not None and not self.members:

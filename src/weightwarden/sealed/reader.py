@@ -22,6 +22,7 @@ from ..errors import (
     KeyDestroyedError,
     KeyDisabledError,
     KeyManagementError,
+    KeyPurposeError,
     ProviderUnavailableError,
     SignatureError,
     TruncatedError,
@@ -30,13 +31,70 @@ from ..errors import (
     WrongKeyError,
 )
 from ..keys.local import TrustStore
-from ..keys.provider import KeyProvider, KeySlot, b64d, ed25519_key_id
+from ..keys.provider import LEGACY_SEALING, KeyProvider, KeySlot, b64d, ed25519_key_id, verify_purpose
 from . import format as F
 from ._crypto import commitment, content_cipher, zero
 
 Progress = Callable[[int], None]
 HASH_BATCH = 16
 PAGE = 4096
+
+
+SIG_FIELDS_V1 = frozenset({"alg", "key_id", "public_key", "signature"})
+SIG_FIELDS_V2 = SIG_FIELDS_V1 | {"purpose"}
+
+
+def sig_purpose(block: dict[str, Any], what: str) -> str | None:
+    """The ``purpose`` of a signature block (None: a version-1 block, signed without a purpose label)."""
+    if "purpose" not in block:
+        return None
+    p = block["purpose"]
+    if not isinstance(p, str) or not 0 < len(p) <= 32:
+        raise FormatError(f"{what}: purpose must be a short string")
+    return p
+
+
+def check_manifest_signature(
+    public_key: bytes,
+    signature: bytes,
+    purpose: str | None,
+    message: bytes,
+    key_id: str,
+    trust: TrustStore | Iterable[bytes] | None,
+    what: str,
+) -> str:
+    """Verify a manifest signature (docs/FORMAT.md §1.4) and, unless ``trust`` is None, that its key is
+    trusted *for sealing*.  A block of another purpose, a signature made under another purpose's label,
+    or a trust entry of another purpose raise :class:`KeyPurposeError`.  A version-1 block (no purpose
+    label) is accepted only from a trust entry marked ``legacy-sealing`` (or with ``trust=None``)."""
+    if purpose is None:
+        try:
+            Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
+        except InvalidSignature:
+            raise SignatureError(f"{what} is invalid") from None
+    elif purpose != "sealing":
+        raise KeyPurposeError(f"{what} is by a key of purpose {purpose[:32]!r}, not a sealing key: refused")
+    else:
+        verify_purpose(public_key, "sealing", message, signature, what=what)
+    if trust is None:
+        return key_id
+    if isinstance(trust, TrustStore):
+        known = trust.public_key(key_id)
+        ok = known is not None and hmac.compare_digest(known, public_key)
+        have = trust.purpose(key_id) if ok else None
+    else:
+        ok = any(hmac.compare_digest(bytes(k), public_key) for k in trust)
+        have = "sealing"
+    if not ok:
+        raise UntrustedSignerError(f"file is signed by {key_id}, which is not trusted")
+    if purpose is None and have != LEGACY_SEALING:
+        raise KeyPurposeError(
+            f"{what} is version 1 (no purpose label): it verifies only against a trust entry marked "
+            f"{LEGACY_SEALING!r} (`warden trust add KEY --purpose {LEGACY_SEALING}`); {key_id} is not one"
+        )
+    if have not in ("sealing", LEGACY_SEALING):
+        raise KeyPurposeError(f"{key_id} is trusted for {have!r}, not for sealing: refused")
+    return key_id
 
 
 class SealedFile:
@@ -75,8 +133,9 @@ class SealedFile:
         if size > lay.sig_off + 4 + sig_len:
             raise FormatError("unexpected bytes after the signature block")
         sig = F.strict_json(f.read(sig_len), "signature block", F.MAX_SIG_BLOCK)
-        if not isinstance(sig, dict) or set(sig) != {"alg", "key_id", "public_key", "signature"}:
+        if not isinstance(sig, dict) or set(sig) not in (SIG_FIELDS_V1, SIG_FIELDS_V2):
             raise FormatError("signature block is malformed")
+        self.sig_purpose = sig_purpose(sig, "signature block")
         if sig["alg"] != F.SIG_ID:
             raise FormatError(f"unsupported signature algorithm {str(sig['alg'])[:32]!r}")
         self.public_key = b64d(sig["public_key"], "public key")
@@ -109,20 +168,8 @@ class SealedFile:
         self-consistent under the key it names (used by ``inspect``).
         """
         msg = F.signed_message(self.preamble, self.context.sha256, self.digests)
-        try:
-            Ed25519PublicKey.from_public_bytes(self.public_key).verify(self.signature, msg)
-        except InvalidSignature:
-            raise SignatureError("manifest signature is invalid") from None
-        if trust is None:
-            return self.signer_id
-        if isinstance(trust, TrustStore):
-            known = trust.public_key(self.signer_id)
-            ok = known is not None and hmac.compare_digest(known, self.public_key)
-        else:
-            ok = any(hmac.compare_digest(bytes(k), self.public_key) for k in trust)
-        if not ok:
-            raise UntrustedSignerError(f"file is signed by {self.signer_id}, which is not trusted")
-        return self.signer_id
+        return check_manifest_signature(self.public_key, self.signature, self.sig_purpose, msg, self.signer_id, trust,
+                                        "manifest signature")  # fmt: skip
 
     def _chunk_ct(self, i: int) -> memoryview:
         off = self.layout.chunk_off(i)

@@ -72,6 +72,7 @@ def seal_file(
     The output appears at ``dst`` only once complete and fsynced (``durable``).  ``src`` may be a
     :class:`MemorySource`: its bytes are sealed as they are, never written anywhere in plaintext.
     """
+    signer.require("sealing")  # one key, one purpose: before anything is written
     if not isinstance(src, MemorySource):
         src = Path(src)
     dst = Path(dst)
@@ -244,6 +245,7 @@ def _write(
                 "alg": F.SIG_ID,
                 "key_id": signer.key_id,
                 "public_key": b64e(signer.public_key),
+                "purpose": signer.purpose,
                 "signature": b64e(sig),
             }
         )

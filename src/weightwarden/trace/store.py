@@ -1,7 +1,9 @@
 """Release records and per-model tracing secrets.
 
 ``$WARDEN_HOME/trace/`` holds, per enrolled model, a JSON record with the tracing parameters and its
-32-byte master secret *wrapped by a key provider* (the keyring, an HSM or KMS: the custody layer).
+32-byte master secret *wrapped by a key provider* (the keyring, an HSM or KMS: the custody layer) under a
+KEK of its own purpose: the keyring's ``tracing`` KEK, never the KEK that wraps sealed files' data keys
+(a provider that says it is of another purpose is refused, :class:`KeyPurposeError`).
 Recipients (with their codeword index) and releases (recipient, time, model version, code id, output
 digest, destination, export-gate decision, rules version) are rows of an SQL database: the broker's
 (SQLite embedded, PostgreSQL shared) when its URL is given, else ``trace/releases.db``.
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_bytes
-from ..errors import FormatError, WardenError
+from ..errors import FormatError, KeyPurposeError, WardenError
 from ..keys.provider import KeyProvider, KeySlot
 from ._kernel import MAX_SYMBOLS
 
@@ -90,6 +92,15 @@ def _context(model_id: str) -> bytes:
     return b"warden-trace-secret|" + model_id.encode()
 
 
+def _tracing(provider: KeyProvider) -> KeyProvider:
+    """Providers that know their purpose (the keyring's, the agent's) must be ``tracing`` ones."""
+    purpose = getattr(provider, "purpose", "tracing")
+    if purpose != "tracing":
+        raise KeyPurposeError(f"tracing secrets are wrapped by a tracing KEK, not a {purpose!r} one "
+                              "(Keyring.provider(purpose='tracing', create=True))")  # fmt: skip
+    return provider
+
+
 def derive(secret: bytes | bytearray, label: str) -> bytes:
     return hmac.new(bytes(secret), label.encode(), hashlib.sha256).digest()
 
@@ -132,6 +143,7 @@ class TraceStore:
             return self.model(model_id)
         if not 0 < code_length <= MAX_SYMBOLS or code_length % 4:
             raise TraceError(f"a code length is a multiple of 4 from 4 to {MAX_SYMBOLS}")
+        _tracing(provider)
         secret = bytearray(secrets.token_bytes(32))
         try:
             slot = provider.wrap(secret, _context(model_id))
@@ -152,7 +164,11 @@ class TraceStore:
             raise FormatError("tracing record is not JSON") from None
 
     def secret(self, rec: ModelRecord, provider: KeyProvider) -> bytearray:
-        return provider.unwrap(rec.slot, _context(rec.model_id))
+        try:
+            return _tracing(provider).unwrap(rec.slot, _context(rec.model_id))
+        except KeyPurposeError as e:
+            raise KeyPurposeError(f"the tracing secret of {rec.model_id!r} is not under a tracing KEK ({e}); a "
+                                  "record enrolled before tracing KEKs existed is not read") from None
 
     # -- releases ---------------------------------------------------------------------
     def _engine(self) -> Any:
