@@ -91,19 +91,13 @@ def seal(
 
 
 # -- reading ------------------------------------------------------------------------------
-def safe_open(
+def _open_reader(
     path: str | os.PathLike[str],
     *,
     keyring: Keyring | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
 ) -> SealedReader | BundleReader:
-    """Open a sealed file or bundle for reading tensors, like ``safetensors.safe_open``.
-
-    The manifest signature is checked against ``trust`` (default: the trust
-    store under ``$WARDEN_HOME``) before any key is used; tensors are decrypted on
-    demand, chunk by chunk, into memory only.
-    """
     sealed = open_sealed(path)
     try:
         sealed.check_signature(_trust(trust, keyring))
@@ -113,6 +107,33 @@ def safe_open(
         raise
 
 
+def safe_open(
+    path: str | os.PathLike[str],
+    framework: str | None = None,
+    device: Any = "cpu",
+    *,
+    keyring: Keyring | None = None,
+    providers: Sequence[KeyProvider] | None = None,
+    trust: Trust | None = None,
+) -> Any:
+    """Open a sealed file or bundle for reading tensors, like ``safetensors.safe_open``.
+
+    The manifest signature is checked against ``trust`` (default: the trust
+    store under ``$WARDEN_HOME``) before any key is used; tensors are decrypted on
+    demand, chunk by chunk, into memory only.
+
+    Without ``framework`` this returns weightwarden's reader (numpy tensors, files of a
+    bundle by name); with one (``"pt"``, ``"np"``, ``"flax"``, ...) it returns
+    :class:`weightwarden.safetensors.safe_open`, which behaves as ``safetensors`` does
+    (``get_slice``, torch tensors on ``device``).
+    """
+    if framework is not None:
+        from .safetensors import safe_open as st_open
+
+        return st_open(path, framework, device, keyring=keyring, providers=providers, trust=trust)
+    return _open_reader(path, keyring=keyring, providers=providers, trust=trust)
+
+
 def load(
     path: str | os.PathLike[str],
     *,
@@ -120,10 +141,11 @@ def load(
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     check_digests: bool = True,
+    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decrypt every tensor of a sealed file or bundle into memory."""
-    with safe_open(path, keyring=keyring, providers=providers, trust=trust) as r:
-        return r.load_numpy(check_digests=check_digests)
+    """Decrypt every tensor of a sealed file or bundle into memory, on ``threads`` threads (None: all cores)."""
+    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
+        return r.load_numpy(check_digests=check_digests, threads=threads)
 
 
 def _iter_plain(r: SealedReader, block: int = STREAM_BLOCK) -> Iterator[memoryview]:
@@ -173,7 +195,7 @@ def unseal(
     """
     dst = Path(dst)
     check_target(dst, force)
-    with safe_open(path, keyring=keyring, providers=providers, trust=trust) as r:
+    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
         if isinstance(r, SealedReader):
             _write_plain(r, dst, force=force, progress=progress)
             return [dst]

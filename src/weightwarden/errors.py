@@ -132,3 +132,10 @@ __all__ = [
     "WardenError",
     "WrongKeyError",
 ]
+
+
+class LoaderError(UnsupportedModelError):
+    """A loader cannot serve this request: unknown framework or device, a bad slice, a missing extra."""
+
+
+__all__ += ["LoaderError"]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .api import Trust, safe_open
+from .api import Trust, _open_reader
 from .keys.local import Keyring
 from .keys.provider import KeyProvider
 from .sealed.bundle import BundleReader
@@ -28,24 +28,27 @@ def load(
     trust: Trust | None = None,
     device: str | torch.device = "cpu",
     check_digests: bool = True,
+    threads: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """A ``state_dict`` from a sealed file or bundle; plaintext only in memory.
 
-    On the CPU the tensors share one decrypted buffer per file (no copies).
+    On the CPU the tensors share one decrypted buffer per file (no copies); each file
+    is decrypted on ``threads`` threads (None: every core).
     """
+    from .safetensors import _buffer_tensor
+
     state: dict[str, torch.Tensor] = {}
-    with safe_open(path, keyring=keyring, providers=providers, trust=trust) as r:
+    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
         readers = r.tensor_readers() if isinstance(r, BundleReader) else [r]
         for member in readers:
-            buf, tensors = member.load_raw(check_digests=check_digests)
-            raw = (
-                torch.frombuffer(memoryview(buf), dtype=torch.uint8) if buf.size else torch.empty(0, dtype=torch.uint8)
-            )
+            buf, tensors = member.load_raw(check_digests=check_digests, threads=threads)
             for t in tensors.values():
-                dt = DTYPES[t.dtype]
-                piece = raw[t.start : t.end]
-                if t.start % dt.itemsize:
-                    piece = piece.clone()  # unaligned offset: copy to aligned storage
-                tensor = piece.view(dt).reshape(t.shape)
-                state[t.name] = tensor.to(device) if torch.device(device).type != "cpu" else tensor
+                state[t.name] = _buffer_tensor(buf, t, "pt", "cpu")
+    if torch.device(device).type != "cpu":
+        state = {k: to_device(v, device) for k, v in state.items()}
     return state
+
+
+def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``."""
+    return t.to(device)
