@@ -211,3 +211,78 @@ def test_bad_framework_slice_and_threads_are_refused(sealed, keyring):
             f.get_slice("nope")
     with pytest.raises(LoaderError, match="threads"):
         ww.load(sealed, keyring=keyring, threads=0)
+
+
+# -- threads -----------------------------------------------------------------------------------
+@pytest.fixture
+def many_pieces(tmp_path, keyring):
+    """~600 KiB in 4 KiB chunks: ten 16-chunk pieces for the threads to share."""
+    rng = np.random.default_rng(11)
+    t = {f"w{i}": rng.standard_normal((100, 160)).astype(np.float32) for i in range(10)}
+    p = tmp_path / "many.safetensors"
+    save_file(t, str(p))
+    out = tmp_path / "many.wws"
+    ww.seal(p, out, keyring=keyring, chunk_size=CHUNK)
+    return out, t
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, None])
+def test_threads_give_the_same_tensors(many_pieces, keyring, threads):
+    out, t = many_pieces
+    for check in (True, False):
+        got = ww.load(out, keyring=keyring, threads=threads, check_digests=check)
+        assert sorted(got) == sorted(t) and all(got[k].tobytes() == t[k].tobytes() for k in t)
+    with wst.safe_open(out, "np", keyring=keyring, threads=threads) as f:
+        assert f.get_tensor("w7").tobytes() == t["w7"].tobytes()
+
+
+def _forge_chunk(path, keyring, i: int) -> None:
+    """What a data-key holder without the signing key can do: re-encrypt chunk ``i`` with other
+    plaintext under the right nonce and associated data, so that its GCM tag is valid."""
+    from weightwarden.sealed import format as F
+    from weightwarden.sealed._crypto import content_cipher
+
+    with SealedFile(path) as sf:
+        ctx, lay = sf.context, sf.layout
+        aead = content_cipher(sf.unwrap_dek([keyring.provider()]), ctx.file_id, ctx.key_commitment)
+        plen = lay.chunk_plain_len(i)
+        forged = aead.encrypt(F.nonce(F.DOM_DATA, i, i == ctx.n_chunks - 1), b"\x00" * plen, F.AAD_DATA + ctx.sha256)
+        off = lay.chunk_off(i)
+    blob = bytearray(path.read_bytes())
+    blob[off : off + len(forged)] = forged
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_forged_chunk_refused_on_every_thread_count(many_pieces, keyring, threads):
+    """Digests are checked before any tensor is handed out, whichever thread reads the chunk."""
+    out, t = many_pieces
+    _forge_chunk(out, keyring, 77)  # in the fifth 16-chunk piece
+    with pytest.raises(IntegrityError, match="chunk 77 does not match its signed digest"):
+        ww.load(out, keyring=keyring, threads=threads)
+    with pytest.raises(IntegrityError, match="chunk 77"):
+        wst.load_file(out, keyring=keyring, threads=threads)
+    with pytest.raises(IntegrityError, match="chunk 77"):
+        ww.verify(out, keyring=keyring, threads=threads)
+    # tags-only trusts whoever holds the data key: the forgery passes (the documented trade)
+    forged = ww.load(out, keyring=keyring, threads=threads, check_digests=False)
+    assert sum(not np.array_equal(forged[k], t[k]) for k in t) == 1
+
+
+def test_cli_threads(many_pieces, cli_env, tmp_path):
+    from .conftest import warden
+
+    assert many_pieces[0].exists()
+    env = dict(cli_env)
+    r = warden(env, "init")
+    assert r.returncode == 0, r.stderr
+    sealed = tmp_path / "cli.wws"
+    src = tmp_path / "many.safetensors"
+    assert warden(env, "seal", str(src), "-o", str(sealed)).returncode == 0
+    r = warden(env, "verify", "--deep", "--threads", "2", str(sealed))
+    assert r.returncode == 0, r.stderr
+    r = warden(env, "open", str(sealed), "-o", str(tmp_path / "plain.safetensors"), "--threads", "2")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "plain.safetensors").read_bytes() == src.read_bytes()
+    r = warden(env, "open", str(sealed), "-o", str(tmp_path / "p2.safetensors"), "--threads", "0")
+    assert r.returncode != 0 and "--threads" in r.stderr and not (tmp_path / "p2.safetensors").exists()

@@ -363,7 +363,9 @@ class SealedReader:
         ``check_digests``), then decrypts them straight into ``out``, on ``threads``
         threads (None: every core this process may use).  BLAKE3 and AES-GCM release
         the GIL, so the pieces run in parallel.  ``release`` drops consumed ciphertext
-        pages from the mapping.  Returns only once every piece is checked.
+        pages from the mapping.  Returns (and so hands out plaintext) only once every
+        chunk's digest and tag are checked; on the first failure it raises and ``out``
+        must be discarded.
         """
         lay, C = self._sf.layout, self._sf.layout.chunk_size
         if not 0 <= start <= end <= lay.data_len or len(out) != end - start:
@@ -400,10 +402,10 @@ class SealedReader:
     def _read_range(self, start: int, end: int, out: memoryview, check_digests: bool) -> None:
         sf, lay, C = self._sf, self._sf.layout, self._sf.layout.chunk_size
         first, last = start // C, (end - 1) // C
-        if check_digests:
-            sf._check_digest_range(first, last + 1)
         scratch: np.ndarray | None = None
         for i in range(first, last + 1):
+            if check_digests:  # each chunk hashed, then decrypted while its ciphertext is in cache
+                sf._check_digest_range(i, i + 1)
             cstart = i * C
             plen = lay.chunk_plain_len(i)
             lo, hi = max(start, cstart), min(end, cstart + plen)
