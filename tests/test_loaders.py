@@ -64,9 +64,10 @@ def _same(a, b) -> None:
 
 @pytest.mark.parametrize("framework", ["pt", "np", "numpy"])
 def test_safe_open_matches_safetensors(plain, sealed, keyring, framework):
-    with safetensors.safe_open(str(plain), framework=framework) as ref, wst.safe_open(
-        sealed, framework=framework, device="cpu", keyring=keyring
-    ) as got:
+    with (
+        safetensors.safe_open(str(plain), framework=framework) as ref,
+        wst.safe_open(sealed, framework=framework, device="cpu", keyring=keyring) as got,
+    ):
         assert got.keys() == ref.keys()
         assert got.offset_keys() == ref.offset_keys()
         assert got.metadata() == ref.metadata() == {"quant": "none"}
@@ -286,3 +287,45 @@ def test_cli_threads(many_pieces, cli_env, tmp_path):
     assert (tmp_path / "plain.safetensors").read_bytes() == src.read_bytes()
     r = warden(env, "open", str(sealed), "-o", str(tmp_path / "p2.safetensors"), "--threads", "0")
     assert r.returncode != 0 and "--threads" in r.stderr and not (tmp_path / "p2.safetensors").exists()
+
+
+# -- devices -----------------------------------------------------------------------------------
+def test_device_pipeline_cpu_fallback(many_pieces, keyring):
+    """The CUDA path's double-buffered loop, run with plain buffers and blocking copies on the CPU."""
+    from weightwarden.torch import device_view, to_device_pipelined
+
+    out, t = many_pieces
+    with ww.safe_open(out, keyring=keyring) as r:
+        want = r.read_all()
+        for piece in (5000, 1 << 16, 1 << 30):  # odd pieces across chunk edges, two buffers, one buffer
+            flat = to_device_pipelined(r, "cpu", piece=piece, threads=2, pin=False)
+            assert flat.dtype == torch.uint8 and flat.numpy().tobytes() == want.tobytes()
+        got = {k: device_view(flat, r.tensor_info(k)) for k in r.keys()}  # noqa: SIM118 (a reader)
+    assert all(got[k].numpy().tobytes() == t[k].tobytes() for k in t)
+    _forge_chunk(out, keyring, 120)
+    with ww.safe_open(out, keyring=keyring) as r, pytest.raises(IntegrityError, match="chunk 120"):
+        to_device_pipelined(r, "cpu", piece=5000, threads=2, pin=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message where CUDA is missing")
+def test_cuda_requested_without_cuda(sealed, keyring):
+    from weightwarden.torch import load
+
+    with pytest.raises(LoaderError, match="no CUDA"):
+        load(sealed, keyring=keyring, device="cuda")
+    with (
+        wst.safe_open(sealed, "pt", device="cuda:0", keyring=keyring) as f,
+        pytest.raises(LoaderError, match="no CUDA"),
+    ):
+        f.get_tensor("w16")
+    with pytest.raises(LoaderError, match="no CUDA"):
+        wst.load_file(sealed, device="cuda", keyring=keyring)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on the development machine)")
+def test_cuda_pipeline_matches_cpu(many_pieces, keyring):  # pragma: no cover - runs only where CUDA exists
+    from weightwarden.torch import load
+
+    out, t = many_pieces
+    got = load(out, keyring=keyring, device="cuda")
+    assert all(got[k].is_cuda and got[k].cpu().numpy().tobytes() == t[k].tobytes() for k in t)
