@@ -171,3 +171,22 @@ def test_private_files_hold_no_weights_and_are_removed(tmp_path, keyring):
         assert stat.S_IMODE(p.stat().st_mode) == 0o700
         assert all(stat.S_IMODE(q.stat().st_mode) == 0o600 for q in p.rglob("*") if q.is_file())
     assert not p.exists()
+
+
+def test_one_import_changed(tmp_path, keyring):
+    """`from weightwarden.hf import AutoModelForCausalLM, AutoTokenizer` and the code stays the same."""
+    from weightwarden.hf import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
+
+    cfg = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16)
+    torch.manual_seed(4)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    d = _save(model, tmp_path / "g")
+    ww.seal(d, tmp_path / "sealed", keyring=keyring)
+    ids = torch.tensor([[1, 2, 3]])
+    for cls in (AutoModelForCausalLM, GPT2LMHeadModel):
+        m = cls.from_pretrained(tmp_path / "sealed", keyring=keyring, dtype=torch.float32)
+        with torch.no_grad():
+            assert torch.equal(m(ids).logits, model(ids).logits)
+    assert AutoConfig.from_pretrained(tmp_path / "sealed", keyring=keyring).n_embd == 16
+    with pytest.raises(AttributeError):
+        whf.NoSuchThing  # noqa: B018

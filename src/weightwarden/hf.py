@@ -281,3 +281,40 @@ def sentence_transformer(
                 return SentenceTransformer._load_with_module_classes(str(d), classes, **kwargs)
             finally:
                 _SEALED.reset(token)
+
+
+# -- Auto classes: `from weightwarden.hf import AutoModelForCausalLM, AutoTokenizer` ---------------
+class SealedAuto:
+    """A transformers Auto class (or model class) whose ``from_pretrained`` reads a sealed directory."""
+
+    def __init__(self, name: str):
+        self.__name__ = name
+        self._name = name
+
+    def from_pretrained(self, path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        if self._name == "AutoTokenizer":
+            return tokenizer(path, *args, **kwargs)
+        if self._name == "GenerationConfig":
+            return generation_config(path, *args, **kwargs)
+        if self._name == "AutoConfig":
+            transformers = _transformers()
+            keys = {k: kwargs.pop(k) for k in ("keyring", "providers", "trust") if k in kwargs}
+            return _aux_loader(
+                path, keys.get("keyring"), keys.get("providers"), keys.get("trust"),
+                lambda d: transformers.AutoConfig.from_pretrained(d, *args, **kwargs),
+            )  # fmt: skip
+        return from_pretrained(getattr(_transformers(), self._name), path, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"weightwarden.hf.{self._name}"
+
+
+def __getattr__(name: str) -> SealedAuto:
+    """``weightwarden.hf.AutoModel``, ``.AutoModelForCausalLM``, ``.LlamaForCausalLM``, ``.AutoTokenizer``, ..."""
+    if name[:1].isupper():
+        obj = getattr(_transformers(), name, None)
+        special = name in ("AutoTokenizer", "AutoConfig", "GenerationConfig")
+        model_like = hasattr(obj, "from_pretrained") and (name.startswith("AutoModel") or hasattr(obj, "config_class"))
+        if obj is not None and (special or model_like):
+            return SealedAuto(name)
+    raise AttributeError(f"module 'weightwarden.hf' has no attribute {name!r}")
