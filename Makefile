@@ -11,11 +11,12 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# constraints-test.txt pins the CPU torch wheel for tests and the demo; the extras take torch as a range.
 install: $(BIN)/python
-	$(BIN)/pip install -q -e '.[server,cluster,plot,fast]'
+	$(BIN)/pip install -q -c constraints-test.txt -e '.[server,cluster,plot,fast]'
 
 install-dev: $(BIN)/python system-deps
-	$(BIN)/pip install -q -e '.[dev,hf,hsm,kms,cluster,server,fast]'
+	$(BIN)/pip install -q -c constraints-test.txt -e '.[dev,hf,hsm,kms,cluster,server,fast]'
 
 # Debian packages the tests use: SoftHSM2 (a real PKCS#11 token for the HSM provider), and
 # Chromium with its WebDriver (the web console's tests drive it headless).
@@ -33,8 +34,9 @@ test: install-dev
 	$(BIN)/python -m pytest -q
 
 bench: install-dev
-	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/pip install -q -c constraints-test.txt -e '.[bench]'
 	$(BIN)/python bench/seal.py
+	$(BIN)/python bench/load.py
 	$(BIN)/python bench/custody.py
 	$(BIN)/python bench/provenance.py
 	$(BIN)/python bench/tracing.py

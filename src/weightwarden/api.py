@@ -18,7 +18,7 @@ from .keys.local import Keyring, TrustStore, default_home
 from .keys.provider import KeyProvider, Signer
 from .sealed import format as F
 from .sealed.bundle import BundleReader, SealedBundle, is_bundle, seal_dir
-from .sealed.reader import Progress, SealedFile, SealedReader
+from .sealed.reader import Progress, SealedFile, SealedReader, resolve_threads
 from .sealed.writer import SealResult, seal_file
 
 STREAM_BLOCK = 16 * F.DEFAULT_CHUNK
@@ -91,19 +91,13 @@ def seal(
 
 
 # -- reading ------------------------------------------------------------------------------
-def safe_open(
+def _open_reader(
     path: str | os.PathLike[str],
     *,
     keyring: Keyring | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
 ) -> SealedReader | BundleReader:
-    """Open a sealed file or bundle for reading tensors, like ``safetensors.safe_open``.
-
-    The manifest signature is checked against ``trust`` (default: the trust
-    store under ``$WARDEN_HOME``) before any key is used; tensors are decrypted on
-    demand, chunk by chunk, into memory only.
-    """
     sealed = open_sealed(path)
     try:
         sealed.check_signature(_trust(trust, keyring))
@@ -113,6 +107,33 @@ def safe_open(
         raise
 
 
+def safe_open(
+    path: str | os.PathLike[str],
+    framework: str | None = None,
+    device: Any = "cpu",
+    *,
+    keyring: Keyring | None = None,
+    providers: Sequence[KeyProvider] | None = None,
+    trust: Trust | None = None,
+) -> Any:
+    """Open a sealed file or bundle for reading tensors, like ``safetensors.safe_open``.
+
+    The manifest signature is checked against ``trust`` (default: the trust
+    store under ``$WARDEN_HOME``) before any key is used; tensors are decrypted on
+    demand, chunk by chunk, into memory only.
+
+    Without ``framework`` this returns weightwarden's reader (numpy tensors, files of a
+    bundle by name); with one (``"pt"``, ``"np"``, ``"flax"``, ...) it returns
+    :class:`weightwarden.safetensors.safe_open`, which behaves as ``safetensors`` does
+    (``get_slice``, torch tensors on ``device``).
+    """
+    if framework is not None:
+        from .safetensors import safe_open as st_open
+
+        return st_open(path, framework, device, keyring=keyring, providers=providers, trust=trust)
+    return _open_reader(path, keyring=keyring, providers=providers, trust=trust)
+
+
 def load(
     path: str | os.PathLike[str],
     *,
@@ -120,21 +141,24 @@ def load(
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     check_digests: bool = True,
+    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decrypt every tensor of a sealed file or bundle into memory."""
-    with safe_open(path, keyring=keyring, providers=providers, trust=trust) as r:
-        return r.load_numpy(check_digests=check_digests)
+    """Decrypt every tensor of a sealed file or bundle into memory, on ``threads`` threads (None: all cores)."""
+    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
+        return r.load_numpy(check_digests=check_digests, threads=threads)
 
 
-def _iter_plain(r: SealedReader, block: int = STREAM_BLOCK) -> Iterator[memoryview]:
+def _iter_plain(r: SealedReader, block: int = STREAM_BLOCK, threads: int | None = 1) -> Iterator[memoryview]:
     n = r._sf.layout.data_len
+    t = resolve_threads(threads)
+    block *= t  # a piece of 16 chunks per thread
     buf = np.empty(min(block, max(n, 1)), dtype=np.uint8)
     mv = memoryview(buf)
     if n == 0:
         r.read_all()  # authenticates the empty final chunk
     for s in range(0, n, block):
         e = min(n, s + block)
-        r.read_into(s, e, mv[: e - s])
+        r.read_into(s, e, mv[: e - s], threads=t)
         yield mv[: e - s]
 
 
@@ -145,12 +169,14 @@ def _safe_relpath(name: str) -> PurePosixPath:
     return p
 
 
-def _write_plain(r: SealedReader, dst: Path, *, force: bool, progress: Progress | None) -> None:
+def _write_plain(
+    r: SealedReader, dst: Path, *, force: bool, progress: Progress | None, threads: int | None = 1
+) -> None:
     with atomic_output(dst, force=force) as fd:
         os.fchmod(fd, 0o600)
         if r.kind == "safetensors":
             write_all(fd, r.safetensors_header_bytes())
-        for piece in _iter_plain(r):
+        for piece in _iter_plain(r, threads=threads):
             write_all(fd, piece)
             if progress is not None:
                 progress(len(piece))
@@ -165,17 +191,19 @@ def unseal(
     trust: Trust | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> list[Path]:
     """Write the plaintext of a sealed file (or bundle, as a directory) to ``dst``.
 
     The only call that puts plaintext on disk; it refuses to overwrite unless
-    ``force``.  The result is byte-identical to what was sealed.
+    ``force``.  The result is byte-identical to what was sealed.  Decrypts on
+    ``threads`` threads (None: every core).
     """
     dst = Path(dst)
     check_target(dst, force)
-    with safe_open(path, keyring=keyring, providers=providers, trust=trust) as r:
+    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
         if isinstance(r, SealedReader):
-            _write_plain(r, dst, force=force, progress=progress)
+            _write_plain(r, dst, force=force, progress=progress, threads=threads)
             return [dst]
         parent = dst.parent if str(dst.parent) else Path(".")
         tmp = parent / f"{TMP_PREFIX}{dst.name}.{secrets.token_hex(6)}"
@@ -185,7 +213,7 @@ def unseal(
             for name in r.files():
                 rel = _safe_relpath(name)
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                _write_plain(r.member(name), tmp / rel, force=False, progress=progress)
+                _write_plain(r.member(name), tmp / rel, force=False, progress=progress, threads=threads)
                 written.append(dst / rel)
             if os.path.lexists(dst):
                 if not force:
@@ -221,14 +249,16 @@ def verify(
     keyring: Keyring | None = None,
     providers: Sequence[KeyProvider] | None = None,
     progress: Progress | None = None,
+    threads: int | None = None,
 ) -> VerifyReport:
     """Check signature and every chunk digest with no key; ``deep`` also checks every GCM tag.
 
-    Writes nothing.  Raises a typed error on the first problem found.
+    Writes nothing.  Raises a typed error on the first problem found.  Runs on ``threads``
+    threads (None: every core).
     """
     with open_sealed(path) as sealed:
         signer = sealed.check_signature(_trust(trust, keyring))
-        sealed.verify_digests(progress=progress)
+        sealed.verify_digests(threads=resolve_threads(threads), progress=progress)
         members = sealed.members if isinstance(sealed, SealedBundle) else [sealed]
         chunks = sum(m.context.n_chunks for m in members)
         nbytes = sum(m.context.data_len for m in members)
@@ -236,7 +266,7 @@ def verify(
             provs = _providers(keyring, providers)
             for m in members:
                 r = m.unlock(provs)
-                for _ in _iter_plain(r):
+                for _ in _iter_plain(r, threads=threads):
                     pass
         return VerifyReport(str(path), signer, len(members), chunks, nbytes, deep)
 

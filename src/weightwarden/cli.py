@@ -341,6 +341,11 @@ def seal(
     _emit({"sealed": rows}, as_json, f"sealed {len(rows)} file(s) into {output}, signed by {results[0].signer}")
 
 
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", min=1, help="threads that hash and decrypt (default: every core)")
+]
+
+
 @app.command("open")
 def open_(
     src: Annotated[Path, typer.Argument(help="sealed file or bundle")],
@@ -349,12 +354,13 @@ def open_(
     provider: ProviderOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Decrypt a sealed checkpoint to a plaintext file: only when you must have one on disk."""
     kr = _keyring(home)
     provs = [*_uri_providers(provider), kr.provider()]
     with _progress(_sealed_size(src, as_json), "opening", not as_json) as prog:
-        paths = api.unseal(src, output, keyring=kr, providers=provs, force=force, progress=prog)
+        paths = api.unseal(src, output, keyring=kr, providers=provs, force=force, progress=prog, threads=threads)
     _emit({"written": [str(p) for p in paths]}, as_json, f"wrote plaintext to {output}")
 
 
@@ -367,12 +373,13 @@ def verify(
     ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Check the signature and every chunk digest without any key; writes nothing."""
     trust: Any = [_parse_public(k) for k in trust_key] if trust_key else TrustStore.load(home or default_home())
     kr = _keyring(home) if deep else None
     with _progress(_sealed_size(src, as_json), "verifying", not as_json) as prog:
-        rep = api.verify(src, trust=trust, deep=deep, keyring=kr, progress=prog)
+        rep = api.verify(src, trust=trust, deep=deep, keyring=kr, progress=prog, threads=threads)
     _emit(rep.to_json(), as_json, f"OK: {rep.files} file(s), {rep.chunks} chunks, signed by {rep.signer}" + (
         ", every tag checked" if deep else ""))  # fmt: skip
 

@@ -161,3 +161,10 @@ class LogIdentityError(AuditTamperedError):
 
 
 __all__ += ["HeadKeyPurposeError", "KeyPurposeError", "LogIdentityError"]
+
+
+class LoaderError(UnsupportedModelError):
+    """A loader cannot serve this request: unknown framework or device, a bad slice, a missing extra."""
+
+
+__all__ += ["LoaderError"]

@@ -266,13 +266,20 @@ class BundleReader:
         except KeyError:
             raise KeyError(name) from None
 
+    def tensor_reader(self, name: str) -> SealedReader:
+        """The member (shard) that holds tensor ``name``."""
+        try:
+            return self._tensor_owner[name]
+        except KeyError:
+            raise KeyError(name) from None
+
     def tensor_readers(self) -> list[SealedReader]:
         return [r for r in self._readers if r.kind == "safetensors"]
 
-    def load_numpy(self, *, check_digests: bool = True) -> dict[str, np.ndarray]:
+    def load_numpy(self, *, check_digests: bool = True, threads: int | None = None) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for r in self.tensor_readers():
-            out.update(r.load_numpy(check_digests=check_digests))
+            out.update(r.load_numpy(check_digests=check_digests, threads=threads))
         return out
 
     def close(self) -> None:

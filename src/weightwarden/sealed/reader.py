@@ -7,6 +7,7 @@ import mmap
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..errors import (
     KeyDisabledError,
     KeyManagementError,
     KeyPurposeError,
+    LoaderError,
     ProviderUnavailableError,
     SignatureError,
     TruncatedError,
@@ -95,6 +97,16 @@ def check_manifest_signature(
     if have not in ("sealing", LEGACY_SEALING):
         raise KeyPurposeError(f"{key_id} is trusted for {have!r}, not for sealing: refused")
     return key_id
+def resolve_threads(threads: int | None) -> int:
+    """``threads`` checked; None means every core this process may run on."""
+    if threads is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not Linux
+            return max(1, os.cpu_count() or 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise LoaderError(f"threads must be a positive integer (or None for every core), not {str(threads)[:16]!r}")
+    return threads
 
 
 class SealedFile:
@@ -378,18 +390,67 @@ class SealedReader:
         return buf.view(_np_dtype(info.dtype)).reshape(info.shape)
 
     # -- raw access ------------------------------------------------------------------------
-    def read_into(self, start: int, end: int, out: memoryview, *, check_digests: bool = True) -> None:
-        """Decrypt plaintext bytes [start, end) of the data section into ``out``."""
-        sf, lay, C = self._sf, self._sf.layout, self._sf.layout.chunk_size
+    def read_into(
+        self,
+        start: int,
+        end: int,
+        out: memoryview,
+        *,
+        check_digests: bool = True,
+        threads: int | None = 1,
+        progress: Progress | None = None,
+        release: bool = False,
+    ) -> None:
+        """Decrypt plaintext bytes [start, end) of the data section into ``out``.
+
+        Only the chunks covering the range are read.  The range is cut at multiples of
+        ``HASH_BATCH`` chunks; each piece checks its chunks' signed digests (when
+        ``check_digests``), then decrypts them straight into ``out``, on ``threads``
+        threads (None: every core this process may use).  BLAKE3 and AES-GCM release
+        the GIL, so the pieces run in parallel.  ``release`` drops consumed ciphertext
+        pages from the mapping.  Returns (and so hands out plaintext) only once every
+        chunk's digest and tag are checked; on the first failure it raises and ``out``
+        must be discarded.
+        """
+        lay, C = self._sf.layout, self._sf.layout.chunk_size
         if not 0 <= start <= end <= lay.data_len or len(out) != end - start:
             raise ValueError("range outside the data section")
         if start == end:
             return
+        step = HASH_BATCH * C
+        cuts = [start, *range((start // step + 1) * step, end, step), end]
+        pieces = list(pairwise(cuts))
+
+        def work(piece: tuple[int, int]) -> int:
+            lo, hi = piece
+            self._read_range(lo, hi, out[lo - start : hi - start], check_digests)
+            if release:
+                self._sf._release(lo // C, (hi - 1) // C + 1)
+            return hi - lo
+
+        n_threads = min(resolve_threads(threads), len(pieces))
+        if n_threads <= 1:
+            for piece in pieces:
+                done = work(piece)
+                if progress is not None:
+                    progress(done)
+            return
+        pool = ThreadPoolExecutor(n_threads, thread_name_prefix="warden-read")
+        try:
+            for fut in [pool.submit(work, piece) for piece in pieces]:
+                done = fut.result()
+                if progress is not None:
+                    progress(done)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read_range(self, start: int, end: int, out: memoryview, check_digests: bool) -> None:
+        sf, lay, C = self._sf, self._sf.layout, self._sf.layout.chunk_size
         first, last = start // C, (end - 1) // C
-        if check_digests:
-            sf._check_digest_range(first, last + 1)
         scratch: np.ndarray | None = None
         for i in range(first, last + 1):
+            if check_digests:  # each chunk hashed, then decrypted while its ciphertext is in cache
+                sf._check_digest_range(i, i + 1)
             cstart = i * C
             plen = lay.chunk_plain_len(i)
             lo, hi = max(start, cstart), min(end, cstart + plen)
@@ -409,56 +470,42 @@ class SealedReader:
         except InvalidTag:
             raise DecryptionError(f"chunk {i} failed authentication (tampered, reordered or truncated)") from None
 
-    def read_all(self, *, check_digests: bool = True, progress: Progress | None = None) -> np.ndarray:
+    def read_all(
+        self, *, check_digests: bool = True, progress: Progress | None = None, threads: int | None = None
+    ) -> np.ndarray:
         """Decrypt the whole data section into one fresh buffer.
 
         Every chunk's tag is checked, the final empty chunk of an empty file too.
-        The main thread decrypts (AES-GCM holds the GIL); one worker pre-faults the
-        pages of the regions ahead (page faults of fresh memory cost as much as the
-        cipher), another checks BLAKE3 digests against the signed manifest when
-        ``check_digests``.  Both release the GIL.
+        ``threads`` threads (None: every core) each take ``HASH_BATCH`` chunks at a
+        time: check their BLAKE3 digests against the signed manifest (when
+        ``check_digests``), decrypt them straight into the buffer (faulting its fresh
+        pages in as they go), and drop the consumed ciphertext pages from the mapping
+        so peak memory stays near the tensors' size.  AES-GCM (cryptography >= 45 on
+        buffers this large) and BLAKE3 release the GIL.  The buffer is returned only
+        after every digest and tag has been checked.
         """
-        sf, lay = self._sf, self._sf.layout
-        n, C = lay.n_chunks, lay.chunk_size
+        lay = self._sf.layout
         out = np.empty(lay.data_len, dtype=np.uint8)
-        mv = memoryview(out)
-        regions = list(range(0, n, HASH_BATCH))
-        rbytes = HASH_BATCH * C
-
-        def prefault(first: int) -> None:
-            out[first * C : first * C + rbytes : PAGE] = 0
-
-        with ThreadPoolExecutor(1) as faulter, ThreadPoolExecutor(1) as hasher:
-            faults = [faulter.submit(prefault, first) for first in regions]
-            hashes = (
-                [hasher.submit(sf._check_digest_range, f, min(n, f + HASH_BATCH)) for f in regions]
-                if check_digests
-                else []
-            )
-            for r, first in enumerate(regions):
-                faults[r].result()
-                stop = min(n, first + HASH_BATCH)
-                for i in range(first, stop):
-                    s = i * C
-                    self._decrypt_chunk(i, mv[s : s + lay.chunk_plain_len(i)])
-                if check_digests:
-                    hashes[r].result()
-                sf._release(first, stop)
-                if progress is not None:
-                    progress(min(lay.data_len, stop * C) - first * C)
-            for fut in hashes:
-                fut.result()
+        if lay.data_len == 0:
+            self._decrypt_chunk(0, memoryview(out))
+            return out
+        self.read_into(
+            0, lay.data_len, memoryview(out), check_digests=check_digests, threads=threads, progress=progress,
+            release=True,
+        )  # fmt: skip
         return out
 
-    def load_raw(self, *, check_digests: bool = True) -> tuple[np.ndarray, dict[str, F.TensorInfo]]:
+    def load_raw(
+        self, *, check_digests: bool = True, threads: int | None = None
+    ) -> tuple[np.ndarray, dict[str, F.TensorInfo]]:
         """The decrypted data section and the tensor table (for framework loaders)."""
         if self.kind != "safetensors":
             raise UnsupportedModelError(f"{self.name} is a sealed blob, not tensors")
-        return self.read_all(check_digests=check_digests), dict(self._tensors)
+        return self.read_all(check_digests=check_digests, threads=threads), dict(self._tensors)
 
-    def load_numpy(self, *, check_digests: bool = True) -> dict[str, np.ndarray]:
+    def load_numpy(self, *, check_digests: bool = True, threads: int | None = None) -> dict[str, np.ndarray]:
         """All tensors as numpy arrays (views into one decrypted buffer)."""
-        buf, tensors = self.load_raw(check_digests=check_digests)
+        buf, tensors = self.load_raw(check_digests=check_digests, threads=threads)
         return {t.name: buf[t.start : t.end].view(_np_dtype(t.dtype)).reshape(t.shape) for t in tensors.values()}
 
     def safetensors_header_bytes(self) -> bytes:
