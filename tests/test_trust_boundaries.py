@@ -24,6 +24,7 @@ from weightwarden.errors import (
 )
 
 from .conftest import PASSPHRASE, warden
+from .test_key_providers import softhsm  # noqa: F401 - the SoftHSM2 token fixture
 
 pytest.importorskip("fastapi", reason="the broker's HTTP layer is the server extra")
 pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
@@ -273,3 +274,72 @@ def test_hardening_in_process() -> None:
            "WARDEN_HOME": "/h", "AWS_SECRET_ACCESS_KEY": "s"}  # fmt: skip
     assert scrubbed_env(env) == {"PATH": "/bin", "WARDEN_HOME": "/h", "AWS_SECRET_ACCESS_KEY": "s"}
     assert minimal_env(env) == {"PATH": "/bin"}
+
+
+# -- where the log key lives: a file, a PKCS#11 token, a custody agent of its own ------------------------
+def test_a_trusted_manifest_signer_is_refused_as_log_key(tmp_path: Path) -> None:
+    """ATTACK (misconfiguration).  A log key that the trust store accepts for manifests would let the
+    broker sign models: refused, whatever holds it."""
+    from weightwarden.broker.logkey import create_file, open_log_key
+
+    from .conftest import TEST_KDF
+
+    s = create_file(tmp_path / "broker" / "log-key.json", "log key passphrase", kdf=TEST_KDF)
+    assert open_log_key(None, tmp_path, lambda confirm: "log key passphrase")[0].public_key == s.public_key
+    ts = ww.TrustStore.load(tmp_path)
+    ts.add(s.public_key, "someone made the log key a manifest signer")
+    ts.save()
+    with pytest.raises(LogKeyError, match="trusted manifest signer"):
+        open_log_key(None, tmp_path, lambda confirm: "log key passphrase")
+
+
+def _audit_ok(env: dict[str, str], pub: str) -> None:
+    db = f"sqlite:///{Path(env['WARDEN_HOME']) / 'broker' / 'broker.db'}"
+    assert json.loads(ok(warden(env, "audit", "verify", "--db", db, "--pubkey", pub, "--json")).stdout)["events"] >= 1
+
+
+def test_log_key_in_a_pkcs11_token(softhsm: str, cli_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """--log-key pkcs11:...: generated in the token on first use, the same key afterwards; it signs the log."""
+    from .test_key_providers import PIN
+
+    (tmp_path / "pin").write_text(PIN + "\n")
+    env = {k: v for k, v in cli_env.items() if k != "WARDEN_LOG_KEY_PASSPHRASE_FILE"} | {
+        "SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"],
+        "WARDEN_LOG_KEY": f"pkcs11:token={softhsm};object=broker-log-{os.getpid()}?pin-source=file:{tmp_path / 'pin'}",
+    }
+    first = json.loads(ok(warden(env, "broker", "init", "--json")).stdout)
+    again = json.loads(ok(warden(env, "broker", "init", "--json")).stdout)
+    assert first["public_key"] == again["public_key"] and again["created"] is False
+    ok(warden(env, "broker", "account", "svc", "--pubkey", "11" * 32))
+    _audit_ok(env, first["public_key"])
+    assert not (Path(env["WARDEN_HOME"]) / "broker" / "log-key.json").exists()  # no key file on the host
+
+
+def test_log_key_in_a_custody_agent_of_its_own(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """--log-key agent:LOGHOME: the signing key of a keyring used for nothing else, under custody, in the
+    agent's memory; the broker host has no key file and no passphrase."""
+    import contextlib
+    import signal
+
+    log_home = tmp_path / "log-home"
+    (tmp_path / "log.pass").write_text("custodian of the log key\n")
+    kenv = cli_env | {"WARDEN_HOME": str(log_home), "WARDEN_CUSTODIAN_PASSPHRASE_FILE_LOG": str(tmp_path / "log.pass")}
+    ok(warden(kenv, "init"))
+    ok(warden(kenv, "custody", "init", "--threshold", "1", "--custodian", "log=passphrase"))
+    ok(warden(kenv, "agent", "start"))
+    try:
+        ok(warden(kenv, "custody", "unseal", "--custodian", "log"))
+        benv = {k: v for k, v in cli_env.items() if not k.startswith("WARDEN_LOG_KEY_PASS")}
+        benv["WARDEN_LOG_KEY"] = f"agent:{log_home}"
+        pub = json.loads(ok(warden(benv, "broker", "init", "--json")).stdout)["public_key"]
+        ok(warden(benv, "broker", "account", "svc", "--pubkey", "22" * 32))
+        _audit_ok(benv, pub)
+        assert not (Path(benv["WARDEN_HOME"]) / "broker" / "log-key.json").exists()
+        ok(warden(kenv, "custody", "seal"))  # sealed agent: the broker cannot append (typed, one line)
+        r = warden(benv, "broker", "account", "svc2", "--pubkey", "33" * 32)
+        assert r.returncode == 1 and "CustodyError" in r.stderr and "sealed" in r.stderr
+    finally:
+        pid = log_home / "agent.pid"
+        if pid.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid.read_text()), signal.SIGTERM)

@@ -977,7 +977,7 @@ BrokerDbOpt = Annotated[
 LogKeyOpt = Annotated[
     str | None,
     typer.Option("--log-key", envvar="WARDEN_LOG_KEY", help="the broker's own audit-log signing key: file:PATH "
-                 "(encrypted, its own passphrase) or pkcs11:token=..;object=LABEL [default: "
+                 "(encrypted, its own passphrase), pkcs11:token=..;object=LABEL or agent:LOGHOME [default: "
                  "file:$WARDEN_HOME/broker/log-key.json]", show_default=False),
 ]  # fmt: skip
 LogKeyPassOpt = Annotated[

@@ -6,7 +6,11 @@ operator's choice (``--log-key URI``):
 
 * ``file:PATH`` (default ``file:$WARDEN_HOME/broker/log-key.json``): the private key encrypted with
   AES-256-GCM under Argon2id of a passphrase of its own (read from a file, a descriptor or a prompt);
-* ``pkcs11:token=T;object=LABEL?pin-source=file:PATH``: an Ed25519 key pair generated in the token.
+* ``pkcs11:token=T;object=LABEL?pin-source=file:PATH``: an Ed25519 key pair generated in the token;
+* ``agent:LOGHOME``: the signing key of a keyring of its own (``LOGHOME``, under M-of-N custody),
+  served by the custody agent for that home, so the key lives in the agent's memory only.
+
+A log key that ``$WARDEN_HOME``'s trust store accepts as a manifest signer is refused.
 
 The key is created on first use.  A log key opens nothing and signs nothing that ``warden verify``
 trusts: it is not in the trust store, and sealed files are never signed with it.
@@ -96,6 +100,19 @@ def open_log_key(uri: str | None, home: Path, passphrase: Any, *, create: bool =
     """The broker's log signer named by ``uri`` and whether it was just created.
 
     ``passphrase`` is a callable returning the file key's passphrase (asked only for ``file:``)."""
+    signer, created = _open(uri, home, passphrase, create, kdf)
+    from ..keys.local import TrustStore
+
+    trust = TrustStore.load(home)
+    if any(trust.public_key(k) == signer.public_key for k in trust.signers):
+        raise LogKeyError(
+            f"the log key {signer.key_id} is a trusted manifest signer in {home.name}: give the broker a key of "
+            "its own (a file, a token object or an agent home used for nothing else)"
+        )
+    return signer, created
+
+
+def _open(uri: str | None, home: Path, passphrase: Any, create: bool, kdf: KdfParams | None) -> tuple[Signer, bool]:
     if uri and uri.startswith("pkcs11:"):
         from ..keys.pkcs11 import signer_from_uri
 
@@ -103,8 +120,15 @@ def open_log_key(uri: str | None, home: Path, passphrase: Any, *, create: bool =
             return signer_from_uri(uri, create=create), False
         except ValueError as e:
             raise LogKeyError(f"--log-key: {e}") from None
+    if uri and uri.startswith("agent:"):
+        from ..keys.agent import AgentClient, AgentSigner
+
+        where = uri[len("agent:") :]
+        if not where:
+            raise LogKeyError("--log-key agent:LOGHOME names the home of the agent that holds the log key")
+        return AgentSigner(AgentClient(Path(where))), False
     if uri and not uri.startswith("file:"):
-        raise LogKeyError("--log-key takes file:PATH or pkcs11:token=..;object=LABEL")
+        raise LogKeyError("--log-key takes file:PATH, pkcs11:token=..;object=LABEL or agent:LOGHOME")
     path = Path(uri[len("file:") :]) if uri else default_path(home)
     if path.name in ("keyring.json", "trusted.json", "custody.json"):
         raise LogKeyError(f"--log-key names {path.name}: the log key is a file of its own")
