@@ -20,7 +20,7 @@ from weightwarden.errors import (
     KeysNotHereError,
     LogKeyError,
     UntrustedSignerError,
-    WardenError,
+    WrongKeyError,
 )
 
 from .conftest import PASSPHRASE, warden
@@ -156,8 +156,8 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
         candidates |= _strings(blob) if len(blob) < 1 << 16 else set()
     assert PASSPHRASE not in candidates
     # 1. the keyring (its file is readable on this host) opens with nothing they hold
-    for c in sorted(candidates)[:200]:
-        with pytest.raises((BadPassphraseError, WardenError)):
+    for c in sorted(candidates):  # every string they hold
+        with pytest.raises(BadPassphraseError):
             ww.Keyring.unlock(home, c)
     # 2. the sealed model in the broker's store does not decrypt: not with the CLI under the stolen
     #    environment, not with the log key's bytes as a key-encryption key
@@ -171,7 +171,7 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
     raw = log_key._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
     slots = ww.open_sealed(in_store).key_slots()[1]
     guess = StaticKeyProvider({(s.key_id, s.version): raw for s in slots})
-    with pytest.raises(WardenError):
+    with pytest.raises(WrongKeyError):
         ww.load(in_store, providers=[guess], trust=ww.TrustStore.load(home))
     # 3. weights they seal and sign with the log key are not trusted by `warden verify`
     forged = tmp_path / "forged.wws"
