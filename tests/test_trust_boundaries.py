@@ -268,6 +268,12 @@ def test_hardening_in_process() -> None:
     assert r.returncode == 0, r.stderr
     h, d, core = json.loads(r.stdout)
     assert h["dumpable"] == d == 0 and h["core_limit"] == core == 0
+    code = ("import json; from weightwarden._harden import lock_pages; ok, notice = lock_pages(future=False); "
+            "lck = [ln for ln in open('/proc/self/status') if ln.startswith('VmLck:')][0].split()[1]; "
+            "print(json.dumps([ok, notice, int(lck)]))")  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    locked, notice, vmlck_kib = json.loads(r.stdout)
+    assert locked == (vmlck_kib > 0) and (notice is None) == locked  # the kernel agrees with the report
     from weightwarden._harden import minimal_env, scrubbed_env
 
     env = {"WARDEN_PASSPHRASE": "x", "WARDEN_CUSTODIAN_PASSPHRASE_ANA": "y", "VAULT_TOKEN": "z", "PATH": "/bin",

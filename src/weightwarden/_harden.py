@@ -113,9 +113,27 @@ def _can_lock_everything() -> bool:
     return False
 
 
+def lock_pages(*, future: bool) -> tuple[bool, str | None]:
+    """``mlockall``: every page mapped now (and, with ``future``, every page mapped later) stays in
+    RAM.  Returns (locked, a notice when the OS did not allow it)."""
+    try:
+        libc = _libc()
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mlockall"):
+        return False, "mlockall unavailable: key pages may be swapped (use encrypted swap or none)"
+    if not _can_lock_everything():
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        return False, (f"memory not locked: RLIMIT_MEMLOCK is {soft} bytes (raise it, e.g. systemd "
+                       "LimitMEMLOCK=infinity, or grant CAP_IPC_LOCK); key pages may be swapped")  # fmt: skip
+    if libc.mlockall(MCL_CURRENT | (MCL_FUTURE if future else 0)) != 0:
+        return False, f"mlockall failed ({os.strerror(ctypes.get_errno())}): key pages may be swapped"
+    return True, None
+
+
 def harden_process(*, lock_memory: bool) -> dict[str, Any]:
     """Make this process non-dumpable, with no core file, and (``lock_memory``) its pages locked in
-    RAM.  Returns what holds, with a ``notices`` list of what the OS did not allow."""
+    RAM, now and later.  Returns what holds, with a ``notices`` list of what the OS did not allow."""
     notices: list[str] = []
     libc = None
     try:
@@ -133,18 +151,19 @@ def harden_process(*, lock_memory: bool) -> dict[str, Any]:
         notices.append(f"RLIMIT_CORE not set to 0: {e}")
     locked = False
     if lock_memory:
-        if libc is None or not hasattr(libc, "mlockall"):
-            notices.append("mlockall unavailable: key pages may be swapped (use encrypted swap or none)")
-        elif not _can_lock_everything():
-            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-            notices.append(f"memory not locked: RLIMIT_MEMLOCK is {soft} bytes (raise it, e.g. systemd "
-                           "LimitMEMLOCK=infinity, or grant CAP_IPC_LOCK); key pages may be swapped")  # fmt: skip
-        elif libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
-            notices.append(f"mlockall failed ({os.strerror(ctypes.get_errno())}): key pages may be swapped")
-        else:
-            locked = True
+        locked, notice = lock_pages(future=True)
+        if notice:
+            notices.append(notice)
     core = resource.getrlimit(resource.RLIMIT_CORE)
     return {"dumpable": dumpable(), "core_limit": core[0], "memory_locked": locked, "notices": notices}
 
 
-__all__ = ["dumpable", "harden_process", "minimal_env", "read_secret_file", "reexec_scrubbed", "scrubbed_env"]
+__all__ = [
+    "dumpable",
+    "harden_process",
+    "lock_pages",
+    "minimal_env",
+    "read_secret_file",
+    "reexec_scrubbed",
+    "scrubbed_env",
+]

@@ -1159,7 +1159,7 @@ def serve_cmd(
 
     It holds sealed bytes, public keys and its own log key, never the keyring: start it with
     --log-key (and --log-key-passphrase-file), not WARDEN_PASSPHRASE."""
-    from ._harden import harden_process, reexec_scrubbed
+    from ._harden import harden_process, lock_pages, reexec_scrubbed
 
     reexec_scrubbed()  # first: /proc/<pid>/environ must not show a passphrase it was started with
     import uvicorn
@@ -1174,6 +1174,9 @@ def serve_cmd(
     b = _broker(db, store, home, audience, gate=True, per_principal=pp, log_key=log_key,
                 log_pass=log_key_passphrase_file)  # fmt: skip
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
+    # the log key is loaded: lock the pages mapped now (it is among them), not the streams' later mappings
+    hard["memory_locked"], notice = lock_pages(future=False)
+    hard["notices"] += [notice] if notice else []
     sys.setswitchinterval(0.001)  # short GIL slices: a policy decision never waits a 5 ms slice behind a stream
     for n in hard["notices"]:
         sys.stderr.write(f"notice: {n}\n")
