@@ -67,9 +67,11 @@ def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
+    (tmp_path / "log-key-passphrase").write_text("the broker's own log-key passphrase\n")
     env.update(
         WARDEN_HOME=str(tmp_path / "cli-home"),
         WARDEN_PASSPHRASE=PASSPHRASE,
+        WARDEN_LOG_KEY_PASSPHRASE_FILE=str(tmp_path / "log-key-passphrase"),
         WARDEN_KDF_MEMORY_KIB="1024",
         PYTHONUNBUFFERED="1",
     )

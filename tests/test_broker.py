@@ -447,13 +447,14 @@ def test_cli_serve_end_to_end(cli_env: dict[str, str], tmp_path: Path, st_file: 
     db = f"sqlite:///{Path(cli_env['WARDEN_HOME']) / 'broker' / 'broker.db'}"
     r = ok(warden(cli_env, "audit", "verify", "--db", db, "--pubkey", pub, "--json"))
     assert json.loads(r.stdout)["events"] >= head["size"]
-    # one key, one purpose: the log is signed by the keyring's audit-log key, not the sealing key; the
-    # printed log id is the one every head names, and pinning it verifies
+    # one key, one purpose: the log is signed by the broker's own log key (not in the keyring at all), never
+    # the sealing key; the printed log id is the one every head names, and pinning it verifies
     log_id = next(line.split(": ")[1] for line in errs.splitlines() if "audit log id" in line)
     assert head["log_id"] == log_id
     sealing = json.loads(ok(warden(cli_env, "key", "export-public", "--json")).stdout)["public_key"]
-    audit_key = json.loads(ok(warden(cli_env, "key", "export-public", "--purpose", "audit-log", "--json")).stdout)
-    assert bytes.fromhex(pub) == base64.b64decode(audit_key["public_key"]) != base64.b64decode(sealing)
+    assert bytes.fromhex(pub) != base64.b64decode(sealing)
+    r = warden(cli_env, "key", "export-public", "--purpose", "audit-log", "--json")
+    assert r.returncode == 1 and "KeyNotFoundError" in r.stderr  # serve never put a log key in the keyring
     r = ok(warden(cli_env, "audit", "verify", "--db", db, "--pubkey", pub, "--log-id", log_id, "--json"))
     assert json.loads(r.stdout)["log_id_pinned"] is True
     r = warden(cli_env, "audit", "verify", "--db", db, "--pubkey", base64.b64decode(sealing).hex(), "--json")

@@ -112,16 +112,25 @@ def _kms_provider(endpoint: str):
     return AwsKmsProvider(arn, client=client)
 
 
-def _vault_provider():
-    if not (os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN")):
-        pytest.skip(
-            "no Vault server configured: set VAULT_ADDR and VAULT_TOKEN to run the Vault transit contract tests"
-        )
+@pytest.fixture(scope="session")
+def vault_server(tmp_path_factory):
+    """(address, token) of a Vault-API server: VAULT_ADDR and VAULT_TOKEN if both are set, else a real
+    OpenBao dev server started for this run (transit enabled) and stopped at the end."""
+    if os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN"):
+        yield os.environ["VAULT_ADDR"], os.environ["VAULT_TOKEN"]
+        return
+    from .services import BAO_TOKEN, openbao
+
+    with openbao(tmp_path_factory.mktemp("openbao")) as url:
+        yield url, BAO_TOKEN
+
+
+def _vault_provider(server):
     import hvac
 
     from weightwarden.keys.kms import VaultTransitProvider
 
-    client = hvac.Client(url=os.environ["VAULT_ADDR"], token=os.environ["VAULT_TOKEN"])
+    client = hvac.Client(url=server[0], token=server[1])
     if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
         client.sys.enable_secrets_engine("transit")
     name = uniq("ww-contract")
@@ -146,7 +155,7 @@ def kit(request, tmp_path):
         p, s = _kms_provider(request.getfixturevalue("kms_endpoint")), kr.signer()
     elif request.param == "vault":
         kr = ww.Keyring.create(tmp_path / "home", PASSPHRASE, kdf=TEST_KDF)
-        p, s = _vault_provider(), kr.signer()
+        p, s = _vault_provider(request.getfixturevalue("vault_server")), kr.signer()
     elif request.param == "local":
         kr = ww.Keyring.create(tmp_path / "home", PASSPHRASE, kdf=TEST_KDF)
         kr.audit = sink
@@ -572,3 +581,48 @@ def test_kms_provider_down(tmp_path):
     p = AwsKmsProvider("arn:aws:kms:eu-west-1:111122223333:key/00000000-0000-0000-0000-000000000000", client=client)
     with pytest.raises(ProviderUnavailableError, match="unreachable"):
         p.wrap(os.urandom(32), b"file")
+
+
+def test_vault_uri_through_the_cli_on_a_real_server(tmp_path, cli_env, vault_server):
+    """`--provider vault://transit/keys/NAME` seals, opens and rewraps against a real OpenBao server;
+    a key that is not there is a typed error and writes nothing."""
+    import hvac
+
+    from .conftest import warden
+
+    url, token = vault_server
+    name = uniq("cli-model")
+    hvac.Client(url=url, token=token).secrets.transit.create_key(name=name, key_type="aes256-gcm96")
+    env = cli_env | {"VAULT_ADDR": url, "VAULT_TOKEN": token}
+    src = _model(tmp_path)
+    assert warden(env, "init").returncode == 0
+    out = tmp_path / "v.wws"
+    r = warden(env, "seal", str(src), "-o", str(out), "--provider", f"vault://transit/keys/{name}", "--json")
+    assert r.returncode == 0, r.stderr
+    with SealedFile(out) as sf:
+        assert [(sl.provider, sl.key_id) for sl in sf.key_slots()[1]] == [("vault", name)]
+    r = warden(env, "open", str(out), "-o", str(tmp_path / "back.safetensors"), "--provider",
+               f"vault://transit/keys/{name}")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
+    r = warden(env, "seal", str(src), "-o", str(tmp_path / "no.wws"), "--provider", "vault://transit/keys/missing")
+    assert r.returncode == 1 and "KeyNotFoundError" in r.stderr and not (tmp_path / "no.wws").exists()
+
+
+def test_vault_never_recreates_a_shredded_key(vault_server):
+    """Transit's encrypt would create a missing key: after a shred, a wrap must fail, not make a new key."""
+    import hvac
+
+    from weightwarden.keys.kms import VaultTransitProvider
+
+    client = hvac.Client(url=vault_server[0], token=vault_server[1])
+    p = _vault_provider(vault_server)
+    slot = p.wrap(os.urandom(32), b"file-1")
+    assert shred(p) == [1]
+    with pytest.raises(KeyNotFoundError):
+        p.wrap(os.urandom(32), b"file-2")
+    with pytest.raises(KeyDestroyedError):
+        p.unwrap(slot, b"file-1")
+    assert p.key_id not in (client.secrets.transit.list_keys(mount_point="transit")["data"]["keys"])
+    with pytest.raises(KeyNotFoundError):
+        VaultTransitProvider("never-made", client=client).wrap(os.urandom(32), b"x")

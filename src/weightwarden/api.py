@@ -28,15 +28,19 @@ Trust = TrustStore | Iterable[bytes]
 
 def default_keyring(home: Path | None = None) -> Keyring:
     """The keyring under ``$WARDEN_HOME``: through the custody agent when it is under
-    M-of-N custody, else unlocked with ``$WARDEN_PASSPHRASE``."""
+    M-of-N custody, else unlocked with the passphrase in ``$WARDEN_PASSPHRASE_FILE`` (or ``$WARDEN_PASSPHRASE``)."""
     from .keys.agent import AgentKeyring, under_custody
 
     home = home or default_home()
     if under_custody(home):
         return AgentKeyring(home)  # type: ignore[return-value]
     pw = os.environ.get("WARDEN_PASSPHRASE")
+    if os.environ.get("WARDEN_PASSPHRASE_FILE"):
+        from ._harden import read_secret_file
+
+        pw = read_secret_file(os.environ["WARDEN_PASSPHRASE_FILE"], "WARDEN_PASSPHRASE_FILE")
     if pw is None:
-        raise KeyringError("set WARDEN_PASSPHRASE (or pass keyring=) to unlock the keyring")
+        raise KeyringError("set WARDEN_PASSPHRASE_FILE (or pass keyring=) to unlock the keyring")
     return Keyring.unlock(home, pw)
 
 

@@ -44,6 +44,7 @@ app.add_typer(trust_app, name="trust")
 app.add_typer(custody_app, name="custody")
 app.add_typer(agent_app, name="agent")
 _audit_ctx: list[Any] = []
+_passphrase_file: list[Path] = []  # --passphrase-file / WARDEN_PASSPHRASE_FILE (global)
 
 
 @app.callback()
@@ -54,7 +55,17 @@ def _global(
     actor: Annotated[
         str | None, typer.Option("--actor", envvar="WARDEN_ACTOR", help="Who, if not the OS user.")
     ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--passphrase-file",
+            envvar="WARDEN_PASSPHRASE_FILE",
+            show_default=False,
+            help="Read the keyring passphrase from this file (or /dev/fd/N) instead of a prompt.",
+        ),
+    ] = None,
 ) -> None:
+    _passphrase_file[:] = [passphrase_file] if passphrase_file is not None else []
     ctx = audit.context(actor=actor, reason=reason)
     ctx.__enter__()
     _audit_ctx.append(ctx)
@@ -77,11 +88,17 @@ def _emit(obj: Any, as_json: bool, human: str | Table | None = None) -> None:
 
 
 def _passphrase(confirm: bool = False) -> str:
+    """The keyring passphrase: --passphrase-file (or WARDEN_PASSPHRASE_FILE), then WARDEN_PASSPHRASE
+    (automation; long-lived processes never inherit it), then a prompt."""
+    if _passphrase_file:
+        from ._harden import read_secret_file
+
+        return read_secret_file(_passphrase_file[0], "--passphrase-file")
     pw = os.environ.get("WARDEN_PASSPHRASE")
     if pw is not None:
         return pw
     if not sys.stdin.isatty():
-        raise KeyringError("set WARDEN_PASSPHRASE to unlock the keyring non-interactively")
+        raise KeyringError("give the keyring passphrase with --passphrase-file FILE (or WARDEN_PASSPHRASE_FILE)")
     pw = getpass.getpass("Keyring passphrase: ")
     if confirm and getpass.getpass("Repeat passphrase: ") != pw:
         raise KeyringError("the passphrases differ")
@@ -500,6 +517,21 @@ def _custodian_env(name: str) -> str:
     return "WARDEN_CUSTODIAN_PASSPHRASE_" + "".join(ch if ch.isalnum() else "_" for ch in name).upper()
 
 
+def _custodian_passphrase(name: str, given: Path | None = None) -> str | None:
+    """A passphrase custodian's passphrase: ``given`` (a file or /dev/fd/N), the file named by
+    WARDEN_CUSTODIAN_PASSPHRASE_FILE_<NAME>, WARDEN_CUSTODIAN_PASSPHRASE_<NAME> (automation), a prompt."""
+    from ._harden import read_secret_file
+
+    env = _custodian_env(name)
+    path = given or os.environ.get(env.replace("_PASSPHRASE_", "_PASSPHRASE_FILE_", 1))
+    if path:
+        return read_secret_file(path, f"custodian {name}'s passphrase")
+    pw = os.environ.get(env)
+    if pw is None and sys.stdin.isatty():
+        pw = getpass.getpass(f"Passphrase for custodian {name}: ")
+    return pw
+
+
 def _custodians(specs: list[str]) -> tuple[list[Any], dict[str, str]]:
     from .keys.custody import Custodian
 
@@ -510,12 +542,10 @@ def _custodians(specs: list[str]) -> tuple[list[Any], dict[str, str]]:
             raise CustodyError(f"--custodian takes NAME=age1... or NAME=passphrase, not {spec[:40]!r}")
         out.append(Custodian(name, recipient))
         if recipient == "passphrase":
-            env = _custodian_env(name)
-            pw = os.environ.get(env)
+            pw = _custodian_passphrase(name)
             if pw is None:
-                if not sys.stdin.isatty():
-                    raise CustodyError(f"set {env} for custodian {name}")
-                pw = getpass.getpass(f"Passphrase for custodian {name}: ")
+                env = _custodian_env(name).replace("_PASSPHRASE_", "_PASSPHRASE_FILE_", 1)
+                raise CustodyError(f"set {env} to a file holding custodian {name}'s passphrase")
             pws[name] = pw
     return out, pws
 
@@ -544,17 +574,14 @@ def custody_init(
     )
 
 
-def _open_share(home: Path, custodian: str, identity: Path | None) -> Any:
+def _open_share(home: Path, custodian: str, identity: Path | None, passphrase_file: Path | None = None) -> Any:
     """One custodian's share, opened on their terminal with their age identity or passphrase."""
     from .keys.custody import CustodyDoc
 
     doc = CustodyDoc.load(home)
     entry = doc.custodian(custodian)
     if entry["recipient"] == "passphrase":
-        pw = os.environ.get(_custodian_env(custodian)) or (
-            getpass.getpass(f"Passphrase for {custodian}: ") if sys.stdin.isatty() else None
-        )
-        return doc.open_share(custodian, passphrase=pw)
+        return doc.open_share(custodian, passphrase=_custodian_passphrase(custodian, passphrase_file))
     if identity is None:
         raise CustodyError("--identity FILE (your age identity) is needed for your share")
     return doc.open_share(custodian, identity=identity.read_text())
@@ -564,6 +591,15 @@ def _open_share(home: Path, custodian: str, identity: Path | None) -> Any:
 def custody_unseal(
     custodian: Annotated[str, typer.Option("--custodian", help="your custodian name")],
     identity: Annotated[Path | None, typer.Option("--identity", help="your age identity file")] = None,
+    share_passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--share-passphrase-file",
+            help="a file (or /dev/fd/N) with your share's passphrase "
+            "[default: WARDEN_CUSTODIAN_PASSPHRASE_FILE_<NAME>, else a prompt]",
+            show_default=False,
+        ),
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -572,7 +608,7 @@ def custody_unseal(
     from .keys.provider import b64e
 
     h = home or default_home()
-    share = _open_share(h, custodian, identity)
+    share = _open_share(h, custodian, identity, share_passphrase_file)
     st = AgentClient(h).call("unseal", share=b64e(share.to_bytes()))
     msg = "unsealed" if not st["sealed"] else f"sealed: {st['progress']} of {st['threshold']} shares"
     _emit(st, as_json, msg)
@@ -788,9 +824,11 @@ def agent_stop(home: HomeOpt = None) -> None:
 
 @agent_app.command("run")
 def agent_run(idle_seal: IdleOpt = 3600.0, home: HomeOpt = None) -> None:
-    """Run the agent in the foreground."""
+    """Run the agent in the foreground (restarted first without any passphrase in its environment)."""
+    from ._harden import reexec_scrubbed
     from .keys import agent
 
+    reexec_scrubbed()
     agent.serve(home or default_home(), idle_seal)
 
 
@@ -1144,11 +1182,43 @@ BrokerDbOpt = Annotated[
 ]  # fmt: skip
 
 
+LogKeyOpt = Annotated[
+    str | None,
+    typer.Option("--log-key", envvar="WARDEN_LOG_KEY", help="the broker's own audit-log signing key: file:PATH "
+                 "(encrypted, its own passphrase), pkcs11:token=..;object=LABEL or agent:LOGHOME [default: "
+                 "file:$WARDEN_HOME/broker/log-key.json]", show_default=False),
+]  # fmt: skip
+LogKeyPassOpt = Annotated[
+    Path | None,
+    typer.Option("--log-key-passphrase-file", envvar="WARDEN_LOG_KEY_PASSPHRASE_FILE", show_default=False,
+                 help="a file (or /dev/fd/N) holding the file log key's passphrase [default: a prompt]"),
+]  # fmt: skip
+
+
+def _log_signer(home: Path | None, log_key: str | None, pass_file: Path | None) -> tuple[Any, bool]:
+    """The broker's log key (created on first use): never the keyring."""
+    from ._harden import read_secret_file
+    from .broker.logkey import open_log_key
+
+    def passphrase(confirm: bool) -> str:
+        if pass_file is not None:
+            return read_secret_file(pass_file, "--log-key-passphrase-file")
+        if not sys.stdin.isatty():
+            raise KeyringError("give the log key's passphrase with --log-key-passphrase-file FILE "
+                               "(or WARDEN_LOG_KEY_PASSPHRASE_FILE)")  # fmt: skip
+        pw = getpass.getpass("Log key passphrase: ")
+        if confirm and getpass.getpass("Repeat passphrase: ") != pw:
+            raise KeyringError("the passphrases differ")
+        return pw
+
+    return open_log_key(log_key, home or default_home(), passphrase, kdf=_kdf_from_env())
+
+
 def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None,
-            gate: bool = False, per_principal: tuple[float, float] | None = None) -> Any:  # fmt: skip
-    """A broker over the keyring's audit-log key (it signs the audit log's tree heads; made when there is
-    none; never the sealing key); with ``gate``, the export-control gate configured under ``home`` decides
-    its release requests."""
+            gate: bool = False, per_principal: tuple[float, float] | None = None, *, log_key: str | None = None,
+            log_pass: Path | None = None) -> Any:  # fmt: skip
+    """A broker that holds no key but its own log key (it signs the audit log's tree heads); with
+    ``gate``, the export-control gate configured under ``home`` decides its release requests."""
     from .broker.auditlog import AuditLog
     from .broker.service import Broker, BrokerConfig
     from .broker.storage import LocalWeightStore, S3WeightStore
@@ -1161,7 +1231,10 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
         ws: Any = S3WeightStore(bucket, prefix, os.environ.get("AWS_ENDPOINT_URL"))
     else:
         ws = LocalWeightStore(Path(store) if store else h / "broker" / "weights")
-    log = AuditLog(url, _keyring(home).signer(purpose="audit-log", create=True))
+    signer, created = _log_signer(home, log_key, log_pass)
+    if created:
+        sys.stderr.write(f"created the broker's log key; its public key (pin it): {signer.public_key.hex()}\n")
+    log = AuditLog(url, signer)
     cfg = BrokerConfig(audience=audience) if audience else BrokerConfig()
     if per_principal is not None:
         import dataclasses
@@ -1176,6 +1249,15 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
     return Broker(url, ws, log, cfg)
 
 
+@broker_app.command("init")
+def broker_init(log_key: LogKeyOpt = None, log_key_passphrase_file: LogKeyPassOpt = None, home: HomeOpt = None,
+                as_json: JsonOpt = False) -> None:  # fmt: skip
+    """Create the broker's log key if there is none, and print its public key (pin it for `audit verify`)."""
+    signer, created = _log_signer(home, log_key, log_key_passphrase_file)
+    _emit({"public_key": signer.public_key.hex(), "key_id": signer.key_id, "created": created}, as_json,
+          signer.public_key.hex())  # fmt: skip
+
+
 @broker_app.command("account")
 def broker_account(
     account: Annotated[str, typer.Argument(help="account id")],
@@ -1184,10 +1266,12 @@ def broker_account(
     role: Annotated[list[str] | None, typer.Option("--role", help="a role (repeat)")] = None,
     team: Annotated[list[str] | None, typer.Option("--team", help="a team (repeat)")] = None,
     db: BrokerDbOpt = None,
+    log_key: LogKeyOpt = None,
+    log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Add or replace an account (its key, roles and teams)."""
-    with _broker(db, None, home) as b:
+    with _broker(db, None, home, log_key=log_key, log_pass=log_key_passphrase_file) as b:
         b.add_account(account, kind, _pubkey(pubkey, "an account"), set(role or []), set(team or []),
                       actor=audit._default_actor())  # fmt: skip
     out.print(f"account {account}: {kind}, roles {sorted(role or [])}, teams {sorted(team or [])}")
@@ -1198,10 +1282,12 @@ def broker_suspend(
     account: str,
     reason: Annotated[str, typer.Option("--reason")] = "",
     db: BrokerDbOpt = None,
+    log_key: LogKeyOpt = None,
+    log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Suspend an account: every token it holds is refused from now on."""
-    with _broker(db, None, home) as b:
+    with _broker(db, None, home, log_key=log_key, log_pass=log_key_passphrase_file) as b:
         b.suspend(account, actor=audit._default_actor(), reason=reason)
     out.print(f"suspended {account}")
 
@@ -1215,18 +1301,37 @@ def broker_model(
     compute: ComputeOpt = None,
     published: PublishedOpt = False,
     experts_per_token: ExpertsOpt = None,
+    classification: Annotated[
+        Path | None,
+        typer.Option(
+            "--classification",
+            help="the JSON of `warden classify MODEL --json`, run where the keys are (needed for a hidden header)",
+            show_default=False,
+        ),
+    ] = None,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
+    log_key: LogKeyOpt = None,
+    log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Admit a sealed model (its digests and signature are checked; plaintext is refused) and record
-    its export-control classification, on which the gate decides releases of it."""
+    its export-control classification, on which the gate decides releases of it.  No key is used:
+    the tensor shapes come from the visible header, or from --classification."""
     from .keys.local import TrustStore
     from .release import classify
+    from .release.classify import Classification
 
-    c = classify(sealed, tokens=tokens, declared_flop=compute, published=published,
-                 experts_per_token=experts_per_token, **_model_kw(sealed, home))  # fmt: skip
-    with _broker(db, store, home) as b:
+    if classification is not None:
+        try:
+            c = Classification.from_json(_read_json(classification))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise WardenError(f"--classification {classification.name} is not the JSON of `warden classify "
+                              "--json`") from None  # fmt: skip
+    else:
+        c = classify(sealed, tokens=tokens, declared_flop=compute, published=published,
+                     experts_per_token=experts_per_token, keyless=True)  # fmt: skip
+    with _broker(db, store, home, log_key=log_key, log_pass=log_key_passphrase_file) as b:
         size = b.add_model(name, team, sealed, trust=TrustStore.load(home), actor=audit._default_actor(),
                            classification=c)  # fmt: skip
     out.print(
@@ -1254,20 +1359,37 @@ def serve_cmd(
     ] = None,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
+    log_key: LogKeyOpt = None,
+    log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Run the access broker and its web console (FastAPI on uvicorn).  Put TLS in front of it."""
+    """Run the access broker and its web console (FastAPI on uvicorn).  Put TLS in front of it.
+
+    It holds sealed bytes, public keys and its own log key, never the keyring: start it with
+    --log-key (and --log-key-passphrase-file), not WARDEN_PASSPHRASE."""
+    from ._harden import harden_process, lock_pages, reexec_scrubbed
+
+    reexec_scrubbed()  # first: /proc/<pid>/environ must not show a passphrase it was started with
     import uvicorn
 
     from .broker.app import create_app
     from .broker.passkeys import Passkeys
 
+    hard = harden_process(lock_memory=False)
     pp = None
     if egress_rate is not None or egress_burst is not None:
         pp = (egress_rate if egress_rate is not None else 50e6, egress_burst if egress_burst is not None else 20e9)
-    b = _broker(db, store, home, audience, gate=True, per_principal=pp)
+    b = _broker(db, store, home, audience, gate=True, per_principal=pp, log_key=log_key,
+                log_pass=log_key_passphrase_file)  # fmt: skip
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
+    # the log key is loaded: lock the pages mapped now (it is among them), not the streams' later mappings
+    hard["memory_locked"], notice = lock_pages(future=False)
+    hard["notices"] += [notice] if notice else []
     sys.setswitchinterval(0.001)  # short GIL slices: a policy decision never waits a 5 ms slice behind a stream
+    for n in hard["notices"]:
+        sys.stderr.write(f"notice: {n}\n")
+    sys.stderr.write(f"process: dumpable {hard['dumpable']}, core file limit {hard['core_limit']}, "
+                     f"memory locked {hard['memory_locked']}\n")  # fmt: skip
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
     sys.stderr.write(f"audit log id (pin it with the key): {b.log.log_id.hex()}\n")
     sys.stderr.flush()
@@ -1282,12 +1404,14 @@ def broker_enroll(
     account: str,
     rp_id: Annotated[str, typer.Option("--rp-id")] = "localhost",
     db: BrokerDbOpt = None,
+    log_key: LogKeyOpt = None,
+    log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """A one-time code (15 minutes) with which a person registers a passkey in the console."""
     from .broker.passkeys import Passkeys
 
-    with _broker(db, None, home) as b:
+    with _broker(db, None, home, log_key=log_key, log_pass=log_key_passphrase_file) as b:
         code = Passkeys(b, rp_id=rp_id).enroll_code(account, actor=audit._default_actor())
     sys.stdout.write(code + "\n")
 
@@ -1416,6 +1540,8 @@ def release_cmd(
     store: StoreOpt = None,
     seal_out: Annotated[bool, typer.Option("--seal", help="seal the copy (sealed-checkpoint format)")] = False,
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
+    log_key: LogKeyOpt = None,
+    log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1433,7 +1559,7 @@ def release_cmd(
         approval: Any = None
         b = None
         if request:
-            b = stack.enter_context(_broker(db, store, home))
+            b = stack.enter_context(_broker(db, store, home, log_key=log_key, log_pass=log_key_passphrase_file))
 
             def approval(d: Any) -> Any:
                 return b.consume_release(request, d, actor=audit._default_actor())

@@ -181,6 +181,8 @@ class Demo:
         from weightwarden.keys.provider import ed25519_key_id
 
         self.act("4. the broker: export gate, two approvers, a fingerprinted copy, egress budgets")
+        (self.root / "log-key.pass").write_text("demo log-key passphrase, use a real one\n")
+        self.env["WARDEN_LOG_KEY_PASSPHRASE_FILE"] = str(self.root / "log-key.pass")
         keys = {}
         people = [
             ("riley", "human", "releaser"),
@@ -195,7 +197,11 @@ class Demo:
             self.warden("broker", "account", name, "--pubkey", pub.hex(), "--kind", kind, "--role", role,
                         "--team", "research")  # fmt: skip
         tokens = str(STEPS * BATCH)
-        self.warden("broker", "model", "demo-lm", "demo-lm.wws", "--team", "research", "--tokens", tokens)
+        # the broker holds no keyring, only its own log key: the hidden header is classified here, on the key side
+        cls = self.warden("classify", "demo-lm.wws", "--tokens", tokens, "--json")
+        (self.root / "demo-lm.classification.json").write_text(cls.stdout)
+        self.warden("broker", "model", "demo-lm", "demo-lm.wws", "--team", "research", "--tokens", tokens,
+                    "--classification", "demo-lm.classification.json")  # fmt: skip
         port = _free_port()
         log = open(self.root / "serve.log", "wb")
         self.server = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port),

@@ -106,6 +106,14 @@ class AuditTamperedError(AuditLogError, IntegrityError):
     """The audit log's events, nodes or heads disagree with a signed tree head: it was altered."""
 
 
+class LogKeyError(KeyringError):
+    """The broker's log key is missing, malformed or named by an unusable --log-key URI."""
+
+
+class KeysNotHereError(WardenError):
+    """The operation needs key material that this process (the broker) does not hold by design."""
+
+
 __all__ = [
     "AuditLogError",
     "AuditTamperedError",
@@ -120,6 +128,8 @@ __all__ = [
     "KeyManagementError",
     "KeyNotFoundError",
     "KeyringError",
+    "KeysNotHereError",
+    "LogKeyError",
     "OutputExistsError",
     "ProviderUnavailableError",
     "RegistryError",

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import audit, errors
+from .._harden import minimal_env
 from ..audit import AuditAction
 from ..audit import event as audit_event
 from ..errors import (
@@ -106,6 +107,7 @@ class _State:
         self.book = QuorumBook()
         self.policy: Policy = Policy.default(os.getuid())
         self.audit_key_use = True
+        self.hardening: dict[str, Any] = {}
 
     def seal_if_idle(self, now: float | None = None) -> bool:
         """Forget the root key after ``idle_seal`` seconds without use (and drop partial shares)."""
@@ -123,6 +125,8 @@ class _State:
             return True
 
     def status(self) -> dict[str, Any]:
+        from .._harden import dumpable
+
         return {
             "sealed": self.keyring is None,
             "progress": self.session.progress,
@@ -131,6 +135,8 @@ class _State:
             "custodians": [c["name"] for c in self.doc.custodians],
             "idle_seal_seconds": self.idle_seal,
             "pending_changes": [st.op_id for st in self.book.pending()],
+            # prctl(PR_GET_DUMPABLE) now (0: no core dump, no ptrace or /proc/<pid>/mem by the same user)
+            "process": {"pid": os.getpid(), "dumpable": dumpable(), **self.hardening},
         }
 
     def _kr(self) -> Keyring:
@@ -532,7 +538,14 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
 
 def serve(home: Path, idle_seal: float = DEFAULT_IDLE_SEAL) -> None:
-    """Run the agent in the foreground until `shutdown` or SIGTERM."""
+    """Run the agent in the foreground until `shutdown` or SIGTERM.  First it makes itself
+    non-dumpable, with no core file and its memory locked where the OS allows (notices to stderr)."""
+    from .._harden import harden_process
+
+    hard = harden_process(lock_memory=True)
+    for n in hard["notices"]:
+        sys.stderr.write(f"notice: {n}\n")
+    sys.stderr.flush()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(home, 0o700)
     path = home / SOCKET
@@ -544,6 +557,8 @@ def serve(home: Path, idle_seal: float = DEFAULT_IDLE_SEAL) -> None:
     finally:
         os.umask(old)
     server.state = _State(home, idle_seal)
+    server.state.hardening = {"core_limit": hard["core_limit"], "memory_locked": hard["memory_locked"],
+                              "notices": hard["notices"]}  # fmt: skip
 
     def watch_idle() -> None:
         while not server.state.stop.wait(min(1.0, idle_seal / 4 if idle_seal else 1.0)):
@@ -730,7 +745,8 @@ def under_custody(home: Path) -> bool:
 
 
 def start(home: Path, *, idle_seal: float = DEFAULT_IDLE_SEAL, timeout: float = 15.0) -> int:
-    """Start the agent in the background (a new session); returns its pid."""
+    """Start the agent in the background (a new session) with a minimal environment (no passphrase,
+    no token: only paths, locale and user); returns its pid."""
     client = AgentClient(home)
     if client.running():
         raise CustodyError("the agent is already running")
@@ -742,6 +758,8 @@ def start(home: Path, *, idle_seal: float = DEFAULT_IDLE_SEAL, timeout: float = 
         stdout=log,
         stderr=log,
         start_new_session=True,
+        env=minimal_env(),
+        close_fds=True,
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -127,11 +127,14 @@ class VaultTransitProvider(KeyProvider):
         try:
             return getattr(self._v.secrets.transit, fn)(mount_point=self._mount, **kw)
         except hx.InvalidRequest as e:
+            # messages as a real server (OpenBao 2.x, Vault 1.x transit) words them; tests/test_key_providers.py
             msg = str(e)
-            if "decryption" in msg or "cipher: message authentication failed" in msg:
-                raise WrongKeyError("Vault refused to decrypt: wrong key or associated data") from None
-            if "min_decryption_version" in msg or "archived" in msg:
+            if "disallowed by policy" in msg or "min_decryption_version" in msg or "archived" in msg:
                 raise KeyDisabledError(f"Vault key {self.key_id}: that version is no longer allowed") from None
+            if "key not found" in msg:
+                raise KeyNotFoundError(f"Vault transit key {self.key_id} does not exist") from None
+            if any(m in msg for m in ("message authentication failed", "invalid ciphertext", "decryption")):
+                raise WrongKeyError("Vault refused to decrypt: wrong key, associated data or ciphertext") from None
             raise KeyManagementError(f"Vault rejected the request: {msg[:120]}") from None
         except hx.InvalidPath:
             raise KeyNotFoundError(f"Vault transit key {self.key_id} does not exist") from None
@@ -141,6 +144,9 @@ class VaultTransitProvider(KeyProvider):
             raise ProviderUnavailableError(f"Vault unreachable: {type(e).__name__}") from None
 
     def _wrap(self, dek: bytes, context: bytes) -> KeySlot:
+        # transit's encrypt *creates* a missing key (upsert) for a token allowed to: a typo in the name,
+        # or a key shredded earlier, would silently get a fresh key.  Read it first (KeyNotFoundError).
+        self._key(self.key_id)
         r = self._transit(
             "encrypt_data",
             name=self.key_id,
@@ -153,12 +159,15 @@ class VaultTransitProvider(KeyProvider):
     def _unwrap(self, slot: KeySlot, context: bytes) -> bytearray:
         if slot.alg != self.ALG:
             raise WrongKeyError("not a Vault transit wrapped key")
-        r = self._transit(
-            "decrypt_data",
-            name=slot.key_id,
-            ciphertext=slot.wrapped.decode(),
-            associated_data=base64.b64encode(context).decode(),
-        )
+        try:
+            r = self._transit(
+                "decrypt_data",
+                name=slot.key_id,
+                ciphertext=slot.wrapped.decode(),
+                associated_data=base64.b64encode(context).decode(),
+            )
+        except KeyNotFoundError:  # a slot names a key that was made here: gone means deleted (shredded)
+            raise KeyDestroyedError(f"Vault transit key {slot.key_id} no longer exists (deleted: shredded)") from None
         return bytearray(base64.b64decode(r["data"]["plaintext"]))
 
     def _key(self, key_id: str) -> dict[str, Any]:
@@ -175,29 +184,39 @@ class VaultTransitProvider(KeyProvider):
         # Vault disables versions from the oldest up: min_decryption_version
         k = self._key(key_id)
         floor = int(k["min_decryption_version"])
+        if version < int(k.get("min_available_version") or 0):
+            raise KeyDestroyedError(f"Vault key {key_id} version {version} was trimmed (destroyed)")
         new = version + 1 if state == "disabled" else min(floor, version)
         if state == "disabled" and version != floor:
             raise KeyManagementError("Vault disables versions oldest first: disable the lowest enabled version")
         self._transit("update_key_configuration", name=key_id, min_decryption_version=new)
 
     def _destroy(self, key_id: str, version: int | None) -> list[int]:
+        # read_key lists only versions >= min_decryption_version: count from the numbers instead
         k = self._key(key_id)
+        first = max(1, int(k.get("min_available_version") or 0))
         if version is None:
             self._transit("update_key_configuration", name=key_id, deletion_allowed=True)
             self._transit("delete_key", name=key_id)
-            return sorted(int(v) for v in k["keys"])
+            return list(range(first, int(k["latest_version"]) + 1))
         floor = int(k["min_decryption_version"])
         if version >= floor:
             raise KeyManagementError("disable a Vault key version before trimming it")
+        if version < first:
+            return []
+        if int(k.get("min_encryption_version") or 0) < version + 1:  # trim needs min_available <= min_encryption
+            self._transit("update_key_configuration", name=key_id, min_encryption_version=version + 1)
         self._transit("trim_key", name=key_id, min_version=version + 1)
-        return [v for v in sorted(int(x) for x in k["keys"]) if v <= version]
+        return list(range(first, version + 1))
 
     def _versions(self, key_id: str) -> list[dict[str, Any]]:
+        # every version up to latest: trimmed ones (below min_available_version) are destroyed, those
+        # below min_decryption_version disabled (read_key's "keys" omits both)
         k = self._key(key_id)
-        floor = int(k["min_decryption_version"])
+        floor, gone = int(k["min_decryption_version"]), int(k.get("min_available_version") or 0)
         return [
-            {"version": int(v), "state": "enabled" if int(v) >= floor else "disabled"}
-            for v in sorted(k["keys"], key=int)
+            {"version": v, "state": "destroyed" if v < gone else "enabled" if v >= floor else "disabled"}
+            for v in range(1, int(k["latest_version"]) + 1)
         ]
 
 

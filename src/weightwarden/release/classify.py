@@ -133,23 +133,50 @@ def _config(path: Path) -> dict[str, Any]:
         raise UnsupportedModelError("config.json is unreadable") from None
 
 
+def _visible_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a sealed file's visible header, with no key."""
+    from ..errors import KeysNotHereError
+    from ..sealed.reader import SealedFile
+
+    how = (f"classify {path.name} where the keys are (`warden classify {path.name} --json > c.json`) and "
+           "pass the result (--classification c.json)")  # fmt: skip
+    if path.is_dir():
+        raise KeysNotHereError(f"{path.name} is a sealed bundle, whose shapes need a key: {how}")
+    with SealedFile(path) as sf:
+        d = sf.describe()
+    if d["header_hidden"]:
+        raise KeysNotHereError(f"{path.name} has a hidden header: its shapes need a key; {how}")
+    if "tensors" not in d:
+        raise UnsupportedModelError(f"{path.name} holds no tensors: the parameter count cannot be read")
+    return {n: tuple(t["shape"]) for n, t in d["tensors"].items()}
+
+
 def classify(model: str | os.PathLike[str], *, rules: Any = None, as_of: date | None = None,
              country: str | None = None, tokens: float | None = None, declared_flop: float | None = None,
              chip_hours: float | None = None, peak_flops: float | None = None, utilization: float | None = None,
-             published: bool = False, experts_per_token: int | None = None,
+             published: bool = False, experts_per_token: int | None = None, keyless: bool = False,
              **open_kw: Any) -> Classification:  # fmt: skip
-    """Classify a checkpoint (file, HF folder, sealed file or bundle) under ``rules`` (default: shipped)."""
-    from ..provenance.source import open_source
+    """Classify a checkpoint (file, HF folder, sealed file or bundle) under ``rules`` (default: shipped).
+
+    ``keyless``: read a sealed file's shapes from its visible header and use no key (the broker holds
+    none); a hidden header or a bundle is refused with :class:`~weightwarden.errors.KeysNotHereError`."""
+    from ..provenance.source import _is_sealed, open_source
     from .rules import default_rules
 
     path = Path(model)
     cfg = _config(path) if path.exists() else {}
     k = experts_per_token or cfg.get("num_experts_per_tok")
-    with open_source(path, **open_kw) as src:
-        if not src.shapes:
-            raise UnsupportedModelError("no tensors: the parameter count cannot be read")
-        total, active, moe = count_parameters(src.shapes, int(k) if k else None)
-        card = {**(src.config or {}), **cfg}
+    sealed = (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _is_sealed(path))
+    if keyless and sealed:
+        shapes = _visible_shapes(path)
+        total, active, moe = count_parameters(shapes, int(k) if k else None)
+        card = dict(cfg)
+    else:
+        with open_source(path, **open_kw) as src:
+            if not src.shapes:
+                raise UnsupportedModelError("no tensors: the parameter count cannot be read")
+            total, active, moe = count_parameters(src.shapes, int(k) if k else None)
+            card = {**(src.config or {}), **cfg}
     if declared_flop is None and tokens is None and chip_hours is None:
         try:
             declared_flop = float(card["training_compute_flop"]) if "training_compute_flop" in card else None
