@@ -3,6 +3,8 @@ and approvals signed by the approver's authenticator.
 
 * **Enrolment**: an administrator issues a one-time code (``warden broker enroll ID``, 15
   minutes); with it the person registers a passkey in the console.  Only the code's SHA-256 is kept.
+  The code is consumed (atomically, in the shared database) by the first ceremony that starts; a
+  second start fails, and so does the finish of any older registration challenge of the account.
 * **Login**: a WebAuthn assertion over a fresh single-use challenge, bound to the relying party
   id and origin (a phishing site's origin fails), user verification required, signature counter
   checked; it opens a session of 15 minutes whose token is kept hashed.
@@ -84,6 +86,8 @@ class Passkeys:
         code = secrets.token_urlsafe(12)
         with self.broker._write() as c:
             c.execute(sa.delete(self.t_enroll).where(self.t_enroll.c.account == account))
+            c.execute(sa.delete(self.t_chal).where(self.t_chal.c.account == account,
+                                                   self.t_chal.c.purpose == "register"))  # fmt: skip
             c.execute(sa.insert(self.t_enroll).values(account=account, code_hash=_h(code), expires=_t(now) + ENROLL_S))
         self.broker.audit(AuditAction.BROKER_ACCOUNT, "ok", actor, account, now=now, enrolment="code issued")
         return code
@@ -127,7 +131,20 @@ class Passkeys:
             authenticator_selection=AuthenticatorSelectionCriteria(
                 resident_key=ResidentKeyRequirement.PREFERRED, user_verification=UserVerificationRequirement.REQUIRED),
         )  # fmt: skip
-        cid = self._challenge(account, "register", opts.challenge, now)
+        # the code is single use: consumed by the first ceremony that starts, atomically in the shared
+        # database (one replica's DELETE wins); the new challenge replaces any older one of this account
+        cid = secrets.token_hex(16)
+        with self.broker._write() as c:
+            en, ch = self.t_enroll, self.t_chal
+            n = c.execute(sa.delete(en).where(en.c.account == account, en.c.code_hash == r.code_hash)).rowcount
+            if n == 1:
+                c.execute(sa.delete(ch).where((ch.c.expires < _t(now)) | ((ch.c.account == account)
+                                                                          & (ch.c.purpose == "register"))))  # fmt: skip
+                c.execute(sa.insert(ch).values(id=cid, account=account, purpose="register", challenge=opts.challenge,
+                                               expires=_t(now) + CHALLENGE_S))  # fmt: skip
+        if n != 1:
+            raise self._fail(account, "enroll", "no valid enrolment code for this account (already used)", now)
+        self.broker.audit(AuditAction.BROKER_ACCOUNT, "ok", account, account, now=now, enrolment="code used")
         return {"challenge_id": cid, "options": json.loads(options_to_json(opts))}
 
     def finish_registration(self, challenge_id: str, credential: dict[str, Any], *,
@@ -146,7 +163,6 @@ class Passkeys:
             row = {"credential_id": _b64u(v.credential_id), "account": account,
                    "public_key": v.credential_public_key, "sign_count": v.sign_count}  # fmt: skip
             c.execute(sa.insert(self.t_keys).values(**row))
-            c.execute(sa.delete(self.t_enroll).where(self.t_enroll.c.account == account))  # the code is spent
         self.broker.audit(AuditAction.BROKER_ACCOUNT, "ok", account, account, now=now, enrolment="passkey registered")
 
     # -- assertions (login and approvals) -----------------------------------------------------------
