@@ -199,3 +199,74 @@ def test_tokens_from_the_future_are_refused(db_url: str, tmp_path: Path, sealed:
     ok = mint("reader", rd.key, rd.kid, AUD, "GET", "/v1/models", not_before=t + SKEW_S)
     assert http.c.get("/v1/models", headers={"authorization": f"Bearer {ok}"}).status_code == 200
     b.close()
+
+
+# -- 3. no oracles -----------------------------------------------------------------------------------
+def _shape(o: dict[str, Any]) -> Any:
+    """What sign-in options reveal, with the random parts (challenge, ids) reduced to their lengths."""
+    opts = o["options"]
+    return (sorted(o), len(o["challenge_id"]), sorted(opts), len(opts["challenge"]),
+            [(sorted(c), len(c["id"]), c["type"]) for c in opts["allowCredentials"]],
+            {k: v for k, v in opts.items() if k not in ("challenge", "allowCredentials")})  # fmt: skip
+
+
+def test_sign_in_options_do_not_reveal_accounts_or_passkeys(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    from weightwarden.broker.passkeys import DECOY_ID_BYTES
+
+    b, _ = _broker(db_url, tmp_path, sealed)
+    pk = _passkeys(b)
+    user = SoftAuthenticator()
+    o = pk.registration_options("ap1", pk.enroll_code("ap1", actor="admin"))
+    pk.finish_registration(o["challenge_id"], user.create(o["options"]))
+    real_id = _b64u(next(iter(user.creds)))
+    before = b.log.size()
+    real, nokey, ghost = pk.login_options("ap1"), pk.login_options("ap2"), pk.login_options("no-such-user")
+    assert _shape(nokey) == _shape(ghost)
+    assert len(_unb64u(nokey["options"]["allowCredentials"][0]["id"])) == DECOY_ID_BYTES
+    # a real account differs only in its id's length, which depends on the authenticator (ours: 16 bytes)
+    assert _shape(real)[:4] == _shape(nokey)[:4] and _shape(real)[5] == _shape(nokey)[5]
+    assert len(real["options"]["allowCredentials"]) == len(ghost["options"]["allowCredentials"]) == 1
+    assert real["options"]["allowCredentials"][0]["id"] == real_id
+    # decoys are stable (asking twice shows nothing new), differ per account, and across replicas agree
+    again = pk.login_options("no-such-user")["options"]["allowCredentials"]
+    assert again == ghost["options"]["allowCredentials"] != nokey["options"]["allowCredentials"]
+    other = _passkeys(Broker(db_url, b.store, b.log, b.config))
+    assert other.login_options("no-such-user")["options"]["allowCredentials"] == again
+    other.broker.sink.close()
+    assert b.log.size() == before  # asking leaves the same trace (none) for every kind of account
+    # a sign-in on a decoy challenge fails (audited) and opens nothing
+    forged = SoftAuthenticator()
+    forged.create({"challenge": "x"})
+    with pytest.raises(Unauthorized, match="unknown passkey"):
+        pk.finish_login(ghost["challenge_id"], forged.get(ghost["options"]))
+    assert len(_denied(b, before, "broker:authenticate")) == 1
+    assert _count(b, pk.t_sess) == 0
+    b.close()
+
+
+def test_another_teams_model_answers_as_a_missing_one(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    b, a = _broker(db_url, tmp_path, sealed)
+    b.add_model("m2", "other", sealed)  # ap3 is on team "other"; everyone else in the fixture on "core"
+    http = Http(b)
+    before = b.log.size()
+    for who, path, kw in [
+        ("reader", "/v1/models/{}", {}),
+        ("loader", "/v1/models/{}/weights", {}),
+        ("rel", "/v1/requests", {"json": {"action": "copy"}}),
+        ("rel", "/v1/requests", {"json": {"action": "release", "recipient": "x", "country": "DE"}}),
+    ]:
+        got = []
+        for name in ("m2", "m9"):  # hidden, and missing: names of one length
+            method = "POST" if "json" in kw else "GET"
+            k = {"json": {**kw["json"], "model": name}} if kw else {}
+            r = http(a[who], method, path.format(name), **k)
+            got.append((r.status_code, r.content.replace(name.encode(), b"NAME"), sorted(r.headers.items())))
+        assert got[0] == got[1], (who, path)
+        assert got[0][0] == 404 and json.loads(got[0][1]) == {"error": "no model 'NAME'"}
+    # the team's own model still answers (and a permission it lacks on a visible model is still a 403)
+    assert http(a["reader"], "GET", "/v1/models/m1").status_code == 200
+    assert http(a["reader"], "GET", "/v1/models/m1/weights").status_code == 403
+    assert http(a["ap3"], "GET", "/v1/models/m2").json()["team"] == "other"
+    denied = [e["subject"] for e in _denied(b, before, "broker:authorize")]
+    assert denied.count("m2") == denied.count("m9") == 4  # both kinds of refusal audited
+    b.close()

@@ -163,9 +163,8 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
 
     @app.get("/v1/models/{name}")
     def get_model(name: str, p: Who) -> dict[str, Any]:
-        info = broker.model(name)
-        broker.authorize(p, Permission.MODEL_METADATA_READ, name, team=info["team"])
-        return info
+        broker.authorize(p, Permission.MODEL_METADATA_READ, name, hide=True)  # another team's model: 404
+        return broker.model(name)
 
     def _stream(it: Any, name: str) -> StreamingResponse:
         try:

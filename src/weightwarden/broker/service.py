@@ -300,16 +300,31 @@ class Broker:
 
     # -- authorization --------------------------------------------------------------------
     def authorize(self, p: Principal, perm: Permission, model: str | None = None, *, team: str | None = None,
-                  context: dict[str, Any] | None = None, now: datetime | None = None) -> Decision:  # fmt: skip
-        """Decide and audit; raise :class:`Forbidden` on deny.  ``team``: the model's, if already looked up."""
+                  context: dict[str, Any] | None = None, now: datetime | None = None,
+                  hide: bool = False) -> Decision:  # fmt: skip
+        """Decide and audit; raise :class:`Forbidden` on deny.  ``team``: the model's, if already looked up.
+
+        ``hide`` (the caller named the model): a model the caller may not see (no ``model:metadata:read``
+        on it) is refused exactly as a model that does not exist, :class:`NotFound` (no oracle); both
+        refusals are audited."""
         if model is not None and team is None:
-            team = self.model(model)["team"]
+            try:
+                team = self.model(model)["team"]
+            except NotFound:
+                if not hide:
+                    raise
+                self.audit(AuditAction.BROKER_AUTHORIZE, "denied", p.id, model, now=now, permission=str(perm),
+                           reason="no such model")  # fmt: skip
+                raise
         t0 = time.perf_counter()
         d = self.policy.decide(p, perm, model, team, context)
         self._decisions.append(time.perf_counter() - t0)
         self.audit(AuditAction.BROKER_AUTHORIZE, "ok" if d.allowed else "denied", p.id, model, now=now,
                    permission=str(perm), policies=list(d.reasons))  # fmt: skip
         if not d.allowed:
+            see = Permission.MODEL_METADATA_READ
+            if hide and model is not None and (perm == see or not self.policy.decide(p, see, model, team).allowed):
+                raise NotFound(f"no model {model!r}")
             raise Forbidden(f"{p.id} may not {perm}" + (f" on {model}" if model else ""))
         return d
 
@@ -374,7 +389,7 @@ class Broker:
         if perm is None:
             raise BrokerError("action is copy or release")
         # the requester must hold the role (checked as if approved: approval is the only missing piece)
-        self.authorize(p, perm, model, context={"approved": True}, now=now)
+        self.authorize(p, perm, model, context={"approved": True}, now=now, hide=True)
         gate = None
         if action == "release":
             gate = self._gate_decision(p, model, recipient, country, aliases, now)
@@ -662,10 +677,10 @@ class Broker:
         copy of an approved request, usable once."""
         import sqlalchemy as sa
 
-        info = self.model(model)
         if request_id is None:
-            self.authorize(p, Permission.MODEL_WEIGHTS_STREAM, model, now=now)
-        else:
+            self.authorize(p, Permission.MODEL_WEIGHTS_STREAM, model, now=now, hide=True)
+        info = self.model(model)
+        if request_id is not None:
             req = self.request(request_id, now=now)
             if req["model"] != model or req["requester"] != p.id:
                 raise Forbidden("the request is for another model or requester")
