@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from weightwarden.broker.service import Broker, Unauthorized
+from weightwarden.broker.service import Broker, BrokerConfig, Unauthorized
 
 from .test_broker import AUD, Account, Http, _broker, sealed  # noqa: F401 - the sealed-file fixture
 
@@ -269,4 +269,108 @@ def test_another_teams_model_answers_as_a_missing_one(db_url: str, tmp_path: Pat
     assert http(a["ap3"], "GET", "/v1/models/m2").json()["team"] == "other"
     denied = [e["subject"] for e in _denied(b, before, "broker:authorize")]
     assert denied.count("m2") == denied.count("m9") == 4  # both kinds of refusal audited
+    b.close()
+
+
+# -- 4. anomalies in flight ----------------------------------------------------------------------------
+def _fetch_all(b: Broker, who: str, models: list[str], parallel: bool) -> dict[str, Any]:
+    """Fetch ``models`` one after another or all at once (every stream started before any is read)."""
+    from weightwarden.broker.service import Forbidden, StreamCut
+
+    p = b.principal(who)
+    out: dict[str, Any] = {"refused": [], "cut": 0, "complete": 0}
+    streams: list[Any] = []
+    lock = threading.Lock()
+
+    def start(m: str) -> Any:
+        try:
+            it = b.stream(p, m)
+        except Forbidden as e:
+            with lock:
+                out["refused"].append(str(e))
+            return None
+        return it
+
+    def drain(it: Any) -> None:
+        try:
+            for _ in it:
+                pass
+            out["complete"] += 1
+        except StreamCut:
+            out["cut"] += 1
+
+    if parallel:
+        go = threading.Barrier(len(models))
+
+        def run(m: str) -> None:
+            go.wait()
+            it = start(m)
+            if it is not None:
+                with lock:
+                    streams.append(it)
+
+        ts = [threading.Thread(target=run, args=(m,)) for m in models]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        for it in streams:
+            drain(it)
+    else:
+        for m in models:
+            it = start(m)
+            if it is not None:
+                drain(it)
+    out["refused"].sort()
+    out["alerts"] = sorted(a["kind"] for a in b.alerts() if a["principal"] == who)
+    out["suspended"] = b.principal(who).suspended
+    return out
+
+
+def test_parallel_fetches_trigger_what_serial_ones_do(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    size = sealed.stat().st_size
+    b, a = _broker(db_url, tmp_path, sealed)
+    for i in range(2, 8):
+        b.add_model(f"m{i}", "core", sealed)
+    for n in ("serial", "parallel", "serial-volume", "parallel-volume"):
+        b.add_account(n, "workload", a["loader"].pub, {"inference-loader"}, {"core"})
+    seven = [f"m{i}" for i in range(1, 8)]
+    serial = _fetch_all(b, "serial", seven, parallel=False)
+    parallel = _fetch_all(b, "parallel", seven, parallel=True)
+    # seven models at once: the sixth admitted is judged as the sixth in a row (the bug: nothing fired)
+    assert serial["alerts"] == parallel["alerts"] == ["many-models"]
+    assert serial["refused"] == parallel["refused"] == ["account suspended", "suspended by an anomaly rule"]
+    assert serial["suspended"] and parallel["suspended"]
+    assert serial["complete"] == 5  # fetched one after another, five finished before the sixth
+    assert parallel["complete"] == 0 and parallel["cut"] == 5  # the running five are cut by the suspension
+    # volume: four fetches of one model, the rule seeing bytes reserved by running streams
+    bv = Broker(db_url, b.store, b.log, BrokerConfig(chunk=1 << 16, volume_bytes_per_hour=2.5 * size))
+    vs = _fetch_all(bv, "serial-volume", ["m1"] * 4, parallel=False)
+    vp = _fetch_all(bv, "parallel-volume", ["m1"] * 4, parallel=True)
+    assert vs["alerts"] == vp["alerts"] == ["volume"] and vs["suspended"] and vp["suspended"]
+    assert vs["refused"] == vp["refused"] == ["suspended by an anomaly rule"]
+    assert vs["complete"] == 3 and vp["cut"] == 3
+    bv.sink.close()
+    b.close()
+
+
+def test_suspension_cuts_a_running_stream(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    from weightwarden.broker.service import StreamCut
+
+    b, _ = _broker(db_url, tmp_path, sealed)
+    other = Broker(db_url, b.store, b.log, b.config)  # the suspension comes from another replica
+    it = b.stream(b.principal("loader"), "m1")
+    first = next(it)
+    other.suspend("loader", actor="aud", reason="incident")
+    with pytest.raises(StreamCut):
+        next(it)  # the next chunk is not sent
+    ev = [e["event"] for e in b.log.export() if e["event"]["action"] == "broker:stream"]
+    assert [(e["detail"]["phase"], e["outcome"]) for e in ev] == [("start", "ok"), ("cut", "denied")]
+    assert ev[-1]["detail"]["bytes"] == len(first)
+    import sqlalchemy as sa
+
+    with b.engine.connect() as c:  # the registration became an egress record of what was sent
+        assert c.execute(sa.select(sa.func.count()).select_from(b.t.streams)).scalar_one() == 0
+        assert c.execute(sa.select(b.t.egress.c.bytes)).scalars().all() == [len(first)]
+    other.sink.close()
     b.close()

@@ -12,7 +12,7 @@ import json
 from typing import Annotated, Any
 
 from ..audit import AuditAction
-from .service import Broker, BrokerError, EgressLimitError
+from .service import Broker, BrokerError, EgressLimitError, StreamCut
 from .storage import BadNameError, StorageError
 
 __all__ = ["MAX_BODY", "create_app"]
@@ -178,7 +178,7 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
             yield first
             try:
                 yield from it
-            except EgressLimitError:
+            except (EgressLimitError, StreamCut):
                 return  # suspended mid-stream: the body ends short of its Content-Length, so the client
                 # sees a broken transfer (and a sealed file cut short never opens); the event is logged
 

@@ -27,7 +27,8 @@ from .policy import Decision, Permission, Policy, Principal
 from .storage import CHUNK, WeightStore, check_name
 from .tokens import TokenError, verify
 
-__all__ = ["Broker", "BrokerConfig", "BrokerError", "EgressLimitError", "Forbidden", "NotFound", "Unauthorized"]
+__all__ = ["Broker", "BrokerConfig", "BrokerError", "EgressLimitError", "Forbidden", "NotFound", "StreamCut",
+           "Unauthorized"]  # fmt: skip
 
 
 class BrokerError(WardenError):
@@ -52,6 +53,10 @@ class Conflict(BrokerError):
 
 class EgressLimitError(BrokerError):
     status = 429
+
+
+class StreamCut(Forbidden):
+    """A running stream ended because its principal was suspended."""
 
 
 APPROVAL_CONTEXT = b"weightwarden approval v1\n"
@@ -108,6 +113,7 @@ class _Tables:
     alerts: Any
     egress: Any
     networks: Any
+    streams: Any
 
 
 def _tables(md: Any) -> _Tables:
@@ -140,6 +146,9 @@ def _tables(md: Any) -> _Tables:
                  C("bytes", sa.BigInteger)),
         sa.Table("ww_networks", md, C("principal", sa.String(128), primary_key=True),
                  C("network", sa.String(64), primary_key=True)),
+        # running streams, registered at start with the bytes they may send (finished ones: ww_egress)
+        sa.Table("ww_streams", md, C("id", sa.String(32), primary_key=True), C("principal", sa.String(128),
+                 index=True), C("model", sa.String(128)), C("at", sa.BigInteger), C("bytes", sa.BigInteger)),
     )  # fmt: skip
 
 
@@ -611,7 +620,12 @@ class Broker:
                     raise
         return None
 
-    def _check_anomalies(self, p: Principal, model: str, network: str | None, now: datetime | None) -> None:
+    def _admit(self, p: Principal, model: str, nbytes: int, network: str | None, now: datetime | None) -> str:
+        """Run the anomaly rules and register the stream, in one transaction serialised per principal
+        (its account row locked; SQLite: BEGIN IMMEDIATE), so every rule sees the principal's running
+        streams (bytes reserved) as well as its finished ones, and parallel fetches are judged as serial
+        ones.  Returns the stream's id; raises :class:`Forbidden` (audited) when the principal is
+        suspended or an ``auto_suspend`` rule fires (the stream is then not registered)."""
         import sqlalchemy as sa
 
         t = int(_ts(now))
@@ -620,37 +634,57 @@ class Broker:
         lo, hi = self.config.allowed_hours_utc
         if not lo <= hour < hi:
             found.append(("time-of-day", {"hour": hour}))
-        e = self.t.egress
-        with self.engine.connect() as c:
-            vol = c.execute(sa.select(sa.func.coalesce(sa.func.sum(e.c.bytes), 0))
-                            .where(e.c.principal == p.id, e.c.at > t - 3600)).scalar_one()  # fmt: skip
-            models = set(c.execute(sa.select(e.c.model).where(e.c.principal == p.id, e.c.at > t - 3600)).scalars())
-        if vol > self.config.volume_bytes_per_hour:
-            found.append(("volume", {"bytes_last_hour": int(vol)}))
-        if len(models | {model}) > self.config.max_models_per_hour:
-            found.append(("many-models", {"models_last_hour": len(models | {model})}))
-        if network is not None:  # the first network an account uses is its own; any later new one alerts
-            known = self._seen_networks(p.id)
-            try:
-                with self._write() as c:
-                    c.execute(sa.insert(self.t.networks).values(principal=p.id, network=network[:64]))
-            except sa.exc.IntegrityError:
-                pass  # seen before
+        e, s, a, nw = self.t.egress, self.t.streams, self.t.accounts, self.t.networks
+        sid = secrets.token_hex(16)
+        suspend = already = False
+        with self._write() as c:
+            acct = c.execute(sa.select(a.c.suspended).where(a.c.id == p.id).with_for_update()).first()
+            if acct is None or acct.suspended:
+                already = True
             else:
-                if known:
-                    found.append(("new-network", {"network": network[:64]}))
+                vol = 0
+                models: set[str] = set()
+                for tb in (e, s):
+                    vol += c.execute(sa.select(sa.func.coalesce(sa.func.sum(tb.c.bytes), 0))
+                                     .where(tb.c.principal == p.id, tb.c.at > t - 3600)).scalar_one()  # fmt: skip
+                    models |= set(c.execute(sa.select(tb.c.model).where(tb.c.principal == p.id, tb.c.at > t - 3600))
+                                  .scalars())  # fmt: skip
+                if vol > self.config.volume_bytes_per_hour:
+                    found.append(("volume", {"bytes_last_hour": int(vol)}))
+                if len(models | {model}) > self.config.max_models_per_hour:
+                    found.append(("many-models", {"models_last_hour": len(models | {model})}))
+                if network is not None:  # the first network an account uses is its own; any later new one alerts
+                    known = {r for r in c.execute(sa.select(nw.c.network).where(nw.c.principal == p.id)).scalars()}
+                    if network[:64] not in known:
+                        c.execute(sa.insert(nw).values(principal=p.id, network=network[:64]))
+                        if known:
+                            found.append(("new-network", {"network": network[:64]}))
+                for kind, detail in found:
+                    c.execute(sa.insert(self.t.alerts).values(at=t, principal=p.id, kind=kind,
+                                                              detail=json.dumps(detail)))  # fmt: skip
+                suspend = any(k in self.config.auto_suspend for k, _ in found)
+                if suspend:
+                    c.execute(sa.update(a).where(a.c.id == p.id).values(suspended=True))
+                else:
+                    c.execute(sa.insert(s).values(id=sid, principal=p.id, model=model, at=t, bytes=nbytes))
+        if already:
+            self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="refused",
+                       reason="account suspended")  # fmt: skip
+            raise Forbidden("account suspended")
         for kind, detail in found:
-            self.alert(p.id, kind, detail, now=now)
-        if any(k in self.config.auto_suspend for k, _ in found):
-            self.suspend(p.id, actor="broker", reason="anomaly: " + ",".join(k for k, _ in found), now=now)
+            self.audit(AuditAction.BROKER_ALERT, "ok", "broker", p.id, now=now, kind=kind, **detail)
+        if suspend:
+            reason = "anomaly: " + ",".join(k for k, _ in found)
+            self.audit(AuditAction.BROKER_SUSPEND, "ok", "broker", p.id, reason=reason, now=now)
             raise Forbidden("suspended by an anomaly rule")
+        return sid
 
-    def _seen_networks(self, account: str) -> int:
+    def _is_suspended(self, account: str) -> bool:
         import sqlalchemy as sa
 
         with self.engine.connect() as c:
-            return int(c.execute(sa.select(sa.func.count()).select_from(self.t.networks)
-                                 .where(self.t.networks.c.principal == account)).scalar_one())  # fmt: skip
+            r = c.execute(sa.select(self.t.accounts.c.suspended).where(self.t.accounts.c.id == account)).first()
+        return r is None or bool(r.suspended)
 
     def alert(self, account: str, kind: str, detail: dict[str, Any], *, now: datetime | None = None) -> None:
         import sqlalchemy as sa
@@ -670,16 +704,19 @@ class Broker:
 
     # -- streams --------------------------------------------------------------------------
     def stream(self, p: Principal, model: str, *, request_id: str | None = None, network: str | None = None,
-               now: datetime | None = None) -> Iterator[bytes]:  # fmt: skip
+               now: datetime | None = None) -> WeightStream:  # fmt: skip
         """Authorize, then return an iterator over the sealed file that debits the egress buckets per chunk.
 
         Without ``request_id``: a stream to a workload (``model:weights:stream``).  With it: the full
-        copy of an approved request, usable once."""
+        copy of an approved request, usable once.  The stream is registered with the anomaly rules
+        before its first byte, and ends (:class:`StreamCut`) at the next chunk after its principal is
+        suspended."""
         import sqlalchemy as sa
 
         if request_id is None:
             self.authorize(p, Permission.MODEL_WEIGHTS_STREAM, model, now=now, hide=True)
         info = self.model(model)
+        obj, extra = model, {}
         if request_id is not None:
             req = self.request(request_id, now=now)
             if req["model"] != model or req["requester"] != p.id:
@@ -699,30 +736,42 @@ class Broker:
             if n != 1:
                 raise Conflict("the approved request was already used")
             if release:
-                info = {"size": self.store.size(req["artifact"])}
-                self._check_anomalies(p, model, network, now)
-                chunks = self.store.read(req["artifact"], self.config.chunk)
-                self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],
-                           request=request_id, network=network, copy=req["artifact"])  # fmt: skip
-                return WeightStream(self._metered(p, model, chunks, info["size"], now), info["size"])
-        self._check_anomalies(p, model, network, now)
-        chunks = self.store.read(model, self.config.chunk)
-        self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],
-                   request=request_id, network=network)  # fmt: skip
-        return WeightStream(self._metered(p, model, chunks, info["size"], now), info["size"])
+                obj, extra = req["artifact"], {"copy": req["artifact"]}
+                info = {"size": self.store.size(obj)}
+        size = info["size"]
+        sid = self._admit(p, model, size, network, now)
+        try:
+            chunks = self.store.read(obj, self.config.chunk)
+        except BaseException:
+            self._finish(sid, p, model, 0, now)
+            raise
+        self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=size,
+                   request=request_id, network=network, **extra)  # fmt: skip
+        return WeightStream(self._metered(sid, p, model, chunks, size, now), size)
 
-    def _metered(self, p: Principal, model: str, chunks: Iterator[bytes], size: int,
+    def _finish(self, sid: str, p: Principal, model: str, sent: int, now: datetime | None) -> None:
+        """A stream ends: its registration becomes an egress record of the bytes it sent."""
+        import sqlalchemy as sa
+
+        with self._write() as c:
+            c.execute(sa.delete(self.t.streams).where(self.t.streams.c.id == sid))
+            c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=int(_ts(now)), bytes=sent))
+
+    def _metered(self, sid: str, p: Principal, model: str, chunks: Iterator[bytes], size: int,
                  now: datetime | None) -> Iterator[bytes]:  # fmt: skip
         """Yield ``chunks`` while debiting the buckets.  Bytes are reserved a lease at a time (one
         transaction per ``config.lease`` bytes, not per chunk), falling back to the exact chunk when
-        the buckets hold less; whatever is reserved but not sent is credited back at the end."""
-        import sqlalchemy as sa
-
+        the buckets hold less; whatever is reserved but not sent is credited back at the end.  Before
+        each chunk the principal is checked: a suspended principal's stream is cut there."""
         cfg = self.config
         keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
         sent = reserved = 0
         try:
             for b in chunks:
+                if self._is_suspended(p.id):
+                    self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="cut", bytes=sent,
+                               reason="account suspended")  # fmt: skip
+                    raise StreamCut("account suspended: stream cut")
                 while reserved < len(b):  # reserve in pieces of at most 1 MiB, a lease at a time when possible
                     need = min(len(b) - reserved, CHUNK)
                     want = max(need, min(cfg.lease, size - sent - reserved))
@@ -741,8 +790,10 @@ class Broker:
         finally:
             if reserved > 0:
                 self._refund(keys, reserved, now)
-            with self._write() as c:
-                c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=int(_ts(now)), bytes=sent))
+            self._finish(sid, p, model, sent, now)
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="end", bytes=sent)
 
     def _refund(self, keys: list[tuple[str, Limit]], n: int, now: datetime | None) -> None:
