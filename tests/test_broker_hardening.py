@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from weightwarden.broker.service import Broker, BrokerConfig, Unauthorized
+from weightwarden.broker.service import Broker, BrokerConfig, Limit, Unauthorized
 
 from .test_broker import AUD, Account, Http, _broker, sealed  # noqa: F401 - the sealed-file fixture
 
@@ -374,3 +374,249 @@ def test_suspension_cuts_a_running_stream(db_url: str, tmp_path: Path, sealed: P
         assert c.execute(sa.select(b.t.egress.c.bytes)).scalars().all() == [len(first)]
     other.sink.close()
     b.close()
+
+
+# -- 5. ranges, resumes and the client -----------------------------------------------------------------
+def _buckets(b: Broker) -> dict[str, float]:
+    import sqlalchemy as sa
+
+    with b.engine.connect() as c:
+        return {r.key: r.tokens for r in c.execute(sa.select(b.t.buckets))}
+
+
+def test_single_ranges_are_served_and_bad_ones_refused(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    data = sealed.read_bytes()
+    n = len(data)
+    b, a = _broker(db_url, tmp_path, sealed)
+    http = Http(b)
+    ld = a["loader"]
+    full = http(ld, "GET", "/v1/models/m1/weights")
+    assert full.status_code == 200 and full.content == data and full.headers["accept-ranges"] == "bytes"
+    etag = full.headers["etag"]
+    for spec, (lo, hi) in {"bytes=0-99": (0, 100), "bytes=1000-": (1000, n), "bytes=-500": (n - 500, n),
+                           f"bytes={n - 10}-{n + 999}": (n - 10, n), f"bytes=-{n + 5}": (0, n)}.items():  # fmt: skip
+        r = http(ld, "GET", "/v1/models/m1/weights", headers={"range": spec})
+        assert r.status_code == 206, spec
+        assert r.content == data[lo:hi] and r.headers["content-range"] == f"bytes {lo}-{hi - 1}/{n}"
+        assert r.headers["content-length"] == str(hi - lo) and r.headers["etag"] == etag
+    assert http(ld, "GET", "/v1/models/m1/weights", headers={"range": "bytes=5-", "if-match": etag}).status_code == 206
+    spent = _buckets(b)
+    with b.engine.connect() as c:
+        import sqlalchemy as sa
+
+        egress = c.execute(sa.select(sa.func.count()).select_from(b.t.egress)).scalar_one()
+    before = b.log.size()
+    bad = {"bytes=abc": 400, "items=0-1": 400, "bytes=9-2": 400, "bytes=0-1,5-6": 400, "bytes=0-10, 5-20": 400,
+           "bytes=": 400, f"bytes={n}-": 416, f"bytes={n + 7}-{n + 9}": 416, "bytes=-0": 416}  # fmt: skip
+    for spec, status in bad.items():
+        r = http(ld, "GET", "/v1/models/m1/weights", headers={"range": spec})
+        assert r.status_code == status, spec
+        assert set(r.json()) == {"error"}
+        if status == 416:
+            assert r.headers["content-range"] == f"bytes */{n}"
+    other = http(ld, "GET", "/v1/models/m1/weights", headers={"range": "bytes=0-", "if-match": '"another-file"'})
+    assert other.status_code == 412 and "changed" in other.json()["error"]
+    # refused: nothing sent, nothing charged, nothing registered; every refusal audited
+    assert _buckets(b) == spent
+    with b.engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(b.t.egress)).scalar_one() == egress
+    refused = [e for e in _denied(b, before, "broker:stream") if e["detail"]["phase"] == "refused"]
+    assert len(refused) == len(bad) + 1
+    b.close()
+
+
+def test_a_resumed_range_is_not_charged_twice(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    n = sealed.stat().st_size
+    cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=n + 4096), max_models_per_hour=99)
+    b, a = _broker(db_url, tmp_path, sealed, cfg)
+    b.add_model("m1copy", "core", sealed)  # the same bytes under another name: another file
+    http = Http(b)
+    ld = a["loader"]
+    r = http(ld, "GET", "/v1/models/m1/weights")
+    assert r.status_code == 200 and len(r.content) == n  # the budget is now spent (4 KiB left)
+    etag = r.headers["etag"]
+    # resumes of what was already sent: served again, not charged again
+    for spec in ("bytes=1000-", "bytes=0-", "bytes=-70000"):
+        r = http(ld, "GET", "/v1/models/m1/weights", headers={"range": spec, "if-match": etag})
+        assert r.status_code == 206, (spec, r.text)
+    # anything new is charged: a whole-file GET, or a range of another file
+    assert http(ld, "GET", "/v1/models/m1/weights").status_code == 429
+    assert http(ld, "GET", "/v1/models/m1copy/weights", headers={"range": "bytes=0-"}).status_code == 429
+    ends = [e["event"]["detail"] for e in b.log.export() if e["event"]["action"] == "broker:stream"
+            and e["event"]["detail"]["phase"] == "end"]  # fmt: skip
+    assert [d["charged"] for d in ends] == [n, 0, 0, 0]
+    b.close()
+
+
+def test_an_approved_copy_resumes_for_its_requester_only(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    b, a = _broker(db_url, tmp_path, sealed)
+    http = Http(b)
+    req = b.request_copy(b.principal("rel"), "m1", now=None)
+    msg = b.approval_message(req)
+    for ap in ("ap1", "ap2"):
+        b.approve(b.principal(ap), req["id"], a[ap].sign(msg))
+    path = f"/v1/requests/{req['id']}/download"
+    data = sealed.read_bytes()
+    first = http(a["rel"], "GET", path, headers={"range": "bytes=0-999"})
+    assert first.status_code == 206 and first.content == data[:1000]
+    assert b.request(req["id"])["status"] == "used"
+    rest = http(a["rel"], "GET", path, headers={"range": "bytes=1000-", "if-match": first.headers["etag"]})
+    assert rest.status_code == 206 and first.content + rest.content == data
+    assert http(a["rel"], "GET", path).status_code == 409  # a second whole copy: refused
+    assert http(a["rel2"], "GET", path, headers={"range": "bytes=0-"}).status_code == 403  # not the requester
+    later = datetime.now(UTC) + timedelta(hours=2)  # after the request's window: no more resumes
+    from weightwarden.broker.service import Conflict
+
+    with pytest.raises(Conflict, match="used"):
+        b.stream(b.principal("rel"), "m1", request_id=req["id"], range_="bytes=0-", now=later)
+    b.close()
+
+
+class _CutAfter:
+    """An httpx transport (over the real one) whose first ``cuts`` responses break after ``limit`` bytes,
+    as a dropped connection would."""
+
+    def __init__(self, limit: int, cuts: int = 1):
+        import httpx
+
+        self.inner, self.limit, self.cuts = httpx.HTTPTransport(), limit, cuts
+
+    def handle_request(self, request: Any) -> Any:
+        import httpx
+
+        r = self.inner.handle_request(request)
+        if self.cuts <= 0 or r.status_code >= 300:
+            return r
+        self.cuts -= 1
+        limit, stream = self.limit, r.stream
+
+        class Cut(httpx.SyncByteStream):
+            def __iter__(self) -> Any:
+                got = 0
+                for b in stream:
+                    if got + len(b) > limit:
+                        yield b[: limit - got]
+                        raise httpx.ReadError("connection reset (test)")
+                    got += len(b)
+                    yield b
+
+            def close(self) -> None:
+                stream.close()
+
+        return httpx.Response(r.status_code, headers=r.headers, stream=Cut(), request=request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path, sealed: Path) -> Any:  # noqa: F811
+    import uvicorn
+
+    from weightwarden.broker.app import create_app
+
+    from .services import free_port
+
+    b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(b), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    import time
+
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield b, a, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        th.join(10)
+        b.close()
+
+
+def _client(base: str, acct: Account, **kw: Any) -> Any:
+    from weightwarden.broker.client import BrokerClient
+
+    return BrokerClient(base, acct.name, acct.key, **kw)
+
+
+def test_pull_resumes_after_a_cut_and_verifies(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+    b, a, base = served
+    out = tmp_path / "got" / "m1.wws"
+    out.parent.mkdir()
+    with _client(base, a["loader"], transport=_CutAfter(300_000, cuts=2)) as c:
+        res = c.pull("m1", out, trust=keyring.trust)
+    assert out.read_bytes() == sealed.read_bytes() and res.attempts == 3
+    assert not (out.parent / "m1.wws.part").exists() and not (out.parent / "m1.wws.part.json").exists()
+    starts = [e["event"]["detail"] for e in b.log.export() if e["event"]["action"] == "broker:stream"
+              and e["event"]["detail"]["phase"] == "start"]  # fmt: skip
+    assert [d.get("range", "").split("-")[0] for d in starts] == ["", "300000", "600000"]
+
+    def _ends() -> list[dict[str, Any]]:  # the server records a stream's end after its last byte went out
+        return [e["event"]["detail"] for e in b.log.export() if e["event"]["action"] == "broker:stream"
+                and e["event"]["detail"]["phase"] in ("end", "closed")]  # fmt: skip
+
+    import time
+
+    for _ in range(200):
+        if len(_ends()) == 3:
+            break
+        time.sleep(0.05)
+    ends = _ends()
+    assert len(ends) == 3 and ends[-1]["phase"] == "end"  # (a cut attempt may have been sent whole: buffers)
+    # bytes the broker sent but the cut lost were charged once: the resumes did not pay for them again
+    assert sum(d["charged"] for d in ends) == sealed.stat().st_size
+    # an existing output is not overwritten
+    from weightwarden.errors import OutputExistsError
+
+    with _client(base, a["loader"]) as c, pytest.raises(OutputExistsError):
+        c.pull("m1", out, trust=keyring.trust)
+
+
+def test_pull_refuses_to_resume_another_file(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+    from weightwarden.broker.client import BrokerHTTPError, ResumeMismatchError
+
+    b, a, base = served
+    out = tmp_path / "m1.wws"
+    part, side = tmp_path / "m1.wws.part", tmp_path / "m1.wws.part.json"
+    with _client(base, a["loader"], transport=_CutAfter(300_000, cuts=5)) as c, pytest.raises(BrokerHTTPError):
+        c.pull("m1", out, trust=keyring.trust, max_tries=1)
+    kept = part.read_bytes()
+    assert len(kept) == 300_000 and json.loads(side.read_text())["model"] == "m1"
+    # the sidecar is for m1: pulling another model into the same file is refused, nothing touched
+    with _client(base, a["loader"]) as c, pytest.raises(ResumeMismatchError, match="another download"):
+        c.pull("m2", out, trust=keyring.trust)
+    # the broker's m1 is replaced (a new version): the resume is refused by the broker (412, audited)
+    b.add_model("m1", "core", sealed)
+    before = b.log.size()
+    with _client(base, a["loader"]) as c, pytest.raises(ResumeMismatchError, match="changed"):
+        c.pull("m1", out, trust=keyring.trust)
+    assert part.read_bytes() == kept and not out.exists()
+    assert [e["reason"] for e in _denied(b, before, "broker:stream")] == [
+        "the file changed since your partial copy (ETag differs): download it again from the start"]  # fmt: skip
+
+
+def test_pull_never_puts_a_tampered_copy_in_place(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+    _, a, base = served
+    out = tmp_path / "m1.wws"
+    from weightwarden.broker.client import BrokerHTTPError
+
+    with _client(base, a["loader"], transport=_CutAfter(300_000)) as c, pytest.raises(BrokerHTTPError, match="cut"):
+        c.pull("m1", out, trust=keyring.trust, max_tries=1)
+    part = tmp_path / "m1.wws.part"
+    raw = bytearray(part.read_bytes())
+    raw[-1000] ^= 0xFF  # the partial copy is altered on disk before the resume
+    part.write_bytes(bytes(raw))
+    from weightwarden.errors import IntegrityError
+
+    with _client(base, a["loader"]) as c, pytest.raises(IntegrityError):
+        c.pull("m1", out, trust=keyring.trust)
+    assert not out.exists() and not part.exists()  # never put in place, and not resumed again
+    # a signer the caller does not trust: refused the same way
+    from weightwarden.errors import UntrustedSignerError
+
+    with _client(base, a["loader"]) as c, pytest.raises(UntrustedSignerError):
+        c.pull("m1", out, trust=[b"\x01" * 32])
+    assert not out.exists()

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -59,6 +60,65 @@ class StreamCut(Forbidden):
     """A running stream ended because its principal was suspended."""
 
 
+class RangeError(BrokerError):
+    """A ``Range`` header that is malformed or asks for several ranges (only one is served)."""
+
+    status = 400
+
+
+class RangeNotSatisfiable(BrokerError):
+    """A single range that lies outside the file; the answer carries ``Content-Range: bytes */size``."""
+
+    status = 416
+
+    def __init__(self, msg: str, total: int):
+        super().__init__(msg)
+        self.headers = {"content-range": f"bytes */{total}"}
+
+
+class PreconditionFailed(BrokerError):
+    """``If-Match`` names another version of the file: a resume against a different file."""
+
+    status = 412
+
+
+_RANGE = re.compile(r"bytes=(?:(\d{1,19})-(\d{0,19})|-(\d{1,19}))")
+
+
+def parse_range(header: str, total: int) -> tuple[int, int]:
+    """A single ``Range`` (``bytes=a-b``, ``a-``, ``-n``) against a file of ``total`` bytes:
+    ``(start, end)``, end exclusive.  Several ranges, or a malformed one, raise :class:`RangeError`;
+    one outside the file, :class:`RangeNotSatisfiable`."""
+    h = header.strip()
+    if "," in h:
+        raise RangeError("only a single byte range is served (multiple or overlapping ranges are refused)")
+    m = _RANGE.fullmatch(h)
+    if m is None:
+        raise RangeError("malformed Range header: use bytes=START-END, bytes=START- or bytes=-LENGTH")
+    a, b, n = m.groups()
+    if n is not None:
+        if int(n) == 0 or total == 0:
+            raise RangeNotSatisfiable("the range is empty", total)
+        return max(0, total - int(n)), total
+    start = int(a)
+    if b and int(b) < start:
+        raise RangeError("malformed Range header: END is before START")
+    if start >= total:
+        raise RangeNotSatisfiable(f"the range starts at or past the end of the file ({total} bytes)", total)
+    return start, min(total, int(b) + 1) if b else total
+
+
+def _overlap(spans: list[tuple[int, int]], a: int, b: int) -> int:
+    """Bytes of ``[a, b)`` inside the union of ``spans``."""
+    covered, pos = 0, a
+    for s, e in sorted(spans):
+        s, e = max(s, pos), min(e, b)
+        if e > s:
+            covered += e - s
+            pos = e
+    return covered
+
+
 APPROVAL_CONTEXT = b"weightwarden approval v1\n"
 _GENERIC = "token signature or claims are invalid"
 
@@ -66,8 +126,10 @@ _GENERIC = "token signature or claims are invalid"
 class WeightStream(Iterator[bytes]):
     """The chunks of a weight stream (debited from the egress buckets as they go) and its ``size``."""
 
-    def __init__(self, chunks: Iterator[bytes], size: int):
+    def __init__(self, chunks: Iterator[bytes], size: int, *, start: int = 0, total: int | None = None,
+                 etag: str | None = None, partial: bool = False):  # fmt: skip
         self._chunks, self.size = chunks, size
+        self.start, self.total, self.etag, self.partial = start, size if total is None else total, etag, partial
 
     def __iter__(self) -> WeightStream:
         return self
@@ -100,6 +162,9 @@ class BrokerConfig:
     auto_suspend: frozenset[str] = frozenset({"volume", "many-models"})
     chunk: int = 4 * CHUNK  # bytes read and sent at a time
     lease: int = 64 * CHUNK  # bytes reserved from the buckets per database transaction
+    # a ranged request (a resumed download) is not charged again, within this window, for bytes of the
+    # same file (ETag) already sent to the same principal
+    resume_window_s: int = 24 * 3600
 
 
 @dataclass
@@ -114,6 +179,7 @@ class _Tables:
     egress: Any
     networks: Any
     streams: Any
+    sent: Any
 
 
 def _tables(md: Any) -> _Tables:
@@ -149,6 +215,10 @@ def _tables(md: Any) -> _Tables:
         # running streams, registered at start with the bytes they may send (finished ones: ww_egress)
         sa.Table("ww_streams", md, C("id", sa.String(32), primary_key=True), C("principal", sa.String(128),
                  index=True), C("model", sa.String(128)), C("at", sa.BigInteger), C("bytes", sa.BigInteger)),
+        # byte spans of a file (principal, object, ETag) already sent and charged: a resume is not charged twice
+        sa.Table("ww_sent_spans", md, C("id", sa.Integer, primary_key=True, autoincrement=True),
+                 C("download", sa.String(300), index=True), C("start", sa.BigInteger), C("end", sa.BigInteger),
+                 C("at", sa.BigInteger)),
     )  # fmt: skip
 
 
@@ -704,77 +774,146 @@ class Broker:
 
     # -- streams --------------------------------------------------------------------------
     def stream(self, p: Principal, model: str, *, request_id: str | None = None, network: str | None = None,
+               range_: str | None = None, if_match: str | None = None,
                now: datetime | None = None) -> WeightStream:  # fmt: skip
         """Authorize, then return an iterator over the sealed file that debits the egress buckets per chunk.
 
         Without ``request_id``: a stream to a workload (``model:weights:stream``).  With it: the full
-        copy of an approved request, usable once.  The stream is registered with the anomaly rules
-        before its first byte, and ends (:class:`StreamCut`) at the next chunk after its principal is
-        suspended."""
+        copy of an approved request, usable once (its requester may resume it with ranged requests until
+        the request's window closes).  ``range_``: one HTTP byte range; ``if_match``: the ETag the
+        caller's partial copy came from (a resume against another version of the file fails with
+        :class:`PreconditionFailed`).  The stream is registered with the anomaly rules before its first
+        byte, and ends (:class:`StreamCut`) at the next chunk after its principal is suspended."""
         import sqlalchemy as sa
 
         if request_id is None:
             self.authorize(p, Permission.MODEL_WEIGHTS_STREAM, model, now=now, hide=True)
         info = self.model(model)
-        obj, extra = model, {}
+        obj, extra, resume = model, {}, False
         if request_id is not None:
             req = self.request(request_id, now=now)
             if req["model"] != model or req["requester"] != p.id:
                 raise Forbidden("the request is for another model or requester")
-            if req["status"] in ("used", "expired"):
+            # a used request's requester may resume it (ranged requests) while its window is open
+            resume = req["status"] == "used" and range_ is not None and int(_ts(now)) < req["expires"]
+            if req["status"] in ("used", "expired") and not resume:
                 raise Conflict(f"the request is {req['status']}")
             release = req["action"] == "release"
             if release and not req["artifact"]:
                 raise Conflict("a release streams its fingerprinted copy: make it first (warden release --request)")
             perm = Permission.RELEASE_COPY_CREATE if release else Permission.MODEL_WEIGHTS_COPY
-            ready = req["status"] == ("released" if release else "approved")
+            ready = resume or req["status"] == ("released" if release else "approved")
             self.authorize(p, perm, model, context={"approved": ready}, now=now)
+            if release:
+                obj, extra = req["artifact"], {"copy": req["artifact"]}
+                info = {"size": self.store.size(obj)}
+        total, etag = info["size"], self.store.etag(obj)
+        try:
+            if if_match is not None and if_match.strip() not in ("*", etag):
+                raise PreconditionFailed("the file changed since your partial copy (ETag differs): download it "
+                                         "again from the start")  # fmt: skip
+            first, stop = parse_range(range_, total) if range_ is not None else (0, total)
+        except BrokerError as e:
+            self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="refused", reason=str(e),
+                       range=(range_ or "")[:100], request=request_id)  # fmt: skip
+            raise
+        if request_id is not None and not resume:
             with self._write() as c:  # single use: approved (released) -> used, atomically
                 n = c.execute(sa.update(self.t.requests).where(self.t.requests.c.id == request_id,
                               self.t.requests.c.status == ("released" if release else "approved"))
                               .values(status="used")).rowcount  # fmt: skip
             if n != 1:
                 raise Conflict("the approved request was already used")
-            if release:
-                obj, extra = req["artifact"], {"copy": req["artifact"]}
-                info = {"size": self.store.size(obj)}
-        size = info["size"]
-        sid = self._admit(p, model, size, network, now)
+        download = f"{p.id}:{obj}:{etag}"[:300]
+        mark = self._span_mark()  # before the spans are read: a span recorded in between is in both (harmless)
+        spans = self._sent_spans(download, now) if range_ is not None else None
+        new = (stop - first) - _overlap(spans or [], first, stop)
+        sid = self._admit(p, model, new, network, now)
         try:
-            chunks = self.store.read(obj, self.config.chunk)
+            chunks = self.store.read(obj, self.config.chunk, first, stop)
         except BaseException:
-            self._finish(sid, p, model, 0, now)
+            self._finish(sid, p, model, 0, None, now)
             raise
-        self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=size,
+        if range_ is not None:
+            extra |= {"range": f"{first}-{stop - 1}/{total}", "charged": new}
+        self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=stop - first,
                    request=request_id, network=network, **extra)  # fmt: skip
-        return WeightStream(self._metered(sid, p, model, chunks, size, now), size)
+        it = self._metered(sid, p, model, chunks, first, stop, spans, mark, download, now)
+        return WeightStream(it, stop - first, start=first, total=total, etag=etag, partial=range_ is not None)
 
-    def _finish(self, sid: str, p: Principal, model: str, sent: int, now: datetime | None) -> None:
-        """A stream ends: its registration becomes an egress record of the bytes it sent."""
+    def _span_mark(self) -> int:
         import sqlalchemy as sa
 
-        with self._write() as c:
-            c.execute(sa.delete(self.t.streams).where(self.t.streams.c.id == sid))
-            c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=int(_ts(now)), bytes=sent))
+        with self.engine.connect() as c:
+            return int(c.execute(sa.select(sa.func.coalesce(sa.func.max(self.t.sent.c.id), 0))).scalar_one())
 
-    def _metered(self, sid: str, p: Principal, model: str, chunks: Iterator[bytes], size: int,
+    def _sent_spans(self, download: str, now: datetime | None) -> list[tuple[int, int]]:
+        import sqlalchemy as sa
+
+        ss = self.t.sent
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(ss.c.start, ss.c.end).where(
+                ss.c.download == download, ss.c.at > int(_ts(now)) - self.config.resume_window_s)).all()  # fmt: skip
+        return [(int(a), int(b)) for a, b in rows]
+
+    def _finish(self, sid: str, p: Principal, model: str, charged: int, span: tuple[str, int, int] | None,
+                now: datetime | None, exempt: Sequence[tuple[int, int]] | None = None,
+                mark: int = 0) -> int:  # fmt: skip
+        """A stream ends: its registration becomes an egress record, and the span it sent is remembered.
+
+        ``exempt`` (a ranged request only): the spans it was not charged for, what was sent before it
+        started; ``mark``: the last span id when it started.  A ranged request is also credited back the
+        bytes of its span that another stream of the same download sent meanwhile (a cut attempt still
+        running when its resume began), so each byte of a resumed download is charged once; a whole-file
+        request is always charged in full.  Serialised per principal (its row locked).  Returns the
+        bytes finally charged."""
+        import sqlalchemy as sa
+
+        t = int(_ts(now))
+        ss, a = self.t.sent, self.t.accounts
+        final = charged
+        with self._write() as c:
+            c.execute(sa.select(a.c.id).where(a.c.id == p.id).with_for_update())
+            if span is not None and span[2] > span[1]:
+                if exempt is not None:
+                    rows = c.execute(sa.select(ss.c.start, ss.c.end).where(ss.c.download == span[0],
+                                                                           ss.c.id > mark)).all()  # fmt: skip
+                    seen = [*exempt, *((int(x), int(y)) for x, y in rows)]
+                    final = min(charged, (span[2] - span[1]) - _overlap(seen, *span[1:]))
+                c.execute(sa.insert(ss).values(download=span[0], start=span[1], end=span[2], at=t))
+            c.execute(sa.delete(self.t.streams).where(self.t.streams.c.id == sid))
+            c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=t, bytes=final))
+        if final < charged:
+            cfg = self.config
+            keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
+            self._refund(keys, charged - final, now)
+        return final
+
+    def _metered(self, sid: str, p: Principal, model: str, chunks: Iterator[bytes], first: int, stop: int,
+                 spans: list[tuple[int, int]] | None, mark: int, download: str,
                  now: datetime | None) -> Iterator[bytes]:  # fmt: skip
-        """Yield ``chunks`` while debiting the buckets.  Bytes are reserved a lease at a time (one
+        """Yield ``chunks`` (bytes ``[first, stop)`` of the file) while debiting the buckets for every
+        byte not in ``spans`` (already sent and charged).  Bytes are reserved a lease at a time (one
         transaction per ``config.lease`` bytes, not per chunk), falling back to the exact chunk when
         the buckets hold less; whatever is reserved but not sent is credited back at the end.  Before
         each chunk the principal is checked: a suspended principal's stream is cut there."""
         cfg = self.config
         keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
-        sent = reserved = 0
+        sent = reserved = charged = 0
+        uncharged = (stop - first) - _overlap(spans or [], first, stop)
+        ended = "closed"  # the consumer stopped early (a client that went away), unless set below
         try:
             for b in chunks:
                 if self._is_suspended(p.id):
                     self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="cut", bytes=sent,
                                reason="account suspended")  # fmt: skip
+                    ended = ""
                     raise StreamCut("account suspended: stream cut")
-                while reserved < len(b):  # reserve in pieces of at most 1 MiB, a lease at a time when possible
-                    need = min(len(b) - reserved, CHUNK)
-                    want = max(need, min(cfg.lease, size - sent - reserved))
+                pos = first + sent
+                cost = len(b) - (_overlap(spans, pos, pos + len(b)) if spans else 0)
+                while reserved < cost:  # reserve in pieces of at most 1 MiB, a lease at a time when possible
+                    need = min(cost - reserved, CHUNK)
+                    want = max(need, min(cfg.lease, uncharged - charged - reserved))
                     short = self._take(keys, want, now)
                     if short is not None and want > need:
                         want, short = need, self._take(keys, need, now)
@@ -782,19 +921,25 @@ class Broker:
                         self.alert(p.id, "egress-limit", {"bucket": short, "model": model, "sent": sent}, now=now)
                         self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="suspended",
                                    bytes=sent, bucket=short)  # fmt: skip
+                        ended = ""
                         raise EgressLimitError(f"egress budget {short.split(':')[0]} exhausted; stream suspended")
                     reserved += want
-                reserved -= len(b)
+                reserved -= cost
+                charged += cost
                 sent += len(b)
                 yield b
+            ended = "end"
         finally:
             if reserved > 0:
                 self._refund(keys, reserved, now)
-            self._finish(sid, p, model, sent, now)
+            charged = self._finish(sid, p, model, charged, (download, first, first + sent), now, spans, mark)
+            # (spans is None for a whole-file request: it is charged in full)
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
-        self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="end", bytes=sent)
+            if ended:
+                self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase=ended, bytes=sent,
+                           charged=charged)  # fmt: skip
 
     def _refund(self, keys: list[tuple[str, Limit]], n: int, now: datetime | None) -> None:
         import sqlalchemy as sa
