@@ -620,3 +620,35 @@ def test_pull_never_puts_a_tampered_copy_in_place(served: Any, tmp_path: Path, s
     with _client(base, a["loader"]) as c, pytest.raises(UntrustedSignerError):
         c.pull("m1", out, trust=[b"\x01" * 32])
     assert not out.exists()
+
+
+def test_warden_pull(served: Any, tmp_path: Path, sealed: Path, cli_env: dict[str, str]) -> None:  # noqa: F811
+    import base64 as b64
+
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    from weightwarden.sealed.reader import SealedFile
+
+    from .conftest import warden
+
+    _, a, base = served
+    keyfile = tmp_path / "loader.pem"
+    keyfile.write_bytes(a["loader"].key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    with SealedFile(sealed) as sf:
+        signer = b64.b64encode(sf.public_key).decode()
+    env = {**cli_env, "WARDEN_BROKER_URL": base, "WARDEN_ACCOUNT": "loader", "WARDEN_ACCOUNT_KEY": str(keyfile)}
+    out = tmp_path / "pulled.wws"
+    r = warden(env, "pull", "m1", "-o", str(out), "--trust-key", signer, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bytes"] == sealed.stat().st_size and out.read_bytes() == sealed.read_bytes()
+    # a partial copy of another model in the way: refused, one line naming the file, nothing touched
+    other = tmp_path / "other.wws"
+    (tmp_path / "other.wws.part").write_bytes(b"x" * 10)
+    (tmp_path / "other.wws.part.json").write_text(json.dumps({"broker": base, "model": "m9", "request": None,
+                                                              "etag": '"e"', "size": 99}))  # fmt: skip
+    r = warden(env, "pull", "m1", "-o", str(other), "--trust-key", signer)
+    assert r.returncode == 1 and r.stderr.startswith("error: ResumeMismatchError") and "other.wws.part" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "other.wws.part").read_bytes() == b"x" * 10
+    # a signer the caller does not trust: nothing put in place
+    r = warden(env, "pull", "m1", "-o", str(tmp_path / "x.wws"), "--trust-key", b64.b64encode(b"\x01" * 32).decode())
+    assert r.returncode == 1 and "Untrusted" in r.stderr and not (tmp_path / "x.wws").exists()

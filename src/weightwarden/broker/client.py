@@ -229,7 +229,10 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 def _error(r: Any) -> str:
+    """The broker's one-line error, with anything unprintable (terminal escapes) replaced."""
     try:
-        return str(r.json().get("error", ""))[:300]
+        j = r.json()
+        msg = str(j.get("error", "")) if isinstance(j, dict) else ""
     except ValueError:
-        return r.text[:300]
+        msg = r.text
+    return "".join(ch if ch.isprintable() else "?" for ch in msg[:300])
