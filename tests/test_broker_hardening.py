@@ -8,6 +8,7 @@ verifies a browser's; the browser path is tests/test_console.py."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import struct
@@ -509,31 +510,40 @@ class _CutAfter:
         self.inner.close()
 
 
-@pytest.fixture
-def served(tmp_path: Path, sealed: Path) -> Any:  # noqa: F811
+@contextlib.contextmanager
+def _serving(b: Broker) -> Any:
+    """``b`` behind a real uvicorn server on 127.0.0.1, with the zero-copy protocol `warden serve` uses."""
+    import time
+
     import uvicorn
 
     from weightwarden.broker.app import create_app
+    from weightwarden.broker.zerocopy import ZeroCopyH11Protocol
 
     from .services import free_port
 
-    b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(b), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(b), host="127.0.0.1", port=port, log_level="critical",
+                                           http=ZeroCopyH11Protocol))  # fmt: skip
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
-    import time
-
     for _ in range(200):
         if server.started:
             break
         time.sleep(0.05)
     try:
-        yield b, a, f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         th.join(10)
-        b.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path, sealed: Path) -> Any:  # noqa: F811
+    b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
+    with _serving(b) as base:
+        yield b, a, base
+    b.close()
 
 
 def _client(base: str, acct: Account, **kw: Any) -> Any:
@@ -652,3 +662,34 @@ def test_warden_pull(served: Any, tmp_path: Path, sealed: Path, cli_env: dict[st
     # a signer the caller does not trust: nothing put in place
     r = warden(env, "pull", "m1", "-o", str(tmp_path / "x.wws"), "--trust-key", b64.b64encode(b"\x01" * 32).decode())
     assert r.returncode == 1 and "Untrusted" in r.stderr and not (tmp_path / "x.wws").exists()
+
+
+# -- 6. the zero-copy door -------------------------------------------------------------------------------
+def test_zero_copy_streams_are_metered_like_copied_ones(tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    import httpx
+
+    data = sealed.read_bytes()
+    n = len(data)
+    cfg = BrokerConfig(chunk=1 << 16, zero_copy_span=1 << 16, per_principal=Limit(rate=0.0, burst=n + n // 2),
+                       max_models_per_hour=99)  # fmt: skip
+    b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, cfg)
+    ld = a["loader"]
+
+    def get(base: str, path: str, **headers: str) -> Any:
+        return httpx.get(base + path, headers={**headers, "authorization": f"Bearer {ld.token('GET', path)}"})
+
+    with _serving(b) as base:
+        full = get(base, "/v1/models/m1/weights")
+        assert full.status_code == 200 and full.content == data
+        part = get(base, "/v1/models/m1/weights", range="bytes=100000-300000")
+        assert part.status_code == 206 and part.content == data[100000:300001]
+        # the budget (n / 2 left) ends a whole-file stream part-way, on the sendfile path too
+        with pytest.raises(httpx.RemoteProtocolError):
+            get(base, "/v1/models/m1/weights").read()
+    starts = [e["event"]["detail"] for e in b.log.export() if e["event"]["action"] == "broker:stream"
+              and e["event"]["detail"]["phase"] == "start"]  # fmt: skip
+    assert len(starts) == 3 and all(d["zero_copy"] for d in starts)
+    cut = [e["event"]["detail"] for e in b.log.export() if e["event"]["action"] == "broker:stream"
+           and e["event"]["detail"]["phase"] == "suspended"]  # fmt: skip
+    assert len(cut) == 1 and n // 2 - (1 << 16) < cut[0]["bytes"] <= n // 2
+    b.close()

@@ -1062,7 +1062,10 @@ def serve_cmd(
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
     sys.stderr.flush()
     try:
-        uvicorn.run(create_app(b, pk), host=host, port=port, log_level="warning", server_header=False)
+        from .broker.zerocopy import ZeroCopyH11Protocol  # weight streams leave by sendfile
+
+        uvicorn.run(create_app(b, pk), host=host, port=port, log_level="warning", server_header=False,
+                    http=ZeroCopyH11Protocol)  # fmt: skip
     finally:
         b.close()
 

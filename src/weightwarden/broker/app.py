@@ -194,7 +194,8 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
     def stream_weights(name: str, p: Who, request: Request, range_: RangeH = None,
                        if_match: IfMatch = None) -> Any:  # fmt: skip
         host = request.client.host if request.client else None
-        return _stream(broker.stream(p, name, network=_network(host), range_=range_, if_match=if_match), name)
+        return _stream(broker.stream(p, name, network=_network(host), range_=range_, if_match=if_match,
+                                     zero_copy=_zero_copy(request)), name)  # fmt: skip
 
     @app.post("/v1/requests", status_code=201)
     def open_request(body: CopyRequest, p: Who) -> dict[str, Any]:
@@ -224,7 +225,8 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
                  if_match: IfMatch = None) -> Any:  # fmt: skip
         req = broker.request(rid)
         host = request.client.host if request.client else None
-        it = broker.stream(p, req["model"], request_id=rid, network=_network(host), range_=range_, if_match=if_match)
+        it = broker.stream(p, req["model"], request_id=rid, network=_network(host), range_=range_, if_match=if_match,
+                           zero_copy=_zero_copy(request))  # fmt: skip
         return _stream(it, req["model"])
 
     @app.get("/v1/audit/head")
@@ -260,6 +262,12 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
     return app
 
 
+def _zero_copy(request: Any) -> bool:
+    from .zerocopy import EXTENSION
+
+    return EXTENSION in (request.scope.get("extensions") or {})
+
+
 def _next_chunk(it: Any) -> bytes | None:
     try:
         return next(it)
@@ -290,18 +298,32 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
 
         it = self.it
 
+        from .zerocopy import EXTENSION, FileSpan
+
+        zc = EXTENSION in (scope.get("extensions") or {})
+
         async def pump(done: Any) -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            b: bytes | None = self.first
-            while b is not None:
-                if b:
-                    await send({"type": "http.response.body", "body": b, "more_body": True})
-                try:
-                    b = await anyio.to_thread.run_sync(_next_chunk, it)
-                except (EgressLimitError, StreamCut):
-                    break  # audited by the service; the body ends short
-            else:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            b: Any = self.first
+            try:
+                while b is not None:
+                    if isinstance(b, FileSpan):
+                        if zc:
+                            await send({"type": EXTENSION, "file": b.file, "offset": b.offset, "count": b.count,
+                                        "more_body": True})  # fmt: skip
+                        else:
+                            await send({"type": "http.response.body", "body": await anyio.to_thread.run_sync(b.read),
+                                        "more_body": True})  # fmt: skip
+                    elif b:
+                        await send({"type": "http.response.body", "body": b, "more_body": True})
+                    try:
+                        b = await anyio.to_thread.run_sync(_next_chunk, it)
+                    except (EgressLimitError, StreamCut):
+                        break  # audited by the service; the body ends short
+                else:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # the client went away (ASGI 2.4 servers raise it from send)
             done.cancel()
 
         async def watch(done: Any) -> None:

@@ -165,6 +165,7 @@ class BrokerConfig:
     # a ranged request (a resumed download) is not charged again, within this window, for bytes of the
     # same file (ETag) already sent to the same principal
     resume_window_s: int = 24 * 3600
+    zero_copy_span: int = 16 * CHUNK  # bytes metered (and checked for suspension) at a time on the sendfile path
 
 
 @dataclass
@@ -774,7 +775,7 @@ class Broker:
 
     # -- streams --------------------------------------------------------------------------
     def stream(self, p: Principal, model: str, *, request_id: str | None = None, network: str | None = None,
-               range_: str | None = None, if_match: str | None = None,
+               range_: str | None = None, if_match: str | None = None, zero_copy: bool = False,
                now: datetime | None = None) -> WeightStream:  # fmt: skip
         """Authorize, then return an iterator over the sealed file that debits the egress buckets per chunk.
 
@@ -783,7 +784,9 @@ class Broker:
         the request's window closes).  ``range_``: one HTTP byte range; ``if_match``: the ETag the
         caller's partial copy came from (a resume against another version of the file fails with
         :class:`PreconditionFailed`).  The stream is registered with the anomaly rules before its first
-        byte, and ends (:class:`StreamCut`) at the next chunk after its principal is suspended."""
+        byte, and ends (:class:`StreamCut`) at the next chunk after its principal is suspended.
+        ``zero_copy`` (a server that sends files with ``sendfile``): from a local store, the stream yields
+        :class:`~.zerocopy.FileSpan` objects (metered alike) instead of bytes."""
         import sqlalchemy as sa
 
         if request_id is None:
@@ -829,13 +832,21 @@ class Broker:
         spans = self._sent_spans(download, now) if range_ is not None else None
         new = (stop - first) - _overlap(spans or [], first, stop)
         sid = self._admit(p, model, new, network, now)
+        zero_copy = zero_copy and callable(getattr(self.store, "path", None))
         try:
-            chunks = self.store.read(obj, self.config.chunk, first, stop)
+            if zero_copy:
+                from .zerocopy import file_spans
+
+                chunks: Iterator[Any] = file_spans(self.store.path(obj), first, stop, self.config.zero_copy_span)
+            else:
+                chunks = self.store.read(obj, self.config.chunk, first, stop)
         except BaseException:
             self._finish(sid, p, model, 0, None, now)
             raise
         if range_ is not None:
             extra |= {"range": f"{first}-{stop - 1}/{total}", "charged": new}
+        if zero_copy:
+            extra["zero_copy"] = True
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=stop - first,
                    request=request_id, network=network, **extra)  # fmt: skip
         it = self._metered(sid, p, model, chunks, first, stop, spans, mark, download, now)
