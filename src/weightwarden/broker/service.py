@@ -257,6 +257,7 @@ class Broker:
         self.sink = MerkleLogSink(self.log)
         self._decisions: deque[float] = deque(maxlen=100_000)  # seconds per policy decision, newest last
         self._jti_inserts = 0
+        self._finishes = 0
 
     def metrics(self) -> dict[str, Any]:
         """Policy-decision latency over the last 100,000 decisions (milliseconds)."""
@@ -883,8 +884,11 @@ class Broker:
         t = int(_ts(now))
         ss, a = self.t.sent, self.t.accounts
         final = charged
+        self._finishes += 1
         with self._write() as c:
             c.execute(sa.select(a.c.id).where(a.c.id == p.id).with_for_update())
+            if self._finishes % 256 == 1:  # spans past the resume window are swept now and then
+                c.execute(sa.delete(ss).where(ss.c.at < t - self.config.resume_window_s))
             if span is not None and span[2] > span[1]:
                 if exempt is not None:
                     rows = c.execute(sa.select(ss.c.start, ss.c.end).where(ss.c.download == span[0],
