@@ -595,6 +595,15 @@ def test_pull_refuses_to_resume_another_file(served: Any, tmp_path: Path, sealed
         c.pull("m1", out, trust=keyring.trust, max_tries=1)
     kept = part.read_bytes()
     assert len(kept) == 300_000 and json.loads(side.read_text())["model"] == "m1"
+    # names that are not model names or request ids never reach the broker
+    from weightwarden.broker.storage import BadNameError
+    from weightwarden.errors import WardenError
+
+    with _client(base, a["loader"]) as c:
+        with pytest.raises(BadNameError):
+            c.pull("../audit/head", tmp_path / "x.wws")
+        with pytest.raises(WardenError, match="request id"):
+            c.pull("m1", tmp_path / "x.wws", request_id="../../v1/audit/head")
     # the sidecar is for m1: pulling another model into the same file is refused, nothing touched
     with _client(base, a["loader"]) as c, pytest.raises(ResumeMismatchError, match="another download"):
         c.pull("m2", out, trust=keyring.trust)
@@ -613,7 +622,7 @@ def test_pull_never_puts_a_tampered_copy_in_place(served: Any, tmp_path: Path, s
     out = tmp_path / "m1.wws"
     from weightwarden.broker.client import BrokerHTTPError
 
-    with _client(base, a["loader"], transport=_CutAfter(300_000)) as c, pytest.raises(BrokerHTTPError, match="cut"):
+    with _client(base, a["loader"], transport=_CutAfter(300_000)) as c, pytest.raises(BrokerHTTPError, match="resume"):
         c.pull("m1", out, trust=keyring.trust, max_tries=1)
     part = tmp_path / "m1.wws.part"
     raw = bytearray(part.read_bytes())

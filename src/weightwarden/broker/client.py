@@ -143,8 +143,12 @@ class BrokerClient:
         keys; None: the trust store of ``$WARDEN_HOME``, as ``warden verify``)."""
         from .. import api
         from .._atomic import _fsync_dir, check_target
+        from .storage import check_name
 
         httpx = _need()
+        check_name(model)  # a name cannot reach another path of the broker
+        if request_id is not None and not (len(request_id) == 32 and all(c in "0123456789abcdef" for c in request_id)):
+            raise WardenError("--request is a request id: 32 hexadecimal digits")
         out = Path(out)
         check_target(out, force)
         part, side = out.with_name(out.name + ".part"), out.with_name(out.name + ".part.json")
@@ -186,7 +190,8 @@ class BrokerClient:
                         os.fsync(f.fileno())
             except (httpx.TransportError, httpx.StreamError) as e:  # a cut: resume from what is on disk
                 if attempts >= max_tries:
-                    raise BrokerHTTPError(0, f"the download was cut {attempts} times ({type(e).__name__})") from None
+                    msg = f"the download from {self.url} failed {attempts} times ({type(e).__name__}): run it again"
+                    raise BrokerHTTPError(0, msg + (f" to resume {part.name}" if part.exists() else "")) from None
                 continue
             if state is not None and part.exists() and part.stat().st_size < state["size"] and attempts >= max_tries:
                 raise BrokerHTTPError(0, f"the download ended short {attempts} times")
