@@ -11,9 +11,10 @@ fresh single-use token per request.  Measured:
   event in the Merkle log, none lost or duplicated (and ``verify`` passes);
 * egress: streaming clients hit a per-principal budget (rate R, burst B); bytes delivered
   against the R·T + B the budget allows (held within 5%);
-* streaming speed: one authorised download of a ``--stream-mib`` sealed file against reading
-  the same file read from the page cache, and (as root) both again from the disk itself with the page
-  cache dropped before each, side by side.
+* streaming speed: one authorised download of a ``--stream-mib`` sealed file (curl, httpx, and the
+  BrokerClient's pull, which also verifies) against reading the same file from the page cache, in
+  one run, from the zero-copy server (``sendfile``, as ``warden serve``) and the copying one (plain
+  h11) side by side; and (as root) again from the disk itself with the page cache dropped before each.
 The machine is shared and noisy: read the ratios.
 """
 
@@ -70,8 +71,60 @@ log = AuditLog(cfg["db"], signer)
 b = Broker(cfg["db"], LocalWeightStore(cfg["store"]), log, BrokerConfig(
     per_principal=Limit(cfg["rate"], cfg["burst"]), volume_bytes_per_hour=1e15, max_models_per_hour=10**6,
     chunk=cfg.get("chunk", 4 << 20)))
-uvicorn.run(create_app(b), host="127.0.0.1", port=cfg["port"], log_level="error", backlog=4096)
+http = "h11"
+if cfg.get("zero_copy", True):
+    from weightwarden.broker.zerocopy import ZeroCopyH11Protocol as http  # as warden serve runs it
+uvicorn.run(create_app(b), host="127.0.0.1", port=cfg["port"], log_level="error", backlog=4096, http=http)
 """
+
+
+BARE = r"""
+import os, socket, sys
+path, port = sys.argv[1], int(sys.argv[2])
+size = os.path.getsize(path)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", port)); s.listen(8)
+while True:
+    c, _ = s.accept()
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += c.recv(65536)
+    c.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode())
+    with open(path, "rb") as f:
+        off = 0
+        while off < size:
+            off += os.sendfile(c.fileno(), f.fileno(), off, size - off)
+    c.close()
+"""
+
+
+def _loopback_ceiling(path: Path, rounds: int) -> dict[str, float]:
+    """A bare HTTP/1.1 server that only sendfile()s the file, downloaded with curl: what loopback allows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from services import free_port
+
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-c", BARE, str(path), str(port)])
+    try:
+        time.sleep(0.5)
+        best, size = float("inf"), path.stat().st_size
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/"], check=True)
+            best = min(best, time.perf_counter() - t0)
+        return {"bare_sendfile_curl_mb_s": round(size / best / 1e6)}
+    finally:
+        srv.terminate()
+        srv.wait()
+
+
+_PIDS: dict[str, int] = {}
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: what a download costs the server, which the
+    noise of a shared machine does not blur as it blurs throughput."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _drop_caches() -> bool:
@@ -90,6 +143,7 @@ def _serve(cfg: dict) -> Iterator[str]:
     """The broker in a child process (as `warden serve` runs it); yields its base URL once it answers."""
     srv = subprocess.Popen([sys.executable, "-c", SERVE, json.dumps(cfg)])
     base = f"http://127.0.0.1:{cfg['port']}"
+    _PIDS[base] = srv.pid
     try:
         for _ in range(300):
             try:
@@ -213,6 +267,8 @@ def main() -> None:
     ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
     ap.add_argument("--stream-mib", type=int, default=256)
     ap.add_argument("--stream-chunk-mib", type=int, default=4, help="bytes the broker sends at a time")
+    ap.add_argument("--stream-rounds", type=int, default=3, help="downloads per client (the best one counts)")
+    ap.add_argument("--stream-only", action="store_true", help="only the streaming speed (no load, no egress)")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from services import free_port
@@ -231,56 +287,82 @@ def main() -> None:
             db, handle = _pg_schema()
         port = free_port()
         cfg, accts = setup(tmp, db, args.stream_mib, rate, burst, port)
-        with _serve(cfg) as base:
-            out["load"] = asyncio.run(load(base, accts, args.clients, args.seconds))
-            m = httpx.get(base + "/v1/metrics", headers=accts["aud"].headers("GET", "/v1/metrics")).json()
-            out["server_policy_decision_ms"] = {k: v for k, v in m.items() if k.startswith("decision")}
-            out["egress"] = asyncio.run(egress(base, accts, args.egress_seconds, rate, burst))
-        # streaming speed: a second server with a budget that does not bind
-        cfg2 = {**cfg, "rate": 1e12, "burst": 1e13, "port": free_port(), "chunk": args.stream_chunk_mib << 20}
-        with _serve(cfg2) as base:
-            sealed = tmp / "store" / "big.wws"
-            path = "/v1/models/big/weights"
-            size = sealed.stat().st_size
+        if not args.stream_only:
+            with _serve(cfg) as base:
+                out["load"] = asyncio.run(load(base, accts, args.clients, args.seconds))
+                m = httpx.get(base + "/v1/metrics", headers=accts["aud"].headers("GET", "/v1/metrics")).json()
+                out["server_policy_decision_ms"] = {k: v for k, v in m.items() if k.startswith("decision")}
+                out["egress"] = asyncio.run(egress(base, accts, args.egress_seconds, rate, burst))
+        # streaming speed: a second server with a budget that does not bind, zero-copy (as `warden serve`)
+        # and, side by side, the copying path (plain h11)
+        sealed = tmp / "store" / "big.wws"
+        path = "/v1/models/big/weights"
+        size = sealed.stat().st_size
+        with open(tmp / "trust.key", "wb") as fh:
+            from weightwarden.sealed.reader import SealedFile
 
-            def round_(cold: bool) -> dict[str, float]:
-                """Seconds to read the file, to download it with httpx, and with curl (a C client, to separate
-                the server from httpx's own cost); ``cold``: the page cache dropped before each."""
-                t: dict[str, float] = {}
-                for how in ("disk", "httpx", "curl"):
-                    if cold:
-                        _drop_caches()
-                    t0 = time.perf_counter()
-                    if how == "disk":
-                        with open(sealed, "rb") as fh:
-                            while fh.read(1 << 20):
-                                pass
-                    elif how == "httpx":
-                        n = 0
-                        with httpx.stream("GET", base + path, headers=accts["big"].headers("GET", path),
-                                          timeout=300) as r:  # fmt: skip
-                            for part in r.iter_raw(1 << 20):
-                                n += len(part)
-                        assert n == size
-                    else:
-                        h = accts["big"].headers("GET", path)["authorization"]
-                        subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"authorization: {h}", base + path],
-                                       check=True)  # fmt: skip
-                    t[how] = time.perf_counter() - t0
-                return t
+            with SealedFile(sealed) as sf:
+                signer_pub = sf.public_key
+            fh.write(signer_pub)
 
-            def summary(rounds: list[dict[str, float]]) -> dict[str, float]:
-                best = {k: min(r[k] for r in rounds) for k in ("disk", "httpx", "curl")}
-                return {"disk_read_mb_s": round(size / best["disk"] / 1e6),
-                        "broker_stream_httpx_mb_s": round(size / best["httpx"] / 1e6),
-                        "broker_stream_curl_mb_s": round(size / best["curl"] / 1e6),
-                        "ratio_stream_over_disk_httpx": round(best["disk"] / best["httpx"], 3),
-                        "ratio_stream_over_disk_curl": round(best["disk"] / best["curl"], 3)}  # fmt: skip
+        def round_(base: str, cold: bool, client: bool) -> dict[str, float]:
+            """Seconds to read the file (the page cache), to download it with httpx, with curl (a C client,
+            to separate the server from httpx's own cost) and with the BrokerClient (a pull: download,
+            verify, rename); ``cold``: the page cache dropped before each."""
+            from weightwarden.broker.client import BrokerClient
 
-            # from disk for real: the page cache dropped before the read and before each download (root only)
-            out["stream_from_disk"] = (summary([round_(True) for _ in range(2)]) if _drop_caches()
-                                       else "not measured: dropping the page cache needs root")  # fmt: skip
-            out["stream"] = {"bytes": size, **summary([round_(False) for _ in range(3)])}
+            t: dict[str, float] = {}
+            for how in ("disk", "httpx", "curl", *(("client",) if client else ())):
+                if cold:
+                    _drop_caches()
+                t0 = time.perf_counter()
+                if how == "disk":
+                    with open(sealed, "rb") as fh:
+                        while fh.read(1 << 20):
+                            pass
+                elif how == "httpx":
+                    n = 0
+                    with httpx.stream("GET", base + path, headers=accts["big"].headers("GET", path),
+                                      timeout=300) as r:  # fmt: skip
+                        for part in r.iter_raw(1 << 20):
+                            n += len(part)
+                    assert n == size
+                elif how == "curl":
+                    h = accts["big"].headers("GET", path)["authorization"]
+                    cpu0 = _cpu_s(_PIDS[base])
+                    subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"authorization: {h}", base + path],
+                                   check=True)  # fmt: skip
+                    t["server_cpu"] = _cpu_s(_PIDS[base]) - cpu0
+                else:
+                    dst = tmp / "pulled.wws"
+                    with BrokerClient(base, "big", accts["big"].key, timeout=300) as c:
+                        c.pull("big", dst, trust=[signer_pub], force=True)
+                    dst.unlink()
+                t[how] = time.perf_counter() - t0
+            return t
+
+        def summary(rounds: list[dict[str, float]], cold: bool = False) -> dict[str, float]:
+            best = {k: min(r[k] for r in rounds) for k in rounds[0]}
+            out = {"disk_read_mb_s" if cold else "page_cache_read_mb_s": round(size / best["disk"] / 1e6)}
+            for k in ("curl", "httpx", "client"):
+                if k in best:
+                    out[f"broker_stream_{k}_mb_s"] = round(size / best[k] / 1e6)
+                    out[f"ratio_{k}_over_read"] = round(best["disk"] / best[k], 3)
+            out["server_cpu_s_per_gb_curl"] = round(best["server_cpu"] / (size / 1e9), 3)
+            return out
+
+        out["stream"] = {"bytes": size}
+        for label, zero_copy in (("zero_copy", True), ("copying", False)):
+            cfg2 = {**cfg, "rate": 1e12, "burst": 1e13, "port": free_port(), "chunk": args.stream_chunk_mib << 20,
+                    "zero_copy": zero_copy}  # fmt: skip
+            with _serve(cfg2) as base:
+                if zero_copy:  # from disk for real: the page cache dropped before each read (root only)
+                    out["stream_from_disk"] = (summary([round_(base, True, False) for _ in range(2)], cold=True)
+                                               if _drop_caches() else "not measured: dropping the page cache "
+                                               "needs root")  # fmt: skip
+                out["stream"][label] = summary([round_(base, False, zero_copy) for _ in range(args.stream_rounds)])
+        # the ceiling of this machine's loopback: a bare sendfile server (no HTTP parsing, no metering) to curl
+        out["stream"]["loopback_ceiling"] = _loopback_ceiling(sealed, args.stream_rounds)
         # audit: one broker:authorize "ok" event per answered metadata request, nothing lost or doubled
         from weightwarden.broker.auditlog import AuditLog
 
@@ -292,9 +374,9 @@ def main() -> None:
         rep = log.verify(public_key=pub)
         small_ok = sum(1 for e in log.export() if e["event"]["action"] == "broker:authorize"
                        and e["event"]["subject"] == "small" and e["event"]["outcome"] == "ok")  # fmt: skip
+        answered = out["load"]["requests_ok"] if "load" in out else 0
         out["audit"] = {"events": rep["events"], "verified": True, "authorize_events_for_load": small_ok,
-                        "answered_requests": out["load"]["requests_ok"],
-                        "lost_or_duplicated": small_ok - out["load"]["requests_ok"]}  # fmt: skip
+                        "answered_requests": answered, "lost_or_duplicated": small_ok - answered}  # fmt: skip
         log.close()
         if handle is not None:
             _drop(handle)

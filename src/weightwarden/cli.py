@@ -1394,7 +1394,10 @@ def serve_cmd(
     sys.stderr.write(f"audit log id (pin it with the key): {b.log.log_id.hex()}\n")
     sys.stderr.flush()
     try:
-        uvicorn.run(create_app(b, pk), host=host, port=port, log_level="warning", server_header=False)
+        from .broker.zerocopy import ZeroCopyH11Protocol  # weight streams leave by sendfile
+
+        uvicorn.run(create_app(b, pk), host=host, port=port, log_level="warning", server_header=False,
+                    http=ZeroCopyH11Protocol)  # fmt: skip
     finally:
         b.close()
 
@@ -1414,6 +1417,37 @@ def broker_enroll(
     with _broker(db, None, home, log_key=log_key, log_pass=log_key_passphrase_file) as b:
         code = Passkeys(b, rp_id=rp_id).enroll_code(account, actor=audit._default_actor())
     sys.stdout.write(code + "\n")
+
+
+@app.command("pull")
+def pull_cmd(
+    model: Annotated[str, typer.Argument(help="the model's name at the broker")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="where the sealed file goes")],
+    url: Annotated[str, typer.Option("--broker", envvar="WARDEN_BROKER_URL", help="the broker's base URL")],
+    account: Annotated[str, typer.Option("--account", envvar="WARDEN_ACCOUNT", help="your account id")],
+    key: Annotated[
+        Path, typer.Option("--key", envvar="WARDEN_ACCOUNT_KEY", help="your account's Ed25519 key (PEM, raw or hex)")
+    ],
+    request: Annotated[str | None, typer.Option("--request", help="an approved copy request's id")] = None,
+    audience: Annotated[str, typer.Option("--audience")] = "weightwarden-broker",
+    trust_key: Annotated[
+        list[str] | None, typer.Option("--trust-key", help="trust only this signer (base64 or file); repeatable")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite OUTPUT")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download sealed weights from the broker, resuming OUTPUT.part after a cut, and verify them
+    (signature, every chunk digest) before they are put in place."""
+    from .broker.client import BrokerClient, load_account_key
+
+    trust: Any = [_parse_public(k) for k in trust_key] if trust_key else TrustStore.load(home or default_home())
+    with BrokerClient(url, account, load_account_key(key), audience=audience) as c:
+        res = c.pull(model, output, request_id=request, trust=trust, force=force)
+    from rich.markup import escape
+
+    resumed = f", resumed at {res.resumed_from}" if res.resumed_from else ""
+    _emit(res.to_json(), as_json, escape(f"OK: {res.path} ({res.bytes} bytes{resumed}), signed by {res.signer}"))
 
 
 # -- export control ------------------------------------------------------------------------------

@@ -267,14 +267,19 @@ class Demo:
         def release() -> tuple[bool, str]:
             self.warden("release", "demo-lm/model.safetensors", "--model-id", "demo-lm", "--to", PARTNER,
                         "--country", "GB", "--request", rid, "--seal", "-o", "for-northwind.wws")  # fmt: skip
-            r = call("riley", "GET", f"/v1/requests/{rid}/download")
-            got = r.content
+            from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+
+            (self.root / "riley.pem").write_bytes(keys["riley"][0].private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
+                                                                                 NoEncryption()))  # fmt: skip
+            # the requester's client signs its own request tokens, resumes after a cut, verifies, then renames
+            pulled = self.wjson("pull", "demo-lm", "-o", "delivered.wws", "--request", rid, "--broker", base,
+                               "--account", "riley", "--key", "riley.pem")  # fmt: skip
+            got = (self.root / "delivered.wws").read_bytes()
             again = call("riley", "GET", f"/v1/requests/{rid}/download")
-            (self.root / "delivered.wws").write_bytes(got)
             same = got == (self.root / "for-northwind.wws").read_bytes()
-            return r.status_code == 200 and same and again.status_code == 409, (
-                f"{len(got):,} bytes of the partner's fingerprinted, sealed copy streamed within a 3 MB budget; "
-                f"a second download refused ({again.status_code})"
+            return pulled["bytes"] == len(got) and same and again.status_code == 409, (
+                f"{len(got):,} bytes of the partner's fingerprinted, sealed copy pulled (`warden pull`, verified) "
+                f"within a 3 MB budget; a second download refused ({again.status_code})"
             )
 
         self.check("fingerprinted for the partner, sealed, streamed once within the egress budget", release)

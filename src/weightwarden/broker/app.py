@@ -12,7 +12,7 @@ import json
 from typing import Annotated, Any
 
 from ..audit import AuditAction
-from .service import Broker, BrokerError, EgressLimitError
+from .service import Broker, BrokerError, EgressLimitError, StreamCut
 from .storage import BadNameError, StorageError
 
 __all__ = ["MAX_BODY", "create_app"]
@@ -82,7 +82,7 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
     import contextlib
 
     import anyio
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import Depends, FastAPI, Header, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -107,6 +107,8 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
         r = err(e.status, str(e))
         if e.status == 401:
             r.headers["www-authenticate"] = 'Bearer realm="weightwarden"'
+        for k, v in getattr(e, "headers", {}).items():
+            r.headers[k] = v
         return r
 
     @app.exception_handler(BadNameError)
@@ -163,35 +165,37 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
 
     @app.get("/v1/models/{name}")
     def get_model(name: str, p: Who) -> dict[str, Any]:
-        info = broker.model(name)
-        broker.authorize(p, Permission.MODEL_METADATA_READ, name, team=info["team"])
-        return info
+        broker.authorize(p, Permission.MODEL_METADATA_READ, name, hide=True)  # another team's model: 404
+        return broker.model(name)
 
-    def _stream(it: Any, name: str) -> StreamingResponse:
+    def _stream(it: Any, name: str) -> Any:
         try:
             first = next(it)  # the first chunk is debited before any header goes out
         except StopIteration:
             first = b""
         except EgressLimitError as e:
+            it.close()
             raise BrokerErrorHTTP(429, str(e)) from None
+        except BaseException:
+            it.close()
+            raise
+        headers = {"content-disposition": f'attachment; filename="{name}.wws"', "content-length": str(it.size),
+                   "accept-ranges": "bytes", "etag": it.etag}  # fmt: skip
+        if it.partial:
+            headers["content-range"] = f"bytes {it.start}-{it.start + it.size - 1}/{it.total}"
+        return _WeightResponse(it, first, 206 if it.partial else 200, headers)
 
-        def rest() -> Any:
-            yield first
-            try:
-                yield from it
-            except EgressLimitError:
-                return  # suspended mid-stream: the body ends short of its Content-Length, so the client
-                # sees a broken transfer (and a sealed file cut short never opens); the event is logged
-
-        size = it.size if hasattr(it, "size") else broker.model(name)["size"]
-        return StreamingResponse(rest(), media_type="application/octet-stream",
-                                 headers={"content-disposition": f'attachment; filename="{name}.wws"',
-                                          "content-length": str(size)})  # fmt: skip
+    RangeH = Annotated[str | None, Header(alias="range", description="one byte range: bytes=A-B, A- or -N",
+                                          max_length=200)]  # fmt: skip
+    IfMatch = Annotated[str | None, Header(alias="if-match", description="the ETag a resumed copy came from",
+                                           max_length=200)]  # fmt: skip
 
     @app.get("/v1/models/{name}/weights", response_class=StreamingResponse)
-    def stream_weights(name: str, p: Who, request: Request) -> StreamingResponse:
+    def stream_weights(name: str, p: Who, request: Request, range_: RangeH = None,
+                       if_match: IfMatch = None) -> Any:  # fmt: skip
         host = request.client.host if request.client else None
-        return _stream(broker.stream(p, name, network=_network(host)), name)
+        return _stream(broker.stream(p, name, network=_network(host), range_=range_, if_match=if_match,
+                                     zero_copy=_zero_copy(request)), name)  # fmt: skip
 
     @app.post("/v1/requests", status_code=201)
     def open_request(body: CopyRequest, p: Who) -> dict[str, Any]:
@@ -217,10 +221,13 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
         return broker.approve(p, rid, bytes.fromhex(body.signature))
 
     @app.get("/v1/requests/{rid}/download", response_class=StreamingResponse)
-    def download(rid: str, p: Who, request: Request) -> StreamingResponse:
+    def download(rid: str, p: Who, request: Request, range_: RangeH = None,
+                 if_match: IfMatch = None) -> Any:  # fmt: skip
         req = broker.request(rid)
         host = request.client.host if request.client else None
-        return _stream(broker.stream(p, req["model"], request_id=rid, network=_network(host)), req["model"])
+        it = broker.stream(p, req["model"], request_id=rid, network=_network(host), range_=range_, if_match=if_match,
+                           zero_copy=_zero_copy(request))  # fmt: skip
+        return _stream(it, req["model"])
 
     @app.get("/v1/audit/head")
     def audit_head(p: Who) -> dict[str, Any]:
@@ -253,6 +260,86 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
         app.include_router(console_router(passkeys))
     app.add_middleware(_BodyLimit, broker=broker)
     return app
+
+
+def _zero_copy(request: Any) -> bool:
+    from .zerocopy import EXTENSION
+
+    return EXTENSION in (request.scope.get("extensions") or {})
+
+
+def _next_chunk(it: Any) -> bytes | None:
+    try:
+        return next(it)
+    except StopIteration:
+        return None
+
+
+def _weight_response_base() -> Any:
+    from starlette.responses import Response
+
+    return Response
+
+
+class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
+    """A metered weight stream as an ASGI response: chunks are produced in a worker thread, the client's
+    disconnect stops the stream (what it was not sent is not charged), and the stream is always closed
+    explicitly in a worker thread (its bookkeeping never runs from a garbage collector's whim).  A stream
+    cut mid-way (budget, suspension) ends the connection short of its Content-Length."""
+
+    def __init__(self, it: Any, first: bytes, status: int, headers: dict[str, str]):
+        self.it, self.first, self.status_code = it, first, status
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        self.raw_headers.append((b"content-type", b"application/octet-stream"))
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import anyio
+
+        it = self.it
+
+        from .zerocopy import EXTENSION, FileSpan
+
+        zc = EXTENSION in (scope.get("extensions") or {})
+
+        async def pump(done: Any) -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            b: Any = self.first
+            try:
+                while b is not None:
+                    if isinstance(b, FileSpan):
+                        if zc:
+                            await send({"type": EXTENSION, "file": b.file, "offset": b.offset, "count": b.count,
+                                        "more_body": True})  # fmt: skip
+                        else:
+                            await send({"type": "http.response.body", "body": await anyio.to_thread.run_sync(b.read),
+                                        "more_body": True})  # fmt: skip
+                    elif b:
+                        await send({"type": "http.response.body", "body": b, "more_body": True})
+                    try:
+                        b = await anyio.to_thread.run_sync(_next_chunk, it)
+                    except (EgressLimitError, StreamCut):
+                        break  # audited by the service; the body ends short
+                else:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # the client went away (ASGI 2.4 servers raise it from send)
+            done.cancel()
+
+        async def watch(done: Any) -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            done.cancel()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch, tg.cancel_scope)
+                await pump(tg.cancel_scope)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(it.close)
+        # cut: returning without the final body message makes the server drop the connection, so the
+        # client sees a broken transfer
 
 
 class BrokerErrorHTTP(BrokerError):

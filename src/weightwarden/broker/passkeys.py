@@ -3,9 +3,13 @@ and approvals signed by the approver's authenticator.
 
 * **Enrolment**: an administrator issues a one-time code (``warden broker enroll ID``, 15
   minutes); with it the person registers a passkey in the console.  Only the code's SHA-256 is kept.
+  The code is consumed (atomically, in the shared database) by the first ceremony that starts; a
+  second start fails, and so does the finish of any older registration challenge of the account.
 * **Login**: a WebAuthn assertion over a fresh single-use challenge, bound to the relying party
   id and origin (a phishing site's origin fails), user verification required, signature counter
-  checked; it opens a session of 15 minutes whose token is kept hashed.
+  checked; it opens a session of 15 minutes whose token is kept hashed.  The sign-in options are
+  no oracle: an unknown account, or one without passkeys, gets a stable decoy credential id
+  (HMAC-SHA256 of the account under a server secret kept in the shared database), shaped as a real one.
 * **Approval**: the challenge is SHA-256 of the request's approval message, so the authenticator
   itself signs "approve request R for model M by requester Q"; the assertion is the recorded proof.
 Every success and failure is an audit event.  Time-dependent calls take ``now``.
@@ -31,6 +35,7 @@ __all__ = ["SESSION_S", "Passkeys"]
 SESSION_S = 15 * 60
 ENROLL_S = 15 * 60
 CHALLENGE_S = 5 * 60
+DECOY_ID_BYTES = 32  # the length of a decoy credential id (a CTAP2 authenticator's are typically 16-64)
 
 
 def _b64u(b: bytes) -> str:
@@ -67,7 +72,22 @@ class Passkeys:
                                C("challenge", sa.LargeBinary), C("expires", sa.BigInteger))  # fmt: skip
         self.t_sess = sa.Table("ww_sessions", md, C("token_hash", sa.LargeBinary(32), primary_key=True),
                                C("account", sa.String(128)), C("expires", sa.BigInteger))  # fmt: skip
+        self.t_secret = sa.Table("ww_passkey_secret", md, C("name", sa.String(40), primary_key=True),
+                                 C("value", sa.LargeBinary(32)))  # fmt: skip
         md.create_all(self.broker.engine)
+        self._decoy_key = self._secret("decoy-credential-ids")
+
+    def _secret(self, name: str) -> bytes:
+        """A random secret shared by every replica (first one in wins)."""
+        import sqlalchemy as sa
+
+        try:
+            with self.broker._write() as c:
+                c.execute(sa.insert(self.t_secret).values(name=name, value=secrets.token_bytes(32)))
+        except sa.exc.IntegrityError:
+            pass  # another replica made it
+        with self.broker.engine.connect() as c:
+            return bytes(c.execute(sa.select(self.t_secret.c.value).where(self.t_secret.c.name == name)).scalar_one())
 
     def _fail(self, account: str, what: str, why: str, now: datetime | None) -> Unauthorized:
         self.broker.audit(AuditAction.BROKER_AUTHENTICATE, "denied", account[:128], what, reason=why, now=now,
@@ -84,6 +104,8 @@ class Passkeys:
         code = secrets.token_urlsafe(12)
         with self.broker._write() as c:
             c.execute(sa.delete(self.t_enroll).where(self.t_enroll.c.account == account))
+            c.execute(sa.delete(self.t_chal).where(self.t_chal.c.account == account,
+                                                   self.t_chal.c.purpose == "register"))  # fmt: skip
             c.execute(sa.insert(self.t_enroll).values(account=account, code_hash=_h(code), expires=_t(now) + ENROLL_S))
         self.broker.audit(AuditAction.BROKER_ACCOUNT, "ok", actor, account, now=now, enrolment="code issued")
         return code
@@ -127,7 +149,20 @@ class Passkeys:
             authenticator_selection=AuthenticatorSelectionCriteria(
                 resident_key=ResidentKeyRequirement.PREFERRED, user_verification=UserVerificationRequirement.REQUIRED),
         )  # fmt: skip
-        cid = self._challenge(account, "register", opts.challenge, now)
+        # the code is single use: consumed by the first ceremony that starts, atomically in the shared
+        # database (one replica's DELETE wins); the new challenge replaces any older one of this account
+        cid = secrets.token_hex(16)
+        with self.broker._write() as c:
+            en, ch = self.t_enroll, self.t_chal
+            n = c.execute(sa.delete(en).where(en.c.account == account, en.c.code_hash == r.code_hash)).rowcount
+            if n == 1:
+                c.execute(sa.delete(ch).where((ch.c.expires < _t(now)) | ((ch.c.account == account)
+                                                                          & (ch.c.purpose == "register"))))  # fmt: skip
+                c.execute(sa.insert(ch).values(id=cid, account=account, purpose="register", challenge=opts.challenge,
+                                               expires=_t(now) + CHALLENGE_S))  # fmt: skip
+        if n != 1:
+            raise self._fail(account, "enroll", "no valid enrolment code for this account (already used)", now)
+        self.broker.audit(AuditAction.BROKER_ACCOUNT, "ok", account, account, now=now, enrolment="code used")
         return {"challenge_id": cid, "options": json.loads(options_to_json(opts))}
 
     def finish_registration(self, challenge_id: str, credential: dict[str, Any], *,
@@ -146,12 +181,12 @@ class Passkeys:
             row = {"credential_id": _b64u(v.credential_id), "account": account,
                    "public_key": v.credential_public_key, "sign_count": v.sign_count}  # fmt: skip
             c.execute(sa.insert(self.t_keys).values(**row))
-            c.execute(sa.delete(self.t_enroll).where(self.t_enroll.c.account == account))  # the code is spent
         self.broker.audit(AuditAction.BROKER_ACCOUNT, "ok", account, account, now=now, enrolment="passkey registered")
 
     # -- assertions (login and approvals) -----------------------------------------------------------
     def _assertion_options(self, account: str, purpose: str, challenge: bytes | None,
-                           now: datetime | None) -> dict[str, Any]:  # fmt: skip
+                           now: datetime | None, *, decoy: bool = False) -> dict[str, Any]:  # fmt: skip
+        """``decoy``: an account without passkeys (or unknown) gets a decoy credential id, not an error."""
         import sqlalchemy as sa
         from webauthn import generate_authentication_options, options_to_json
         from webauthn.helpers.structs import PublicKeyCredentialDescriptor, UserVerificationRequirement
@@ -159,13 +194,16 @@ class Passkeys:
         with self.broker.engine.connect() as c:
             creds = list(c.execute(sa.select(self.t_keys.c.credential_id).where(self.t_keys.c.account == account))
                          .scalars())  # fmt: skip
-        if not creds:
-            raise self._fail(account, purpose, "no passkey registered for this account", now)
         from webauthn import base64url_to_bytes
 
+        ids = [base64url_to_bytes(x) for x in creds]
+        if not ids and decoy:
+            ids = [hmac.new(self._decoy_key, b"decoy\0" + account.encode(), "sha256").digest()[:DECOY_ID_BYTES]]
+        if not ids:
+            raise self._fail(account, purpose, "no passkey registered for this account", now)
         opts = generate_authentication_options(
             rp_id=self.rp_id, challenge=challenge,
-            allow_credentials=[PublicKeyCredentialDescriptor(id=base64url_to_bytes(x)) for x in creds],
+            allow_credentials=[PublicKeyCredentialDescriptor(id=x) for x in ids],
             user_verification=UserVerificationRequirement.REQUIRED,
         )  # fmt: skip
         cid = self._challenge(account, purpose, opts.challenge, now)
@@ -196,7 +234,8 @@ class Passkeys:
         return account
 
     def login_options(self, account: str, *, now: datetime | None = None) -> dict[str, Any]:
-        return self._assertion_options(account, "login", None, now)
+        """Sign-in options; the same shape whether ``account`` exists, has passkeys or not (no oracle)."""
+        return self._assertion_options(account[:128], "login", None, now, decoy=True)
 
     def finish_login(self, challenge_id: str, credential: dict[str, Any], *, now: datetime | None = None) -> str:
         """Verify the assertion and open a session; returns the session token (for a cookie)."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,8 @@ from .policy import Decision, Permission, Policy, Principal
 from .storage import CHUNK, WeightStore, check_name
 from .tokens import TokenError, verify
 
-__all__ = ["Broker", "BrokerConfig", "BrokerError", "EgressLimitError", "Forbidden", "NotFound", "Unauthorized"]
+__all__ = ["Broker", "BrokerConfig", "BrokerError", "EgressLimitError", "Forbidden", "NotFound", "StreamCut",
+           "Unauthorized"]  # fmt: skip
 
 
 class BrokerError(WardenError):
@@ -54,6 +56,69 @@ class EgressLimitError(BrokerError):
     status = 429
 
 
+class StreamCut(Forbidden):
+    """A running stream ended because its principal was suspended."""
+
+
+class RangeError(BrokerError):
+    """A ``Range`` header that is malformed or asks for several ranges (only one is served)."""
+
+    status = 400
+
+
+class RangeNotSatisfiable(BrokerError):
+    """A single range that lies outside the file; the answer carries ``Content-Range: bytes */size``."""
+
+    status = 416
+
+    def __init__(self, msg: str, total: int):
+        super().__init__(msg)
+        self.headers = {"content-range": f"bytes */{total}"}
+
+
+class PreconditionFailed(BrokerError):
+    """``If-Match`` names another version of the file: a resume against a different file."""
+
+    status = 412
+
+
+_RANGE = re.compile(r"bytes=(?:(\d{1,19})-(\d{0,19})|-(\d{1,19}))")
+
+
+def parse_range(header: str, total: int) -> tuple[int, int]:
+    """A single ``Range`` (``bytes=a-b``, ``a-``, ``-n``) against a file of ``total`` bytes:
+    ``(start, end)``, end exclusive.  Several ranges, or a malformed one, raise :class:`RangeError`;
+    one outside the file, :class:`RangeNotSatisfiable`."""
+    h = header.strip()
+    if "," in h:
+        raise RangeError("only a single byte range is served (multiple or overlapping ranges are refused)")
+    m = _RANGE.fullmatch(h)
+    if m is None:
+        raise RangeError("malformed Range header: use bytes=START-END, bytes=START- or bytes=-LENGTH")
+    a, b, n = m.groups()
+    if n is not None:
+        if int(n) == 0 or total == 0:
+            raise RangeNotSatisfiable("the range is empty", total)
+        return max(0, total - int(n)), total
+    start = int(a)
+    if b and int(b) < start:
+        raise RangeError("malformed Range header: END is before START")
+    if start >= total:
+        raise RangeNotSatisfiable(f"the range starts at or past the end of the file ({total} bytes)", total)
+    return start, min(total, int(b) + 1) if b else total
+
+
+def _overlap(spans: list[tuple[int, int]], a: int, b: int) -> int:
+    """Bytes of ``[a, b)`` inside the union of ``spans``."""
+    covered, pos = 0, a
+    for s, e in sorted(spans):
+        s, e = max(s, pos), min(e, b)
+        if e > s:
+            covered += e - s
+            pos = e
+    return covered
+
+
 APPROVAL_CONTEXT = b"weightwarden approval v1\n"
 _GENERIC = "token signature or claims are invalid"
 
@@ -61,8 +126,10 @@ _GENERIC = "token signature or claims are invalid"
 class WeightStream(Iterator[bytes]):
     """The chunks of a weight stream (debited from the egress buckets as they go) and its ``size``."""
 
-    def __init__(self, chunks: Iterator[bytes], size: int):
+    def __init__(self, chunks: Iterator[bytes], size: int, *, start: int = 0, total: int | None = None,
+                 etag: str | None = None, partial: bool = False):  # fmt: skip
         self._chunks, self.size = chunks, size
+        self.start, self.total, self.etag, self.partial = start, size if total is None else total, etag, partial
 
     def __iter__(self) -> WeightStream:
         return self
@@ -95,6 +162,10 @@ class BrokerConfig:
     auto_suspend: frozenset[str] = frozenset({"volume", "many-models"})
     chunk: int = 4 * CHUNK  # bytes read and sent at a time
     lease: int = 64 * CHUNK  # bytes reserved from the buckets per database transaction
+    # a ranged request (a resumed download) is not charged again, within this window, for bytes of the
+    # same file (ETag) already sent to the same principal
+    resume_window_s: int = 24 * 3600
+    zero_copy_span: int = 16 * CHUNK  # bytes metered (and checked for suspension) at a time on the sendfile path
 
 
 @dataclass
@@ -108,6 +179,8 @@ class _Tables:
     alerts: Any
     egress: Any
     networks: Any
+    streams: Any
+    sent: Any
 
 
 def _tables(md: Any) -> _Tables:
@@ -140,6 +213,13 @@ def _tables(md: Any) -> _Tables:
                  C("bytes", sa.BigInteger)),
         sa.Table("ww_networks", md, C("principal", sa.String(128), primary_key=True),
                  C("network", sa.String(64), primary_key=True)),
+        # running streams, registered at start with the bytes they may send (finished ones: ww_egress)
+        sa.Table("ww_streams", md, C("id", sa.String(32), primary_key=True), C("principal", sa.String(128),
+                 index=True), C("model", sa.String(128)), C("at", sa.BigInteger), C("bytes", sa.BigInteger)),
+        # byte spans of a file (principal, object, ETag) already sent and charged: a resume is not charged twice
+        sa.Table("ww_sent_spans", md, C("id", sa.Integer, primary_key=True, autoincrement=True),
+                 C("download", sa.String(300), index=True), C("start", sa.BigInteger), C("end", sa.BigInteger),
+                 C("at", sa.BigInteger)),
     )  # fmt: skip
 
 
@@ -177,6 +257,7 @@ class Broker:
         self.sink = MerkleLogSink(self.log)
         self._decisions: deque[float] = deque(maxlen=100_000)  # seconds per policy decision, newest last
         self._jti_inserts = 0
+        self._finishes = 0
 
     def metrics(self) -> dict[str, Any]:
         """Policy-decision latency over the last 100,000 decisions (milliseconds)."""
@@ -300,16 +381,31 @@ class Broker:
 
     # -- authorization --------------------------------------------------------------------
     def authorize(self, p: Principal, perm: Permission, model: str | None = None, *, team: str | None = None,
-                  context: dict[str, Any] | None = None, now: datetime | None = None) -> Decision:  # fmt: skip
-        """Decide and audit; raise :class:`Forbidden` on deny.  ``team``: the model's, if already looked up."""
+                  context: dict[str, Any] | None = None, now: datetime | None = None,
+                  hide: bool = False) -> Decision:  # fmt: skip
+        """Decide and audit; raise :class:`Forbidden` on deny.  ``team``: the model's, if already looked up.
+
+        ``hide`` (the caller named the model): a model the caller may not see (no ``model:metadata:read``
+        on it) is refused exactly as a model that does not exist, :class:`NotFound` (no oracle); both
+        refusals are audited."""
         if model is not None and team is None:
-            team = self.model(model)["team"]
+            try:
+                team = self.model(model)["team"]
+            except NotFound:
+                if not hide:
+                    raise
+                self.audit(AuditAction.BROKER_AUTHORIZE, "denied", p.id, model, now=now, permission=str(perm),
+                           reason="no such model")  # fmt: skip
+                raise
         t0 = time.perf_counter()
         d = self.policy.decide(p, perm, model, team, context)
         self._decisions.append(time.perf_counter() - t0)
         self.audit(AuditAction.BROKER_AUTHORIZE, "ok" if d.allowed else "denied", p.id, model, now=now,
                    permission=str(perm), policies=list(d.reasons))  # fmt: skip
         if not d.allowed:
+            see = Permission.MODEL_METADATA_READ
+            if hide and model is not None and (perm == see or not self.policy.decide(p, see, model, team).allowed):
+                raise NotFound(f"no model {model!r}")
             raise Forbidden(f"{p.id} may not {perm}" + (f" on {model}" if model else ""))
         return d
 
@@ -374,7 +470,7 @@ class Broker:
         if perm is None:
             raise BrokerError("action is copy or release")
         # the requester must hold the role (checked as if approved: approval is the only missing piece)
-        self.authorize(p, perm, model, context={"approved": True}, now=now)
+        self.authorize(p, perm, model, context={"approved": True}, now=now, hide=True)
         gate = None
         if action == "release":
             gate = self._gate_decision(p, model, recipient, country, aliases, now)
@@ -596,7 +692,12 @@ class Broker:
                     raise
         return None
 
-    def _check_anomalies(self, p: Principal, model: str, network: str | None, now: datetime | None) -> None:
+    def _admit(self, p: Principal, model: str, nbytes: int, network: str | None, now: datetime | None) -> str:
+        """Run the anomaly rules and register the stream, in one transaction serialised per principal
+        (its account row locked; SQLite: BEGIN IMMEDIATE), so every rule sees the principal's running
+        streams (bytes reserved) as well as its finished ones, and parallel fetches are judged as serial
+        ones.  Returns the stream's id; raises :class:`Forbidden` (audited) when the principal is
+        suspended or an ``auto_suspend`` rule fires (the stream is then not registered)."""
         import sqlalchemy as sa
 
         t = int(_ts(now))
@@ -605,37 +706,57 @@ class Broker:
         lo, hi = self.config.allowed_hours_utc
         if not lo <= hour < hi:
             found.append(("time-of-day", {"hour": hour}))
-        e = self.t.egress
-        with self.engine.connect() as c:
-            vol = c.execute(sa.select(sa.func.coalesce(sa.func.sum(e.c.bytes), 0))
-                            .where(e.c.principal == p.id, e.c.at > t - 3600)).scalar_one()  # fmt: skip
-            models = set(c.execute(sa.select(e.c.model).where(e.c.principal == p.id, e.c.at > t - 3600)).scalars())
-        if vol > self.config.volume_bytes_per_hour:
-            found.append(("volume", {"bytes_last_hour": int(vol)}))
-        if len(models | {model}) > self.config.max_models_per_hour:
-            found.append(("many-models", {"models_last_hour": len(models | {model})}))
-        if network is not None:  # the first network an account uses is its own; any later new one alerts
-            known = self._seen_networks(p.id)
-            try:
-                with self._write() as c:
-                    c.execute(sa.insert(self.t.networks).values(principal=p.id, network=network[:64]))
-            except sa.exc.IntegrityError:
-                pass  # seen before
+        e, s, a, nw = self.t.egress, self.t.streams, self.t.accounts, self.t.networks
+        sid = secrets.token_hex(16)
+        suspend = already = False
+        with self._write() as c:
+            acct = c.execute(sa.select(a.c.suspended).where(a.c.id == p.id).with_for_update()).first()
+            if acct is None or acct.suspended:
+                already = True
             else:
-                if known:
-                    found.append(("new-network", {"network": network[:64]}))
+                vol = 0
+                models: set[str] = set()
+                for tb in (e, s):
+                    vol += c.execute(sa.select(sa.func.coalesce(sa.func.sum(tb.c.bytes), 0))
+                                     .where(tb.c.principal == p.id, tb.c.at > t - 3600)).scalar_one()  # fmt: skip
+                    models |= set(c.execute(sa.select(tb.c.model).where(tb.c.principal == p.id, tb.c.at > t - 3600))
+                                  .scalars())  # fmt: skip
+                if vol > self.config.volume_bytes_per_hour:
+                    found.append(("volume", {"bytes_last_hour": int(vol)}))
+                if len(models | {model}) > self.config.max_models_per_hour:
+                    found.append(("many-models", {"models_last_hour": len(models | {model})}))
+                if network is not None:  # the first network an account uses is its own; any later new one alerts
+                    known = {r for r in c.execute(sa.select(nw.c.network).where(nw.c.principal == p.id)).scalars()}
+                    if network[:64] not in known:
+                        c.execute(sa.insert(nw).values(principal=p.id, network=network[:64]))
+                        if known:
+                            found.append(("new-network", {"network": network[:64]}))
+                for kind, detail in found:
+                    c.execute(sa.insert(self.t.alerts).values(at=t, principal=p.id, kind=kind,
+                                                              detail=json.dumps(detail)))  # fmt: skip
+                suspend = any(k in self.config.auto_suspend for k, _ in found)
+                if suspend:
+                    c.execute(sa.update(a).where(a.c.id == p.id).values(suspended=True))
+                else:
+                    c.execute(sa.insert(s).values(id=sid, principal=p.id, model=model, at=t, bytes=nbytes))
+        if already:
+            self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="refused",
+                       reason="account suspended")  # fmt: skip
+            raise Forbidden("account suspended")
         for kind, detail in found:
-            self.alert(p.id, kind, detail, now=now)
-        if any(k in self.config.auto_suspend for k, _ in found):
-            self.suspend(p.id, actor="broker", reason="anomaly: " + ",".join(k for k, _ in found), now=now)
+            self.audit(AuditAction.BROKER_ALERT, "ok", "broker", p.id, now=now, kind=kind, **detail)
+        if suspend:
+            reason = "anomaly: " + ",".join(k for k, _ in found)
+            self.audit(AuditAction.BROKER_SUSPEND, "ok", "broker", p.id, reason=reason, now=now)
             raise Forbidden("suspended by an anomaly rule")
+        return sid
 
-    def _seen_networks(self, account: str) -> int:
+    def _is_suspended(self, account: str) -> bool:
         import sqlalchemy as sa
 
         with self.engine.connect() as c:
-            return int(c.execute(sa.select(sa.func.count()).select_from(self.t.networks)
-                                 .where(self.t.networks.c.principal == account)).scalar_one())  # fmt: skip
+            r = c.execute(sa.select(self.t.accounts.c.suspended).where(self.t.accounts.c.id == account)).first()
+        return r is None or bool(r.suspended)
 
     def alert(self, account: str, kind: str, detail: dict[str, Any], *, now: datetime | None = None) -> None:
         import sqlalchemy as sa
@@ -655,62 +776,159 @@ class Broker:
 
     # -- streams --------------------------------------------------------------------------
     def stream(self, p: Principal, model: str, *, request_id: str | None = None, network: str | None = None,
-               now: datetime | None = None) -> Iterator[bytes]:  # fmt: skip
+               range_: str | None = None, if_match: str | None = None, zero_copy: bool = False,
+               now: datetime | None = None) -> WeightStream:  # fmt: skip
         """Authorize, then return an iterator over the sealed file that debits the egress buckets per chunk.
 
         Without ``request_id``: a stream to a workload (``model:weights:stream``).  With it: the full
-        copy of an approved request, usable once."""
+        copy of an approved request, usable once (its requester may resume it with ranged requests until
+        the request's window closes).  ``range_``: one HTTP byte range; ``if_match``: the ETag the
+        caller's partial copy came from (a resume against another version of the file fails with
+        :class:`PreconditionFailed`).  The stream is registered with the anomaly rules before its first
+        byte, and ends (:class:`StreamCut`) at the next chunk after its principal is suspended.
+        ``zero_copy`` (a server that sends files with ``sendfile``): from a local store, the stream yields
+        :class:`~.zerocopy.FileSpan` objects (metered alike) instead of bytes."""
         import sqlalchemy as sa
 
-        info = self.model(model)
         if request_id is None:
-            self.authorize(p, Permission.MODEL_WEIGHTS_STREAM, model, now=now)
-        else:
+            self.authorize(p, Permission.MODEL_WEIGHTS_STREAM, model, now=now, hide=True)
+        info = self.model(model)
+        obj, extra, resume = model, {}, False
+        if request_id is not None:
             req = self.request(request_id, now=now)
             if req["model"] != model or req["requester"] != p.id:
                 raise Forbidden("the request is for another model or requester")
-            if req["status"] in ("used", "expired"):
+            # a used request's requester may resume it (ranged requests) while its window is open
+            resume = req["status"] == "used" and range_ is not None and int(_ts(now)) < req["expires"]
+            if req["status"] in ("used", "expired") and not resume:
                 raise Conflict(f"the request is {req['status']}")
             release = req["action"] == "release"
             if release and not req["artifact"]:
                 raise Conflict("a release streams its fingerprinted copy: make it first (warden release --request)")
             perm = Permission.RELEASE_COPY_CREATE if release else Permission.MODEL_WEIGHTS_COPY
-            ready = req["status"] == ("released" if release else "approved")
+            ready = resume or req["status"] == ("released" if release else "approved")
             self.authorize(p, perm, model, context={"approved": ready}, now=now)
+            if release:
+                obj, extra = req["artifact"], {"copy": req["artifact"]}
+                info = {"size": self.store.size(obj)}
+        total, etag = info["size"], self.store.etag(obj)
+        try:
+            if if_match is not None and if_match.strip() not in ("*", etag):
+                raise PreconditionFailed("the file changed since your partial copy (ETag differs): download it "
+                                         "again from the start")  # fmt: skip
+            first, stop = parse_range(range_, total) if range_ is not None else (0, total)
+        except BrokerError as e:
+            self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="refused", reason=str(e),
+                       range=(range_ or "")[:100], request=request_id)  # fmt: skip
+            raise
+        if request_id is not None and not resume:
             with self._write() as c:  # single use: approved (released) -> used, atomically
                 n = c.execute(sa.update(self.t.requests).where(self.t.requests.c.id == request_id,
                               self.t.requests.c.status == ("released" if release else "approved"))
                               .values(status="used")).rowcount  # fmt: skip
             if n != 1:
                 raise Conflict("the approved request was already used")
-            if release:
-                info = {"size": self.store.size(req["artifact"])}
-                self._check_anomalies(p, model, network, now)
-                chunks = self.store.read(req["artifact"], self.config.chunk)
-                self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],
-                           request=request_id, network=network, copy=req["artifact"])  # fmt: skip
-                return WeightStream(self._metered(p, model, chunks, info["size"], now), info["size"])
-        self._check_anomalies(p, model, network, now)
-        chunks = self.store.read(model, self.config.chunk)
-        self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=info["size"],
-                   request=request_id, network=network)  # fmt: skip
-        return WeightStream(self._metered(p, model, chunks, info["size"], now), info["size"])
+        download = f"{p.id}:{obj}:{etag}"[:300]
+        mark = self._span_mark()  # before the spans are read: a span recorded in between is in both (harmless)
+        spans = self._sent_spans(download, now) if range_ is not None else None
+        new = (stop - first) - _overlap(spans or [], first, stop)
+        sid = self._admit(p, model, new, network, now)
+        zero_copy = zero_copy and callable(getattr(self.store, "path", None))
+        try:
+            if zero_copy:
+                from .zerocopy import file_spans
 
-    def _metered(self, p: Principal, model: str, chunks: Iterator[bytes], size: int,
-                 now: datetime | None) -> Iterator[bytes]:  # fmt: skip
-        """Yield ``chunks`` while debiting the buckets.  Bytes are reserved a lease at a time (one
-        transaction per ``config.lease`` bytes, not per chunk), falling back to the exact chunk when
-        the buckets hold less; whatever is reserved but not sent is credited back at the end."""
+                chunks: Iterator[Any] = file_spans(self.store.path(obj), first, stop, self.config.zero_copy_span)
+            else:
+                chunks = self.store.read(obj, self.config.chunk, first, stop)
+        except BaseException:
+            self._finish(sid, p, model, 0, None, now)
+            raise
+        if range_ is not None:
+            extra |= {"range": f"{first}-{stop - 1}/{total}", "charged": new}
+        if zero_copy:
+            extra["zero_copy"] = True
+        self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=stop - first,
+                   request=request_id, network=network, **extra)  # fmt: skip
+        it = self._metered(sid, p, model, chunks, first, stop, spans, mark, download, now)
+        return WeightStream(it, stop - first, start=first, total=total, etag=etag, partial=range_ is not None)
+
+    def _span_mark(self) -> int:
         import sqlalchemy as sa
 
+        with self.engine.connect() as c:
+            return int(c.execute(sa.select(sa.func.coalesce(sa.func.max(self.t.sent.c.id), 0))).scalar_one())
+
+    def _sent_spans(self, download: str, now: datetime | None) -> list[tuple[int, int]]:
+        import sqlalchemy as sa
+
+        ss = self.t.sent
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(ss.c.start, ss.c.end).where(
+                ss.c.download == download, ss.c.at > int(_ts(now)) - self.config.resume_window_s)).all()  # fmt: skip
+        return [(int(a), int(b)) for a, b in rows]
+
+    def _finish(self, sid: str, p: Principal, model: str, charged: int, span: tuple[str, int, int] | None,
+                now: datetime | None, exempt: Sequence[tuple[int, int]] | None = None,
+                mark: int = 0) -> int:  # fmt: skip
+        """A stream ends: its registration becomes an egress record, and the span it sent is remembered.
+
+        ``exempt`` (a ranged request only): the spans it was not charged for, what was sent before it
+        started; ``mark``: the last span id when it started.  A ranged request is also credited back the
+        bytes of its span that another stream of the same download sent meanwhile (a cut attempt still
+        running when its resume began), so each byte of a resumed download is charged once; a whole-file
+        request is always charged in full.  Serialised per principal (its row locked).  Returns the
+        bytes finally charged."""
+        import sqlalchemy as sa
+
+        t = int(_ts(now))
+        ss, a = self.t.sent, self.t.accounts
+        final = charged
+        self._finishes += 1
+        with self._write() as c:
+            c.execute(sa.select(a.c.id).where(a.c.id == p.id).with_for_update())
+            if self._finishes % 256 == 1:  # spans past the resume window are swept now and then
+                c.execute(sa.delete(ss).where(ss.c.at < t - self.config.resume_window_s))
+            if span is not None and span[2] > span[1]:
+                if exempt is not None:
+                    rows = c.execute(sa.select(ss.c.start, ss.c.end).where(ss.c.download == span[0],
+                                                                           ss.c.id > mark)).all()  # fmt: skip
+                    seen = [*exempt, *((int(x), int(y)) for x, y in rows)]
+                    final = min(charged, (span[2] - span[1]) - _overlap(seen, *span[1:]))
+                c.execute(sa.insert(ss).values(download=span[0], start=span[1], end=span[2], at=t))
+            c.execute(sa.delete(self.t.streams).where(self.t.streams.c.id == sid))
+            c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=t, bytes=final))
+        if final < charged:
+            cfg = self.config
+            keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
+            self._refund(keys, charged - final, now)
+        return final
+
+    def _metered(self, sid: str, p: Principal, model: str, chunks: Iterator[bytes], first: int, stop: int,
+                 spans: list[tuple[int, int]] | None, mark: int, download: str,
+                 now: datetime | None) -> Iterator[bytes]:  # fmt: skip
+        """Yield ``chunks`` (bytes ``[first, stop)`` of the file) while debiting the buckets for every
+        byte not in ``spans`` (already sent and charged).  Bytes are reserved a lease at a time (one
+        transaction per ``config.lease`` bytes, not per chunk), falling back to the exact chunk when
+        the buckets hold less; whatever is reserved but not sent is credited back at the end.  Before
+        each chunk the principal is checked: a suspended principal's stream is cut there."""
         cfg = self.config
         keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
-        sent = reserved = 0
+        sent = reserved = charged = 0
+        uncharged = (stop - first) - _overlap(spans or [], first, stop)
+        ended = "closed"  # the consumer stopped early (a client that went away), unless set below
         try:
             for b in chunks:
-                while reserved < len(b):  # reserve in pieces of at most 1 MiB, a lease at a time when possible
-                    need = min(len(b) - reserved, CHUNK)
-                    want = max(need, min(cfg.lease, size - sent - reserved))
+                if self._is_suspended(p.id):
+                    self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="cut", bytes=sent,
+                               reason="account suspended")  # fmt: skip
+                    ended = ""
+                    raise StreamCut("account suspended: stream cut")
+                pos = first + sent
+                cost = len(b) - (_overlap(spans, pos, pos + len(b)) if spans else 0)
+                while reserved < cost:  # reserve in pieces of at most 1 MiB, a lease at a time when possible
+                    need = min(cost - reserved, CHUNK)
+                    want = max(need, min(cfg.lease, uncharged - charged - reserved))
                     short = self._take(keys, want, now)
                     if short is not None and want > need:
                         want, short = need, self._take(keys, need, now)
@@ -718,17 +936,25 @@ class Broker:
                         self.alert(p.id, "egress-limit", {"bucket": short, "model": model, "sent": sent}, now=now)
                         self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="suspended",
                                    bytes=sent, bucket=short)  # fmt: skip
+                        ended = ""
                         raise EgressLimitError(f"egress budget {short.split(':')[0]} exhausted; stream suspended")
                     reserved += want
-                reserved -= len(b)
+                reserved -= cost
+                charged += cost
                 sent += len(b)
                 yield b
+            ended = "end"
         finally:
             if reserved > 0:
                 self._refund(keys, reserved, now)
-            with self._write() as c:
-                c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=int(_ts(now)), bytes=sent))
-        self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="end", bytes=sent)
+            charged = self._finish(sid, p, model, charged, (download, first, first + sent), now, spans, mark)
+            # (spans is None for a whole-file request: it is charged in full)
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+            if ended:
+                self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase=ended, bytes=sent,
+                           charged=charged)  # fmt: skip
 
     def _refund(self, keys: list[tuple[str, Limit]], n: int, now: datetime | None) -> None:
         import sqlalchemy as sa

@@ -41,7 +41,12 @@ class WeightStore(ABC):
     def size(self, name: str) -> int: ...
 
     @abstractmethod
-    def read(self, name: str, chunk: int = CHUNK) -> Iterator[bytes]: ...
+    def read(self, name: str, chunk: int = CHUNK, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The bytes ``[start, end)`` of a stored file (``end``: its size), ``chunk`` at a time."""
+
+    @abstractmethod
+    def etag(self, name: str) -> str:
+        """A strong entity tag that changes whenever the stored file's bytes may have (resumes check it)."""
 
     @abstractmethod
     def put(self, name: str, path: Path) -> int: ...
@@ -60,12 +65,29 @@ class LocalWeightStore(WeightStore):
         except FileNotFoundError:
             raise StorageError(f"no sealed weights for {name!r}") from None
 
-    def read(self, name: str, chunk: int = CHUNK) -> Iterator[bytes]:
+    def read(self, name: str, chunk: int = CHUNK, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         try:
             fh = open(self._path(name), "rb")
         except FileNotFoundError:
             raise StorageError(f"no sealed weights for {name!r}") from None
-        return _chunks(fh, chunk)
+        if start:
+            fh.seek(start)
+        return _chunks(fh, chunk, None if end is None else end - start)
+
+    def path(self, name: str) -> Path:
+        """The stored file (for zero-copy sends)."""
+        return self._path(name)
+
+    def etag(self, name: str) -> str:
+        """From the file's inode, size and modification time: every put (an atomic rename: a new inode)
+        or in-place rewrap changes it."""
+        import hashlib
+
+        try:
+            st = self._path(name).stat()
+        except FileNotFoundError:
+            raise StorageError(f"no sealed weights for {name!r}") from None
+        return '"' + hashlib.sha256(f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:32] + '"'
 
     def put(self, name: str, path: Path) -> int:
         import shutil
@@ -80,15 +102,25 @@ class LocalWeightStore(WeightStore):
         return self._path(name).stat().st_size
 
 
-def _chunks(fh: Any, chunk: int) -> Iterator[bytes]:
-    """The file's bytes ``chunk`` at a time, the next chunk read by a helper thread while this one is sent
-    (a stream from a cold disk overlaps its reads with the network; reads release the GIL)."""
+def _chunks(fh: Any, chunk: int, limit: int | None = None) -> Iterator[bytes]:
+    """The file's bytes ``chunk`` at a time (at most ``limit`` in all), the next chunk read by a helper
+    thread while this one is sent (a stream from a cold disk overlaps its reads with the network; reads
+    release the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    left = [limit]
+
+    def rd() -> bytes:
+        n = chunk if left[0] is None else min(chunk, left[0])
+        b = fh.read(n) if n > 0 else b""
+        if left[0] is not None:
+            left[0] -= len(b)
+        return b
+
     with fh, ThreadPoolExecutor(1, thread_name_prefix="warden-readahead") as pool:
-        nxt = pool.submit(fh.read, chunk)
+        nxt = pool.submit(rd)
         while b := nxt.result():
-            nxt = pool.submit(fh.read, chunk)
+            nxt = pool.submit(rd)
             yield b
 
 
@@ -112,14 +144,28 @@ class S3WeightStore(WeightStore):
         except ClientError:
             raise StorageError(f"no sealed weights for {name!r}") from None
 
-    def read(self, name: str, chunk: int = CHUNK) -> Iterator[bytes]:
+    def read(self, name: str, chunk: int = CHUNK, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         from botocore.exceptions import ClientError
 
+        kw = {}
+        if start or end is not None:
+            if end is not None and end <= start:
+                return iter(())
+            kw["Range"] = f"bytes={start}-" + ("" if end is None else str(end - 1))
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name), **kw)["Body"]
         except ClientError:
             raise StorageError(f"no sealed weights for {name!r}") from None
         return _s3_chunks(body, chunk)
+
+    def etag(self, name: str) -> str:
+        from botocore.exceptions import ClientError
+
+        try:
+            tag = str(self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ETag"])
+        except ClientError:
+            raise StorageError(f"no sealed weights for {name!r}") from None
+        return tag if tag.startswith('"') else f'"{tag}"'
 
     def put(self, name: str, path: Path) -> int:
         self.client.upload_file(str(path), self.bucket, self._key(name))

@@ -5,11 +5,12 @@ key; the broker knows only the public key.  For every request the caller signs a
 RFC 8037) with::
 
     iss = sub = its account id    aud = the broker's audience    kid = its key id
-    iat, exp  (exp - iat <= 300 s)  jti = 128 random bits
+    iat, exp  (exp - iat <= 300 s)  jti = 128 random bits   nbf  (optional)
     htm, htu  = the HTTP method and path it is for (as DPoP binds a proof to a request)
 
 The broker checks the signature, audience, lifetime, method and path, and records the ``jti``
-until it expires: a replayed token is refused, on every replica (the ``jti`` is a primary key in
+until it expires: a token issued (``iat``) or valid from (``nbf``) more than ``SKEW_S`` in the
+future is refused, and a replayed token is refused, on every replica (the ``jti`` is a primary key in
 the shared database).  Revocation is immediate: suspend the account, replace its key, or set
 ``revoked_before`` to refuse every token issued before a time.
 """
@@ -23,9 +24,10 @@ from typing import Any
 
 from ..errors import WardenError
 
-__all__ = ["MAX_LIFETIME_S", "TokenClaims", "TokenError", "mint", "parse_unverified", "verify"]
+__all__ = ["MAX_LIFETIME_S", "SKEW_S", "TokenClaims", "TokenError", "mint", "parse_unverified", "verify"]
 
 MAX_LIFETIME_S = 300
+SKEW_S = 5  # clock skew tolerated on iat and nbf
 _MAX_TOKEN = 4096
 
 
@@ -45,13 +47,15 @@ class TokenClaims:
 
 
 def mint(account: str, private_key: Any, key_id: str, audience: str, method: str, path: str, *,
-         lifetime_s: int = 60, now: datetime | None = None) -> str:  # fmt: skip
-    """A token for one request (client side)."""
+         lifetime_s: int = 60, not_before: int | None = None, now: datetime | None = None) -> str:  # fmt: skip
+    """A token for one request (client side); ``not_before``: an ``nbf`` claim (Unix seconds)."""
     import jwt
 
     t = int((now or datetime.now(UTC)).timestamp())
     claims = {"iss": account, "sub": account, "aud": audience, "iat": t, "exp": t + lifetime_s,
               "jti": secrets.token_hex(16), "htm": method.upper(), "htu": path}  # fmt: skip
+    if not_before is not None:
+        claims["nbf"] = not_before
     return jwt.encode(claims, private_key, algorithm="EdDSA", headers={"kid": key_id})
 
 
@@ -95,14 +99,25 @@ def verify(token: str, public_key: bytes, audience: str, method: str, path: str,
         raise TokenError("token signature or claims are invalid") from None
     t = int((now or datetime.now(UTC)).timestamp())
     iat, exp = c["iat"], c["exp"]
-    if not isinstance(iat, int) or not isinstance(exp, int) or c["sub"] != acct:
+    if (
+        not isinstance(iat, int)
+        or not isinstance(exp, int)
+        or isinstance(iat, bool)
+        or isinstance(exp, bool)
+        or c["sub"] != acct
+    ):
         raise TokenError("token claims are invalid")
     if exp - iat > MAX_LIFETIME_S or exp <= iat:
         raise TokenError(f"token lifetime exceeds {MAX_LIFETIME_S} s")
     if t >= exp:
         raise TokenError("token expired")
-    if iat > t + 5:
+    if iat > t + SKEW_S:
         raise TokenError("token issued in the future")
+    nbf = c.get("nbf")
+    if nbf is not None and (not isinstance(nbf, int) or isinstance(nbf, bool) or nbf >= exp):
+        raise TokenError("token claims are invalid")
+    if nbf is not None and nbf > t + SKEW_S:
+        raise TokenError("token is not valid yet (nbf in the future)")
     if c["htm"] != method.upper() or c["htu"] != path:
         raise TokenError("token is for another request")
     jti = c["jti"]
