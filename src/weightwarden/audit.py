@@ -67,6 +67,8 @@ class AuditAction(StrEnum):
     BROKER_ALERT = "broker:alert"
     APPROVAL_REQUEST = "approval:request"
     APPROVAL_GRANT = "approval:grant"
+    RELEASE_REFUSE = "release:refuse"  # a release refused before the gate or mid-way (bad input), nothing written
+    RECIPIENT_ADD = "recipient:add"  # a release recipient enrolled with a public key
 
 
 @functools.cache

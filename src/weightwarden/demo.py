@@ -286,7 +286,8 @@ class Demo:
                      "recipient": LISTED, "country": "DE"})  # fmt: skip
             g = r.json()["gate"]
             gate_table(g)
-            cli = self.warden("release", "demo-lm", "--to", LISTED, "--country", "DE", "-o", "x", "--json", expect=1)
+            cli = self.warden("release", "demo-lm", "--to", LISTED, "--country", "DE", "-o", "x", "--json",
+                              "--plaintext", expect=1)  # fmt: skip
             j = json.loads(cli.stdout)
             return (g["decision"] == "deny" and j["released"] is False and not (self.root / "x").exists()
                     and any(c.startswith("screening:") for c in g["blocking"]),
@@ -297,7 +298,7 @@ class Demo:
         def others() -> tuple[bool, str]:
             for who, cc in (("Blue Harbor AI", "FR"), ("Kestrel Systems", "JP")):
                 self.warden("release", "demo-lm", "--to", who, "--country", cc, "--tokens", tokens,
-                            "-o", who.split()[0].lower())  # fmt: skip
+                            "-o", who.split()[0].lower(), "--plaintext")  # fmt: skip
             return True, "two more partners hold their own fingerprinted copies"
 
         self.check("two more partners released to (the gate allows them)", others)

@@ -106,6 +106,23 @@ class AuditTamperedError(AuditLogError, IntegrityError):
     """The audit log's events, nodes or heads disagree with a signed tree head: it was altered."""
 
 
+class RecipientKeyError(WardenError):
+    """A recipient's public key (age X25519) or private identity is missing or malformed."""
+
+
+class UnmarkableFilesError(UnsupportedModelError):
+    """A release or seal input holds files that cannot be fingerprinted or copied safely (other weight
+    formats, links, special files); ``files`` names every one."""
+
+    def __init__(self, message: str, files: list[str] | None = None):
+        super().__init__(message)
+        self.files = list(files or [])
+
+
+class RecipientNameError(WardenError):
+    """A recipient name holds control, format or bidi characters, or is empty or too long."""
+
+
 __all__ = [
     "AuditLogError",
     "AuditTamperedError",
@@ -122,10 +139,13 @@ __all__ = [
     "KeyringError",
     "OutputExistsError",
     "ProviderUnavailableError",
+    "RecipientKeyError",
+    "RecipientNameError",
     "RegistryError",
     "ScanError",
     "SignatureError",
     "TruncatedError",
+    "UnmarkableFilesError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
     "UntrustedSignerError",
