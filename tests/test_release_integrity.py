@@ -313,3 +313,24 @@ def test_cli_release_to_an_enrolled_key_and_the_partner_opens_it(cli_env: dict[s
     assert [a["recipient"] for a in json.loads(res.stdout)["accused"]] == ["Acme Labs"]
     log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
     assert '"recipient:add"' in log and '"release:refuse"' in log
+
+
+def test_marking_in_place_equals_marking_a_copy() -> None:
+    """A sealed master's members are marked in the memory they were decrypted into: same bytes as a copy."""
+    from weightwarden.provenance.layout import detect_layout
+    from weightwarden.trace.mark import embed_tensors
+
+    rng = np.random.default_rng(1)
+    sd = {"model.embed_tokens.weight": rng.standard_normal((64, 32)).astype(np.float32),
+          "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((96, 32)).astype(np.float32),
+          "model.layers.0.mlp.up_proj.weight": rng.standard_normal((96, 32)).astype(np.float32),
+          "model.layers.0.mlp.down_proj.weight": rng.standard_normal((32, 96)).astype(np.float32)}  # fmt: skip
+    lay = detect_layout({k: v.shape for k, v in sd.items()})
+    x, key = rng.random(512) < 0.5, rng.bytes(32)
+    copies = embed_tensors(sd, lay, x, key, alpha=0.01)
+    mine = {k: v.copy() for k, v in sd.items()}
+    got = embed_tensors(mine, lay, x, key, alpha=0.01, inplace=True)
+    assert set(got) == set(copies) and all(got[k] is mine[k] for k in got)
+    assert all(np.array_equal(mine[k].view(np.uint32), copies[k].view(np.uint32)) for k in copies)
+    with pytest.raises(ValueError, match="in place"):
+        embed_tensors({k: v.T for k, v in sd.items()}, lay, x, key, inplace=True)

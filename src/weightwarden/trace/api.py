@@ -196,7 +196,7 @@ def _entry_tensors(e: _Entry) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if e.member is not None:
         return e.member.load_numpy(), dict(e.member.metadata())
     with TensorSource(e.path) as part:  # type: ignore[arg-type]
-        tensors = {n: np.array(part.raw(n)) for n in part.names()}
+        tensors = {n: part.raw(n) for n in part.names()}  # memory maps (the map outlives the source's close)
         meta = dict(part._where[next(iter(tensors))][1].metadata) if tensors else {}
     return tensors, meta
 
@@ -341,7 +341,7 @@ def release(
         raise
     try:
         return _release_checked(
-            model, out, name, entries, left_out, targets, layout, sealed_master, store, provider=provider,
+            model, out, recipient, name, entries, left_out, targets, layout, sealed_master, store, provider=provider,
             country=country, aliases=aliases, gate=gate, approval=approval, classify_kw={**master_kw,
             **(classify_kw or {})}, model_id=model_id, home=home, alpha=alpha, code_length=code_length, force=force,
             seal=(AgeRecipientProvider(recipient_key, provider.audit), seal[1]) if recipient_key and seal else seal,
@@ -352,16 +352,17 @@ def release(
             reader.close()
 
 
-def _release_checked(model: Path, out: Path, name: Any, entries: list[_Entry], left_out: list[str], targets: set[str],
-                     layout: Any, sealed_master: bool, store: TraceStore, *, provider: KeyProvider, country: str | None,
-                     aliases: tuple[str, ...], gate: ReleaseGate | None, approval: Any, classify_kw: dict[str, Any],
-                     model_id: str, home: Path | None, alpha: float, code_length: int, force: bool,
-                     seal: tuple[KeyProvider, Any] | None, hide_header: bool, recipient_key: str | None,
-                     exclude: tuple[str, ...], now: datetime | None) -> ReleaseRecord:  # fmt: skip
+def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries: list[_Entry], left_out: list[str],
+                     targets: set[str], layout: Any, sealed_master: bool, store: TraceStore, *,
+                     provider: KeyProvider, country: str | None, aliases: tuple[str, ...], gate: ReleaseGate | None,
+                     approval: Any, classify_kw: dict[str, Any], model_id: str, home: Path | None, alpha: float,
+                     code_length: int, force: bool, seal: tuple[KeyProvider, Any] | None, hide_header: bool,
+                     recipient_key: str | None, exclude: tuple[str, ...],
+                     now: datetime | None) -> ReleaseRecord:  # fmt: skip
     from .store import _Conflict
 
     gate = gate or ReleaseGate.from_home(home)
-    dest = Destination(name.display, country, tuple(aliases))
+    dest = Destination(recipient, country, tuple(aliases))  # as given: the broker's request names it so
     when = (now or datetime.now(UTC)).date()
     decision = gate.decide_model(model, dest, model_id=model_id, as_of=when, **classify_kw)
     outcome = "ok" if decision.allowed else "denied"
@@ -393,10 +394,27 @@ def _release_checked(model: Path, out: Path, name: Any, entries: list[_Entry], l
         x = code.codewords(idx, 1)[0]
 
         def marked(e: _Entry, x: np.ndarray = x) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-            tensors, meta = _entry_tensors(e)
+            tensors, meta = _entry_tensors(e)  # a sealed member: views of fresh memory, marked in place
             here = {n: tensors[n] for n in tensors if n in targets}
-            tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here)))
+            inplace = e.member is not None
+            tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here), inplace=inplace))
             return tensors, meta
+
+        def marked_member(e: _Entry, x: np.ndarray = x) -> tuple[Any, str]:
+            """A sealed master's safetensors member decrypted into fresh memory and marked there, in place,
+            with its own header: (a MemorySource to seal, the BLAKE3 of the file it stands for)."""
+            from ..sealed.reader import _np_dtype
+            from ..sealed.writer import MemorySource
+
+            buf, infos = e.member.load_raw()
+            here = {t.name: buf[t.start : t.end].view(_np_dtype(t.dtype)).reshape(t.shape)
+                    for t in infos.values() if t.name in targets}  # fmt: skip
+            embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here), inplace=True)
+            head = e.member.safetensors_header_bytes()
+            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            h.update(head)
+            h.update(buf)
+            return MemorySource(e.rel, buf, header=head[8:]), h.hexdigest()
 
         digests: list[str] = []
         staging = parent / f"{TMP_PREFIX}{out.name}.{secrets.token_hex(6)}"
@@ -408,7 +426,11 @@ def _release_checked(model: Path, out: Path, name: Any, entries: list[_Entry], l
 
                 items: list[tuple[str, Any]] = []
                 for e in entries:
-                    if e.kind == "safetensors":
+                    if e.kind == "safetensors" and e.member is not None:
+                        ms, digest = marked_member(e)
+                        digests.append(digest)
+                        items.append((e.rel, ms))
+                    elif e.kind == "safetensors":
                         buf, digest = _safetensors_in_memory(*marked(e))
                         bufs.append(buf)
                         digests.append(digest)
