@@ -256,7 +256,7 @@ def test_no_recipient_is_recorded_unless_the_release_succeeds(tmp_path: Path, mo
                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import weightwarden.trace.api as tapi
 
-    prov = keyring.provider()
+    sink, prov = _sink(keyring)
     with pytest.raises(ReleaseDenied):
         release(model, LISTED, tmp_path / "x", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
     assert _store(tmp_path).recipients("m") == [] and _store(tmp_path).releases("m") == []
@@ -269,6 +269,7 @@ def test_no_recipient_is_recorded_unless_the_release_succeeds(tmp_path: Path, mo
         release(model, "Acme Labs", tmp_path / "y", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
     monkeypatch.undo()
     assert not os.path.lexists(tmp_path / "y") and _store(tmp_path).recipients("m") == []
+    assert (sink.events[-1].action, sink.events[-1].outcome) == (audit.AuditAction.RELEASE_REFUSE, "denied")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".ww-tmp", ".warden"))]
     ok = release(model, "Acme Labs", tmp_path / "z", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
     assert ok.index == 0 and _store(tmp_path).recipients("m") == ["Acme Labs"]

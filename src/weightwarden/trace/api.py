@@ -347,6 +347,11 @@ def release(
             seal=(AgeRecipientProvider(recipient_key, provider.audit), seal[1]) if recipient_key and seal else seal,
             hide_header=hide_header, recipient_key=recipient_key, exclude=exclude, now=now,
         )  # fmt: skip
+    except ReleaseDenied:
+        raise  # the gate's decision is its own audit event
+    except (WardenError, OSError, ValueError) as e:  # failed mid-way: nothing written, nothing recorded
+        _refusal(provider, model_id, e, now, recipient=name.display, stage="after the gate")
+        raise
     finally:
         if reader is not None:
             reader.close()
