@@ -335,3 +335,20 @@ def test_marking_in_place_equals_marking_a_copy() -> None:
     assert all(np.array_equal(mine[k].view(np.uint32), copies[k].view(np.uint32)) for k in copies)
     with pytest.raises(ValueError, match="in place"):
         embed_tensors({k: v.T for k, v in sd.items()}, lay, x, key, inplace=True)
+
+
+def test_a_key_other_than_the_enrolled_one_is_refused(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
+    from weightwarden.trace import add_recipient
+
+    a, b = (str(pyrage.x25519.Identity.generate().to_public()) for _ in range(2))
+    add_recipient("Acme Labs", a, home=tmp_path / "h")
+    sink, prov = _sink(keyring)
+    with pytest.raises(RecipientKeyError, match="--replace"):
+        release(model, "acme labs", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h", model_id="m",
+                seal=(prov, keyring.signer()), recipient_key=b)  # fmt: skip
+    assert not os.path.lexists(tmp_path / "c") and _store(tmp_path).recipients("m") == []
+    assert [x.action for x in sink.events] == [audit.AuditAction.RELEASE_REFUSE]
+    single = tmp_path / "only.bin"
+    single.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
+    with pytest.raises(UnmarkableFilesError, match="pickle"):
+        release(single, "Acme Labs", tmp_path / "d", provider=prov, country="DE", home=tmp_path / "h", model_id="m")

@@ -323,6 +323,7 @@ def release(
                 problems.append(f"{e.rel} ({e.kind}: a weight format that cannot be fingerprinted)")
         src_entries = [e for e in entries if e.in_source]
         if not src_entries:
+            refuse(sorted(set(problems)), f"{model} cannot be released as it is (nothing was written)")
             raise UnsupportedModelError(f"{model}: no safetensors weights to fingerprint")
         with TensorSource(model, **master_kw) as src:
             layout = detect_layout(src.shapes)
