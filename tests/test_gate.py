@@ -262,11 +262,11 @@ def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: 
 def test_cli_release_gate_and_licenses(cli_env: dict[str, str], model: Path, tmp_path: Path) -> None:
     assert warden(cli_env, "init").returncode == 0
     res = warden(cli_env, "release", str(model), "--to", LISTED, "--country", "DE", "-o", str(tmp_path / "a"),
-                 "--json")  # fmt: skip
+                 "--json", "--plaintext")  # fmt: skip
     assert res.returncode == 1 and not (tmp_path / "a").exists()
     j = json.loads(res.stdout)
     assert j["released"] is False and j["gate"]["decision"] == "deny" and "ReleaseDenied" in res.stderr
-    res = warden(cli_env, "release", str(model), "--to", "Acme Labs", "-o", str(tmp_path / "b"))
+    res = warden(cli_env, "release", str(model), "--to", "Acme Labs", "-o", str(tmp_path / "b"), "--plaintext")
     assert res.returncode == 1 and "destination:unknown" in res.stderr
     # a model declared at 3e26 FLOP goes to IN under a license only (evaluated today: the 4E091 rule is
     # rescinded, so use a rules-independent check: the license is filed and listed)
@@ -277,7 +277,7 @@ def test_cli_release_gate_and_licenses(cli_env: dict[str, str], model: Path, tmp
     res = warden(cli_env, "license", "list", "--json")
     assert [r["id"] for r in json.loads(res.stdout)] == ["D1"]
     res = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "IN", "-o", str(tmp_path / "c"),
-                 "--json")  # fmt: skip
+                 "--json", "--plaintext")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["release"]["gate"] == "allow"
     log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()

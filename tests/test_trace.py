@@ -172,7 +172,8 @@ def test_unknown_model_and_bad_ids(released, parent: Path) -> None:
 def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: Path) -> None:
     assert warden(cli_env, "init").returncode == 0
     for r in ("ann", "ben", "cat"):
-        res = warden(cli_env, "release", str(parent), "--to", r, "--country", "FR", "-o", str(tmp_path / r), "--json")
+        res = warden(cli_env, "release", str(parent), "--to", r, "--country", "FR", "-o", str(tmp_path / r), "--json",
+                     "--plaintext")  # fmt: skip
         assert res.returncode == 0, res.stderr
     res = warden(cli_env, "trace", str(tmp_path / "ben"), "--model", str(parent), "--json")
     assert res.returncode == 0, res.stderr

@@ -116,3 +116,34 @@ def test_chip_layout_2_vectors(case: dict, kernel: str) -> None:
     outb = np.empty_like(wb)
     _kernel.embed_chunk(wb, words, tab, ell, thr, outb, kernel=kernel)
     assert outb.view(np.uint16).tolist() == case["marked_bf16"]
+
+
+AGE = json.loads((HERE / "age-slot.json").read_text())
+
+
+def test_recipient_key_slot_vector() -> None:
+    """The AGE-X25519-V1 key slot (docs/FORMAT.md §1.2.1), written from the age and FORMAT specs in
+    tests/vectors/make_age_slot_vectors.py: rebuilt byte for byte, opened by pyrage (an independent age
+    implementation), unwrapped by the package for its file id only."""
+    import importlib.util
+
+    import pyrage
+
+    from weightwarden.keys.age import AgeIdentityProvider
+    from weightwarden.keys.provider import KeySlot, wrap_aad
+
+    spec = importlib.util.spec_from_file_location("make_age_slot_vectors", HERE / "make_age_slot_vectors.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.build() == AGE
+    slot = KeySlot.from_json(AGE["slot"])
+    file_id, dek = bytes.fromhex(AGE["file_id"]), bytes.fromhex(AGE["dek"])
+    ident = pyrage.x25519.Identity.from_str(AGE["identity"])
+    assert str(ident.to_public()) == AGE["recipient"] == slot.key_id
+    assert pyrage.decrypt(slot.wrapped, [ident]) == wrap_aad("age", slot.key_id, 1, file_id) + dek
+    idp = AgeIdentityProvider(AGE["identity"])
+    assert bytes(idp.unwrap(slot, file_id)) == dek
+    with pytest.raises(errors.WrongKeyError):
+        idp.unwrap(slot, bytes(16))  # bound to its file
+    with pytest.raises(errors.WrongKeyError):
+        AgeIdentityProvider(str(pyrage.x25519.Identity.generate())).unwrap(slot, file_id)

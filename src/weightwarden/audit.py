@@ -73,6 +73,8 @@ class AuditAction(StrEnum):
     KEY_EXPORT = "key:export"  # key material exported (sealed to a recipient) after a quorum
     POLICY_DENY = "policy:deny"  # a key use refused by the key-use policy
     POLICY_SET = "policy:set"  # the key-use policy or the key-use auditing changed after a quorum
+    RELEASE_REFUSE = "release:refuse"  # a release refused before the gate or mid-way (bad input), nothing written
+    RECIPIENT_ADD = "recipient:add"  # a release recipient enrolled with a public key
 
 
 @functools.cache

@@ -369,15 +369,35 @@ def open_(
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the PLAINTEXT")],
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
     provider: ProviderOpt = None,
+    identity: Annotated[
+        Path | None, typer.Option("--identity", help="a recipient's age identity file (a copy sealed to you)")
+    ] = None,
+    trust_key: Annotated[
+        list[str] | None, typer.Option("--trust-key", help="the sender's public key (base64 or file); repeatable")
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Decrypt a sealed checkpoint to a plaintext file: only when you must have one on disk."""
+    """Decrypt a sealed checkpoint to a plaintext file: only when you must have one on disk.
+
+    A released copy sealed to your age key opens with --identity FILE and the releaser's public key
+    (--trust-key, or your trust store); no keyring is needed."""
+    if identity is not None:
+        from .keys.age import AgeIdentityProvider
+
+        trust: Any = [_parse_public(k) for k in trust_key] if trust_key else TrustStore.load(home or default_home())
+        provs: list[Any] = [AgeIdentityProvider.from_file(identity)]
+        with _progress(_sealed_size(src, as_json), "opening", not as_json) as prog:
+            paths = api.unseal(src, output, providers=provs, trust=trust, force=force, progress=prog)
+        _emit({"written": [str(p) for p in paths]}, as_json, f"wrote plaintext to {output}")
+        return
     kr = _keyring(home)
     provs = [*_uri_providers(provider), kr.provider()]
+    trust = [_parse_public(k) for k in trust_key] if trust_key else None
     with _progress(_sealed_size(src, as_json), "opening", not as_json) as prog:
-        paths = api.unseal(src, output, keyring=kr, providers=provs, force=force, progress=prog, threads=threads)
+        paths = api.unseal(src, output, keyring=kr, providers=provs, trust=trust, force=force, progress=prog,
+                           threads=threads)
     _emit({"written": [str(p) for p in paths]}, as_json, f"wrote plaintext to {output}")
 
 
@@ -842,12 +862,12 @@ RegistryOpt = Annotated[
 ]
 
 
-def _model_kw(path: Path, home: Path | None) -> dict[str, Any]:
+def _model_kw(path: Path, home: Path | None, kr: Any = None) -> dict[str, Any]:
     """Sealed inputs are read with the keyring (decrypted in memory only); plain ones need nothing."""
     from .provenance.source import _is_sealed
 
     if (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _is_sealed(path)):
-        return {"keyring": _keyring(home)}
+        return {"keyring": kr or _keyring(home)}
     return {}
 
 
@@ -1553,7 +1573,7 @@ def screen_cmd(
 # -- release and trace: per-recipient fingerprints ----------------------------------------------
 @app.command("release")
 def release_cmd(
-    model: Annotated[Path, typer.Argument(help="the original: .safetensors file or model folder")],
+    model: Annotated[Path, typer.Argument(help="the master: .safetensors file, model folder, sealed file or bundle")],
     to: Annotated[str, typer.Option("--to", help="the recipient (end user) this copy is for")],
     output: Annotated[Path, typer.Option("-o", "--output", help="where to write the fingerprinted copy")],
     country: Annotated[
@@ -1572,7 +1592,19 @@ def release_cmd(
     ] = None,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
-    seal_out: Annotated[bool, typer.Option("--seal", help="seal the copy (sealed-checkpoint format)")] = False,
+    recipient_key: Annotated[
+        str | None,
+        typer.Option(
+            "--recipient-key",
+            help="seal the copy to this age public key (age1...) [default: the key the recipient is enrolled with]",
+            show_default=False,
+        ),
+    ] = None,
+    seal_out: Annotated[bool, typer.Option("--seal", help="seal the copy under our own key instead")] = False,
+    plaintext: Annotated[bool, typer.Option("--plaintext", help="write the copy in plaintext instead")] = False,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="leave files matching this pattern out (repeat; recorded)")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
     log_key: LogKeyOpt = None,
     log_key_passphrase_file: LogKeyPassOpt = None,
@@ -1583,12 +1615,17 @@ def release_cmd(
 
     The export-control gate decides first; anything but `allow` is refused unless --request names a
     release request the broker's approvers approved (which covers exactly the reasons they saw).
-    With --request and --seal the sealed copy is handed to the broker, which streams it to the requester."""
+    The copy is sealed to the recipient's age key (--recipient-key, or the one `warden recipient add`
+    enrolled), signed by our key; --seal seals it under our own key, --plaintext writes it in plaintext.
+    With --request and a sealed copy, the copy is handed to the broker, which streams it to the requester."""
     from .release.gate import ReleaseDenied
-    from .trace import release
+    from .trace import ENROLLED, release
 
+    if sum((recipient_key is not None, seal_out, plaintext)) > 1:
+        raise WardenError("--recipient-key, --seal and --plaintext are exclusive: pick one output")
     kr = _keyring(home)
     ckw = {"tokens": tokens, "declared_flop": compute, "published": published, "experts_per_token": experts_per_token}
+    sealing = not plaintext
     with contextlib.ExitStack() as stack:
         approval: Any = None
         b = None
@@ -1600,25 +1637,72 @@ def release_cmd(
 
         kw = {"provider": kr.provider(purpose="tracing", create=True), "country": country,
               "aliases": tuple(alias or ()), "approval": approval, "classify_kw": ckw, "model_id": model_id,
-              "home": home, "db": db}  # fmt: skip
+              "home": home, "db": db, "exclude": tuple(exclude or ()), "master_kw": _model_kw(model, home, kr),
+              "seal": (kr.provider(), kr.signer()) if sealing else None,
+              "recipient_key": None if seal_out or plaintext else (recipient_key or ENROLLED)}  # fmt: skip
         try:
-            rel = release(model, to, output, force=force, seal=(kr.provider(), kr.signer()) if seal_out else None, **kw)
+            rel = release(model, to, output, force=force, **kw)
         except ReleaseDenied as e:
             if as_json and e.decision is not None:
                 _emit({"released": False, "gate": e.decision.to_json()}, True)
             elif e.decision is not None:
                 t = Table("reason", "outcome", "detail")
                 for r in e.decision.reasons:
-                    t.add_row(r.code, r.outcome, r.text)
+                    t.add_row(_safe(r.code), _safe(r.outcome), _safe(r.text))
                 err.print(t)
             raise
-        if b is not None and seal_out:
+        if b is not None and sealing:
             b.attach_release(request, output, actor=audit._default_actor())
-    _log(home, audit.AuditAction.RELEASE_CREATE, rel.model_id, recipient=to, code_id=rel.code_id, gate=rel.gate,
-         rules_version=rel.rules_version)  # fmt: skip
+    _log(home, audit.AuditAction.RELEASE_CREATE, rel.model_id, recipient=rel.recipient, code_id=rel.code_id,
+         gate=rel.gate, rules_version=rel.rules_version, output=rel.output, exclude=list(rel.exclude),
+         excluded_files=list(rel.excluded_files))  # fmt: skip
     _emit({"released": True, "release": rel.to_json(), "output": str(output)}, as_json,
-          f"released {rel.model_id} to {to} (code {rel.code_id}; gate: {rel.gate}, rules {rel.rules_version}) "
-          f"at {output}")  # fmt: skip
+          f"released {_safe(rel.model_id)} to {_safe(rel.recipient)} (code {rel.code_id}; gate: {rel.gate}, rules "
+          f"{rel.rules_version}; {rel.output}) at {_safe(str(output))}")  # fmt: skip
+
+
+def _safe(text: str) -> str:
+    """Text from files, lists or requests, escaped for the terminal (control characters, rich markup)."""
+    from rich.markup import escape
+
+    from .sealed.walk import shown
+
+    return escape(shown(str(text)))
+
+
+recipient_app = typer.Typer(no_args_is_help=True, help="Release recipients and the public keys copies are sealed to")
+app.add_typer(recipient_app, name="recipient")
+
+
+@recipient_app.command("add")
+def recipient_add(
+    name: Annotated[str, typer.Argument(help="the recipient, as `warden release --to` names them")],
+    pubkey: Annotated[str, typer.Option("--pubkey", help="their age X25519 public key (age1...)")],
+    replace: Annotated[bool, typer.Option("--replace", help="replace the key they are enrolled with")] = False,
+    db: BrokerDbOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Enroll a recipient with their public key: their copies are sealed to it, and only they open them."""
+    from .trace import add_recipient
+
+    r = add_recipient(name, pubkey, home=home, db=db, replace=replace)
+    _emit(r, as_json, f"recipient {_safe(r['recipient'])} enrolled with {r['pubkey']}")
+
+
+@recipient_app.command("list")
+def recipient_list(db: BrokerDbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """Enrolled recipients: name, canonical identity, public key."""
+    from .trace import recipients
+
+    rows = recipients(home=home, db=db)
+    if as_json:
+        _emit(rows, True)
+        return
+    t = Table("recipient", "identity", "public key", "added")
+    for r in rows:
+        t.add_row(_safe(r["recipient"]), _safe(r["identity"]), r["pubkey"] or "", r["added"])
+    out.print(t)
 
 
 @license_app.command("add")
@@ -1685,7 +1769,7 @@ def trace_cmd(
 
     kr = _keyring(home)
     rep = trace(suspect, model, provider=kr.provider(purpose="tracing"), model_id=model_id, home=home, db=db, eps=eps,
-                population=population, **_model_kw(suspect, home))  # fmt: skip
+                population=population, **(_model_kw(suspect, home, kr) or _model_kw(model, home, kr)))  # fmt: skip
     j = rep.to_json()
     _log(home, audit.AuditAction.TRACE_RUN, rep.model_id, accused=[a["recipient"] for a in rep.accused])
     if plot is not None:
@@ -1699,7 +1783,7 @@ def trace_cmd(
     acc = {a["recipient"]: a for a in rep.accused}
     for r in rep.ranking:
         a = acc.get(r["recipient"])
-        t.add_row(r["recipient"], f"{r['score']:.1f}", "yes" if a else "no",
+        t.add_row(_safe(r["recipient"]), f"{r['score']:.1f}", "yes" if a else "no",
                   f"{a['false_accusation_bound']:.2e}" if a else "")  # fmt: skip
     out.print(t)
     out.print(f"{j['decision']} (threshold {j['threshold']:.1f}, eps {eps:g}, {rep.recipients} recipients)")

@@ -9,8 +9,9 @@ result is wrong.  Six acts:
 2. a checkpoint sealed, verified without the key, loaded into memory with no plaintext on disk;
 3. the model registered for provenance;
 4. the broker started; a release to a partner requested, decided by the export-control gate,
-   approved by two approvers, fingerprinted and streamed within its egress budget; a release to a
-   listed party refused with its reasons;
+   approved by two approvers, fingerprinted from the sealed master, sealed to the partner's own key
+   and streamed within its egress budget (the partner opens it with its key; ours cannot); a release
+   to a listed party refused with its reasons;
 5. the partner's copy leaks after fine-tuning and int4 quantisation: `warden trace` names the
    partner, `warden scan` finds the derived copy and clears two independent models;
 6. `warden audit verify` proves the log intact, then catches one edited row.
@@ -19,6 +20,7 @@ result is wrong.  Six acts:
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shlex
@@ -265,10 +267,15 @@ class Demo:
         self.check("approved by two approvers (two-person rule; signatures over the gate's decision)", approve)
 
         def release() -> tuple[bool, str]:
-            self.warden("release", "demo-lm/model.safetensors", "--model-id", "demo-lm", "--to", PARTNER,
-                        "--country", "GB", "--request", rid, "--seal", "-o", "for-northwind.wws")  # fmt: skip
+            import pyrage
             from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
 
+            partner = pyrage.x25519.Identity.generate()  # the partner's own key pair: we only see the public half
+            (self.root / "northwind.key").write_text(f"{partner}\n")
+            os.chmod(self.root / "northwind.key", 0o600)
+            self.warden("recipient", "add", PARTNER, "--pubkey", str(partner.to_public()))
+            self.warden("release", "demo-lm.wws", "--model-id", "demo-lm", "--to", PARTNER, "--country", "GB",
+                        "--request", rid, "-o", "for-northwind.wws")  # fmt: skip
             (self.root / "riley.pem").write_bytes(keys["riley"][0].private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
                                                                                  NoEncryption()))  # fmt: skip
             # the requester's client signs its own request tokens, resumes after a cut, verifies, then renames
@@ -278,11 +285,33 @@ class Demo:
             again = call("riley", "GET", f"/v1/requests/{rid}/download")
             same = got == (self.root / "for-northwind.wws").read_bytes()
             return pulled["bytes"] == len(got) and same and again.status_code == 409, (
-                f"{len(got):,} bytes of the partner's fingerprinted, sealed copy pulled (`warden pull`, verified) "
-                f"within a 3 MB budget; a second download refused ({again.status_code})"
+                f"{len(got):,} bytes of the partner's fingerprinted copy, released from the sealed master and sealed "
+                f"to the partner's key, pulled (`warden pull`, verified) within a 3 MB budget; a second download "
+                f"refused ({again.status_code})"
             )
 
-        self.check("fingerprinted for the partner, sealed, streamed once within the egress budget", release)
+        self.check("fingerprinted for the partner from the sealed master, sealed to their key, streamed once",
+                   release)  # fmt: skip
+
+        def partner_opens() -> tuple[bool, str]:
+            import weightwarden as ww
+            from weightwarden.errors import WrongKeyError
+            from weightwarden.keys.age import AgeIdentityProvider
+
+            our_key = self.wjson("key", "export-public")["public_key"]  # handed to the partner with the copy
+            self.warden("open", "delivered.wws", "-o", "northwind-plain.safetensors", "--identity", "northwind.key",
+                        "--trust-key", our_key)  # fmt: skip
+            try:
+                ww.load(self.root / "delivered.wws", keyring=self.keyring())
+                ours = "opened it"
+            except WrongKeyError:
+                ours = "cannot open it"
+            ok = (self.root / "northwind-plain.safetensors").stat().st_size > 0 and ours == "cannot open it"
+            ident = AgeIdentityProvider.from_file(self.root / "northwind.key")
+            n = len(ww.load(self.root / "delivered.wws", providers=[ident], trust=[base64.b64decode(our_key)]))
+            return ok, f"the partner opens it with its own key ({n} tensors, our signature checked); our keyring {ours}"
+
+        self.check("the partner opens its copy with its own key; ours cannot", partner_opens)
 
         def egress() -> tuple[bool, str]:
             first = call("inference-7", "GET", "/v1/models/demo-lm/weights")
@@ -299,7 +328,8 @@ class Demo:
                      "recipient": LISTED, "country": "DE"})  # fmt: skip
             g = r.json()["gate"]
             gate_table(g)
-            cli = self.warden("release", "demo-lm", "--to", LISTED, "--country", "DE", "-o", "x", "--json", expect=1)
+            cli = self.warden("release", "demo-lm", "--to", LISTED, "--country", "DE", "-o", "x", "--json",
+                              "--plaintext", expect=1)  # fmt: skip
             j = json.loads(cli.stdout)
             return (g["decision"] == "deny" and j["released"] is False and not (self.root / "x").exists()
                     and any(c.startswith("screening:") for c in g["blocking"]),
@@ -310,21 +340,22 @@ class Demo:
         def others() -> tuple[bool, str]:
             for who, cc in (("Blue Harbor AI", "FR"), ("Kestrel Systems", "JP")):
                 self.warden("release", "demo-lm", "--to", who, "--country", cc, "--tokens", tokens,
-                            "-o", who.split()[0].lower())  # fmt: skip
+                            "-o", who.split()[0].lower(), "--plaintext")  # fmt: skip
             return True, "two more partners hold their own fingerprinted copies"
 
         self.check("two more partners released to (the gate allows them)", others)
 
     # -- 5. leak ----------------------------------------------------------------------------
     def leak(self) -> None:
-        import weightwarden as ww
         from weightwarden import _demo_lm as lm
 
         self.act("5. the partner's copy leaks (fine-tuned, int4); trace and scan")
         hub = self.root / "hub"
 
         def leaked() -> tuple[bool, str]:
-            t = ww.load(self.root / "delivered.wws", keyring=self.keyring())
+            from safetensors.numpy import load_file
+
+            t = load_file(str(self.root / "northwind-plain.safetensors"))  # what the partner opened
             p = {k: np.asarray(v, np.float32) for k, v in t.items()}
             with Progress(console=console, transient=True) as prog:
                 task = prog.add_task("the leaker fine-tunes its copy on other text", total=150)

@@ -112,6 +112,21 @@ class LogKeyError(KeyringError):
 
 class KeysNotHereError(WardenError):
     """The operation needs key material that this process (the broker) does not hold by design."""
+class RecipientKeyError(WardenError):
+    """A recipient's public key (age X25519) or private identity is missing or malformed."""
+
+
+class UnmarkableFilesError(UnsupportedModelError):
+    """A release or seal input holds files that cannot be fingerprinted or copied safely (other weight
+    formats, links, special files); ``files`` names every one."""
+
+    def __init__(self, message: str, files: list[str] | None = None):
+        super().__init__(message)
+        self.files = list(files or [])
+
+
+class RecipientNameError(WardenError):
+    """A recipient name holds control, format or bidi characters, or is empty or too long."""
 
 
 __all__ = [
@@ -132,10 +147,13 @@ __all__ = [
     "LogKeyError",
     "OutputExistsError",
     "ProviderUnavailableError",
+    "RecipientKeyError",
+    "RecipientNameError",
     "RegistryError",
     "ScanError",
     "SignatureError",
     "TruncatedError",
+    "UnmarkableFilesError",
     "UnsupportedModelError",
     "UnsupportedVersionError",
     "UntrustedSignerError",

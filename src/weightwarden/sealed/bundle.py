@@ -31,13 +31,18 @@ MAX_MEMBERS = 100_000
 MAX_MANIFEST = 64 * 1024 * 1024
 
 
-def _member_files(src: Path) -> list[Path]:
-    files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith(TMP_PREFIX))
-    if not files:
+def _member_files(src: Path) -> list[str]:
+    """The folder's regular files (relative POSIX paths), walked without following links: a link or a
+    special file anywhere refuses the whole folder, naming each (nothing is sealed)."""
+    from .walk import refuse, walk
+
+    w = walk(src)
+    refuse(w.problems, f"{src} cannot be sealed as it is (nothing was written)")
+    if not w.files:
         raise FormatError(f"{src} holds no files to seal")
-    if len(files) > MAX_MEMBERS:
+    if len(w.files) > MAX_MEMBERS:
         raise FormatError(f"{src} holds more than {MAX_MEMBERS} files")
-    return files
+    return w.files
 
 
 def seal_dir(
@@ -59,18 +64,38 @@ def seal_dir(
     signer.require("sealing")
     if not force and os.path.lexists(dst):
         raise OutputExistsError(f"{dst} exists; pass force=True (--force) to overwrite")
-    files = _member_files(src)
+    items = [(rel, (replace or {}).get(rel, src / rel)) for rel in _member_files(src)]
+    return seal_members(items, dst, provider=provider, signer=signer, chunk_size=chunk_size, hide_header=hide_header,
+                        force=force, durable=durable, progress=progress)  # fmt: skip
+
+
+def seal_members(
+    items: Sequence[tuple[str, Path | MemorySource]],
+    dst: Path,
+    *,
+    provider: KeyProvider,
+    signer: Signer,
+    chunk_size: int = F.DEFAULT_CHUNK,
+    hide_header: bool = False,
+    force: bool = False,
+    durable: bool = True,
+    progress: Progress | None = None,
+) -> list[SealResult]:
+    """Seal ``items`` (relative path, file on disk or contents in memory) into the bundle ``dst``."""
+    if not force and os.path.lexists(dst):
+        raise OutputExistsError(f"{dst} exists; pass force=True (--force) to overwrite")
+    if not items:
+        raise FormatError("a bundle needs at least one member")
     bundle_id = secrets.token_bytes(16)
     parent = dst.parent if str(dst.parent) else Path(".")
     tmp = parent / f"{TMP_PREFIX}{dst.name}.{secrets.token_hex(6)}"
     tmp.mkdir(mode=0o755)
     try:
         results, members = [], []
-        for i, path in enumerate(files):
-            rel = path.relative_to(src).as_posix()
+        for i, (rel, source) in enumerate(items):
             out_name = f"{i:05d}.wws" if hide_header else rel.replace("/", "__") + ".wws"
             res = seal_file(
-                (replace or {}).get(rel, path), tmp / out_name, provider=provider, signer=signer, chunk_size=chunk_size,
+                source, tmp / out_name, provider=provider, signer=signer, chunk_size=chunk_size,
                 hide_header=hide_header, name=rel, bundle={"id": bundle_id.hex(), "member": i},
                 durable=durable, progress=progress,
             )  # fmt: skip

@@ -37,9 +37,13 @@ class MemorySource:
     """File contents held in memory (for instance an anonymous mmap) to seal without writing plaintext to
     disk: ``seal_file(MemorySource("model.safetensors", buf), dst, ...)``."""
 
-    def __init__(self, name: str, data: bytes | bytearray | memoryview | mmap.mmap):
+    def __init__(self, name: str, data: bytes | bytearray | memoryview | mmap.mmap | object,
+                 header: bytes | None = None):  # fmt: skip
+        """``header``: a safetensors file given in two parts, its JSON header (without the 8-byte length)
+        and ``data`` its data section only (no copy of the data to join them)."""
         self.name = name
         self.data = data
+        self.header = header
 
     @property
     def suffix(self) -> str:
@@ -81,8 +85,13 @@ def seal_file(
     check_target(dst, force)
     kind = _detect_kind(src, kind)
     if isinstance(src, MemorySource):
-        whole = memoryview(src.data).cast("B")
+        whole = memoryview(src.data).cast("B")  # type: ignore[arg-type]
         try:
+            if src.header is not None:
+                if kind != "safetensors":
+                    raise ValueError("a MemorySource with a header is a safetensors file")
+                return _seal_split(src.header, whole, src.name, dst, name, provider, signer, chunk_size, hide_header,
+                                   bundle, force, durable, progress)  # fmt: skip
             return _seal_view(whole, src.name, dst, kind, name, provider, signer, chunk_size, hide_header, bundle,
                               force, durable, progress)  # fmt: skip
         finally:
@@ -100,6 +109,19 @@ def seal_file(
         finally:
             if mm is not None:
                 mm.close()
+
+
+def _seal_split(raw: bytes, data: memoryview, src_name: str, dst: Path, name: str | None, provider: KeyProvider,
+                signer: Signer, chunk_size: int, hide_header: bool, bundle: dict[str, object] | None, force: bool,
+                durable: bool, progress: Progress | None) -> SealResult:  # fmt: skip
+    """A safetensors file given as its header JSON and its data section (checked as :func:`_seal_view` does)."""
+    try:
+        F.parse_tensor_header(raw, len(data))
+        descriptor: dict[str, object] = {"name": name or src_name, "raw": raw.decode("utf-8")}
+    except (HeaderError, UnicodeDecodeError) as e:
+        raise UnsupportedModelError(f"{src_name} is not a valid safetensors file: {e}") from None
+    return _write(dst, data, len(data), "safetensors", descriptor, provider, signer, chunk_size, hide_header, bundle,
+                  force, durable, progress)  # fmt: skip
 
 
 def _seal_view(whole: memoryview, src_name: str, dst: Path, kind: str, name: str | None, provider: KeyProvider,

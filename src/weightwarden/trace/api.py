@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -16,18 +18,21 @@ import blake3
 import numpy as np
 
 from .. import audit
-from .._atomic import atomic_output, write_all
+from .._atomic import TMP_PREFIX, atomic_output, write_all
 from ..audit import AuditAction
-from ..errors import OutputExistsError, UnsupportedModelError
+from ..errors import OutputExistsError, RecipientKeyError, UnsupportedModelError, WardenError
 from ..keys.provider import KeyProvider
 from ..provenance.layout import detect_layout
 from ..provenance.source import TensorSource
 from ..release.gate import Destination, GateDecision, ReleaseDenied, ReleaseGate
 from .mark import DEFAULT_ALPHA, embed_tensors, extract, marked_tensors
-from .store import ReleaseRecord, TraceStore, derive
+from .store import ReleaseRecord, TraceError, TraceStore, derive, shown
 from .tardos import TardosCode, accusation_threshold
 
-__all__ = ["DEFAULT_EPS", "DEFAULT_LENGTH", "TraceReport", "release", "trace"]
+__all__ = ["DEFAULT_EPS", "DEFAULT_LENGTH", "ENROLLED", "TraceReport", "add_recipient", "recipients", "release",
+           "trace"]  # fmt: skip
+
+ENROLLED = "enrolled"  # release(recipient_key=ENROLLED): seal to the key the recipient is enrolled with
 
 DEFAULT_LENGTH = 4096  # symbols: ≥ (pi^2/2) c^2 ln(n/eps) = 2,240 for n = 1e6, c = 4, eps = 1e-6
 DEFAULT_CUTOFF = 1e-3
@@ -104,6 +109,113 @@ def _digest_files(files: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
+def add_recipient(name: str, pubkey: str, *, home: Path | None = None, db: str | None = None,
+                  replace: bool = False, sink: audit.AuditSink | None = None) -> dict[str, Any]:  # fmt: skip
+    """Enroll a release recipient with their age X25519 public key (sealed copies are sealed to it).
+    The name is canonicalised; a bad name or key is refused (one line) and the refusal audited."""
+    from ..keys.age import check_recipient
+    from ..keys.local import default_home
+    from .store import recipient_name
+
+    own = sink is None
+    sink = sink or audit.JsonlSink((home or default_home()) / "audit.jsonl")
+    try:
+        try:
+            n = recipient_name(name, "NAME")
+            key = check_recipient(pubkey, "--pubkey")
+            store = _store(home, db)
+            store.add_recipient(n, key, replace=replace)
+        except WardenError as e:
+            sink.emit(audit.event(AuditAction.RECIPIENT_ADD, "denied", subject=shown(str(name))[:256],
+                                  detail={"error": type(e).__name__, "message": str(e)[:2000]}))  # fmt: skip
+            raise
+        detail = {"pubkey": key, "name_key": n.key}
+        sink.emit(audit.event(AuditAction.RECIPIENT_ADD, "ok", subject=n.display, detail=detail))
+        return {"recipient": n.display, "pubkey": key, "identity": n.key}
+    finally:
+        if own:
+            sink.close()
+
+
+def recipients(*, home: Path | None = None, db: str | None = None) -> list[dict[str, Any]]:
+    """Every enrolled recipient identity: the name shown, its canonical key and public key."""
+    return _store(home, db).directory_rows()
+
+
+@dataclass
+class _Entry:
+    """One file of the master: its relative path, its weight format (None: not a weight file), and where
+    its bytes are (a plain file on disk, or the member of an opened sealed master)."""
+
+    rel: str
+    kind: str | None
+    path: Path | None = None  # plain master
+    member: Any = None  # sealed master: a SealedReader
+    in_source: bool = False  # read by the master's TensorSource (its layout, trace reads it)
+
+
+def _is_sealed_master(model: Path) -> bool:
+    from ..provenance.source import _is_sealed
+    from ..sealed.bundle import is_bundle
+
+    return is_bundle(model) or (model.is_file() and _is_sealed(model))
+
+
+def _inventory_plain(model: Path) -> tuple[list[_Entry], list[str]]:
+    from ..sealed.walk import sniff_file, walk
+
+    if model.is_symlink():
+        return [], [f"{model.name} (a symbolic link: links are not followed; give the file itself)"]
+    if model.is_file():
+        kind = sniff_file(model)
+        return [_Entry(model.name, kind, path=model, in_source=kind == "safetensors")], []
+    w = walk(model)
+    entries = []
+    for rel in w.files:
+        kind = sniff_file(model / rel)
+        top = "/" not in rel and rel.endswith(".safetensors")
+        entries.append(_Entry(rel, kind, path=model / rel, in_source=top and kind == "safetensors"))
+    return entries, w.problems
+
+
+def _inventory_sealed(reader: Any) -> list[_Entry]:
+    from ..sealed.bundle import BundleReader
+    from ..sealed.walk import sniff_bytes
+
+    members = [reader._by_name[n] for n in reader.files()] if isinstance(reader, BundleReader) else [reader]
+    out = []
+    for r in members:
+        if r.kind == "safetensors":
+            out.append(_Entry(r.name, "safetensors", member=r, in_source=True))
+        else:
+            out.append(_Entry(r.name, sniff_bytes(r.read_all()), member=r))
+    return out
+
+
+def _entry_tensors(e: _Entry) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    if e.member is not None:
+        return e.member.load_numpy(), dict(e.member.metadata())
+    with TensorSource(e.path) as part:  # type: ignore[arg-type]
+        tensors = {n: part.raw(n) for n in part.names()}  # memory maps (the map outlives the source's close)
+        meta = dict(part._where[next(iter(tensors))][1].metadata) if tensors else {}
+    return tensors, meta
+
+
+def _entry_bytes(e: _Entry) -> Any:
+    """A non-weight member of a sealed master, in memory (the original bytes)."""
+    r = e.member
+    body = r.read_all()
+    if r.kind == "safetensors":
+        return r.safetensors_header_bytes() + body.tobytes()
+    return body
+
+
+def _refusal(provider: KeyProvider, model_id: str, err: Exception, now: datetime | None, **detail: Any) -> None:
+    provider.audit.emit(audit.event(AuditAction.RELEASE_REFUSE, "denied", subject=model_id,
+                                    detail={"error": type(err).__name__, "message": str(err)[:2000], **detail},
+                                    now=now))  # fmt: skip
+
+
 def release(
     model: str | os.PathLike[str],
     recipient: str,
@@ -123,27 +235,142 @@ def release(
     force: bool = False,
     seal: tuple[KeyProvider, Any] | None = None,
     hide_header: bool = False,
+    recipient_key: str | None = None,
+    exclude: tuple[str, ...] = (),
+    master_kw: dict[str, Any] | None = None,
     now: datetime | None = None,
 ) -> ReleaseRecord:
-    """Write a copy of ``model`` (a safetensors file or a model folder) fingerprinted for ``recipient``.
+    """Write a copy of ``model`` fingerprinted for ``recipient``, and record the release.
+
+    ``model`` (the master) is a safetensors file, a model folder, a sealed file or a sealed bundle; a
+    sealed master is decrypted into memory only (``master_kw``: ``keyring`` or ``providers`` and
+    ``trust`` to open it; default: ``provider`` and the trust store under ``home``).  Every file of the
+    master is walked (links refused) and recognised by content: safetensors files are marked, and any
+    other weight format (PyTorch pickle / zip, numpy, GGUF, HDF5, zip) refuses the release, naming each
+    file, unless an ``exclude`` pattern leaves it out of the copy (recorded with the release).
 
     The export-control gate decides first (``gate``, default: the one configured under ``home``) for
     ``recipient`` in ``country``; anything but ``allow`` raises :class:`ReleaseDenied` and writes nothing,
     unless ``approval`` (the broker's check of an approved release request, two-person rule) accepts the
     decision: it is called with the decision whenever given, and raises :class:`ReleaseDenied` when the
     approved request does not cover it.  The decision is an audit event on the provider's sink, with
-    the rule-set version.  ``seal`` = (key provider, signer): the copy is written as a sealed file (a
-    bundle for a model folder), sealed from memory so that its plaintext never reaches a disk."""
+    the rule-set version; a refusal for bad input is a ``release:refuse`` event.
+
+    Output: ``seal`` = (key provider, signer) seals the copy from memory (a bundle for a folder), with
+    its data key wrapped by that provider, or, with ``recipient_key`` (an age X25519 public key,
+    ``age1…``), to the recipient's key alone, so that only their identity opens it (``warden open
+    --identity``); the signer signs it either way.  Without ``seal`` the copy is written in plaintext.
+
+    The recipient's name is canonicalised (:func:`~weightwarden.trace.store.recipient_name`): one
+    identity, one codeword.  The recipient and the release are recorded in one transaction, with the
+    copy moved into place inside it: a release refused or failing mid-way records nothing."""
+    from ..keys.age import AgeRecipientProvider, check_recipient
+    from ..sealed.walk import MARKABLE, excluded, refuse
+    from .store import recipient_name
+
     model, out = Path(model), Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists (use force)")
     model_id = model_id or model.stem
+    exclude = tuple(exclude)
     store = _store(home, db)
-    store._model_path(model_id)  # a bad id is refused before anything is decided
+    reader: Any = None
+    try:
+        if os.path.lexists(out) and not force:
+            raise OutputExistsError(f"{out} exists (use force / --force)")
+        name = recipient_name(recipient)
+        store._model_path(model_id)  # a bad id is refused before anything is decided
+        if recipient_key == ENROLLED:
+            known = store.directory(name)
+            if not known or not known["pubkey"]:
+                raise RecipientKeyError(
+                    f"recipient '{shown(name.display)}' has no public key on file: enroll one with `warden recipient "
+                    "add NAME --pubkey age1...` or pass --recipient-key age1... (--seal seals under our own key, "
+                    "--plaintext writes a plaintext copy)"
+                )
+            recipient_key = known["pubkey"]
+        if recipient_key is not None:
+            recipient_key = check_recipient(recipient_key)
+            if seal is None:
+                raise ValueError("recipient_key needs seal=(provider, signer): the copy is signed by our key")
+            known = store.directory(name)
+            if known and known["pubkey"] and known["pubkey"] != recipient_key:
+                raise RecipientKeyError(
+                    f"--recipient-key differs from the key recipient '{shown(known['display'])}' "
+                    "is enrolled with; use `warden recipient add NAME --pubkey KEY --replace`"
+                )
+        if not os.path.lexists(model):
+            raise FileNotFoundError(2, "No such file or directory", str(model))
+        sealed_master = _is_sealed_master(model)
+        if sealed_master:
+            from ..api import safe_open
+            from ..keys.local import TrustStore, default_home
+
+            kw = dict(master_kw or {})
+            if "keyring" not in kw:
+                kw.setdefault("providers", [provider])
+                kw.setdefault("trust", TrustStore.load(home or default_home()))
+            master_kw = kw
+            reader = safe_open(model, **kw)
+            entries, problems = _inventory_sealed(reader), []
+        else:
+            master_kw = {}
+            entries, problems = _inventory_plain(model)
+        left_out = [e.rel for e in entries if excluded(e.rel, exclude)]
+        entries = [e for e in entries if not excluded(e.rel, exclude)]
+        left_out += [p.split(" (", 1)[0] for p in problems if excluded(p.split(" (", 1)[0], exclude)]
+        problems = [p for p in problems if not excluded(p.split(" (", 1)[0], exclude)]
+        for e in entries:
+            if e.kind is not None and e.kind not in MARKABLE:
+                problems.append(f"{e.rel} ({e.kind}: a weight format that cannot be fingerprinted)")
+        src_entries = [e for e in entries if e.in_source]
+        if not src_entries:
+            refuse(sorted(set(problems)), f"{model} cannot be released as it is (nothing was written)")
+            raise UnsupportedModelError(f"{model}: no safetensors weights to fingerprint")
+        with TensorSource(model, **master_kw) as src:
+            layout = detect_layout(src.shapes)
+            targets = {n for n, _ in marked_tensors(layout)}
+        for e in entries:  # a safetensors file the master's layout does not cover: marked if it holds targets
+            if e.kind == "safetensors" and not e.in_source:
+                with TensorSource(e.path) as part:  # type: ignore[arg-type]
+                    if not targets & set(part.names()):
+                        problems.append(f"{e.rel} (safetensors outside the model's layout: nothing to mark in it)")
+        refuse(sorted(set(problems)), f"{model} cannot be released as it is (nothing was written; exclude a "
+                                      "file with --exclude PATTERN, or remove it)")  # fmt: skip
+    except (WardenError, OSError, ValueError) as e:
+        if reader is not None:
+            reader.close()
+        _refusal(provider, model_id if isinstance(model_id, str) else "", e, now, recipient=shown(str(recipient)))
+        raise
+    try:
+        return _release_checked(
+            model, out, recipient, name, entries, left_out, targets, layout, sealed_master, store, provider=provider,
+            country=country, aliases=aliases, gate=gate, approval=approval, classify_kw={**master_kw,
+            **(classify_kw or {})}, model_id=model_id, home=home, alpha=alpha, code_length=code_length, force=force,
+            seal=(AgeRecipientProvider(recipient_key, provider.audit), seal[1]) if recipient_key and seal else seal,
+            hide_header=hide_header, recipient_key=recipient_key, exclude=exclude, now=now,
+        )  # fmt: skip
+    except ReleaseDenied:
+        raise  # the gate's decision is its own audit event
+    except (WardenError, OSError, ValueError) as e:  # failed mid-way: nothing written, nothing recorded
+        _refusal(provider, model_id, e, now, recipient=name.display, stage="after the gate")
+        raise
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries: list[_Entry], left_out: list[str],
+                     targets: set[str], layout: Any, sealed_master: bool, store: TraceStore, *,
+                     provider: KeyProvider, country: str | None, aliases: tuple[str, ...], gate: ReleaseGate | None,
+                     approval: Any, classify_kw: dict[str, Any], model_id: str, home: Path | None, alpha: float,
+                     code_length: int, force: bool, seal: tuple[KeyProvider, Any] | None, hide_header: bool,
+                     recipient_key: str | None, exclude: tuple[str, ...],
+                     now: datetime | None) -> ReleaseRecord:  # fmt: skip
+    from .store import _Conflict
+
     gate = gate or ReleaseGate.from_home(home)
-    dest = Destination(recipient, country, tuple(aliases))
+    dest = Destination(recipient, country, tuple(aliases))  # as given: the broker's request names it so
     when = (now or datetime.now(UTC)).date()
-    decision = gate.decide_model(model, dest, model_id=model_id, as_of=when, **(classify_kw or {}))
+    decision = gate.decide_model(model, dest, model_id=model_id, as_of=when, **classify_kw)
     outcome = "ok" if decision.allowed else "denied"
     if approval is not None:
         try:
@@ -163,78 +390,149 @@ def release(
         code_key, embed_key = derive(secret, "tardos-code"), derive(secret, "embed")
     finally:
         secret[:] = bytes(len(secret))
-    idx = store.recipient_index(model_id, recipient)
     code = TardosCode(code_key, rec.code_length, rec.cutoff)
-    x = code.codewords(idx, 1)[0]
-    files = sorted(model.glob("*.safetensors")) if model.is_dir() else [model]
-    if not files:
-        raise UnsupportedModelError(f"{model}: no .safetensors files")
-    with TensorSource(model) as src:
-        layout = detect_layout(src.shapes)
-        targets = {n for n, _ in marked_tensors(layout)}
+    single = model.is_file() and not model.is_dir()
+    weights = [e for e in entries if e.kind == "safetensors"]
+    parent = out.parent if str(out.parent) else Path(".")
+    mode = ("sealed-to-recipient" if recipient_key else "sealed") if seal is not None else "plaintext"
+    for _attempt in range(20):
+        idx, new = store.tentative_index(model_id, name)
+        x = code.codewords(idx, 1)[0]
 
-        def marked(f: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-            with TensorSource(f) as part:
-                tensors = {n: part.raw(n) for n in part.names()}
-                meta = dict(part._where[next(iter(tensors))][1].metadata) if tensors else {}
-                here = {n: tensors[n] for n in tensors if n in targets}
-                tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here)))
+        def marked(e: _Entry, x: np.ndarray = x) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+            tensors, meta = _entry_tensors(e)  # a sealed member: views of fresh memory, marked in place
+            here = {n: tensors[n] for n in tensors if n in targets}
+            inplace = e.member is not None
+            tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here), inplace=inplace))
             return tensors, meta
 
-        digests = []
-        if seal is not None:  # sealed from memory: the fingerprinted plaintext never touches a disk
-            from ..sealed.bundle import seal_dir
-            from ..sealed.writer import MemorySource, seal_file
+        def marked_member(e: _Entry, x: np.ndarray = x) -> tuple[Any, str]:
+            """A sealed master's safetensors member decrypted into fresh memory and marked there, in place,
+            with its own header: (a MemorySource to seal, the BLAKE3 of the file it stands for)."""
+            from ..sealed.reader import _np_dtype
+            from ..sealed.writer import MemorySource
 
-            bufs: dict[str, Any] = {}
-            try:
-                for f in files:
-                    buf, digest = _safetensors_in_memory(*marked(f))
-                    bufs[f.name] = buf
-                    digests.append(digest)
-                kw = {"provider": seal[0], "signer": seal[1], "hide_header": hide_header, "force": force}
-                if model.is_dir():
-                    seal_dir(model, out, replace={n: MemorySource(n, b) for n, b in bufs.items()}, **kw)
+            buf, infos = e.member.load_raw()
+            here = {t.name: buf[t.start : t.end].view(_np_dtype(t.dtype)).reshape(t.shape)
+                    for t in infos.values() if t.name in targets}  # fmt: skip
+            embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here), inplace=True)
+            head = e.member.safetensors_header_bytes()
+            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            h.update(head)
+            h.update(buf)
+            return MemorySource(e.rel, buf, header=head[8:]), h.hexdigest()
+
+        digests: list[str] = []
+        staging = parent / f"{TMP_PREFIX}{out.name}.{secrets.token_hex(6)}"
+        bufs: list[Any] = []
+        try:
+            if seal is not None:  # sealed from memory: the fingerprinted plaintext never touches a disk
+                from ..sealed.bundle import seal_members
+                from ..sealed.writer import MemorySource, seal_file
+
+                items: list[tuple[str, Any]] = []
+                for e in entries:
+                    if e.kind == "safetensors" and e.member is not None:
+                        ms, digest = marked_member(e)
+                        digests.append(digest)
+                        items.append((e.rel, ms))
+                    elif e.kind == "safetensors":
+                        buf, digest = _safetensors_in_memory(*marked(e))
+                        bufs.append(buf)
+                        digests.append(digest)
+                        items.append((e.rel, MemorySource(e.rel, buf)))
+                    else:
+                        items.append((e.rel, e.path if e.path is not None else MemorySource(e.rel, _entry_bytes(e))))
+                kw = {"provider": seal[0], "signer": seal[1], "hide_header": hide_header, "force": False}
+                if single:
+                    seal_file(items[0][1], staging, name=Path(items[0][0]).name, **kw)
                 else:
-                    seal_file(MemorySource(files[0].name, bufs[files[0].name]), out, **kw)
-            finally:
-                for b in bufs.values():
-                    b.close()
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=out.parent if out.parent.exists() else None))
-            try:
-                for f in files:
-                    dst = tmp / f.name if model.is_dir() else tmp / "model.safetensors"
-                    digests.append(_write_safetensors(dst, *marked(f)))
-                if model.is_dir():
-                    for extra in sorted(model.iterdir()):
-                        if extra.is_file() and extra.suffix != ".safetensors":
-                            shutil.copy2(extra, tmp / extra.name)
-                    if out.exists():
-                        shutil.rmtree(out) if out.is_dir() else out.unlink()
-                    os.replace(tmp, out)
-                else:
-                    os.replace(tmp / "model.safetensors", out)
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
-    at = (now or datetime.now(UTC)).isoformat()
-    out_digest = blake3.blake3("".join(digests).encode()).hexdigest()[:32]
-    rel = ReleaseRecord(
-        model_id,
-        recipient,
-        idx,
-        at,
-        _digest_files(files),
-        f"tardos-v1/{rec.code_length}/{idx}",
-        out_digest,
-        country=decision.country,
-        gate=decision.decision + ("/overridden" if outcome == "overridden" else ""),
-        gate_digest=decision.digest,
-        rules_version=decision.rules_version,
-    )
-    store.record(rel)
-    return rel
+                    seal_members(items, staging, **kw)
+            else:
+                tmp = Path(tempfile.mkdtemp(prefix=".warden-release-", dir=parent if parent.exists() else None))
+                try:
+                    for e in entries:
+                        dst = tmp / ("model.safetensors" if single else e.rel)
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        if e.kind == "safetensors":
+                            digests.append(_write_safetensors(dst, *marked(e)))
+                        elif e.path is not None:
+                            shutil.copy2(e.path, dst, follow_symlinks=False)
+                        else:
+                            with atomic_output(dst, force=True) as fd:
+                                write_all(fd, memoryview(_entry_bytes(e)).cast("B"))
+                    os.replace(tmp / "model.safetensors" if single else tmp, staging)
+                finally:
+                    if tmp.exists():
+                        shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            _remove(staging)
+            raise
+        finally:
+            for b in bufs:
+                b.close()
+        at = (now or datetime.now(UTC)).isoformat()
+        out_digest = blake3.blake3("".join(digests).encode()).hexdigest()[:32]
+        rel = ReleaseRecord(
+            model_id,
+            name.display,
+            idx,
+            at,
+            _digest_files(_master_files(model)),
+            f"tardos-v1/{rec.code_length}/{idx}",
+            out_digest,
+            country=decision.country,
+            gate=decision.decision + ("/overridden" if outcome == "overridden" else ""),
+            gate_digest=decision.digest,
+            rules_version=decision.rules_version,
+            output=mode,
+            recipient_key=recipient_key or "",
+            exclude=exclude,
+            excluded_files=tuple(left_out),
+            master="sealed" if sealed_master else "plaintext",
+        )
+        extra = {"output": mode, "recipient_key": recipient_key or "", "exclude": list(exclude),
+                 "excluded_files": left_out, "master": rel.master, "recipient_key_id": name.key,
+                 "marked_files": [e.rel for e in weights]}  # fmt: skip
+        moved: list[bool] = []
+
+        def finish(staging: Path = staging, moved: list[bool] = moved) -> None:
+            if os.path.lexists(out):
+                _remove(out)
+            os.replace(staging, out)
+            moved.append(True)
+
+        try:
+            store.commit_release(rel, name, new, {**extra, "pubkey": recipient_key} if recipient_key else extra,
+                                 finish)  # fmt: skip
+        except _Conflict:
+            _remove(staging)
+            continue  # another release took this index: mark again with the next one
+        except BaseException:
+            _remove(staging)
+            if moved:
+                _remove(out)
+            raise
+        if recipient_key:
+            store.add_recipient(name, recipient_key)
+        return rel
+    raise TraceError("could not assign a recipient index (too much contention)")
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    elif os.path.lexists(p):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _master_files(model: Path) -> list[Path]:
+    if model.is_file():
+        return [model]
+    from ..sealed.walk import walk
+
+    return [model / f for f in walk(model).files]
 
 
 @dataclass(frozen=True)

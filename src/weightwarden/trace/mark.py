@@ -92,9 +92,11 @@ def _stats(w: np.ndarray) -> tuple[float, float]:
 
 def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.ndarray, key: bytes,
                   alpha: float = DEFAULT_ALPHA, names: set[str] | None = None,
-                  kernel: str | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+                  kernel: str | None = None, inplace: bool = False) -> dict[str, np.ndarray]:  # fmt: skip
     """Return copies of the marked tensors (same dtypes) carrying ``codeword``; other tensors untouched.
     ``names`` restricts the work to the marked tensors present (one shard of a checkpoint).
+    ``inplace``: mark the given (C-contiguous, writable) arrays themselves and return them, no copy (a
+    master decrypted into fresh memory; the kernels are elementwise, each weight read before written).
 
     One pass over each tensor in cache-sized chunks (chip layout 2, `_kernel`): a carrier moves by
     +-alpha*std.  ``kernel`` ("numba" or "numpy") overrides the inner loop chosen at import
@@ -109,14 +111,16 @@ def embed_tensors(tensors: dict[str, np.ndarray], layout: Layout, codeword: np.n
         if names is not None and name not in names:
             continue
         w = tensors[name]
+        if inplace and not (w.flags.c_contiguous and w.flags.writeable):
+            raise ValueError(f"tensor {name[:64]!r} cannot be marked in place (not contiguous and writable)")
         src = np.ascontiguousarray(w).reshape(-1)
         std, thr = _stats(src)
-        res = np.empty(src.shape, src.dtype)
+        res = src if inplace else np.empty(src.shape, src.dtype)
         run = functools.partial(_embed_span, src, res, tkey=_tensor_key(key, name),
                                 tab=chip_table(codeword, alpha * std), ell=ell, thr=thr, kernel=kernel)  # fmt: skip
         # threads take runs of 8 chunks, of every tensor at once (kernels and AES drop the GIL)
         jobs += [functools.partial(run, a, min(src.size, a + _CHUNK * 8)) for a in range(0, src.size, _CHUNK * 8)]
-        out[name] = res.reshape(w.shape)
+        out[name] = w if inplace else res.reshape(w.shape)
     with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
         list(pool.map(lambda job: job(), jobs))
     return out

@@ -19,17 +19,18 @@ import json
 import os
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_bytes
-from ..errors import FormatError, KeyPurposeError, WardenError
+from ..errors import FormatError, KeyPurposeError, RecipientNameError, WardenError
 from ..keys.provider import KeyProvider, KeySlot
 from ._kernel import MAX_SYMBOLS
 
-__all__ = ["ModelRecord", "ReleaseRecord", "TraceError", "TraceStore"]
+__all__ = ["ModelRecord", "RecipientName", "ReleaseRecord", "TraceError", "TraceStore", "recipient_name", "shown"]
 
 RECORD_VERSION = 2  # the model record's version; version 2 marks with chip layout 2 (docs/TRACING.md)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
@@ -37,6 +38,54 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 class TraceError(WardenError):
     """Tracing state is missing or inconsistent (model not enrolled, unknown recipient, bad id)."""
+
+
+# -- one canonical identity per recipient ---------------------------------------------------
+_REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn"}  # control, format, surrogate, private, unassigned
+_BIDI = {chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
+MAX_NAME = 256
+
+
+def shown(text: str) -> str:
+    """``text`` safe for a terminal or a log line: anything not printable as itself becomes ``\\uXXXX``."""
+    return "".join(c if c.isprintable() and c != "\\" else f"\\u{ord(c):04x}" if ord(c) < 0x10000
+                   else f"\\U{ord(c):08x}" for c in text)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RecipientName:
+    display: str  # NFKC, whitespace collapsed: what tables show
+    key: str  # the identity: TR39 skeleton of the case-folded display name (one codeword per key)
+
+
+def _skeleton(text: str) -> str:
+    import icu  # pyicu (a dependency: rigour's normality needs it too)
+
+    return str(icu.SpoofChecker().getSkeleton(0, text))
+
+
+def recipient_name(name: str, what: str = "--to") -> RecipientName:
+    """The canonical identity of a recipient name, or :class:`RecipientNameError` naming ``what``.
+
+    NFKC (full-width, compatibility forms, NBSP), whitespace runs collapsed to one space, case folded,
+    and mapped to its Unicode TR39 confusable skeleton (ICU) before and after case folding, so names
+    that look alike are one identity.  Control, format (bidi, zero-width), private-use, surrogate and
+    unassigned characters are refused, not stripped."""
+    if not isinstance(name, str) or not name.strip():
+        raise RecipientNameError(f"{what}: a recipient name is 1-{MAX_NAME} printable characters (got an empty one)")
+    for text in (name, unicodedata.normalize("NFKC", name)):
+        bad = sorted({c for c in text if c in _BIDI or unicodedata.category(c) in _REFUSED_CATEGORIES})
+        if bad:
+            codes = ", ".join(f"U+{ord(c):04X}" for c in bad[:5])
+            raise RecipientNameError(
+                f"{what} '{shown(name)}': holds control, format or bidi characters ({codes}); give the name as "
+                "plain text"
+            )
+    display = " ".join(unicodedata.normalize("NFKC", name).split())
+    if len(display) > MAX_NAME:
+        raise RecipientNameError(f"{what}: a recipient name is at most {MAX_NAME} characters")
+    key = _skeleton(" ".join(unicodedata.normalize("NFKC", _skeleton(display).casefold()).split()))
+    return RecipientName(display, key)
 
 
 @dataclass(frozen=True)
@@ -83,9 +132,14 @@ class ReleaseRecord:
     gate: str = ""  # the export-control decision ("allow", or "<decision>/overridden")
     gate_digest: str = ""
     rules_version: str = ""
+    output: str = ""  # "sealed-to-recipient", "sealed" (under our key) or "plaintext"
+    recipient_key: str = ""  # the age public key a sealed-to-recipient copy is sealed to
+    exclude: tuple[str, ...] = ()  # the operator's --exclude patterns
+    excluded_files: tuple[str, ...] = ()  # what they left out of the copy
+    master: str = ""  # "sealed" or "plaintext"
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
 
 def _context(model_id: str) -> bytes:
@@ -117,6 +171,16 @@ _RELEASE_COLUMNS = (
     "gate_digest",
     "rules_version",
 )
+
+
+class _Conflict(Exception):
+    """Another release took the index first."""
+
+
+def _lock(c: Any) -> None:
+    """New recipient indices are taken in turn (PostgreSQL: an advisory lock; SQLite: BEGIN IMMEDIATE)."""
+    if c.dialect.name == "postgresql":
+        c.exec_driver_sql("SELECT pg_advisory_xact_lock(7317102)")
 
 
 class TraceStore:
@@ -192,6 +256,12 @@ class TraceStore:
                                  sa.UniqueConstraint("model_id", "idx"))  # fmt: skip
             self._rel = sa.Table("ww_trace_releases", md, C("id", sa.Integer, primary_key=True, autoincrement=True),
                                  *(C(k, sa.String(256)) for k in _RELEASE_COLUMNS))  # fmt: skip
+            # one row per recipient identity: the name shown, and the age public key copies are sealed to
+            self._dir = sa.Table("ww_trace_directory", md, C("name_key", sa.String(512), primary_key=True),
+                                 C("display", sa.String(512), nullable=False), C("pubkey", sa.String(128)),
+                                 C("added", sa.String(64), nullable=False))  # fmt: skip
+            self._ext = sa.Table("ww_trace_release_extra", md, C("release_id", sa.Integer, primary_key=True),
+                                 C("detail", sa.Text, nullable=False))  # fmt: skip
             with self._eng.connect() as c, c.execution_options(ww_write=True).begin():  # creators take turns
                 if c.dialect.name == "postgresql":
                     c.exec_driver_sql("SELECT pg_advisory_xact_lock(7317101)")  # (SQLite: BEGIN IMMEDIATE)
@@ -204,29 +274,107 @@ class TraceStore:
             self._eng = None
 
     def recipient_index(self, model_id: str, recipient: str) -> int:
-        """The recipient's codeword index for this model, assigned on first release: indices are dense and
-        unique per model, also when several processes release at once (a unique key; the loser retries)."""
+        """The recipient's codeword index for this model, assigned on first use: indices are dense and
+        unique per model, also when several processes release at once (a unique key; the loser retries).
+        ``recipient`` is canonicalised (:func:`recipient_name`): one identity, one index."""
         import sqlalchemy as sa
 
-        if not recipient or len(recipient) > 256 or any(ord(c) < 32 for c in recipient):
-            raise TraceError("a recipient is 1-256 printable characters")
-        eng, t = self._engine(), self._rcp
-        mine = sa.select(t.c.idx).where(t.c.model_id == model_id, t.c.recipient == recipient)
+        name = recipient_name(recipient)
         for _ in range(50):
-            with eng.connect() as c:
-                row = c.execute(mine).first()
-            if row is not None:
-                return int(row[0])
+            idx, new = self.tentative_index(model_id, name)
+            if not new:
+                return idx
             try:
-                with eng.connect() as c, c.execution_options(ww_write=True).begin():  # SQLite: the write lock at BEGIN
-                    n = c.execute(
-                        sa.select(sa.func.count()).select_from(t).where(t.c.model_id == model_id)
-                    ).scalar_one()
-                    c.execute(sa.insert(t).values(model_id=model_id, recipient=recipient, idx=int(n)))
-                return int(n)
-            except sa.exc.IntegrityError:
+                with self._engine().connect() as c, c.execution_options(ww_write=True).begin():
+                    _lock(c)
+                    self._insert_recipient(c, model_id, name, idx)
+                return idx
+            except (_Conflict, sa.exc.IntegrityError):
                 continue  # another release took that index (or that recipient) first: look again
         raise TraceError("could not assign a recipient index (too much contention)")
+
+    def tentative_index(self, model_id: str, name: RecipientName) -> tuple[int, bool]:
+        """(index, is_new): the recipient's index if it has one, else the next free one (not taken yet:
+        :meth:`commit_release` takes it in the release's own transaction, or reports a conflict)."""
+        import sqlalchemy as sa
+
+        eng = self._engine()
+        t = self._rcp
+        with eng.connect() as c:
+            row = c.execute(sa.select(t.c.idx).where(t.c.model_id == model_id, t.c.recipient == name.key)).first()
+            if row is not None:
+                return int(row[0]), False
+            n = c.execute(sa.select(sa.func.count()).select_from(t).where(t.c.model_id == model_id)).scalar_one()
+        return int(n), True
+
+    def _insert_recipient(self, c: Any, model_id: str, name: RecipientName, idx: int) -> None:
+        import sqlalchemy as sa
+
+        t = self._rcp
+        n = c.execute(sa.select(sa.func.count()).select_from(t).where(t.c.model_id == model_id)).scalar_one()
+        if int(n) != idx:
+            raise _Conflict()
+        c.execute(sa.insert(t).values(model_id=model_id, recipient=name.key, idx=idx))  # IntegrityError: a race
+        self._ensure_directory(c, name, None)
+
+    def _ensure_directory(self, c: Any, name: RecipientName, pubkey: str | None, *, replace: bool = False) -> None:
+        import sqlalchemy as sa
+
+        d = self._dir
+        row = c.execute(sa.select(d.c.display, d.c.pubkey).where(d.c.name_key == name.key)).first()
+        if row is None:
+            c.execute(sa.insert(d).values(name_key=name.key, display=name.display, pubkey=pubkey,
+                                          added=datetime.now(UTC).isoformat()))  # fmt: skip
+        elif pubkey is not None and row[1] != pubkey:
+            if row[1] is not None and not replace:
+                raise TraceError(f"recipient '{shown(row[0])}' is enrolled with another public key "
+                                 f"({row[1][:16]}…); pass --replace to change it")  # fmt: skip
+            c.execute(sa.update(d).where(d.c.name_key == name.key).values(pubkey=pubkey))
+
+    def add_recipient(self, name: RecipientName, pubkey: str, *, replace: bool = False) -> None:
+        """Enroll a recipient identity with their age public key (copies sealed to them use it)."""
+        with self._engine().connect() as c, c.execution_options(ww_write=True).begin():
+            self._ensure_directory(c, name, pubkey, replace=replace)
+
+    def directory(self, name: RecipientName) -> dict[str, Any] | None:
+        import sqlalchemy as sa
+
+        eng = self._engine()
+        d = self._dir
+        with eng.connect() as c:
+            row = c.execute(sa.select(d.c.display, d.c.pubkey, d.c.added).where(d.c.name_key == name.key)).first()
+        return None if row is None else {"display": row[0], "pubkey": row[1], "added": row[2]}
+
+    def directory_rows(self) -> list[dict[str, Any]]:
+        import sqlalchemy as sa
+
+        eng = self._engine()
+        d = self._dir
+        with eng.connect() as c:
+            rows = c.execute(sa.select(d.c.display, d.c.name_key, d.c.pubkey, d.c.added).order_by(d.c.added)).all()
+        return [{"recipient": r[0], "identity": r[1], "pubkey": r[2], "added": r[3]} for r in rows]
+
+    def commit_release(self, rel: ReleaseRecord, name: RecipientName, new: bool, extra: dict[str, Any],
+                       finish: Any = None) -> None:  # fmt: skip
+        """Record a release and (when ``new``) its recipient in one transaction; ``finish()`` (moving the
+        copy into place) runs inside it, so a failure anywhere records nothing.  Raises :class:`_Conflict`
+        when another release took the index first (the copy must be marked again)."""
+        import sqlalchemy as sa
+
+        try:
+            with self._engine().connect() as c, c.execution_options(ww_write=True).begin():
+                _lock(c)
+                if new:
+                    self._insert_recipient(c, rel.model_id, name, rel.index)
+                else:
+                    self._ensure_directory(c, name, None)
+                res = c.execute(sa.insert(self._rel).values(**{k: getattr(rel, k) for k in _RELEASE_COLUMNS}))
+                c.execute(sa.insert(self._ext).values(release_id=int(res.inserted_primary_key[0]),
+                                                      detail=json.dumps(extra, sort_keys=True)))  # fmt: skip
+                if finish is not None:
+                    finish()
+        except sa.exc.IntegrityError:
+            raise _Conflict() from None
 
     def record(self, rel: ReleaseRecord) -> None:
         import sqlalchemy as sa
@@ -235,13 +383,16 @@ class TraceStore:
             c.execute(sa.insert(self._rel).values(**{k: getattr(rel, k) for k in _RELEASE_COLUMNS}))
 
     def recipients(self, model_id: str) -> list[str]:
+        """The model's recipients in index order, by the name they were first released under."""
         import sqlalchemy as sa
 
         eng = self._engine()
-        t = self._rcp
+        t, d = self._rcp, self._dir
+        q = (sa.select(t.c.recipient, d.c.display).select_from(t.outerjoin(d, d.c.name_key == t.c.recipient))
+             .where(t.c.model_id == model_id).order_by(t.c.idx))  # fmt: skip
         with eng.connect() as c:
-            rows = c.execute(sa.select(t.c.recipient).where(t.c.model_id == model_id).order_by(t.c.idx)).all()
-        return [r[0] for r in rows]
+            rows = c.execute(q).all()
+        return [r[1] or r[0] for r in rows]
 
     def releases(self, model_id: str | None = None) -> list[dict[str, Any]]:
         import sqlalchemy as sa
@@ -250,5 +401,13 @@ class TraceStore:
         q = sa.select(*(self._rel.c[k] for k in _RELEASE_COLUMNS)).order_by(self._rel.c.id)
         if model_id:
             q = q.where(self._rel.c.model_id == model_id)
+        x = self._ext
+        q = q.add_columns(x.c.detail).outerjoin_from(self._rel, x, x.c.release_id == self._rel.c.id)
+        out = []
         with self._engine().connect() as c:
-            return [dict(zip(_RELEASE_COLUMNS, r, strict=True)) for r in c.execute(q).all()]
+            for r in c.execute(q).all():
+                row = dict(zip(_RELEASE_COLUMNS, r[: len(_RELEASE_COLUMNS)], strict=True))
+                if r[-1]:
+                    row.update(json.loads(r[-1]))
+                out.append(row)
+        return out

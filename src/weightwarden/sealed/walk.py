@@ -1,0 +1,150 @@
+"""Walking a model folder safely, and recognising weight files by their content.
+
+``walk`` lists the regular files under a folder without following symbolic links: a link (to a
+file, to a folder, inside or outside the tree) or a special file (FIFO, socket, device) is a
+problem, named, never read.  ``sniff`` says whether some bytes are a weight-bearing format, by
+content, not by name: safetensors, PyTorch checkpoints (zip with ``data.pkl``, or a bare pickle:
+recognised from the pickle opcodes with :mod:`pickletools`, never unpickled), numpy ``.npy`` /
+``.npz``, GGUF, HDF5 (Keras / TF), and any other zip archive (it may hold any of them).
+
+``warden seal DIR`` and ``warden release`` share the walk; the release also refuses every weight
+file it cannot fingerprint unless the operator excludes it (``--exclude PATTERN``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import os
+import pickletools
+import stat
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._atomic import TMP_PREFIX
+from ..errors import UnmarkableFilesError
+
+__all__ = ["WalkResult", "excluded", "shown", "sniff", "sniff_file", "walk"]
+
+MAX_FILES = 100_000
+SNIFF_BYTES = 64 * 1024
+MARKABLE = frozenset({"safetensors"})
+
+
+def shown(text: str) -> str:
+    """A path or name safe for a terminal: anything not printable as itself becomes ``\\uXXXX``."""
+    return "".join(c if c.isprintable() and c != "\\" else f"\\u{ord(c):04x}" if ord(c) < 0x10000
+                   else f"\\U{ord(c):08x}" for c in text)  # fmt: skip
+
+
+@dataclass
+class WalkResult:
+    files: list[str]  # relative POSIX paths of regular files, sorted
+    problems: list[str]  # "path (why)" for links and special files
+
+
+def walk(root: Path) -> WalkResult:
+    """Every regular file under ``root`` (relative POSIX paths), links and special files as problems.
+
+    Symbolic links are never followed (``os.scandir`` with ``follow_symlinks=False``), so nothing
+    outside ``root`` is reached."""
+    files: list[str] = []
+    problems: list[str] = []
+    stack = [(root, "")]
+    while stack:
+        d, prefix = stack.pop()
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            rel = prefix + e.name
+            if e.name.startswith(TMP_PREFIX):
+                continue
+            st = e.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                problems.append(f"{rel} (a symbolic link: links are not followed; copy the file in, or exclude it)")
+            elif stat.S_ISDIR(st.st_mode):
+                stack.append((Path(e.path), rel + "/"))
+            elif stat.S_ISREG(st.st_mode):
+                files.append(rel)
+            else:
+                problems.append(f"{rel} (not a regular file)")
+            if len(files) > MAX_FILES:
+                raise UnmarkableFilesError(f"{root} holds more than {MAX_FILES} files")
+    return WalkResult(sorted(files), sorted(problems))
+
+
+def excluded(rel: str, patterns: Iterable[str]) -> bool:
+    """Does ``--exclude`` take this file?  A pattern matches the relative path (``*`` crosses ``/``) or,
+    without a ``/`` in it, the file's name."""
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel, p) or ("/" not in p and fnmatch.fnmatchcase(name, p)) for p in patterns)
+
+
+def _pickle_like(head: bytes) -> bool:
+    """A pickle (protocol 2+) whose first opcodes parse: read with pickletools, never executed."""
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    n = 0
+    try:
+        for _op, _arg, _pos in pickletools.genops(io.BytesIO(head)):
+            n += 1
+            if n >= 4:
+                return True
+    except Exception:  # ran out of the sniffed prefix or not a pickle
+        return n >= 2
+    return n >= 2
+
+
+def _zip_kind(zf: zipfile.ZipFile) -> str:
+    names = zf.namelist()
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return "pytorch-zip"
+    if names and all(n.endswith(".npy") for n in names):
+        return "npz"
+    return "zip"
+
+
+def sniff(head: bytes, size: int, opener: object = None) -> str | None:
+    """The weight format of a file from its first bytes (and, for zips, its member list), or None."""
+    if len(head) >= 9 and size >= 10:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= size - 8 and head[8:9] == b"{":
+            return "safetensors"
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "hdf5"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        try:
+            with zipfile.ZipFile(opener if opener is not None else io.BytesIO(head)) as zf:  # type: ignore[arg-type]
+                return _zip_kind(zf)
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "zip"
+    if _pickle_like(head):
+        return "pickle"
+    return None
+
+
+def sniff_file(path: Path) -> str | None:
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        head = fh.read(SNIFF_BYTES)
+        fh.seek(0)
+        return sniff(head, size, fh)
+
+
+def sniff_bytes(data: bytes | memoryview) -> str | None:
+    mv = memoryview(data)
+    return sniff(bytes(mv[:SNIFF_BYTES]), len(mv), io.BytesIO(mv))
+
+
+def refuse(problems: list[str], what: str) -> None:
+    """One line naming every offending file, with the flag that fixes it."""
+    if problems:
+        listed = "; ".join(shown(p) for p in problems[:50]) + (f"; and {len(problems) - 50} more" if len(problems) > 50
+                                                                else "")  # fmt: skip
+        raise UnmarkableFilesError(f"{what}: {listed}", problems)

@@ -1,0 +1,355 @@
+"""Issue 17 (part A): releases from sealed masters to the recipient's own key; every weight-bearing file
+marked or the release refused; one canonical identity per recipient, recorded only with a release that
+succeeds.  Each security claim is shown by an attack that fails: typed error, nothing written, nothing
+recorded, the refusal audited."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyrage
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import weightwarden as ww
+from weightwarden import audit
+from weightwarden.errors import (
+    RecipientKeyError,
+    RecipientNameError,
+    UnmarkableFilesError,
+    UntrustedSignerError,
+    WrongKeyError,
+)
+from weightwarden.keys.age import AgeIdentityProvider, AgeRecipientProvider
+from weightwarden.release.gate import ReleaseDenied
+from weightwarden.trace import release, trace
+from weightwarden.trace.store import TraceStore, recipient_name
+
+from .conftest import warden
+
+LISTED = "Sergei Ivanovich Petrov"  # sample-000 on the (fictitious) sample list
+W = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("rel") / "m"
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    t = {"model.embed_tokens.weight": rng.standard_normal((128, 64))}
+    for i in range(2):  # a tiny Llama-shaped MLP stack: enough weights to carry a fingerprint
+        t |= {f"model.layers.{i}.mlp.gate_proj.weight": rng.standard_normal((256, 64)) / 8,
+              f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 64)) / 8,
+              f"model.layers.{i}.mlp.down_proj.weight": rng.standard_normal((64, 256)) / 16}  # fmt: skip
+    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return d
+
+
+def _store(tmp_path: Path) -> TraceStore:
+    return TraceStore(tmp_path / "h" / "trace", f"sqlite:///{tmp_path / 'h' / 'broker' / 'broker.db'}")
+
+
+def _sink(keyring: ww.Keyring) -> tuple[audit.MemorySink, object]:
+    sink = audit.MemorySink()
+    prov = keyring.provider(purpose="tracing", create=True)
+    prov.audit = sink
+    return sink, prov
+
+
+# -- 1. from a sealed master, to the recipient's key --------------------------------------------------
+def test_release_from_a_sealed_master_to_the_recipients_key(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import tempfile
+
+    import weightwarden.trace.api as tapi
+
+    master = tmp_path / "m.sealed"
+    ww.seal(model, master, keyring=keyring)
+    partner, stranger = pyrage.x25519.Identity.generate(), pyrage.x25519.Identity.generate()
+    pub = str(partner.to_public())
+
+    def forbidden(*a: object, **k: object) -> None:
+        raise AssertionError("plaintext would be written to disk")
+
+    monkeypatch.setattr(tapi, "_write_safetensors", forbidden)
+    monkeypatch.setattr(tempfile, "mkdtemp", forbidden)
+    prov, signer = keyring.provider(), keyring.signer()
+    tprov = keyring.provider(purpose="tracing", create=True)  # tracing secrets have a KEK of their own
+    out = tmp_path / "for-acme"
+    rel = release(master, "Acme Labs", out, provider=tprov, country="DE", home=tmp_path / "h", model_id="m",
+                  seal=(prov, signer), recipient_key=pub, master_kw={"keyring": keyring})  # fmt: skip
+    monkeypatch.undo()
+    assert rel.output == "sealed-to-recipient" and rel.master == "sealed" and rel.recipient_key == pub
+    plain = (model / "model.safetensors").read_bytes()
+    for f in out.iterdir():  # no plaintext run of the master in any output file
+        blob = f.read_bytes()
+        assert not any(plain[i : i + 64] in blob for i in range(4096, len(plain) - 64, 4099))
+    # our keyring cannot open the copy; another identity cannot; the partner's can, trusting our key only
+    with pytest.raises(WrongKeyError):
+        ww.load(out, keyring=keyring)
+    with pytest.raises(WrongKeyError):
+        ww.load(out, providers=[AgeIdentityProvider(str(stranger))], trust=[signer.public_key])
+    mine = AgeIdentityProvider(str(partner))
+    with pytest.raises(UntrustedSignerError):
+        ww.load(out, providers=[mine], trust=[b"\x01" * 32])
+    got = ww.load(out, providers=[mine], trust=[signer.public_key])
+    o = load_file(str(model / "model.safetensors"))
+    assert sorted(got) == sorted(o) and not np.array_equal(got[W], o[W])
+    assert float(np.abs(got[W] - o[W]).max()) <= 0.011 * float(o[W].std())
+    # the partner leaks a plaintext copy: the trace against the sealed master accuses them
+    leak = tmp_path / "leak"
+    ww.unseal(out, leak, providers=[mine], trust=[signer.public_key])
+    assert (leak / "config.json").read_text() == (model / "config.json").read_text()
+    rep = trace(leak, master, provider=tprov, home=tmp_path / "h", model_id="m", keyring=keyring)
+    assert [a["recipient"] for a in rep.accused] == ["Acme Labs"]
+    # a single sealed file master, released to a plaintext copy: the master is never written out
+    one = tmp_path / "m.wws"
+    ww.seal(model / "model.safetensors", one, keyring=keyring)
+    rel2 = release(one, "Blue Harbor AI", tmp_path / "bh.safetensors", provider=tprov, country="FR", home=tmp_path / "h",
+                   model_id="m", master_kw={"keyring": keyring})  # fmt: skip
+    assert rel2.output == "plaintext" and rel2.index == 1
+    rep = trace(tmp_path / "bh.safetensors", master, provider=tprov, home=tmp_path / "h", model_id="m",
+                keyring=keyring)  # fmt: skip
+    assert [a["recipient"] for a in rep.accused] == ["Blue Harbor AI"]
+    recs = _store(tmp_path).releases("m")
+    assert [(r["recipient"], r["output"], r["master"]) for r in recs] == [
+        ("Acme Labs", "sealed-to-recipient", "sealed"), ("Blue Harbor AI", "plaintext", "sealed")]  # fmt: skip
+
+
+def test_an_age_slot_is_bound_to_its_file() -> None:
+    """A slot moved from another file to the same recipient does not open (the file id is inside the age
+    payload); a slot for another recipient does not either."""
+    me = pyrage.x25519.Identity.generate()
+    dek = os.urandom(32)
+    slot = AgeRecipientProvider(str(me.to_public())).wrap(dek, b"\x01" * 16)
+    idp = AgeIdentityProvider(str(me))
+    assert bytes(idp.unwrap(slot, b"\x01" * 16)) == dek
+    with pytest.raises(WrongKeyError, match="another file"):
+        idp.unwrap(slot, b"\x02" * 16)
+    with pytest.raises(WrongKeyError):
+        AgeIdentityProvider(str(pyrage.x25519.Identity.generate())).unwrap(slot, b"\x01" * 16)
+    with pytest.raises(WrongKeyError):  # the public side cannot open anything
+        AgeRecipientProvider(str(me.to_public())).unwrap(slot, b"\x01" * 16)
+    with pytest.raises(RecipientKeyError, match="--recipient-key"):
+        AgeRecipientProvider("age1notakey")
+
+
+# -- 2. every weight-bearing file marked, or the release refused ---------------------------------
+def _hostile_folder(model: Path, root: Path, keyring_file: Path) -> Path:
+    import torch
+
+    d = root / "hostile"
+    shutil.copytree(model, d)
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"w": [0.5] * 16}, protocol=2))  # a bare pickle twin
+    torch.save({"w": torch.zeros(4)}, d / "twin.dat")  # a PyTorch zip checkpoint under an innocent name
+    np.savez(d / "weights.npz", w=np.zeros(4, np.float32))
+    (d / "original").mkdir()
+    save_file({"layers.0.feed_forward.w1.weight": np.ones((4, 4), np.float32)},
+              str(d / "original" / "consolidated.safetensors"))  # fmt: skip
+    (d / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    os.symlink(keyring_file, d / "keyring.json")
+    return d
+
+
+OFFENDERS = ["pytorch_model.bin", "twin.dat", "weights.npz", "original/consolidated.safetensors", "model.gguf",
+             "keyring.json"]  # fmt: skip
+
+
+def test_unmarkable_files_refuse_the_release_naming_each(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
+    kfile = next(p for p in (tmp_path / "home").iterdir() if p.is_file())
+    d = _hostile_folder(model, tmp_path, kfile)
+    sink, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    with pytest.raises(UnmarkableFilesError) as e:
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    for f in OFFENDERS:
+        assert f in str(e.value), f
+    assert "--exclude" in str(e.value) and len(e.value.files) == len(OFFENDERS)
+    assert not os.path.lexists(out) and not [p for p in tmp_path.iterdir() if p.name.startswith((".ww-tmp", ".warden"))]
+    assert _store(tmp_path).recipients("m") == []
+    acts = [(x.action, x.outcome) for x in sink.events]
+    assert (audit.AuditAction.RELEASE_REFUSE, "denied") in acts and audit.AuditAction.RELEASE_GATE not in dict(acts)
+    # the same walk refuses to seal the folder: the link to the keyring is never read as content
+    with pytest.raises(UnmarkableFilesError, match=r"keyring\.json"):
+        ww.seal(d, tmp_path / "sealed", keyring=keyring)
+    assert not os.path.lexists(tmp_path / "sealed")
+
+
+def test_excluded_files_are_left_out_and_recorded(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
+    kfile = next(p for p in (tmp_path / "home").iterdir() if p.is_file())
+    d = _hostile_folder(model, tmp_path, kfile)
+    (d / "backup").mkdir()
+    shutil.copy(model / "model.safetensors", d / "backup" / "model.safetensors")  # nested, but the model's tensors
+    prov = keyring.provider(purpose="tracing", create=True)
+    excl = ("*.bin", "twin.dat", "*.npz", "original/*", "*.gguf", "keyring.json")
+    with pytest.raises(UnmarkableFilesError, match=r"model\.gguf") as e:  # one pattern short: still refused
+        release(d, "Acme Labs", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h", model_id="m",
+                exclude=excl[:4] + excl[5:])  # fmt: skip
+    assert e.value.files == ["model.gguf (gguf: a weight format that cannot be fingerprinted)"]
+    rel = release(d, "Acme Labs", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h", model_id="m",
+                  exclude=excl)  # fmt: skip
+    got = sorted(str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert got == ["backup/model.safetensors", "config.json", "model.safetensors"]
+    o = load_file(str(model / "model.safetensors"))
+    assert not np.array_equal(load_file(str(tmp_path / "c" / "backup" / "model.safetensors"))[W], o[W])  # marked
+    assert rel.exclude == excl and set(rel.excluded_files) == set(OFFENDERS)
+    (row,) = _store(tmp_path).releases("m")
+    assert row["exclude"] == list(excl) and set(row["excluded_files"]) == set(OFFENDERS)
+
+
+def test_a_sealed_bundle_master_with_a_pickle_member_is_refused(tmp_path: Path, model: Path,
+                                                                keyring: ww.Keyring) -> None:  # fmt: skip
+    d = tmp_path / "src"
+    shutil.copytree(model, d)
+    with zipfile.ZipFile(d / "consolidated.pth", "w") as z:  # a torch-style zip under a .pth name
+        z.writestr("archive/data.pkl", pickle.dumps({"w": 1}, protocol=2))
+    ww.seal(d, tmp_path / "m.sealed", keyring=keyring)
+    prov = keyring.provider(purpose="tracing", create=True)
+    with pytest.raises(UnmarkableFilesError, match=r"consolidated\.pth"):
+        release(tmp_path / "m.sealed", "Acme Labs", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h",
+                model_id="m", master_kw={"keyring": keyring})  # fmt: skip
+    assert not os.path.lexists(tmp_path / "c") and _store(tmp_path).recipients("m") == []
+
+
+# -- 3. one canonical identity per recipient ---------------------------------------------------------
+# case, NBSP, full-width, spacing, Cyrillic look-alikes
+FORMS = ["Acme Labs", "ACME LABS", "Acme\u00a0Labs", "\uff21\uff43\uff4d\uff45 \uff2c\uff41\uff42\uff53",
+         "  acme   labs ", "\u0410\u0421\u041c\u0415 LABS"]  # fmt: skip
+
+
+def test_one_name_one_identity_one_codeword(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
+    assert len({recipient_name(f).key for f in FORMS}) == 1
+    prov = keyring.provider(purpose="tracing", create=True)
+    codes = set()
+    for i, f in enumerate(FORMS[:4]):
+        rel = release(model, f, tmp_path / f"c{i}", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+        codes.add(rel.code_id)
+    assert codes == {"tardos-v1/4096/0"}
+    other = release(model, "Acme Robotics GmbH", tmp_path / "o", provider=prov, country="DE", home=tmp_path / "h",
+                    model_id="m")  # fmt: skip
+    assert other.index == 1
+    assert _store(tmp_path).recipients("m") == ["Acme Labs", "Acme Robotics GmbH"]  # one row, shown as first named
+    rep = trace(tmp_path / "c3", model, provider=prov, home=tmp_path / "h", model_id="m")
+    assert [a["recipient"] for a in rep.accused] == ["Acme Labs"] and rep.recipients == 2
+
+
+@pytest.mark.parametrize("bad", ["\u202eAcme Labs", "Acme\u200bLabs", "Acme\u2066Labs\u2069", "Acme\x00", "Acme\x1b[2J",
+                                 " ", ""])  # fmt: skip
+def test_names_with_control_format_or_bidi_characters_are_refused(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                                  bad: str) -> None:  # fmt: skip
+    sink, prov = _sink(keyring)
+    with pytest.raises(RecipientNameError, match="--to") as e:
+        release(model, bad, tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert all(c.isprintable() for c in str(e.value))  # shown escaped
+    assert not os.path.lexists(tmp_path / "c") and _store(tmp_path).recipients("m") == []
+    assert [x.action for x in sink.events] == [audit.AuditAction.RELEASE_REFUSE]
+
+
+def test_no_recipient_is_recorded_unless_the_release_succeeds(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import weightwarden.trace.api as tapi
+
+    sink, prov = _sink(keyring)
+    with pytest.raises(ReleaseDenied):
+        release(model, LISTED, tmp_path / "x", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert _store(tmp_path).recipients("m") == [] and _store(tmp_path).releases("m") == []
+
+    def boom(*a: object, **k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tapi, "_write_safetensors", boom)  # fails mid-way, after the gate allowed it
+    with pytest.raises(OSError):
+        release(model, "Acme Labs", tmp_path / "y", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    monkeypatch.undo()
+    assert not os.path.lexists(tmp_path / "y") and _store(tmp_path).recipients("m") == []
+    assert (sink.events[-1].action, sink.events[-1].outcome) == (audit.AuditAction.RELEASE_REFUSE, "denied")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".ww-tmp", ".warden"))]
+    ok = release(model, "Acme Labs", tmp_path / "z", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert ok.index == 0 and _store(tmp_path).recipients("m") == ["Acme Labs"]
+
+
+# -- the command line: enroll a key, release from a sealed master, the partner opens it --------------------
+def test_cli_release_to_an_enrolled_key_and_the_partner_opens_it(cli_env: dict[str, str], model: Path,
+                                                                  tmp_path: Path) -> None:  # fmt: skip
+    assert warden(cli_env, "init").returncode == 0
+    res = warden(cli_env, "seal", str(model), "-o", str(tmp_path / "m.sealed"))
+    assert res.returncode == 0, res.stderr
+    partner = pyrage.x25519.Identity.generate()
+    (tmp_path / "partner.key").write_text(f"# created: now\n{partner}\n")
+    res = warden(cli_env, "release", str(tmp_path / "m.sealed"), "--to", "Acme Labs", "--country", "DE", "-o",
+                 str(tmp_path / "nokey"))  # fmt: skip
+    assert res.returncode == 1 and "--recipient-key" in res.stderr and "warden recipient add" in res.stderr
+    assert not os.path.lexists(tmp_path / "nokey") and len(res.stderr.strip().splitlines()) == 1
+    res = warden(cli_env, "recipient", "add", "Acme Labs", "--pubkey", str(partner.to_public()), "--json")
+    assert res.returncode == 0, res.stderr
+    res = warden(cli_env, "recipient", "add", "\u202eAcme", "--pubkey", str(partner.to_public()))
+    assert res.returncode == 1 and "U+202E" in res.stderr and "\u202e" not in res.stderr
+    res = warden(cli_env, "release", str(tmp_path / "m.sealed"), "--to", "ACME LABS", "--country", "DE", "-o",
+                 str(tmp_path / "copy"), "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)["release"]
+    assert j["output"] == "sealed-to-recipient" and j["recipient"] == "ACME LABS" and j["master"] == "sealed"
+    pub = warden(cli_env, "key", "export-public", "--json")
+    our_key = json.loads(pub.stdout)["public_key"]
+    partner_env = {**cli_env, "WARDEN_HOME": str(tmp_path / "partner-home"), "WARDEN_PASSPHRASE": "none"}
+    res = warden(partner_env, "open", str(tmp_path / "copy"), "-o", str(tmp_path / "opened"), "--identity",
+                 str(tmp_path / "partner.key"), "--trust-key", our_key)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert load_file(str(tmp_path / "opened" / "model.safetensors"))[W].shape == (64, 256)
+    res = warden(cli_env, "open", str(tmp_path / "copy"), "-o", str(tmp_path / "ours"))  # our keyring: refused
+    assert res.returncode == 1 and "WrongKeyError" in res.stderr and not os.path.lexists(tmp_path / "ours")
+    bad = {**partner_env}
+    res = warden(bad, "open", str(tmp_path / "copy"), "-o", str(tmp_path / "o2"), "--identity",
+                 str(tmp_path / "partner.key"), "--trust-key", base64.b64encode(b"\x01" * 32).decode())  # fmt: skip
+    assert res.returncode == 1 and "Untrusted" in res.stderr
+    res = warden(cli_env, "trace", str(tmp_path / "opened"), "--model", str(tmp_path / "m.sealed"), "--json")
+    assert res.returncode == 0, res.stderr
+    assert [a["recipient"] for a in json.loads(res.stdout)["accused"]] == ["Acme Labs"]
+    log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
+    assert '"recipient:add"' in log and '"release:refuse"' in log
+
+
+def test_marking_in_place_equals_marking_a_copy() -> None:
+    """A sealed master's members are marked in the memory they were decrypted into: same bytes as a copy."""
+    from weightwarden.provenance.layout import detect_layout
+    from weightwarden.trace.mark import embed_tensors
+
+    rng = np.random.default_rng(1)
+    sd = {"model.embed_tokens.weight": rng.standard_normal((64, 32)).astype(np.float32),
+          "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((96, 32)).astype(np.float32),
+          "model.layers.0.mlp.up_proj.weight": rng.standard_normal((96, 32)).astype(np.float32),
+          "model.layers.0.mlp.down_proj.weight": rng.standard_normal((32, 96)).astype(np.float32)}  # fmt: skip
+    lay = detect_layout({k: v.shape for k, v in sd.items()})
+    x, key = rng.random(512) < 0.5, rng.bytes(32)
+    copies = embed_tensors(sd, lay, x, key, alpha=0.01)
+    mine = {k: v.copy() for k, v in sd.items()}
+    got = embed_tensors(mine, lay, x, key, alpha=0.01, inplace=True)
+    assert set(got) == set(copies) and all(got[k] is mine[k] for k in got)
+    assert all(np.array_equal(mine[k].view(np.uint32), copies[k].view(np.uint32)) for k in copies)
+    with pytest.raises(ValueError, match="in place"):
+        embed_tensors({k: v.T for k, v in sd.items()}, lay, x, key, inplace=True)
+
+
+def test_a_key_other_than_the_enrolled_one_is_refused(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
+    from weightwarden.trace import add_recipient
+
+    a, b = (str(pyrage.x25519.Identity.generate().to_public()) for _ in range(2))
+    add_recipient("Acme Labs", a, home=tmp_path / "h")
+    sink, prov = _sink(keyring)
+    with pytest.raises(RecipientKeyError, match="--replace"):
+        release(model, "acme labs", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h", model_id="m",
+                seal=(prov, keyring.signer()), recipient_key=b)  # fmt: skip
+    assert not os.path.lexists(tmp_path / "c") and _store(tmp_path).recipients("m") == []
+    assert [x.action for x in sink.events] == [audit.AuditAction.RELEASE_REFUSE]
+    single = tmp_path / "only.bin"
+    single.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
+    with pytest.raises(UnmarkableFilesError, match="pickle"):
+        release(single, "Acme Labs", tmp_path / "d", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
