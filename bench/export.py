@@ -68,7 +68,7 @@ def main() -> None:
     doc = json.loads((ROOT / "src/weightwarden/release/lists/sample_csl.json").read_text())
     doc["results"] = doc["results"] + v["list_extra"]
     extended = ScreeningList.parse(json.dumps(doc).encode(), "sample+extra")
-    parts = {part: _measure(extended, v[part], v[f"{part}_innocents"]) for part in ("tuning", "held_out")}
+    parts = {part: _measure(extended, v[part], v[f"{part}_innocents"]) for part in ("tuning", "held_out", "held_out_2")}
     rng = random.Random(0)
     gen = [Entry(f"gen-{i}", _name(rng), (_name(rng),) if rng.random() < 0.5 else ())
            for i in range(args.entries - len(sample.entries))]  # fmt: skip

@@ -29,10 +29,10 @@ from ..errors import WardenError
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize"]
 
 DEFAULT_THRESHOLD = 86.0
-_PUNCT = re.compile(r"[^\w\s]")
+_PUNCT = re.compile(r"[^\w\s]|_")
 _SPACE = re.compile(r"\s+")
 # a word spelled out with one punctuation mark between letters: "S.e.r.g.e.i", "T.A.C.R.C.", "N-o-v-a-t-e-k"
-_DOTTED = re.compile(r"(?<![\w.\-·'_/])(?:\w[.\-·'_/]){2,}\w(?:[.\-·'_/](?=\s|$))?(?![\w])")
+_DOTTED = re.compile(r"(?<![\w.\-·'/*])(?:[^\W_][.\-·'_/*]){2,}[^\W_](?:[.\-·'_/*](?=\s|,|$))?(?!\w)")
 _APOS = re.compile(r"(?<=\w)['’ʼ`](?=\w)")  # Int'l, O'Neil: one word
 
 
@@ -108,7 +108,7 @@ def _prepare(name: str) -> str:
     s = unicodedata.normalize("NFKC", name or "")
     s = _SPACE.sub(" ", s).strip()
     s = _unconfuse(s)
-    s = _DOTTED.sub(lambda m: re.sub(r"[^\w]", "", m.group(0)), s)
+    s = _DOTTED.sub(lambda m: re.sub(r"[\W_]", "", m.group(0)), s)
     return _APOS.sub("", s)
 
 
@@ -152,6 +152,7 @@ class ScreeningList:
 
     _combos: dict[str, list[tuple[int, frozenset[str], int]]] = field(default_factory=dict)
     _words: list[frozenset[str]] = field(default_factory=list)
+    _by_token: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.entries:
@@ -168,6 +169,8 @@ class ScreeningList:
                     tokens = frozenset(k.split())
                     if k != primary:  # an alias written together with words of the entry's names ("TACRC Tehran")
                         self._combos.setdefault(min(tokens), []).append((i, tokens, len(self._names)))
+                    for w in tokens:
+                        self._by_token.setdefault(w, []).append(len(self._names))
                     self._names.append(k)
                     self._tokens.append(tokens)
                     self._owner.append(i)
@@ -249,7 +252,10 @@ class ScreeningList:
             for j in np.flatnonzero(tset >= threshold - 1e-9):
                 nt = self._tokens[j]
                 small, big = (qt, nt) if len(qt) <= len(nt) else (nt, qt)
-                if len(small - generic) < 2 or not small <= big:
+                # an organisation's name shortened by a word that says which one it is ("Rostov Devices" for
+                # "Rostov Quantum Devices") is another organisation; people drop middle names
+                shortened_org = small is qt and bool((nt - qt) - generic) and self._organisation(j)
+                if len(small - generic) < 2 or not small <= big or shortened_org:
                     tset[j] = 0
             score = np.maximum(np.maximum(sort, plain), tset * 0.98)  # a subset match counts a little less
             for j in np.flatnonzero(score >= threshold - 1e-9):
@@ -259,6 +265,13 @@ class ScreeningList:
                     continue
                 self._keep(best, j, float(score[j]), q, nq, {"token_sort": round(float(sort[j]), 1),
                            "token_set": round(float(tset[j]), 1), "ratio": round(float(plain[j]), 1)})  # fmt: skip
+            # surname and initials: "M. A. Orlov" for "Mikhail Andreyevich Orlov", every initial a name's
+            full, initials = [w for w in qt if len(w) > 1], sorted(w for w in nq.split() if len(w) == 1)
+            if full and initials:
+                for j in set.intersection(*(set(self._by_token.get(w, ())) for w in full)):
+                    rest = self._tokens[j] - set(full)
+                    if not self._organisation(j) and sorted(w[0] for w in rest) == initials:
+                        self._keep(best, j, 90.0, q, nq, {"initials": " ".join(initials)})
             # an alias together with words of the entry's other names: every word accounted for
             for t in qt:
                 for i, at, j in self._combos.get(t, ()):
@@ -276,6 +289,9 @@ class ScreeningList:
                 "list": {"format": self.format, "sha256": self.sha256, "entries": len(self.entries),
                          "origin": self.origin}}  # fmt: skip
 
+
+    def _organisation(self, j: int) -> bool:
+        return self.entries[self._owner[j]].kind.lower() not in ("", "individual", "person")
 
     def _keep(self, best: dict[int, dict[str, Any]], j: int, s: float, q: str, nq: str,
               parts: dict[str, Any]) -> None:  # fmt: skip
