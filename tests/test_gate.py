@@ -22,6 +22,7 @@ from weightwarden.release.gate import (
     LicenseRecord,
     ReleaseDenied,
     ReleaseGate,
+    UnknownCountry,
     check_override,
 )
 from weightwarden.release.rules import RulesError
@@ -152,8 +153,8 @@ def test_the_gate_fails_closed_on_bad_configuration(tmp_path: Path) -> None:
         ReleaseGate.from_home(home)
     with pytest.raises(ReleaseDenied):
         ReleaseGate(default_rules(), None)
-    with pytest.raises(ReleaseDenied, match="ISO 3166"):
-        Destination("Acme", "Germany")
+    with pytest.raises(ReleaseDenied, match="ISO 3166"):  # issue 17: names are mapped, unknown codes refused
+        Destination("Acme", "Narnia")
 
 
 def test_release_cannot_skip_the_gate(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
@@ -437,3 +438,47 @@ def test_the_fused_matched_filter_equals_the_numpy_one() -> None:
             np.testing.assert_allclose(corr, want, rtol=1e-5, atol=1e-6)  # float32 differences, rounded apart
             np.testing.assert_allclose(var, np.bincount(sym[keep], weights=inv[unit][keep], minlength=ell))
             assert np.array_equal(chips, np.bincount(sym[keep], minlength=ell))
+
+
+# -- issue 17: countries are ISO 3166 -----------------------------------------------------------------
+def test_countries_are_iso_3166_and_every_decision_echoes_one(gate: ReleaseGate, model: Path) -> None:
+    for given, code in [("DE", "DE"), ("de", "DE"), ("DEU", "DE"), ("Germany", "DE"), ("USA", "US"),
+                        ("United States", "US"), ("UK", "GB"), ("North Korea", "KP")]:  # fmt: skip
+        assert Destination("Acme", given).country == code, given
+    small = classify(model, as_of=MARCH_2025)
+    big = classify(model, declared_flop=3e26, as_of=MARCH_2025)
+    # attack: USA was once an unlisted country; it is the US (tier 1 under 4E091: allowed), and the decision
+    # names the country it used
+    d = gate.decide(big, Destination("Acme", "USA"), model_id="m", as_of=MARCH_2025)
+    assert d.country == "US" and d.decision == "allow" and "destination:US" in {r.code for r in d.reasons}
+    assert d.to_json()["country"] == "US"
+    # North Korea by name is tier 3 (presumption of denial), not an unlisted country
+    assert gate.decide(big, Destination("Acme", "North Korea"), model_id="m", as_of=MARCH_2025).decision == "deny"
+    assert gate.decide(small, Destination("Acme", "Germany"), model_id="m", as_of=MARCH_2025).country == "DE"
+    # attack: a made-up, historical, supranational, ambiguous or city "country" is refused, never unlisted
+    for bad in ["XX", "ZZ", "EU", "SU", "ZZZ", "Korea", "Tehran", "", "D3", "\x1b[31mDE"]:
+        with pytest.raises(UnknownCountry, match="ISO 3166"):
+            Destination("Acme", bad)
+    with pytest.raises(UnknownCountry, match="'XX'"):
+        LicenseRecord.from_json({"id": "L", "regimes": ["r"], "recipient": "Acme", "countries": ["XX"],
+                                 "models": ["*"], "valid_from": "2025-01-01", "valid_until": "2025-12-31"})  # fmt: skip
+
+
+def test_cli_unknown_country_is_refused_and_audited(cli_env: dict[str, str], model: Path, tmp_path: Path) -> None:
+    assert warden(cli_env, "init").returncode == 0
+    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "XX", "-o", str(tmp_path / "a"),
+               )  # fmt: skip
+    assert r.returncode == 1 and "--country 'XX'" in r.stderr and "alpha-2" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
+    assert log[-1]["action"] == "release:gate" and log[-1]["outcome"] == "denied" and "'XX'" in str(log[-1])
+    r = warden(cli_env, "classify", str(model), "--country", "USA", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["country"] == "US"
+    r = warden(cli_env, "classify", str(model), "--country", "Atlantis")
+    assert r.returncode == 1 and "--country 'Atlantis'" in r.stderr
+    r = warden(cli_env, "screen", "Acme", "--country", "United States", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["country"] == "US"
+    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "Germany", "-o", str(tmp_path / "b"),
+               )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert " in DE " in r.stdout

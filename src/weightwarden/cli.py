@@ -1130,7 +1130,7 @@ def classify_cmd(
     for o in c.outcomes:
         t.add_row(o["regime"], o["outcome"], "; ".join(o["reasons"]))
     out.print(t)
-    out.print(f"rules {c.rules_version}, as of {c.as_of}")
+    out.print(f"rules {c.rules_version}, as of {c.as_of}" + (f", destination {c.country}" if c.country else ""))
 
 
 @app.command("screen")
@@ -1165,6 +1165,10 @@ def screen_cmd(
         atomic_write_bytes(store / "list.json", json.dumps(rec).encode(), force=True)
         _emit(rec, as_json, f"screening list {file.name}: {len(lst.entries)} entries, sha256 {lst.sha256[:16]}…")
         return
+    if country is not None:  # ISO 3166: USA, United States -> US; an unknown country is refused
+        from .release.countries import resolve_country
+
+        country = resolve_country(country)
     lst = ScreeningList.load(file) if file is not None else ScreeningList.from_home(home or default_home())
     if lst.is_sample:
         err.print("note: screening against the shipped SAMPLE list (fictitious); load a real one with "
@@ -1179,7 +1183,7 @@ def screen_cmd(
                   ",".join(h["entry"]["countries"]))  # fmt: skip
     out.print(t)
     out.print(f"{r['decision'].upper()} (threshold {threshold:g}; list {r['list']['origin']}, "
-              f"{r['list']['entries']} entries)")  # fmt: skip
+              f"{r['list']['entries']} entries" + (f"; country {country}" if country else "") + ")")  # fmt: skip
 
 
 # -- release and trace: per-recipient fingerprints ----------------------------------------------
@@ -1246,8 +1250,8 @@ def release_cmd(
     _log(home, audit.AuditAction.RELEASE_CREATE, rel.model_id, recipient=to, code_id=rel.code_id, gate=rel.gate,
          rules_version=rel.rules_version)  # fmt: skip
     _emit({"released": True, "release": rel.to_json(), "output": str(output)}, as_json,
-          f"released {rel.model_id} to {to} (code {rel.code_id}; gate: {rel.gate}, rules {rel.rules_version}) "
-          f"at {output}")  # fmt: skip
+          f"released {rel.model_id} to {to} in {rel.country or '??'} (code {rel.code_id}; gate: {rel.gate}, "
+          f"rules {rel.rules_version}) at {output}")  # fmt: skip
 
 
 @license_app.command("add")

@@ -111,6 +111,7 @@ class Classification:
     outcomes: list[dict[str, Any]]
     rules_version: str
     as_of: str
+    country: str | None = None  # the destination the outcomes were evaluated for (ISO 3166 alpha-2)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,7 +123,7 @@ class Classification:
         c = d.get("compute")
         return cls(str(d["model"]), int(d["total_params"]), int(d["active_params"]), dict(d.get("moe") or {}),
                    Compute(**c) if c else None, bool(d["published"]), list(d.get("outcomes") or []),
-                   str(d.get("rules_version", "")), str(d.get("as_of", "")))  # fmt: skip
+                   str(d.get("rules_version", "")), str(d.get("as_of", "")), d.get("country"))  # fmt: skip
 
 
 def _config(path: Path) -> dict[str, Any]:
@@ -140,8 +141,10 @@ def classify(model: str | os.PathLike[str], *, rules: Any = None, as_of: date | 
              **open_kw: Any) -> Classification:  # fmt: skip
     """Classify a checkpoint (file, HF folder, sealed file or bundle) under ``rules`` (default: shipped)."""
     from ..provenance.source import open_source
+    from .countries import resolve_country
     from .rules import default_rules
 
+    country = resolve_country(country) if country is not None else None
     path = Path(model)
     cfg = _config(path) if path.exists() else {}
     k = experts_per_token or cfg.get("num_experts_per_tok")
@@ -164,4 +167,5 @@ def classify(model: str | os.PathLike[str], *, rules: Any = None, as_of: date | 
     when = as_of or date.today()
     outs = rs.evaluate(total_params=total, active_params=active, compute=comp, published=published, as_of=when,
                        country=country)  # fmt: skip
-    return Classification(path.name, total, active, moe, comp, published, outs, rs.version, when.isoformat())
+    return Classification(path.name, total, active, moe, comp, published, outs, rs.version, when.isoformat(),
+                          country)  # fmt: skip

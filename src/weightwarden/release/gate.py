@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import WardenError
 
 __all__ = ["DECISIONS", "Destination", "GateDecision", "LicenseBook", "LicenseRecord", "Reason", "ReleaseDenied",
-           "ReleaseGate", "check_override"]  # fmt: skip
+           "ReleaseGate", "UnknownCountry", "check_override"]  # fmt: skip
 
 DECISIONS = ("allow", "needs-license", "needs-review", "deny")  # lowest severity first
 _FROM_REGIME = {"allowed": "allow", "notify": "allow", "license-required": "needs-license",
@@ -45,6 +45,10 @@ class ReleaseDenied(WardenError):
         self.decision = decision
 
 
+class UnknownCountry(ReleaseDenied):
+    """A destination country that is not an ISO 3166 country (code or English name)."""
+
+
 @dataclass(frozen=True)
 class Destination:
     """Who receives the copy: the end user as screened, its other names, and the country it goes to."""
@@ -56,8 +60,10 @@ class Destination:
     def __post_init__(self) -> None:
         if not self.recipient or len(self.recipient) > 256 or any(ord(c) < 32 for c in self.recipient):
             raise ReleaseDenied("a recipient is 1-256 printable characters")
-        if self.country is not None and (len(self.country) != 2 or not self.country.isalpha()):
-            raise ReleaseDenied("a country is an ISO 3166 alpha-2 code (two letters)")
+        if self.country is not None:  # ISO 3166: alpha-2 checked, alpha-3 and names mapped (US, USA, United States)
+            from .countries import resolve_country
+
+            object.__setattr__(self, "country", resolve_country(self.country))
 
 
 @dataclass(frozen=True)
@@ -101,8 +107,10 @@ class LicenseRecord:
     @classmethod
     def from_json(cls, o: Any) -> LicenseRecord:
         try:
+            from .countries import resolve_country
+
             rec = cls(str(o["id"]), tuple(map(str, o["regimes"])), str(o["recipient"]),
-                      tuple(str(c).upper() for c in o["countries"]), tuple(map(str, o["models"])),
+                      tuple(resolve_country(str(c)) for c in o["countries"]), tuple(map(str, o["models"])),
                       date.fromisoformat(o["valid_from"]), date.fromisoformat(o["valid_until"]),
                       str(o.get("authority", "")), str(o.get("reference", "")))  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
@@ -242,6 +250,11 @@ class ReleaseGate:
         summary: dict[str, Any] = {}
         if dest.country is None:
             reasons.append(Reason("destination:unknown", "needs-review", "the destination country is not known"))
+        else:
+            from .countries import country_name
+
+            reasons.append(Reason(f"destination:{dest.country}", "allow",
+                                  f"destination {dest.country} ({country_name(dest.country)})"))  # fmt: skip
         if classification is None:
             reasons.append(Reason("classification:failed", "needs-review", "the model could not be classified"))
         else:

@@ -140,8 +140,13 @@ def release(
     model_id = model_id or model.stem
     store = _store(home, db)
     store._model_path(model_id)  # a bad id is refused before anything is decided
-    gate = gate or ReleaseGate.from_home(home)
-    dest = Destination(recipient, country, tuple(aliases))
+    try:
+        gate = gate or ReleaseGate.from_home(home)
+        dest = Destination(recipient, country, tuple(aliases))
+    except ReleaseDenied as e:  # an unknown country, a rolled-back rules file: the refusal is audited
+        provider.audit.emit(audit.event(AuditAction.RELEASE_GATE, "denied", subject=model_id,
+                                        detail={"reason": str(e)}, now=now))  # fmt: skip
+        raise
     when = (now or datetime.now(UTC)).date()
     decision = gate.decide_model(model, dest, model_id=model_id, as_of=when, **(classify_kw or {}))
     outcome = "ok" if decision.allowed else "denied"
