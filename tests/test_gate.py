@@ -52,7 +52,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gate() -> ReleaseGate:
-    return ReleaseGate(default_rules(), ScreeningList.load(SAMPLE))
+    return ReleaseGate(default_rules(), ScreeningList.load(SAMPLE), allow_sample_list=True)  # a demonstration
 
 
 def test_decisions_and_their_reasons(gate: ReleaseGate, model: Path) -> None:
@@ -482,3 +482,80 @@ def test_cli_unknown_country_is_refused_and_audited(cli_env: dict[str, str], mod
                )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert " in DE " in r.stdout
+
+
+# -- issue 17: the sample list is not a real list; screening attacks through the broker ---------------
+def test_attack_the_sample_list_is_not_a_real_list(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model: Path,
+                                                   keyring: ww.Keyring) -> None:  # fmt: skip
+    from weightwarden.trace import release
+
+    monkeypatch.delenv("WARDEN_ALLOW_SAMPLE_LIST")
+    small = classify(model, as_of=MARCH_2025)
+    # however it is loaded (shipped, or fed back through `screen update`), the sample is known by its digest
+    for lst in (ScreeningList.load(SAMPLE), ScreeningList.parse(SAMPLE.read_bytes(), "real.json")):
+        d = ReleaseGate(default_rules(), lst).decide(small, Destination("Acme Robotics GmbH", "DE"), model_id="m",
+                                                     as_of=MARCH_2025)  # fmt: skip
+        assert d.decision == "deny" and d.blocking == {"screening:sample-list"}
+        with pytest.raises(ReleaseDenied, match="no override covers"):  # two approvers cannot make it real
+            check_override(d, {"screening:sample-list"})
+    ok = ReleaseGate(default_rules(), ScreeningList.load(SAMPLE), allow_sample_list=True)
+    d = ok.decide(small, Destination("Acme Robotics GmbH", "DE"), model_id="m", as_of=MARCH_2025)
+    assert d.allowed and "screening:sample-list-allowed" in {r.code for r in d.reasons}
+    # the library's release refuses, writes nothing and audits the refusal
+    sink = audit.MemorySink()
+    prov = keyring.provider()
+    prov.audit = sink
+    with pytest.raises(ReleaseDenied, match="sample"):
+        release(model, "Acme Robotics GmbH", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h")
+    assert not (tmp_path / "c").exists() and sink.events[-1].outcome == "denied"
+    assert sink.events[-1].detail["blocking"] == ["screening:sample-list"]
+    # a real list (any other digest) is screened as before
+    real = ScreeningList.parse(SAMPLE.read_bytes().replace(b"Sergei", b"Sergej"), "real.json")
+    assert not real.is_sample
+    assert ReleaseGate(default_rules(), real).decide(small, Destination("Acme", "DE"), model_id="m",
+                                                     as_of=MARCH_2025).allowed  # fmt: skip
+
+
+def test_cli_sample_list_needs_the_flag(cli_env: dict[str, str], model: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in cli_env.items() if k != "WARDEN_ALLOW_SAMPLE_LIST"}
+    assert warden(env, "init").returncode == 0
+    r = warden(env, "release", str(model), "--to", "Acme Labs", "--country", "FR", "-o", str(tmp_path / "a"))
+    assert r.returncode == 1 and "screening:sample-list" in r.stderr and "--allow-sample-list" in r.stderr
+    assert not (tmp_path / "a").exists()
+    r = warden(env, "release", str(model), "--to", "Acme Labs", "--country", "FR", "-o", str(tmp_path / "a"),
+               "--allow-sample-list")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    log = (Path(env["WARDEN_HOME"]) / "audit.jsonl").read_text()
+    assert "screening:sample-list-allowed" in log
+
+
+def test_attack_look_alike_names_are_denied_through_the_broker(db_url: str, tmp_path: Path, model: Path,
+                                                               keyring: ww.Keyring) -> None:  # fmt: skip
+    """Issue 17: through the broker a look-alike spelling of a listed party was allowed with no override while
+    the plain name was denied.  Both are denied now, for the same entry, and a made-up country is refused."""
+    pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.broker.service import Broker, BrokerConfig, BrokerError
+    from weightwarden.broker.storage import LocalWeightStore
+    from weightwarden.keys import Ed25519Signer
+
+    from .test_broker import Account
+
+    sealed = tmp_path / "m.wws"
+    ww.seal(model / "model.safetensors", sealed, keyring=keyring)
+    log = AuditLog(db_url, Ed25519Signer.generate())
+    gate = ReleaseGate(default_rules(), ScreeningList.load(SAMPLE), allow_sample_list=True)
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    with Broker(db_url, LocalWeightStore(tmp_path / "store"), log, BrokerConfig(chunk=1 << 16), gate=gate) as b:
+        b.add_account("rel", "human", Account("rel").pub, {"releaser"}, {"core"})
+        b.add_model("m", "core", sealed, classification=classify(sealed, keyring=keyring))
+        rel = b.principal("rel")
+        lookalike = "\u0405\u0435rg\u0435\u0456 \u0406\u03bd\u0430n\u043e\u03bd\u0456\u0441h \u03a1\u0435tr\u043e\u03bd"
+        for name in (LISTED, lookalike, "S.e.r.g.e.i P.e.t.r.o.v"):
+            req = b.request_copy(rel, "m", "release", recipient=name, country="Germany", now=now)
+            assert req["gate"]["decision"] == "deny" and req["gate"]["blocking"] == ["screening:sample-000"], name
+            assert req["country"] == "DE" and req["gate"]["country"] == "DE"  # the country used, echoed
+        with pytest.raises(BrokerError, match="--country 'XX'"):
+            b.request_copy(rel, "m", "release", recipient="Acme", country="XX", now=now)
+        last = list(log.export())[-1]["event"]
+        assert last["action"] == "release:gate" and last["outcome"] == "denied"

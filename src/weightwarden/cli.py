@@ -929,6 +929,16 @@ TokensOpt = Annotated[float | None, typer.Option("--tokens", help="training toke
 ComputeOpt = Annotated[float | None, typer.Option("--compute", help="declared training compute, FLOP")]
 PublishedOpt = Annotated[bool, typer.Option("--published", help="the weights are published")]
 ExpertsOpt = Annotated[int | None, typer.Option("--experts-per-token", min=1)]
+AllowSampleOpt = Annotated[bool, typer.Option(
+    "--allow-sample-list", help="let the gate screen against the shipped fictitious SAMPLE list (demonstrations)")]
+DeclarationOpt = Annotated[Path | None, typer.Option(
+    "--declaration", help="a signed training declaration (FILE and FILE.sig, by a key in release/compliance-keys)")]
+
+
+def _declaration_kw(declaration: Path | None, home: Path | None) -> dict[str, Any]:
+    from .release.declaration import compliance_keys
+
+    return {"declaration": declaration, "compliance_keys": compliance_keys(home)} if declaration else {}
 BrokerDbOpt = Annotated[
     str | None,
     typer.Option("--db", envvar="WARDEN_BROKER_DB", help="SQLAlchemy URL of the broker's state and audit log "
@@ -937,7 +947,8 @@ BrokerDbOpt = Annotated[
 
 
 def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None,
-            gate: bool = False, per_principal: tuple[float, float] | None = None) -> Any:  # fmt: skip
+            gate: bool = False, per_principal: tuple[float, float] | None = None,
+            allow_sample_list: bool | None = None) -> Any:  # fmt: skip
     """A broker over the keyring's signing key (it signs the audit log's tree heads); with ``gate``, the
     export-control gate configured under ``home`` decides its release requests."""
     from .broker.auditlog import AuditLog
@@ -963,7 +974,7 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
     if gate:
         from .release.gate import ReleaseGate
 
-        return Broker(url, ws, log, cfg, gate=ReleaseGate.from_home(h))
+        return Broker(url, ws, log, cfg, gate=ReleaseGate.from_home(h, allow_sample_list=allow_sample_list))
     return Broker(url, ws, log, cfg)
 
 
@@ -1006,6 +1017,7 @@ def broker_model(
     compute: ComputeOpt = None,
     published: PublishedOpt = False,
     experts_per_token: ExpertsOpt = None,
+    declaration: DeclarationOpt = None,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
     home: HomeOpt = None,
@@ -1016,7 +1028,8 @@ def broker_model(
     from .release import classify
 
     c = classify(sealed, tokens=tokens, declared_flop=compute, published=published,
-                 experts_per_token=experts_per_token, **_model_kw(sealed, home))  # fmt: skip
+                 experts_per_token=experts_per_token, **_declaration_kw(declaration, home),
+                 **_model_kw(sealed, home))  # fmt: skip
     with _broker(db, store, home) as b:
         size = b.add_model(name, team, sealed, trust=TrustStore.load(home), actor=audit._default_actor(),
                            classification=c)  # fmt: skip
@@ -1043,6 +1056,7 @@ def serve_cmd(
     egress_burst: Annotated[
         float | None, typer.Option("--egress-burst", help="bytes a principal may stream at once [default: 20e9]")
     ] = None,
+    allow_sample_list: AllowSampleOpt = False,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
     home: HomeOpt = None,
@@ -1056,7 +1070,7 @@ def serve_cmd(
     pp = None
     if egress_rate is not None or egress_burst is not None:
         pp = (egress_rate if egress_rate is not None else 50e6, egress_burst if egress_burst is not None else 20e9)
-    b = _broker(db, store, home, audience, gate=True, per_principal=pp)
+    b = _broker(db, store, home, audience, gate=True, per_principal=pp, allow_sample_list=allow_sample_list or None)
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
     sys.setswitchinterval(0.001)  # short GIL slices: a policy decision never waits a 5 ms slice behind a stream
     sys.stderr.write(f"audit log public key (pin it): {b.log.public_key.hex()}\n")
@@ -1097,6 +1111,7 @@ def classify_cmd(
     as_of: Annotated[str | None, typer.Option("--as-of", help="evaluate the rules at this date (YYYY-MM-DD)")] = None,
     rules: Annotated[Path | None, typer.Option("--rules", help="a signed rules file (FILE + FILE.sig)")] = None,
     rules_key: Annotated[str | None, typer.Option("--rules-key", help="Ed25519 key (hex) that signs --rules")] = None,
+    declaration: DeclarationOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1118,14 +1133,22 @@ def classify_cmd(
         rs = load_rules(rules, keys)
     c = classify(model, rules=rs, as_of=when, country=country, tokens=tokens, declared_flop=compute,
                  chip_hours=chip_hours, peak_flops=peak_flops, utilization=utilization, published=published,
-                 experts_per_token=experts_per_token, **_model_kw(model, home))  # fmt: skip
+                 experts_per_token=experts_per_token, **_declaration_kw(declaration, home),
+                 **_model_kw(model, home))  # fmt: skip
     j = c.to_json()
     if as_json:
         _emit(j, True)
         return
     comp = c.compute
     flop = f"{comp.flop:.2e} FLOP ({comp.method}, {comp.low:.1e}..{comp.high:.1e})" if comp else "unknown"
-    out.print(f"{c.model}: {c.total_params:,} parameters ({c.active_params:,} active); training compute {flop}")
+    out.print(f"{c.model}: {c.total_params:,} parameters ({c.active_params:,} active); training compute {flop}"
+              + (f" [{c.source}]" if c.source else ""))  # fmt: skip
+    if c.claimed:
+        out.print(f"claimed, unsigned (config.json): {c.claimed.flop:.2e} FLOP: can only make an outcome stricter")
+    from rich.markup import escape
+
+    for doubt in c.doubts:
+        out.print(f"needs review: {escape(ascii(doubt)[1:-1])}")
     t = Table("regime", "outcome", "reasons")
     for o in c.outcomes:
         t.add_row(o["regime"], o["outcome"], "; ".join(o["reasons"]))
@@ -1203,6 +1226,7 @@ def release_cmd(
     compute: ComputeOpt = None,
     published: PublishedOpt = False,
     experts_per_token: ExpertsOpt = None,
+    declaration: DeclarationOpt = None,
     request: Annotated[
         str | None, typer.Option("--request", help="the broker's approved release request (two-person rule)")
     ] = None,
@@ -1210,6 +1234,7 @@ def release_cmd(
     store: StoreOpt = None,
     seal_out: Annotated[bool, typer.Option("--seal", help="seal the copy (sealed-checkpoint format)")] = False,
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
+    allow_sample_list: AllowSampleOpt = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1222,7 +1247,8 @@ def release_cmd(
     from .trace import release
 
     kr = _keyring(home)
-    ckw = {"tokens": tokens, "declared_flop": compute, "published": published, "experts_per_token": experts_per_token}
+    ckw = {"tokens": tokens, "declared_flop": compute, "published": published, "experts_per_token": experts_per_token,
+           **_declaration_kw(declaration, home)}  # fmt: skip
     with contextlib.ExitStack() as stack:
         approval: Any = None
         b = None
@@ -1234,6 +1260,10 @@ def release_cmd(
 
         kw = {"provider": kr.provider(), "country": country, "aliases": tuple(alias or ()), "approval": approval,
               "classify_kw": ckw, "model_id": model_id, "home": home, "db": db}  # fmt: skip
+        if allow_sample_list:
+            from .release.gate import ReleaseGate
+
+            kw["gate"] = ReleaseGate.from_home(home, allow_sample_list=True)
         try:
             rel = release(model, to, output, force=force, seal=(kr.provider(), kr.signer()) if seal_out else None, **kw)
         except ReleaseDenied as e:

@@ -132,3 +132,11 @@ __all__ = [
     "WardenError",
     "WrongKeyError",
 ]
+
+
+class DeclarationError(WardenError):
+    """A training-compute declaration that is unsigned, signed by an untrusted key, malformed, or names
+    another model (issue 17)."""
+
+
+__all__ += ["DeclarationError"]

@@ -33,6 +33,7 @@ __all__ = ["DECISIONS", "Destination", "GateDecision", "LicenseBook", "LicenseRe
            "ReleaseGate", "UnknownCountry", "check_override"]  # fmt: skip
 
 DECISIONS = ("allow", "needs-license", "needs-review", "deny")  # lowest severity first
+SAMPLE_LIST = "screening:sample-list"  # screened against the fictitious sample: never overridable
 _FROM_REGIME = {"allowed": "allow", "notify": "allow", "license-required": "needs-license",
                 "needs-review": "needs-review", "presumption-of-denial": "deny"}  # fmt: skip
 
@@ -199,6 +200,9 @@ class GateDecision:
 def check_override(decision: GateDecision, overridden: frozenset[str] | set[str]) -> None:
     """Raise :class:`ReleaseDenied` unless every blocking reason of ``decision`` is among the
     ``overridden`` codes (those an approved override named)."""
+    if SAMPLE_LIST in decision.blocking:  # no approval makes a fictitious list a real one
+        raise ReleaseDenied("screened against the shipped sample list: no override covers that (load a real "
+                            "list with `warden screen update --file`)", decision)  # fmt: skip
     new = decision.blocking - set(overridden)
     if new:
         raise ReleaseDenied(f"the approved override does not cover: {', '.join(sorted(new))}", decision)
@@ -208,17 +212,23 @@ class ReleaseGate:
     """The export-control gate over one rule set, one screening list and the license records."""
 
     def __init__(self, rules: Any, screening: Any, licenses: LicenseBook | None = None, *,
-                 threshold: float | None = None):  # fmt: skip
+                 threshold: float | None = None, allow_sample_list: bool | None = None):  # fmt: skip
         from .screen import DEFAULT_THRESHOLD
 
         if rules is None or screening is None:
             raise ReleaseDenied("the gate needs a verified rule set and a screening list")
         self.rules, self.screening = rules, screening
+        # the shipped sample list is fictitious: screening against it clears real parties (issue 17); the operator
+        # allows it for a demonstration (--allow-sample-list, or WARDEN_ALLOW_SAMPLE_LIST=1)
+        if allow_sample_list is None:
+            allow_sample_list = os.environ.get("WARDEN_ALLOW_SAMPLE_LIST", "") == "1"
+        self.allow_sample_list = allow_sample_list
         self.licenses = licenses or LicenseBook()
         self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
 
     @classmethod
-    def from_home(cls, home: str | os.PathLike[str] | None = None) -> ReleaseGate:
+    def from_home(cls, home: str | os.PathLike[str] | None = None, *,
+                  allow_sample_list: bool | None = None) -> ReleaseGate:  # fmt: skip
         """The gate as configured under ``home``: the shipped rules (or ``release/rules.toml`` signed by a
         key in ``release/rules-keys``), the list loaded by ``warden screen update`` (else the shipped sample),
         and ``release/licenses.json``."""
@@ -236,7 +246,8 @@ class ReleaseGate:
             rules = load_rules(own, keys)
         else:
             rules = default_rules()
-        return cls(rules, ScreeningList.from_home(h), LicenseBook.load(h / "release" / "licenses.json"))
+        return cls(rules, ScreeningList.from_home(h), LicenseBook.load(h / "release" / "licenses.json"),
+                   allow_sample_list=allow_sample_list)  # fmt: skip
 
     def decide(
         self, classification: Any, dest: Destination, *, model_id: str, as_of: date | None = None
@@ -261,10 +272,16 @@ class ReleaseGate:
             comp = classification.compute
             summary = {"total_params": classification.total_params, "active_params": classification.active_params,
                        "compute_flop": comp.flop if comp else None, "compute_method": comp.method if comp else None,
-                       "published": classification.published}  # fmt: skip
-            c = classification
-            outs = self.rules.evaluate(total_params=c.total_params, active_params=c.active_params, compute=comp,
-                                       published=c.published, as_of=when, country=dest.country)  # fmt: skip
+                       "published": classification.published, "compute_source": classification.source,
+                       "claimed_flop": classification.claimed.flop if classification.claimed else None,
+                       "doubts": list(classification.doubts)}  # fmt: skip
+            from .classify import evaluate_outcomes
+
+            # what is only claimed (unsigned) can make an outcome stricter, never more lenient
+            outs = evaluate_outcomes(self.rules, classification, as_of=when, country=dest.country)
+            if classification.doubts:
+                reasons.append(Reason("classification:implausible", "needs-review",
+                                      "; ".join(classification.doubts)))  # fmt: skip
             for o in outs:
                 outcome = _FROM_REGIME[o["outcome"]]
                 text = f"{o['regime']}: {o['outcome']} ({'; '.join(o['reasons'])})"
@@ -288,6 +305,13 @@ class ReleaseGate:
             reasons.append(Reason(f"screening:{e['id']}", "deny",
                                   f"{dest.recipient!r} matches {e['name']!r} on {e['source'] or 'the list'} "
                                   f"(score {h['score']}, matched {h['matched_name']!r})"))  # fmt: skip
+        if getattr(self.screening, "is_sample", False) and not self.allow_sample_list:
+            reasons.append(Reason(SAMPLE_LIST, "deny", "screened against the shipped SAMPLE list (fictitious parties),"
+                                  " not a real one: load one with `warden screen update --file`, or pass "
+                                  "--allow-sample-list for a demonstration"))  # fmt: skip
+        elif getattr(self.screening, "is_sample", False):
+            reasons.append(Reason(f"{SAMPLE_LIST}-allowed", "allow", "screened against the shipped SAMPLE list "
+                                  "(fictitious parties), allowed for a demonstration"))  # fmt: skip
         if not hits:
             reasons.append(Reason("screening:clear", "allow", f"no match at threshold {self.threshold:g} among "
                                   f"{len(self.screening.entries)} listed parties"))  # fmt: skip

@@ -127,6 +127,13 @@ def normalize(name: str) -> str:
     return " ".join(_canonical(s.split()))
 
 
+@lru_cache(maxsize=1)
+def _sample_sha256() -> str:
+    from importlib import resources
+
+    return hashlib.sha256(resources.files(__package__).joinpath("lists/sample_csl.json").read_bytes()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Entry:
     id: str
@@ -189,6 +196,12 @@ class ScreeningList:
 
     @classmethod
     def parse(cls, data: bytes, origin: str = "") -> ScreeningList:
+        lst = cls._parse(data, origin)
+        lst.is_sample = lst.sha256 == _sample_sha256()  # the fictitious sample, however it was loaded
+        return lst
+
+    @classmethod
+    def _parse(cls, data: bytes, origin: str = "") -> ScreeningList:
         digest = hashlib.sha256(data).hexdigest()
         try:
             text = data.decode("utf-8-sig")

@@ -18,7 +18,7 @@ import numpy as np
 from .. import audit
 from .._atomic import atomic_output, write_all
 from ..audit import AuditAction
-from ..errors import OutputExistsError, UnsupportedModelError
+from ..errors import OutputExistsError, UnsupportedModelError, WardenError
 from ..keys.provider import KeyProvider
 from ..provenance.layout import detect_layout
 from ..provenance.source import TensorSource
@@ -140,15 +140,15 @@ def release(
     model_id = model_id or model.stem
     store = _store(home, db)
     store._model_path(model_id)  # a bad id is refused before anything is decided
+    when = (now or datetime.now(UTC)).date()
     try:
         gate = gate or ReleaseGate.from_home(home)
         dest = Destination(recipient, country, tuple(aliases))
-    except ReleaseDenied as e:  # an unknown country, a rolled-back rules file: the refusal is audited
+        decision = gate.decide_model(model, dest, model_id=model_id, as_of=when, **(classify_kw or {}))
+    except WardenError as e:  # an unknown country, a bad declaration or rules file: the refusal is audited
         provider.audit.emit(audit.event(AuditAction.RELEASE_GATE, "denied", subject=model_id,
                                         detail={"reason": str(e)}, now=now))  # fmt: skip
         raise
-    when = (now or datetime.now(UTC)).date()
-    decision = gate.decide_model(model, dest, model_id=model_id, as_of=when, **(classify_kw or {}))
     outcome = "ok" if decision.allowed else "denied"
     if approval is not None:
         try:
