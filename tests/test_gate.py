@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import save_file
 
 import weightwarden as ww
@@ -559,3 +561,74 @@ def test_attack_look_alike_names_are_denied_through_the_broker(db_url: str, tmp_
             b.request_copy(rel, "m", "release", recipient="Acme", country="XX", now=now)
         last = list(log.export())[-1]["event"]
         assert last["action"] == "release:gate" and last["outcome"] == "denied"
+
+
+# -- issue 17: rules cannot be rolled back -----------------------------------------------------------------
+def _rules_home(home: Path, version: str, key: object) -> None:
+    """Install rules of ``version`` under ``home``, signed by a test key (the shipped key's private half is not in
+    the repository)."""
+    text = (Path(__file__).parents[1] / "src/weightwarden/release/rules/default.toml").read_text()
+    text = text.replace(f'version = "{default_rules().version}"', f'version = "{version}"')
+    (home / "release").mkdir(parents=True, exist_ok=True)
+    (home / "release" / "rules.toml").write_text(text)
+    (home / "release" / "rules.toml.sig").write_text(key.sign(text.encode()).hex())  # type: ignore[attr-defined]
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()  # type: ignore[attr-defined]
+    (home / "release" / "rules-keys").write_text(pub + "\n")
+
+
+def test_attack_rules_cannot_be_rolled_back(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
+    from weightwarden.release.rules_version import RulesRollback
+    from weightwarden.trace import release
+
+    key = Ed25519PrivateKey.generate()
+    home = tmp_path / "h"
+    _rules_home(home, "2026-12-01.2", key)
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.2"
+    _rules_home(home, "2026-12-01.10", key)  # numbers, not text: .10 is newer than .2
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.10"
+    # the attack: an older file, validly signed, put back
+    _rules_home(home, "2026-12-01.2", key)
+    with pytest.raises(RulesRollback, match=r"'2026-12-01\.2' is older than version '2026-12-01\.10'"):
+        ReleaseGate.from_home(home)
+    sink = audit.MemorySink()
+    prov = keyring.provider()
+    prov.audit = sink
+    with pytest.raises(RulesRollback):
+        release(model, "Acme Robotics GmbH", tmp_path / "c", provider=prov, country="DE", home=home)
+    assert not (tmp_path / "c").exists()
+    assert sink.events[-1].outcome == "denied" and "rolled back" in sink.events[-1].detail["reason"]
+    # removing the file to fall back to the older shipped rules is a rollback too
+    for f in ("rules.toml", "rules.toml.sig"):
+        (home / "release" / f).unlink()
+    with pytest.raises(RulesRollback):
+        ReleaseGate.from_home(home)
+    _rules_home(home, "2026-12-01.10", key)  # the newest again: accepted
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.10"
+    _rules_home(home, "no number", key)
+    with pytest.raises(RulesError, match="no number"):
+        ReleaseGate.from_home(home)
+
+
+def test_attack_the_broker_refuses_rolled_back_rules(db_url: str, tmp_path: Path) -> None:
+    pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.broker.service import Broker, BrokerConfig
+    from weightwarden.broker.storage import LocalWeightStore
+    from weightwarden.keys import Ed25519Signer
+    from weightwarden.release.rules import load_rules
+    from weightwarden.release.rules_version import RulesRollback
+
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    gates = {}
+    for v in ("2026-12-01.1", "2026-12-02.1"):
+        _rules_home(tmp_path / v, v, key)
+        gates[v] = ReleaseGate(load_rules(tmp_path / v / "release" / "rules.toml", [pub]), ScreeningList.load(SAMPLE))
+    log = AuditLog(db_url, Ed25519Signer.generate())
+    store = LocalWeightStore(tmp_path / "store")
+    Broker(db_url, store, log, BrokerConfig(), gate=gates["2026-12-02.1"]).close()
+    with pytest.raises(RulesRollback, match="already used by this broker"):
+        Broker(db_url, store, log, BrokerConfig(), gate=gates["2026-12-01.1"])
+    ev = list(log.export())[-1]["event"]
+    assert ev["action"] == "release:gate" and ev["outcome"] == "denied" and "rolled back" in ev["reason"]
+    Broker(db_url, store, log, BrokerConfig(), gate=gates["2026-12-02.1"]).close()  # the same version: fine

@@ -177,6 +177,15 @@ class Broker:
         self.sink = MerkleLogSink(self.log)
         self._decisions: deque[float] = deque(maxlen=100_000)  # seconds per policy decision, newest last
         self._jti_inserts = 0
+        if self.gate is not None:  # issue 17: a rules file older than one this broker used is refused
+            from ..release.rules_version import RulesRollback, check_database
+
+            try:
+                check_database(self.engine, self.gate.rules)
+            except RulesRollback as e:
+                self.audit(AuditAction.RELEASE_GATE, "denied", "broker", reason=str(e))
+                self.close()
+                raise
 
     def metrics(self) -> dict[str, Any]:
         """Policy-decision latency over the last 100,000 decisions (milliseconds)."""

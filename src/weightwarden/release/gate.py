@@ -246,6 +246,9 @@ class ReleaseGate:
             rules = load_rules(own, keys)
         else:
             rules = default_rules()
+        from .rules_version import check_home
+
+        check_home(h, rules)  # a rules file older than one already used here is refused (issue 17)
         return cls(rules, ScreeningList.from_home(h), LicenseBook.load(h / "release" / "licenses.json"),
                    allow_sample_list=allow_sample_list)  # fmt: skip
 
