@@ -199,9 +199,10 @@ class Demo:
         port = _free_port()
         log = open(self.root / "serve.log", "wb")
         self.server = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port),
-                                        "--egress-rate", "1000", "--egress-burst", "3000000"],
+                                        "--egress-rate", "1000", "--egress-burst", "3000000", "--allow-sample-list"],
                                        env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)  # fmt: skip
-        console.print(f"  [dim]$ warden serve --port {port} --egress-rate 1000 --egress-burst 3000000 &[/dim]")
+        console.print(f"  [dim]$ warden serve --port {port} --egress-rate 1000 --egress-burst 3000000 "
+                      "--allow-sample-list &[/dim]")
         base = f"http://127.0.0.1:{port}"
         for _ in range(300):
             try:
@@ -258,7 +259,8 @@ class Demo:
 
         def release() -> tuple[bool, str]:
             self.warden("release", "demo-lm/model.safetensors", "--model-id", "demo-lm", "--to", PARTNER,
-                        "--country", "GB", "--request", rid, "--seal", "-o", "for-northwind.wws")  # fmt: skip
+                        "--country", "GB", "--request", rid, "--seal", "-o", "for-northwind.wws",
+                        "--allow-sample-list")  # fmt: skip
             r = call("riley", "GET", f"/v1/requests/{rid}/download")
             got = r.content
             again = call("riley", "GET", f"/v1/requests/{rid}/download")
@@ -286,7 +288,8 @@ class Demo:
                      "recipient": LISTED, "country": "DE"})  # fmt: skip
             g = r.json()["gate"]
             gate_table(g)
-            cli = self.warden("release", "demo-lm", "--to", LISTED, "--country", "DE", "-o", "x", "--json", expect=1)
+            cli = self.warden("release", "demo-lm", "--to", LISTED, "--country", "DE", "-o", "x", "--json",
+                              "--allow-sample-list", expect=1)  # fmt: skip
             j = json.loads(cli.stdout)
             return (g["decision"] == "deny" and j["released"] is False and not (self.root / "x").exists()
                     and any(c.startswith("screening:") for c in g["blocking"]),
@@ -297,7 +300,7 @@ class Demo:
         def others() -> tuple[bool, str]:
             for who, cc in (("Blue Harbor AI", "FR"), ("Kestrel Systems", "JP")):
                 self.warden("release", "demo-lm", "--to", who, "--country", cc, "--tokens", tokens,
-                            "-o", who.split()[0].lower())  # fmt: skip
+                            "-o", who.split()[0].lower(), "--allow-sample-list")  # fmt: skip
             return True, "two more partners hold their own fingerprinted copies"
 
         self.check("two more partners released to (the gate allows them)", others)
