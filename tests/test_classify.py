@@ -321,3 +321,16 @@ def test_cli_declarations(cli_env: dict[str, str], tmp_path: Path) -> None:
     (d / "config.json").write_text(json.dumps({"training_compute_flop": 1}))
     r = warden(cli_env, "classify", str(d))
     assert r.returncode == 0 and "claimed, unsigned" in r.stdout
+    # `warden declare` signs with the keyring's key: it counts once that key is trusted for declarations
+    assert warden(cli_env, "init").returncode == 0
+    r = warden(cli_env, "declare", str(d), "--compute", "3e20", "--by", "Jane Roe", "-o", str(tmp_path / "mine.json"))
+    assert r.returncode == 0, r.stderr
+    r = warden(cli_env, "classify", str(d), "--declaration", str(tmp_path / "mine.json"))
+    assert r.returncode == 1 and "not signed by a key trusted" in r.stderr
+    pub = warden(cli_env, "key", "export-public").stdout.strip()
+    keys.write_text(keys.read_text() + pub + "\n")
+    r = warden(cli_env, "classify", str(d), "--declaration", str(tmp_path / "mine.json"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["compute"]["flop"] == 3e20 and json.loads(r.stdout)["source"] == "signed"
+    r = warden(cli_env, "declare", str(d), "--compute", "3e20", "--by", "Jane Roe", "-o", str(tmp_path / "mine.json"))
+    assert r.returncode == 1 and "exists" in r.stderr  # nothing overwritten

@@ -1156,6 +1156,28 @@ def classify_cmd(
     out.print(f"rules {c.rules_version}, as of {c.as_of}" + (f", destination {c.country}" if c.country else ""))
 
 
+@app.command("declare")
+def declare_cmd(
+    model: Annotated[Path, typer.Argument(help="checkpoint: .safetensors, HF folder, sealed file or bundle")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the declaration (FILE; FILE.sig beside it)")],
+    by: Annotated[str, typer.Option("--by", help="who declares (name, role)")],
+    tokens: TokensOpt = None,
+    compute: ComputeOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a training declaration for MODEL's weights with this keyring's signing key (trust its public key
+    in release/compliance-keys wherever declarations are checked)."""
+    from .release.declaration import declare
+
+    d = declare(model, output, signer=_keyring(home).signer(), declared_by=by, compute_flop=compute, tokens=tokens,
+                **_model_kw(model, home))  # fmt: skip
+    from rich.markup import escape
+
+    _emit(d.to_json(), as_json, f"declaration {escape(str(output))} for weights {d.model_sha256[:16]}… signed by "
+          f"{d.signed_by}")  # fmt: skip
+
+
 @app.command("screen")
 def screen_cmd(
     name: Annotated[str, typer.Argument(help="a person or organisation; `update` with --file loads a new list")],

@@ -344,7 +344,12 @@ class Broker:
         with self._write() as c:
             c.execute(sa.delete(self.t.models).where(self.t.models.c.name == name))
             c.execute(sa.insert(self.t.models).values(name=name, team=team, size=size, detail=json.dumps(detail)))
-        self.audit(AuditAction.BROKER_MODEL_ADD, "ok", actor, name, team=team, bytes=size)
+        cls = {}
+        if classification is not None:  # issue 17: figures entered by this account are audited with their source
+            comp = classification.compute
+            cls = {"compute_flop": comp.flop if comp else None, "compute_method": comp.method if comp else None,
+                   "compute_source": classification.source, "doubts": list(classification.doubts)}  # fmt: skip
+        self.audit(AuditAction.BROKER_MODEL_ADD, "ok", actor, name, team=team, bytes=size, **cls)
         return size
 
     def model(self, name: str) -> dict[str, Any]:

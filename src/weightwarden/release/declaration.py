@@ -11,9 +11,10 @@ A declaration is a small JSON document (UTF-8)::
      "declared_at": "2026-11-30T12:00:00Z"}
 
 with ``<file>.sig`` beside it: a hex Ed25519 signature over the file's exact bytes by a key the
-operator trusts for declarations (``$WARDEN_HOME/release/compliance-keys``, hex public keys, one a
-line).  Only a verified declaration counts as *declared*; the same fields unsigned in a model
-folder's ``config.json`` are reported as *claimed* and can only make an outcome stricter.
+operator trusts for declarations (``$WARDEN_HOME/release/compliance-keys``: one public key a line,
+hex or as ``warden key export-public`` prints it).  Only a verified declaration counts as
+*declared*; the same fields unsigned in a model folder's ``config.json`` are reported as *claimed*
+and can only make an outcome stricter.
 
 ``weights_digest`` is SHA-256 over every tensor in name order (name, dtype, shape, raw bytes), so a
 plain folder, its shards and its sealed copy have one digest, and a declaration made for one set of
@@ -33,7 +34,8 @@ from typing import Any
 
 from ..errors import DeclarationError
 
-__all__ = ["FORMAT", "Declaration", "compliance_keys", "load_declaration", "make_declaration", "weights_digest"]
+__all__ = ["FORMAT", "Declaration", "compliance_keys", "declare", "load_declaration", "make_declaration",
+           "weights_digest"]  # fmt: skip
 
 FORMAT = "weightwarden-declaration/1"
 _CLOCK_SKEW = timedelta(minutes=5)
@@ -109,17 +111,27 @@ def _parse(data: bytes, origin: str, signed_by: str) -> Declaration:
 
 def compliance_keys(home: str | os.PathLike[str] | None) -> list[bytes]:
     """The public keys trusted to sign declarations: ``release/compliance-keys`` under ``home``."""
+    import base64
+    import binascii
+
     from ..keys.local import default_home
 
     f = Path(home or default_home()) / "release" / "compliance-keys"
     if not f.exists():
         return []
-    try:
-        keys = [bytes.fromhex(x) for x in f.read_text().split() if x.strip()]
-    except ValueError:
-        raise DeclarationError(f"{f}: one hex Ed25519 public key a line") from None
-    if any(len(k) != 32 for k in keys):
-        raise DeclarationError(f"{f}: one hex Ed25519 public key a line")
+    keys = []
+    for line in f.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        word = line.split()[-1]  # a hex key, or `warden key export-public`'s "KEY_ID BASE64"
+        try:
+            k = bytes.fromhex(word) if len(word) == 64 else base64.b64decode(word, validate=True)
+        except (ValueError, binascii.Error):
+            k = b""
+        if len(k) != 32:
+            raise DeclarationError(f"{f}: one Ed25519 public key a line (hex, or the output of "
+                                   "`warden key export-public`)")  # fmt: skip
+        keys.append(k)
     return keys
 
 
@@ -160,3 +172,29 @@ def load_declaration(path: str | os.PathLike[str], *, model_sha256: str, trusted
     if when > (now or datetime.now(UTC)) + _CLOCK_SKEW:
         raise DeclarationError(f"{origin}: declared_at is in the future")
     return d
+
+
+def declare(model: str | os.PathLike[str], out: str | os.PathLike[str], *, signer: Any, declared_by: str,
+            compute_flop: float | None = None, tokens: float | None = None, now: datetime | None = None,
+            **open_kw: Any) -> Declaration:  # fmt: skip
+    """Write ``out`` and ``out.sig``: a declaration for ``model``'s weights signed by ``signer`` (a
+    :class:`~weightwarden.keys.provider.Signer`; the signature is an audit event)."""
+    from .._atomic import atomic_write_bytes
+    from ..errors import OutputExistsError
+    from ..provenance.source import open_source
+
+    o = Path(out)
+    sig_path = Path(f"{os.fspath(o)}.sig")
+    if o.exists() or sig_path.exists():
+        raise OutputExistsError(f"{o.name} or {sig_path.name} exists: choose another -o")
+    with open_source(model, **open_kw) as src:
+        digest = weights_digest(src)
+    data = make_declaration(digest, declared_by=declared_by, compute_flop=compute_flop, tokens=tokens, now=now)
+    sig = signer.sign(data)
+    atomic_write_bytes(o, data)
+    try:
+        atomic_write_bytes(sig_path, sig.hex().encode() + b"\n")
+    except BaseException:
+        o.unlink(missing_ok=True)  # nothing half-written: no declaration without its signature
+        raise
+    return _parse(data, o.name, signer.key_id)
