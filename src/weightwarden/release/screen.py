@@ -60,6 +60,7 @@ def _spoof() -> Any:
     return icu.SpoofChecker()
 
 
+@lru_cache(maxsize=8192)
 def _ascii_char(c: str) -> str:
     """The Latin letter a look-alike stands for, by its UTS #39 confusable skeleton (ICU's table), or ''."""
     k = _spoof().getSkeleton(0, c)
