@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import save_file
 
 from weightwarden.errors import UnsupportedModelError
+from weightwarden.keys.provider import purpose_message
 from weightwarden.release import RulesError, classify, count_parameters, default_rules, estimate_compute, load_rules
 
 from .conftest import warden
@@ -92,10 +93,11 @@ def test_classify_a_checkpoint_under_the_shipped_rules(tmp_path: Path) -> None:
     unknown = {o["regime"]: o["outcome"] for o in default_rules().evaluate(total_params=n, active_params=n,
                compute=None, published=False, as_of=date(2026, 6, 1), country="FR")}  # fmt: skip
     assert unknown["eu-ai-act-gpai-systemic-risk"] == "needs-review"
-    # model-card fields in config.json are read when nothing is passed
+    # model-card fields in config.json are only claimed (issue 17): reported, and they can make an outcome
+    # stricter (here: notify), never more lenient
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "training_compute_flop": 2e25}))
     card = classify(d, as_of=date(2026, 6, 1))
-    assert card.compute.method == "declared" and card.compute.flop == 2e25
+    assert card.compute.method == "upper-bound" and card.claimed.flop == 2e25 and card.source == ""
     assert {o["regime"]: o["outcome"] for o in card.outcomes}["eu-ai-act-gpai-systemic-risk"] == "notify"
     (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
     # an estimate whose band straddles a threshold is not decided by its midpoint
@@ -191,3 +193,185 @@ def test_rules_signed_by_a_key_of_another_purpose_are_refused(tmp_path: Path) ->
     sign_rules(p, rules_key)
     assert load_rules(p, [rules_key.public_key]).signed_by == rules_key.key_id
     assert default_rules().regimes  # the shipped, unlabelled signature by the shipped key still loads
+# -- issue 17: declarations are signed, and checked against the weights ------------------------------------
+def _big_sparse_model(folder: Path, params: int, config: dict) -> Path:
+    """A safetensors file declaring ``params`` one-byte weights, written sparse: a 7B-parameter model's header
+    without 7 GB of disk (only the shapes are read to count parameters)."""
+    folder.mkdir()
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "U8", "shape": [params // 4096, 4096],
+                                                       "data_offsets": [0, params // 4096 * 4096]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + params // 4096 * 4096)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_attack_an_unsigned_config_claim_never_lowers_the_outcome(tmp_path: Path) -> None:
+    """Issue 17: `training_compute_flop: 1` in a plaintext config.json beside a 7B model turned needs-review
+    into allowed.  It is now only claimed: the upper bound still straddles 10^25, and the gate says review."""
+    from weightwarden.release.gate import Destination, ReleaseGate
+    from weightwarden.release.screen import ScreeningList
+
+    when = date(2026, 6, 1)
+    honest = classify(_big_sparse_model(tmp_path / "a", 7_000_000_000, {"model_type": "llama"}), as_of=when)
+    lying = classify(_big_sparse_model(tmp_path / "b", 7_000_000_000,
+                                       {"model_type": "llama", "training_compute_flop": 1}), as_of=when)  # fmt: skip
+    eu = "eu-ai-act-gpai-systemic-risk"
+    assert {o["regime"]: o["outcome"] for o in honest.outcomes}[eu] == "needs-review"
+    assert lying.claimed is not None and lying.claimed.flop == 1 and lying.compute.method == "upper-bound"
+    assert {o["regime"]: o["outcome"] for o in lying.outcomes}[eu] == "needs-review"
+    gate = ReleaseGate(default_rules(), ScreeningList.load(RULES.parents[1] / "lists" / "sample_csl.json"),
+                       allow_sample_list=True)  # fmt: skip
+    d = gate.decide(lying, Destination("Acme", "FR"), model_id="m", as_of=when)
+    assert d.decision == "needs-review" and f"regime:{eu}:needs-review" in d.blocking
+    assert d.classification["claimed_flop"] == 1 and d.classification["compute_source"] == ""
+    # the same figure entered by the operator is below the plausibility floor: not believed either
+    entered = classify(tmp_path / "a", declared_flop=1, as_of=when)
+    assert entered.doubts and "plausibility floor" in entered.doubts[0] and entered.compute.method == "upper-bound"
+    d = gate.decide(entered, Destination("Acme", "FR"), model_id="m", as_of=when)
+    assert d.decision == "needs-review" and "classification:implausible" in d.blocking
+    tokens = classify(tmp_path / "a", tokens=1e6, as_of=when)  # 1e6 tokens for 7e9 parameters
+    assert tokens.doubts and "training tokens" in tokens.doubts[0]
+    # a plausible entered figure counts: 7e9 x 2e12 x 6 = 8.4e22
+    ok = classify(tmp_path / "a", tokens=2e12, as_of=when)
+    assert not ok.doubts and ok.source == "entered" and ok.compute.method == "6ND"
+    assert gate.decide(ok, Destination("Acme", "FR"), model_id="m", as_of=when).allowed
+
+
+def _moe(folder: Path, *, router: bool, same_experts: bool, n_experts: int = 4) -> Path:
+    folder.mkdir()
+    t = {"model.embed_tokens.weight": np.zeros((64, 16), np.float32)}
+    for i in range(2):
+        if router:
+            t[f"model.layers.{i}.mlp.gate.weight"] = np.zeros((n_experts, 16), np.float32)
+        for e in range(n_experts):
+            rows = 32 if same_experts else 32 + 8 * e
+            t[f"model.layers.{i}.mlp.experts.{e}.up_proj.weight"] = np.zeros((rows, 16), np.float32)
+    save_file(t, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_moe", "num_experts_per_tok": 1,
+                                                    "num_experts": n_experts}))  # fmt: skip
+    return folder
+
+
+def test_attack_dense_tensors_renamed_as_experts_are_counted_dense(tmp_path: Path) -> None:
+    """Issue 17: a dense model's tensors renamed to `.experts.N.` with num_experts_per_tok=1 cut the active
+    parameters 64-fold.  Active parameters must follow from the structure: a router with one output per expert,
+    experts alike; otherwise the model is counted dense and needs review."""
+    from weightwarden.release.gate import Destination, ReleaseGate
+    from weightwarden.release.screen import ScreeningList
+
+    real = classify(_moe(tmp_path / "real", router=True, same_experts=True), as_of=date(2026, 6, 1))
+    assert not real.doubts and real.active_params < real.total_params  # a real MoE keeps its active count
+    # the attack: a dense model's 64 tensors renamed as 64 experts of one "layer", one used per token
+    d = tmp_path / "renamed"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    save_file({f"model.experts.{e}.layers.{e // 3}.mlp.w{e % 3}.weight": rng.standard_normal((16 + e, 16))
+               .astype(np.float32) for e in range(64)}, str(d / "model.safetensors"))  # fmt: skip
+    (d / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_experts_per_tok": 1}))
+    c = classify(d, as_of=date(2026, 6, 1))
+    assert c.active_params == c.total_params and c.moe["counted_as_dense"] is True
+    assert any("router" in x for x in c.doubts) and any("differ" in x for x in c.doubts)
+    gate = ReleaseGate(default_rules(), ScreeningList.load(RULES.parents[1] / "lists" / "sample_csl.json"),
+                       allow_sample_list=True)  # fmt: skip
+    dec = gate.decide(c, Destination("Acme", "FR"), model_id="m", as_of=date(2026, 6, 1))
+    assert dec.decision == "needs-review" and "classification:implausible" in dec.blocking
+    # an MoE without a router, or whose config counts other experts, is doubted too
+    assert any("router" in x for x in classify(_moe(tmp_path / "norouter", router=False, same_experts=True)).doubts)
+    cfg = tmp_path / "real" / "config.json"
+    cfg.write_text(json.dumps({"num_experts_per_tok": 1, "num_experts": 8}))
+    assert any("config.json says 8" in x for x in classify(tmp_path / "real").doubts)
+
+
+def _declare(model: Path, key: Ed25519PrivateKey, out: Path, **kw: object) -> Path:
+    from weightwarden.provenance.source import open_source
+    from weightwarden.release.declaration import make_declaration, weights_digest
+
+    with open_source(model) as src:
+        digest = weights_digest(src)
+    out.write_bytes(make_declaration(digest, declared_by="Jane Roe, export compliance", **kw))  # type: ignore[arg-type]
+    Path(f"{out}.sig").write_text(key.sign(purpose_message("compliance", out.read_bytes())).hex())
+    return out
+
+
+def test_signed_declarations_count_and_attacks_on_them_fail(tmp_path: Path) -> None:
+    from weightwarden.errors import DeclarationError
+
+    d = tmp_path / "m"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    save_file({"model.embed_tokens.weight": rng.standard_normal((100, 16)).astype(np.float32)},
+              str(d / "model.safetensors"))  # fmt: skip
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    decl = _declare(d, key, tmp_path / "decl.json", compute_flop=3e26)
+    c = classify(d, declaration=decl, compliance_keys=[pub], as_of=date(2025, 3, 1), country="CN")
+    assert c.source == "signed" and c.compute.method == "declared" and c.compute.flop == 3e26
+    assert c.declaration["declared_by"] == "Jane Roe, export compliance" and c.declaration["signed_by"]
+    assert {o["regime"]: o["outcome"] for o in c.outcomes}["us-ear-eccn-4e091"] == "presumption-of-denial"
+    # attacks: no signature, an untrusted signer, edited bytes, other weights, no trusted key at all
+    Path(f"{decl}.sig").rename(tmp_path / "saved.sig")
+    with pytest.raises(DeclarationError, match=r"decl\.json\.sig is missing"):
+        classify(d, declaration=decl, compliance_keys=[pub])
+    (tmp_path / "saved.sig").rename(f"{decl}.sig")
+    forged = _declare(d, other, tmp_path / "forged.json", compute_flop=1e20)
+    with pytest.raises(DeclarationError, match="not signed by a key trusted"):
+        classify(d, declaration=forged, compliance_keys=[pub])
+    edited = tmp_path / "edited.json"
+    edited.write_bytes(decl.read_bytes().replace(b"3e+26", b"1e+20"))
+    Path(f"{edited}.sig").write_text(Path(f"{decl}.sig").read_text())
+    with pytest.raises(DeclarationError, match="not signed"):
+        classify(d, declaration=edited, compliance_keys=[pub])
+    e = tmp_path / "e"
+    e.mkdir()
+    save_file({"model.embed_tokens.weight": rng.standard_normal((100, 16)).astype(np.float32)},
+              str(e / "model.safetensors"))  # fmt: skip
+    with pytest.raises(DeclarationError, match="for other weights"):
+        classify(e, declaration=decl, compliance_keys=[pub])
+    with pytest.raises(DeclarationError, match="no key is trusted"):
+        classify(d, declaration=decl, compliance_keys=[])
+    with pytest.raises(DeclarationError, match="not both"):
+        classify(d, declaration=decl, compliance_keys=[pub], tokens=1e12)
+    # a signed but implausible declaration (1 FLOP for 1,600 parameters is under 6·N·0.1·N) is doubted
+    low = _declare(d, key, tmp_path / "low.json", compute_flop=1.0)
+    c = classify(d, declaration=low, compliance_keys=[pub])
+    assert c.doubts and "the signed declaration" in c.doubts[0] and c.compute.method == "upper-bound"
+
+
+def test_cli_declarations(cli_env: dict[str, str], tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file({"model.embed_tokens.weight": np.ones((100, 16), np.float32)}, str(d / "model.safetensors"))
+    key = Ed25519PrivateKey.generate()
+    decl = _declare(d, key, tmp_path / "decl.json", tokens=2e12)
+    r = warden(cli_env, "classify", str(d), "--declaration", str(decl))
+    assert r.returncode == 1 and "no key is trusted for declarations" in r.stderr
+    keys = Path(cli_env["WARDEN_HOME"]) / "release" / "compliance-keys"
+    keys.parent.mkdir(parents=True, exist_ok=True)
+    keys.write_text(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex() + "\n")
+    r = warden(cli_env, "classify", str(d), "--declaration", str(decl), "--json")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j["source"] == "signed" and j["compute"]["method"] == "6ND" and j["declaration"]["training_tokens"] == 2e12
+    (d / "config.json").write_text(json.dumps({"training_compute_flop": 1}))
+    r = warden(cli_env, "classify", str(d))
+    assert r.returncode == 0 and "claimed, unsigned" in r.stdout
+    # `warden declare` signs with the keyring's key: it counts once that key is trusted for declarations
+    assert warden(cli_env, "init").returncode == 0
+    r = warden(cli_env, "declare", str(d), "--compute", "3e20", "--by", "Jane Roe", "-o", str(tmp_path / "mine.json"))
+    assert r.returncode == 0, r.stderr
+    r = warden(cli_env, "classify", str(d), "--declaration", str(tmp_path / "mine.json"))
+    assert r.returncode == 1 and "not signed by a key trusted" in r.stderr
+    r = warden(cli_env, "key", "export-public")  # the sealing key: not a compliance key
+    keys.write_text(keys.read_text() + r.stdout.strip() + "\n")
+    r = warden(cli_env, "classify", str(d), "--declaration", str(tmp_path / "mine.json"))
+    assert r.returncode == 1 and "not signed by a key trusted" in r.stderr
+    pub = warden(cli_env, "key", "export-public", "--purpose", "compliance").stdout.strip()
+    keys.write_text(keys.read_text() + pub + "\n")
+    r = warden(cli_env, "classify", str(d), "--declaration", str(tmp_path / "mine.json"), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["compute"]["flop"] == 3e20 and json.loads(r.stdout)["source"] == "signed"
+    r = warden(cli_env, "declare", str(d), "--compute", "3e20", "--by", "Jane Roe", "-o", str(tmp_path / "mine.json"))
+    assert r.returncode == 1 and "exists" in r.stderr  # nothing overwritten

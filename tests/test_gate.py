@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import save_file
 
 import weightwarden as ww
@@ -22,6 +24,7 @@ from weightwarden.release.gate import (
     LicenseRecord,
     ReleaseDenied,
     ReleaseGate,
+    UnknownCountry,
     check_override,
 )
 from weightwarden.release.rules import RulesError
@@ -56,7 +59,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gate() -> ReleaseGate:
-    return ReleaseGate(default_rules(), ScreeningList.load(SAMPLE))
+    return ReleaseGate(default_rules(), ScreeningList.load(SAMPLE), allow_sample_list=True)  # a demonstration
 
 
 def test_decisions_and_their_reasons(gate: ReleaseGate, model: Path) -> None:
@@ -157,8 +160,8 @@ def test_the_gate_fails_closed_on_bad_configuration(tmp_path: Path) -> None:
         ReleaseGate.from_home(home)
     with pytest.raises(ReleaseDenied):
         ReleaseGate(default_rules(), None)
-    with pytest.raises(ReleaseDenied, match="ISO 3166"):
-        Destination("Acme", "Germany")
+    with pytest.raises(ReleaseDenied, match="ISO 3166"):  # issue 17: names are mapped, unknown codes refused
+        Destination("Acme", "Narnia")
 
 
 def test_release_cannot_skip_the_gate(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
@@ -442,3 +445,199 @@ def test_the_fused_matched_filter_equals_the_numpy_one() -> None:
             np.testing.assert_allclose(corr, want, rtol=1e-5, atol=1e-6)  # float32 differences, rounded apart
             np.testing.assert_allclose(var, np.bincount(sym[keep], weights=inv[unit][keep], minlength=ell))
             assert np.array_equal(chips, np.bincount(sym[keep], minlength=ell))
+
+
+# -- issue 17: countries are ISO 3166 -----------------------------------------------------------------
+def test_countries_are_iso_3166_and_every_decision_echoes_one(gate: ReleaseGate, model: Path) -> None:
+    for given, code in [("DE", "DE"), ("de", "DE"), ("DEU", "DE"), ("Germany", "DE"), ("USA", "US"),
+                        ("United States", "US"), ("UK", "GB"), ("North Korea", "KP")]:  # fmt: skip
+        assert Destination("Acme", given).country == code, given
+    small = classify(model, as_of=MARCH_2025)
+    big = classify(model, declared_flop=3e26, as_of=MARCH_2025)
+    # attack: USA was once an unlisted country; it is the US (tier 1 under 4E091: allowed), and the decision
+    # names the country it used
+    d = gate.decide(big, Destination("Acme", "USA"), model_id="m", as_of=MARCH_2025)
+    assert d.country == "US" and d.decision == "allow" and "destination:US" in {r.code for r in d.reasons}
+    assert d.to_json()["country"] == "US"
+    # North Korea by name is tier 3 (presumption of denial), not an unlisted country
+    assert gate.decide(big, Destination("Acme", "North Korea"), model_id="m", as_of=MARCH_2025).decision == "deny"
+    assert gate.decide(small, Destination("Acme", "Germany"), model_id="m", as_of=MARCH_2025).country == "DE"
+    # attack: a made-up, historical, supranational, ambiguous or city "country" is refused, never unlisted
+    for bad in ["XX", "ZZ", "EU", "SU", "ZZZ", "Korea", "Tehran", "", "D3", "\x1b[31mDE"]:
+        with pytest.raises(UnknownCountry, match="ISO 3166"):
+            Destination("Acme", bad)
+    with pytest.raises(UnknownCountry, match="'XX'"):
+        LicenseRecord.from_json({"id": "L", "regimes": ["r"], "recipient": "Acme", "countries": ["XX"],
+                                 "models": ["*"], "valid_from": "2025-01-01", "valid_until": "2025-12-31"})  # fmt: skip
+
+
+def test_cli_unknown_country_is_refused_and_audited(cli_env: dict[str, str], model: Path, tmp_path: Path) -> None:
+    assert warden(cli_env, "init").returncode == 0
+    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "XX", "-o", str(tmp_path / "a"), "--plaintext")  # fmt: skip
+    assert r.returncode == 1 and "--country 'XX'" in r.stderr and "alpha-2" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
+    log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
+    gate_events = [e for e in log if e["action"] == "release:gate"]
+    assert gate_events[-1]["outcome"] == "denied" and "'XX'" in str(gate_events[-1])
+    r = warden(cli_env, "classify", str(model), "--country", "USA", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["country"] == "US"
+    r = warden(cli_env, "classify", str(model), "--country", "Atlantis")
+    assert r.returncode == 1 and "--country 'Atlantis'" in r.stderr
+    r = warden(cli_env, "screen", "Acme", "--country", "United States", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["country"] == "US"
+    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "Germany", "-o", str(tmp_path / "b"), "--plaintext")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert " in DE " in r.stdout
+
+
+# -- issue 17: the sample list is not a real list; screening attacks through the broker ---------------
+def test_attack_the_sample_list_is_not_a_real_list(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, model: Path,
+                                                   keyring: ww.Keyring) -> None:  # fmt: skip
+    from weightwarden.trace import release
+
+    monkeypatch.delenv("WARDEN_ALLOW_SAMPLE_LIST")
+    small = classify(model, as_of=MARCH_2025)
+    # however it is loaded (shipped, or fed back through `screen update`), the sample is known by its digest
+    for lst in (ScreeningList.load(SAMPLE), ScreeningList.parse(SAMPLE.read_bytes(), "real.json")):
+        d = ReleaseGate(default_rules(), lst).decide(small, Destination("Acme Robotics GmbH", "DE"), model_id="m",
+                                                     as_of=MARCH_2025)  # fmt: skip
+        assert d.decision == "deny" and d.blocking == {"screening:sample-list"}
+        with pytest.raises(ReleaseDenied, match="no override covers"):  # two approvers cannot make it real
+            check_override(d, {"screening:sample-list"})
+    ok = ReleaseGate(default_rules(), ScreeningList.load(SAMPLE), allow_sample_list=True)
+    d = ok.decide(small, Destination("Acme Robotics GmbH", "DE"), model_id="m", as_of=MARCH_2025)
+    assert d.allowed and "screening:sample-list-allowed" in {r.code for r in d.reasons}
+    # the library's release refuses, writes nothing and audits the refusal
+    sink = audit.MemorySink()
+    prov = keyring.provider()
+    prov.audit = sink
+    with pytest.raises(ReleaseDenied, match="sample"):
+        release(model, "Acme Robotics GmbH", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h")
+    assert not (tmp_path / "c").exists() and sink.events[-1].outcome == "denied"
+    assert sink.events[-1].detail["blocking"] == ["screening:sample-list"]
+    # a real list (any other digest) is screened as before
+    real = ScreeningList.parse(SAMPLE.read_bytes().replace(b"Sergei", b"Sergej"), "real.json")
+    assert not real.is_sample
+    assert ReleaseGate(default_rules(), real).decide(small, Destination("Acme", "DE"), model_id="m",
+                                                     as_of=MARCH_2025).allowed  # fmt: skip
+
+
+def test_cli_sample_list_needs_the_flag(cli_env: dict[str, str], model: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in cli_env.items() if k != "WARDEN_ALLOW_SAMPLE_LIST"}
+    assert warden(env, "init").returncode == 0
+    r = warden(env, "release", str(model), "--to", "Acme Labs", "--country", "FR", "-o", str(tmp_path / "a"),
+               "--plaintext")  # fmt: skip
+    assert r.returncode == 1 and "screening:sample-list" in r.stderr and "--allow-sample-list" in r.stderr
+    assert not (tmp_path / "a").exists()
+    r = warden(env, "release", str(model), "--to", "Acme Labs", "--country", "FR", "-o", str(tmp_path / "a"),
+               "--allow-sample-list", "--plaintext")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    log = (Path(env["WARDEN_HOME"]) / "audit.jsonl").read_text()
+    assert "screening:sample-list-allowed" in log
+
+
+def test_attack_look_alike_names_are_denied_through_the_broker(db_url: str, tmp_path: Path, model: Path,
+                                                               keyring: ww.Keyring) -> None:  # fmt: skip
+    """Issue 17: through the broker a look-alike spelling of a listed party was allowed with no override while
+    the plain name was denied.  Both are denied now, for the same entry, and a made-up country is refused."""
+    pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.broker.service import Broker, BrokerConfig, BrokerError
+    from weightwarden.broker.storage import LocalWeightStore
+    from weightwarden.keys import Ed25519Signer
+
+    from .test_broker import Account
+
+    sealed = tmp_path / "m.wws"
+    ww.seal(model / "model.safetensors", sealed, keyring=keyring)
+    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
+    gate = ReleaseGate(default_rules(), ScreeningList.load(SAMPLE), allow_sample_list=True)
+    now = datetime(2026, 6, 1, 12, tzinfo=UTC)
+    with Broker(db_url, LocalWeightStore(tmp_path / "store"), log, BrokerConfig(chunk=1 << 16), gate=gate) as b:
+        b.add_account("rel", "human", Account("rel").pub, {"releaser"}, {"core"})
+        b.add_model("m", "core", sealed, classification=classify(sealed, keyring=keyring))
+        rel = b.principal("rel")
+        lookalike = "\u0405\u0435rg\u0435\u0456 \u0406\u03bd\u0430n\u043e\u03bd\u0456\u0441h \u03a1\u0435tr\u043e\u03bd"
+        for name in (LISTED, lookalike, "S.e.r.g.e.i P.e.t.r.o.v"):
+            req = b.request_copy(rel, "m", "release", recipient=name, country="Germany", now=now)
+            assert req["gate"]["decision"] == "deny" and req["gate"]["blocking"] == ["screening:sample-000"], name
+            assert req["country"] == "DE" and req["gate"]["country"] == "DE"  # the country used, echoed
+        with pytest.raises(BrokerError, match="--country 'XX'"):
+            b.request_copy(rel, "m", "release", recipient="Acme", country="XX", now=now)
+        last = list(log.export())[-1]["event"]
+        assert last["action"] == "release:gate" and last["outcome"] == "denied"
+
+
+# -- issue 17: rules cannot be rolled back -----------------------------------------------------------------
+def _rules_home(home: Path, version: str, key: object) -> None:
+    """Install rules of ``version`` under ``home``, signed by a test key (the shipped key's private half is not in
+    the repository)."""
+    text = (Path(__file__).parents[1] / "src/weightwarden/release/rules/default.toml").read_text()
+    text = text.replace(f'version = "{default_rules().version}"', f'version = "{version}"')
+    (home / "release").mkdir(parents=True, exist_ok=True)
+    (home / "release" / "rules.toml").write_text(text)
+    from weightwarden.keys.provider import purpose_message
+
+    sig = key.sign(purpose_message("export-rules", text.encode()))  # type: ignore[attr-defined]
+    (home / "release" / "rules.toml.sig").write_text(sig.hex())
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()  # type: ignore[attr-defined]
+    (home / "release" / "rules-keys").write_text(pub + "\n")
+
+
+def test_attack_rules_cannot_be_rolled_back(tmp_path: Path, model: Path, keyring: ww.Keyring) -> None:
+    from weightwarden.release.rules_version import RulesRollback
+    from weightwarden.trace import release
+
+    key = Ed25519PrivateKey.generate()
+    home = tmp_path / "h"
+    _rules_home(home, "2026-12-01.2", key)
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.2"
+    _rules_home(home, "2026-12-01.10", key)  # numbers, not text: .10 is newer than .2
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.10"
+    # the attack: an older file, validly signed, put back
+    _rules_home(home, "2026-12-01.2", key)
+    with pytest.raises(RulesRollback, match=r"'2026-12-01\.2' is older than version '2026-12-01\.10'"):
+        ReleaseGate.from_home(home)
+    sink = audit.MemorySink()
+    prov = keyring.provider(purpose="tracing", create=True)
+    prov.audit = sink
+    with pytest.raises(RulesRollback):
+        release(model, "Acme Robotics GmbH", tmp_path / "c", provider=prov, country="DE", home=home)
+    assert not (tmp_path / "c").exists()
+    gate_ev = [e for e in sink.events if e.action == "release:gate"][-1]
+    assert gate_ev.outcome == "denied" and "rolled back" in gate_ev.detail["reason"]
+    # removing the file to fall back to the older shipped rules is a rollback too
+    for f in ("rules.toml", "rules.toml.sig"):
+        (home / "release" / f).unlink()
+    with pytest.raises(RulesRollback):
+        ReleaseGate.from_home(home)
+    _rules_home(home, "2026-12-01.10", key)  # the newest again: accepted
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.10"
+    _rules_home(home, "no number", key)
+    with pytest.raises(RulesError, match="no number"):
+        ReleaseGate.from_home(home)
+
+
+def test_attack_the_broker_refuses_rolled_back_rules(db_url: str, tmp_path: Path) -> None:
+    pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.broker.service import Broker, BrokerConfig
+    from weightwarden.broker.storage import LocalWeightStore
+    from weightwarden.keys import Ed25519Signer
+    from weightwarden.release.rules import load_rules
+    from weightwarden.release.rules_version import RulesRollback
+
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    gates = {}
+    for v in ("2026-12-01.1", "2026-12-02.1"):
+        _rules_home(tmp_path / v, v, key)
+        gates[v] = ReleaseGate(load_rules(tmp_path / v / "release" / "rules.toml", [pub]), ScreeningList.load(SAMPLE))
+    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
+    store = LocalWeightStore(tmp_path / "store")
+    Broker(db_url, store, log, BrokerConfig(), gate=gates["2026-12-02.1"]).close()
+    with pytest.raises(RulesRollback, match="already used by this broker"):
+        Broker(db_url, store, log, BrokerConfig(), gate=gates["2026-12-01.1"])
+    ev = list(log.export())[-1]["event"]
+    assert ev["action"] == "release:gate" and ev["outcome"] == "denied" and "rolled back" in ev["reason"]
+    Broker(db_url, store, log, BrokerConfig(), gate=gates["2026-12-02.1"]).close()  # the same version: fine

@@ -113,8 +113,8 @@ def test_release_from_a_sealed_master_to_the_recipients_key(tmp_path: Path, mode
     # a single sealed file master, released to a plaintext copy: the master is never written out
     one = tmp_path / "m.wws"
     ww.seal(model / "model.safetensors", one, keyring=keyring)
-    rel2 = release(one, "Blue Harbor AI", tmp_path / "bh.safetensors", provider=tprov, country="FR", home=tmp_path / "h",
-                   model_id="m", master_kw={"keyring": keyring})  # fmt: skip
+    rel2 = release(one, "Blue Harbor AI", tmp_path / "bh.safetensors", provider=tprov, country="FR",
+                   home=tmp_path / "h", model_id="m", master_kw={"keyring": keyring})  # fmt: skip
     assert rel2.output == "plaintext" and rel2.index == 1
     rep = trace(tmp_path / "bh.safetensors", master, provider=tprov, home=tmp_path / "h", model_id="m",
                 keyring=keyring)  # fmt: skip

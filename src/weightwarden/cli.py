@@ -1195,6 +1195,16 @@ TokensOpt = Annotated[float | None, typer.Option("--tokens", help="training toke
 ComputeOpt = Annotated[float | None, typer.Option("--compute", help="declared training compute, FLOP")]
 PublishedOpt = Annotated[bool, typer.Option("--published", help="the weights are published")]
 ExpertsOpt = Annotated[int | None, typer.Option("--experts-per-token", min=1)]
+AllowSampleOpt = Annotated[bool, typer.Option(
+    "--allow-sample-list", help="let the gate screen against the shipped fictitious SAMPLE list (demonstrations)")]
+DeclarationOpt = Annotated[Path | None, typer.Option(
+    "--declaration", help="a signed training declaration (FILE and FILE.sig, by a key in release/compliance-keys)")]
+
+
+def _declaration_kw(declaration: Path | None, home: Path | None) -> dict[str, Any]:
+    from .release.declaration import compliance_keys
+
+    return {"declaration": declaration, "compliance_keys": compliance_keys(home)} if declaration else {}
 BrokerDbOpt = Annotated[
     str | None,
     typer.Option("--db", envvar="WARDEN_BROKER_DB", help="SQLAlchemy URL of the broker's state and audit log "
@@ -1236,7 +1246,7 @@ def _log_signer(home: Path | None, log_key: str | None, pass_file: Path | None) 
 
 def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None,
             gate: bool = False, per_principal: tuple[float, float] | None = None, *, log_key: str | None = None,
-            log_pass: Path | None = None) -> Any:  # fmt: skip
+            log_pass: Path | None = None, allow_sample_list: bool | None = None) -> Any:  # fmt: skip
     """A broker that holds no key but its own log key (it signs the audit log's tree heads); with
     ``gate``, the export-control gate configured under ``home`` decides its release requests."""
     from .broker.auditlog import AuditLog
@@ -1265,7 +1275,7 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
     if gate:
         from .release.gate import ReleaseGate
 
-        return Broker(url, ws, log, cfg, gate=ReleaseGate.from_home(h))
+        return Broker(url, ws, log, cfg, gate=ReleaseGate.from_home(h, allow_sample_list=allow_sample_list))
     return Broker(url, ws, log, cfg)
 
 
@@ -1329,6 +1339,7 @@ def broker_model(
             show_default=False,
         ),
     ] = None,
+    declaration: DeclarationOpt = None,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
     log_key: LogKeyOpt = None,
@@ -1350,7 +1361,8 @@ def broker_model(
                               "--json`") from None  # fmt: skip
     else:
         c = classify(sealed, tokens=tokens, declared_flop=compute, published=published,
-                     experts_per_token=experts_per_token, keyless=True)  # fmt: skip
+                     experts_per_token=experts_per_token, keyless=True,
+                     **_declaration_kw(declaration, home))  # fmt: skip
     with _broker(db, store, home, log_key=log_key, log_pass=log_key_passphrase_file) as b:
         size = b.add_model(name, team, sealed, trust=TrustStore.load(home), actor=audit._default_actor(),
                            classification=c)  # fmt: skip
@@ -1377,6 +1389,7 @@ def serve_cmd(
     egress_burst: Annotated[
         float | None, typer.Option("--egress-burst", help="bytes a principal may stream at once [default: 20e9]")
     ] = None,
+    allow_sample_list: AllowSampleOpt = False,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
     log_key: LogKeyOpt = None,
@@ -1400,7 +1413,7 @@ def serve_cmd(
     if egress_rate is not None or egress_burst is not None:
         pp = (egress_rate if egress_rate is not None else 50e6, egress_burst if egress_burst is not None else 20e9)
     b = _broker(db, store, home, audience, gate=True, per_principal=pp, log_key=log_key,
-                log_pass=log_key_passphrase_file)  # fmt: skip
+                log_pass=log_key_passphrase_file, allow_sample_list=allow_sample_list or None)  # fmt: skip
     pk = Passkeys(b, rp_id=rp_id, origins=tuple(origin or [f"http://localhost:{port}"]))
     # the log key is loaded: lock the pages mapped now (it is among them), not the streams' later mappings
     hard["memory_locked"], notice = lock_pages(future=False)
@@ -1485,6 +1498,7 @@ def classify_cmd(
     as_of: Annotated[str | None, typer.Option("--as-of", help="evaluate the rules at this date (YYYY-MM-DD)")] = None,
     rules: Annotated[Path | None, typer.Option("--rules", help="a signed rules file (FILE + FILE.sig)")] = None,
     rules_key: Annotated[str | None, typer.Option("--rules-key", help="Ed25519 key (hex) that signs --rules")] = None,
+    declaration: DeclarationOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1506,19 +1520,51 @@ def classify_cmd(
         rs = load_rules(rules, keys)
     c = classify(model, rules=rs, as_of=when, country=country, tokens=tokens, declared_flop=compute,
                  chip_hours=chip_hours, peak_flops=peak_flops, utilization=utilization, published=published,
-                 experts_per_token=experts_per_token, **_model_kw(model, home))  # fmt: skip
+                 experts_per_token=experts_per_token, **_declaration_kw(declaration, home),
+                 **_model_kw(model, home))  # fmt: skip
     j = c.to_json()
     if as_json:
         _emit(j, True)
         return
     comp = c.compute
     flop = f"{comp.flop:.2e} FLOP ({comp.method}, {comp.low:.1e}..{comp.high:.1e})" if comp else "unknown"
-    out.print(f"{c.model}: {c.total_params:,} parameters ({c.active_params:,} active); training compute {flop}")
+    out.print(f"{c.model}: {c.total_params:,} parameters ({c.active_params:,} active); training compute {flop}"
+              + (f" [{c.source}]" if c.source else ""))  # fmt: skip
+    if c.claimed:
+        out.print(f"claimed, unsigned (config.json): {c.claimed.flop:.2e} FLOP: can only make an outcome stricter")
+    from rich.markup import escape
+
+    for doubt in c.doubts:
+        out.print(f"needs review: {escape(ascii(doubt)[1:-1])}")
     t = Table("regime", "outcome", "reasons")
     for o in c.outcomes:
         t.add_row(o["regime"], o["outcome"], "; ".join(o["reasons"]))
     out.print(t)
-    out.print(f"rules {c.rules_version}, as of {c.as_of}")
+    out.print(f"rules {c.rules_version}, as of {c.as_of}" + (f", destination {c.country}" if c.country else ""))
+
+
+@app.command("declare")
+def declare_cmd(
+    model: Annotated[Path, typer.Argument(help="checkpoint: .safetensors, HF folder, sealed file or bundle")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the declaration (FILE; FILE.sig beside it)")],
+    by: Annotated[str, typer.Option("--by", help="who declares (name, role)")],
+    tokens: TokensOpt = None,
+    compute: ComputeOpt = None,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a training declaration for MODEL's weights with this keyring's compliance key (made when missing;
+    trust its public key, `warden key export-public --purpose compliance`, in release/compliance-keys wherever
+    declarations are checked)."""
+    from .release.declaration import declare
+
+    signer = _keyring(home).signer(purpose="compliance", create=True)
+    d = declare(model, output, signer=signer, declared_by=by, compute_flop=compute, tokens=tokens,
+                **_model_kw(model, home))  # fmt: skip
+    from rich.markup import escape
+
+    _emit(d.to_json(), as_json, f"declaration {escape(str(output))} for weights {d.model_sha256[:16]}… signed by "
+          f"{d.signed_by}")  # fmt: skip
 
 
 @app.command("screen")
@@ -1553,6 +1599,10 @@ def screen_cmd(
         atomic_write_bytes(store / "list.json", json.dumps(rec).encode(), force=True)
         _emit(rec, as_json, f"screening list {file.name}: {len(lst.entries)} entries, sha256 {lst.sha256[:16]}…")
         return
+    if country is not None:  # ISO 3166: USA, United States -> US; an unknown country is refused
+        from .release.countries import resolve_country
+
+        country = resolve_country(country)
     lst = ScreeningList.load(file) if file is not None else ScreeningList.from_home(home or default_home())
     if lst.is_sample:
         err.print("note: screening against the shipped SAMPLE list (fictitious); load a real one with "
@@ -1567,7 +1617,7 @@ def screen_cmd(
                   ",".join(h["entry"]["countries"]))  # fmt: skip
     out.print(t)
     out.print(f"{r['decision'].upper()} (threshold {threshold:g}; list {r['list']['origin']}, "
-              f"{r['list']['entries']} entries)")  # fmt: skip
+              f"{r['list']['entries']} entries" + (f"; country {country}" if country else "") + ")")  # fmt: skip
 
 
 # -- release and trace: per-recipient fingerprints ----------------------------------------------
@@ -1587,6 +1637,7 @@ def release_cmd(
     compute: ComputeOpt = None,
     published: PublishedOpt = False,
     experts_per_token: ExpertsOpt = None,
+    declaration: DeclarationOpt = None,
     request: Annotated[
         str | None, typer.Option("--request", help="the broker's approved release request (two-person rule)")
     ] = None,
@@ -1608,6 +1659,7 @@ def release_cmd(
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
     log_key: LogKeyOpt = None,
     log_key_passphrase_file: LogKeyPassOpt = None,
+    allow_sample_list: AllowSampleOpt = False,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -1624,7 +1676,8 @@ def release_cmd(
     if sum((recipient_key is not None, seal_out, plaintext)) > 1:
         raise WardenError("--recipient-key, --seal and --plaintext are exclusive: pick one output")
     kr = _keyring(home)
-    ckw = {"tokens": tokens, "declared_flop": compute, "published": published, "experts_per_token": experts_per_token}
+    ckw = {"tokens": tokens, "declared_flop": compute, "published": published, "experts_per_token": experts_per_token,
+           **_declaration_kw(declaration, home)}  # fmt: skip
     sealing = not plaintext
     with contextlib.ExitStack() as stack:
         approval: Any = None
@@ -1640,6 +1693,10 @@ def release_cmd(
               "home": home, "db": db, "exclude": tuple(exclude or ()), "master_kw": _model_kw(model, home, kr),
               "seal": (kr.provider(), kr.signer()) if sealing else None,
               "recipient_key": None if seal_out or plaintext else (recipient_key or ENROLLED)}  # fmt: skip
+        if allow_sample_list:
+            from .release.gate import ReleaseGate
+
+            kw["gate"] = ReleaseGate.from_home(home, allow_sample_list=True)
         try:
             rel = release(model, to, output, force=force, **kw)
         except ReleaseDenied as e:
@@ -1657,8 +1714,8 @@ def release_cmd(
          gate=rel.gate, rules_version=rel.rules_version, output=rel.output, exclude=list(rel.exclude),
          excluded_files=list(rel.excluded_files))  # fmt: skip
     _emit({"released": True, "release": rel.to_json(), "output": str(output)}, as_json,
-          f"released {_safe(rel.model_id)} to {_safe(rel.recipient)} (code {rel.code_id}; gate: {rel.gate}, rules "
-          f"{rel.rules_version}; {rel.output}) at {_safe(str(output))}")  # fmt: skip
+          f"released {_safe(rel.model_id)} to {_safe(rel.recipient)} in {rel.country or '??'} (code {rel.code_id}; "
+          f"gate: {rel.gate}, rules {rel.rules_version}; {rel.output}) at {_safe(str(output))}")  # fmt: skip
 
 
 def _safe(text: str) -> str:

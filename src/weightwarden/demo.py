@@ -207,9 +207,10 @@ class Demo:
         port = _free_port()
         log = open(self.root / "serve.log", "wb")
         self.server = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port),
-                                        "--egress-rate", "1000", "--egress-burst", "3000000"],
+                                        "--egress-rate", "1000", "--egress-burst", "3000000", "--allow-sample-list"],
                                        env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)  # fmt: skip
-        console.print(f"  [dim]$ warden serve --port {port} --egress-rate 1000 --egress-burst 3000000 &[/dim]")
+        console.print(f"  [dim]$ warden serve --port {port} --egress-rate 1000 --egress-burst 3000000 "
+                      "--allow-sample-list &[/dim]")
         base = f"http://127.0.0.1:{port}"
         for _ in range(300):
             try:
@@ -275,7 +276,7 @@ class Demo:
             os.chmod(self.root / "northwind.key", 0o600)
             self.warden("recipient", "add", PARTNER, "--pubkey", str(partner.to_public()))
             self.warden("release", "demo-lm.wws", "--model-id", "demo-lm", "--to", PARTNER, "--country", "GB",
-                        "--request", rid, "-o", "for-northwind.wws")  # fmt: skip
+                        "--request", rid, "-o", "for-northwind.wws", "--allow-sample-list")  # fmt: skip
             (self.root / "riley.pem").write_bytes(keys["riley"][0].private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
                                                                                  NoEncryption()))  # fmt: skip
             # the requester's client signs its own request tokens, resumes after a cut, verifies, then renames
@@ -329,7 +330,7 @@ class Demo:
             g = r.json()["gate"]
             gate_table(g)
             cli = self.warden("release", "demo-lm", "--to", LISTED, "--country", "DE", "-o", "x", "--json",
-                              "--plaintext", expect=1)  # fmt: skip
+                              "--plaintext", "--allow-sample-list", expect=1)  # fmt: skip
             j = json.loads(cli.stdout)
             return (g["decision"] == "deny" and j["released"] is False and not (self.root / "x").exists()
                     and any(c.startswith("screening:") for c in g["blocking"]),
@@ -340,7 +341,7 @@ class Demo:
         def others() -> tuple[bool, str]:
             for who, cc in (("Blue Harbor AI", "FR"), ("Kestrel Systems", "JP")):
                 self.warden("release", "demo-lm", "--to", who, "--country", cc, "--tokens", tokens,
-                            "-o", who.split()[0].lower(), "--plaintext")  # fmt: skip
+                            "-o", who.split()[0].lower(), "--plaintext", "--allow-sample-list")  # fmt: skip
             return True, "two more partners hold their own fingerprinted copies"
 
         self.check("two more partners released to (the gate allows them)", others)

@@ -196,3 +196,9 @@ class LoaderError(UnsupportedModelError):
 
 
 __all__ += ["LoaderError"]
+class DeclarationError(WardenError):
+    """A training-compute declaration that is unsigned, signed by an untrusted key, malformed, or names
+    another model (issue 17)."""
+
+
+__all__ += ["DeclarationError"]

@@ -258,6 +258,15 @@ class Broker:
         self._decisions: deque[float] = deque(maxlen=100_000)  # seconds per policy decision, newest last
         self._jti_inserts = 0
         self._finishes = 0
+        if self.gate is not None:  # issue 17: a rules file older than one this broker used is refused
+            from ..release.rules_version import RulesRollback, check_database
+
+            try:
+                check_database(self.engine, self.gate.rules)
+            except RulesRollback as e:
+                self.audit(AuditAction.RELEASE_GATE, "denied", "broker", reason=str(e))
+                self.close()
+                raise
 
     def metrics(self) -> dict[str, Any]:
         """Policy-decision latency over the last 100,000 decisions (milliseconds)."""
@@ -431,7 +440,12 @@ class Broker:
         with self._write() as c:
             c.execute(sa.delete(self.t.models).where(self.t.models.c.name == name))
             c.execute(sa.insert(self.t.models).values(name=name, team=team, size=size, detail=json.dumps(detail)))
-        self.audit(AuditAction.BROKER_MODEL_ADD, "ok", actor, name, team=team, bytes=size)
+        cls = {}
+        if classification is not None:  # issue 17: figures entered by this account are audited with their source
+            comp = classification.compute
+            cls = {"compute_flop": comp.flop if comp else None, "compute_method": comp.method if comp else None,
+                   "compute_source": classification.source, "doubts": list(classification.doubts)}  # fmt: skip
+        self.audit(AuditAction.BROKER_MODEL_ADD, "ok", actor, name, team=team, bytes=size, **cls)
         return size
 
     def model(self, name: str) -> dict[str, Any]:

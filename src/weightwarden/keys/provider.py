@@ -32,7 +32,7 @@ DEK_LEN = 32
 
 #: What a signing key is for: one key, one purpose (docs/FORMAT.md §1.4).  Every signature made
 #: through :class:`Signer` covers ``SIG_LABEL ‖ purpose ‖ 0x00 ‖ message``.
-SIGNING_PURPOSES = ("sealing", "audit-log", "export-rules")
+SIGNING_PURPOSES = ("sealing", "audit-log", "export-rules", "compliance")
 #: What a key-encryption key is for: data keys of sealed files, or per-model tracing secrets.
 KEK_PURPOSES = ("sealing", "tracing")
 #: A trust entry for a pre-purpose key that may still verify version-1 manifests (no purpose label).

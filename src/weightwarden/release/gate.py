@@ -30,9 +30,10 @@ from typing import Any
 from ..errors import WardenError
 
 __all__ = ["DECISIONS", "Destination", "GateDecision", "LicenseBook", "LicenseRecord", "Reason", "ReleaseDenied",
-           "ReleaseGate", "check_override"]  # fmt: skip
+           "ReleaseGate", "UnknownCountry", "check_override"]  # fmt: skip
 
 DECISIONS = ("allow", "needs-license", "needs-review", "deny")  # lowest severity first
+SAMPLE_LIST = "screening:sample-list"  # screened against the fictitious sample: never overridable
 _FROM_REGIME = {"allowed": "allow", "notify": "allow", "license-required": "needs-license",
                 "needs-review": "needs-review", "presumption-of-denial": "deny"}  # fmt: skip
 
@@ -43,6 +44,10 @@ class ReleaseDenied(WardenError):
     def __init__(self, message: str, decision: GateDecision | None = None):
         super().__init__(message)
         self.decision = decision
+
+
+class UnknownCountry(ReleaseDenied):
+    """A destination country that is not an ISO 3166 country (code or English name)."""
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,10 @@ class Destination:
     def __post_init__(self) -> None:
         if not self.recipient or len(self.recipient) > 256 or any(ord(c) < 32 for c in self.recipient):
             raise ReleaseDenied("a recipient is 1-256 printable characters")
-        if self.country is not None and (len(self.country) != 2 or not self.country.isalpha()):
-            raise ReleaseDenied("a country is an ISO 3166 alpha-2 code (two letters)")
+        if self.country is not None:  # ISO 3166: alpha-2 checked, alpha-3 and names mapped (US, USA, United States)
+            from .countries import resolve_country
+
+            object.__setattr__(self, "country", resolve_country(self.country))
 
 
 @dataclass(frozen=True)
@@ -101,8 +108,10 @@ class LicenseRecord:
     @classmethod
     def from_json(cls, o: Any) -> LicenseRecord:
         try:
+            from .countries import resolve_country
+
             rec = cls(str(o["id"]), tuple(map(str, o["regimes"])), str(o["recipient"]),
-                      tuple(str(c).upper() for c in o["countries"]), tuple(map(str, o["models"])),
+                      tuple(resolve_country(str(c)) for c in o["countries"]), tuple(map(str, o["models"])),
                       date.fromisoformat(o["valid_from"]), date.fromisoformat(o["valid_until"]),
                       str(o.get("authority", "")), str(o.get("reference", "")))  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
@@ -191,6 +200,9 @@ class GateDecision:
 def check_override(decision: GateDecision, overridden: frozenset[str] | set[str]) -> None:
     """Raise :class:`ReleaseDenied` unless every blocking reason of ``decision`` is among the
     ``overridden`` codes (those an approved override named)."""
+    if SAMPLE_LIST in decision.blocking:  # no approval makes a fictitious list a real one
+        raise ReleaseDenied("screened against the shipped sample list: no override covers that (load a real "
+                            "list with `warden screen update --file`)", decision)  # fmt: skip
     new = decision.blocking - set(overridden)
     if new:
         raise ReleaseDenied(f"the approved override does not cover: {', '.join(sorted(new))}", decision)
@@ -200,17 +212,23 @@ class ReleaseGate:
     """The export-control gate over one rule set, one screening list and the license records."""
 
     def __init__(self, rules: Any, screening: Any, licenses: LicenseBook | None = None, *,
-                 threshold: float | None = None):  # fmt: skip
+                 threshold: float | None = None, allow_sample_list: bool | None = None):  # fmt: skip
         from .screen import DEFAULT_THRESHOLD
 
         if rules is None or screening is None:
             raise ReleaseDenied("the gate needs a verified rule set and a screening list")
         self.rules, self.screening = rules, screening
+        # the shipped sample list is fictitious: screening against it clears real parties (issue 17); the operator
+        # allows it for a demonstration (--allow-sample-list, or WARDEN_ALLOW_SAMPLE_LIST=1)
+        if allow_sample_list is None:
+            allow_sample_list = os.environ.get("WARDEN_ALLOW_SAMPLE_LIST", "") == "1"
+        self.allow_sample_list = allow_sample_list
         self.licenses = licenses or LicenseBook()
         self.threshold = DEFAULT_THRESHOLD if threshold is None else threshold
 
     @classmethod
-    def from_home(cls, home: str | os.PathLike[str] | None = None) -> ReleaseGate:
+    def from_home(cls, home: str | os.PathLike[str] | None = None, *,
+                  allow_sample_list: bool | None = None) -> ReleaseGate:  # fmt: skip
         """The gate as configured under ``home``: the shipped rules (or ``release/rules.toml`` signed by a
         key in ``release/rules-keys``), the list loaded by ``warden screen update`` (else the shipped sample),
         and ``release/licenses.json``."""
@@ -228,7 +246,11 @@ class ReleaseGate:
             rules = load_rules(own, keys)
         else:
             rules = default_rules()
-        return cls(rules, ScreeningList.from_home(h), LicenseBook.load(h / "release" / "licenses.json"))
+        from .rules_version import check_home
+
+        check_home(h, rules)  # a rules file older than one already used here is refused (issue 17)
+        return cls(rules, ScreeningList.from_home(h), LicenseBook.load(h / "release" / "licenses.json"),
+                   allow_sample_list=allow_sample_list)  # fmt: skip
 
     def decide(
         self, classification: Any, dest: Destination, *, model_id: str, as_of: date | None = None
@@ -242,16 +264,27 @@ class ReleaseGate:
         summary: dict[str, Any] = {}
         if dest.country is None:
             reasons.append(Reason("destination:unknown", "needs-review", "the destination country is not known"))
+        else:
+            from .countries import country_name
+
+            reasons.append(Reason(f"destination:{dest.country}", "allow",
+                                  f"destination {dest.country} ({country_name(dest.country)})"))  # fmt: skip
         if classification is None:
             reasons.append(Reason("classification:failed", "needs-review", "the model could not be classified"))
         else:
             comp = classification.compute
             summary = {"total_params": classification.total_params, "active_params": classification.active_params,
                        "compute_flop": comp.flop if comp else None, "compute_method": comp.method if comp else None,
-                       "published": classification.published}  # fmt: skip
-            c = classification
-            outs = self.rules.evaluate(total_params=c.total_params, active_params=c.active_params, compute=comp,
-                                       published=c.published, as_of=when, country=dest.country)  # fmt: skip
+                       "published": classification.published, "compute_source": classification.source,
+                       "claimed_flop": classification.claimed.flop if classification.claimed else None,
+                       "doubts": list(classification.doubts)}  # fmt: skip
+            from .classify import evaluate_outcomes
+
+            # what is only claimed (unsigned) can make an outcome stricter, never more lenient
+            outs = evaluate_outcomes(self.rules, classification, as_of=when, country=dest.country)
+            if classification.doubts:
+                reasons.append(Reason("classification:implausible", "needs-review",
+                                      "; ".join(classification.doubts)))  # fmt: skip
             for o in outs:
                 outcome = _FROM_REGIME[o["outcome"]]
                 text = f"{o['regime']}: {o['outcome']} ({'; '.join(o['reasons'])})"
@@ -275,6 +308,13 @@ class ReleaseGate:
             reasons.append(Reason(f"screening:{e['id']}", "deny",
                                   f"{dest.recipient!r} matches {e['name']!r} on {e['source'] or 'the list'} "
                                   f"(score {h['score']}, matched {h['matched_name']!r})"))  # fmt: skip
+        if getattr(self.screening, "is_sample", False) and not self.allow_sample_list:
+            reasons.append(Reason(SAMPLE_LIST, "deny", "screened against the shipped SAMPLE list (fictitious parties),"
+                                  " not a real one: load one with `warden screen update --file`, or pass "
+                                  "--allow-sample-list for a demonstration"))  # fmt: skip
+        elif getattr(self.screening, "is_sample", False):
+            reasons.append(Reason(f"{SAMPLE_LIST}-allowed", "allow", "screened against the shipped SAMPLE list "
+                                  "(fictitious parties), allowed for a demonstration"))  # fmt: skip
         if not hits:
             reasons.append(Reason("screening:clear", "allow", f"no match at threshold {self.threshold:g} among "
                                   f"{len(self.screening.entries)} listed parties"))  # fmt: skip

@@ -18,7 +18,9 @@ import io
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +29,110 @@ from ..errors import WardenError
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize"]
 
 DEFAULT_THRESHOLD = 86.0
-_PUNCT = re.compile(r"[^\w\s]")
+_PUNCT = re.compile(r"[^\w\s]|_")
 _SPACE = re.compile(r"\s+")
+# a word spelled out with one punctuation mark between letters: "S.e.r.g.e.i", "T.A.C.R.C.", "N-o-v-a-t-e-k"
+_DOTTED = re.compile(r"(?<![\w.\-·'/*])(?:[^\W_][.\-·'_/*]){2,}[^\W_](?:[.\-·'_/*](?=\s|,|$))?(?!\w)")
+_APOS = re.compile(r"(?<=\w)['’ʼ`](?=\w)")  # Int'l, O'Neil: one word
 
 
 class ScreeningError(WardenError):
     """A screening list is missing, empty or in a format this tool does not read."""
 
 
+@lru_cache(maxsize=1)
+def _tables() -> tuple[frozenset[str], frozenset[str], dict[str, str], list[tuple[tuple[str, ...], tuple[str, ...]]],
+                       frozenset[str]]:  # fmt: skip
+    from importlib import resources
+
+    doc = json.loads(resources.files(__package__).joinpath("lists/abbreviations.json").read_text())
+    phrases = sorted(((tuple(a), tuple(b)) for a, b in doc["phrases"]), key=lambda p: -len(p[0]))
+    return (frozenset(doc["company_forms"]), frozenset(doc["stopwords"]), dict(doc["words"]), phrases,
+            frozenset(doc["generic"]))
+
+
+@lru_cache(maxsize=1)
+def _spoof() -> Any:
+    try:
+        import icu
+    except ImportError:  # pragma: no cover - pyicu comes with rigour (normality)
+        raise ScreeningError("screening needs PyICU (pip install pyicu) for Unicode confusables") from None
+    return icu.SpoofChecker()
+
+
+@lru_cache(maxsize=8192)
+def _ascii_char(c: str) -> str:
+    """The Latin letter a look-alike stands for, by its UTS #39 confusable skeleton (ICU's table), or ''."""
+    k = _spoof().getSkeleton(0, c)
+    if not k.isascii() or not k.isalpha():
+        return ""
+    # the skeleton's prototype of the I / l / 1 class is "l"; a capital look-alike reads as "I"
+    return "I" if k == "l" and c.isupper() else k
+
+
+def _unconfuse(s: str) -> str:
+    """Replace look-alike letters in words written mainly to pass as Latin: a word with a Latin letter, or one
+    whose every letter has a Latin look-alike ("Ѕеrgеі", "Ρеtrоν"); words of another script are left to
+    transliteration."""
+    out = []
+    for w in s.split(" "):
+        if w.isascii():
+            out.append(w)
+            continue
+        mapped = [c if c.isascii() or not c.isalpha() else _ascii_char(c) for c in w]
+        has_latin = any(c.isascii() and c.isalpha() for c in w)
+        if has_latin or all(mapped):
+            w = "".join(m or c for m, c in zip(mapped, w, strict=True))
+        out.append(w)
+    return " ".join(out)
+
+
+def _canonical(tokens: list[str]) -> list[str]:
+    forms, stop, words, phrases, _ = _tables()
+    toks = [words.get(t, t) for t in tokens if t not in stop]
+    out: list[str] = []
+    i = 0
+    while i < len(toks):
+        for a, b in phrases:
+            if tuple(toks[i:i + len(a)]) == a:
+                out.extend(b)
+                i += len(a)
+                break
+        else:
+            out.append(toks[i])
+            i += 1
+    kept = [t for t in out if t not in forms]
+    return kept or out
+
+
+def _prepare(name: str) -> str:
+    s = unicodedata.normalize("NFKC", name or "")
+    s = _SPACE.sub(" ", s).strip()
+    s = _unconfuse(s)
+    s = _DOTTED.sub(lambda m: re.sub(r"[\W_]", "", m.group(0)), s)
+    return _APOS.sub("", s)
+
+
 def normalize(name: str) -> str:
+    """The form names are compared in: look-alike letters read as the Latin letters they imitate (UTS #39
+    skeletons), words spelled out with dots joined, transliterated to ASCII, punctuation dropped, the
+    abbreviations of trade documents and company forms made canonical (``lists/abbreviations.json`` and
+    rigour's org types), honorifics removed, case folded."""
     from rigour.names import remove_org_types, remove_person_prefixes
     from rigour.text import ascii_text
 
-    s = ascii_text(name or "").lower()
+    s = ascii_text(_prepare(name)).lower()
     s = _SPACE.sub(" ", _PUNCT.sub(" ", s)).strip()
+    s = " ".join(_canonical(s.split()))
     s = remove_person_prefixes(remove_org_types(s, replacement=" "))
-    return _SPACE.sub(" ", s).strip()
+    return " ".join(_canonical(s.split()))
+
+
+@lru_cache(maxsize=1)
+def _sample_sha256() -> str:
+    from importlib import resources
+
+    return hashlib.sha256(resources.files(__package__).joinpath("lists/sample_csl.json").read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -68,17 +158,32 @@ class ScreeningList:
     _raw: list[str] = field(default_factory=list)
     _tokens: list[frozenset[str]] = field(default_factory=list)
 
+    _combos: dict[str, list[tuple[int, frozenset[str], int]]] = field(default_factory=dict)
+    _words: list[frozenset[str]] = field(default_factory=list)
+    _by_token: dict[str, list[int]] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         if not self.entries:
             raise ScreeningError("the screening list has no entries")
         for i, e in enumerate(self.entries):
+            seen: set[str] = set()
+            words: set[str] = set()
+            primary = normalize(e.name)
             for n in (e.name, *e.aliases):
                 k = normalize(n)
-                if k:
+                if k and k not in seen:
+                    seen.add(k)
+                    words |= set(k.split())
+                    tokens = frozenset(k.split())
+                    if k != primary:  # an alias written together with words of the entry's names ("TACRC Tehran")
+                        self._combos.setdefault(min(tokens), []).append((i, tokens, len(self._names)))
+                    for w in tokens:
+                        self._by_token.setdefault(w, []).append(len(self._names))
                     self._names.append(k)
-                    self._tokens.append(frozenset(k.split()))
+                    self._tokens.append(tokens)
                     self._owner.append(i)
                     self._raw.append(n)
+            self._words.append(frozenset(words))
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -92,6 +197,12 @@ class ScreeningList:
 
     @classmethod
     def parse(cls, data: bytes, origin: str = "") -> ScreeningList:
+        lst = cls._parse(data, origin)
+        lst.is_sample = lst.sha256 == _sample_sha256()  # the fictitious sample, however it was loaded
+        return lst
+
+    @classmethod
+    def _parse(cls, data: bytes, origin: str = "") -> ScreeningList:
         digest = hashlib.sha256(data).hexdigest()
         try:
             text = data.decode("utf-8-sig")
@@ -141,6 +252,7 @@ class ScreeningList:
                 short = " ".join(t for t in nq.split() if len(t) > 1)  # initials dropped: "S. I. Petrov"
                 if short and short != nq:
                     queries.append((q, short))
+        generic = _tables()[4]
         for q, nq in queries:
             # scores under the threshold come back as 0 (rapidfuzz stops early on them)
             cut = threshold - 1e-9
@@ -148,26 +260,38 @@ class ScreeningList:
             tset = process.cdist([nq], self._names, scorer=fuzz.token_set_ratio, score_cutoff=cut, workers=1)[0]
             plain = process.cdist([nq], self._names, scorer=fuzz.ratio, score_cutoff=cut, workers=1)[0]
             # token-set (missing or extra names) counts only where one name's words are all in the other's,
-            # and that name has two words at least: "li na" is not a shortened "li wei dong"
+            # and that name has two words at least that are not generic: "li na" is not a shortened
+            # "li wei dong", nor "lotus engineering" a shortened "lotus intelligent systems engineering institute"
             qt = set(nq.split())
             for j in np.flatnonzero(tset >= threshold - 1e-9):
                 nt = self._tokens[j]
                 small, big = (qt, nt) if len(qt) <= len(nt) else (nt, qt)
-                if len(small) < 2 or not small <= big:
+                # an organisation's name shortened by a word that says which one it is ("Rostov Devices" for
+                # "Rostov Quantum Devices") is another organisation; people drop middle names
+                shortened_org = small is qt and bool((nt - qt) - generic) and self._organisation(j)
+                if len(small - generic) < 2 or not small <= big or shortened_org:
                     tset[j] = 0
             score = np.maximum(np.maximum(sort, plain), tset * 0.98)  # a subset match counts a little less
             for j in np.flatnonzero(score >= threshold - 1e-9):
-                i = self._owner[j]
-                s = float(score[j])
-                if i not in best or s > best[i]["score"]:
-                    e = self.entries[i]
-                    best[i] = {"score": round(s, 1), "entry": {"id": e.id, "name": e.name, "kind": e.kind,
-                               "countries": list(e.countries), "source": e.source, "programs": list(e.programs)},
-                               "matched_name": self._raw[j], "query": q,
-                               "explanation": {"query_normalized": nq, "name_normalized": self._names[j],
-                                               "token_sort": round(float(sort[j]), 1),
-                                               "token_set": round(float(tset[j]), 1),
-                                               "ratio": round(float(plain[j]), 1)}}  # fmt: skip
+                nt = self._tokens[j]
+                # each has a generic word the other lacks: another kind of party ("... Bank" / "... Trading")
+                if (qt - nt) & generic and (nt - qt) & generic:
+                    continue
+                self._keep(best, j, float(score[j]), q, nq, {"token_sort": round(float(sort[j]), 1),
+                           "token_set": round(float(tset[j]), 1), "ratio": round(float(plain[j]), 1)})  # fmt: skip
+            # surname and initials: "M. A. Orlov" for "Mikhail Andreyevich Orlov", every initial a name's
+            full, initials = [w for w in qt if len(w) > 1], sorted(w for w in nq.split() if len(w) == 1)
+            if full and initials:
+                for j in set.intersection(*(set(self._by_token.get(w, ())) for w in full)):
+                    rest = self._tokens[j] - set(full)
+                    if not self._organisation(j) and sorted(w[0] for w in rest) == initials:
+                        self._keep(best, j, 90.0, q, nq, {"initials": " ".join(initials)})
+            # an alias together with words of the entry's other names: every word accounted for
+            for t in qt:
+                for i, at, j in self._combos.get(t, ()):
+                    rest = qt - at
+                    if at <= qt and rest and rest <= self._words[i] and not rest <= generic:
+                        self._keep(best, j, 95.0, q, nq, {"alias_with_name": self._raw[j]})
         hits = sorted(best.values(), key=lambda h: -h["score"])[:limit]
         for h in hits:
             cs = h["entry"]["countries"]
@@ -178,6 +302,21 @@ class ScreeningList:
                 "decision": "match" if hits else "clear", "hits": hits,
                 "list": {"format": self.format, "sha256": self.sha256, "entries": len(self.entries),
                          "origin": self.origin}}  # fmt: skip
+
+
+    def _organisation(self, j: int) -> bool:
+        return self.entries[self._owner[j]].kind.lower() not in ("", "individual", "person")
+
+    def _keep(self, best: dict[int, dict[str, Any]], j: int, s: float, q: str, nq: str,
+              parts: dict[str, Any]) -> None:  # fmt: skip
+        i = self._owner[j]
+        if i in best and s <= best[i]["score"]:
+            return
+        e = self.entries[i]
+        best[i] = {"score": round(s, 1), "entry": {"id": e.id, "name": e.name, "kind": e.kind,
+                   "countries": list(e.countries), "source": e.source, "programs": list(e.programs)},
+                   "matched_name": self._raw[j], "query": q,
+                   "explanation": {"query_normalized": nq, "name_normalized": self._names[j], **parts}}  # fmt: skip
 
 
 def _csl_json(text: str) -> list[Entry]:
