@@ -473,7 +473,8 @@ def test_countries_are_iso_3166_and_every_decision_echoes_one(gate: ReleaseGate,
 
 def test_cli_unknown_country_is_refused_and_audited(cli_env: dict[str, str], model: Path, tmp_path: Path) -> None:
     assert warden(cli_env, "init").returncode == 0
-    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "XX", "-o", str(tmp_path / "a"), "--plaintext")  # fmt: skip
+    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "XX", "-o", str(tmp_path / "a"),
+               "--plaintext")  # fmt: skip
     assert r.returncode == 1 and "--country 'XX'" in r.stderr and "alpha-2" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
     log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
@@ -485,7 +486,8 @@ def test_cli_unknown_country_is_refused_and_audited(cli_env: dict[str, str], mod
     assert r.returncode == 1 and "--country 'Atlantis'" in r.stderr
     r = warden(cli_env, "screen", "Acme", "--country", "United States", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["country"] == "US"
-    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "Germany", "-o", str(tmp_path / "b"), "--plaintext")  # fmt: skip
+    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "Germany", "-o", str(tmp_path / "b"),
+               "--plaintext")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert " in DE " in r.stdout
 
