@@ -600,3 +600,59 @@ def test_policy_change_is_shown_in_words_and_checked_against_a_file(vault, tmp_p
         st.check_policy_file(other)
     with pytest.raises(QuorumError, match="not a policy change"):
         vault.statement(vault.request("audit", {"key_use": False})["op_id"]).check_policy_file(same)
+
+
+def test_custody_cli_reshare_needs_age_keys_and_policy_is_shown_in_words(tmp_path, cli_env):
+    env = {**cli_env, "COLUMNS": "400", "WARDEN_CUSTODIAN_PASSPHRASE_ANA": "ana's long passphrase",
+           "WARDEN_CUSTODIAN_PASSPHRASE_BO": "bo's long passphrase"}  # fmt: skip
+    home = Path(env["WARDEN_HOME"])
+
+    def ok(*args: str) -> str:
+        r = warden(env, *args)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    ok("init")
+    ok("custody", "init", "--threshold", "2", "--custodian", "ana=passphrase", "--custodian", "bo=passphrase")
+    record = (home / "custody.json").read_bytes()
+    ok("agent", "start", "--idle-seal", "0")
+    try:
+        ok("custody", "unseal", "--custodian", "ana")
+        ok("custody", "unseal", "--custodian", "bo")
+        r = warden(env, "custody", "request", "reshare", "--threshold", "2", "--custodian", "ana=passphrase",
+                   "--custodian", "bo=passphrase")  # fmt: skip
+        assert r.returncode == 1 and "QuorumError" in r.stderr and "warden custody keygen" in r.stderr
+        assert (home / "custody.json").read_bytes() == record
+        pw = tmp_path / "cy.pass"
+        pw.write_text("cy's own passphrase\n")
+        pub = ok("custody", "keygen", "-o", str(tmp_path / "cy.agekey"), "--protect",
+                 "--identity-passphrase-file", str(pw)).strip()  # fmt: skip
+        assert pub.startswith("age1") and (tmp_path / "cy.agekey").stat().st_mode & 0o777 == 0o600
+        assert b"AGE-SECRET-KEY" not in (tmp_path / "cy.agekey").read_bytes()  # protected by cy's passphrase
+        r = warden(env, "custody", "keygen", "-o", str(tmp_path / "cy.agekey"))
+        assert r.returncode == 1 and (tmp_path / "cy.agekey").read_bytes()[:21] == b"age-encryption.org/v1"
+        pol = tmp_path / "key-use.toml"
+        pol.write_text(
+            f'version = 1\n[workloads]\ninference = "{token_digest("t")}"\n'
+            f'[[rule]]\nusers = [{os.getuid()}]\nops = ["*"]\nkeys = ["*"]\n'
+            '[[rule]]\nusers = [4242]\nworkloads = ["inference"]\nops = ["unwrap"]\n'
+            'keys = ["prod-*", "[red]x\\u001b"]\n'
+        )
+        op = json.loads(ok("custody", "request", "policy", str(pol), "--json"))["op_id"]
+        shown = ok("custody", "pending")
+        assert "rule 2: uid 4242 running as workload inference may unwrap with keys matching prod-*, [red]x?" in shown
+        assert f"digest {Policy.load_file(pol).digest}" in shown and "\x1b" not in shown
+        other = tmp_path / "other.toml"
+        other.write_text(pol.read_text().replace("prod-*", "*"))
+        r = warden(env, "custody", "approve", op, "--custodian", "ana", "--policy-file", str(other))
+        assert r.returncode == 1 and "is not the one requested" in r.stderr
+        r = warden(env, "custody", "approve", op, "--custodian", "ana", "--policy-file", str(pol))
+        assert r.returncode == 0, r.stderr
+        assert "rule 1: uid" in r.stderr and "1 of 2 approvals" in r.stdout
+    finally:
+        warden(env, "agent", "stop")
+    ev = JsonlSink(home / "audit.jsonl").read()
+    assert len(_denied(ev, "custody:request")) == 1
+    assert [e["detail"]["custodian"] for e in ev if e["action"] == "custody:approve" and e["outcome"] == "ok"] == [
+        "ana"
+    ]
