@@ -373,6 +373,8 @@ def test_another_os_user_over_the_socket(tmp_path):
                     try:
                         if what == "load":
                             out = str(float(ww.load(v.sealed, keyring=AgentKeyring(home))["w"].sum()))
+                        elif what == "status":
+                            out = json.dumps(AgentClient(home).call("status"), sort_keys=True)
                         else:
                             out = AgentClient(home).call("sign", message=b64e(b"x"))["signature"]
                     except Exception as e:
@@ -388,6 +390,8 @@ def test_another_os_user_over_the_socket(tmp_path):
         assert as_nobody(True, "load") == "120.0"  # the inference node loads the model
         assert as_nobody(False, "load") == "PolicyDeniedError"  # without its workload token
         assert as_nobody(True, "sign") == "PolicyDeniedError"  # nor may it sign
+        assert json.loads(as_nobody(False, "status")) == {"sealed": False}  # no custodians, no pending changes
+        assert client.call("status")["custodians"] == ["c0", "c1", "c2"]  # the agent's own user: all of it
         agent.stop(home)
         ev = JsonlSink(home / "audit.jsonl").read()
         mine = [e for e in ev if e["detail"].get("caller", {}).get("uid") == nobody]

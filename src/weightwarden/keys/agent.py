@@ -411,7 +411,7 @@ class _State:
             return {"op_id": op_id, "approvals": n, "threshold": self.doc.threshold}
         if op == "execute":
             try:
-                st, approvals, secrets_ = self.book.take(op_id, self.doc, now=now)
+                st, approvals = self.book.take(op_id, self.doc, now=now)
             except WardenError as e:
                 self._audit(AuditAction.CUSTODY_CHANGE, "denied", subject=op_id, error=str(e))
                 raise
@@ -421,7 +421,7 @@ class _State:
                 "approvals": [a.to_json() for a in approvals],
             }
             try:
-                result = self._execute(kr, st, secrets_)
+                result = self._execute(kr, st)
             except WardenError as e:
                 self._audit(AuditAction.CUSTODY_CHANGE, "error", subject=st.op_id, detail=detail, error=str(e))
                 raise
@@ -445,7 +445,7 @@ class _State:
             if v is not None and v not in [x["version"] for x in p.versions()]:
                 raise QuorumError(f"{kind}: key {kid} has no version {v}")
 
-    def _execute(self, kr: Keyring, st: Any, secrets_: dict[str, Any]) -> Any:
+    def _execute(self, kr: Keyring, st: Any) -> Any:
         p = st.params
         if st.kind == "reshare":
             from .custody import Custodian

@@ -309,8 +309,7 @@ def sign_approval(stmt: Statement, share: Share, *, now: datetime) -> Approval:
 
 @dataclass
 class _Pending:
-    stmt: Statement
-    secrets: dict[str, Any]
+    stmt: Statement  # everything a change does is in its statement: a request carries no secrets
     approvals: dict[str, Approval] = field(default_factory=dict)
 
 
@@ -321,8 +320,8 @@ class QuorumBook:
         self._pending: dict[str, _Pending] = {}
         self._spent: dict[str, str] = {}  # op id -> "executed" | "refused" | "expired"
 
-    def add(self, stmt: Statement, secrets_: dict[str, Any] | None = None) -> None:
-        self._pending[stmt.op_id] = _Pending(stmt, dict(secrets_ or {}))
+    def add(self, stmt: Statement) -> None:
+        self._pending[stmt.op_id] = _Pending(stmt)
 
     def pending(self) -> list[Statement]:
         return [p.stmt for p in self._pending.values()]
@@ -372,7 +371,7 @@ class QuorumBook:
         p.approvals[appr.custodian] = appr
         return len(p.approvals)
 
-    def take(self, op_id: str, doc: CustodyDoc, *, now: datetime) -> tuple[Statement, list[Approval], dict[str, Any]]:
+    def take(self, op_id: str, doc: CustodyDoc, *, now: datetime) -> tuple[Statement, list[Approval]]:
         """Hand over an operation with its quorum, once; it is then spent."""
         p = self._get(op_id)
         self._expire(p, now)
@@ -382,7 +381,7 @@ class QuorumBook:
             raise QuorumError(f"{len(p.approvals)} of {doc.threshold} custodians have approved {op_id}: nothing done")
         del self._pending[op_id]
         self._spent[op_id] = "executed"
-        return p.stmt, sorted(p.approvals.values(), key=lambda a: a.custodian), p.secrets
+        return p.stmt, sorted(p.approvals.values(), key=lambda a: a.custodian)
 
     def spend(self, op_id: str, how: str) -> None:
         if self._pending.pop(op_id, None) is not None:
