@@ -642,6 +642,7 @@ def test_custody_cli_reshare_needs_age_keys_and_policy_is_shown_in_words(tmp_pat
             '[[rule]]\nusers = [4242]\nworkloads = ["inference"]\nops = ["unwrap"]\n'
             'keys = ["prod-*", "[red]x\\u001b"]\n'
         )
+        assert "rule 1: uid" in ok("custody", "request", "policy", str(pol))  # the requester sees it in words too
         op = json.loads(ok("custody", "request", "policy", str(pol), "--json"))["op_id"]
         shown = ok("custody", "pending")
         assert "rule 2: uid 4242 running as workload inference may unwrap with keys matching prod-*, [red]x?" in shown
@@ -650,6 +651,7 @@ def test_custody_cli_reshare_needs_age_keys_and_policy_is_shown_in_words(tmp_pat
         other.write_text(pol.read_text().replace("prod-*", "*"))
         r = warden(env, "custody", "approve", op, "--custodian", "ana", "--policy-file", str(other))
         assert r.returncode == 1 and "is not the one requested" in r.stderr
+        assert shown.count("rule 2: uid 4242") == 2  # both requests pending, each in words
         r = warden(env, "custody", "approve", op, "--custodian", "ana", "--policy-file", str(pol))
         assert r.returncode == 0, r.stderr
         assert "rule 1: uid" in r.stderr and "1 of 2 approvals" in r.stdout

@@ -705,8 +705,13 @@ def _request(kind: str, params: dict[str, Any], ttl: float, home: Path | None, a
     from .keys.agent import AgentClient
 
     r = AgentClient(home or default_home()).call("request", kind=kind, params=params, ttl_seconds=ttl, **extra)
+    from .keys.quorum import Statement
+
     op = _plain(r["op_id"])
-    msg = f"requested {op}: {_plain(r['summary'])}\nstatement digest {_plain(r['digest'])}"
+    msg = f"requested {op}: {_plain(r['summary'])}" + "".join(
+        f"\n    {_plain(d)}" for d in Statement.from_json(r["statement"]).details()
+    )
+    msg += f"\nstatement digest {_plain(r['digest'])}"
     _emit(r, as_json, msg + f"\neach custodian: warden custody approve {op} --custodian NAME")
 
 
