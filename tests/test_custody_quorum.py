@@ -373,6 +373,8 @@ def test_another_os_user_over_the_socket(tmp_path):
                     try:
                         if what == "load":
                             out = str(float(ww.load(v.sealed, keyring=AgentKeyring(home))["w"].sum()))
+                        elif what == "status":
+                            out = json.dumps(AgentClient(home).call("status"), sort_keys=True)
                         else:
                             out = AgentClient(home).call("sign", message=b64e(b"x"))["signature"]
                     except Exception as e:
@@ -388,6 +390,8 @@ def test_another_os_user_over_the_socket(tmp_path):
         assert as_nobody(True, "load") == "120.0"  # the inference node loads the model
         assert as_nobody(False, "load") == "PolicyDeniedError"  # without its workload token
         assert as_nobody(True, "sign") == "PolicyDeniedError"  # nor may it sign
+        assert json.loads(as_nobody(False, "status")) == {"sealed": False}  # no custodians, no pending changes
+        assert client.call("status")["custodians"] == ["c0", "c1", "c2"]  # the agent's own user: all of it
         agent.stop(home)
         ev = JsonlSink(home / "audit.jsonl").read()
         mine = [e for e in ev if e["detail"].get("caller", {}).get("uid") == nobody]
@@ -439,4 +443,222 @@ def test_custody_changes_through_the_cli(tmp_path, st_file, cli_env):
     ev = JsonlSink(home / "audit.jsonl").read()
     assert [e["detail"]["approvers"] for e in ev if e["action"] == "custody:change" and e["outcome"] == "ok"] == [
         ["ana", "bo"]
+    ]
+
+
+# -- issue 16 red-team fixes ---------------------------------------------------------------------
+@contextlib.contextmanager
+def _socket_agent(state: _State):
+    """The agent's real socket server (SO_PEERCRED, the request handler) over ``state``, in a thread."""
+    import shutil
+    import threading
+
+    from weightwarden.keys import agent
+
+    d = Path(tempfile.mkdtemp(prefix="ww-sock-"))
+    server = agent._Server(str(d / agent.SOCKET), agent._Handler)
+    server.state = state
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield d / agent.SOCKET
+    finally:
+        server.shutdown()
+        server.server_close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _raw(path: Path, req: dict) -> dict:
+    """One request as any process of the agent's user can send it: raw JSON over the socket."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)
+
+
+def _me() -> str:
+    import pwd
+
+    return f"uid {os.getuid()} ({pwd.getpwuid(os.getuid()).pw_name})"
+
+
+def test_reshare_to_requester_chosen_passphrases_is_refused(vault):
+    """The red team's HIGH finding, replayed: a reshare to passphrase custodians whose passphrases the
+    requester supplies (outside the signed statement).  Refused at the request, audited, nothing
+    pending to approve; the same without the passphrases, and a statement naming a passphrase
+    recipient (served by a tampered agent), is refused too."""
+    before = vault.files()
+    mine = {"ana": "attacker's pass one", "bo": "attacker's pass two", "cy": "attacker's pass three"}
+    params = {"threshold": 2, "custodians": [{"name": n, "recipient": "passphrase"} for n in mine]}
+    with _socket_agent(vault.state) as sock:
+        r = _raw(sock, {"op": "request", "kind": "reshare", "params": params, "passphrases": mine, "actor": "ana"})
+        assert r["error"] == "QuorumError" and "age" in r["message"]
+        # the passphrases alone, with age recipients: a custody change carries no secrets of the requester
+        ids = _ids(3)
+        ok_params = {
+            "threshold": 2,
+            "custodians": [{"name": c.name, "recipient": c.recipient} for c in _custodians(ids)],
+        }
+        r2 = _raw(sock, {"op": "request", "kind": "reshare", "params": ok_params, "passphrases": mine})
+        assert r2["error"] == "QuorumError" and "no passphrases" in r2["message"]
+        assert _raw(sock, {"op": "pending"}) == {"pending": []}
+    with pytest.raises(QuorumError, match=r"custodian ana has recipient 'passphrase'.*warden custody keygen"):
+        vault.request("reshare", params)
+    # a custodian's warden rebuilds the statement it signs: one naming a passphrase recipient is refused there
+    st = vault.request("audit", {"key_use": False})["statement"]
+    forged = {**st, "kind": "reshare", "params": params}
+    with pytest.raises(QuorumError, match="passphrase"):
+        Statement.from_json(forged)
+    assert vault.files() == before
+    denied = _denied(vault.events(), "custody:request")
+    assert len(denied) == 3 and all(e["detail"]["operation"] == "reshare" for e in denied)
+    # nothing was re-shared: the attacker's passphrases open nothing, the old custodians still unseal
+    doc = CustodyDoc.load(vault.home)
+    assert [c["recipient"] for c in doc.custodians] == [c.recipient for c in _custodians(vault.ids)]
+    assert vault.load_with(vault.shares[1:]) == 120.0
+
+
+def test_reshare_to_age_recipients_gives_the_requester_nothing(vault):
+    """A legitimate reshare: every new share is sealed to an age key the custodians approved, so the
+    requester (who holds none of the new identities) opens no new share and cannot approve anything."""
+    mallory = pyrage.x25519.Identity.generate()  # the requester's own key: not a custodian
+    new_ids = _ids(3)
+    new = _custodians(new_ids, "n")
+    r = vault.request("reshare", {"threshold": 2, "custodians": [{"name": c.name, "recipient": c.recipient}
+                                                                 for c in new]})  # fmt: skip
+    st = vault.statement(r["op_id"])
+    assert all(c.recipient in st.describe() for c in new)  # each custodian sees every recipient key
+    for i in (0, 1):
+        vault.approve(vault.sign(r["op_id"], i, at=T0 + MIN), now=T0 + MIN)
+    vault.execute(r["op_id"], now=T0 + 2 * MIN)
+    doc = CustodyDoc.load(vault.home)
+    assert [(c["name"], c["recipient"]) for c in doc.custodians] == [(c.name, c.recipient) for c in new]
+    for c in new:
+        with pytest.raises(CustodyError):
+            doc.open_share(c.name, identity=str(mallory))
+        with pytest.raises(CustodyError, match="age identity"):
+            doc.open_share(c.name, passphrase="attacker's pass one")
+    # the requester cannot approve an export of the KEK to themselves: no share, no approval key
+    exp = vault.request("export", {"key_id": "model-x", "version": 1, "recipient": str(mallory.to_public())},
+                        now=T0 + 3 * MIN)  # fmt: skip
+    with pytest.raises(QuorumError, match="another custody record"):
+        vault.approve(vault.sign(exp["op_id"], 0, at=T0 + 3 * MIN), now=T0 + 3 * MIN)  # an old share
+    with pytest.raises(QuorumError, match="does not verify"):
+        vault.approve(_forged(vault.statement(exp["op_id"]), "n0"), now=T0 + 3 * MIN)
+    with pytest.raises(QuorumError, match="0 of 2"):
+        vault.execute(exp["op_id"], now=T0 + 4 * MIN)
+    assert not any(e["action"] == "key:export" for e in vault.events())
+    assert vault.load_with([doc.open_share(f"n{i}", identity=str(new_ids[i])) for i in (0, 2)]) == 120.0
+
+
+def test_requested_by_is_the_socket_peer(vault):
+    """The statement names who asked as the kernel reports it (SO_PEERCRED), the claimed name beside it."""
+    with _socket_agent(vault.state) as sock:
+        r = _raw(sock, {"op": "request", "kind": "audit", "params": {"key_use": False}, "actor": "the-ciso"})
+        unnamed = _raw(sock, {"op": "request", "kind": "audit", "params": {"key_use": True}})
+    st = Statement.from_json(r["statement"])
+    assert st.requested_by == _me() and st.claimed_by == "the-ciso"
+    assert f"requested by {_me()} (who says they are the-ciso)" in st.describe()
+    assert st.digest == r["digest"]  # the claimed name is part of what custodians sign
+    assert Statement.from_json(unnamed["statement"]).claimed_by is None
+    assert Statement.from_json(unnamed["statement"]).requested_by == _me()
+    ev = [e for e in vault.events() if e["action"] == "custody:request" and e["outcome"] == "ok"]
+    assert ev[0]["detail"]["requested_by"] == _me() and ev[0]["detail"]["claimed_by"] == "the-ciso"
+
+
+def test_status_to_other_users_is_minimal(vault):
+    """Another OS user that can reach the socket learns sealed/unsealed only: not the custodians,
+    the split, the unseal progress or the pending changes."""
+    vault.request("audit", {"key_use": False})
+    assert vault.state.handle({"op": "status"}, Caller(4242)) == {"sealed": False}
+    mine = vault.state.handle({"op": "status"})
+    assert mine["custodians"] == ["c0", "c1", "c2"] and len(mine["pending_changes"]) == 1
+    fresh = _State(vault.home, idle_seal=0)
+    fresh.handle({"op": "unseal", "share": b64e(vault.shares[0].to_bytes())})
+    assert fresh.handle({"op": "status"}, Caller(4242)) == {"sealed": True}
+    assert fresh.handle({"op": "status"})["progress"] == 1
+
+
+def test_policy_change_is_shown_in_words_and_checked_against_a_file(vault, tmp_path):
+    pol = _policy(4242, "tok")
+    pol["rule"][1]["keys"] = ["model-*", "[red]x\x1b[2J"]
+    r = vault.request("policy", {"policy": pol})
+    st = vault.statement(r["op_id"])
+    assert st.details()[1] == "rule 2: uid 4242 running as workload inference may unwrap with keys matching " \
+        "model-*, [red]x\x1b[2J"  # fmt: skip
+    assert st.details()[0] == f"rule 1: uid {os.getuid()} may every operation with every key"
+    assert st.policy_digest == Policy.from_json(pol).digest and st.policy_digest in st.describe()
+    same, other = tmp_path / "same.json", tmp_path / "other.json"
+    same.write_text(json.dumps(pol))
+    st.check_policy_file(same)
+    other.write_text(json.dumps({**pol, "rule": pol["rule"] + [{"users": [5555], "ops": ["*"], "keys": ["*"]}]}))
+    with pytest.raises(QuorumError, match=r"other\.json: this policy .* is not the one requested"):
+        st.check_policy_file(other)
+    with pytest.raises(QuorumError, match="not a policy change"):
+        vault.statement(vault.request("audit", {"key_use": False})["op_id"]).check_policy_file(same)
+
+
+def test_custody_cli_reshare_needs_age_keys_and_policy_is_shown_in_words(tmp_path, cli_env):
+    env = {**cli_env, "COLUMNS": "400", "WARDEN_CUSTODIAN_PASSPHRASE_ANA": "ana's long passphrase",
+           "WARDEN_CUSTODIAN_PASSPHRASE_BO": "bo's long passphrase"}  # fmt: skip
+    home = Path(env["WARDEN_HOME"])
+
+    def ok(*args: str) -> str:
+        r = warden(env, *args)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    ok("init")
+    ok("custody", "init", "--threshold", "2", "--custodian", "ana=passphrase", "--custodian", "bo=passphrase")
+    record = (home / "custody.json").read_bytes()
+    ok("agent", "start", "--idle-seal", "0")
+    try:
+        ok("custody", "unseal", "--custodian", "ana")
+        ok("custody", "unseal", "--custodian", "bo")
+        r = warden(env, "custody", "request", "reshare", "--threshold", "2", "--custodian", "ana=passphrase",
+                   "--custodian", "bo=passphrase")  # fmt: skip
+        assert r.returncode == 1 and "QuorumError" in r.stderr and "warden custody keygen" in r.stderr
+        assert (home / "custody.json").read_bytes() == record
+        pw = tmp_path / "cy.pass"
+        pw.write_text("cy's own passphrase\n")
+        pub = ok("custody", "keygen", "-o", str(tmp_path / "cy.agekey"), "--protect",
+                 "--identity-passphrase-file", str(pw)).strip()  # fmt: skip
+        assert pub.startswith("age1") and (tmp_path / "cy.agekey").stat().st_mode & 0o777 == 0o600
+        assert b"AGE-SECRET-KEY" not in (tmp_path / "cy.agekey").read_bytes()  # protected by cy's passphrase
+        r = warden(env, "custody", "keygen", "-o", str(tmp_path / "cy.agekey"))
+        assert r.returncode == 1 and (tmp_path / "cy.agekey").read_bytes()[:21] == b"age-encryption.org/v1"
+        pol = tmp_path / "key-use.toml"
+        pol.write_text(
+            f'version = 1\n[workloads]\ninference = "{token_digest("t")}"\n'
+            f'[[rule]]\nusers = [{os.getuid()}]\nops = ["*"]\nkeys = ["*"]\n'
+            '[[rule]]\nusers = [4242]\nworkloads = ["inference"]\nops = ["unwrap"]\n'
+            'keys = ["prod-*", "[red]x\\u001b"]\n'
+        )
+        assert "rule 1: uid" in ok("custody", "request", "policy", str(pol))  # the requester sees it in words too
+        op = json.loads(ok("custody", "request", "policy", str(pol), "--json"))["op_id"]
+        shown = ok("custody", "pending")
+        assert "rule 2: uid 4242 running as workload inference may unwrap with keys matching prod-*, [red]x?" in shown
+        assert f"digest {Policy.load_file(pol).digest}" in shown and "\x1b" not in shown
+        other = tmp_path / "other.toml"
+        other.write_text(pol.read_text().replace("prod-*", "*"))
+        r = warden(env, "custody", "approve", op, "--custodian", "ana", "--policy-file", str(other))
+        assert r.returncode == 1 and "is not the one requested" in r.stderr
+        assert shown.count("rule 2: uid 4242") == 2  # both requests pending, each in words
+        r = warden(env, "custody", "approve", op, "--custodian", "ana", "--policy-file", str(pol))
+        assert r.returncode == 0, r.stderr
+        assert "rule 1: uid" in r.stderr and "1 of 2 approvals" in r.stdout
+    finally:
+        warden(env, "agent", "stop")
+    ev = JsonlSink(home / "audit.jsonl").read()
+    assert len(_denied(ev, "custody:request")) == 1
+    assert [e["detail"]["custodian"] for e in ev if e["action"] == "custody:approve" and e["outcome"] == "ok"] == [
+        "ana"
     ]

@@ -552,7 +552,7 @@ def _custodian_passphrase(name: str, given: Path | None = None) -> str | None:
     return pw
 
 
-def _custodians(specs: list[str]) -> tuple[list[Any], dict[str, str]]:
+def _custodians(specs: list[str], ask: bool = True) -> tuple[list[Any], dict[str, str]]:
     from .keys.custody import Custodian
 
     out, pws = [], {}
@@ -561,7 +561,7 @@ def _custodians(specs: list[str]) -> tuple[list[Any], dict[str, str]]:
         if not sep:
             raise CustodyError(f"--custodian takes NAME=age1... or NAME=passphrase, not {spec[:40]!r}")
         out.append(Custodian(name, recipient))
-        if recipient == "passphrase":
+        if recipient == "passphrase" and ask:
             pw = _custodian_passphrase(name)
             if pw is None:
                 env = _custodian_env(name).replace("_PASSPHRASE_", "_PASSPHRASE_FILE_", 1)
@@ -604,7 +604,11 @@ def _open_share(home: Path, custodian: str, identity: Path | None, passphrase_fi
         return doc.open_share(custodian, passphrase=_custodian_passphrase(custodian, passphrase_file))
     if identity is None:
         raise CustodyError("--identity FILE (your age identity) is needed for your share")
-    return doc.open_share(custodian, identity=identity.read_text())
+    from .keys.custody import identity_is_protected, read_identity
+
+    raw = identity.read_bytes()
+    pw = _custodian_passphrase(custodian, passphrase_file) if identity_is_protected(raw) else None
+    return doc.open_share(custodian, identity=read_identity(raw, pw, where=str(identity)))
 
 
 @custody_app.command("unseal")
@@ -640,7 +644,9 @@ def custody_status(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     from .keys.agent import AgentClient
 
     st = AgentClient(home or default_home()).call("status")
-    msg = "unsealed" if not st["sealed"] else f"sealed: {st['progress']} of {st['threshold']} shares"
+    msg = "unsealed" if not st["sealed"] else "sealed" + (
+        f": {st['progress']} of {st['threshold']} shares" if "progress" in st else ""
+    )
     _emit(st, as_json, msg)
 
 
@@ -650,6 +656,35 @@ def custody_seal(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     from .keys.agent import AgentClient
 
     _emit(AgentClient(home or default_home()).call("seal"), as_json, "sealed")
+
+
+@custody_app.command("keygen")
+def custody_keygen(
+    output: Annotated[Path, typer.Option("-o", "--output", help="your age identity file (kept by you, 0600)")],
+    protect: Annotated[bool, typer.Option("--protect", help="encrypt the identity file under your passphrase")] = False,
+    identity_passphrase_file: Annotated[
+        Path | None, typer.Option("--identity-passphrase-file", help="--protect: the passphrase, from a file")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """A custodian's age identity: prints the public key (age1...) to give for `custody init` or a reshare."""
+    from ._atomic import atomic_write_bytes
+    from ._harden import read_secret_file
+    from .keys.custody import new_identity
+
+    pw = None
+    if protect:
+        if identity_passphrase_file is not None:
+            pw = read_secret_file(identity_passphrase_file, "--identity-passphrase-file")
+        elif sys.stdin.isatty():
+            pw = getpass.getpass("Passphrase for the identity file: ")
+            if getpass.getpass("Repeat passphrase: ") != pw:
+                raise CustodyError("the passphrases differ")
+        else:
+            raise CustodyError("--protect: give the passphrase with --identity-passphrase-file FILE")
+    data, pub = new_identity(pw)
+    atomic_write_bytes(output, data, mode=0o600)
+    _emit({"recipient": pub, "identity_file": str(output), "protected": protect}, as_json, pub)
 
 
 # custody changes: requested, approved by M custodians (each signs that exact statement), executed
@@ -670,8 +705,13 @@ def _request(kind: str, params: dict[str, Any], ttl: float, home: Path | None, a
     from .keys.agent import AgentClient
 
     r = AgentClient(home or default_home()).call("request", kind=kind, params=params, ttl_seconds=ttl, **extra)
+    from .keys.quorum import Statement
+
     op = _plain(r["op_id"])
-    msg = f"requested {op}: {_plain(r['summary'])}\nstatement digest {_plain(r['digest'])}"
+    msg = f"requested {op}: {_plain(r['summary'])}" + "".join(
+        f"\n    {_plain(d)}" for d in Statement.from_json(r["statement"]).details()
+    )
+    msg += f"\nstatement digest {_plain(r['digest'])}"
     _emit(r, as_json, msg + f"\neach custodian: warden custody approve {op} --custodian NAME")
 
 
@@ -683,10 +723,11 @@ def request_reshare(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """New custodians and/or threshold for the same root key (keys and sealed files stay as they are)."""
-    custodians, pws = _custodians(custodian)
+    """New custodians and/or threshold for the same root key (keys and sealed files stay as they are).
+    Each new custodian is an age public key (`warden custody keygen`): the custodians approve every one."""
+    custodians, _ = _custodians(custodian, ask=False)  # the agent refuses NAME=passphrase, with what to do
     params = {"threshold": threshold, "custodians": [{"name": c.name, "recipient": c.recipient} for c in custodians]}
-    _request("reshare", params, ttl, home, as_json, passphrases=pws)
+    _request("reshare", params, ttl, home, as_json)
 
 
 @request_app.command("destroy")
@@ -747,8 +788,9 @@ def custody_pending(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     from .keys.quorum import Statement
 
     sts = [Statement.from_json(x) for x in AgentClient(home or default_home()).call("pending")["pending"]]
-    _emit([st.to_json() for st in sts], as_json, "\n".join(f"{_plain(st.op_id)}: {_plain(st.describe())}" for st in sts)
-          or "no pending custody changes")  # fmt: skip
+    lines = [ln for st in sts for ln in (f"{_plain(st.op_id)}: {_plain(st.describe())}",
+                                          *(f"    {_plain(d)}" for d in st.details()))]  # fmt: skip
+    _emit([st.to_json() for st in sts], as_json, "\n".join(lines) or "no pending custody changes")
 
 
 @custody_app.command("approve")
@@ -757,6 +799,9 @@ def custody_approve(
     custodian: Annotated[str, typer.Option("--custodian", help="your custodian name")],
     identity: Annotated[Path | None, typer.Option("--identity", help="your age identity file")] = None,
     digest: Annotated[str | None, typer.Option("--digest", help="approve only a statement of this digest")] = None,
+    policy_file: Annotated[
+        Path | None, typer.Option("--policy-file", help="a policy change: approve only if it is exactly this file")
+    ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -769,7 +814,11 @@ def custody_approve(
     st = fetch_statement(h, op_id)
     if digest is not None and digest != st.digest:
         raise CustodyError(f"the statement's digest is {st.digest}, not the --digest given: nothing approved")
+    if policy_file is not None:
+        st.check_policy_file(policy_file)
     err.print(f"approving {_plain(st.op_id)}: {_plain(st.describe())} (digest {st.digest})")
+    for line in st.details():
+        err.print(f"    {_plain(line)}")
     r = approve(h, st, _open_share(h, custodian, identity), now=datetime.now(UTC))
     _emit(r, as_json, f"{r['approvals']} of {r['threshold']} approvals for {_plain(op_id)}")
 

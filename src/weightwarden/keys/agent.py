@@ -195,8 +195,8 @@ class _State:
     def _handle(self, req: dict[str, Any], caller: Caller, now: datetime) -> dict[str, Any]:
         op = req.get("op")
         with self.lock:
-            if op == "status":
-                return self.status()
+            if op == "status":  # another OS user learns only sealed or not (no custodians, no pending changes)
+                return self.status() if caller.uid == os.getuid() else {"sealed": self.keyring is None}
             caller = self._admit(req, caller)
             self.last_use = time.monotonic()
             if op == "unseal":
@@ -229,7 +229,7 @@ class _State:
                 self.stop.set()
                 return {"stopping": True}
             if op in ("request", "show", "pending", "approve", "execute"):
-                return self._quorum(op, req, now)
+                return self._quorum(op, req, now, caller)
             kr = self._kr()
             if op == "policy":
                 return {
@@ -335,7 +335,7 @@ class _State:
         )
         return QuorumError(msg)
 
-    def _quorum(self, op: str, req: dict[str, Any], now: datetime) -> dict[str, Any]:
+    def _quorum(self, op: str, req: dict[str, Any], now: datetime, caller: Caller) -> dict[str, Any]:
         if op == "pending":
             return {"pending": [st.to_json() for st in self.book.pending()]}
         if op == "show":
@@ -346,11 +346,22 @@ class _State:
         if op == "request":
             kind = str(req.get("kind"))[:32]
             try:
+                if req.get("passphrases"):  # the old reshare let the requester choose every new share's passphrase
+                    raise QuorumError(
+                        "a custody change carries no passphrases: a reshare seals each new share to an age X25519 "
+                        "recipient named in the statement the custodians approve (`warden custody keygen`)"
+                    )
                 params = check_params(kind, req.get("params"))
                 self._precheck(kr, kind, params)
                 ttl = timedelta(seconds=float(req.get("ttl_seconds") or 3600))
                 st = make_statement(
-                    kind, params, self.doc, requested_by=audit._actor.get() or audit._default_actor(), now=now, ttl=ttl
+                    kind,
+                    params,
+                    self.doc,
+                    requested_by=_peer(caller),  # the socket peer, not what the request says
+                    claimed_by=str(req["actor"]) if req.get("actor") else None,  # what the request says
+                    now=now,
+                    ttl=ttl,
                 )
             except (WardenError, ValueError, OverflowError) as e:
                 self._audit(
@@ -363,8 +374,7 @@ class _State:
                 if isinstance(e, WardenError):
                     raise
                 raise QuorumError("ttl_seconds must be a number of seconds") from None
-            secrets_ = {"passphrases": dict(req.get("passphrases") or {})} if kind == "reshare" else {}
-            self.book.add(st, secrets_)
+            self.book.add(st)
             self._audit(AuditAction.CUSTODY_REQUEST, "ok", subject=st.op_id, detail=_describe(st))
             return {"op_id": st.op_id, "digest": st.digest, "statement": st.to_json(), "summary": st.describe()}
         op_id = str(req.get("op_id"))[:64]
@@ -401,7 +411,7 @@ class _State:
             return {"op_id": op_id, "approvals": n, "threshold": self.doc.threshold}
         if op == "execute":
             try:
-                st, approvals, secrets_ = self.book.take(op_id, self.doc, now=now)
+                st, approvals = self.book.take(op_id, self.doc, now=now)
             except WardenError as e:
                 self._audit(AuditAction.CUSTODY_CHANGE, "denied", subject=op_id, error=str(e))
                 raise
@@ -411,7 +421,7 @@ class _State:
                 "approvals": [a.to_json() for a in approvals],
             }
             try:
-                result = self._execute(kr, st, secrets_)
+                result = self._execute(kr, st)
             except WardenError as e:
                 self._audit(AuditAction.CUSTODY_CHANGE, "error", subject=st.op_id, detail=detail, error=str(e))
                 raise
@@ -435,13 +445,15 @@ class _State:
             if v is not None and v not in [x["version"] for x in p.versions()]:
                 raise QuorumError(f"{kind}: key {kid} has no version {v}")
 
-    def _execute(self, kr: Keyring, st: Any, secrets_: dict[str, Any]) -> Any:
+    def _execute(self, kr: Keyring, st: Any) -> Any:
         p = st.params
         if st.kind == "reshare":
             from .custody import Custodian
 
             custodians = [Custodian(c["name"], c["recipient"]) for c in p["custodians"]]
-            doc = kr.reshare(custodians, int(p["threshold"]), secrets_.get("passphrases") or {})
+            if any(c.recipient == "passphrase" for c in custodians):  # check_params refuses them; never reached
+                raise QuorumError("reshare: new shares go only to age X25519 recipients")
+            doc = kr.reshare(custodians, int(p["threshold"]))
             self.doc, self.session = doc, UnsealSession(doc)
             self.book.clear()  # approvals of the old custodians carry no weight any more
             return {"split_id": doc.split_id, "threshold": doc.threshold}
@@ -486,6 +498,16 @@ class _State:
         raise QuorumError(f"unknown custody change {st.kind!r}")
 
 
+def _peer(caller: Caller) -> str:
+    """Who asked, as the kernel says (SO_PEERCRED): uid and, where it has one, the user name."""
+    import pwd
+
+    try:
+        return f"uid {caller.uid} ({pwd.getpwuid(caller.uid).pw_name})"
+    except KeyError:
+        return f"uid {caller.uid}"
+
+
 def _describe(st: Any) -> dict[str, Any]:
     params = dict(st.params)
     if st.kind == "policy":
@@ -496,6 +518,7 @@ def _describe(st: Any) -> dict[str, Any]:
         "op_id": st.op_id,
         "digest": st.digest,
         "requested_by": st.requested_by,
+        "claimed_by": st.claimed_by,
         "requested_at": st.requested_at.isoformat(),
         "expires_at": st.expires_at.isoformat(),
     }

@@ -180,12 +180,53 @@ class CustodyDoc:
             else:
                 if identity is None:
                     raise CustodyError(f"custodian {name} unlocks their share with an age identity")
-                raw = pyrage.decrypt(sealed, [pyrage.x25519.Identity.from_str(identity.strip())])
+                raw = pyrage.decrypt(sealed, [pyrage.x25519.Identity.from_str(_identity_line(identity))])
         except CustodyError:
             raise
         except Exception:
             raise CustodyError(f"cannot open {name}'s share with what was given") from None
         return Share.from_bytes(raw)
+
+
+def _identity_line(text: str) -> str:
+    """The AGE-SECRET-KEY line of an identity file (age-keygen's comment lines skipped)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return lines[0] if len(lines) == 1 else text.strip()
+
+
+_AGE_HEADER = b"age-encryption.org/v1"
+
+
+def new_identity(passphrase: str | None = None) -> tuple[bytes, str]:
+    """A fresh age X25519 identity for a custodian: (the identity file's bytes, its public key ``age1...``).
+    With ``passphrase`` the file is itself age-encrypted to it (scrypt), as ``age -p`` would."""
+    ident = pyrage.x25519.Identity.generate()
+    pub = str(ident.to_public())
+    text = f"# public key: {pub}\n{ident}\n".encode()
+    if passphrase is None:
+        return text, pub
+    if len(passphrase) < 8:
+        raise CustodyError("an identity file's passphrase needs at least 8 characters")
+    return pyrage.passphrase.encrypt(text, passphrase), pub
+
+
+def identity_is_protected(raw: bytes) -> bool:
+    return raw.startswith(_AGE_HEADER)
+
+
+def read_identity(raw: bytes, passphrase: str | None = None, *, where: str = "identity file") -> str:
+    """The identity in an identity file (decrypted with ``passphrase`` if it is protected)."""
+    if identity_is_protected(raw):
+        if passphrase is None:
+            raise CustodyError(f"{where} is protected by a passphrase: give it")
+        try:
+            raw = pyrage.passphrase.decrypt(raw, passphrase)
+        except Exception:
+            raise CustodyError(f"{where}: wrong passphrase, or not a protected age identity") from None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise CustodyError(f"{where} is not an age identity file") from None
 
 
 def split(

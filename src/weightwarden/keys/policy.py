@@ -158,6 +158,21 @@ class Policy:
             d["workloads"] = dict(self.workloads)
         return d
 
+    def describe(self) -> list[str]:
+        """The policy in words, one line per rule and workload (callers escape them before printing)."""
+        out = []
+        for i, r in enumerate(self.rules, 1):
+            users = ", ".join(f"uid {u}" if isinstance(u, int) else f"user {u}" for u in r.users)
+            wl = "" if r.workloads is None else " running as workload " + " or ".join(r.workloads)
+            ops = "every operation" if "*" in r.ops else " or ".join(r.ops)
+            keys = "every key" if r.keys == ("*",) else "keys matching " + ", ".join(r.keys)
+            out.append(f"rule {i}: {users}{wl} may {ops} with {keys}")
+        if not self.rules:
+            out.append("no rules: no one, the agent's own user included, may use any key")
+        for name, dig in sorted(self.workloads.items()):
+            out.append(f"workload {name}: token digest {dig}")
+        return out
+
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -81,6 +81,14 @@ def check_params(kind: str, params: Any) -> dict[str, Any]:
             raise QuorumError("reshare: each custodian is {name, recipient}") from None
         if len({c.name for c in cs}) != len(cs):
             raise QuorumError("reshare: custodian names must differ")
+        for c in cs:  # every new share goes to a key the custodians see, in the statement they sign
+            if c.recipient == "passphrase":
+                raise QuorumError(
+                    f"reshare: custodian {c.name} has recipient 'passphrase'; in a custody change each new share is "
+                    "sealed to an age X25519 public key named in the approved statement, never to a passphrase the "
+                    f"requester supplies: have {c.name} run `warden custody keygen -o {c.name}.agekey` (keep that "
+                    f"file; --protect puts it under {c.name}'s own passphrase) and request {c.name}=age1..."
+                )
         if not 1 <= p["threshold"] <= len(cs) or (p["threshold"] == 1 and len(cs) > 1):
             raise QuorumError("reshare: need 2 <= threshold <= custodians (or 1 of 1)")
         p["custodians"] = [{"name": c.name, "recipient": c.recipient} for c in cs]
@@ -123,6 +131,7 @@ class Statement:
     requested_by: str
     requested_at: datetime
     expires_at: datetime
+    claimed_by: str | None = None  # the name the request gave (unauthenticated); requested_by is the socket peer
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -135,6 +144,7 @@ class Statement:
             "threshold": self.threshold,
             "nonce": self.nonce,
             "requested_by": self.requested_by,
+            "claimed_by": self.claimed_by,
             "requested_at": _ts(self.requested_at),
             "expires_at": _ts(self.expires_at),
         }
@@ -154,6 +164,7 @@ class Statement:
                 str(obj["requested_by"]),
                 _parse_ts(obj["requested_at"], "requested_at"),
                 _parse_ts(obj["expires_at"], "expires_at"),
+                None if obj.get("claimed_by") is None else str(obj["claimed_by"]),
             )
         except KeyError as e:
             raise QuorumError(f"the statement lacks {e.args[0]!r}") from None
@@ -165,6 +176,32 @@ class Statement:
     @property
     def digest(self) -> str:
         return hashlib.sha256(self.canonical()).hexdigest()
+
+    @property
+    def policy_digest(self) -> str | None:
+        """A policy change's full digest (as ``Policy.digest`` and ``warden custody approve --policy-file``)."""
+        return hashlib.sha256(_canon(self.params["policy"])).hexdigest() if self.kind == "policy" else None
+
+    def details(self) -> list[str]:
+        """Lines a custodian reads under :meth:`describe`: a policy change's rules in words."""
+        if self.kind != "policy":
+            return []
+        from .policy import Policy
+
+        return Policy.from_json(self.params["policy"]).describe()
+
+    def check_policy_file(self, path: Any) -> None:
+        """Refuse unless ``path`` holds exactly the policy this change would put in force."""
+        from .policy import Policy
+
+        if self.kind != "policy":
+            raise QuorumError(f"--policy-file: {self.op_id} is a {self.kind} change, not a policy change")
+        mine = Policy.load_file(path).digest
+        if mine != self.policy_digest:
+            raise QuorumError(
+                f"{path}: this policy (digest {mine}) is not the one requested in {self.op_id} (digest "
+                f"{self.policy_digest}): nothing approved; compare the rules shown with your file"
+            )
 
     def describe(self) -> str:
         """One line for a custodian's terminal (callers escape it before printing)."""
@@ -180,12 +217,12 @@ class Statement:
         elif self.kind == "export":
             what = f"export key {p['key_id']} version {p['version']} sealed to {p['recipient']}"
         elif self.kind == "policy":
-            what = (
-                "replace the key-use policy with one of digest " + hashlib.sha256(_canon(p["policy"])).hexdigest()[:16]
-            )
+            n = len(p["policy"].get("rule", []))
+            what = f"replace the key-use policy with the {n} rule(s) below (digest {self.policy_digest})"
         else:
             what = "turn key-use auditing " + ("on" if p["key_use"] else "OFF")
-        return f"{what}; requested by {self.requested_by} at {_ts(self.requested_at)}, expires {_ts(self.expires_at)}"
+        who = self.requested_by + (f" (who says they are {self.claimed_by})" if self.claimed_by else "")
+        return f"{what}; requested by {who} at {_ts(self.requested_at)}, expires {_ts(self.expires_at)}"
 
 
 def make_statement(
@@ -194,6 +231,7 @@ def make_statement(
     doc: CustodyDoc,
     *,
     requested_by: str,
+    claimed_by: str | None = None,
     now: datetime,
     ttl: timedelta = DEFAULT_TTL,
 ) -> Statement:
@@ -209,6 +247,7 @@ def make_statement(
         requested_by=requested_by[:128],
         requested_at=now,
         expires_at=now + ttl,
+        claimed_by=None if claimed_by is None else claimed_by[:128],
     )
 
 
@@ -270,8 +309,7 @@ def sign_approval(stmt: Statement, share: Share, *, now: datetime) -> Approval:
 
 @dataclass
 class _Pending:
-    stmt: Statement
-    secrets: dict[str, Any]
+    stmt: Statement  # everything a change does is in its statement: a request carries no secrets
     approvals: dict[str, Approval] = field(default_factory=dict)
 
 
@@ -282,8 +320,8 @@ class QuorumBook:
         self._pending: dict[str, _Pending] = {}
         self._spent: dict[str, str] = {}  # op id -> "executed" | "refused" | "expired"
 
-    def add(self, stmt: Statement, secrets_: dict[str, Any] | None = None) -> None:
-        self._pending[stmt.op_id] = _Pending(stmt, dict(secrets_ or {}))
+    def add(self, stmt: Statement) -> None:
+        self._pending[stmt.op_id] = _Pending(stmt)
 
     def pending(self) -> list[Statement]:
         return [p.stmt for p in self._pending.values()]
@@ -333,7 +371,7 @@ class QuorumBook:
         p.approvals[appr.custodian] = appr
         return len(p.approvals)
 
-    def take(self, op_id: str, doc: CustodyDoc, *, now: datetime) -> tuple[Statement, list[Approval], dict[str, Any]]:
+    def take(self, op_id: str, doc: CustodyDoc, *, now: datetime) -> tuple[Statement, list[Approval]]:
         """Hand over an operation with its quorum, once; it is then spent."""
         p = self._get(op_id)
         self._expire(p, now)
@@ -343,7 +381,7 @@ class QuorumBook:
             raise QuorumError(f"{len(p.approvals)} of {doc.threshold} custodians have approved {op_id}: nothing done")
         del self._pending[op_id]
         self._spent[op_id] = "executed"
-        return p.stmt, sorted(p.approvals.values(), key=lambda a: a.custodian), p.secrets
+        return p.stmt, sorted(p.approvals.values(), key=lambda a: a.custodian)
 
     def spend(self, op_id: str, how: str) -> None:
         if self._pending.pop(op_id, None) is not None:
