@@ -5,7 +5,8 @@ small Llama-shaped model trained here in numpy.  Every step runs the real `warde
 as it runs) or the library call behind it, and checks its result; the run exits non-zero if any
 result is wrong.  Six acts:
 
-1. custody initialised with 3 of 5 custodians, then unsealed by three of them;
+1. custody initialised with 3 of 5 custodians, then unsealed by three of them; a re-share to the
+   custodians' own age keys runs only after three of them approve that exact change;
 2. a checkpoint sealed, verified without the key, loaded into memory with no plaintext on disk;
 3. the model registered for provenance;
 4. the broker started; a release to a partner requested, decided by the export-control gate,
@@ -119,6 +120,24 @@ class Demo:
             ], f"after 2 shares: sealed ({two['progress']} of 3); after 3: unsealed"
 
         self.check("unsealed by three custodians (two are not enough)", unseal)
+
+        def rekey() -> tuple[bool, str]:
+            # a custody change: the unsealed agent alone will not do it; three current custodians approve the
+            # exact statement (new shares for these age keys), then it runs once
+            keys = {c: self.warden("custody", "keygen", "-o", f"{c}.agekey").stdout.strip() for c in CUSTODIANS}
+            spec = [a for c in CUSTODIANS for a in ("--custodian", f"{c}={keys[c]}")]
+            op = self.wjson("custody", "request", "reshare", "--threshold", "3", *spec)["op_id"]
+            for c in ("ada", "alan"):
+                self.warden("custody", "approve", op, "--custodian", c)
+            early = self.warden("custody", "execute", op, expect=1)  # two approvals are not a quorum
+            self.warden("custody", "approve", op, "--custodian", "edsger")
+            done = self.wjson("custody", "execute", op)
+            return ("QuorumError" in early.stderr and sorted(done["approvers"]) == ["ada", "alan", "edsger"]
+                    and self.wjson("custody", "status")["split_id"] != ""), (
+                "refused with 2 approvals; after a third, new 3-of-5 shares went to the five custodians' own age "
+                f"keys (op {op[:8]}…, approved by {', '.join(sorted(done['approvers']))})")  # fmt: skip
+
+        self.check("a custody change (re-share to new keys) needs a fresh quorum of that exact change", rekey)
 
     # -- 2. sealed checkpoint ---------------------------------------------------------------
     def seal(self) -> None:
@@ -498,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c for c in demo.checks if not c[1]]
     console.print("[bold green]all checks passed[/bold green]" if not failed
                   else f"[bold red]{len(failed)} failed[/bold red]")  # fmt: skip
-    return 1 if failed or len(demo.checks) < 18 else 0  # every check ran
+    return 1 if failed or len(demo.checks) < 20 else 0  # every check ran
 
 
 if __name__ == "__main__":
