@@ -196,3 +196,11 @@ class LoaderError(UnsupportedModelError):
 
 
 __all__ += ["LoaderError"]
+
+
+class BrokerHomeError(WardenError):
+    """`warden serve` was pointed at a home that holds a keyring or a custody agent's socket: the broker
+    runs in a home of its own (trust store, log key, database), never beside the keys."""
+
+
+__all__ += ["BrokerHomeError"]
