@@ -407,16 +407,19 @@ def test_cli_serve_end_to_end(cli_env: dict[str, str], tmp_path: Path, st_file: 
     ok(warden(cli_env, "init"))
     sealed = tmp_path / "m.wws"
     ok(warden(cli_env, "seal", str(st_file), "-o", str(sealed)))
+    # the broker runs in a home of its own: the key host's trust store (public keys), its log key, its database
+    benv = cli_env | {"WARDEN_HOME": str(tmp_path / "broker-home")}
+    ok(warden(benv, "broker", "init", "--trust-from", cli_env["WARDEN_HOME"]))
     loader, auditor = Account("loader"), Account("aud")
-    ok(warden(cli_env, "broker", "model", "m1", str(sealed), "--team", "core"))
-    ok(warden(cli_env, "broker", "account", "loader", "--pubkey", loader.pub.hex(), "--kind", "workload",
+    ok(warden(benv, "broker", "model", "m1", str(sealed), "--team", "core"))
+    ok(warden(benv, "broker", "account", "loader", "--pubkey", loader.pub.hex(), "--kind", "workload",
               "--role", "inference-loader", "--team", "core"))  # fmt: skip
-    ok(warden(cli_env, "broker", "account", "aud", "--pubkey", auditor.pub.hex(), "--kind", "human",
+    ok(warden(benv, "broker", "account", "aud", "--pubkey", auditor.pub.hex(), "--kind", "human",
               "--role", "auditor"))  # fmt: skip
-    r = warden(cli_env, "broker", "model", "bad", str(st_file), "--team", "core")  # plaintext: refused
+    r = warden(benv, "broker", "model", "bad", str(st_file), "--team", "core")  # plaintext: refused
     assert r.returncode == 1 and r.stderr.startswith("error:")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port)], env=cli_env,
+    proc = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port)], env=benv,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
@@ -444,7 +447,7 @@ def test_cli_serve_end_to_end(cli_env: dict[str, str], tmp_path: Path, st_file: 
         proc.terminate()
         _, errs = proc.communicate(timeout=30)
     pub = next(line.split(": ")[1] for line in errs.splitlines() if "audit log public key" in line)
-    db = f"sqlite:///{Path(cli_env['WARDEN_HOME']) / 'broker' / 'broker.db'}"
+    db = f"sqlite:///{Path(benv['WARDEN_HOME']) / 'broker' / 'broker.db'}"
     r = ok(warden(cli_env, "audit", "verify", "--db", db, "--pubkey", pub, "--json"))
     assert json.loads(r.stdout)["events"] >= head["size"]
     # one key, one purpose: the log is signed by the broker's own log key (not in the keyring at all), never

@@ -16,6 +16,8 @@ def test_make_demo_runs_and_passes(tmp_path):
     short = Path(tempfile.mkdtemp(prefix="wwd-", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "TMPDIR": str(short),
            "COLUMNS": "160"}  # fmt: skip
+    if os.environ.get("PYTHONPATH"):  # the checkout under test (a worktree), not whichever copy is installed
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     r = subprocess.run([sys.executable, "-m", "weightwarden.demo"], env=env, capture_output=True, text=True,
                        timeout=900)  # fmt: skip
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]

@@ -105,14 +105,23 @@ def test_broker_model_uses_no_key_and_refuses_a_hidden_header(cli_env: dict[str,
     assert "parameters" in r.stdout
 
 
+def _broker_home(cli_env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """The broker host's environment, as docs/GUIDE.md sets it up: a home of its own holding the key
+    host's trust store (public keys) and the broker's log key; WARDEN_PASSPHRASE left in it anyway."""
+    bhome = tmp_path / "broker-home"
+    benv = cli_env | {"WARDEN_HOME": str(bhome)}
+    ok(warden(benv, "broker", "init", "--trust-from", cli_env["WARDEN_HOME"], "--json"))
+    return benv, bhome
+
+
 def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
     cli_env: dict[str, str], tmp_path: Path, st_file: Path
 ) -> None:
-    """ATTACK.  The operator runs `warden serve` as docs/GUIDE.md says (log key in a file under its
-    own passphrase file), even with WARDEN_PASSPHRASE left in the environment.  The attacker owns the
-    host: the process's environment and command line, every file under $WARDEN_HOME, the log key and
-    its passphrase.  None of it decrypts the sealed model in the broker's store, and what it signs is
-    refused by `warden verify`."""
+    """ATTACK.  The operator runs `warden serve` as docs/GUIDE.md says (a home of its own, log key in a
+    file under its own passphrase file), even with WARDEN_PASSPHRASE left in the environment.  The
+    attacker owns the host: the process's environment and command line, every file under the broker's
+    home, the log key and its passphrase.  None of it decrypts the sealed model in the broker's store,
+    seals anything (no keyring, no agent socket there), and what it signs is refused by `warden verify`."""
     import httpx
 
     from weightwarden.broker.logkey import load_file
@@ -121,15 +130,15 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
 
     from .services import free_port
 
-    home = Path(cli_env["WARDEN_HOME"])
+    key_home = Path(cli_env["WARDEN_HOME"])
     ok(warden(cli_env, "init"))
     sealed = tmp_path / "m.wws"
     ok(warden(cli_env, "seal", str(st_file), "-o", str(sealed)))
-    pub = ok(warden(cli_env, "broker", "init", "--json"))
-    log_pub = json.loads(pub.stdout)["public_key"]
-    ok(warden(cli_env, "broker", "model", "m1", str(sealed), "--team", "core"))
+    benv, home = _broker_home(cli_env, tmp_path)
+    log_pub = (home / "broker" / "log-key.pub").read_text().strip()
+    ok(warden(benv, "broker", "model", "m1", str(sealed), "--team", "core"))
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port)], env=cli_env,
+    proc = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port)], env=benv,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         _wait_health(f"http://127.0.0.1:{port}", proc)
@@ -148,18 +157,23 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
         proc.terminate()
         _, errs = proc.communicate(timeout=30)
     assert "WARDEN_PASSPHRASE" not in stolen_env and PASSPHRASE.encode() not in environ + cmdline
+    assert stolen_env["WARDEN_HOME"] == str(home)
     assert "process: dumpable 0, core file limit 0" in errs
     assert any(ln.startswith("Max core file size") and ln.split()[4:6] == ["0", "0"] for ln in limits.splitlines())
     assert log_key.public_key.hex() == log_pub and f"audit log public key (pin it): {log_pub}" in errs
+    # the broker's home: public keys, its log key, its database, sealed bytes; no keyring, no agent socket
+    names = {p.relative_to(home).as_posix() for p in files}
+    assert "keyring.json" not in names and "custody.json" not in names and not (home / "agent.sock").exists()
+    assert {"trusted.json", "broker/log-key.json", "broker/broker.db", "broker/weights/m1.wws"} <= names
 
     candidates = _strings(environ) | _strings(cmdline) | {log_pass}
     for blob in files.values():
         candidates |= _strings(blob) if len(blob) < 1 << 16 else set()
     assert PASSPHRASE not in candidates
-    # 1. the keyring (its file is readable on this host) opens with nothing they hold
+    # 1. the keyring (on the key host; were its file stolen too) opens with nothing they hold
     for c in sorted(candidates):  # every string they hold
         with pytest.raises(BadPassphraseError):
-            ww.Keyring.unlock(home, c)
+            ww.Keyring.unlock(key_home, c)
     # 2. the sealed model in the broker's store does not decrypt: not with the CLI under the stolen
     #    environment, not with the log key's bytes as a key-encryption key
     in_store = home / "broker" / "weights" / "m1.wws"
@@ -174,19 +188,182 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
     guess = StaticKeyProvider({(s.key_id, s.version): raw for s in slots})
     with pytest.raises(WrongKeyError):
         ww.load(in_store, providers=[guess], trust=ww.TrustStore.load(home))
-    # 3. weights they seal and sign with the log key are not trusted by `warden verify`
+    # 3. the red team's trojan: `env -i WARDEN_HOME=<serve's> python -m weightwarden seal ...` has no keyring
+    #    (and no agent) to sign with, for any passphrase they hold
+    trojan = tmp_path / "trojan.wws"
+    bare = {"PATH": os.environ["PATH"], "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "WARDEN_HOME": str(home)}
+    for pw in (log_pass, PASSPHRASE):
+        r = warden(bare | {"WARDEN_PASSPHRASE": pw}, "seal", str(st_file), "-o", str(trojan))
+        assert r.returncode == 1 and "KeyringError" in r.stderr and not trojan.exists()
+    # 4. weights they seal and sign with the log key are not trusted by `warden verify`
     forged = tmp_path / "forged.wws"
     with pytest.raises(KeyPurposeError):  # the log key, as it is, signs tree heads and nothing else
         seal_file(st_file, forged, provider=StaticKeyProvider({("mine", 1): os.urandom(32)}), signer=log_key)
     assert not forged.exists()
     as_sealing = Ed25519Signer(log_key._key, "sealing")  # the attacker relabels the stolen private key
     seal_file(st_file, forged, provider=StaticKeyProvider({("mine", 1): os.urandom(32)}), signer=as_sealing)
-    with pytest.raises(UntrustedSignerError):
-        ww.verify(forged, trust=ww.TrustStore.load(home))
-    r = warden(cli_env, "verify", str(forged))
-    assert r.returncode == 1 and "UntrustedSignerError" in r.stderr
+    for h in (home, key_home):
+        with pytest.raises(UntrustedSignerError):
+            ww.verify(forged, trust=ww.TrustStore.load(h))
+    for env in (cli_env, benv):
+        r = warden(env, "verify", str(forged))
+        assert r.returncode == 1 and "UntrustedSignerError" in r.stderr
     ts = ww.TrustStore.load(home)
     assert ts.signers and all(ts.public_key(k) != log_key.public_key for k in ts.signers)
+    assert ts.signers == ww.TrustStore.load(key_home).signers  # the key host's trust store, copied
+
+
+def test_serve_environment_is_an_allowlist(cli_env: dict[str, str], tmp_path: Path, st_file: Path) -> None:
+    """ATTACK (red team, issue 16).  Start serve from the GUIDE's shell, with the HSM PIN, the SoftHSM2
+    config, a workload token, the keyring's passphrase file, Vault and custodian variables and a stranger
+    all exported: /proc/<serve>/environ holds none of them, only what the broker needs (its home, log key
+    passphrase *path*, the store's credentials)."""
+    from .services import free_port
+
+    ok(warden(cli_env, "init"))
+    benv, home = _broker_home(cli_env, tmp_path)
+    (tmp_path / "kr.pass").write_text(PASSPHRASE + "\n")
+    dropped = {"WARDEN_PKCS11_PIN": "1234", "SOFTHSM2_CONF": str(tmp_path / "softhsm2.conf"),
+               "WARDEN_WORKLOAD_TOKEN": "wt-the-broker-must-not-hold",
+               "WARDEN_PASSPHRASE_FILE": str(tmp_path / "kr.pass"), "WARDEN_PASSPHRASE": PASSPHRASE,
+               "VAULT_TOKEN": "hvs.not-for-the-broker", "VAULT_ADDR": "http://vault:8200",
+               "WARDEN_CUSTODIAN_PASSPHRASE_FILE_ANA": str(tmp_path / "ana.pass"),
+               "SOME_OTHER_SECRET": "s3cr3t-value"}  # fmt: skip
+    kept = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "store-id",
+            "AWS_SECRET_ACCESS_KEY": "the-store-credential", "AWS_REGION": "eu-west-1"}  # fmt: skip
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port)],
+                            env=benv | dropped | kept, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        _wait_health(f"http://127.0.0.1:{port}", proc)
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    env = dict(e.split("=", 1) for e in environ.decode().split("\0") if "=" in e)
+    for name, value in dropped.items():
+        assert name not in env and value.encode() not in environ, name
+    assert not any(k.startswith(("VAULT_", "WARDEN_CUSTODIAN", "WARDEN_WORKLOAD")) for k in env)
+    assert {k: env.get(k) for k in kept} == kept  # the store's credentials: held by the broker (THREAT_MODEL)
+    assert env["WARDEN_HOME"] == str(home) and env["WARDEN_LOG_KEY_PASSPHRASE_FILE"] == benv[
+        "WARDEN_LOG_KEY_PASSPHRASE_FILE"]  # fmt: skip
+    # the agent, run in the foreground, likewise keeps only paths, locale, user and its home
+    from weightwarden._harden import agent_env
+
+    assert agent_env(benv | dropped | kept) == {k: v for k, v in (benv | dropped | kept).items()
+                                                if k in ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+                                                         "USER", "LOGNAME", "PYTHONPATH", "PYTHONUNBUFFERED",
+                                                         "PYTHONHASHSEED", "VIRTUAL_ENV", "WARDEN_HOME")}  # fmt: skip
+
+
+def test_serve_keeps_a_pkcs11_log_keys_pin_and_nothing_else() -> None:
+    """A pkcs11: log key's PIN variable (pin-source=env:VAR, or the default WARDEN_PKCS11_PIN when the URI
+    names none) and SOFTHSM2_CONF are kept for it; with a file: log key or a PIN file, neither is."""
+    from weightwarden._harden import broker_env
+
+    env = {"PATH": "/bin", "WARDEN_HOME": "/b", "WARDEN_PKCS11_PIN": "1234", "BROKER_LOG_PIN": "9999",
+           "SOFTHSM2_CONF": "/etc/softhsm2.conf", "WARDEN_WORKLOAD_TOKEN": "t"}  # fmt: skip
+    base = {"PATH": "/bin", "WARDEN_HOME": "/b"}
+    assert broker_env(None, env) == base
+    assert broker_env("file:/b/broker/log-key.json", env) == base
+    assert broker_env("pkcs11:token=t;object=log?pin-source=env:BROKER_LOG_PIN", env) == base | {
+        "BROKER_LOG_PIN": "9999", "SOFTHSM2_CONF": "/etc/softhsm2.conf"}  # fmt: skip
+    assert broker_env("pkcs11:token=t;object=log", env) == base | {
+        "WARDEN_PKCS11_PIN": "1234", "SOFTHSM2_CONF": "/etc/softhsm2.conf"}  # fmt: skip
+    assert broker_env("pkcs11:token=t;object=log?pin-source=file:/etc/pin", env) == base | {
+        "SOFTHSM2_CONF": "/etc/softhsm2.conf"}  # fmt: skip
+    uri = "pkcs11:token=t;object=log?pin-source=env:WARDEN_PASSPHRASE"
+    assert broker_env(uri, env | {"WARDEN_PASSPHRASE": "x"}) == base | {
+        "SOFTHSM2_CONF": "/etc/softhsm2.conf"}  # a secret variable stays out, whatever the URI says
+
+
+def test_serve_refuses_a_home_with_a_keyring_or_an_agent_socket(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """ATTACK (red team, issue 16).  A broker sharing the key host's home would put the keyring file and an
+    unsealed agent's socket within a broker compromise's reach: `warden serve` refuses to start there (one
+    line saying what to do), before it creates anything; in its own home it starts."""
+    import socket
+
+    from .services import free_port
+
+    home = Path(cli_env["WARDEN_HOME"])
+    ok(warden(cli_env, "init"))  # keyring.json
+    r = warden(cli_env, "serve", "--port", str(free_port()))
+    assert r.returncode == 1 and "BrokerHomeError" in r.stderr and "keyring.json" in r.stderr
+    assert "--trust-from" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (home / "broker").exists()  # refused before the log key, database or store were touched
+    # an agent's socket (a real Unix socket) in an otherwise keyless home
+    other = tmp_path / "o"  # short: a Unix socket path has a length limit
+    other.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(other / "agent.sock"))
+        r = warden(cli_env | {"WARDEN_HOME": str(other)}, "serve", "--port", str(free_port()))
+    assert r.returncode == 1 and "BrokerHomeError" in r.stderr and "agent.sock" in r.stderr
+    assert not (other / "broker").exists()
+    # a symlink to the keyring counts too
+    link = tmp_path / "linked"
+    link.mkdir()
+    (link / "keyring.json").symlink_to(home / "keyring.json")
+    r = warden(cli_env | {"WARDEN_HOME": str(link)}, "serve", "--port", str(free_port()))
+    assert r.returncode == 1 and "BrokerHomeError" in r.stderr
+    # the admin commands run on the key host keep working in a shared home
+    ok(warden(cli_env, "broker", "account", "svc", "--pubkey", "11" * 32))
+
+
+def test_broker_init_copies_only_the_trust_store(cli_env: dict[str, str], tmp_path: Path) -> None:
+    """--trust-from KEYHOME (or its trusted.json) gives the broker's home the public keys, each for its
+    purpose, and nothing else; its own trust store and a malformed one are refused."""
+    ok(warden(cli_env, "init"))
+    key_home = Path(cli_env["WARDEN_HOME"])
+    benv, home = _broker_home(cli_env, tmp_path)
+    assert sorted(p.name for p in home.iterdir()) == ["broker", "trusted.json"]
+    assert json.loads((home / "trusted.json").read_text()) == json.loads((key_home / "trusted.json").read_text())
+    r = warden(benv, "broker", "init", "--trust-from", str(home))
+    assert r.returncode == 1 and "BrokerHomeError" in r.stderr and "own trust store" in r.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    r = warden(benv, "broker", "init", "--trust-from", str(tmp_path / "bad.json"))
+    assert r.returncode == 1 and "BrokerHomeError" in r.stderr and "bad.json" in r.stderr
+    ok(warden(benv, "broker", "init", "--trust-from", str(key_home / "trusted.json")))  # a file works; idempotent
+    assert json.loads((home / "trusted.json").read_text()) == json.loads((key_home / "trusted.json").read_text())
+
+
+def test_verify_refuses_a_log_key_as_trust_key(cli_env: dict[str, str], tmp_path: Path, st_file: Path) -> None:
+    """ATTACK (red team, issue 16, INFO).  A thief re-labels the stolen log key as a sealing key and asks
+    for `warden verify forged.wws --trust-key <log key>`: refused where the log key is known (the broker's
+    home, or any home whose trust store pins it for audit-log), and so are `open` and `pull` with it."""
+    from weightwarden.broker.logkey import load_file
+    from weightwarden.keys.local import Ed25519Signer, StaticKeyProvider
+    from weightwarden.sealed.writer import seal_file
+
+    ok(warden(cli_env, "init"))
+    benv, home = _broker_home(cli_env, tmp_path)
+    log_pass = Path(cli_env["WARDEN_LOG_KEY_PASSPHRASE_FILE"]).read_text().strip()
+    log_key = load_file(home / "broker" / "log-key.json", log_pass)
+    forged = tmp_path / "forged.wws"
+    seal_file(st_file, forged, provider=StaticKeyProvider({("mine", 1): os.urandom(32)}),
+              signer=Ed25519Signer(log_key._key, "sealing"))  # fmt: skip
+    import base64
+
+    b64 = base64.b64encode(log_key.public_key).decode()
+    r = warden(benv, "verify", str(forged), "--trust-key", b64)
+    assert r.returncode == 1 and "KeyPurposeError" in r.stderr and "audit-log key" in r.stderr and "OK" not in r.stdout
+    (home / "broker" / "log-key.pub").unlink()  # the key file's public half is enough
+    r = warden(benv, "verify", str(forged), "--trust-key", b64)
+    assert r.returncode == 1 and "KeyPurposeError" in r.stderr
+    r = warden(benv, "open", str(forged), "-o", str(tmp_path / "x"), "--identity", str(tmp_path / "none"),
+               "--trust-key", b64)  # fmt: skip
+    assert r.returncode == 1 and "KeyPurposeError" in r.stderr and not (tmp_path / "x").exists()
+    # the key host, whose trust store pins the log key for audit-log (`warden trust add --purpose audit-log`)
+    r = warden(cli_env, "verify", str(forged), "--trust-key", b64)
+    assert r.returncode == 0  # before: an unknown key, trusted as asked (the docs warn never to pass a log key)
+    ok(warden(cli_env, "trust", "add", b64, "--purpose", "audit-log", "--label", "broker log"))
+    r = warden(cli_env, "verify", str(forged), "--trust-key", b64)
+    assert r.returncode == 1 and "KeyPurposeError" in r.stderr
+    # the real sealing key still verifies with --trust-key
+    good = tmp_path / "good.wws"
+    ok(warden(cli_env, "seal", str(st_file), "-o", str(good)))
+    sealing = json.loads(ok(warden(cli_env, "key", "export-public", "--json")).stdout)["public_key"]
+    ok(warden(benv, "verify", str(good), "--trust-key", sealing))
 
 
 # -- 2. no secrets in environments, dumps or swap ------------------------------------------------------

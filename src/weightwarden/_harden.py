@@ -35,6 +35,12 @@ SECRET_PREFIXES = ("WARDEN_CUSTODIAN_PASSPHRASE_",)
 #: what the custody agent inherits (nothing else)
 _MINIMAL = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "HOME", "USER", "LOGNAME", "PYTHONPATH",
             "PYTHONUNBUFFERED", "PYTHONHASHSEED", "VIRTUAL_ENV")  # fmt: skip
+#: what `warden serve` inherits besides _MINIMAL (an allowlist: everything else is dropped, the HSM PIN,
+#: workload tokens, keyring passphrase files and Vault tokens included).  The AWS variables are the
+#: store's credentials, which the broker holds (docs/BROKER.md); WARDEN_KDF_MEMORY_KIB is a cost, not a secret.
+_BROKER = ("WARDEN_HOME", "WARDEN_BROKER_DB", "WARDEN_BROKER_STORE", "WARDEN_LOG_KEY", "WARDEN_LOG_KEY_PASSPHRASE_FILE",
+           "WARDEN_KDF_MEMORY_KIB", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+           "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE")  # fmt: skip
 
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 MCL_CURRENT, MCL_FUTURE = 1, 2
@@ -74,6 +80,43 @@ def minimal_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """Only what a Python process needs to start (paths, locale, user): for the custody agent."""
     src = os.environ if env is None else env
     return {k: src[k] for k in _MINIMAL if k in src}
+
+
+def broker_env(log_key: str | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment `warden serve` runs with: :func:`minimal_env`, what the broker itself needs
+    (its home, database, store credentials, log key and the *path* of its passphrase file), and,
+    when ``log_key`` is a ``pkcs11:`` URI, ``SOFTHSM2_CONF`` and the variable its ``pin-source=env:VAR``
+    names.  Nothing else: not ``WARDEN_PKCS11_PIN`` (unless the log key's URI names it), not
+    ``WARDEN_WORKLOAD_TOKEN``, ``WARDEN_PASSPHRASE(_FILE)``, ``VAULT_*`` or a custodian's variable."""
+    src = os.environ if env is None else env
+    keep = set(_MINIMAL) | set(_BROKER)
+    if log_key and log_key.startswith("pkcs11:"):
+        from urllib.parse import parse_qs
+
+        keep.add("SOFTHSM2_CONF")
+        query = parse_qs(log_key.partition("?")[2]).get("pin-source")  # as keys/pkcs11.py reads it
+        source = query[-1] if query else "env:WARDEN_PKCS11_PIN"
+        if source.startswith("env:"):
+            keep.add(source[4:])
+    return {k: v for k, v in src.items() if k in keep and not is_secret_var(k)}
+
+
+def agent_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment `warden agent run` runs with: :func:`minimal_env` and ``WARDEN_HOME``."""
+    src = os.environ if env is None else env
+    return minimal_env(src) | ({"WARDEN_HOME": src["WARDEN_HOME"]} if "WARDEN_HOME" in src else {})
+
+
+def reexec_with(env: dict[str, str]) -> None:
+    """Replace this process with itself (same interpreter, same arguments) under exactly ``env``,
+    unless its environment already holds nothing outside ``env`` (so this happens once).  Call it
+    first thing: nothing read before survives, and ``/proc/<pid>/environ`` then shows ``env`` only."""
+    if all(k in env and env[k] == v for k, v in os.environ.items()):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
 
 def reexec_scrubbed() -> None:
@@ -159,11 +202,14 @@ def harden_process(*, lock_memory: bool) -> dict[str, Any]:
 
 
 __all__ = [
+    "agent_env",
+    "broker_env",
     "dumpable",
     "harden_process",
     "lock_pages",
     "minimal_env",
     "read_secret_file",
     "reexec_scrubbed",
+    "reexec_with",
     "scrubbed_env",
 ]

@@ -290,6 +290,13 @@ def _parse_public(text: str) -> bytes:
     return raw
 
 
+def _trust_keys(trust_key: list[str], home: Path | None) -> list[bytes]:
+    """--trust-key values as manifest signers; a known audit-log key of this home is refused."""
+    from .broker.home import refuse_log_keys
+
+    return refuse_log_keys([_parse_public(k) for k in trust_key], home or default_home())
+
+
 @trust_app.command("add")
 def trust_add(
     public_key: Annotated[str, typer.Argument(help="base64 public key, or a file holding it")],
@@ -386,7 +393,7 @@ def open_(
     if identity is not None:
         from .keys.age import AgeIdentityProvider
 
-        trust: Any = [_parse_public(k) for k in trust_key] if trust_key else TrustStore.load(home or default_home())
+        trust: Any = _trust_keys(trust_key, home) if trust_key else TrustStore.load(home or default_home())
         provs: list[Any] = [AgeIdentityProvider.from_file(identity)]
         with _progress(_sealed_size(src, as_json), "opening", not as_json) as prog:
             paths = api.unseal(src, output, providers=provs, trust=trust, force=force, progress=prog)
@@ -394,7 +401,7 @@ def open_(
         return
     kr = _keyring(home)
     provs = [*_uri_providers(provider), kr.provider()]
-    trust = [_parse_public(k) for k in trust_key] if trust_key else None
+    trust = _trust_keys(trust_key, home) if trust_key else None
     with _progress(_sealed_size(src, as_json), "opening", not as_json) as prog:
         paths = api.unseal(src, output, keyring=kr, providers=provs, trust=trust, force=force, progress=prog,
                            threads=threads)
@@ -412,8 +419,9 @@ def verify(
     as_json: JsonOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Check the signature and every chunk digest without any key; writes nothing."""
-    trust: Any = [_parse_public(k) for k in trust_key] if trust_key else TrustStore.load(home or default_home())
+    """Check the signature and every chunk digest without any key; writes nothing.  --trust-key never
+    takes an audit-log key (the broker's log key): it is refused."""
+    trust: Any = _trust_keys(trust_key, home) if trust_key else TrustStore.load(home or default_home())
     kr = _keyring(home) if deep else None
     with _progress(_sealed_size(src, as_json), "verifying", not as_json) as prog:
         rep = api.verify(src, trust=trust, deep=deep, keyring=kr, progress=prog, threads=threads)
@@ -893,11 +901,11 @@ def agent_stop(home: HomeOpt = None) -> None:
 
 @agent_app.command("run")
 def agent_run(idle_seal: IdleOpt = 3600.0, home: HomeOpt = None) -> None:
-    """Run the agent in the foreground (restarted first without any passphrase in its environment)."""
-    from ._harden import reexec_scrubbed
+    """Run the agent in the foreground (restarted first with only paths, locale, user and WARDEN_HOME)."""
+    from ._harden import agent_env, reexec_with
     from .keys import agent
 
-    reexec_scrubbed()
+    reexec_with(agent_env())
     agent.serve(home or default_home(), idle_seal)
 
 
@@ -1330,11 +1338,20 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
 
 @broker_app.command("init")
 def broker_init(log_key: LogKeyOpt = None, log_key_passphrase_file: LogKeyPassOpt = None, home: HomeOpt = None,
+                trust_from: Annotated[Path | None, typer.Option(
+                    "--trust-from", help="copy the trust store (public keys only) from this home or trusted.json",
+                    show_default=False)] = None,
                 as_json: JsonOpt = False) -> None:  # fmt: skip
-    """Create the broker's log key if there is none, and print its public key (pin it for `audit verify`)."""
+    """Create the broker's log key if there is none, and print its public key (pin it for `audit verify`).
+    With --trust-from KEYHOME, give this (the broker's own) home the key host's trust store first."""
+    copied = None
+    if trust_from is not None:
+        from .broker.home import copy_trust
+
+        copied = copy_trust(trust_from, home or default_home())
     signer, created = _log_signer(home, log_key, log_key_passphrase_file)
-    _emit({"public_key": signer.public_key.hex(), "key_id": signer.key_id, "created": created}, as_json,
-          signer.public_key.hex())  # fmt: skip
+    _emit({"public_key": signer.public_key.hex(), "key_id": signer.key_id, "created": created,
+           "trusted_copied": copied}, as_json, signer.public_key.hex())  # fmt: skip
 
 
 @broker_app.command("account")
@@ -1447,11 +1464,14 @@ def serve_cmd(
 ) -> None:
     """Run the access broker and its web console (FastAPI on uvicorn).  Put TLS in front of it.
 
-    It holds sealed bytes, public keys and its own log key, never the keyring: start it with
-    --log-key (and --log-key-passphrase-file), not WARDEN_PASSPHRASE."""
-    from ._harden import harden_process, lock_pages, reexec_scrubbed
+    It holds sealed bytes, public keys and its own log key, never the keyring: start it in a home of its
+    own (`warden broker init --trust-from KEYHOME`), with --log-key (and --log-key-passphrase-file); it
+    restarts itself with an allowlisted environment (no PIN, token or passphrase it does not need)."""
+    from ._harden import broker_env, harden_process, lock_pages, reexec_with
+    from .broker.home import check_own_home
 
-    reexec_scrubbed()  # first: /proc/<pid>/environ must not show a passphrase it was started with
+    reexec_with(broker_env(log_key))  # first: /proc/<pid>/environ shows only what the broker needs
+    check_own_home(home or default_home())  # never beside a keyring or an agent socket
     import uvicorn
 
     from .broker.app import create_app
@@ -1523,7 +1543,7 @@ def pull_cmd(
     (signature, every chunk digest) before they are put in place."""
     from .broker.client import BrokerClient, load_account_key
 
-    trust: Any = [_parse_public(k) for k in trust_key] if trust_key else TrustStore.load(home or default_home())
+    trust: Any = _trust_keys(trust_key, home) if trust_key else TrustStore.load(home or default_home())
     with BrokerClient(url, account, load_account_key(key), audience=audience) as c:
         res = c.pull(model, output, request_id=request, trust=trust, force=force)
     from rich.markup import escape

@@ -9,10 +9,11 @@ result is wrong.  Six acts:
    custodians' own age keys runs only after three of them approve that exact change;
 2. a checkpoint sealed, verified without the key, loaded into memory with no plaintext on disk;
 3. the model registered for provenance;
-4. the broker started; a release to a partner requested, decided by the export-control gate,
-   approved by two approvers, fingerprinted from the sealed master, sealed to the partner's own key
-   and streamed within its egress budget (the partner opens it with its key; ours cannot); a release
-   to a listed party refused with its reasons;
+4. the broker started in a home of its own (the trust store's public keys, its log key, its
+   database: no keyring, no agent socket, no passphrase); a release to a partner requested,
+   decided by the export-control gate, approved by two approvers, fingerprinted from the sealed
+   master, sealed to the partner's own key and streamed within its egress budget (the partner
+   opens it with its key; ours cannot); a release to a listed party refused with its reasons;
 5. the partner's copy leaks after fine-tuning and int4 quantisation: `warden trace` names the
    partner, `warden scan` finds the derived copy and clears two independent models;
 6. `warden audit verify` proves the log intact, then catches one edited row.
@@ -64,19 +65,25 @@ class Demo:
         for c in CUSTODIANS:
             self.env[f"WARDEN_CUSTODIAN_PASSPHRASE_{c.upper()}"] = f"{c}'s own passphrase"
         self.server: subprocess.Popen[bytes] | None = None
+        # the broker host: a home of its own, an environment with no keyring passphrase or custodian's variable
+        self.bhome = root / "broker-home"
+        self.benv = {k: v for k, v in self.env.items() if not k.startswith(("WARDEN_PASSPHRASE", "WARDEN_CUSTODIAN"))}
+        self.benv["WARDEN_HOME"] = str(self.bhome)
 
     # -- plumbing ---------------------------------------------------------------------------
-    def warden(self, *args: str, expect: int | None = 0, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    def warden(self, *args: str, expect: int | None = 0, timeout: float = 300,
+               broker: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """``warden ARGS`` on the key host, or (``broker``) on the broker host, in the broker's own home."""
         shown = " ".join(shlex.quote(a.replace(str(self.root) + "/", "")) for a in args)
-        console.print(f"  [dim]$ warden {shown}[/dim]")
-        r = subprocess.run([sys.executable, "-m", "weightwarden", *args], env=self.env, capture_output=True,
-                           text=True, timeout=timeout, cwd=self.root)  # fmt: skip
+        console.print(f"  [dim]{'broker-host' if broker else 'key-host'}$ warden {shown}[/dim]")
+        r = subprocess.run([sys.executable, "-m", "weightwarden", *args], env=self.benv if broker else self.env,
+                           capture_output=True, text=True, timeout=timeout, cwd=self.root)  # fmt: skip
         if expect is not None and r.returncode != expect:
             raise DemoFailure(f"`warden {args[0]}` exited {r.returncode}: {(r.stderr or r.stdout).strip()[-400:]}")
         return r
 
-    def wjson(self, *args: str) -> Any:
-        return json.loads(self.warden(*args, "--json").stdout)
+    def wjson(self, *args: str, broker: bool = False) -> Any:
+        return json.loads(self.warden(*args, "--json", broker=broker).stdout)
 
     def check(self, name: str, fn: Callable[[], tuple[bool, str]]) -> bool:
         t = time.perf_counter()
@@ -203,7 +210,19 @@ class Demo:
 
         self.act("4. the broker: export gate, two approvers, a fingerprinted copy, egress budgets")
         (self.root / "log-key.pass").write_text("demo log-key passphrase, use a real one\n")
-        self.env["WARDEN_LOG_KEY_PASSPHRASE_FILE"] = str(self.root / "log-key.pass")
+        self.benv["WARDEN_LOG_KEY_PASSPHRASE_FILE"] = str(self.root / "log-key.pass")
+        bdb = f"sqlite:///{self.bhome / 'broker' / 'broker.db'}"
+        self.env["WARDEN_BROKER_DB"] = bdb  # the key host reaches the broker's database (PostgreSQL in production)
+
+        def own_home() -> tuple[bool, str]:
+            self.wjson("broker", "init", "--trust-from", str(self.home), broker=True)
+            refused = self.warden("serve", "--port", str(_free_port()), expect=1, timeout=60)  # the key host's home
+            held = sorted(p.relative_to(self.bhome).as_posix() for p in self.bhome.rglob("*") if p.is_file())
+            ok = ("BrokerHomeError" in refused.stderr and held == ["broker/log-key.json", "broker/log-key.pub",
+                                                                   "trusted.json"])  # fmt: skip
+            return ok, f"broker-home holds {', '.join(held)}; serve beside the keyring refused (BrokerHomeError)"
+
+        self.check("the broker in a home of its own: public keys and its log key, no keyring", own_home)
         keys = {}
         people = [
             ("riley", "human", "releaser"),
@@ -216,20 +235,21 @@ class Demo:
             pub = k.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
             keys[name] = (k, ed25519_key_id(pub))
             self.warden("broker", "account", name, "--pubkey", pub.hex(), "--kind", kind, "--role", role,
-                        "--team", "research")  # fmt: skip
+                        "--team", "research", broker=True)  # fmt: skip
         tokens = str(STEPS * BATCH)
         # the broker holds no keyring, only its own log key: the hidden header is classified here, on the key side
         cls = self.warden("classify", "demo-lm.wws", "--tokens", tokens, "--json")
         (self.root / "demo-lm.classification.json").write_text(cls.stdout)
         self.warden("broker", "model", "demo-lm", "demo-lm.wws", "--team", "research", "--tokens", tokens,
-                    "--classification", "demo-lm.classification.json")  # fmt: skip
+                    "--classification", "demo-lm.classification.json", broker=True)  # fmt: skip
         port = _free_port()
         log = open(self.root / "serve.log", "wb")
         self.server = subprocess.Popen([sys.executable, "-m", "weightwarden", "serve", "--port", str(port),
                                         "--egress-rate", "1000", "--egress-burst", "3000000", "--allow-sample-list"],
-                                       env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)  # fmt: skip
-        console.print(f"  [dim]$ warden serve --port {port} --egress-rate 1000 --egress-burst 3000000 "
-                      "--allow-sample-list &[/dim]")
+                                       env=self.benv, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)  # fmt: skip
+        console.print(f"  [dim]broker-host$ warden serve --port {port} --egress-rate 1000 --egress-burst 3000000 "
+                      "--allow-sample-list &"
+                      "[/dim]")  # fmt: skip
         base = f"http://127.0.0.1:{port}"
         for _ in range(300):
             try:
@@ -294,8 +314,11 @@ class Demo:
             (self.root / "northwind.key").write_text(f"{partner}\n")
             os.chmod(self.root / "northwind.key", 0o600)
             self.warden("recipient", "add", PARTNER, "--pubkey", str(partner.to_public()))
+            # consumed through the broker's database and log; the copy goes into the broker's store
             self.warden("release", "demo-lm.wws", "--model-id", "demo-lm", "--to", PARTNER, "--country", "GB",
-                        "--request", rid, "-o", "for-northwind.wws", "--allow-sample-list")  # fmt: skip
+                        "--request", rid, "-o", "for-northwind.wws", "--store", str(self.bhome / "broker" / "weights"),
+                        "--log-key", f"file:{self.bhome / 'broker' / 'log-key.json'}",
+                        "--log-key-passphrase-file", str(self.root / "log-key.pass"), "--allow-sample-list")  # fmt: skip
             (self.root / "riley.pem").write_bytes(keys["riley"][0].private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
                                                                                  NoEncryption()))  # fmt: skip
             # the requester's client signs its own request tokens, resumes after a cut, verifies, then renames
@@ -441,7 +464,7 @@ class Demo:
         self.act("6. the tamper-evident audit log")
 
         def intact() -> tuple[bool, str]:
-            j = self.wjson("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id)
+            j = self.wjson("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id, broker=True)
             return j[
                 "events"
             ] > 20, (f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}… "
@@ -450,7 +473,7 @@ class Demo:
         self.check("warden audit verify: every event of the broker's log is intact", intact)
 
         def edited() -> tuple[bool, str]:
-            db = sqlite3.connect(self.home / "broker" / "broker.db")
+            db = sqlite3.connect(self.bhome / "broker" / "broker.db")
             with db:
                 rows = db.execute("SELECT idx, body FROM ww_audit_events ORDER BY idx").fetchall()
                 idx, body = next((i, bytes(b)) for i, b in rows if b'"approval:grant"' in bytes(b))
@@ -458,7 +481,8 @@ class Demo:
                     "UPDATE ww_audit_events SET body = ? WHERE idx = ?", (body.replace(b'"ok"', b'"no"', 1), idx)
                 )
             db.close()
-            r = self.warden("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id, expect=1)
+            r = self.warden("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id, expect=1,
+                            broker=True)  # fmt: skip
             return "Tampered" in r.stderr, f"row {idx} (an approval) edited: {r.stderr.strip()[:120]}"
 
         self.check("one edited row is caught", edited)
@@ -517,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c for c in demo.checks if not c[1]]
     console.print("[bold green]all checks passed[/bold green]" if not failed
                   else f"[bold red]{len(failed)} failed[/bold red]")  # fmt: skip
-    return 1 if failed or len(demo.checks) < 20 else 0  # every check ran
+    return 1 if failed or len(demo.checks) < 21 else 0  # every check ran
 
 
 if __name__ == "__main__":

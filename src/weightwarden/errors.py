@@ -202,3 +202,11 @@ class DeclarationError(WardenError):
 
 
 __all__ += ["DeclarationError"]
+
+
+class BrokerHomeError(WardenError):
+    """`warden serve` was pointed at a home that holds a keyring or a custody agent's socket: the broker
+    runs in a home of its own (trust store, log key, database), never beside the keys."""
+
+
+__all__ += ["BrokerHomeError"]

@@ -109,6 +109,9 @@ def open_log_key(uri: str | None, home: Path, passphrase: Any, *, create: bool =
             f"the log key {signer.key_id} is a trusted manifest signer in {home.name}: give the broker a key of "
             "its own (a file, a token object or an agent home used for nothing else)"
         )
+    from .home import write_log_public_key
+
+    write_log_public_key(home, signer.public_key)  # so `warden verify --trust-key` here refuses it
     return signer, created
 
 
