@@ -318,7 +318,8 @@ class Demo:
             self.warden("release", "demo-lm.wws", "--model-id", "demo-lm", "--to", PARTNER, "--country", "GB",
                         "--request", rid, "-o", "for-northwind.wws", "--store", str(self.bhome / "broker" / "weights"),
                         "--log-key", f"file:{self.bhome / 'broker' / 'log-key.json'}",
-                        "--log-key-passphrase-file", str(self.root / "log-key.pass"), "--allow-sample-list")  # fmt: skip
+                        "--log-key-passphrase-file", str(self.root / "log-key.pass"),
+                        "--allow-sample-list")  # fmt: skip
             (self.root / "riley.pem").write_bytes(keys["riley"][0].private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
                                                                                  NoEncryption()))  # fmt: skip
             # the requester's client signs its own request tokens, resumes after a cut, verifies, then renames
