@@ -3,8 +3,9 @@ downloads (the US Consolidated Screening List as JSON or CSV, or OpenSanctions F
 entities as JSON lines).
 
 Names are normalised with ``rigour`` (transliteration to ASCII, company-type and honorific
-removal, case folding) and scored with ``rapidfuzz`` against every name and alias of every entry:
-the score is the best of token-sort (word order), token-set (missing or extra names) and plain
+removal, case folding) and scored with ``rapidfuzz`` against every name and alias of every entry
+that can reach the threshold (a bound from letter counts made at load, and an index of words, skip the
+rest): the score is the best of token-sort (word order), token-set (missing or extra names) and plain
 ratio (spelling), 0..100.  A hit at or above the threshold is reported with the entry, the name
 that matched, both normalised forms and the component scores; a destination country that the
 entry lists adds nothing, one it does not list is noted (not a reason to clear a hit).
@@ -212,8 +213,8 @@ class ScreeningList:
                         self._combos.setdefault(min(tokens), []).append((i, tokens, len(self._names)))
                         # an organisation's short alias written with an abbreviation ("Bright Semi" of "Shenzhen
                         # Bright Semiconductor Technology"): its expansion is a generic word any firm may use
-                        abbr = _abbreviated(n)
-                        if org and abbr and tokens < frozenset(primary.split()):
+                        abbr = _abbreviated(n) if org and tokens < frozenset(primary.split()) else frozenset()
+                        if abbr:
                             self._abbr[len(self._names)] = abbr
                     for w in tokens:
                         self._by_token.setdefault(w, []).append(len(self._names))
