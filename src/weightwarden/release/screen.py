@@ -339,9 +339,9 @@ class ScreeningList:
                             continue
                     # an organisation is named by all its words: one that the query lacks ("Orion
                     # Technologies" for "Orion AI Technologies", "North Star Manufacturing" for "North Star
-                    # Electronics Manufacturing"), or a word of the query's own that says which firm it is
-                    # ("Volga Precision Tools"), makes it another organisation
-                    if _unmatched(nt, qt, nq) or _unmatched(qt, nt, self._names[j]) - generic:
+                    # Electronics Manufacturing") makes it another organisation.  Words the query adds are not
+                    # held against it: an evader appends a city or "Branch" to a listed name
+                    if _unmatched(nt, qt, nq):
                         continue
                 self._keep(best, j, float(score[c]), q, nq, {"token_sort": round(float(sort[c]), 1),
                            "token_set": round(float(tset[c]), 1), "ratio": round(float(plain[c]), 1)})  # fmt: skip
