@@ -62,14 +62,85 @@ def _scores(lst: ScreeningList, variants: list, innocents: list) -> tuple[float,
     return tp / (tp + fn), tp / max(tp + fp, 1), wrong
 
 
-@pytest.mark.parametrize(("part", "min_precision"), [("tuning", 0.95), ("held_out", 0.95), ("held_out_2", 0.9)])
+@pytest.mark.parametrize(("part", "min_precision"), [("tuning", 0.95), ("held_out", 0.95), ("held_out_2", 0.95)])
 def test_recall_and_precision_on_confusable_dotted_and_abbreviated_variants(extended: ScreeningList, part: str,
                                                                             min_precision: float) -> None:  # fmt: skip
     """Issue 17 target: recall >= 0.98 at precision >= 0.95 on held-out variants.  The second held-out set
-    (written later) holds shortened company names labelled innocent that the matcher still flags (e.g.
-    "Bright Semiconductor Inc" against the alias "Bright Semi"): its precision is 0.93, asserted at 0.9."""
+    (written later) held shortened company names labelled innocent that the matcher flagged (e.g. "Bright
+    Semiconductor Inc" against the alias "Bright Semi"): 0.93 then; the organisation rules that followed were
+    tuned on it (recall 1.0, precision 1.0), so it is no longer held out."""
     recall, precision, wrong = _scores(extended, VARIANTS[part], VARIANTS[f"{part}_innocents"])
     assert recall >= 0.98 and precision >= min_precision, (recall, precision, wrong)
+
+
+HELDOUT3 = json.loads((Path(__file__).parent / "vectors" / "screening_variants_heldout3.json").read_text())
+
+
+def test_held_out_set_3_measured_once(extended: ScreeningList) -> None:
+    """Held-out set 3 was written before any change on its branch and never tuned on.  Measured at the end:
+    recall 48/49, precision 48/51; then a rule that held a query's added words against it was dropped, for
+    a reason not drawn from set 3 (it let an evader append a city: the attack test below) and with no effect
+    on the tuned sets; measured again: recall 49/49, precision 49/52 = 0.942, three false hits on people
+    ("Li Wei", "Wang Xiaoping", "Fatima Zahra Bennani").  Under the issue's precision target of 0.95 by one
+    false hit; asserted as measured, so that a regression shows."""
+    pos, neg = HELDOUT3["held_out_3"], HELDOUT3["held_out_3_innocents"]
+    recall, precision, wrong = _scores(extended, pos, neg)
+    assert len(pos) + len(neg) >= 60 and len(neg) >= len(pos)
+    assert recall == 1.0 and precision >= 49 / 52 - 1e-9, (recall, precision, wrong)
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Bright Semi Co", "sample-006"), ("Bright Semiconductor Inc", None),  # a short alias matches as written
+    ("Kestrel Semi Ltd", "extra-005"), ("Kestrel Semiconductor Inc", None),
+    ("North Star Electronics Mfg", "extra-011"), ("North Star Manufacturing", None),  # a word of the name lacking
+    ("Orion AI Technologies", "extra-001"), ("Orion Technologies Inc", None),
+    ("Guangzhou Hengtai Electronic Comp. Co.", "sample-021"),  # a word cut short is still there
+    ("Novatek Micro Systems", "sample-003"),  # written joined
+])  # fmt: skip
+def test_an_organisation_is_named_by_all_its_words(extended: ScreeningList, name: str, want: str | None) -> None:
+    ids = [h["entry"]["id"] for h in extended.screen(name)["hits"]]
+    assert ids == ([want] if want else []), ids
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Volga Precision Manufacturing Kazan Branch", "extra-000"), ("Novatek Microsystems Moscow", "sample-003"),
+    ("Zhongxing Precision Instruments Shanghai", "sample-001"),
+])  # fmt: skip
+def test_attack_a_word_appended_to_a_listed_organisation_is_still_caught(extended: ScreeningList, name: str,
+                                                                         want: str) -> None:  # fmt: skip
+    """The organisation rules take nothing from a listed name; an evader adding a city or "Branch" is caught."""
+    hits = extended.screen(name)["hits"]
+    assert hits and hits[0]["entry"]["id"] == want, hits
+
+
+def test_the_prefilter_finds_what_scoring_every_name_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The letter-count bound and the shared-word index only skip names that cannot score: the hits are those
+    of scoring every name, on a list of generated names with near-duplicates of each other."""
+    import random
+
+    from weightwarden.release.screen import Entry
+
+    rng = random.Random(7)
+    syl = ["ka", "ri", "mo", "tan", "vel", "zor", "shi", "lin", "pet", "nik", "ov", "chen", "hua", "ski"]
+
+    def name() -> str:
+        return " ".join("".join(rng.choice(syl) for _ in range(rng.randint(2, 3))).capitalize()
+                        for _ in range(rng.randint(2, 3)))  # fmt: skip
+
+    base = json.loads(SAMPLE.read_text())["results"] + VARIANTS["list_extra"]
+    entries = [Entry(str(r["id"]), r["name"], tuple(r.get("alt_names") or ()), r.get("type", "")) for r in base]
+    entries += [Entry(f"g{i}", name(), (name(),) if i % 2 else (), "Entity" if i % 3 else "Individual")
+                for i in range(600)]  # fmt: skip
+    lst = ScreeningList(entries, "generated", "-")
+    queries = [n for n, _ in VARIANTS["held_out"]] + VARIANTS["held_out_innocents"]
+    queries += [e.name for e in entries[40:90]] + [e.name[:-1] + "a" for e in entries[90:140]]
+    queries += [" ".join(reversed(e.name.split())) for e in entries[140:170]]
+    queries += [e.name[:2] + "u" + e.name[3:-1] + "e" for e in entries[170:250]]  # two letters off: ~86-90
+    fast = [lst.screen(q) for q in queries]
+    monkeypatch.setattr(ScreeningList, "_candidates", lambda self, *a: list(range(len(self._names))))
+    slow = [lst.screen(q) for q in queries]
+    assert sum(len(r["hits"]) for r in fast) > 100
+    assert fast == slow
 
 
 # "Ѕеrgеі Іνаnоνісh Ρеtrоν" as issue 17 gives it: Cyrillic and Greek letters among Latin ones

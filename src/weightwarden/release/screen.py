@@ -3,8 +3,9 @@ downloads (the US Consolidated Screening List as JSON or CSV, or OpenSanctions F
 entities as JSON lines).
 
 Names are normalised with ``rigour`` (transliteration to ASCII, company-type and honorific
-removal, case folding) and scored with ``rapidfuzz`` against every name and alias of every entry:
-the score is the best of token-sort (word order), token-set (missing or extra names) and plain
+removal, case folding) and scored with ``rapidfuzz`` against every name and alias of every entry
+that can reach the threshold (a bound from letter counts made at load, and an index of words, skip the
+rest): the score is the best of token-sort (word order), token-set (missing or extra names) and plain
 ratio (spelling), 0..100.  A hit at or above the threshold is reported with the entry, the name
 that matched, both normalised forms and the component scores; a destination country that the
 entry lists adds nothing, one it does not list is noted (not a reason to clear a hit).
@@ -128,6 +129,32 @@ def normalize(name: str) -> str:
     return " ".join(_canonical(s.split()))
 
 
+def _abbreviated(name: str) -> frozenset[str]:
+    """The words of ``name`` (case folded, punctuation dropped) that the abbreviation table expands to
+    another word ("semi" in "Bright Semi")."""
+    from rigour.text import ascii_text
+
+    words = _tables()[2]
+    s = _SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).strip()
+    return frozenset(t for t in s.split() if words.get(t, t) != t)
+
+
+def _literal_words(name: str) -> frozenset[str]:
+    from rigour.text import ascii_text
+
+    return frozenset(_SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).split())
+
+
+def _unmatched(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str) -> set[str]:
+    """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80), not cut short
+    ("Comp." for "Components"), not written joined ("micro systems" / "microsystems")."""
+    from rapidfuzz import fuzz
+
+    flat = joined.replace(" ", "")
+    return {w for w in words if w not in other and not (len(w) >= 4 and w in flat)
+            and not any(fuzz.ratio(w, o) >= 80 or (len(o) >= 3 and w.startswith(o)) for o in other)}  # fmt: skip
+
+
 @lru_cache(maxsize=1)
 def _sample_sha256() -> str:
     from importlib import resources
@@ -161,14 +188,21 @@ class ScreeningList:
     _combos: dict[str, list[tuple[int, frozenset[str], int]]] = field(default_factory=dict)
     _words: list[frozenset[str]] = field(default_factory=list)
     _by_token: dict[str, list[int]] = field(default_factory=dict)
+    _abbr: dict[int, frozenset[str]] = field(default_factory=dict)
+    _cols: list[int] = field(default_factory=list)
+    _bags: Any = None
+    _lens: Any = None
 
     def __post_init__(self) -> None:
+        import numpy as np
+
         if not self.entries:
             raise ScreeningError("the screening list has no entries")
         for i, e in enumerate(self.entries):
             seen: set[str] = set()
             words: set[str] = set()
             primary = normalize(e.name)
+            org = e.kind.lower() not in ("", "individual", "person")
             for n in (e.name, *e.aliases):
                 k = normalize(n)
                 if k and k not in seen:
@@ -177,6 +211,11 @@ class ScreeningList:
                     tokens = frozenset(k.split())
                     if k != primary:  # an alias written together with words of the entry's names ("TACRC Tehran")
                         self._combos.setdefault(min(tokens), []).append((i, tokens, len(self._names)))
+                        # an organisation's short alias written with an abbreviation ("Bright Semi" of "Shenzhen
+                        # Bright Semiconductor Technology"): its expansion is a generic word any firm may use
+                        abbr = _abbreviated(n) if org and tokens < frozenset(primary.split()) else frozenset()
+                        if abbr:
+                            self._abbr[len(self._names)] = abbr
                     for w in tokens:
                         self._by_token.setdefault(w, []).append(len(self._names))
                     self._names.append(k)
@@ -184,6 +223,15 @@ class ScreeningList:
                     self._owner.append(i)
                     self._raw.append(n)
             self._words.append(frozenset(words))
+        # each name's letters as counts, to bound its similarity to a query before scoring it (below)
+        codes = np.frombuffer("\n".join(self._names).encode("ascii", "replace"), dtype=np.uint8)
+        row = np.cumsum(codes == 10) if len(codes) else codes
+        keep = codes != 10
+        self._bags = np.zeros((len(self._names), 128), dtype=np.int32)
+        np.add.at(self._bags, (row[keep], np.minimum(codes[keep], 127)), 1)
+        self._bags = self._bags[:, sorted(set(codes.tolist()) - {10})].astype(np.int16)
+        self._cols = sorted(set(codes.tolist()) - {10})
+        self._lens = np.array([len(n) for n in self._names], dtype=np.int32)
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -256,29 +304,47 @@ class ScreeningList:
         for q, nq in queries:
             # scores under the threshold come back as 0 (rapidfuzz stops early on them)
             cut = threshold - 1e-9
-            sort = process.cdist([nq], self._names, scorer=fuzz.token_sort_ratio, score_cutoff=cut, workers=1)[0]
-            tset = process.cdist([nq], self._names, scorer=fuzz.token_set_ratio, score_cutoff=cut, workers=1)[0]
-            plain = process.cdist([nq], self._names, scorer=fuzz.ratio, score_cutoff=cut, workers=1)[0]
+            qt = set(nq.split())
+            cand = self._candidates(nq, qt, generic, cut)
+            names = [self._names[j] for j in cand]
+            sort = process.cdist([nq], names, scorer=fuzz.token_sort_ratio, score_cutoff=cut, workers=1)[0]
+            tset = process.cdist([nq], names, scorer=fuzz.token_set_ratio, score_cutoff=cut, workers=1)[0]
+            plain = process.cdist([nq], names, scorer=fuzz.ratio, score_cutoff=cut, workers=1)[0]
             # token-set (missing or extra names) counts only where one name's words are all in the other's,
             # and that name has two words at least that are not generic: "li na" is not a shortened
             # "li wei dong", nor "lotus engineering" a shortened "lotus intelligent systems engineering institute"
-            qt = set(nq.split())
-            for j in np.flatnonzero(tset >= threshold - 1e-9):
+            for c in np.flatnonzero(tset >= threshold - 1e-9):
+                j = cand[c]
                 nt = self._tokens[j]
                 small, big = (qt, nt) if len(qt) <= len(nt) else (nt, qt)
                 # an organisation's name shortened by a word that says which one it is ("Rostov Devices" for
                 # "Rostov Quantum Devices") is another organisation; people drop middle names
                 shortened_org = small is qt and bool((nt - qt) - generic) and self._organisation(j)
                 if len(small - generic) < 2 or not small <= big or shortened_org:
-                    tset[j] = 0
+                    tset[c] = 0
             score = np.maximum(np.maximum(sort, plain), tset * 0.98)  # a subset match counts a little less
-            for j in np.flatnonzero(score >= threshold - 1e-9):
+            literal: frozenset[str] | None = None
+            for c in np.flatnonzero(score >= threshold - 1e-9):
+                j = cand[c]
                 nt = self._tokens[j]
                 # each has a generic word the other lacks: another kind of party ("... Bank" / "... Trading")
                 if (qt - nt) & generic and (nt - qt) & generic:
                     continue
-                self._keep(best, j, float(score[j]), q, nq, {"token_sort": round(float(sort[j]), 1),
-                           "token_set": round(float(tset[j]), 1), "ratio": round(float(plain[j]), 1)})  # fmt: skip
+                if self._organisation(j):
+                    # a short alias with an abbreviation matches as written: "Bright Semi", not "Bright
+                    # Semiconductor" (the expansion is a word any semiconductor firm has)
+                    if j in self._abbr:
+                        literal = _literal_words(q) if literal is None else literal
+                        if not self._abbr[j] <= literal:
+                            continue
+                    # an organisation is named by all its words: one that the query lacks ("Orion
+                    # Technologies" for "Orion AI Technologies", "North Star Manufacturing" for "North Star
+                    # Electronics Manufacturing") makes it another organisation.  Words the query adds are not
+                    # held against it: an evader appends a city or "Branch" to a listed name
+                    if _unmatched(nt, qt, nq):
+                        continue
+                self._keep(best, j, float(score[c]), q, nq, {"token_sort": round(float(sort[c]), 1),
+                           "token_set": round(float(tset[c]), 1), "ratio": round(float(plain[c]), 1)})  # fmt: skip
             # surname and initials: "M. A. Orlov" for "Mikhail Andreyevich Orlov", every initial a name's
             full, initials = [w for w in qt if len(w) > 1], sorted(w for w in nq.split() if len(w) == 1)
             if full and initials:
@@ -303,6 +369,21 @@ class ScreeningList:
                 "list": {"format": self.format, "sha256": self.sha256, "entries": len(self.entries),
                          "origin": self.origin}}  # fmt: skip
 
+
+    def _candidates(self, nq: str, qt: set[str], generic: frozenset[str], cut: float) -> Any:
+        """The names that can score ``cut`` or more: plain and token-sort similarity is 2 * (longest common
+        subsequence) / (both lengths), at most 2 * (letters in common) / (both lengths), which the names' letter
+        counts give at once; a token-set match needs two non-generic words in common, so a name sharing none
+        is out.  The same hits as scoring every name, from tens of names instead of thousands."""
+        import numpy as np
+
+        b = nq.encode("ascii", "replace")
+        q = np.array([b.count(bytes([c])) for c in self._cols], dtype=np.int16)
+        common = np.minimum(self._bags, q).sum(axis=1)
+        out = set(np.flatnonzero(200.0 * common >= cut * (self._lens + len(nq)) - 1e-6).tolist())
+        for w in qt - generic:
+            out.update(self._by_token.get(w, ()))
+        return sorted(out)
 
     def _organisation(self, j: int) -> bool:
         return self.entries[self._owner[j]].kind.lower() not in ("", "individual", "person")
