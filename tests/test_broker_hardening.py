@@ -569,8 +569,8 @@ class _CutAfter:
         import httpx
 
         r = self.inner.handle_request(request)
-        if self.cuts <= 0 or r.status_code >= 300:
-            return r
+        if self.cuts <= 0 or r.status_code >= 300 or not request.url.path.endswith(("/weights", "/download")):
+            return r  # (a pull's metadata call is not cut: only body streams are)
         self.cuts -= 1
         limit, stream = self.limit, r.stream
 
@@ -731,6 +731,52 @@ def test_pull_never_puts_a_tampered_copy_in_place(served: Any, tmp_path: Path, s
     with _client(base, a["loader"]) as c, pytest.raises(UntrustedSignerError):
         c.pull("m1", out, trust=[b"\x01" * 32])
     assert not out.exists()
+
+
+def test_pull_refuses_another_validly_signed_file(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+    """Issue 18: a malicious broker or TLS terminator serves another file signed by the same trusted key."""
+    import httpx
+
+    import weightwarden as ww
+    from weightwarden.broker.client import WrongFileError
+
+    b, a, base = served
+    other = tmp_path / "other.wws"
+    ww.seal(tmp_path / "w.safetensors", other, keyring=keyring, chunk_size=1 << 16)  # same signer, new file id
+    want = b.model("m1")["detail"]["file_id"]
+    # the genuine stream names its file
+    with _client(base, a["loader"]) as c:
+        r = c.request("GET", "/v1/models/m1/weights")
+    assert r.headers["x-warden-file-id"] == want
+
+    class Swap(httpx.BaseTransport):  # answers the weights GET with the other file, otherwise passes through
+        def __init__(self, file_id: str | None):
+            self.inner, self.file_id = httpx.HTTPTransport(), file_id
+
+        def handle_request(self, request: Any) -> Any:
+            if not request.url.path.endswith("/weights"):
+                return self.inner.handle_request(request)
+            body = other.read_bytes()
+            h = {"etag": '"x"', "content-length": str(len(body))}
+            if self.file_id:
+                h["x-warden-file-id"] = self.file_id
+            return httpx.Response(200, headers=h, content=body, request=request)
+
+    out = tmp_path / "got.wws"
+    from weightwarden.sealed.reader import SealedFile
+
+    with SealedFile(other) as sf:
+        other_id = sf.context.file_id.hex()
+    # lying header (names m1's file): caught from the sealed header after download, before the rename
+    # honest header of the other file: caught before anything is written
+    for fid, where in ((want, "not the one asked for"), (other_id, "another file")):
+        with _client(base, a["loader"], transport=Swap(fid)) as c, pytest.raises(WrongFileError, match=where):
+            c.pull("m1", out, trust=keyring.trust)
+        assert not out.exists() and not (tmp_path / "got.wws.part").exists()
+    # the genuine broker: the same pull succeeds
+    with _client(base, a["loader"]) as c:
+        c.pull("m1", out, trust=keyring.trust)
+    assert out.read_bytes() == sealed.read_bytes()
 
 
 def test_warden_pull(served: Any, tmp_path: Path, sealed: Path, cli_env: dict[str, str]) -> None:  # noqa: F811

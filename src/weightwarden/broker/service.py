@@ -116,8 +116,8 @@ class WeightStream(Iterator[bytes]):
     """The chunks of a weight stream (debited from the egress buckets as they go) and its ``size``."""
 
     def __init__(self, chunks: Iterator[bytes], size: int, *, start: int = 0, total: int | None = None,
-                 etag: str | None = None, partial: bool = False):  # fmt: skip
-        self._chunks, self.size = chunks, size
+                 etag: str | None = None, partial: bool = False, file_id: str | None = None):  # fmt: skip
+        self._chunks, self.size, self.file_id = chunks, size, file_id  # file_id: the sealed header's, hex
         self.start, self.total, self.etag, self.partial = start, size if total is None else total, etag, partial
 
     def __iter__(self) -> WeightStream:
@@ -422,7 +422,8 @@ class Broker:
         with SealedFile(path) as sf:
             sf.verify_digests()
             signer = sf.check_signature(trust) if trust is not None else None
-            detail = {"signer_public_key": sf.public_key.hex(), "trusted_signer": signer}
+            detail = {"signer_public_key": sf.public_key.hex(), "trusted_signer": signer,
+                      "file_id": sf.context.file_id.hex()}  # fmt: skip
         if classification is not None:
             detail["classification"] = classification.to_json()
         size = self.store.put(name, path)
@@ -852,7 +853,9 @@ class Broker:
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=stop - first,
                    request=request_id, network=network, **extra)  # fmt: skip
         it = self._metered(sid, p, model, chunks, first, stop, free, download, now)
-        return WeightStream(it, stop - first, start=first, total=total, etag=etag, partial=range_ is not None)
+        file_id = None if extra.get("copy") else info.get("detail", {}).get("file_id")
+        return WeightStream(it, stop - first, start=first, total=total, etag=etag, partial=range_ is not None,
+                            file_id=file_id)  # fmt: skip
 
     def _take_credit(self, p: Principal, download: str, n: int, now: datetime | None) -> int:
         """A ranged request takes, from its download's record, up to ``n`` bytes it may be sent without
