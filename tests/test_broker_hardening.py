@@ -344,8 +344,9 @@ def test_parallel_fetches_trigger_what_serial_ones_do(db_url: str, tmp_path: Pat
     assert serial["suspended"] and parallel["suspended"]
     assert serial["complete"] == 5  # fetched one after another, five finished before the sixth
     assert parallel["complete"] == 0 and parallel["cut"] == 5  # the running five are cut by the suspension
-    # volume: four fetches of one model, the rule seeing bytes reserved by running streams
-    bv = Broker(db_url, b.store, b.log, BrokerConfig(chunk=1 << 16, volume_bytes_per_hour=2.5 * size))
+    # volume: four fetches of one model, the rule seeing bytes reserved by running streams (and, since
+    # issue 18, the new stream's own size: the fourth would make 4 x size)
+    bv = Broker(db_url, b.store, b.log, BrokerConfig(chunk=1 << 16, volume_bytes_per_hour=3.5 * size))
     vs = _fetch_all(bv, "serial-volume", ["m1"] * 4, parallel=False)
     vp = _fetch_all(bv, "parallel-volume", ["m1"] * 4, parallel=True)
     assert vs["alerts"] == vp["alerts"] == ["volume"] and vs["suspended"] and vp["suspended"]
@@ -427,25 +428,107 @@ def test_single_ranges_are_served_and_bad_ones_refused(db_url: str, tmp_path: Pa
 
 
 def test_a_resumed_range_is_not_charged_twice(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
-    n = sealed.stat().st_size
+    data = sealed.read_bytes()
+    n = len(data)
     cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=n + 4096), max_models_per_hour=99)
     b, a = _broker(db_url, tmp_path, sealed, cfg)
     b.add_model("m1copy", "core", sealed)  # the same bytes under another name: another file
     http = Http(b)
     ld = a["loader"]
-    r = http(ld, "GET", "/v1/models/m1/weights")
-    assert r.status_code == 200 and len(r.content) == n  # the budget is now spent (4 KiB left)
-    etag = r.headers["etag"]
-    # resumes of what was already sent: served again, not charged again
-    for spec in ("bytes=1000-", "bytes=0-", "bytes=-70000"):
-        r = http(ld, "GET", "/v1/models/m1/weights", headers={"range": spec, "if-match": etag})
-        assert r.status_code == 206, (spec, r.text)
-    # anything new is charged: a whole-file GET, or a range of another file
+    # a whole-file stream is cut after its first chunk: the file was reserved (charged) in full, one chunk sent
+    it = b.stream(b.principal("loader"), "m1")
+    got = next(it)
+    it.close()
+    etag = it.etag
+    # the resume of the unsent tail (paid for, never sent) is served and not charged again
+    r = http(ld, "GET", "/v1/models/m1/weights", headers={"range": f"bytes={len(got)}-", "if-match": etag})
+    assert r.status_code == 206 and got + r.content == data
+    # the credit is spent: bytes already sent are charged again (the budget holds 4 KiB), a whole-file GET
+    # is charged, and so is a range of another file
+    for spec in ("bytes=0-", f"bytes={len(got)}-"):
+        assert http(ld, "GET", "/v1/models/m1/weights", headers={"range": spec}).status_code == 429, spec
     assert http(ld, "GET", "/v1/models/m1/weights").status_code == 429
     assert http(ld, "GET", "/v1/models/m1copy/weights", headers={"range": "bytes=0-"}).status_code == 429
     ends = [e["event"]["detail"] for e in b.log.export() if e["event"]["action"] == "broker:stream"
+            and e["event"]["detail"]["phase"] in ("end", "closed")]  # fmt: skip
+    assert [(d["phase"], d["bytes"], d["charged"]) for d in ends] == [("closed", len(got), n), ("end", n - len(got), 0)]
+    b.close()
+
+
+def test_ranges_after_a_complete_download_are_charged(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    """The red team's attack (issue 18): one full GET, then Range: bytes=0- again and again."""
+    from weightwarden.broker.service import StreamCut
+
+    data = sealed.read_bytes()
+    n = len(data)
+    # budget for two copies: the first re-download by range is charged, the second is refused
+    cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=2 * n + 4096), max_models_per_hour=99)
+    b, a = _broker(db_url, tmp_path, sealed, cfg)
+    http, ld = Http(b), a["loader"]
+    full = http(ld, "GET", "/v1/models/m1/weights")
+    assert full.status_code == 200
+    etag = full.headers["etag"]
+    r = http(ld, "GET", "/v1/models/m1/weights", headers={"range": "bytes=0-", "if-match": etag})
+    assert r.status_code == 206 and r.content == data
+    assert http(ld, "GET", "/v1/models/m1/weights", headers={"range": "bytes=0-", "if-match": etag}).status_code == 429
+    ends = [e["event"]["detail"] for e in b.log.export() if e["event"]["action"] == "broker:stream"
             and e["event"]["detail"]["phase"] == "end"]  # fmt: skip
-    assert [d["charged"] for d in ends] == [n, 0, 0, 0]
+    assert [d["charged"] for d in ends] == [n, n]
+    # the volume rule counts bytes sent: with a cap of 1.5 copies, the first re-download is refused,
+    # alerted and the account suspended; nothing more is sent
+    cfg2 = BrokerConfig(chunk=1 << 16, volume_bytes_per_hour=1.5 * n, max_models_per_hour=99)
+    bv = Broker(db_url, b.store, b.log, cfg2)
+    bv.add_account("drain", "workload", ld.pub, {"inference-loader"}, {"core"})
+    who = bv.principal("drain")
+    assert b"".join(bv.stream(who, "m1")) == data
+    before = b.log.size()
+    from weightwarden.broker.service import Forbidden
+
+    with pytest.raises(Forbidden, match="anomaly"):
+        bv.stream(who, "m1", range_="bytes=0-", if_match=etag)
+    assert [x["kind"] for x in bv.alerts() if x["principal"] == "drain"] == ["volume"]
+    assert bv.principal("drain").suspended
+    for _ in range(4):
+        with pytest.raises((Forbidden, StreamCut)):
+            bv.stream(who, "m1", range_="bytes=0-")
+    acts = [e["event"]["action"] for e in b.log.export(before)]
+    assert "broker:suspend" in acts and "broker:alert" in acts
+    bv.sink.close()
+    b.close()
+
+
+def test_one_stream_larger_than_the_volume_cap_is_refused(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+    import dataclasses
+
+    import sqlalchemy as sa
+
+    from weightwarden.broker.service import Forbidden, StreamCut
+
+    n = sealed.stat().st_size
+    cfg = BrokerConfig(chunk=1 << 16, lease=1 << 16, volume_bytes_per_hour=0.5 * n)
+    b, a = _broker(db_url, tmp_path, sealed, cfg)
+    b.add_account("big", "workload", a["loader"].pub, {"inference-loader"}, {"core"})
+    # the stream alone is twice the hourly cap: refused before its first byte, alerted, suspended
+    with pytest.raises(Forbidden, match="anomaly"):
+        b.stream(b.principal("big"), "m1")
+    assert [x["kind"] for x in b.alerts()] == ["volume"] and b.principal("big").suspended
+    with b.engine.connect() as c:
+        assert c.execute(sa.select(sa.func.count()).select_from(b.t.egress)).scalar_one() == 0
+    # the cap is re-checked per lease during a stream: lowered while a stream runs (an operator's change on
+    # another replica), the stream is cut at its next lease, alerted and its principal suspended
+    b.config = dataclasses.replace(cfg, volume_bytes_per_hour=10.0 * n)
+    it = b.stream(b.principal("loader"), "m1")
+    first = next(it)
+    b.config = dataclasses.replace(cfg, volume_bytes_per_hour=1.5 * len(first))
+    with pytest.raises(StreamCut, match="volume"):
+        for _ in it:
+            pass
+    assert [x["kind"] for x in b.alerts()] == ["volume", "volume"] and b.principal("loader").suspended
+    with b.engine.connect() as c:  # the egress record is what was sent: one chunk, then the cut
+        assert c.execute(sa.select(b.t.egress.c.bytes)).scalars().all() == [len(first)]
+    cut = [e["event"] for e in b.log.export() if e["event"]["action"] == "broker:stream"
+           and e["event"]["detail"]["phase"] == "cut"]  # fmt: skip
+    assert len(cut) == 1 and cut[0]["outcome"] == "denied" and cut[0]["reason"] == "hourly volume exceeded"
     b.close()
 
 
@@ -486,8 +569,8 @@ class _CutAfter:
         import httpx
 
         r = self.inner.handle_request(request)
-        if self.cuts <= 0 or r.status_code >= 300:
-            return r
+        if self.cuts <= 0 or r.status_code >= 300 or not request.url.path.endswith(("/weights", "/download")):
+            return r  # (a pull's metadata call is not cut: only body streams are)
         self.cuts -= 1
         limit, stream = self.limit, r.stream
 
@@ -576,8 +659,17 @@ def test_pull_resumes_after_a_cut_and_verifies(served: Any, tmp_path: Path, seal
         time.sleep(0.05)
     ends = _ends()
     assert len(ends) == 3 and ends[-1]["phase"] == "end"  # (a cut attempt may have been sent whole: buffers)
-    # bytes the broker sent but the cut lost were charged once: the resumes did not pay for them again
-    assert sum(d["charged"] for d in ends) == sealed.stat().st_size
+    # (issue 18) each stream is charged what it sent beyond its resume credit (bytes charged and never sent);
+    # bytes the broker sent but the cut lost in buffers are charged again: it cannot tell them from delivered ones
+    free = [d.get("free", 0) for d in starts]
+    assert free[0] == 0 and all(d["charged"] >= d["bytes"] - f for d, f in zip(ends, free, strict=True))
+    assert ends[-1]["charged"] == ends[-1]["bytes"] - free[-1]
+    import sqlalchemy as sa
+
+    with b.engine.connect() as c:
+        row = c.execute(sa.select(b.t.downloads)).one()
+    assert (row.charged, row.sent) == (sum(d["charged"] for d in ends), sum(d["bytes"] for d in ends))
+    assert row.charged >= sealed.stat().st_size
     # an existing output is not overwritten
     from weightwarden.errors import OutputExistsError
 
@@ -641,6 +733,52 @@ def test_pull_never_puts_a_tampered_copy_in_place(served: Any, tmp_path: Path, s
     assert not out.exists()
 
 
+def test_pull_refuses_another_validly_signed_file(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+    """Issue 18: a malicious broker or TLS terminator serves another file signed by the same trusted key."""
+    import httpx
+
+    import weightwarden as ww
+    from weightwarden.broker.client import WrongFileError
+
+    b, a, base = served
+    other = tmp_path / "other.wws"
+    ww.seal(tmp_path / "w.safetensors", other, keyring=keyring, chunk_size=1 << 16)  # same signer, new file id
+    want = b.model("m1")["detail"]["file_id"]
+    # the genuine stream names its file
+    with _client(base, a["loader"]) as c:
+        r = c.request("GET", "/v1/models/m1/weights")
+    assert r.headers["x-warden-file-id"] == want
+
+    class Swap(httpx.BaseTransport):  # answers the weights GET with the other file, otherwise passes through
+        def __init__(self, file_id: str | None):
+            self.inner, self.file_id = httpx.HTTPTransport(), file_id
+
+        def handle_request(self, request: Any) -> Any:
+            if not request.url.path.endswith("/weights"):
+                return self.inner.handle_request(request)
+            body = other.read_bytes()
+            h = {"etag": '"x"', "content-length": str(len(body))}
+            if self.file_id:
+                h["x-warden-file-id"] = self.file_id
+            return httpx.Response(200, headers=h, content=body, request=request)
+
+    out = tmp_path / "got.wws"
+    from weightwarden.sealed.reader import SealedFile
+
+    with SealedFile(other) as sf:
+        other_id = sf.context.file_id.hex()
+    # lying header (names m1's file): caught from the sealed header after download, before the rename
+    # honest header of the other file: caught before anything is written
+    for fid, where in ((want, "not the one asked for"), (other_id, "another file")):
+        with _client(base, a["loader"], transport=Swap(fid)) as c, pytest.raises(WrongFileError, match=where):
+            c.pull("m1", out, trust=keyring.trust)
+        assert not out.exists() and not (tmp_path / "got.wws.part").exists()
+    # the genuine broker: the same pull succeeds
+    with _client(base, a["loader"]) as c:
+        c.pull("m1", out, trust=keyring.trust)
+    assert out.read_bytes() == sealed.read_bytes()
+
+
 def test_warden_pull(served: Any, tmp_path: Path, sealed: Path, cli_env: dict[str, str]) -> None:  # noqa: F811
     import base64 as b64
 
@@ -679,8 +817,9 @@ def test_zero_copy_streams_are_metered_like_copied_ones(tmp_path: Path, sealed: 
 
     data = sealed.read_bytes()
     n = len(data)
-    cfg = BrokerConfig(chunk=1 << 16, zero_copy_span=1 << 16, per_principal=Limit(rate=0.0, burst=n + n // 2),
-                       max_models_per_hour=99)  # fmt: skip
+    # (issue 18: the range below, of bytes already sent, is charged: its 200,001 bytes are in the budget)
+    cfg = BrokerConfig(chunk=1 << 16, zero_copy_span=1 << 16, max_models_per_hour=99,
+                       per_principal=Limit(rate=0.0, burst=n + n // 2 + 200_001))  # fmt: skip
     b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, cfg)
     ld = a["loader"]
 

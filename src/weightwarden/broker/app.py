@@ -181,6 +181,8 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
             raise
         headers = {"content-disposition": f'attachment; filename="{name}.wws"', "content-length": str(it.size),
                    "accept-ranges": "bytes", "etag": it.etag}  # fmt: skip
+        if it.file_id:  # which sealed file this is (its header's file id): the client checks what arrived
+            headers["x-warden-file-id"] = it.file_id
         if it.partial:
             headers["content-range"] = f"bytes {it.start}-{it.start + it.size - 1}/{it.total}"
         return _WeightResponse(it, first, 206 if it.partial else 200, headers)

@@ -23,7 +23,8 @@ from typing import Any
 
 from ..errors import WardenError
 
-__all__ = ["BrokerClient", "BrokerHTTPError", "PullResult", "ResumeMismatchError", "load_account_key"]
+__all__ = ["BrokerClient", "BrokerHTTPError", "PullResult", "ResumeMismatchError", "WrongFileError",
+           "load_account_key"]
 
 _MAX_TRIES = 5
 
@@ -38,6 +39,11 @@ class BrokerHTTPError(WardenError):
 
 class ResumeMismatchError(WardenError):
     """A partial download cannot be resumed: it is of another file, model or broker."""
+
+
+class WrongFileError(WardenError):
+    """The file that arrived is not the one asked for (its sealed header's file id differs from the one
+    the broker names for the model, or from the stream's ``X-Warden-File-Id``): nothing is put in place."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,10 @@ class BrokerClient:
         path = f"/v1/requests/{request_id}/download" if request_id else f"/v1/models/{model}/weights"
         want = {"broker": self.url, "model": model, "request": request_id}
         state = self._resume_state(part, side, want)
+        # the file id the broker's metadata names for the model: what arrives must be that file (issue 18)
+        expect = None if request_id else self.model(model).get("detail", {}).get("file_id")
+        if request_id is None and not isinstance(expect, str):
+            raise WrongFileError(f"the broker names no file id for model {model!r}: cannot check what arrives")
         resumed_from = part.stat().st_size if state else 0
         attempts = 0
         while True:
@@ -171,10 +181,16 @@ class BrokerClient:
                             msg = f"the broker's file changed since this partial copy: delete it and {side.name}"
                             raise ResumeMismatchError(f"{part}: {msg}")
                         raise BrokerHTTPError(r.status_code, _error(r))
+                    served = r.headers.get("x-warden-file-id")
+                    if (expect is not None and served != expect) or (state and state.get("file_id") != served):
+                        r.close()
+                        raise WrongFileError(f"{out}: the broker streamed another file than {model!r} "
+                                             f"(X-Warden-File-Id differs): nothing put in place")  # fmt: skip
                     if state is None:
                         if r.status_code != 200:
                             raise BrokerHTTPError(r.status_code, "expected the whole file")
-                        state = {**want, "etag": r.headers.get("etag", ""), "size": int(r.headers["content-length"])}
+                        state = {**want, "etag": r.headers.get("etag", ""), "size": int(r.headers["content-length"]),
+                                 "file_id": served}  # fmt: skip
                         _write_json(side, state)
                         mode = "wb"
                     else:
@@ -199,6 +215,10 @@ class BrokerClient:
             raise ResumeMismatchError(f"{part}: longer than the file it is a copy of: delete it and start again")
         try:
             rep = api.verify(part, trust=trust)  # signature and every chunk digest, before it is put in place
+            got = _file_id(part)
+            if (state.get("file_id") is not None and got != state["file_id"]) or (expect is not None and got != expect):
+                raise WrongFileError(f"{part}: the sealed file that arrived (file id {got[:16]}...) is not "
+                                     f"the one asked for ({model!r}): deleted, nothing put in place")  # fmt: skip
         except WardenError:
             part.unlink(missing_ok=True)  # a copy that does not verify is never resumed nor put in place
             side.unlink(missing_ok=True)
@@ -225,6 +245,14 @@ class BrokerClient:
             raise ResumeMismatchError(f"{part} is a partial copy of another download ({what}): delete it and "
                                       f"{side.name} to start again")  # fmt: skip
         return state
+
+
+def _file_id(path: Path) -> str:
+    """The file id in a sealed file's header, hex."""
+    from ..sealed.reader import SealedFile
+
+    with SealedFile(path) as sf:
+        return str(sf.context.file_id.hex())
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -108,17 +108,6 @@ def parse_range(header: str, total: int) -> tuple[int, int]:
     return start, min(total, int(b) + 1) if b else total
 
 
-def _overlap(spans: list[tuple[int, int]], a: int, b: int) -> int:
-    """Bytes of ``[a, b)`` inside the union of ``spans``."""
-    covered, pos = 0, a
-    for s, e in sorted(spans):
-        s, e = max(s, pos), min(e, b)
-        if e > s:
-            covered += e - s
-            pos = e
-    return covered
-
-
 APPROVAL_CONTEXT = b"weightwarden approval v1\n"
 _GENERIC = "token signature or claims are invalid"
 
@@ -127,8 +116,8 @@ class WeightStream(Iterator[bytes]):
     """The chunks of a weight stream (debited from the egress buckets as they go) and its ``size``."""
 
     def __init__(self, chunks: Iterator[bytes], size: int, *, start: int = 0, total: int | None = None,
-                 etag: str | None = None, partial: bool = False):  # fmt: skip
-        self._chunks, self.size = chunks, size
+                 etag: str | None = None, partial: bool = False, file_id: str | None = None):  # fmt: skip
+        self._chunks, self.size, self.file_id = chunks, size, file_id  # file_id: the sealed header's, hex
         self.start, self.total, self.etag, self.partial = start, size if total is None else total, etag, partial
 
     def __iter__(self) -> WeightStream:
@@ -163,7 +152,7 @@ class BrokerConfig:
     chunk: int = 4 * CHUNK  # bytes read and sent at a time
     lease: int = 64 * CHUNK  # bytes reserved from the buckets per database transaction
     # a ranged request (a resumed download) is not charged again, within this window, for bytes of the
-    # same file (ETag) already sent to the same principal
+    # same file (ETag) that the same principal paid for and was not sent (a cut stream's reserved tail)
     resume_window_s: int = 24 * 3600
     zero_copy_span: int = 16 * CHUNK  # bytes metered (and checked for suspension) at a time on the sendfile path
 
@@ -180,7 +169,7 @@ class _Tables:
     egress: Any
     networks: Any
     streams: Any
-    sent: Any
+    downloads: Any
 
 
 def _tables(md: Any) -> _Tables:
@@ -216,10 +205,10 @@ def _tables(md: Any) -> _Tables:
         # running streams, registered at start with the bytes they may send (finished ones: ww_egress)
         sa.Table("ww_streams", md, C("id", sa.String(32), primary_key=True), C("principal", sa.String(128),
                  index=True), C("model", sa.String(128)), C("at", sa.BigInteger), C("bytes", sa.BigInteger)),
-        # byte spans of a file (principal, object, ETag) already sent and charged: a resume is not charged twice
-        sa.Table("ww_sent_spans", md, C("id", sa.Integer, primary_key=True, autoincrement=True),
-                 C("download", sa.String(300), index=True), C("start", sa.BigInteger), C("end", sa.BigInteger),
-                 C("at", sa.BigInteger)),
+        # per download (principal, object, ETag): bytes charged and bytes sent; a resume is free for at
+        # most charged - sent (what was paid for and not sent), anything else is charged again
+        sa.Table("ww_downloads", md, C("download", sa.String(300), primary_key=True), C("charged", sa.BigInteger),
+                 C("sent", sa.BigInteger), C("at", sa.BigInteger)),
     )  # fmt: skip
 
 
@@ -433,7 +422,8 @@ class Broker:
         with SealedFile(path) as sf:
             sf.verify_digests()
             signer = sf.check_signature(trust) if trust is not None else None
-            detail = {"signer_public_key": sf.public_key.hex(), "trusted_signer": signer}
+            detail = {"signer_public_key": sf.public_key.hex(), "trusted_signer": signer,
+                      "file_id": sf.context.file_id.hex()}  # fmt: skip
         if classification is not None:
             detail["classification"] = classification.to_json()
         size = self.store.put(name, path)
@@ -735,8 +725,8 @@ class Broker:
                                      .where(tb.c.principal == p.id, tb.c.at > t - 3600)).scalar_one()  # fmt: skip
                     models |= set(c.execute(sa.select(tb.c.model).where(tb.c.principal == p.id, tb.c.at > t - 3600))
                                   .scalars())  # fmt: skip
-                if vol > self.config.volume_bytes_per_hour:
-                    found.append(("volume", {"bytes_last_hour": int(vol)}))
+                if vol + nbytes > self.config.volume_bytes_per_hour:  # the new stream's own size counts too
+                    found.append(("volume", {"bytes_last_hour": int(vol), "stream": nbytes}))
                 if len(models | {model}) > self.config.max_models_per_hour:
                     found.append(("many-models", {"models_last_hour": len(models | {model})}))
                 if network is not None:  # the first network an account uses is its own; any later new one alerts
@@ -843,10 +833,8 @@ class Broker:
             if n != 1:
                 raise Conflict("the approved request was already used")
         download = f"{p.id}:{obj}:{etag}"[:300]
-        mark = self._span_mark()  # before the spans are read: a span recorded in between is in both (harmless)
-        spans = self._sent_spans(download, now) if range_ is not None else None
-        new = (stop - first) - _overlap(spans or [], first, stop)
-        sid = self._admit(p, model, new, network, now)
+        sid = self._admit(p, model, stop - first, network, now)
+        free = self._take_credit(p, download, stop - first, now) if range_ is not None else 0
         zero_copy = zero_copy and callable(getattr(self.store, "path", None))
         try:
             if zero_copy:
@@ -856,80 +844,95 @@ class Broker:
             else:
                 chunks = self.store.read(obj, self.config.chunk, first, stop)
         except BaseException:
-            self._finish(sid, p, model, 0, None, now)
+            self._finish(sid, p, model, download, 0, 0, free, 0, now)
             raise
         if range_ is not None:
-            extra |= {"range": f"{first}-{stop - 1}/{total}", "charged": new}
+            extra |= {"range": f"{first}-{stop - 1}/{total}", "free": free}
         if zero_copy:
             extra["zero_copy"] = True
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=stop - first,
                    request=request_id, network=network, **extra)  # fmt: skip
-        it = self._metered(sid, p, model, chunks, first, stop, spans, mark, download, now)
-        return WeightStream(it, stop - first, start=first, total=total, etag=etag, partial=range_ is not None)
+        it = self._metered(sid, p, model, chunks, first, stop, free, download, now)
+        file_id = None if extra.get("copy") else info.get("detail", {}).get("file_id")
+        return WeightStream(it, stop - first, start=first, total=total, etag=etag, partial=range_ is not None,
+                            file_id=file_id)  # fmt: skip
 
-    def _span_mark(self) -> int:
-        import sqlalchemy as sa
-
-        with self.engine.connect() as c:
-            return int(c.execute(sa.select(sa.func.coalesce(sa.func.max(self.t.sent.c.id), 0))).scalar_one())
-
-    def _sent_spans(self, download: str, now: datetime | None) -> list[tuple[int, int]]:
-        import sqlalchemy as sa
-
-        ss = self.t.sent
-        with self.engine.connect() as c:
-            rows = c.execute(sa.select(ss.c.start, ss.c.end).where(
-                ss.c.download == download, ss.c.at > int(_ts(now)) - self.config.resume_window_s)).all()  # fmt: skip
-        return [(int(a), int(b)) for a, b in rows]
-
-    def _finish(self, sid: str, p: Principal, model: str, charged: int, span: tuple[str, int, int] | None,
-                now: datetime | None, exempt: Sequence[tuple[int, int]] | None = None,
-                mark: int = 0) -> int:  # fmt: skip
-        """A stream ends: its registration becomes an egress record, and the span it sent is remembered.
-
-        ``exempt`` (a ranged request only): the spans it was not charged for, what was sent before it
-        started; ``mark``: the last span id when it started.  A ranged request is also credited back the
-        bytes of its span that another stream of the same download sent meanwhile (a cut attempt still
-        running when its resume began), so each byte of a resumed download is charged once; a whole-file
-        request is always charged in full.  Serialised per principal (its row locked).  Returns the
-        bytes finally charged."""
+    def _take_credit(self, p: Principal, download: str, n: int, now: datetime | None) -> int:
+        """A ranged request takes, from its download's record, up to ``n`` bytes it may be sent without
+        charge: at most what was charged and not sent (a cut stream's reserved tail), within
+        ``resume_window_s``.  The credit is reserved now (counted as sent) so two resumes at once cannot
+        both spend it; :meth:`_finish` gives back what the stream did not send.  Serialised per principal."""
         import sqlalchemy as sa
 
         t = int(_ts(now))
-        ss, a = self.t.sent, self.t.accounts
-        final = charged
+        d, a = self.t.downloads, self.t.accounts
+        with self._write() as c:
+            c.execute(sa.select(a.c.id).where(a.c.id == p.id).with_for_update())
+            r = c.execute(sa.select(d).where(d.c.download == download).with_for_update()).first()
+            if r is None or r.at <= t - self.config.resume_window_s:
+                return 0
+            free = max(0, min(n, int(r.charged) - int(r.sent)))
+            if free:
+                c.execute(sa.update(d).where(d.c.download == download).values(sent=d.c.sent + free))
+        return free
+
+    def _finish(self, sid: str, p: Principal, model: str, download: str, charged: int, sent: int, free: int,
+                free_used: int, now: datetime | None) -> None:  # fmt: skip
+        """A stream ends: its registration becomes an egress record of the bytes it *sent* (what the
+        volume rule counts), and its download's record adds the bytes it was charged (a cut stream's
+        reserved, unsent tail included) and sent; the part of its resume credit (``free``) it did not
+        use is given back.  Serialised per principal (its row locked)."""
+        import sqlalchemy as sa
+
+        t = int(_ts(now))
+        d, a = self.t.downloads, self.t.accounts
         self._finishes += 1
         with self._write() as c:
             c.execute(sa.select(a.c.id).where(a.c.id == p.id).with_for_update())
-            if self._finishes % 256 == 1:  # spans past the resume window are swept now and then
-                c.execute(sa.delete(ss).where(ss.c.at < t - self.config.resume_window_s))
-            if span is not None and span[2] > span[1]:
-                if exempt is not None:
-                    rows = c.execute(sa.select(ss.c.start, ss.c.end).where(ss.c.download == span[0],
-                                                                           ss.c.id > mark)).all()  # fmt: skip
-                    seen = [*exempt, *((int(x), int(y)) for x, y in rows)]
-                    final = min(charged, (span[2] - span[1]) - _overlap(seen, *span[1:]))
-                c.execute(sa.insert(ss).values(download=span[0], start=span[1], end=span[2], at=t))
+            if self._finishes % 256 == 1:  # downloads past the resume window are swept now and then
+                c.execute(sa.delete(d).where(d.c.at < t - self.config.resume_window_s))
+            r = c.execute(sa.select(d).where(d.c.download == download).with_for_update()).first()
+            # the credit was counted as sent when taken: what it did not use goes back to the record
+            dsent = sent - free
+            if r is None:
+                c.execute(sa.insert(d).values(download=download, charged=charged, sent=sent, at=t))
+            else:
+                c.execute(sa.update(d).where(d.c.download == download).values(
+                    charged=d.c.charged + charged, sent=d.c.sent + dsent, at=t))  # fmt: skip
             c.execute(sa.delete(self.t.streams).where(self.t.streams.c.id == sid))
-            c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=t, bytes=final))
-        if final < charged:
-            cfg = self.config
-            keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
-            self._refund(keys, charged - final, now)
-        return final
+            c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=t, bytes=sent))
+
+    def _volume_exceeded(self, sid: str, p: Principal, sent: int, now: datetime | None) -> int | None:
+        """The volume rule re-checked during a stream: bytes sent in the last hour by the principal's
+        finished streams, plus those its other running streams may send, plus what this one has sent;
+        the total when it is over ``volume_bytes_per_hour``, else None."""
+        import sqlalchemy as sa
+
+        t = int(_ts(now))
+        e, s = self.t.egress, self.t.streams
+        with self.engine.connect() as c:
+            vol = int(c.execute(sa.select(sa.func.coalesce(sa.func.sum(e.c.bytes), 0))
+                                .where(e.c.principal == p.id, e.c.at > t - 3600)).scalar_one())  # fmt: skip
+            others = sa.select(sa.func.coalesce(sa.func.sum(s.c.bytes), 0)).where(
+                s.c.principal == p.id, s.c.id != sid, s.c.at > t - 3600)
+            vol += int(c.execute(others).scalar_one())
+        vol += sent
+        return vol if vol > self.config.volume_bytes_per_hour else None
 
     def _metered(self, sid: str, p: Principal, model: str, chunks: Iterator[bytes], first: int, stop: int,
-                 spans: list[tuple[int, int]] | None, mark: int, download: str,
-                 now: datetime | None) -> Iterator[bytes]:  # fmt: skip
+                 free: int, download: str, now: datetime | None) -> Iterator[bytes]:  # fmt: skip
         """Yield ``chunks`` (bytes ``[first, stop)`` of the file) while debiting the buckets for every
-        byte not in ``spans`` (already sent and charged).  Bytes are reserved a lease at a time (one
+        byte past the first ``free`` (a resume's credit).  Bytes are reserved a lease at a time (one
         transaction per ``config.lease`` bytes, not per chunk), falling back to the exact chunk when
-        the buckets hold less; whatever is reserved but not sent is credited back at the end.  Before
-        each chunk the principal is checked: a suspended principal's stream is cut there."""
+        the buckets hold less.  A stream that ends normally is credited back what it reserved and did
+        not send; a cut one keeps it charged, as its download's resume credit.  Before each chunk the
+        principal is checked (a suspended principal's stream is cut there), and before each lease the
+        volume rule is re-checked with the bytes this stream is about to send (over it: an alert, a
+        suspension if the rule is in ``auto_suspend``, and the stream cut)."""
         cfg = self.config
         keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
-        sent = reserved = charged = 0
-        uncharged = (stop - first) - _overlap(spans or [], first, stop)
+        sent = reserved = charged = free_used = 0
+        uncharged = (stop - first) - free
         ended = "closed"  # the consumer stopped early (a client that went away), unless set below
         try:
             for b in chunks:
@@ -938,9 +941,14 @@ class Broker:
                                reason="account suspended")  # fmt: skip
                     ended = ""
                     raise StreamCut("account suspended: stream cut")
-                pos = first + sent
-                cost = len(b) - (_overlap(spans, pos, pos + len(b)) if spans else 0)
+                f = min(free - free_used, len(b))
+                cost = len(b) - f
                 while reserved < cost:  # reserve in pieces of at most 1 MiB, a lease at a time when possible
+                    vol = self._volume_exceeded(sid, p, sent + len(b), now)
+                    if vol is not None:
+                        self._volume_cut(p, model, sent, vol, now)
+                        ended = ""
+                        raise StreamCut("hourly volume exceeded: stream cut")
                     need = min(cost - reserved, CHUNK)
                     want = max(need, min(cfg.lease, uncharged - charged - reserved))
                     short = self._take(keys, want, now)
@@ -955,20 +963,30 @@ class Broker:
                     reserved += want
                 reserved -= cost
                 charged += cost
+                free_used += f
                 sent += len(b)
                 yield b
             ended = "end"
         finally:
-            if reserved > 0:
+            if reserved > 0 and ended == "end":
                 self._refund(keys, reserved, now)
-            charged = self._finish(sid, p, model, charged, (download, first, first + sent), now, spans, mark)
-            # (spans is None for a whole-file request: it is charged in full)
+            elif reserved > 0:  # cut: the reserved tail stays charged, and a resume may take it back
+                charged += reserved
+            self._finish(sid, p, model, download, charged, sent, free, free_used, now)
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
             if ended:
                 self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase=ended, bytes=sent,
                            charged=charged)  # fmt: skip
+
+    def _volume_cut(self, p: Principal, model: str, sent: int, vol: int, now: datetime | None) -> None:
+        """The volume rule fired during a stream: alert, suspend if the rule is in ``auto_suspend``."""
+        self.alert(p.id, "volume", {"bytes_last_hour": vol, "model": model}, now=now)
+        if "volume" in self.config.auto_suspend:
+            self.suspend(p.id, actor="broker", reason="anomaly: volume", now=now)
+        self.audit(AuditAction.BROKER_STREAM, "denied", p.id, model, now=now, phase="cut", bytes=sent,
+                   reason="hourly volume exceeded")  # fmt: skip
 
     def _refund(self, keys: list[tuple[str, Limit]], n: int, now: datetime | None) -> None:
         import sqlalchemy as sa
