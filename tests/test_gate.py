@@ -643,3 +643,56 @@ def test_attack_the_broker_refuses_rolled_back_rules(db_url: str, tmp_path: Path
     ev = list(log.export())[-1]["event"]
     assert ev["action"] == "release:gate" and ev["outcome"] == "denied" and "rolled back" in ev["reason"]
     Broker(db_url, store, log, BrokerConfig(), gate=gates["2026-12-02.1"]).close()  # the same version: fine
+
+
+# -- issue 17 red team, finding 1: embargoed and restricted destinations, in code ----------------------
+def test_embargoed_destinations_are_denied_and_no_override_covers_them(gate: ReleaseGate, model: Path) -> None:
+    small = classify(model, as_of=MARCH_2025)  # a tiny model every regime allows
+    for cc in ["CU", "IR", "KP", "SY"]:
+        d = gate.decide(small, Destination("Acme Labs", cc), model_id="m", as_of=MARCH_2025)
+        assert d.decision == "deny" and f"destination:embargoed:{cc}" in d.blocking, cc
+        # attack: two approvers name the embargo; the override is refused
+        with pytest.raises(ReleaseDenied, match=f"destination:embargoed:{cc}"):
+            check_override(d, set(d.blocking))
+    # attack: a license for the embargoed destination does not cover it
+    book = LicenseBook(None, [LicenseRecord("L-IR", ("destination",), "Acme Labs", ("IR",), ("*",),
+                                            date(2025, 1, 1), date(2025, 12, 31))])  # fmt: skip
+    g = ReleaseGate(gate.rules, gate.screening, book, allow_sample_list=True)
+    assert g.decide(small, Destination("Acme Labs", "IR"), model_id="m", as_of=MARCH_2025).decision == "deny"
+    # the occupied regions stay refused by the resolver
+    for bad in ["Crimea", "UA-CRI", "Abkhazia"]:
+        with pytest.raises(UnknownCountry):
+            Destination("Acme", bad)
+
+
+def test_restricted_destinations_need_a_license_naming_them(gate: ReleaseGate, model: Path) -> None:
+    small = classify(model, as_of=MARCH_2025)
+    for cc in ["RU", "BY"]:
+        d = gate.decide(small, Destination("Acme Labs", cc), model_id="m", as_of=MARCH_2025)
+        assert d.decision == "needs-license" and d.blocking == {f"destination:restricted:{cc}"}, cc
+        with pytest.raises(ReleaseDenied, match="no override covers"):  # attack: an override is not a license
+            check_override(d, set(d.blocking))
+    book = LicenseBook(None, [LicenseRecord("L-RU", ("destination",), "Acme Labs", ("RU",), ("m",),
+                                            date(2025, 1, 1), date(2025, 12, 31), "BIS", "D-1")])  # fmt: skip
+    g = ReleaseGate(gate.rules, gate.screening, book, allow_sample_list=True)
+    d = g.decide(small, Destination("Acme Labs", "RU"), model_id="m", as_of=MARCH_2025)
+    assert d.decision == "allow" and "license:L-RU" in {r.code for r in d.reasons}
+    # attack: the license names another model, another country, or has run out
+    assert g.decide(small, Destination("Acme Labs", "RU"), model_id="m2", as_of=MARCH_2025).decision != "allow"
+    assert g.decide(small, Destination("Acme Labs", "BY"), model_id="m", as_of=MARCH_2025).decision != "allow"
+    assert g.decide(small, Destination("Acme Labs", "RU"), model_id="m", as_of=date(2026, 1, 2)).decision != "allow"
+    # assigned ISO codes the resolver used to refuse are destinations like any other
+    for given, code in [("HK", "HK"), ("MO", "MO"), ("PS", "PS"), ("MAC", "MO"), ("Hong Kong", "HK")]:
+        assert Destination("Acme", given).country == code, given
+    assert gate.decide(small, Destination("Acme Labs", "HK"), model_id="m", as_of=MARCH_2025).decision == "allow"
+
+
+def test_cli_release_to_an_embargoed_country_is_refused_and_audited(cli_env: dict[str, str], model: Path,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    assert warden(cli_env, "init").returncode == 0
+    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "Iran", "-o", str(tmp_path / "a"),
+               "--plaintext", "--allow-sample-list")  # fmt: skip
+    assert r.returncode == 1 and "destination:embargoed:IR" in r.stderr and not (tmp_path / "a").exists()
+    log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
+    ev = [e for e in log if e["action"] == "release:gate"][-1]
+    assert ev["outcome"] == "denied" and "destination:embargoed:IR" in json.dumps(ev)
