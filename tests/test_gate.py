@@ -4,6 +4,7 @@ skip it; an override is the broker's two-person approval of exactly the reasons 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -517,8 +518,11 @@ def test_attack_the_sample_list_is_not_a_real_list(monkeypatch: pytest.MonkeyPat
         release(model, "Acme Robotics GmbH", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h")
     assert not (tmp_path / "c").exists() and sink.events[-1].outcome == "denied"
     assert sink.events[-1].detail["blocking"] == ["screening:sample-list"]
-    # a real list (any other digest) is screened as before
-    real = ScreeningList.parse(SAMPLE.read_bytes().replace(b"Sergei", b"Sergej"), "real.json")
+    # a real list (no entry marked as the sample, not the sample's (id, name) pairs) is screened as before
+    doc = json.loads(SAMPLE.read_bytes())
+    for i, e in enumerate(doc["results"]):
+        e["id"], e["source"], e["programs"] = f"csl-{i}", "Entity List (EL) - Bureau of Industry and Security", ["EAR"]
+    real = ScreeningList.parse(json.dumps(doc).encode(), "real.json")
     assert not real.is_sample
     assert ReleaseGate(default_rules(), real).decide(small, Destination("Acme", "DE"), model_id="m",
                                                      as_of=MARCH_2025).allowed  # fmt: skip
@@ -696,3 +700,26 @@ def test_cli_release_to_an_embargoed_country_is_refused_and_audited(cli_env: dic
     log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
     ev = [e for e in log if e["action"] == "release:gate"][-1]
     assert ev["outcome"] == "denied" and "destination:embargoed:IR" in json.dumps(ev)
+
+
+# -- issue 17 red team, finding 3: the sample is recognised by its content, not its bytes --------------
+def test_attack_the_sample_list_with_other_bytes_is_still_the_sample(model: Path) -> None:
+    raw = SAMPLE.read_bytes()
+    doc = json.loads(raw)
+    unmarked = json.loads(raw)  # markers gone, ids and names kept: the canonical (id, name) pairs
+    for e in unmarked["results"]:
+        e["source"], e["programs"] = "Entity List", ["EAR"]
+    one = {"results": [dict(doc["results"][3], id="x-1", source="Entity List")]}  # programme SAMPLE only
+    variants = {"bom": b"\xef\xbb\xbf" + raw, "crlf": raw.replace(b"\n", b"\r\n"),
+                "compact": json.dumps(doc, separators=(",", ":")).encode(),
+                "reordered": json.dumps({"results": doc["results"][::-1]}, ensure_ascii=False, indent=4).encode(),
+                "unmarked": json.dumps(unmarked).encode(), "one-entry": json.dumps(one).encode()}  # fmt: skip
+    small = classify(model, as_of=MARCH_2025)
+    for what, data in variants.items():
+        lst = ScreeningList.parse(data, "real.json")
+        assert lst.sha256 != hashlib.sha256(raw).hexdigest() and lst.is_sample, what
+        d = ReleaseGate(default_rules(), lst, allow_sample_list=False).decide(
+            small, Destination("Acme Robotics GmbH", "DE"), model_id="m", as_of=MARCH_2025)
+        assert d.decision == "deny" and "screening:sample-list" in d.blocking, what
+        with pytest.raises(ReleaseDenied, match="no override covers"):
+            check_override(d, set(d.blocking))
