@@ -294,6 +294,8 @@ class ReleaseGate:
                        "published": classification.published, "compute_source": classification.source,
                        "claimed_flop": classification.claimed.flop if classification.claimed else None,
                        "doubts": list(classification.doubts)}  # fmt: skip
+            if (classification.moe or {}).get("experts_per_token_entered") is not None:  # an entered figure
+                summary["entered_experts_per_token"] = classification.moe["experts_per_token_entered"]
             from .classify import evaluate_outcomes
 
             # what is only claimed (unsigned) can make an outcome stricter, never more lenient
