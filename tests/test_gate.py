@@ -723,3 +723,64 @@ def test_attack_the_sample_list_with_other_bytes_is_still_the_sample(model: Path
         assert d.decision == "deny" and "screening:sample-list" in d.blocking, what
         with pytest.raises(ReleaseDenied, match="no override covers"):
             check_override(d, set(d.blocking))
+
+
+# -- issue 17 red team, finding 5: one version, one spelling, one file --------------------------------------
+def test_attack_rules_same_version_other_bytes_and_odd_versions(tmp_path: Path, model: Path,
+                                                                keyring: ww.Keyring) -> None:  # fmt: skip
+    from weightwarden.release.rules_version import RulesReplaced
+    from weightwarden.trace import release
+
+    key = Ed25519PrivateKey.generate()
+    home = tmp_path / "h"
+    _rules_home(home, "2026-12-01.2", key)
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.2"
+    # the attack: the same version, validly signed, with other contents
+    f = home / "release" / "rules.toml"
+    text = f.read_text() + "\n# changed\n"
+    f.write_text(text)
+    from weightwarden.keys.provider import purpose_message
+
+    (home / "release" / "rules.toml.sig").write_text(key.sign(purpose_message("export-rules", text.encode())).hex())
+    before = (home / "release" / "rules-version.json").read_bytes()
+    with pytest.raises(RulesReplaced, match=r"'2026-12-01\.2' was already used in this home with other contents"):
+        ReleaseGate.from_home(home)
+    sink = audit.MemorySink()
+    prov = keyring.provider(purpose="tracing", create=True)
+    prov.audit = sink
+    with pytest.raises(RulesReplaced):
+        release(model, "Acme Robotics GmbH", tmp_path / "c", provider=prov, country="DE", home=home)
+    assert not (tmp_path / "c").exists() and (home / "release" / "rules-version.json").read_bytes() == before
+    assert [e for e in sink.events if e.action == "release:gate"][-1].outcome == "denied"
+    # the first file again is fine; a later version is fine
+    _rules_home(home, "2026-12-01.2", key)
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.2"
+    # versions that spell one version twice, or sort a pre-release as newer, are refused
+    for odd in ["2026-12-1.2", "v2026-12-01.2-rc0", "2026-12-01.2-rc0", "2026-12-01", "2026-12-01.02x"]:
+        _rules_home(home, odd, key)
+        with pytest.raises(RulesError, match=r"YYYY-MM-DD\.N"):
+            ReleaseGate.from_home(home)
+    assert json.loads((home / "release" / "rules-version.json").read_text())["version"] == "2026-12-01.2"
+
+
+def test_attack_the_broker_refuses_the_same_rules_version_with_other_bytes(db_url: str, tmp_path: Path) -> None:
+    pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.broker.service import Broker, BrokerConfig
+    from weightwarden.broker.storage import LocalWeightStore
+    from weightwarden.keys import Ed25519Signer
+    from weightwarden.release.rules import parse_rules
+    from weightwarden.release.rules_version import RulesReplaced
+
+    text = (Path(__file__).parents[1] / "src/weightwarden/release/rules/default.toml").read_bytes()
+    one = ReleaseGate(parse_rules(text, "k"), ScreeningList.load(SAMPLE))
+    other = ReleaseGate(parse_rules(text + b"\n# changed\n", "k"), ScreeningList.load(SAMPLE))
+    assert one.rules.version == other.rules.version and one.rules.sha256 != other.rules.sha256
+    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
+    store = LocalWeightStore(tmp_path / "store")
+    Broker(db_url, store, log, BrokerConfig(), gate=one).close()
+    with pytest.raises(RulesReplaced, match="already used by this broker with other contents"):
+        Broker(db_url, store, log, BrokerConfig(), gate=other)
+    ev = list(log.export())[-1]["event"]
+    assert ev["action"] == "release:gate" and ev["outcome"] == "denied" and "other contents" in ev["reason"]
+    Broker(db_url, store, log, BrokerConfig(), gate=one).close()  # the same file: fine
