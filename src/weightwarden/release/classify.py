@@ -252,8 +252,10 @@ def classify(model: str | os.PathLike[str], *, rules: Any = None, as_of: date | 
     cfg = _config(path) if path.exists() else {}
     # the flag can only raise k (more active parameters), never lower what config.json says (issue 17 red team)
     cfg_k = cfg.get("num_experts_per_tok")
-    k = max((int(x) for x in (experts_per_token, cfg_k) if isinstance(x, int) and not isinstance(x, bool)),
-            default=None) or experts_per_token or cfg_k  # fmt: skip
+    if isinstance(cfg_k, float) and cfg_k.is_integer():
+        cfg_k = int(cfg_k)
+    given = [int(x) for x in (experts_per_token, cfg_k) if isinstance(x, int) and not isinstance(x, bool)]
+    k = max(given) if given else (experts_per_token or cfg_k)
     decl = None
     sealed = (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _is_sealed(path))
     if keyless and sealed:
