@@ -375,3 +375,30 @@ def test_cli_declarations(cli_env: dict[str, str], tmp_path: Path) -> None:
     assert json.loads(r.stdout)["compute"]["flop"] == 3e20 and json.loads(r.stdout)["source"] == "signed"
     r = warden(cli_env, "declare", str(d), "--compute", "3e20", "--by", "Jane Roe", "-o", str(tmp_path / "mine.json"))
     assert r.returncode == 1 and "exists" in r.stderr  # nothing overwritten
+
+
+def test_attack_experts_per_token_cannot_lower_what_config_says(tmp_path: Path) -> None:
+    """Issue 17 red team: `--experts-per-token 1` on a model whose config.json says 2 cut the active
+    parameters and lowered the outcome.  The larger of the two is used, a disagreement is a doubt (needs
+    review), and the flag is recorded as an entered figure in the decision."""
+    from weightwarden.release.gate import Destination, ReleaseGate
+    from weightwarden.release.screen import ScreeningList
+
+    m = _moe(tmp_path / "moe", router=True, same_experts=True, n_experts=8)
+    (m / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_experts_per_tok": 2, "num_experts": 8}))
+    when = date(2026, 6, 1)
+    plain = classify(m, as_of=when)
+    assert not plain.doubts and plain.moe["experts_per_token"] == 2
+    low = classify(m, as_of=when, experts_per_token=1)
+    assert low.active_params == plain.active_params and low.moe["experts_per_token"] == 2
+    assert low.moe["experts_per_token_entered"] == 1 and any("disagrees" in x for x in low.doubts)
+    gate = ReleaseGate(default_rules(), ScreeningList.load(RULES.parents[1] / "lists" / "sample_csl.json"),
+                       allow_sample_list=True)  # fmt: skip
+    dec = gate.decide(low, Destination("Acme", "FR"), model_id="m", as_of=when)
+    assert dec.decision == "needs-review" and "classification:implausible" in dec.blocking
+    assert dec.to_json()["classification"]["entered_experts_per_token"] == 1
+    # a larger figure raises the count (and is still a disagreement to review)
+    high = classify(m, as_of=when, experts_per_token=4)
+    assert high.active_params > plain.active_params and high.moe["experts_per_token"] == 4 and high.doubts
+    # the same figure as config.json is no doubt
+    assert not classify(m, as_of=when, experts_per_token=2).doubts

@@ -4,6 +4,7 @@ skip it; an override is the broker's two-person approval of exactly the reasons 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -517,8 +518,11 @@ def test_attack_the_sample_list_is_not_a_real_list(monkeypatch: pytest.MonkeyPat
         release(model, "Acme Robotics GmbH", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h")
     assert not (tmp_path / "c").exists() and sink.events[-1].outcome == "denied"
     assert sink.events[-1].detail["blocking"] == ["screening:sample-list"]
-    # a real list (any other digest) is screened as before
-    real = ScreeningList.parse(SAMPLE.read_bytes().replace(b"Sergei", b"Sergej"), "real.json")
+    # a real list (no entry marked as the sample, not the sample's (id, name) pairs) is screened as before
+    doc = json.loads(SAMPLE.read_bytes())
+    for i, e in enumerate(doc["results"]):
+        e["id"], e["source"], e["programs"] = f"csl-{i}", "Entity List (EL) - Bureau of Industry and Security", ["EAR"]
+    real = ScreeningList.parse(json.dumps(doc).encode(), "real.json")
     assert not real.is_sample
     assert ReleaseGate(default_rules(), real).decide(small, Destination("Acme", "DE"), model_id="m",
                                                      as_of=MARCH_2025).allowed  # fmt: skip
@@ -643,3 +647,140 @@ def test_attack_the_broker_refuses_rolled_back_rules(db_url: str, tmp_path: Path
     ev = list(log.export())[-1]["event"]
     assert ev["action"] == "release:gate" and ev["outcome"] == "denied" and "rolled back" in ev["reason"]
     Broker(db_url, store, log, BrokerConfig(), gate=gates["2026-12-02.1"]).close()  # the same version: fine
+
+
+# -- issue 17 red team, finding 1: embargoed and restricted destinations, in code ----------------------
+def test_embargoed_destinations_are_denied_and_no_override_covers_them(gate: ReleaseGate, model: Path) -> None:
+    small = classify(model, as_of=MARCH_2025)  # a tiny model every regime allows
+    for cc in ["CU", "IR", "KP", "SY"]:
+        d = gate.decide(small, Destination("Acme Labs", cc), model_id="m", as_of=MARCH_2025)
+        assert d.decision == "deny" and f"destination:embargoed:{cc}" in d.blocking, cc
+        # attack: two approvers name the embargo; the override is refused
+        with pytest.raises(ReleaseDenied, match=f"destination:embargoed:{cc}"):
+            check_override(d, set(d.blocking))
+    # attack: a license for the embargoed destination does not cover it
+    book = LicenseBook(None, [LicenseRecord("L-IR", ("destination",), "Acme Labs", ("IR",), ("*",),
+                                            date(2025, 1, 1), date(2025, 12, 31))])  # fmt: skip
+    g = ReleaseGate(gate.rules, gate.screening, book, allow_sample_list=True)
+    assert g.decide(small, Destination("Acme Labs", "IR"), model_id="m", as_of=MARCH_2025).decision == "deny"
+    # the occupied regions stay refused by the resolver
+    for bad in ["Crimea", "UA-CRI", "Abkhazia"]:
+        with pytest.raises(UnknownCountry):
+            Destination("Acme", bad)
+
+
+def test_restricted_destinations_need_a_license_naming_them(gate: ReleaseGate, model: Path) -> None:
+    small = classify(model, as_of=MARCH_2025)
+    for cc in ["RU", "BY"]:
+        d = gate.decide(small, Destination("Acme Labs", cc), model_id="m", as_of=MARCH_2025)
+        assert d.decision == "needs-license" and d.blocking == {f"destination:restricted:{cc}"}, cc
+        with pytest.raises(ReleaseDenied, match="no override covers"):  # attack: an override is not a license
+            check_override(d, set(d.blocking))
+    book = LicenseBook(None, [LicenseRecord("L-RU", ("destination",), "Acme Labs", ("RU",), ("m",),
+                                            date(2025, 1, 1), date(2025, 12, 31), "BIS", "D-1")])  # fmt: skip
+    g = ReleaseGate(gate.rules, gate.screening, book, allow_sample_list=True)
+    d = g.decide(small, Destination("Acme Labs", "RU"), model_id="m", as_of=MARCH_2025)
+    assert d.decision == "allow" and "license:L-RU" in {r.code for r in d.reasons}
+    # attack: the license names another model, another country, or has run out
+    assert g.decide(small, Destination("Acme Labs", "RU"), model_id="m2", as_of=MARCH_2025).decision != "allow"
+    assert g.decide(small, Destination("Acme Labs", "BY"), model_id="m", as_of=MARCH_2025).decision != "allow"
+    assert g.decide(small, Destination("Acme Labs", "RU"), model_id="m", as_of=date(2026, 1, 2)).decision != "allow"
+    # assigned ISO codes the resolver used to refuse are destinations like any other
+    for given, code in [("HK", "HK"), ("MO", "MO"), ("PS", "PS"), ("MAC", "MO"), ("Hong Kong", "HK")]:
+        assert Destination("Acme", given).country == code, given
+    assert gate.decide(small, Destination("Acme Labs", "HK"), model_id="m", as_of=MARCH_2025).decision == "allow"
+
+
+def test_cli_release_to_an_embargoed_country_is_refused_and_audited(cli_env: dict[str, str], model: Path,
+                                                                     tmp_path: Path) -> None:  # fmt: skip
+    assert warden(cli_env, "init").returncode == 0
+    r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "Iran", "-o", str(tmp_path / "a"),
+               "--plaintext", "--allow-sample-list")  # fmt: skip
+    assert r.returncode == 1 and "destination:embargoed:IR" in r.stderr and not (tmp_path / "a").exists()
+    log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
+    ev = [e for e in log if e["action"] == "release:gate"][-1]
+    assert ev["outcome"] == "denied" and "destination:embargoed:IR" in json.dumps(ev)
+
+
+# -- issue 17 red team, finding 3: the sample is recognised by its content, not its bytes --------------
+def test_attack_the_sample_list_with_other_bytes_is_still_the_sample(model: Path) -> None:
+    raw = SAMPLE.read_bytes()
+    doc = json.loads(raw)
+    unmarked = json.loads(raw)  # markers gone, ids and names kept: the canonical (id, name) pairs
+    for e in unmarked["results"]:
+        e["source"], e["programs"] = "Entity List", ["EAR"]
+    one = {"results": [dict(doc["results"][3], id="x-1", source="Entity List")]}  # programme SAMPLE only
+    variants = {"bom": b"\xef\xbb\xbf" + raw, "crlf": raw.replace(b"\n", b"\r\n"),
+                "compact": json.dumps(doc, separators=(",", ":")).encode(),
+                "reordered": json.dumps({"results": doc["results"][::-1]}, ensure_ascii=False, indent=4).encode(),
+                "unmarked": json.dumps(unmarked).encode(), "one-entry": json.dumps(one).encode()}  # fmt: skip
+    small = classify(model, as_of=MARCH_2025)
+    for what, data in variants.items():
+        lst = ScreeningList.parse(data, "real.json")
+        assert lst.sha256 != hashlib.sha256(raw).hexdigest() and lst.is_sample, what
+        d = ReleaseGate(default_rules(), lst, allow_sample_list=False).decide(
+            small, Destination("Acme Robotics GmbH", "DE"), model_id="m", as_of=MARCH_2025)
+        assert d.decision == "deny" and "screening:sample-list" in d.blocking, what
+        with pytest.raises(ReleaseDenied, match="no override covers"):
+            check_override(d, set(d.blocking))
+
+
+# -- issue 17 red team, finding 5: one version, one spelling, one file --------------------------------------
+def test_attack_rules_same_version_other_bytes_and_odd_versions(tmp_path: Path, model: Path,
+                                                                keyring: ww.Keyring) -> None:  # fmt: skip
+    from weightwarden.release.rules_version import RulesReplaced
+    from weightwarden.trace import release
+
+    key = Ed25519PrivateKey.generate()
+    home = tmp_path / "h"
+    _rules_home(home, "2026-12-01.2", key)
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.2"
+    # the attack: the same version, validly signed, with other contents
+    f = home / "release" / "rules.toml"
+    text = f.read_text() + "\n# changed\n"
+    f.write_text(text)
+    from weightwarden.keys.provider import purpose_message
+
+    (home / "release" / "rules.toml.sig").write_text(key.sign(purpose_message("export-rules", text.encode())).hex())
+    before = (home / "release" / "rules-version.json").read_bytes()
+    with pytest.raises(RulesReplaced, match=r"'2026-12-01\.2' was already used in this home with other contents"):
+        ReleaseGate.from_home(home)
+    sink = audit.MemorySink()
+    prov = keyring.provider(purpose="tracing", create=True)
+    prov.audit = sink
+    with pytest.raises(RulesReplaced):
+        release(model, "Acme Robotics GmbH", tmp_path / "c", provider=prov, country="DE", home=home)
+    assert not (tmp_path / "c").exists() and (home / "release" / "rules-version.json").read_bytes() == before
+    assert [e for e in sink.events if e.action == "release:gate"][-1].outcome == "denied"
+    # the first file again is fine; a later version is fine
+    _rules_home(home, "2026-12-01.2", key)
+    assert ReleaseGate.from_home(home).rules.version == "2026-12-01.2"
+    # versions that spell one version twice, or sort a pre-release as newer, are refused
+    for odd in ["2026-12-1.2", "v2026-12-01.2-rc0", "2026-12-01.2-rc0", "2026-12-01", "2026-12-01.02x"]:
+        _rules_home(home, odd, key)
+        with pytest.raises(RulesError, match=r"YYYY-MM-DD\.N"):
+            ReleaseGate.from_home(home)
+    assert json.loads((home / "release" / "rules-version.json").read_text())["version"] == "2026-12-01.2"
+
+
+def test_attack_the_broker_refuses_the_same_rules_version_with_other_bytes(db_url: str, tmp_path: Path) -> None:
+    pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from weightwarden.broker.auditlog import AuditLog
+    from weightwarden.broker.service import Broker, BrokerConfig
+    from weightwarden.broker.storage import LocalWeightStore
+    from weightwarden.keys import Ed25519Signer
+    from weightwarden.release.rules import parse_rules
+    from weightwarden.release.rules_version import RulesReplaced
+
+    text = (Path(__file__).parents[1] / "src/weightwarden/release/rules/default.toml").read_bytes()
+    one = ReleaseGate(parse_rules(text, "k"), ScreeningList.load(SAMPLE))
+    other = ReleaseGate(parse_rules(text + b"\n# changed\n", "k"), ScreeningList.load(SAMPLE))
+    assert one.rules.version == other.rules.version and one.rules.sha256 != other.rules.sha256
+    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
+    store = LocalWeightStore(tmp_path / "store")
+    Broker(db_url, store, log, BrokerConfig(), gate=one).close()
+    with pytest.raises(RulesReplaced, match="already used by this broker with other contents"):
+        Broker(db_url, store, log, BrokerConfig(), gate=other)
+    ev = list(log.export())[-1]["event"]
+    assert ev["action"] == "release:gate" and ev["outcome"] == "denied" and "other contents" in ev["reason"]
+    Broker(db_url, store, log, BrokerConfig(), gate=one).close()  # the same file: fine

@@ -253,6 +253,35 @@ def test_names_with_control_format_or_bidi_characters_are_refused(tmp_path: Path
     assert [x.action for x in sink.events] == [audit.AuditAction.RELEASE_REFUSE]
 
 
+# issue 17 red team, finding 2: invisible characters and stray combining marks made one partner several codewords
+INVISIBLE = ["\u034f", "\ufe00", "\ufe0f", "\u180b", "\u17b4", "\u3164", "\uffa0", "\u115f", "\u2800"]
+
+
+@pytest.mark.parametrize("bad", [f"Acme{c}Labs" for c in INVISIBLE] + [f"{c}Acme Labs" for c in INVISIBLE[:2]]
+                         + ["Acme Lab\u0301s", "\u0301Acme Labs", "Acme La\u0301\u0301\u0301bs",
+                            "Acme Labs \u0308"])  # fmt: skip
+def test_names_with_invisible_characters_or_stray_marks_are_refused(tmp_path: Path, model: Path,
+                                                                    keyring: ww.Keyring, bad: str) -> None:  # fmt: skip
+    sink, prov = _sink(keyring)
+    with pytest.raises(RecipientNameError, match="--to") as e:
+        release(model, bad, tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert not any(c in str(e.value) for c in INVISIBLE)  # shown escaped
+    assert not os.path.lexists(tmp_path / "c") and _store(tmp_path).recipients("m") == []
+    assert [x.action for x in sink.events] == [audit.AuditAction.RELEASE_REFUSE]
+
+
+def test_marks_that_compose_or_belong_to_a_script_are_names() -> None:
+    from weightwarden.sealed.walk import shown
+
+    # a decomposed accent composes under NFC: the same identity as the precomposed name
+    assert recipient_name("Ren\u0065\u0301 Labs").key == recipient_name("Ren\u00e9 Labs").key
+    assert recipient_name("\u0928\u092e\u0938\u094d\u0924\u0947 \u0932\u0948\u092c\u094d\u0938").display  # Devanagari
+    # shown() escapes what prints as nothing
+    for c in INVISIBLE:
+        assert shown(f"a{c}b") == f"a\\u{ord(c):04x}b"
+    assert shown("Acme Labs") == "Acme Labs"
+
+
 def test_no_recipient_is_recorded_unless_the_release_succeeds(tmp_path: Path, model: Path, keyring: ww.Keyring,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import weightwarden.trace.api as tapi

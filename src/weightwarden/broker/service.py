@@ -248,11 +248,11 @@ class Broker:
         self._jti_inserts = 0
         self._finishes = 0
         if self.gate is not None:  # issue 17: a rules file older than one this broker used is refused
-            from ..release.rules_version import RulesRollback, check_database
+            from ..release.rules_version import RulesReplaced, RulesRollback, check_database
 
             try:
                 check_database(self.engine, self.gate.rules)
-            except RulesRollback as e:
+            except (RulesRollback, RulesReplaced) as e:
                 self.audit(AuditAction.RELEASE_GATE, "denied", "broker", reason=str(e))
                 self.close()
                 raise

@@ -250,7 +250,12 @@ def classify(model: str | os.PathLike[str], *, rules: Any = None, as_of: date | 
                                "--chip-hours), not both")  # fmt: skip
     path = Path(model)
     cfg = _config(path) if path.exists() else {}
-    k = experts_per_token or cfg.get("num_experts_per_tok")
+    # the flag can only raise k (more active parameters), never lower what config.json says (issue 17 red team)
+    cfg_k = cfg.get("num_experts_per_tok")
+    if isinstance(cfg_k, float) and cfg_k.is_integer():
+        cfg_k = int(cfg_k)
+    given = [int(x) for x in (experts_per_token, cfg_k) if isinstance(x, int) and not isinstance(x, bool)]
+    k = max(given) if given else (experts_per_token or cfg_k)
     decl = None
     sealed = (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _is_sealed(path))
     if keyless and sealed:
@@ -279,6 +284,11 @@ def classify(model: str | os.PathLike[str], *, rules: Any = None, as_of: date | 
     if doubts:
         active = total  # counted as dense: the structure does not show which parameters a token uses
         moe = {**moe, "counted_as_dense": True}
+    if moe.get("moe") and experts_per_token is not None:
+        moe = {**moe, "experts_per_token_entered": int(experts_per_token)}  # recorded as an entered figure
+        if isinstance(cfg_k, int) and int(experts_per_token) != cfg_k:
+            doubts.append(f"--experts-per-token {int(experts_per_token)} disagrees with config.json "
+                          f"num_experts_per_tok {cfg_k}; the larger ({k}) is used")  # fmt: skip
     try:
         c_flop = float(card["training_compute_flop"]) if "training_compute_flop" in card else None
         c_tokens = float(card["training_tokens"]) if "training_tokens" in card else None

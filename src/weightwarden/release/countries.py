@@ -40,9 +40,15 @@ def resolve_country(text: str, *, flag: str = "--country") -> str:
             raise _unknown(s, flag, f"ambiguous ({', '.join(sorted(_named(s)))})")
     if t is None:
         raise _unknown(s, flag, "not an ISO 3166 country")
-    if not t.is_country or t.is_historical or len(t.code) != 2:
+    if t.is_historical or len(t.code) != 2 or not (t.is_country or t.code.upper() in _ASSIGNED):
         raise _unknown(s, flag, f"{t.name} is not a current country")
     return t.code.upper()
+
+
+# ISO 3166-1 officially assigned codes that rigour does not count as countries (HK, MO, PS, dependent
+# territories); exceptionally reserved codes (AC, CP, DG, EU, ...) stay refused
+_ASSIGNED = frozenset({"AQ", "AS", "BL", "BQ", "BV", "GF", "GP", "GU", "HK", "HM", "MF", "MO", "MP", "MQ", "NC",
+                       "PF", "PM", "PR", "PS", "RE", "SJ", "TF", "TK", "UM", "VI", "YT"})  # fmt: skip
 
 
 def _named(word: str) -> set[str]:

@@ -203,6 +203,10 @@ def check_override(decision: GateDecision, overridden: frozenset[str] | set[str]
     if SAMPLE_LIST in decision.blocking:  # no approval makes a fictitious list a real one
         raise ReleaseDenied("screened against the shipped sample list: no override covers that (load a real "
                             "list with `warden screen update --file`)", decision)  # fmt: skip
+    fixed = sorted(c for c in decision.blocking if c.startswith(("destination:embargoed:", "destination:restricted:")))
+    if fixed:  # an embargo is not a judgement two people can make; a restricted destination needs a license
+        raise ReleaseDenied(f"{', '.join(fixed)}: no override covers an embargoed or restricted destination (a "
+                            "restricted one needs a license: `warden license add --regime destination`)", decision)
     new = decision.blocking - set(overridden)
     if new:
         raise ReleaseDenied(f"the approved override does not cover: {', '.join(sorted(new))}", decision)
@@ -269,6 +273,18 @@ class ReleaseGate:
 
             reasons.append(Reason(f"destination:{dest.country}", "allow",
                                   f"destination {dest.country} ({country_name(dest.country)})"))  # fmt: skip
+            from .embargoes import destination_rule
+
+            rule = destination_rule(dest.country)  # in code, under every rule set (issue 17)
+            if rule is not None:
+                code, outcome, text = rule
+                lic = (self.licenses.covering("destination", model_id, dest, when)
+                       if outcome == "needs-license" else None)  # fmt: skip
+                if lic is not None:
+                    reasons.append(Reason(f"license:{lic.id}", "allow", f"{text}; covered by license {lic.id} "
+                                          f"({lic.authority} {lic.reference}, until {lic.valid_until})"))  # fmt: skip
+                else:
+                    reasons.append(Reason(code, outcome, text))
         if classification is None:
             reasons.append(Reason("classification:failed", "needs-review", "the model could not be classified"))
         else:
@@ -278,6 +294,8 @@ class ReleaseGate:
                        "published": classification.published, "compute_source": classification.source,
                        "claimed_flop": classification.claimed.flop if classification.claimed else None,
                        "doubts": list(classification.doubts)}  # fmt: skip
+            if (classification.moe or {}).get("experts_per_token_entered") is not None:  # an entered figure
+                summary["entered_experts_per_token"] = classification.moe["experts_per_token_entered"]
             from .classify import evaluate_outcomes
 
             # what is only claimed (unsigned) can make an outcome stricter, never more lenient

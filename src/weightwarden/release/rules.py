@@ -68,6 +68,7 @@ class RuleSet:
     version: str
     regimes: tuple[Regime, ...]
     signed_by: str
+    sha256: str = ""  # of the file's bytes: one version, one file (issue 17)
 
     def evaluate(self, *, total_params: int, active_params: int, compute: Any, published: bool, as_of: date,
                  country: str | None) -> list[dict[str, Any]]:  # fmt: skip
@@ -157,7 +158,9 @@ def parse_rules(data: bytes, signed_by: str = "") -> RuleSet:
                 a_end, b_end = a.rescinded or date.max, b.rescinded or date.max
                 if a.effective < b_end and b.effective < a_end:
                     raise RulesError(f"regimes {a.id} and {b.id} overlap (one jurisdiction, one metric, same time)")
-    return RuleSet(doc["version"], tuple(regimes), signed_by)
+    import hashlib
+
+    return RuleSet(doc["version"], tuple(regimes), signed_by, hashlib.sha256(data).hexdigest())
 
 
 def load_rules(path: str | os.PathLike[str], trusted: list[bytes] | None = None) -> RuleSet:

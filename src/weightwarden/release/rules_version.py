@@ -1,12 +1,14 @@
 """Rules cannot be rolled back (issue 17): once a signed rules file of some version has been used, an
 older one is refused, even though its signature verifies.
 
-A rules file's ``version`` is compared as the sequence of the numbers in it (``2026-11-28.1`` ->
-2026, 11, 28, 1; more numbers after equal ones is newer); a version without a number cannot be
-ordered and is refused where versions are remembered.  The highest version used is remembered in the
+A rules file's ``version`` must be ``YYYY-MM-DD.N`` (``^\\d{4}-\\d{2}-\\d{2}\\.\\d+$``) where versions are
+remembered, and is compared as its numbers (``2026-11-28.1`` -> 2026, 11, 28, 1); anything else
+(``2026-12-1.2``, ``v2026-12-01.2-rc0``) is refused, so one version has one spelling.  The SHA-256 of
+each version's file is remembered with it: the same version with other bytes is refused
+(:class:`RulesReplaced`; issue 17 red team).  The highest version used is remembered in the
 home (``release/rules-version.json``, replaced atomically) for ``warden release``, and in the broker's
-database (table ``ww_rules_version``) for the broker, whichever is used.  The signature check itself
-stays in :mod:`.rules`.
+database (tables ``ww_rules_version`` and ``ww_rules_digest``) for the broker, whichever is used.
+The signature check itself stays in :mod:`.rules`.
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ from typing import Any
 
 from .rules import RulesError
 
-__all__ = ["RulesRollback", "check_database", "check_home", "version_key"]
+__all__ = ["RulesReplaced", "RulesRollback", "check_database", "check_home", "version_key"]
 
 
 class RulesRollback(RulesError):
     """A rules file older than one already used here."""
+
+
+class RulesReplaced(RulesError):
+    """A rules file whose version was already used here with other bytes."""
+
+
+_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}\.\d+")
 
 
 def version_key(version: str) -> tuple[int, ...]:
@@ -32,7 +41,16 @@ def version_key(version: str) -> tuple[int, ...]:
     if not nums:
         raise RulesError(f"rules version {version[:40]!r} has no number: versions are compared as numbers "
                          "(use YYYY-MM-DD.N)")  # fmt: skip
+    if not _VERSION.fullmatch(version):
+        raise RulesError(f"rules version {version[:40]!r} is not of the form YYYY-MM-DD.N (e.g. 2026-12-01.2): "
+                         "give the rules file such a version")  # fmt: skip
     return nums
+
+
+def _replaced(rules: Any, sha: str, where: str) -> RulesReplaced:
+    return RulesReplaced(f"rules version {rules.version!r} was already used {where} with other contents (sha256 "
+                         f"{sha[:16]}..., this file {rules.sha256[:16]}...): a changed rules file needs a new "
+                         "version")  # fmt: skip
 
 
 def _refuse(rules: Any, seen: str, where: str) -> RulesRollback:
@@ -46,21 +64,31 @@ def check_home(home: str | os.PathLike[str], rules: Any) -> None:
 
     f = Path(home) / "release" / "rules-version.json"
     key = version_key(rules.version)
-    seen = None
+    seen, rec = None, None
     if f.exists():
         try:
-            seen = json.loads(f.read_text())["version"]
+            rec = json.loads(f.read_text())
+            seen = rec["version"]
             old = version_key(seen)
-        except (OSError, ValueError, KeyError, TypeError):
+            digests = dict(rec.get("sha256s") or {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RulesError):
             raise RulesError(f"{f} is unreadable: remove it only if you know which rules were in use") from None
         if key < old:
             raise _refuse(rules, seen, "in this home")
-        if key == old:
+        known = digests.get(rules.version)
+        if known and rules.sha256 and known != rules.sha256:
+            raise _replaced(rules, known, "in this home")
+        if key == old and (known or not rules.sha256):
             return
     f.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    rec = {"version": rules.version, "signed_by": rules.signed_by,
-           "first_used": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
-    atomic_write_bytes(f, json.dumps(rec).encode() + b"\n", force=True)
+    digests = dict((rec or {}).get("sha256s") or {})
+    if rules.sha256:
+        digests[rules.version] = rules.sha256
+    new = {"version": rules.version, "signed_by": rules.signed_by,
+           "first_used": datetime.now(UTC).isoformat(timespec="seconds"), "sha256s": digests}  # fmt: skip
+    if rec is not None and key == version_key(str(rec["version"])):
+        new["first_used"] = rec.get("first_used", new["first_used"])
+    atomic_write_bytes(f, json.dumps(new).encode() + b"\n", force=True)
 
 
 def check_database(engine: Any, rules: Any) -> None:
@@ -71,13 +99,20 @@ def check_database(engine: Any, rules: Any) -> None:
     C = sa.Column
     t = sa.Table("ww_rules_version", md, C("id", sa.String(16), primary_key=True), C("version", sa.Text),
                  C("signed_by", sa.String(80)), C("at", sa.Text))  # fmt: skip
+    dg = sa.Table("ww_rules_digest", md, C("version", sa.String(64), primary_key=True), C("sha256", sa.String(64)))
     md.create_all(engine)
     key = version_key(rules.version)
     with engine.begin() as c:
         row = c.execute(sa.select(t).where(t.c.id == "highest").with_for_update()).first()
+        if row is not None and key < version_key(row.version):
+            raise _refuse(rules, row.version, "by this broker")
+        if rules.sha256:
+            known = c.execute(sa.select(dg.c.sha256).where(dg.c.version == rules.version)).scalar()
+            if known is None:
+                c.execute(sa.insert(dg).values(version=rules.version, sha256=rules.sha256))
+            elif known != rules.sha256:
+                raise _replaced(rules, known, "by this broker")
         if row is not None:
-            if key < version_key(row.version):
-                raise _refuse(rules, row.version, "by this broker")
             if key == version_key(row.version):
                 return
             c.execute(sa.delete(t).where(t.c.id == "highest"))

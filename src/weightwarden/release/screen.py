@@ -155,11 +155,29 @@ def _unmatched(words: frozenset[str] | set[str], other: frozenset[str] | set[str
             and not any(fuzz.ratio(w, o) >= 80 or (len(o) >= 3 and w.startswith(o)) for o in other)}  # fmt: skip
 
 
+def _marks_sample(e: Entry) -> bool:
+    """An entry the shipped sample marks as fictitious: programme ``SAMPLE``, id ``sample-...``, or a source
+    naming the sample list or fictitious parties."""
+    src = e.source.casefold()
+    return (any(p.strip().casefold() == "sample" for p in e.programs) or e.id.strip().casefold().startswith("sample-")
+            or "fictitious" in src or "sample list" in src)  # fmt: skip
+
+
 @lru_cache(maxsize=1)
-def _sample_sha256() -> str:
+def _sample_pairs() -> frozenset[tuple[str, str]]:
     from importlib import resources
 
-    return hashlib.sha256(resources.files(__package__).joinpath("lists/sample_csl.json").read_bytes()).hexdigest()
+    data = resources.files(__package__).joinpath("lists/sample_csl.json").read_bytes()
+    return frozenset((e.id.strip().casefold(), normalize(e.name)) for e in _csl_json(data.decode("utf-8")))
+
+
+def _is_sample(entries: list[Entry]) -> bool:
+    """Whether a list is (or holds) the shipped fictitious sample, by content, not bytes (issue 17 red team: a
+    BOM, CRLF or re-serialised JSON changed the digest): any entry marked as the sample, or the sample's
+    canonical set of (id, name) pairs."""
+    if any(_marks_sample(e) for e in entries):
+        return True
+    return _sample_pairs() <= {(e.id.strip().casefold(), normalize(e.name)) for e in entries}
 
 
 @dataclass(frozen=True)
@@ -246,7 +264,7 @@ class ScreeningList:
     @classmethod
     def parse(cls, data: bytes, origin: str = "") -> ScreeningList:
         lst = cls._parse(data, origin)
-        lst.is_sample = lst.sha256 == _sample_sha256()  # the fictitious sample, however it was loaded
+        lst.is_sample = _is_sample(lst.entries)  # the fictitious sample, however it was loaded or re-serialised
         return lst
 
     @classmethod

@@ -33,10 +33,19 @@ SNIFF_BYTES = 64 * 1024
 MARKABLE = frozenset({"safetensors"})
 
 
+def invisible(c: str) -> bool:
+    """Whether ``c`` prints as nothing: a Unicode ``Default_Ignorable_Code_Point`` (ICU) or U+2800 (braille
+    blank), which ``str.isprintable`` calls printable (issue 17)."""
+    import icu  # pyicu: a core dependency
+
+    return c == "\u2800" or bool(icu.Char.hasBinaryProperty(c, icu.UProperty.DEFAULT_IGNORABLE_CODE_POINT))
+
+
 def shown(text: str) -> str:
-    """A path or name safe for a terminal: anything not printable as itself becomes ``\\uXXXX``."""
-    return "".join(c if c.isprintable() and c != "\\" else f"\\u{ord(c):04x}" if ord(c) < 0x10000
-                   else f"\\U{ord(c):08x}" for c in text)  # fmt: skip
+    """A path or name safe for a terminal: anything not printable as itself (or printing as nothing)
+    becomes ``\\uXXXX``."""
+    return "".join(c if c.isprintable() and c != "\\" and (c.isascii() or not invisible(c))
+                   else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)  # fmt: skip
 
 
 @dataclass

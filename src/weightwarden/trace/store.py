@@ -47,15 +47,41 @@ MAX_NAME = 256
 
 
 def shown(text: str) -> str:
-    """``text`` safe for a terminal or a log line: anything not printable as itself becomes ``\\uXXXX``."""
-    return "".join(c if c.isprintable() and c != "\\" else f"\\u{ord(c):04x}" if ord(c) < 0x10000
-                   else f"\\U{ord(c):08x}" for c in text)  # fmt: skip
+    """``text`` safe for a terminal or a log line: anything not printable as itself (or printing as nothing:
+    default-ignorables, U+2800) becomes ``\\uXXXX``."""
+    from ..sealed.walk import shown as _shown
+
+    return _shown(text)
 
 
 @dataclass(frozen=True)
 class RecipientName:
     display: str  # NFKC, whitespace collapsed: what tables show
     key: str  # the identity: TR39 skeleton of the case-folded display name (one codeword per key)
+
+
+def _invisible(c: str) -> bool:
+    from ..sealed.walk import invisible
+
+    return invisible(c)
+
+
+def _stray_mark(text: str) -> str | None:
+    """``U+XXXX`` of the first combining mark in ``text`` (NFC) that is not part of a letter: one after no
+    letter, a third in a row, or one left uncomposed on a Latin, Greek or Cyrillic letter (those compose
+    under NFC wherever a real letter exists; a leftover mark only makes a new identity)."""
+    import icu
+
+    composing = {icu.UScriptCode.LATIN, icu.UScriptCode.GREEK, icu.UScriptCode.CYRILLIC}
+    run, base = 0, ""
+    for c in text:
+        if unicodedata.category(c).startswith("M"):
+            run += 1
+            if run > 2 or not base or icu.Script.getScript(ord(base)).getScriptCode() in composing:
+                return f"U+{ord(c):04X}"
+        else:
+            run, base = 0, c if unicodedata.category(c).startswith("L") else ""
+    return None
 
 
 def _skeleton(text: str) -> str:
@@ -69,8 +95,9 @@ def recipient_name(name: str, what: str = "--to") -> RecipientName:
 
     NFKC (full-width, compatibility forms, NBSP), whitespace runs collapsed to one space, case folded,
     and mapped to its Unicode TR39 confusable skeleton (ICU) before and after case folding, so names
-    that look alike are one identity.  Control, format (bidi, zero-width), private-use, surrogate and
-    unassigned characters are refused, not stripped."""
+    that look alike are one identity.  Control, format (bidi, zero-width), private-use, surrogate,
+    unassigned and default-ignorable characters (ICU; and U+2800) are refused, not stripped, and so are
+    combining marks that are not part of a letter (see :func:`_stray_mark`)."""
     if not isinstance(name, str) or not name.strip():
         raise RecipientNameError(f"{what}: a recipient name is 1-{MAX_NAME} printable characters (got an empty one)")
     for text in (name, unicodedata.normalize("NFKC", name)):
@@ -81,6 +108,15 @@ def recipient_name(name: str, what: str = "--to") -> RecipientName:
                 f"{what} '{shown(name)}': holds control, format or bidi characters ({codes}); give the name as "
                 "plain text"
             )
+        hidden = sorted({c for c in text if not c.isascii() and _invisible(c)})
+        if hidden:  # each would be a new identity, and a new codeword, for one partner (issue 17)
+            codes = ", ".join(f"U+{ord(c):04X}" for c in hidden[:5])
+            raise RecipientNameError(f"{what} '{shown(name)}': holds invisible (default-ignorable) characters "
+                                     f"({codes}); give the name as plain text")  # fmt: skip
+    stray = _stray_mark(unicodedata.normalize("NFC", name))
+    if stray is not None:
+        raise RecipientNameError(f"{what} '{shown(name)}': holds a combining mark ({stray}) that is not part of a "
+                                 "letter; give the name as plain text")  # fmt: skip
     display = " ".join(unicodedata.normalize("NFKC", name).split())
     if len(display) > MAX_NAME:
         raise RecipientNameError(f"{what}: a recipient name is at most {MAX_NAME} characters")
