@@ -353,3 +353,89 @@ def test_a_key_other_than_the_enrolled_one_is_refused(tmp_path: Path, model: Pat
     single.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
     with pytest.raises(UnmarkableFilesError, match="pickle"):
         release(single, "Acme Labs", tmp_path / "d", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+
+
+# -- issue 17, red team: formats the sniff did not know left unmarked; an allowlist now -------------------
+def _red_team_files(model: Path) -> tuple[bytes, dict[str, bytes]]:
+    import bz2
+    import gzip
+    import io
+    import lzma
+
+    st = (model / "model.safetensors").read_bytes()
+    n = int.from_bytes(st[:8], "little")
+    spaced = (n + 1).to_bytes(8, "little") + b" " + st[8:]  # safetensors accepts a leading space in the header
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("model.safetensors", st)
+    tbuf = io.BytesIO()
+    import tarfile
+
+    with tarfile.open(fileobj=tbuf, mode="w") as t:
+        info = tarfile.TarInfo("model.safetensors")
+        info.size = len(st)
+        t.addfile(info, io.BytesIO(st))
+    raw = np.random.default_rng(9).standard_normal(4096).astype(np.float32).tobytes()
+    return spaced, {
+        "backup.tar": tbuf.getvalue(),
+        "model.safetensors.gz": gzip.compress(st),
+        "p0.pkl": pickle.dumps({"w": [0.5] * 16}, protocol=0),
+        "p1.pkl": pickle.dumps({"w": [0.5] * 16}, protocol=1),
+        "weights.bin": raw,
+        "flax_model.msgpack": b"\x81\xa6params\xc5\x10\x00" + raw,
+        "README.md": b"# A model card\n\nNothing to see here.\n" + zbuf.getvalue(),
+        "keras.h5": bytes(512) + b"\x89HDF\r\n\x1a\n" + raw,  # HDF5 with a 512-byte user block
+        "model.onnx": b"\x08\x07\x12\x07pytorch" + raw,
+        "ggml.bin": b"lmgg" + raw,
+        "w.xz": lzma.compress(st[:4096]),
+        "w.zst": b"\x28\xb5\x2f\xfd" + raw[:64],
+        "w.bz2": bz2.compress(st[:4096]),
+        "w.7z": b"7z\xbc\xaf\x27\x1c\x00\x04" + raw[:64],
+        "notes.txt": b"GGUF\x03 then a GGUF-looking body",  # text with a container signature inside it
+    }
+
+
+def test_every_unrecognised_file_refuses_the_release_naming_it(tmp_path: Path, model: Path,
+                                                               keyring: ww.Keyring) -> None:  # fmt: skip
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    spaced, bad = _red_team_files(model)
+    for rel, data in bad.items():
+        (d / rel).write_bytes(data)
+    (d / "other.txt").write_bytes(spaced)  # safetensors by its header, whatever its name: marked, not copied
+    (d / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"héllo": 1}}}))  # text: copied, not refused
+    (d / "empty.txt").write_bytes(b"")
+    (d / "NOTES.md").write_text("We also publish GGUF and safetensors files.\n")
+    sink, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    with pytest.raises(UnmarkableFilesError) as e:
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    named = {f.split(" (", 1)[0] for f in e.value.files}
+    assert named == set(bad), named ^ set(bad)
+    assert "--exclude" in str(e.value)
+    assert not os.path.lexists(out) and _store(tmp_path).recipients("m") == []
+    acts = [(x.action, x.outcome) for x in sink.events]
+    assert (audit.AuditAction.RELEASE_REFUSE, "denied") in acts and audit.AuditAction.RELEASE_GATE not in dict(acts)
+    # excluding them all: the text files are copied byte for byte, the release goes through
+    rel = release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m",
+                  exclude=tuple(bad))  # fmt: skip
+    assert set(rel.excluded_files) == set(bad)
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert got == ["NOTES.md", "config.json", "empty.txt", "model.safetensors", "other.txt", "tokenizer.json"]
+    assert (out / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
+    o = load_file(str(model / "model.safetensors"))
+    assert not np.array_equal(load_file(str(out / "other.txt"))[W], o[W])  # marked
+    assert "other.txt" in _store(tmp_path).releases("m")[0]["marked_files"]
+
+
+def test_a_sealed_master_with_an_unrecognised_member_is_refused(tmp_path: Path, model: Path,
+                                                                keyring: ww.Keyring) -> None:  # fmt: skip
+    d = tmp_path / "src"
+    shutil.copytree(model, d)
+    (d / "weights.bin").write_bytes(np.ones(256, np.float32).tobytes())
+    ww.seal(d, tmp_path / "m.sealed", keyring=keyring)
+    prov = keyring.provider(purpose="tracing", create=True)
+    with pytest.raises(UnmarkableFilesError, match=r"weights\.bin \(neither marked weights nor plain text"):
+        release(tmp_path / "m.sealed", "Acme Labs", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h",
+                model_id="m", master_kw={"keyring": keyring})  # fmt: skip
+    assert not os.path.lexists(tmp_path / "c") and _store(tmp_path).recipients("m") == []

@@ -162,17 +162,17 @@ def _is_sealed_master(model: Path) -> bool:
 
 
 def _inventory_plain(model: Path) -> tuple[list[_Entry], list[str]]:
-    from ..sealed.walk import sniff_file, walk
+    from ..sealed.walk import classify, walk
 
     if model.is_symlink():
         return [], [f"{model.name} (a symbolic link: links are not followed; give the file itself)"]
     if model.is_file():
-        kind = sniff_file(model)
+        kind = classify(model)
         return [_Entry(model.name, kind, path=model, in_source=kind == "safetensors")], []
     w = walk(model)
     entries = []
     for rel in w.files:
-        kind = sniff_file(model / rel)
+        kind = classify(model / rel)
         top = "/" not in rel and rel.endswith(".safetensors")
         entries.append(_Entry(rel, kind, path=model / rel, in_source=top and kind == "safetensors"))
     return entries, w.problems
@@ -180,7 +180,7 @@ def _inventory_plain(model: Path) -> tuple[list[_Entry], list[str]]:
 
 def _inventory_sealed(reader: Any) -> list[_Entry]:
     from ..sealed.bundle import BundleReader
-    from ..sealed.walk import sniff_bytes
+    from ..sealed.walk import classify_bytes
 
     members = [reader._by_name[n] for n in reader.files()] if isinstance(reader, BundleReader) else [reader]
     out = []
@@ -188,7 +188,7 @@ def _inventory_sealed(reader: Any) -> list[_Entry]:
         if r.kind == "safetensors":
             out.append(_Entry(r.name, "safetensors", member=r, in_source=True))
         else:
-            out.append(_Entry(r.name, sniff_bytes(r.read_all()), member=r))
+            out.append(_Entry(r.name, classify_bytes(r.read_all()), member=r))
     return out
 
 
@@ -265,7 +265,7 @@ def release(
     identity, one codeword.  The recipient and the release are recorded in one transaction, with the
     copy moved into place inside it: a release refused or failing mid-way records nothing."""
     from ..keys.age import AgeRecipientProvider, check_recipient
-    from ..sealed.walk import MARKABLE, excluded, refuse
+    from ..sealed.walk import MARKABLE, UNRECOGNISED, excluded, refuse
     from .store import recipient_name
 
     model, out = Path(model), Path(out)
@@ -319,7 +319,9 @@ def release(
         left_out += [p.split(" (", 1)[0] for p in problems if excluded(p.split(" (", 1)[0], exclude)]
         problems = [p for p in problems if not excluded(p.split(" (", 1)[0], exclude)]
         for e in entries:
-            if e.kind is not None and e.kind not in MARKABLE:
+            if e.kind == UNRECOGNISED:
+                problems.append(f"{e.rel} (neither marked weights nor plain text: it may hold weights)")
+            elif e.kind is not None and e.kind not in MARKABLE:
                 problems.append(f"{e.rel} ({e.kind}: a weight format that cannot be fingerprinted)")
         src_entries = [e for e in entries if e.in_source]
         if not src_entries:
