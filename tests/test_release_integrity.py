@@ -439,3 +439,59 @@ def test_a_sealed_master_with_an_unrecognised_member_is_refused(tmp_path: Path, 
         release(tmp_path / "m.sealed", "Acme Labs", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h",
                 model_id="m", master_kw={"keyring": keyring})  # fmt: skip
     assert not os.path.lexists(tmp_path / "c") and _store(tmp_path).recipients("m") == []
+
+
+def _swap_after_the_gate(monkeypatch: pytest.MonkeyPatch, swap) -> None:
+    """The red team's race: the gate runs between the walk and the copy; swap a file while it decides."""
+    from weightwarden.release.gate import ReleaseGate
+
+    decide = ReleaseGate.decide_model
+
+    def racing(self, *a, **kw):
+        out = decide(self, *a, **kw)
+        swap()
+        return out
+
+    monkeypatch.setattr(ReleaseGate, "decide_model", racing)
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_a_file_swapped_for_weights_during_the_gate_is_refused(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               sealed: bool) -> None:  # fmt: skip
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    (d / "README.md").write_text("# model card\n")
+    save_file({"x": np.random.default_rng(5).standard_normal((64, 256)).astype(np.float32)}, str(tmp_path / "w.st"))
+    _swap_after_the_gate(monkeypatch, lambda: os.replace(tmp_path / "w.st", d / "README.md"))
+    sink, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    seal = (prov, keyring.signer()) if sealed else None
+    with pytest.raises(UnmarkableFilesError, match=r"README\.md \(changed after it was checked: now safetensors"):
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m", seal=seal)
+    assert not os.path.lexists(out) and not [p for p in tmp_path.iterdir() if p.name.startswith((".ww-tmp", ".warden"))]
+    assert _store(tmp_path).recipients("m") == [] and _store(tmp_path).releases("m") == []
+    acts = [(x.action, x.outcome) for x in sink.events]
+    assert (audit.AuditAction.RELEASE_GATE, "ok") in acts and (audit.AuditAction.RELEASE_REFUSE, "denied") in acts
+
+
+def test_a_folder_swapped_for_a_link_during_the_gate_is_refused(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    (d / "docs").mkdir()
+    (d / "docs" / "notes.txt").write_text("notes\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text('{"secret": "not for the recipient"}')  # text, but outside the tree
+
+    def swap() -> None:
+        shutil.rmtree(d / "docs")
+        os.symlink(elsewhere, d / "docs")
+
+    _swap_after_the_gate(monkeypatch, swap)
+    _, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    with pytest.raises(UnmarkableFilesError, match=r"docs/notes\.txt \(changed after it was checked: cannot be read"):
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert not os.path.lexists(out) and _store(tmp_path).releases("m") == []

@@ -27,7 +27,8 @@ from pathlib import Path
 from .._atomic import TMP_PREFIX
 from ..errors import UnmarkableFilesError
 
-__all__ = ["WalkResult", "classify", "classify_bytes", "excluded", "is_plain_text", "shown", "sniff", "sniff_file",
+__all__ = ["WalkResult", "classify", "classify_bytes", "excluded", "is_plain_text", "open_under", "read_plain_text",
+           "shown", "sniff", "sniff_file",
            "walk"]
 
 MAX_FILES = 100_000
@@ -197,6 +198,46 @@ def classify(path: Path) -> str | None:
             return UNRECOGNISED
         fh.seek(0)
         return None if is_plain_text(fh.read(TEXT_MAX + 1)) else UNRECOGNISED
+
+
+def open_under(root: Path, rel: str) -> int:
+    """A read-only fd for ``root/rel`` opened one component at a time (``dir_fd``), none of them
+    followed through a symbolic link (``O_NOFOLLOW``): a folder in the path swapped for a link after the
+    walk cannot redirect the read.  Raises OSError."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        *dirs, name = rel.split("/")
+        for part in dirs:
+            nfd = os.open(part, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+        return os.open(name, os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0), dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_plain_text(root: Path, rel: str) -> bytes:
+    """The bytes of a file the walk judged plain text, read once from one fd (:func:`open_under`,
+    fstat'ed: a regular file) and judged again: the bytes copied are the bytes checked.  A file that
+    changed into anything else since the walk raises :class:`UnmarkableFilesError`."""
+    why = ""
+    try:
+        with os.fdopen(open_under(root, rel), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                why = "no longer a regular file"
+            else:
+                data = fh.read(TEXT_MAX + 1)
+                kind = classify_bytes(data)
+                if kind is not None:
+                    why = f"now {kind}"
+    except OSError as e:
+        why = f"cannot be read without following a link ({e.strerror})"
+    if why:
+        problem = f"{rel} (changed after it was checked: {why})"
+        raise UnmarkableFilesError(f"{shown(problem)}: nothing was written; release again from a folder nobody "
+                                   "is changing", [problem])  # fmt: skip
+    return data
 
 
 def sniff(head: bytes, size: int, opener: object = None) -> str | None:

@@ -367,6 +367,7 @@ def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries:
                      code_length: int, force: bool, seal: tuple[KeyProvider, Any] | None, hide_header: bool,
                      recipient_key: str | None, exclude: tuple[str, ...],
                      now: datetime | None) -> ReleaseRecord:  # fmt: skip
+    from ..sealed.walk import read_plain_text
     from .store import _Conflict
 
     when = (now or datetime.now(UTC)).date()
@@ -448,8 +449,9 @@ def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries:
                         bufs.append(buf)
                         digests.append(digest)
                         items.append((e.rel, MemorySource(e.rel, buf)))
-                    else:
-                        items.append((e.rel, e.path if e.path is not None else MemorySource(e.rel, _entry_bytes(e))))
+                    else:  # plain text: read once, checked again, sealed from those bytes
+                        data = read_plain_text(model, e.rel) if e.path is not None else _entry_bytes(e)
+                        items.append((e.rel, MemorySource(e.rel, data)))
                 kw = {"provider": seal[0], "signer": seal[1], "hide_header": hide_header, "force": False}
                 if single:
                     seal_file(items[0][1], staging, name=Path(items[0][0]).name, **kw)
@@ -463,11 +465,10 @@ def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries:
                         dst.parent.mkdir(parents=True, exist_ok=True)
                         if e.kind == "safetensors":
                             digests.append(_write_safetensors(dst, *marked(e)))
-                        elif e.path is not None:
-                            shutil.copy2(e.path, dst, follow_symlinks=False)
-                        else:
+                        else:  # plain text: read once, checked again, written from those bytes
+                            data = read_plain_text(model, e.rel) if e.path is not None else _entry_bytes(e)
                             with atomic_output(dst, force=True) as fd:
-                                write_all(fd, memoryview(_entry_bytes(e)).cast("B"))
+                                write_all(fd, memoryview(data).cast("B"))
                     os.replace(tmp / "model.safetensors" if single else tmp, staging)
                 finally:
                     if tmp.exists():
