@@ -495,3 +495,78 @@ def test_a_folder_swapped_for_a_link_during_the_gate_is_refused(tmp_path: Path, 
     with pytest.raises(UnmarkableFilesError, match=r"docs/notes\.txt \(changed after it was checked: cannot be read"):
         release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m")
     assert not os.path.lexists(out) and _store(tmp_path).releases("m") == []
+
+
+# -- issue 17, red team: copies of marked tensors under other names --------------------------------------
+def _with_extra(model: Path, root: Path, extra: dict[str, np.ndarray]) -> Path:
+    d = root / "m"
+    shutil.copytree(model, d)
+    t = load_file(str(d / "model.safetensors"))
+    save_file({**t, **extra}, str(d / "model.safetensors"))
+    return d
+
+
+def _refused_copy(d: Path, tmp_path: Path, keyring: ww.Keyring, *expect: str) -> UnmarkableFilesError:
+    sink, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    with pytest.raises(UnmarkableFilesError) as e:
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m",
+                exclude=("*.bin",))  # fmt: skip
+    for x in expect:
+        assert x in str(e.value), (x, str(e.value))
+    assert "remove the tensor" in str(e.value)
+    assert not os.path.lexists(out) and _store(tmp_path).recipients("m") == []
+    acts = [(x.action, x.outcome) for x in sink.events]
+    assert (audit.AuditAction.RELEASE_REFUSE, "denied") in acts and audit.AuditAction.RELEASE_GATE not in dict(acts)
+    return e.value
+
+
+def test_a_copy_of_a_marked_tensor_under_another_name_is_refused(tmp_path: Path, model: Path,
+                                                                 keyring: ww.Keyring) -> None:  # fmt: skip
+    t = load_file(str(model / "model.safetensors"))
+    up = "model.layers.0.mlp.up_proj.weight"
+    d = _with_extra(model, tmp_path, {"lm_backup.l0_down": t[W].copy(), "lm_backup.l0_up_T": t[up].T.copy()})
+    e = _refused_copy(d, tmp_path, keyring, "'lm_backup.l0_down'", "'lm_backup.l0_up_T'", f"'{W}'")
+    assert len(e.files) == 2
+
+
+def test_a_reshaped_copy_or_a_copy_under_a_known_name_is_refused_by_its_bytes(tmp_path: Path, model: Path,
+                                                                              keyring: ww.Keyring) -> None:  # fmt: skip
+    t = load_file(str(model / "model.safetensors"))
+    g1 = "model.layers.1.mlp.gate_proj.weight"
+    d = _with_extra(model, tmp_path, {"flat": t[W].reshape(-1).copy(),  # a shape no marked tensor has
+                                      "model.layers.1.mlp.up_proj.weight": t[g1].copy()})  # a name the layout knows
+    e = _refused_copy(d, tmp_path, keyring, "'flat' holds the same bytes as", f"'{W}'",
+                      "'model.layers.1.mlp.up_proj.weight' holds the same bytes as", f"'{g1}'")
+    assert len(e.files) == 2
+
+
+def test_a_sub_folder_file_with_one_target_and_a_copy_of_another_is_refused(tmp_path: Path, model: Path,
+                                                                            keyring: ww.Keyring) -> None:  # fmt: skip
+    t = load_file(str(model / "model.safetensors"))
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    (d / "extra").mkdir()
+    g0 = "model.layers.0.mlp.gate_proj.weight"
+    save_file({g0: t[g0], "other.w": t["model.layers.1.mlp.down_proj.weight"]}, str(d / "extra" / "part.safetensors"))
+    e = _refused_copy(d, tmp_path, keyring, "extra/part.safetensors (tensor 'other.w'")
+    assert len(e.files) == 1
+    # the legitimate model beside it, untouched, still releases: its up_proj shares gate_proj's shape
+    prov = keyring.provider(purpose="tracing", create=True)
+    rel = release(model, "Acme Labs", tmp_path / "ok", provider=prov, country="DE", home=tmp_path / "h",
+                  model_id="m")  # fmt: skip
+    assert rel.recipient == "Acme Labs"
+
+
+def test_a_weight_file_swapped_for_one_with_a_copy_during_the_gate_is_refused(
+    tmp_path: Path, model: Path, keyring: ww.Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    t = load_file(str(model / "model.safetensors"))
+    save_file({**t, "lm_backup.l0_down": t[W].copy()}, str(tmp_path / "w.st"))
+    _swap_after_the_gate(monkeypatch, lambda: os.replace(tmp_path / "w.st", d / "model.safetensors"))
+    _, prov = _sink(keyring)
+    with pytest.raises(UnmarkableFilesError, match=r"changed after it was checked.*'lm_backup\.l0_down'"):
+        release(d, "Acme Labs", tmp_path / "copy", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert not os.path.lexists(tmp_path / "copy") and _store(tmp_path).releases("m") == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ import numpy as np
 from .. import audit
 from .._atomic import TMP_PREFIX, atomic_output, write_all
 from ..audit import AuditAction
-from ..errors import OutputExistsError, RecipientKeyError, UnsupportedModelError, WardenError
+from ..errors import OutputExistsError, RecipientKeyError, UnmarkableFilesError, UnsupportedModelError, WardenError
 from ..keys.provider import KeyProvider
 from ..provenance.layout import detect_layout
 from ..provenance.source import TensorSource
@@ -210,6 +211,76 @@ def _entry_bytes(e: _Entry) -> Any:
     return body
 
 
+# names the supported layouts give their tensors (inside a block, or at the top): a tensor outside the marked
+# set under any other name, shaped like a marked tensor (or its transpose), is taken for a hidden copy
+_BLOCK_PARTS = re.compile(
+    r"(?:^|\.)(?:layers|h|encoder\.layer)\.\d+\.(?:"
+    r"self_attn\.(?:[qkvo]_proj|[qk]_norm)|input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+    r"|post_feedforward_layernorm|mlp\.(?:gate|up|down)_proj|mlp\.gate|mlp\.shared_expert_gate"
+    r"|mlp\.experts\.\d+\.(?:gate|up|down)_proj|mlp\.shared_experts?\.(?:gate|up|down)_proj"
+    r"|block_sparse_moe\.gate|block_sparse_moe\.experts\.\d+\.w[123]"
+    r"|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj|ln_1|ln_2"
+    r"|attention\.self\.(?:query|key|value)|attention\.output\.dense|attention\.output\.LayerNorm"
+    r"|intermediate\.dense|output\.dense|output\.LayerNorm)\.(?:weight|bias|gamma|beta)$"
+    r"|(?:^|\.)layers\.\d+\.self_attn\.rotary_emb\.inv_freq$|(?:^|\.)h\.\d+\.attn\.(?:masked_)?bias$"
+)
+_TOP_PARTS = re.compile(
+    r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings"
+    r"|lm_head|norm|ln_f|final_layernorm|embeddings\.LayerNorm|pooler\.dense|cls\.predictions\.[\w.]+"
+    r"|position_ids)(?:\.(?:weight|bias|gamma|beta))?$"
+)
+
+
+def _known_name(name: str) -> bool:
+    return bool(_BLOCK_PARTS.search(name) or _TOP_PARTS.search(name))
+
+
+def _hash(a: Any) -> str:
+    return blake3.blake3(np.ascontiguousarray(a).view(np.uint8).data).hexdigest()
+
+
+class _CopyGuard:
+    """Refuses tensors outside the marked set that copy a marked one (issue 17, red team): under a name the
+    layout does not know, one shaped like a marked tensor or its transpose; under any name, one whose bytes
+    hash equal to a marked tensor's (BLAKE3, only for tensors of a marked tensor's byte size)."""
+
+    def __init__(self, targets: set[str], files: list[tuple[str, dict[str, Any]]]):
+        self.targets = targets
+        self.shapes: dict[tuple[int, ...], str] = {}
+        self.by_size: dict[int, list[tuple[str, Any]]] = {}
+        for _rel, tensors in files:
+            for n, a in tensors.items():
+                if n in targets:
+                    self.shapes.setdefault(tuple(a.shape), n)
+                    self.shapes.setdefault(tuple(a.shape)[::-1], n)
+                    self.by_size.setdefault(a.nbytes, []).append((n, a))
+        self._hashes: dict[str, str] | None = None
+
+    def hashes(self) -> dict[str, str]:
+        if self._hashes is None:
+            self._hashes = {}
+            for items in self.by_size.values():
+                for n, a in items:
+                    self._hashes.setdefault(_hash(a), n)
+        return self._hashes
+
+    def problems(self, rel: str, tensors: dict[str, Any]) -> list[str]:
+        out = []
+        for n, a in tensors.items():
+            if n in self.targets:
+                continue
+            t = self.shapes.get(tuple(a.shape)) if not _known_name(n) and a.ndim >= 2 else None
+            if t is None and a.nbytes in self.by_size:
+                t = self.hashes().get(_hash(a))
+                why = "holds the same bytes as"
+            else:
+                why = "is shaped like"
+            if t is not None:
+                out.append(f"{rel} (tensor '{n}' {why} the marked tensor '{t}': a copy would leave unmarked; "
+                           "remove the tensor from the file, --exclude cannot split a file)")  # fmt: skip
+        return out
+
+
 def _refusal(provider: KeyProvider, model_id: str, err: Exception, now: datetime | None, **detail: Any) -> None:
     provider.audit.emit(audit.event(AuditAction.RELEASE_REFUSE, "denied", subject=model_id,
                                     detail={"error": type(err).__name__, "message": str(err)[:2000], **detail},
@@ -335,6 +406,11 @@ def release(
                 with TensorSource(e.path) as part:  # type: ignore[arg-type]
                     if not targets & set(part.names()):
                         problems.append(f"{e.rel} (safetensors outside the model's layout: nothing to mark in it)")
+        weight_files = [(e.rel, _entry_tensors(e)[0]) for e in entries if e.kind == "safetensors"]
+        guard = _CopyGuard(targets, weight_files)
+        for rel, tensors in weight_files:
+            problems += guard.problems(rel, tensors)
+        del weight_files
         refuse(sorted(set(problems)), f"{model} cannot be released as it is (nothing was written; exclude a "
                                       "file with --exclude PATTERN, or remove it)")  # fmt: skip
     except (WardenError, OSError, ValueError) as e:
@@ -344,7 +420,8 @@ def release(
         raise
     try:
         return _release_checked(
-            model, out, recipient, name, entries, left_out, targets, layout, sealed_master, store, provider=provider,
+            model, out, recipient, name, entries, left_out, targets, layout, sealed_master, store, guard=guard,
+            provider=provider,
             country=country, aliases=aliases, gate=gate, approval=approval, classify_kw={**master_kw,
             **(classify_kw or {})}, model_id=model_id, home=home, alpha=alpha, code_length=code_length, force=force,
             seal=(AgeRecipientProvider(recipient_key, provider.audit), seal[1]) if recipient_key and seal else seal,
@@ -361,7 +438,7 @@ def release(
 
 
 def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries: list[_Entry], left_out: list[str],
-                     targets: set[str], layout: Any, sealed_master: bool, store: TraceStore, *,
+                     targets: set[str], layout: Any, sealed_master: bool, store: TraceStore, *, guard: _CopyGuard,
                      provider: KeyProvider, country: str | None, aliases: tuple[str, ...], gate: ReleaseGate | None,
                      approval: Any, classify_kw: dict[str, Any], model_id: str, home: Path | None, alpha: float,
                      code_length: int, force: bool, seal: tuple[KeyProvider, Any] | None, hide_header: bool,
@@ -409,6 +486,10 @@ def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries:
 
         def marked(e: _Entry, x: np.ndarray = x) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             tensors, meta = _entry_tensors(e)  # a sealed member: views of fresh memory, marked in place
+            copies = guard.problems(e.rel, tensors)  # the bytes read now, not those checked before the gate
+            if copies:
+                raise UnmarkableFilesError(f"{e.rel} changed after it was checked: " + "; ".join(map(shown, copies)),
+                                           copies)  # fmt: skip
             here = {n: tensors[n] for n in tensors if n in targets}
             inplace = e.member is not None
             tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here), inplace=inplace))
