@@ -8,7 +8,10 @@ recognised from the pickle opcodes with :mod:`pickletools`, never unpickled), nu
 ``.npz``, GGUF, HDF5 (Keras / TF), and any other zip archive (it may hold any of them).
 
 ``warden seal DIR`` and ``warden release`` share the walk; the release also refuses every weight
-file it cannot fingerprint unless the operator excludes it (``--exclude PATTERN``).
+file it cannot fingerprint unless the operator excludes it (``--exclude PATTERN``).  For a release the
+rule is an allowlist (``classify``): a file that is neither safetensors nor plainly text
+(``is_plain_text``) is refused as :data:`UNRECOGNISED`, and text is copied from the bytes read once and
+checked again (``read_plain_text``), never re-opened by path.
 """
 
 from __future__ import annotations

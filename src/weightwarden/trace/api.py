@@ -316,9 +316,10 @@ def release(
     ``model`` (the master) is a safetensors file, a model folder, a sealed file or a sealed bundle; a
     sealed master is decrypted into memory only (``master_kw``: ``keyring`` or ``providers`` and
     ``trust`` to open it; default: ``provider`` and the trust store under ``home``).  Every file of the
-    master is walked (links refused) and recognised by content: safetensors files are marked, and any
-    other weight format (PyTorch pickle / zip, numpy, GGUF, HDF5, zip) refuses the release, naming each
-    file, unless an ``exclude`` pattern leaves it out of the copy (recorded with the release).
+    master is walked (links refused) and recognised by content: safetensors files are marked, plain text
+    is copied, and anything else (PyTorch pickle / zip, numpy, GGUF, HDF5, archives, compressed or raw
+    binary files) refuses the release, naming each file, unless an ``exclude`` pattern leaves it out of
+    the copy (recorded with the release); so does a tensor that copies a marked one (:class:`_CopyGuard`).
 
     The export-control gate decides first (``gate``, default: the one configured under ``home``) for
     ``recipient`` in ``country``; anything but ``allow`` raises :class:`ReleaseDenied` and writes nothing,
