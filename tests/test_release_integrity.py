@@ -382,3 +382,220 @@ def test_a_key_other_than_the_enrolled_one_is_refused(tmp_path: Path, model: Pat
     single.write_bytes(pickle.dumps({"w": [1.0]}, protocol=4))
     with pytest.raises(UnmarkableFilesError, match="pickle"):
         release(single, "Acme Labs", tmp_path / "d", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+
+
+# -- issue 17, red team: formats the sniff did not know left unmarked; an allowlist now -------------------
+def _red_team_files(model: Path) -> tuple[bytes, dict[str, bytes]]:
+    import bz2
+    import gzip
+    import io
+    import lzma
+
+    st = (model / "model.safetensors").read_bytes()
+    n = int.from_bytes(st[:8], "little")
+    spaced = (n + 1).to_bytes(8, "little") + b" " + st[8:]  # safetensors accepts a leading space in the header
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("model.safetensors", st)
+    tbuf = io.BytesIO()
+    import tarfile
+
+    with tarfile.open(fileobj=tbuf, mode="w") as t:
+        info = tarfile.TarInfo("model.safetensors")
+        info.size = len(st)
+        t.addfile(info, io.BytesIO(st))
+    raw = np.random.default_rng(9).standard_normal(4096).astype(np.float32).tobytes()
+    return spaced, {
+        "backup.tar": tbuf.getvalue(),
+        "model.safetensors.gz": gzip.compress(st),
+        "p0.pkl": pickle.dumps({"w": [0.5] * 16}, protocol=0),
+        "p1.pkl": pickle.dumps({"w": [0.5] * 16}, protocol=1),
+        "weights.bin": raw,
+        "flax_model.msgpack": b"\x81\xa6params\xc5\x10\x00" + raw,
+        "README.md": b"# A model card\n\nNothing to see here.\n" + zbuf.getvalue(),
+        "keras.h5": bytes(512) + b"\x89HDF\r\n\x1a\n" + raw,  # HDF5 with a 512-byte user block
+        "model.onnx": b"\x08\x07\x12\x07pytorch" + raw,
+        "ggml.bin": b"lmgg" + raw,
+        "w.xz": lzma.compress(st[:4096]),
+        "w.zst": b"\x28\xb5\x2f\xfd" + raw[:64],
+        "w.bz2": bz2.compress(st[:4096]),
+        "w.7z": b"7z\xbc\xaf\x27\x1c\x00\x04" + raw[:64],
+        "notes.txt": b"GGUF\x03 then a GGUF-looking body",  # text with a container signature inside it
+    }
+
+
+def test_every_unrecognised_file_refuses_the_release_naming_it(tmp_path: Path, model: Path,
+                                                               keyring: ww.Keyring) -> None:  # fmt: skip
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    spaced, bad = _red_team_files(model)
+    for rel, data in bad.items():
+        (d / rel).write_bytes(data)
+    (d / "other.txt").write_bytes(spaced)  # safetensors by its header, whatever its name: marked, not copied
+    (d / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"héllo": 1}}}))  # text: copied, not refused
+    (d / "empty.txt").write_bytes(b"")
+    (d / "NOTES.md").write_text("We also publish GGUF and safetensors files.\n")
+    sink, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    with pytest.raises(UnmarkableFilesError) as e:
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    named = {f.split(" (", 1)[0] for f in e.value.files}
+    assert named == set(bad), named ^ set(bad)
+    assert "--exclude" in str(e.value)
+    assert not os.path.lexists(out) and _store(tmp_path).recipients("m") == []
+    acts = [(x.action, x.outcome) for x in sink.events]
+    assert (audit.AuditAction.RELEASE_REFUSE, "denied") in acts and audit.AuditAction.RELEASE_GATE not in dict(acts)
+    # excluding them all: the text files are copied byte for byte, the release goes through
+    rel = release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m",
+                  exclude=tuple(bad))  # fmt: skip
+    assert set(rel.excluded_files) == set(bad)
+    got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert got == ["NOTES.md", "config.json", "empty.txt", "model.safetensors", "other.txt", "tokenizer.json"]
+    assert (out / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
+    o = load_file(str(model / "model.safetensors"))
+    assert not np.array_equal(load_file(str(out / "other.txt"))[W], o[W])  # marked
+    assert "other.txt" in _store(tmp_path).releases("m")[0]["marked_files"]
+
+
+def test_a_sealed_master_with_an_unrecognised_member_is_refused(tmp_path: Path, model: Path,
+                                                                keyring: ww.Keyring) -> None:  # fmt: skip
+    d = tmp_path / "src"
+    shutil.copytree(model, d)
+    (d / "weights.bin").write_bytes(np.ones(256, np.float32).tobytes())
+    ww.seal(d, tmp_path / "m.sealed", keyring=keyring)
+    prov = keyring.provider(purpose="tracing", create=True)
+    with pytest.raises(UnmarkableFilesError, match=r"weights\.bin \(neither marked weights nor plain text"):
+        release(tmp_path / "m.sealed", "Acme Labs", tmp_path / "c", provider=prov, country="DE", home=tmp_path / "h",
+                model_id="m", master_kw={"keyring": keyring})  # fmt: skip
+    assert not os.path.lexists(tmp_path / "c") and _store(tmp_path).recipients("m") == []
+
+
+def _swap_after_the_gate(monkeypatch: pytest.MonkeyPatch, swap) -> None:
+    """The red team's race: the gate runs between the walk and the copy; swap a file while it decides."""
+    from weightwarden.release.gate import ReleaseGate
+
+    decide = ReleaseGate.decide_model
+
+    def racing(self, *a, **kw):
+        out = decide(self, *a, **kw)
+        swap()
+        return out
+
+    monkeypatch.setattr(ReleaseGate, "decide_model", racing)
+
+
+@pytest.mark.parametrize("sealed", [False, True])
+def test_a_file_swapped_for_weights_during_the_gate_is_refused(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               sealed: bool) -> None:  # fmt: skip
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    (d / "README.md").write_text("# model card\n")
+    save_file({"x": np.random.default_rng(5).standard_normal((64, 256)).astype(np.float32)}, str(tmp_path / "w.st"))
+    _swap_after_the_gate(monkeypatch, lambda: os.replace(tmp_path / "w.st", d / "README.md"))
+    sink, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    seal = (prov, keyring.signer()) if sealed else None
+    with pytest.raises(UnmarkableFilesError, match=r"README\.md \(changed after it was checked: now safetensors"):
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m", seal=seal)
+    assert not os.path.lexists(out) and not [p for p in tmp_path.iterdir() if p.name.startswith((".ww-tmp", ".warden"))]
+    assert _store(tmp_path).recipients("m") == [] and _store(tmp_path).releases("m") == []
+    acts = [(x.action, x.outcome) for x in sink.events]
+    assert (audit.AuditAction.RELEASE_GATE, "ok") in acts and (audit.AuditAction.RELEASE_REFUSE, "denied") in acts
+
+
+def test_a_folder_swapped_for_a_link_during_the_gate_is_refused(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    (d / "docs").mkdir()
+    (d / "docs" / "notes.txt").write_text("notes\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text('{"secret": "not for the recipient"}')  # text, but outside the tree
+
+    def swap() -> None:
+        shutil.rmtree(d / "docs")
+        os.symlink(elsewhere, d / "docs")
+
+    _swap_after_the_gate(monkeypatch, swap)
+    _, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    with pytest.raises(UnmarkableFilesError, match=r"docs/notes\.txt \(changed after it was checked: cannot be read"):
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert not os.path.lexists(out) and _store(tmp_path).releases("m") == []
+
+
+# -- issue 17, red team: copies of marked tensors under other names --------------------------------------
+def _with_extra(model: Path, root: Path, extra: dict[str, np.ndarray]) -> Path:
+    d = root / "m"
+    shutil.copytree(model, d)
+    t = load_file(str(d / "model.safetensors"))
+    save_file({**t, **extra}, str(d / "model.safetensors"))
+    return d
+
+
+def _refused_copy(d: Path, tmp_path: Path, keyring: ww.Keyring, *expect: str) -> UnmarkableFilesError:
+    sink, prov = _sink(keyring)
+    out = tmp_path / "copy"
+    with pytest.raises(UnmarkableFilesError) as e:
+        release(d, "Acme Labs", out, provider=prov, country="DE", home=tmp_path / "h", model_id="m",
+                exclude=("*.bin",))  # fmt: skip
+    for x in expect:
+        assert x in str(e.value), (x, str(e.value))
+    assert "remove the tensor" in str(e.value)
+    assert not os.path.lexists(out) and _store(tmp_path).recipients("m") == []
+    acts = [(x.action, x.outcome) for x in sink.events]
+    assert (audit.AuditAction.RELEASE_REFUSE, "denied") in acts and audit.AuditAction.RELEASE_GATE not in dict(acts)
+    return e.value
+
+
+def test_a_copy_of_a_marked_tensor_under_another_name_is_refused(tmp_path: Path, model: Path,
+                                                                 keyring: ww.Keyring) -> None:  # fmt: skip
+    t = load_file(str(model / "model.safetensors"))
+    up = "model.layers.0.mlp.up_proj.weight"
+    d = _with_extra(model, tmp_path, {"lm_backup.l0_down": t[W].copy(), "lm_backup.l0_up_T": t[up].T.copy()})
+    e = _refused_copy(d, tmp_path, keyring, "'lm_backup.l0_down'", "'lm_backup.l0_up_T'", f"'{W}'")
+    assert len(e.files) == 2
+
+
+def test_a_reshaped_copy_or_a_copy_under_a_known_name_is_refused_by_its_bytes(tmp_path: Path, model: Path,
+                                                                              keyring: ww.Keyring) -> None:  # fmt: skip
+    t = load_file(str(model / "model.safetensors"))
+    g1 = "model.layers.1.mlp.gate_proj.weight"
+    d = _with_extra(model, tmp_path, {"flat": t[W].reshape(-1).copy(),  # a shape no marked tensor has
+                                      "model.layers.1.mlp.up_proj.weight": t[g1].copy()})  # a name the layout knows
+    e = _refused_copy(d, tmp_path, keyring, "'flat' holds the same bytes as", f"'{W}'",
+                      "'model.layers.1.mlp.up_proj.weight' holds the same bytes as", f"'{g1}'")
+    assert len(e.files) == 2
+
+
+def test_a_sub_folder_file_with_one_target_and_a_copy_of_another_is_refused(tmp_path: Path, model: Path,
+                                                                            keyring: ww.Keyring) -> None:  # fmt: skip
+    t = load_file(str(model / "model.safetensors"))
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    (d / "extra").mkdir()
+    g0 = "model.layers.0.mlp.gate_proj.weight"
+    save_file({g0: t[g0], "other.w": t["model.layers.1.mlp.down_proj.weight"]}, str(d / "extra" / "part.safetensors"))
+    e = _refused_copy(d, tmp_path, keyring, "extra/part.safetensors (tensor 'other.w'")
+    assert len(e.files) == 1
+    # the legitimate model beside it, untouched, still releases: its up_proj shares gate_proj's shape
+    prov = keyring.provider(purpose="tracing", create=True)
+    rel = release(model, "Acme Labs", tmp_path / "ok", provider=prov, country="DE", home=tmp_path / "h",
+                  model_id="m")  # fmt: skip
+    assert rel.recipient == "Acme Labs"
+
+
+def test_a_weight_file_swapped_for_one_with_a_copy_during_the_gate_is_refused(
+    tmp_path: Path, model: Path, keyring: ww.Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    t = load_file(str(model / "model.safetensors"))
+    save_file({**t, "lm_backup.l0_down": t[W].copy()}, str(tmp_path / "w.st"))
+    _swap_after_the_gate(monkeypatch, lambda: os.replace(tmp_path / "w.st", d / "model.safetensors"))
+    _, prov = _sink(keyring)
+    with pytest.raises(UnmarkableFilesError, match=r"changed after it was checked.*'lm_backup\.l0_down'"):
+        release(d, "Acme Labs", tmp_path / "copy", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert not os.path.lexists(tmp_path / "copy") and _store(tmp_path).releases("m") == []

@@ -8,13 +8,17 @@ recognised from the pickle opcodes with :mod:`pickletools`, never unpickled), nu
 ``.npz``, GGUF, HDF5 (Keras / TF), and any other zip archive (it may hold any of them).
 
 ``warden seal DIR`` and ``warden release`` share the walk; the release also refuses every weight
-file it cannot fingerprint unless the operator excludes it (``--exclude PATTERN``).
+file it cannot fingerprint unless the operator excludes it (``--exclude PATTERN``).  For a release the
+rule is an allowlist (``classify``): a file that is neither safetensors nor plainly text
+(``is_plain_text``) is refused as :data:`UNRECOGNISED`, and text is copied from the bytes read once and
+checked again (``read_plain_text``), never re-opened by path.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import io
+import json
 import os
 import pickletools
 import stat
@@ -26,11 +30,19 @@ from pathlib import Path
 from .._atomic import TMP_PREFIX
 from ..errors import UnmarkableFilesError
 
-__all__ = ["WalkResult", "excluded", "shown", "sniff", "sniff_file", "walk"]
+__all__ = ["WalkResult", "classify", "classify_bytes", "excluded", "is_plain_text", "open_under", "read_plain_text",
+           "shown", "sniff", "sniff_file",
+           "walk"]
 
 MAX_FILES = 100_000
 SNIFF_BYTES = 64 * 1024
 MARKABLE = frozenset({"safetensors"})
+TEXT_MAX = 16 * 1024 * 1024  # a "clearly non-weight" file is small-ish text
+UNRECOGNISED = "unrecognised"  # neither a marked weight format nor plain text: refused by a release
+# signatures of archives, compressors and weight containers: plain text holding one anywhere is not plain
+_EMBEDDED = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x01\x02", b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd",
+             b"7z\xbc\xaf\x27\x1c", b"GGUF\x01", b"GGUF\x02", b"GGUF\x03", b"\x89HDF", b"\x93NUMPY",
+             b"1AY&SY")  # fmt: skip
 
 
 def invisible(c: str) -> bool:
@@ -115,12 +127,135 @@ def _zip_kind(zf: zipfile.ZipFile) -> str:
     return "zip"
 
 
+def _safetensors_like(head: bytes, size: int) -> bool:
+    """A safetensors header: an 8-byte length, then JSON (leading whitespace allowed, as safetensors
+    allows it) that is an object, parsed whole when it lies in ``head``, with offsets inside the file."""
+    if len(head) < 9 or size < 10:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    if not 2 <= n <= size - 8:
+        return False
+    text = head[8 : 8 + n]
+    if not text.lstrip(b" \t\r\n").startswith(b"{"):
+        return False
+    if len(head) < 8 + n:
+        return True  # a header longer than the sniffed prefix: its start is enough to call it safetensors
+    try:
+        hdr = json.loads(text)
+    except ValueError:
+        return False
+    if not isinstance(hdr, dict):
+        return False
+    for k, v in hdr.items():
+        if k == "__metadata__":
+            continue
+        off = v.get("data_offsets") if isinstance(v, dict) else None
+        if not (isinstance(off, list) and len(off) == 2 and all(isinstance(o, int) for o in off)
+                and 0 <= off[0] <= off[1] <= size - 8 - n):  # fmt: skip
+            return False
+    return True
+
+
+def _pickle_stream(data: bytes) -> bool:
+    """Does a pickle opcode stream (any protocol, 0 and 1 included) parse from offset 0 to its STOP?
+    Read with pickletools, never executed."""
+    n = 0
+    try:
+        for op, _arg, _pos in pickletools.genops(io.BytesIO(data)):
+            n += 1
+            if op.name == "STOP":
+                return n >= 2
+    except Exception:  # not a pickle (or a truncated one)
+        return False
+    return False
+
+
+def is_plain_text(data: bytes | memoryview) -> bool:
+    """Clearly not weights: small-ish valid UTF-8 (or empty), no NUL, no archive / compression / weight
+    container signature anywhere in it, and not a pickle opcode stream."""
+    b = bytes(data)
+    if len(b) > TEXT_MAX or b"\x00" in b:
+        return False
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    if any(sig in b for sig in _EMBEDDED):
+        return False
+    return not _pickle_stream(b)
+
+
+def classify_bytes(data: bytes | memoryview) -> str | None:
+    """For a release (an allowlist): a weight format's name, :data:`UNRECOGNISED`, or None for plain text."""
+    kind = sniff_bytes(data)
+    if kind is None and not is_plain_text(data):
+        return UNRECOGNISED
+    return kind
+
+
+def classify(path: Path) -> str | None:
+    """:func:`classify_bytes` of a file: text is read whole (up to :data:`TEXT_MAX`), never followed
+    through a link at its last component."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return UNRECOGNISED
+        head = fh.read(SNIFF_BYTES)
+        fh.seek(0)
+        kind = sniff(head, st.st_size, fh)
+        if kind is not None:
+            return kind
+        if st.st_size > TEXT_MAX:
+            return UNRECOGNISED
+        fh.seek(0)
+        return None if is_plain_text(fh.read(TEXT_MAX + 1)) else UNRECOGNISED
+
+
+def open_under(root: Path, rel: str) -> int:
+    """A read-only fd for ``root/rel`` opened one component at a time (``dir_fd``), none of them
+    followed through a symbolic link (``O_NOFOLLOW``): a folder in the path swapped for a link after the
+    walk cannot redirect the read.  Raises OSError."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    dfd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        *dirs, name = rel.split("/")
+        for part in dirs:
+            nfd = os.open(part, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | nofollow, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+        return os.open(name, os.O_RDONLY | nofollow | getattr(os, "O_NONBLOCK", 0), dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_plain_text(root: Path, rel: str) -> bytes:
+    """The bytes of a file the walk judged plain text, read once from one fd (:func:`open_under`,
+    fstat'ed: a regular file) and judged again: the bytes copied are the bytes checked.  A file that
+    changed into anything else since the walk raises :class:`UnmarkableFilesError`."""
+    why = ""
+    try:
+        with os.fdopen(open_under(root, rel), "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                why = "no longer a regular file"
+            else:
+                data = fh.read(TEXT_MAX + 1)
+                kind = classify_bytes(data)
+                if kind is not None:
+                    why = f"now {kind}"
+    except OSError as e:
+        why = f"cannot be read without following a link ({e.strerror})"
+    if why:
+        problem = f"{rel} (changed after it was checked: {why})"
+        raise UnmarkableFilesError(f"{shown(problem)}: nothing was written; release again from a folder nobody "
+                                   "is changing", [problem])  # fmt: skip
+    return data
+
+
 def sniff(head: bytes, size: int, opener: object = None) -> str | None:
     """The weight format of a file from its first bytes (and, for zips, its member list), or None."""
-    if len(head) >= 9 and size >= 10:
-        n = int.from_bytes(head[:8], "little")
-        if 2 <= n <= size - 8 and head[8:9] == b"{":
-            return "safetensors"
+    if _safetensors_like(head, size):
+        return "safetensors"
     if head.startswith(b"GGUF"):
         return "gguf"
     if head.startswith(b"\x93NUMPY"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -20,7 +21,7 @@ import numpy as np
 from .. import audit
 from .._atomic import TMP_PREFIX, atomic_output, write_all
 from ..audit import AuditAction
-from ..errors import OutputExistsError, RecipientKeyError, UnsupportedModelError, WardenError
+from ..errors import OutputExistsError, RecipientKeyError, UnmarkableFilesError, UnsupportedModelError, WardenError
 from ..keys.provider import KeyProvider
 from ..provenance.layout import detect_layout
 from ..provenance.source import TensorSource
@@ -162,17 +163,17 @@ def _is_sealed_master(model: Path) -> bool:
 
 
 def _inventory_plain(model: Path) -> tuple[list[_Entry], list[str]]:
-    from ..sealed.walk import sniff_file, walk
+    from ..sealed.walk import classify, walk
 
     if model.is_symlink():
         return [], [f"{model.name} (a symbolic link: links are not followed; give the file itself)"]
     if model.is_file():
-        kind = sniff_file(model)
+        kind = classify(model)
         return [_Entry(model.name, kind, path=model, in_source=kind == "safetensors")], []
     w = walk(model)
     entries = []
     for rel in w.files:
-        kind = sniff_file(model / rel)
+        kind = classify(model / rel)
         top = "/" not in rel and rel.endswith(".safetensors")
         entries.append(_Entry(rel, kind, path=model / rel, in_source=top and kind == "safetensors"))
     return entries, w.problems
@@ -180,7 +181,7 @@ def _inventory_plain(model: Path) -> tuple[list[_Entry], list[str]]:
 
 def _inventory_sealed(reader: Any) -> list[_Entry]:
     from ..sealed.bundle import BundleReader
-    from ..sealed.walk import sniff_bytes
+    from ..sealed.walk import classify_bytes
 
     members = [reader._by_name[n] for n in reader.files()] if isinstance(reader, BundleReader) else [reader]
     out = []
@@ -188,7 +189,7 @@ def _inventory_sealed(reader: Any) -> list[_Entry]:
         if r.kind == "safetensors":
             out.append(_Entry(r.name, "safetensors", member=r, in_source=True))
         else:
-            out.append(_Entry(r.name, sniff_bytes(r.read_all()), member=r))
+            out.append(_Entry(r.name, classify_bytes(r.read_all()), member=r))
     return out
 
 
@@ -208,6 +209,76 @@ def _entry_bytes(e: _Entry) -> Any:
     if r.kind == "safetensors":
         return r.safetensors_header_bytes() + body.tobytes()
     return body
+
+
+# names the supported layouts give their tensors (inside a block, or at the top): a tensor outside the marked
+# set under any other name, shaped like a marked tensor (or its transpose), is taken for a hidden copy
+_BLOCK_PARTS = re.compile(
+    r"(?:^|\.)(?:layers|h|encoder\.layer)\.\d+\.(?:"
+    r"self_attn\.(?:[qkvo]_proj|[qk]_norm)|input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+    r"|post_feedforward_layernorm|mlp\.(?:gate|up|down)_proj|mlp\.gate|mlp\.shared_expert_gate"
+    r"|mlp\.experts\.\d+\.(?:gate|up|down)_proj|mlp\.shared_experts?\.(?:gate|up|down)_proj"
+    r"|block_sparse_moe\.gate|block_sparse_moe\.experts\.\d+\.w[123]"
+    r"|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj|ln_1|ln_2"
+    r"|attention\.self\.(?:query|key|value)|attention\.output\.dense|attention\.output\.LayerNorm"
+    r"|intermediate\.dense|output\.dense|output\.LayerNorm)\.(?:weight|bias|gamma|beta)$"
+    r"|(?:^|\.)layers\.\d+\.self_attn\.rotary_emb\.inv_freq$|(?:^|\.)h\.\d+\.attn\.(?:masked_)?bias$"
+)
+_TOP_PARTS = re.compile(
+    r"(?:^|\.)(?:embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|tok_embeddings"
+    r"|lm_head|norm|ln_f|final_layernorm|embeddings\.LayerNorm|pooler\.dense|cls\.predictions\.[\w.]+"
+    r"|position_ids)(?:\.(?:weight|bias|gamma|beta))?$"
+)
+
+
+def _known_name(name: str) -> bool:
+    return bool(_BLOCK_PARTS.search(name) or _TOP_PARTS.search(name))
+
+
+def _hash(a: Any) -> str:
+    return blake3.blake3(np.ascontiguousarray(a).view(np.uint8).data).hexdigest()
+
+
+class _CopyGuard:
+    """Refuses tensors outside the marked set that copy a marked one (issue 17, red team): under a name the
+    layout does not know, one shaped like a marked tensor or its transpose; under any name, one whose bytes
+    hash equal to a marked tensor's (BLAKE3, only for tensors of a marked tensor's byte size)."""
+
+    def __init__(self, targets: set[str], files: list[tuple[str, dict[str, Any]]]):
+        self.targets = targets
+        self.shapes: dict[tuple[int, ...], str] = {}
+        self.by_size: dict[int, list[tuple[str, Any]]] = {}
+        for _rel, tensors in files:
+            for n, a in tensors.items():
+                if n in targets:
+                    self.shapes.setdefault(tuple(a.shape), n)
+                    self.shapes.setdefault(tuple(a.shape)[::-1], n)
+                    self.by_size.setdefault(a.nbytes, []).append((n, a))
+        self._hashes: dict[str, str] | None = None
+
+    def hashes(self) -> dict[str, str]:
+        if self._hashes is None:
+            self._hashes = {}
+            for items in self.by_size.values():
+                for n, a in items:
+                    self._hashes.setdefault(_hash(a), n)
+        return self._hashes
+
+    def problems(self, rel: str, tensors: dict[str, Any]) -> list[str]:
+        out = []
+        for n, a in tensors.items():
+            if n in self.targets:
+                continue
+            t = self.shapes.get(tuple(a.shape)) if not _known_name(n) and a.ndim >= 2 else None
+            if t is None and a.nbytes in self.by_size:
+                t = self.hashes().get(_hash(a))
+                why = "holds the same bytes as"
+            else:
+                why = "is shaped like"
+            if t is not None:
+                out.append(f"{rel} (tensor '{n}' {why} the marked tensor '{t}': a copy would leave unmarked; "
+                           "remove the tensor from the file, --exclude cannot split a file)")  # fmt: skip
+        return out
 
 
 def _refusal(provider: KeyProvider, model_id: str, err: Exception, now: datetime | None, **detail: Any) -> None:
@@ -245,9 +316,10 @@ def release(
     ``model`` (the master) is a safetensors file, a model folder, a sealed file or a sealed bundle; a
     sealed master is decrypted into memory only (``master_kw``: ``keyring`` or ``providers`` and
     ``trust`` to open it; default: ``provider`` and the trust store under ``home``).  Every file of the
-    master is walked (links refused) and recognised by content: safetensors files are marked, and any
-    other weight format (PyTorch pickle / zip, numpy, GGUF, HDF5, zip) refuses the release, naming each
-    file, unless an ``exclude`` pattern leaves it out of the copy (recorded with the release).
+    master is walked (links refused) and recognised by content: safetensors files are marked, plain text
+    is copied, and anything else (PyTorch pickle / zip, numpy, GGUF, HDF5, archives, compressed or raw
+    binary files) refuses the release, naming each file, unless an ``exclude`` pattern leaves it out of
+    the copy (recorded with the release); so does a tensor that copies a marked one (:class:`_CopyGuard`).
 
     The export-control gate decides first (``gate``, default: the one configured under ``home``) for
     ``recipient`` in ``country``; anything but ``allow`` raises :class:`ReleaseDenied` and writes nothing,
@@ -265,7 +337,7 @@ def release(
     identity, one codeword.  The recipient and the release are recorded in one transaction, with the
     copy moved into place inside it: a release refused or failing mid-way records nothing."""
     from ..keys.age import AgeRecipientProvider, check_recipient
-    from ..sealed.walk import MARKABLE, excluded, refuse
+    from ..sealed.walk import MARKABLE, UNRECOGNISED, excluded, refuse
     from .store import recipient_name
 
     model, out = Path(model), Path(out)
@@ -319,7 +391,9 @@ def release(
         left_out += [p.split(" (", 1)[0] for p in problems if excluded(p.split(" (", 1)[0], exclude)]
         problems = [p for p in problems if not excluded(p.split(" (", 1)[0], exclude)]
         for e in entries:
-            if e.kind is not None and e.kind not in MARKABLE:
+            if e.kind == UNRECOGNISED:
+                problems.append(f"{e.rel} (neither marked weights nor plain text: it may hold weights)")
+            elif e.kind is not None and e.kind not in MARKABLE:
                 problems.append(f"{e.rel} ({e.kind}: a weight format that cannot be fingerprinted)")
         src_entries = [e for e in entries if e.in_source]
         if not src_entries:
@@ -333,6 +407,11 @@ def release(
                 with TensorSource(e.path) as part:  # type: ignore[arg-type]
                     if not targets & set(part.names()):
                         problems.append(f"{e.rel} (safetensors outside the model's layout: nothing to mark in it)")
+        weight_files = [(e.rel, _entry_tensors(e)[0]) for e in entries if e.kind == "safetensors"]
+        guard = _CopyGuard(targets, weight_files)
+        for rel, tensors in weight_files:
+            problems += guard.problems(rel, tensors)
+        del weight_files
         refuse(sorted(set(problems)), f"{model} cannot be released as it is (nothing was written; exclude a "
                                       "file with --exclude PATTERN, or remove it)")  # fmt: skip
     except (WardenError, OSError, ValueError) as e:
@@ -342,7 +421,8 @@ def release(
         raise
     try:
         return _release_checked(
-            model, out, recipient, name, entries, left_out, targets, layout, sealed_master, store, provider=provider,
+            model, out, recipient, name, entries, left_out, targets, layout, sealed_master, store, guard=guard,
+            provider=provider,
             country=country, aliases=aliases, gate=gate, approval=approval, classify_kw={**master_kw,
             **(classify_kw or {})}, model_id=model_id, home=home, alpha=alpha, code_length=code_length, force=force,
             seal=(AgeRecipientProvider(recipient_key, provider.audit), seal[1]) if recipient_key and seal else seal,
@@ -359,12 +439,13 @@ def release(
 
 
 def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries: list[_Entry], left_out: list[str],
-                     targets: set[str], layout: Any, sealed_master: bool, store: TraceStore, *,
+                     targets: set[str], layout: Any, sealed_master: bool, store: TraceStore, *, guard: _CopyGuard,
                      provider: KeyProvider, country: str | None, aliases: tuple[str, ...], gate: ReleaseGate | None,
                      approval: Any, classify_kw: dict[str, Any], model_id: str, home: Path | None, alpha: float,
                      code_length: int, force: bool, seal: tuple[KeyProvider, Any] | None, hide_header: bool,
                      recipient_key: str | None, exclude: tuple[str, ...],
                      now: datetime | None) -> ReleaseRecord:  # fmt: skip
+    from ..sealed.walk import read_plain_text
     from .store import _Conflict
 
     when = (now or datetime.now(UTC)).date()
@@ -406,6 +487,10 @@ def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries:
 
         def marked(e: _Entry, x: np.ndarray = x) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             tensors, meta = _entry_tensors(e)  # a sealed member: views of fresh memory, marked in place
+            copies = guard.problems(e.rel, tensors)  # the bytes read now, not those checked before the gate
+            if copies:
+                raise UnmarkableFilesError(f"{e.rel} changed after it was checked: " + "; ".join(map(shown, copies)),
+                                           copies)  # fmt: skip
             here = {n: tensors[n] for n in tensors if n in targets}
             inplace = e.member is not None
             tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here), inplace=inplace))
@@ -446,8 +531,9 @@ def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries:
                         bufs.append(buf)
                         digests.append(digest)
                         items.append((e.rel, MemorySource(e.rel, buf)))
-                    else:
-                        items.append((e.rel, e.path if e.path is not None else MemorySource(e.rel, _entry_bytes(e))))
+                    else:  # plain text: read once, checked again, sealed from those bytes
+                        data = read_plain_text(model, e.rel) if e.path is not None else _entry_bytes(e)
+                        items.append((e.rel, MemorySource(e.rel, data)))
                 kw = {"provider": seal[0], "signer": seal[1], "hide_header": hide_header, "force": False}
                 if single:
                     seal_file(items[0][1], staging, name=Path(items[0][0]).name, **kw)
@@ -461,11 +547,10 @@ def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries:
                         dst.parent.mkdir(parents=True, exist_ok=True)
                         if e.kind == "safetensors":
                             digests.append(_write_safetensors(dst, *marked(e)))
-                        elif e.path is not None:
-                            shutil.copy2(e.path, dst, follow_symlinks=False)
-                        else:
+                        else:  # plain text: read once, checked again, written from those bytes
+                            data = read_plain_text(model, e.rel) if e.path is not None else _entry_bytes(e)
                             with atomic_output(dst, force=True) as fd:
-                                write_all(fd, memoryview(_entry_bytes(e)).cast("B"))
+                                write_all(fd, memoryview(data).cast("B"))
                     os.replace(tmp / "model.safetensors" if single else tmp, staging)
                 finally:
                     if tmp.exists():
