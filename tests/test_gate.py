@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import weightwarden as ww
-from weightwarden import audit
+from weightwarden import audit, trail
 from weightwarden.errors import WardenError
 from weightwarden.release import classify, default_rules
 from weightwarden.release.gate import (
@@ -275,8 +275,8 @@ def test_cli_release_gate_and_licenses(cli_env: dict[str, str], model: Path, tmp
                  "--json")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["release"]["gate"] == "allow"
-    log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
-    assert '"release:gate"' in log and '"release:license"' in log
+    log = [e["action"] for e in trail.events(cli_env["WARDEN_HOME"])]  # the tamper-evident trail
+    assert "release:gate" in log and "release:license" in log
 
 
 def test_a_sealed_release_never_writes_plaintext(tmp_path: Path, model: Path, keyring: ww.Keyring,

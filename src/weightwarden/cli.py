@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import api, audit
+from . import api, audit, trail
 from .errors import CustodyError, KeyringError, WardenError
 from .keys.local import KdfParams, Keyring, TrustStore, default_home
 from .keys.provider import ed25519_key_id
@@ -310,7 +310,7 @@ def seal(
     with _progress(_size(src), "sealing", not as_json) as prog:
         results = api.seal(
             src, output, keyring=kr, key=key, provider=wrap, signer=_signer(kr, signer), hide_header=hide_header,
-            chunk_size=chunk_size, force=force, progress=prog,
+            chunk_size=chunk_size, force=force, progress=prog, home=home,
         )  # fmt: skip
     rows = [
         {"path": str(r.path), "file_id": r.file_id, "kind": r.kind, "bytes": r.data_len, "chunks": r.n_chunks,
@@ -333,7 +333,7 @@ def open_(
     kr = _keyring(home)
     provs = [*_uri_providers(provider), kr.provider()]
     with _progress(_sealed_size(src, as_json), "opening", not as_json) as prog:
-        paths = api.unseal(src, output, keyring=kr, providers=provs, force=force, progress=prog)
+        paths = api.unseal(src, output, keyring=kr, providers=provs, force=force, progress=prog, home=home)
     _emit({"written": [str(p) for p in paths]}, as_json, f"wrote plaintext to {output}")
 
 
@@ -351,7 +351,7 @@ def verify(
     trust: Any = [_parse_public(k) for k in trust_key] if trust_key else TrustStore.load(home or default_home())
     kr = _keyring(home) if deep else None
     with _progress(_sealed_size(src, as_json), "verifying", not as_json) as prog:
-        rep = api.verify(src, trust=trust, deep=deep, keyring=kr, progress=prog)
+        rep = api.verify(src, trust=trust, deep=deep, keyring=kr, progress=prog, home=home)
     _emit(rep.to_json(), as_json, f"OK: {rep.files} file(s), {rep.chunks} chunks, signed by {rep.signer}" + (
         ", every tag checked" if deep else ""))  # fmt: skip
 
@@ -629,18 +629,10 @@ def _model_kw(path: Path, home: Path | None) -> dict[str, Any]:
     return {}
 
 
-def _log(home: Path | None, action: audit.AuditAction, subject: str, **detail: Any) -> None:
-    sink = audit.JsonlSink((home or default_home()) / "audit.jsonl")
-    try:
-        sink.emit(audit.event(action, subject=subject, detail=detail))
-    finally:
-        sink.close()
-
-
 def _registry(registry: Path | None, home: Path | None) -> Any:
     from .provenance import Registry, default_registry
 
-    return Registry(registry) if registry else default_registry(home)
+    return Registry(registry, home=home) if registry else default_registry(home)
 
 
 def _pfmt(p: float, log10_p: float) -> str:
@@ -674,7 +666,7 @@ def prov_compare(
     """Test "SUSPECT and REFERENCE were initialised independently"; print the p-value and per-layer evidence."""
     from .provenance import compare
 
-    c = compare(suspect, reference, alpha=alpha, **_model_kw(reference, home) or _model_kw(suspect, home))
+    c = compare(suspect, reference, alpha=alpha, home=home, **_model_kw(reference, home) or _model_kw(suspect, home))
     j = c.to_json()
     if plot is not None:
         from .plots import compare_plot
@@ -706,7 +698,6 @@ def prov_register(
     sig = reg.register(model, name, replace=replace, parent=parent, lineage=not no_lineage, alpha=alpha,
                        **_model_kw(model, home))  # fmt: skip
     up = reg.parent_of(name)
-    _log(home, audit.AuditAction.PROVENANCE_REGISTER, name, layers=len(sig.blocks), parent=up)
     _emit({"registered": name, "layers": len(sig.blocks), "registered_parent": up, "registry_size": len(reg)},
           as_json, f"registered {name} ({len(sig.blocks)} MLP blocks, parent: {up or 'none'}); "
           f"registry holds {len(reg)} model(s)")  # fmt: skip
@@ -756,7 +747,6 @@ def prov_list(registry: RegistryOpt = None, home: HomeOpt = None, as_json: JsonO
 def prov_remove(name: str, registry: RegistryOpt = None, home: HomeOpt = None) -> None:
     """Forget a registered model."""
     _registry(registry, home).remove(name)
-    _log(home, audit.AuditAction.PROVENANCE_REMOVE, name)
     out.print(f"removed {name}")
 
 
@@ -792,9 +782,8 @@ def scan_cmd(
             bar[0][0].update(bar[0][1], completed=done, total=total)
 
         rep = scan(where, reg.root, state=state, ray_address=ray_address, workers=workers, top_k=top_k, alpha=alpha,
-                   on_progress=progress)  # fmt: skip
+                   on_progress=progress, home=home)  # fmt: skip
     j = rep.to_json()
-    _log(home, audit.AuditAction.PROVENANCE_SCAN, ",".join(where)[:200], items=j["items"], derived=len(j["derived"]))
     if as_json:
         _emit(j, True)
         return
@@ -843,12 +832,16 @@ def _pubkey(pubkey: str | None, what: str) -> bytes:
 
 
 def _audit_log(db: str | None, home: Path | None, key: bytes | None = None) -> Any:
-    from .broker.auditlog import AuditLog
+    return trail.open_log(home, db, public_key=key)
 
-    url = db or f"sqlite:///{(home or default_home()) / 'broker' / 'broker.db'}"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-        raise WardenError(f"no audit log at {url}")
-    return AuditLog(url, public_key=key, create=False)
+
+def _log_key(pubkey: str | None, db: str | None, home: Path | None) -> bytes:
+    """--pubkey, else (for the home's own trail) the public half of its audit-log key file."""
+    if pubkey is None and db is None:
+        own = trail.log_public_key(home)
+        if own is not None:
+            return own
+    return _pubkey(pubkey, "verifying")
 
 
 def _read_json(path: Path) -> Any:
@@ -896,11 +889,21 @@ def audit_verify(
     """Recompute the whole tree from the events and check every signed head."""
     from .broker.auditlog import SignedHead
 
-    log = _audit_log(db, home, _pubkey(pubkey, "verifying"))
+    log = _audit_log(db, home)
+    log.public_key = _log_key(pubkey, db, home)
     kept = SignedHead.from_json(_read_json(against)) if against else None
     rep = log.verify(against=kept)
     _emit(rep, as_json, f"audit log intact: {rep['events']} events, {rep['heads_checked']} signed heads checked"
           + (f", extends the kept head of size {rep['against']}" if kept else ""))  # fmt: skip
+
+
+@audit_app.command("key")
+def audit_key(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """The public key of the home's audit-log key (hex): pin it outside the database (`verify --pubkey`)."""
+    pub = trail.log_public_key(home)
+    if pub is None:
+        raise WardenError("no audit-log key yet: the first audited operation creates it with the log")
+    _emit({"public_key": pub.hex()}, as_json, pub.hex())
 
 
 @audit_app.command("export")
@@ -938,7 +941,7 @@ BrokerDbOpt = Annotated[
 
 def _broker(db: str | None, store: str | None, home: Path | None, audience: str | None = None,
             gate: bool = False, per_principal: tuple[float, float] | None = None) -> Any:  # fmt: skip
-    """A broker over the keyring's signing key (it signs the audit log's tree heads); with ``gate``, the
+    """A broker whose audit log is the home's trail (heads signed by its audit-log key); with ``gate``, the
     export-control gate configured under ``home`` decides its release requests."""
     from .broker.auditlog import AuditLog
     from .broker.service import Broker, BrokerConfig
@@ -952,7 +955,7 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
         ws: Any = S3WeightStore(bucket, prefix, os.environ.get("AWS_ENDPOINT_URL"))
     else:
         ws = LocalWeightStore(Path(store) if store else h / "broker" / "weights")
-    log = AuditLog(url, _keyring(home).signer())
+    log = AuditLog(url, trail.log_signer(h))  # the home's audit-log key signs every head of its trail
     cfg = BrokerConfig(audience=audience) if audience else BrokerConfig()
     if per_principal is not None:
         import dataclasses
@@ -1118,7 +1121,7 @@ def classify_cmd(
         rs = load_rules(rules, keys)
     c = classify(model, rules=rs, as_of=when, country=country, tokens=tokens, declared_flop=compute,
                  chip_hours=chip_hours, peak_flops=peak_flops, utilization=utilization, published=published,
-                 experts_per_token=experts_per_token, **_model_kw(model, home))  # fmt: skip
+                 experts_per_token=experts_per_token, home=home, **_model_kw(model, home))  # fmt: skip
     j = c.to_json()
     if as_json:
         _emit(j, True)
@@ -1146,30 +1149,18 @@ def screen_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Screen NAME against the restricted-party list (`warden screen update --file F` loads a newer one)."""
+    from .release.screen import screen, update_list
 
-    from ._atomic import atomic_write_bytes
-    from .release.screen import ScreeningList
-
-    store = (home or default_home()) / "screening"
     if name == "update":
         if file is None:
             raise WardenError("warden screen update needs --file")
-        data = file.read_bytes()
-        lst = ScreeningList.parse(data, file.name)  # refuses an unknown format before anything is replaced
-        store.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(store / "list.dat", data, force=True)
-        import datetime as _dt
-
-        rec = {"origin": file.name, "sha256": lst.sha256, "format": lst.format, "entries": len(lst.entries),
-               "loaded": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}  # fmt: skip
-        atomic_write_bytes(store / "list.json", json.dumps(rec).encode(), force=True)
-        _emit(rec, as_json, f"screening list {file.name}: {len(lst.entries)} entries, sha256 {lst.sha256[:16]}…")
+        rec = update_list(file, home)
+        _emit(rec, as_json, f"screening list {rec['origin']}: {rec['entries']} entries, sha256 {rec['sha256'][:16]}…")
         return
-    lst = ScreeningList.load(file) if file is not None else ScreeningList.from_home(home or default_home())
-    if lst.is_sample:
+    r, sample = screen(name, aliases=tuple(alias or ()), country=country, threshold=threshold, file=file, home=home)
+    if sample:
         err.print("note: screening against the shipped SAMPLE list (fictitious); load a real one with "
                   "`warden screen update --file`")  # fmt: skip
-    r = lst.screen(name, aliases=tuple(alias or ()), country=country, threshold=threshold)
     if as_json:
         _emit(r, True)
         return
@@ -1243,8 +1234,6 @@ def release_cmd(
             raise
         if b is not None and seal_out:
             b.attach_release(request, output, actor=audit._default_actor())
-    _log(home, audit.AuditAction.RELEASE_CREATE, rel.model_id, recipient=to, code_id=rel.code_id, gate=rel.gate,
-         rules_version=rel.rules_version)  # fmt: skip
     _emit({"released": True, "release": rel.to_json(), "output": str(output)}, as_json,
           f"released {rel.model_id} to {to} (code {rel.code_id}; gate: {rel.gate}, rules {rel.rules_version}) "
           f"at {output}")  # fmt: skip
@@ -1265,14 +1254,12 @@ def license_add(
     as_json: JsonOpt = False,
 ) -> None:
     """File an export license; the gate allows what it covers (regime, model, recipient, country, dates)."""
-    from .release.gate import LicenseBook, LicenseRecord
+    from .release.gate import LicenseRecord, file_license
 
     rec = LicenseRecord.from_json({"id": license_id, "regimes": regime, "recipient": recipient, "countries": country,
                                    "models": model, "valid_from": valid_from, "valid_until": valid_until,
                                    "authority": authority, "reference": reference})  # fmt: skip
-    book = LicenseBook.load((home or default_home()) / "release" / "licenses.json")
-    book.add(rec)
-    _log(home, audit.AuditAction.RELEASE_LICENSE, license_id, **rec.to_json())
+    book = file_license(rec, home)
     _emit(rec.to_json(), as_json, f"license {license_id} filed ({len(book.records)} on file)")
 
 
@@ -1316,7 +1303,6 @@ def trace_cmd(
     rep = trace(suspect, model, provider=kr.provider(), model_id=model_id, home=home, db=db, eps=eps,
                 population=population, **_model_kw(suspect, home))  # fmt: skip
     j = rep.to_json()
-    _log(home, audit.AuditAction.TRACE_RUN, rep.model_id, accused=[a["recipient"] for a in rep.accused])
     if plot is not None:
         from .plots import trace_plot
 

@@ -106,6 +106,10 @@ class AuditTamperedError(AuditLogError, IntegrityError):
     """The audit log's events, nodes or heads disagree with a signed tree head: it was altered."""
 
 
+class NoAuditLogError(AuditLogError):
+    """There is no audit log yet where one was looked for (nothing has been logged there)."""
+
+
 __all__ = [
     "AuditLogError",
     "AuditTamperedError",
@@ -120,6 +124,7 @@ __all__ = [
     "KeyManagementError",
     "KeyNotFoundError",
     "KeyringError",
+    "NoAuditLogError",
     "OutputExistsError",
     "ProviderUnavailableError",
     "RegistryError",

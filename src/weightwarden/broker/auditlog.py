@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..audit import AuditEvent, AuditSink
-from ..errors import AuditLogError, AuditTamperedError
+from ..errors import AuditLogError, AuditTamperedError, NoAuditLogError
 from . import merkle
 
 __all__ = ["AuditLog", "InclusionProof", "MerkleLogSink", "SignedHead", "check_consistency", "check_inclusion"]
@@ -205,6 +205,9 @@ class AuditLog:
                 with self.engine.begin() as c:
                     if c.execute(sa.select(self.t_state.c.size)).first() is None:
                         c.execute(sa.insert(self.t_state).values(id=1, size=0))
+            elif not sa.inspect(self.engine).has_table("ww_audit_state"):
+                self.engine.dispose()
+                raise NoAuditLogError("no audit log in this database yet: the first audited operation creates it")
         except sa.exc.SQLAlchemyError as e:
             raise AuditLogError(f"cannot open the audit database ({type(e).__name__})") from None
 

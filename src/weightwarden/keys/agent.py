@@ -7,7 +7,7 @@ sign to local ``warden`` commands.  Shares and keys never touch the disk.
 
 Transport: a Unix socket ``$WARDEN_HOME/agent.sock`` (mode 0600, in a 0700 directory);
 the agent also checks that each peer runs as its own user (SO_PEERCRED).  One JSON
-object per line each way.  Every operation is an audit event in ``audit.jsonl``.
+object per line each way.  Every operation is an audit event in the home's trail (weightwarden.trail).
 """
 
 from __future__ import annotations
@@ -172,7 +172,9 @@ class _State:
         err = kw.pop("error", None)
         if err:
             kw.setdefault("detail", {})["error"] = err
-        audit.JsonlSink(self.home / "audit.jsonl").emit(audit_event(action, outcome, **kw))
+        from .. import trail
+
+        trail.for_home(self.home).emit(audit_event(action, outcome, **kw))
 
 
 class _Handler(socketserver.StreamRequestHandler):

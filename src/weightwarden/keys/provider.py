@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from ..audit import AuditAction, AuditSink, NullSink
+from ..audit import AMBIENT, AuditAction, AuditSink
 from ..audit import event as audit_event
 from ..errors import (
     FormatError,
@@ -103,7 +103,7 @@ class KeyProvider(ABC):
     #: short name stored in key slots ("local", "pkcs11", ...)
     name: str
     key_id: str
-    audit: AuditSink = NullSink()
+    audit: AuditSink = AMBIENT  # the trail of the operation in progress
 
     # -- use -----------------------------------------------------------------------
     def wrap(self, dek: bytes | bytearray, context: bytes) -> KeySlot:
@@ -218,7 +218,7 @@ class Signer(ABC):
     """Signs sealed-file manifests (Ed25519).  ``sign`` emits an audit event."""
 
     alg: str = "ed25519"
-    audit: AuditSink = NullSink()
+    audit: AuditSink = AMBIENT  # the trail of the operation in progress
 
     def sign(self, message: bytes) -> bytes:
         sig = self._sign(message)

@@ -15,7 +15,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from .. import audit
+from .. import audit, trail
 from .._atomic import atomic_output, write_all
 from ..audit import AuditAction
 from ..errors import OutputExistsError, UnsupportedModelError
@@ -133,7 +133,25 @@ def release(
     decision: it is called with the decision whenever given, and raises :class:`ReleaseDenied` when the
     approved request does not cover it.  The decision is an audit event on the provider's sink, with
     the rule-set version.  ``seal`` = (key provider, signer): the copy is written as a sealed file (a
-    bundle for a model folder), sealed from memory so that its plaintext never reaches a disk."""
+    bundle for a model folder), sealed from memory so that its plaintext never reaches a disk.  The gate's
+    decision, the key use and the release are one append to the trail (``home``'s, or the database ``db``)."""
+    with trail.operation(home, db) as t:
+        rel = _release(model, recipient, out, provider=provider, country=country, aliases=aliases, gate=gate,
+                       approval=approval, classify_kw=classify_kw, model_id=model_id, home=home, db=db, alpha=alpha,
+                       code_length=code_length, force=force, seal=seal, hide_header=hide_header, now=now)  # fmt: skip
+        t.emit(audit.event(AuditAction.RELEASE_CREATE, subject=rel.model_id, now=now,
+                           detail={"recipient": recipient, "code_id": rel.code_id, "gate": rel.gate,
+                                   "rules_version": rel.rules_version, "output": str(out),
+                                   "sealed": seal is not None}))  # fmt: skip
+    return rel
+
+
+def _release(model: str | os.PathLike[str], recipient: str, out: str | os.PathLike[str], *, provider: KeyProvider,
+             country: str | None, aliases: tuple[str, ...], gate: ReleaseGate | None,
+             approval: Callable[[GateDecision], Any] | None, classify_kw: dict[str, Any] | None,
+             model_id: str | None, home: Path | None, db: str | None, alpha: float, code_length: int, force: bool,
+             seal: tuple[KeyProvider, Any] | None, hide_header: bool,
+             now: datetime | None) -> ReleaseRecord:  # fmt: skip
     model, out = Path(model), Path(out)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists (use force)")
@@ -273,7 +291,19 @@ def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pro
     """Accuse the recipients whose fingerprint the suspect carries, keeping P(any innocent accused) <= eps.
 
     ``population`` (default: the model's recipients) is the n of the union bound; pass a larger one to
-    keep the threshold fixed as recipients are added."""
+    keep the threshold fixed as recipients are added.  Logged in the trail with whom it accuses."""
+    with trail.operation(home, db) as t:
+        rep = _trace(suspect, model, provider=provider, model_id=model_id, home=home, db=db, eps=eps,
+                     population=population, **open_kw)  # fmt: skip
+        t.emit(audit.event(AuditAction.TRACE_RUN, subject=rep.model_id,
+                           detail={"suspect": str(suspect), "accused": [a["recipient"] for a in rep.accused],
+                                   "recipients": rep.recipients, "eps": eps}))  # fmt: skip
+    return rep
+
+
+def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, provider: KeyProvider,
+           model_id: str | None, home: Path | None, db: str | None, eps: float, population: int | None,
+           **open_kw: Any) -> TraceReport:  # fmt: skip
     model = Path(model)
     model_id = model_id or model.stem
     store = _store(home, db)
