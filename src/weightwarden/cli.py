@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,9 +25,10 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
 from . import api, audit, trail
+from ._term import SafeConsole, safe
+from ._term import SafeTable as Table  # every table escapes its cells (text from files, requests, lists)
 from .errors import CustodyError, KeyringError, WardenError
 from .keys.local import KdfParams, Keyring, TrustStore, default_home
 from .keys.provider import ed25519_key_id
@@ -60,8 +60,8 @@ def _global(
     _audit_ctx.append(ctx)
 
 
-out = Console()
-err = Console(stderr=True)
+out = SafeConsole()  # no markup; every string printed is escaped (weightwarden/_term.py)
+err = SafeConsole(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report.")]
 HomeOpt = Annotated[
@@ -358,7 +358,7 @@ def verify(
 
 @app.command()
 def inspect(src: Annotated[Path, typer.Argument(help="sealed file or bundle")], as_json: JsonOpt = False) -> None:
-    """Show what anyone can see without a key."""
+    """Show what anyone can see without a key (names and metadata escaped: they are the file's text)."""
     info = api.inspect(src)
     if as_json:
         _emit(info, True)
@@ -366,9 +366,14 @@ def inspect(src: Annotated[Path, typer.Argument(help="sealed file or bundle")], 
     for m in info.get("members", [info]):
         header = "hidden" if m["header_hidden"] else "visible"
         out.print(
-            f"[bold]{m.get('name', '(hidden name)')}[/bold]  {m['kind']}  {m['data_len']} bytes  "
+            f"{m.get('name', '(hidden name)')}  {m['kind']}  {m['data_len']} bytes  "
             f"{m['n_chunks']} chunks  signer {m['signer']}  header {header}"
         )
+        if m.get("metadata"):
+            t = Table("metadata", "value")
+            for k, v in list(m["metadata"].items())[:50]:
+                t.add_row(k, v)
+            out.print(t)
         if m.get("tensors"):
             t = Table("tensor", "dtype", "shape")
             for name, ti in list(m["tensors"].items())[:50]:
@@ -862,7 +867,7 @@ def audit_head(db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False)
 def audit_prove(index: int, db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """An inclusion proof of event INDEX under the latest signed head."""
     p = _audit_log(db, home).prove(index).to_json()
-    _emit(p, as_json, json.dumps(p, indent=2, sort_keys=True))  # a proof is data: JSON either way
+    _emit(p, True)  # a proof is data: JSON either way (ASCII, escaped)
 
 
 @audit_app.command("check-proof")
@@ -1330,19 +1335,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("error: aborted\n")
         return 1
     except WardenError as e:
-        sys.stderr.write(f"error: {type(e).__name__}: {e}\n")
+        sys.stderr.write(f"error: {type(e).__name__}: {safe(e)}\n")
         return 1
     except OSError as e:
-        sys.stderr.write(f"error: {type(e).__name__}: {e.strerror or e} ({e.filename})\n")
+        sys.stderr.write(f"error: {type(e).__name__}: {safe(e.strerror or e)} ({safe(e.filename)})\n")
         return 1
     except KeyError as e:
-        sys.stderr.write(f"error: no such tensor or file: {e}\n")
+        sys.stderr.write(f"error: no such tensor or file: {safe(e)}\n")
         return 1
     except Exception as e:  # usage errors from the CLI framework
         fmt = getattr(e, "format_message", None)
         if fmt is None or not hasattr(e, "exit_code"):
             raise
-        sys.stderr.write(f"error: {fmt()}\n")
+        sys.stderr.write(f"error: {safe(fmt())}\n")
         return 1
     finally:
         while _audit_ctx:
