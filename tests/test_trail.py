@@ -145,3 +145,22 @@ def test_library_calls_log_without_the_cli(tmp_path: Path, keyring: ww.Keyring, 
     log = trail.open_log(home, public_key=trail.log_public_key(home))
     assert log.verify()["events"] == start + len(ev)
     assert log.head().key_id != keyring.signer().key_id  # heads: the audit-log key, not the sealing key
+
+
+def test_the_trail_in_a_configured_database(tmp_path: Path, db_url: str) -> None:
+    """With a broker database configured (SQLite or PostgreSQL), the trail is there; before its first
+    event the database holds no log and reading says so; the events verify under the home's log key."""
+    home = tmp_path / "h"
+    with pytest.raises(NoAuditLogError):
+        trail.open_log(home, db_url)
+    assert trail.events(home, db_url) == []
+    with trail.operation(home, db_url) as t:
+        t.emit(ww.audit.event(ww.audit.AuditAction.RELEASE_SCREEN, subject="a"))
+        t.emit(ww.audit.event(ww.audit.AuditAction.RELEASE_CLASSIFY, subject="b"))
+    trail.record(ww.audit.AuditAction.TRACE_RUN, home=home, db=db_url, subject="c")
+    assert [e["subject"] for e in trail.events(home, db_url)] == ["a", "b", "c"]
+    log = trail.open_log(home, db_url, public_key=trail.log_public_key(home))
+    assert log.verify()["events"] == 3
+    assert not (home / "broker" / "broker.db").exists()  # nothing went to the home's own database
+    trail.for_home(home, db_url).close()
+    log.close()
