@@ -164,3 +164,22 @@ def test_the_trail_in_a_configured_database(tmp_path: Path, db_url: str) -> None
     assert not (home / "broker" / "broker.db").exists()  # nothing went to the home's own database
     trail.for_home(home, db_url).close()
     log.close()
+
+
+
+def test_an_unwritable_trail_stops_the_operation_before_it_acts(tmp_path: Path, cli_env: dict[str, str],
+                                                                st_file: Path) -> None:  # fmt: skip
+    """The home's audit folder is blocked (a file where the folder goes): commands refuse with one clear
+    line rather than act unlogged; and a log whose key was deleted is not re-keyed behind its back."""
+    blocked = cli_env | {"WARDEN_HOME": str(tmp_path / "blocked")}
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "audit").write_text("not a folder")
+    r = warden(blocked, "screen", "Acme Labs")
+    assert r.returncode == 1 and "AuditLogError" in r.stderr and "writable" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+    home = Path(cli_env["WARDEN_HOME"])
+    _ok(warden(cli_env, "init"))
+    (home / "audit" / "log.key").unlink()
+    r = warden(cli_env, "seal", str(st_file), "-o", str(tmp_path / "x.wws"))
+    assert r.returncode == 1 and "key" in r.stderr and "missing" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not (tmp_path / "x.wws").exists() and not (home / "audit" / "log.key").exists()

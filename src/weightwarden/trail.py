@@ -125,9 +125,23 @@ class Trail(audit.AuditSink):
 
         if self._log is None:
             p = _sqlite_path(self.url)
-            if p is not None:
-                p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._log = AuditLog(self.url, log_signer(self.home))
+            try:
+                if p is not None:
+                    p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                signer = log_signer(self.home, create=False)
+                log = AuditLog(self.url, signer)
+                if signer is None:
+                    if log.size():  # a new key would leave every signed head unverifiable
+                        log.close()
+                        raise AuditLogError(f"the audit log holds events but its key {self.home / LOG_KEY} is "
+                                            "missing: restore the key from a backup")  # fmt: skip
+                    log.signer = signer = log_signer(self.home)
+                    log.public_key = signer.public_key
+            except OSError as e:
+                why = e.strerror or type(e).__name__
+                raise AuditLogError(f"cannot create the audit log or its key under {self.home} ({why}): "
+                                    "the home must be writable") from None  # fmt: skip
+            self._log = log
         return self._log
 
     def emit(self, ev: audit.AuditEvent) -> None:
@@ -153,6 +167,8 @@ class Trail(audit.AuditSink):
         if cur is not None and cur[0] is self:
             yield cur[1]
             return
+        with self._lock:
+            self._open()  # an unwritable trail stops the operation before it acts
         buf: list[audit.AuditEvent] = []
         tok = _batch.set((self, buf))
         try:
