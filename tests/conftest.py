@@ -18,6 +18,8 @@ from weightwarden.keys.local import KdfParams
 # Cheap Argon2id for tests only; the product default is RFC 9106's 64 MiB / t=3.
 TEST_KDF = KdfParams(time_cost=1, memory_kib=1024, parallelism=1)
 PASSPHRASE = "correct horse battery staple"
+# library calls made without a home log in $WARDEN_HOME's trail: never the user's real one in tests
+os.environ.setdefault("WARDEN_HOME", __import__("tempfile").mkdtemp(prefix="warden-test-home-"))
 
 
 def make_tensors(seed: int = 0) -> dict[str, np.ndarray]:

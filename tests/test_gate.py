@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import save_file
 
 import weightwarden as ww
-from weightwarden import audit
+from weightwarden import audit, trail
 from weightwarden.errors import WardenError
 from weightwarden.release import classify, default_rules
 from weightwarden.release.gate import (
@@ -283,8 +283,8 @@ def test_cli_release_gate_and_licenses(cli_env: dict[str, str], model: Path, tmp
                  "--json", "--plaintext")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["release"]["gate"] == "allow"
-    log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
-    assert '"release:gate"' in log and '"release:license"' in log
+    log = [e["action"] for e in trail.events(cli_env["WARDEN_HOME"])]  # the tamper-evident trail
+    assert "release:gate" in log and "release:license" in log
 
 
 def test_a_sealed_release_never_writes_plaintext(tmp_path: Path, model: Path, keyring: ww.Keyring,
@@ -477,7 +477,7 @@ def test_cli_unknown_country_is_refused_and_audited(cli_env: dict[str, str], mod
                "--plaintext")  # fmt: skip
     assert r.returncode == 1 and "--country 'XX'" in r.stderr and "alpha-2" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
-    log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
+    log = trail.events(cli_env["WARDEN_HOME"])  # the tamper-evident trail
     gate_events = [e for e in log if e["action"] == "release:gate"]
     assert gate_events[-1]["outcome"] == "denied" and "'XX'" in str(gate_events[-1])
     r = warden(cli_env, "classify", str(model), "--country", "USA", "--json")
@@ -534,7 +534,7 @@ def test_cli_sample_list_needs_the_flag(cli_env: dict[str, str], model: Path, tm
     r = warden(env, "release", str(model), "--to", "Acme Labs", "--country", "FR", "-o", str(tmp_path / "a"),
                "--allow-sample-list", "--plaintext")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    log = (Path(env["WARDEN_HOME"]) / "audit.jsonl").read_text()
+    log = json.dumps(trail.events(env["WARDEN_HOME"]))
     assert "screening:sample-list-allowed" in log
 
 

@@ -428,7 +428,7 @@ class Demo:
             ] > 20, (f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}… "
                      f"and log {self.log_id[:12]}…")  # fmt: skip
 
-        self.check("warden audit verify: every event of the broker's log is intact", intact)
+        self.check("warden audit verify: every event of the home's one trail (CLI and broker) is intact", intact)
 
         def edited() -> tuple[bool, str]:
             db = sqlite3.connect(self.home / "broker" / "broker.db")

@@ -145,6 +145,7 @@ __all__ = [
     "KeyringError",
     "KeysNotHereError",
     "LogKeyError",
+    "NoAuditLogError",
     "OutputExistsError",
     "ProviderUnavailableError",
     "RecipientKeyError",
@@ -202,3 +203,7 @@ class DeclarationError(WardenError):
 
 
 __all__ += ["DeclarationError"]
+
+
+class NoAuditLogError(AuditLogError):
+    """There is no audit log yet where one was looked for (nothing has been logged there)."""

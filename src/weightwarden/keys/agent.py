@@ -12,7 +12,8 @@ Who may use which key is the key-use policy (keys/policy.py): per OS user and wo
 per key and operation; while sealed, and for every custody operation, only the agent's own
 user.  Custody changes (re-share, destroy, export, policy, auditing) need a fresh quorum of
 custodians' approvals of that exact change (keys/quorum.py): an unsealed agent alone
-refuses them.  Every operation and every refusal is an audit event.
+refuses them.  Every operation and every refusal is an audit event in the home's trail
+(weightwarden.trail).
 """
 
 from __future__ import annotations
@@ -310,7 +311,9 @@ class _State:
         c = _caller.get()
         if c is not None:
             kw["detail"] = {**kw.get("detail", {}), "caller": c.to_json()}
-        audit.JsonlSink(self.home / "audit.jsonl").emit(audit_event(action, outcome, **kw))
+        from .. import trail
+
+        trail.for_home(self.home).emit(audit_event(action, outcome, **kw))
 
     # -- custody changes: a fresh quorum of that exact change ---------------------------------
     def _open(self, kr: Keyring) -> None:
