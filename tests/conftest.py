@@ -146,3 +146,16 @@ def _sample_list_allowed() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WARDEN_ALLOW_SAMPLE_LIST", "1")
         yield
+
+
+def make_broker_log_key(home: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """The broker's own log key (16B) in ``home``, its passphrase file named by this process's environment,
+    so that a trail written to a broker database (``db=``) is signed by it; returns its public key."""
+    from weightwarden.broker.logkey import open_log_key
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "log-key.pass").write_text("the broker log key passphrase\n")
+    monkeypatch.setenv("WARDEN_LOG_KEY_PASSPHRASE_FILE", str(home / "log-key.pass"))
+    monkeypatch.delenv("WARDEN_LOG_KEY", raising=False)
+    signer, _ = open_log_key(None, home, lambda confirm: "the broker log key passphrase", kdf=TEST_KDF)
+    return signer.public_key

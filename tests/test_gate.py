@@ -30,7 +30,7 @@ from weightwarden.release.gate import (
 from weightwarden.release.rules import RulesError
 from weightwarden.release.screen import ScreeningList
 
-from .conftest import warden
+from .conftest import make_broker_log_key, warden
 
 SAMPLE = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
 MARCH_2025 = date(2025, 3, 1)  # the US 4E091 rule in force
@@ -367,8 +367,8 @@ def test_the_chunked_embedding_is_the_specified_one(kernel: str) -> None:
             assert 0.4 < np.mean(out.reshape(-1) != sd[name].reshape(-1)) < 0.6  # about half the weights carry
 
 
-def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path, model: Path,
-                                                     keyring: ww.Keyring) -> None:  # fmt: skip
+def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Recipients and releases are rows of the broker's database (SQLite or PostgreSQL): indices stay
     dense and unique when several processes release at once, and a trace reads them from there."""
     import threading
@@ -403,6 +403,7 @@ def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path
     for st in stores:
         st.close()
     prov = _tracing(keyring)
+    make_broker_log_key(tmp_path / "h", monkeypatch)  # the trail goes to the broker's log: its log key signs
     rel = release(model, "Acme Robotics GmbH", tmp_path / "copy", provider=prov, country="DE", home=tmp_path / "h",
                   db=db_url, model_id="m2")  # fmt: skip
     shared = TraceStore(tmp_path / "elsewhere", db_url)

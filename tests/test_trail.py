@@ -15,7 +15,7 @@ from weightwarden import api, trail
 from weightwarden.errors import AuditLogError, AuditTamperedError, NoAuditLogError, UntrustedSignerError
 from weightwarden.keys.provider import ed25519_key_id
 
-from .conftest import TEST_KDF, warden
+from .conftest import TEST_KDF, make_broker_log_key, warden
 
 
 def _ok(r):
@@ -149,23 +149,11 @@ def test_library_calls_log_without_the_cli(tmp_path: Path, keyring: ww.Keyring, 
     assert log.head().key_id != keyring.signer().key_id  # heads: the audit-log key, not the sealing key
 
 
-def _broker_log_key(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
-    """The broker's own log key (16B) in ``home``, its passphrase file named by the environment."""
-    from weightwarden.broker.logkey import open_log_key
-
-    (tmp_path / "log.pass").write_text("the broker log key passphrase\n")
-    monkeypatch.setenv("WARDEN_LOG_KEY_PASSPHRASE_FILE", str(tmp_path / "log.pass"))
-    monkeypatch.delenv("WARDEN_LOG_KEY", raising=False)
-    signer, created = open_log_key(None, home, lambda confirm: "the broker log key passphrase", kdf=TEST_KDF)
-    assert created
-    return signer.public_key
-
-
 def test_the_trail_in_a_configured_database(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a broker database configured (SQLite or PostgreSQL), the trail is there; before its first
     event the database holds no log and reading says so; the events verify under the broker's log key."""
     home = tmp_path / "h"
-    pub = _broker_log_key(home, tmp_path, monkeypatch)
+    pub = make_broker_log_key(home, monkeypatch)
     with pytest.raises(NoAuditLogError):
         trail.open_log(home, db_url)
     assert trail.events(home, db_url) == []

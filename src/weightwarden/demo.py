@@ -98,6 +98,10 @@ class Demo:
     # -- 1. custody ---------------------------------------------------------------------------
     def custody(self) -> None:
         self.act("1. custody: the root key split among five custodians, three needed")
+        # the broker lives in this home: its log key first, so that every step below is in its one trail
+        (self.root / "log-key.pass").write_text("demo log-key passphrase, use a real one\n")
+        self.env["WARDEN_LOG_KEY_PASSPHRASE_FILE"] = str(self.root / "log-key.pass")
+        self.warden("broker", "init")
         self.warden("init")
         spec = [a for c in CUSTODIANS for a in ("--custodian", f"{c}=passphrase")]
 
@@ -423,10 +427,15 @@ class Demo:
 
         def intact() -> tuple[bool, str]:
             j = self.wjson("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id)
-            return j[
-                "events"
-            ] > 20, (f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}… "
-                     f"and log {self.log_id[:12]}…")  # fmt: skip
+            rows = [json.loads(x) for x in self.warden("audit", "export").stdout.splitlines()]
+            acts = {r["event"]["action"] for r in rows}
+            steps = ("key:create", "custody:init", "custody:unseal", "model:seal", "model:verify", "key:unwrap",
+                     "provenance:register", "approval:grant", "release:gate", "release:create", "trace:run",
+                     "provenance:scan")  # fmt: skip
+            missing = [a for a in steps if a not in acts]
+            return j["events"] > 20 and j["events"] == len(rows) and not missing, (
+                f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}… "
+                f"and log {self.log_id[:12]}…; every step in it" + (f" but {missing}" if missing else ""))  # fmt: skip
 
         self.check("warden audit verify: every event of the home's one trail (CLI and broker) is intact", intact)
 
