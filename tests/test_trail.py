@@ -250,3 +250,25 @@ def test_without_the_log_keys_passphrase_a_broker_home_refuses_before_acting(
     with pytest.raises(AuditLogError, match="WARDEN_LOG_KEY_PASSPHRASE_FILE"):  # the library refuses the same way
         trail.record(ww.audit.AuditAction.RELEASE_SCREEN, home=home, subject="x")
     assert trail.events(home) == before
+
+
+def test_the_custody_agent_of_a_broker_home_appends_to_the_brokers_log(cli_env: dict[str, str]) -> None:
+    """The agent starts with a minimal environment; it is given where the trail goes (the log key's
+    passphrase file's path, never a passphrase), so its custody events join the broker's log."""
+    home = Path(cli_env["WARDEN_HOME"])
+    _ok(warden(cli_env, "broker", "init"))
+    _ok(warden(cli_env, "init"))
+    env = cli_env | {"WARDEN_CUSTODIAN_PASSPHRASE_ANA": "ana's own passphrase",
+                     "WARDEN_CUSTODIAN_PASSPHRASE_BO": "bo's own passphrase"}  # fmt: skip
+    _ok(warden(env, "custody", "init", "--threshold", "2", "--custodian", "ana=passphrase", "--custodian",
+               "bo=passphrase"))  # fmt: skip
+    try:
+        _ok(warden(env, "agent", "start"))
+        _ok(warden(env, "custody", "unseal", "--custodian", "ana"))
+        _ok(warden(env, "custody", "unseal", "--custodian", "bo"))
+    finally:
+        warden(env, "agent", "stop")
+    acts = [e["action"] for e in trail.events(home)]
+    assert "custody:init" in acts and acts.count("custody:share") >= 2 and "custody:unseal" in acts, acts
+    assert not (home / "audit").exists()  # no local log beside the broker's
+    assert json.loads(_ok(warden(cli_env, "audit", "verify", "--json")).stdout)["events"] == len(acts)

@@ -96,6 +96,16 @@ def locate(home: str | os.PathLike[str] | None = None, db: str | None = None) ->
     return f"sqlite:///{h / LOCAL_DB}", False
 
 
+#: the variables that say where a process's trail goes and how its broker log key opens (paths and
+#: URIs, not secrets): passed on to the custody agent so that its events join the same trail
+TRAIL_VARS = ("WARDEN_BROKER_DB", "WARDEN_LOG_KEY", "WARDEN_LOG_KEY_PASSPHRASE_FILE")
+
+
+def trail_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    src = os.environ if env is None else env
+    return {k: src[k] for k in TRAIL_VARS if src.get(k)}
+
+
 def trail_url(home: str | os.PathLike[str] | None = None, db: str | None = None) -> str:
     """The database the home's trail lives in (:func:`locate`)."""
     return locate(home, db)[0]
@@ -369,5 +379,5 @@ def events(home: str | os.PathLike[str] | None = None, db: str | None = None) ->
 
 
 __all__ = ["Trail", "broker_public_key", "broker_signer", "events", "for_home", "hosts_broker", "locate",
-           "log_public_key", "log_signer", "open_log", "operation", "record", "trail_url",
+           "log_public_key", "log_signer", "open_log", "operation", "record", "trail_env", "trail_url",
            "use_broker_signer"]  # fmt: skip

@@ -750,6 +750,8 @@ def under_custody(home: Path) -> bool:
 def start(home: Path, *, idle_seal: float = DEFAULT_IDLE_SEAL, timeout: float = 15.0) -> int:
     """Start the agent in the background (a new session) with a minimal environment (no passphrase,
     no token: only paths, locale and user); returns its pid."""
+    from ..trail import trail_env
+
     client = AgentClient(home)
     if client.running():
         raise CustodyError("the agent is already running")
@@ -761,7 +763,7 @@ def start(home: Path, *, idle_seal: float = DEFAULT_IDLE_SEAL, timeout: float = 
         stdout=log,
         stderr=log,
         start_new_session=True,
-        env=minimal_env(),
+        env=minimal_env() | trail_env(),  # where its events go: the home's trail (no secret: a file's path)
         close_fds=True,
     )
     deadline = time.monotonic() + timeout
