@@ -18,6 +18,8 @@ from weightwarden.keys.local import KdfParams
 # Cheap Argon2id for tests only; the product default is RFC 9106's 64 MiB / t=3.
 TEST_KDF = KdfParams(time_cost=1, memory_kib=1024, parallelism=1)
 PASSPHRASE = "correct horse battery staple"
+# library calls made without a home log in $WARDEN_HOME's trail: never the user's real one in tests
+os.environ.setdefault("WARDEN_HOME", __import__("tempfile").mkdtemp(prefix="warden-test-home-"))
 
 
 def make_tensors(seed: int = 0) -> dict[str, np.ndarray]:
@@ -144,3 +146,16 @@ def _sample_list_allowed() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WARDEN_ALLOW_SAMPLE_LIST", "1")
         yield
+
+
+def make_broker_log_key(home: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """The broker's own log key (16B) in ``home``, its passphrase file named by this process's environment,
+    so that a trail written to a broker database (``db=``) is signed by it; returns its public key."""
+    from weightwarden.broker.logkey import open_log_key
+
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "log-key.pass").write_text("the broker log key passphrase\n")
+    monkeypatch.setenv("WARDEN_LOG_KEY_PASSPHRASE_FILE", str(home / "log-key.pass"))
+    monkeypatch.delenv("WARDEN_LOG_KEY", raising=False)
+    signer, _ = open_log_key(None, home, lambda confirm: "the broker log key passphrase", kdf=TEST_KDF)
+    return signer.public_key

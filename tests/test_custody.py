@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import weightwarden as ww
+from weightwarden import trail
 from weightwarden.errors import CustodyError, KeyringError
 from weightwarden.keys.custody import Custodian, CustodyDoc, Share, UnsealSession, combine, split
 
@@ -166,12 +167,12 @@ def test_custody_cli_end_to_end(tmp_path, st_file, cli_env, agent_home):
     r = warden(cli_env, "open", str(tmp_path / "after.wws"), "-o", str(tmp_path / "p2.safetensors"), "--force")
     assert r.returncode == 1 and "sealed" in r.stderr
     _ok(warden(cli_env, "agent", "stop"))
-    log = [json.loads(x) for x in (agent_home / "audit.jsonl").read_text().splitlines()]
+    log = trail.events(agent_home)  # the tamper-evident trail
     shares = [e for e in log if e["action"] == "custody:share"]
     assert [e["actor"] for e in shares if e["outcome"] == "ok"] == ["custodian-0", "custodian-3", "custodian-4"]
     assert any(e["action"] == "custody:unseal" for e in log)
     assert any(e["action"] == "key:unwrap" and e["reason"] == "ticket-7" for e in log)
-    text = (agent_home / "audit.jsonl").read_text() + (agent_home / "custody.json").read_text()
+    text = json.dumps(log) + (agent_home / "custody.json").read_text()
     assert all(str(i) not in text for i in ids)  # no custodian secret is ever written
 
 
@@ -231,7 +232,7 @@ def test_agent_signs_only_its_keys_own_purpose(tmp_path):
             state.handle({"op": "sign", "key_id": kid, "message": b64e(msg)})
     sig = b64d(state.handle({"op": "sign", "key_id": log_key["key_id"], "message": b64e(head)})["signature"])
     verify_purpose(b64d(log_key["public_key"]), "audit-log", b"a tree head", sig)
-    events = [json.loads(x) for x in (home / "audit.jsonl").read_text().splitlines()]
+    events = trail.events(home)  # the tamper-evident trail
     signs = [e for e in events if e["action"] == "key:sign"]
     assert [e["outcome"] for e in signs] == ["denied", "denied", "denied", "ok"]
     assert signs[-1]["detail"]["purpose"] == "audit-log"

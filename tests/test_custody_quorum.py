@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import weightwarden as ww
-from weightwarden.audit import JsonlSink
+from weightwarden import trail
 from weightwarden.errors import CustodyError, KeyDestroyedError, PolicyDeniedError, QuorumError
 from weightwarden.keys.agent import AgentClient, AgentKeyring, Caller, _State
 from weightwarden.keys.custody import Custodian, CustodyDoc, UnsealSession, combine
@@ -65,7 +65,7 @@ class Vault:
         return {n: (self.home / n).read_bytes() for n in ("custody.json", "keyring.json")}
 
     def events(self) -> list[dict]:
-        return JsonlSink(self.home / "audit.jsonl").read()
+        return trail.events(self.home)
 
     def request(self, kind: str, params: dict, *, now=T0, ttl: float = 3600) -> dict:
         return self.state.handle({"op": "request", "kind": kind, "params": params, "ttl_seconds": ttl}, now=now)
@@ -393,7 +393,7 @@ def test_another_os_user_over_the_socket(tmp_path):
         assert json.loads(as_nobody(False, "status")) == {"sealed": False}  # no custodians, no pending changes
         assert client.call("status")["custodians"] == ["c0", "c1", "c2"]  # the agent's own user: all of it
         agent.stop(home)
-        ev = JsonlSink(home / "audit.jsonl").read()
+        ev = trail.events(home)
         mine = [e for e in ev if e["detail"].get("caller", {}).get("uid") == nobody]
         assert [(e["action"], e["outcome"]) for e in mine if e["action"] == "key:unwrap"] == [("key:unwrap", "ok")]
         assert len([e for e in mine if e["action"] == "policy:deny"]) == 2
@@ -440,7 +440,7 @@ def test_custody_changes_through_the_cli(tmp_path, st_file, cli_env):
         assert r.returncode == 1 and "KeyDestroyedError" in r.stderr
     finally:
         warden(env, "agent", "stop")
-    ev = JsonlSink(home / "audit.jsonl").read()
+    ev = trail.events(home)
     assert [e["detail"]["approvers"] for e in ev if e["action"] == "custody:change" and e["outcome"] == "ok"] == [
         ["ana", "bo"]
     ]
@@ -657,7 +657,7 @@ def test_custody_cli_reshare_needs_age_keys_and_policy_is_shown_in_words(tmp_pat
         assert "rule 1: uid" in r.stderr and "1 of 2 approvals" in r.stdout
     finally:
         warden(env, "agent", "stop")
-    ev = JsonlSink(home / "audit.jsonl").read()
+    ev = trail.events(home)
     assert len(_denied(ev, "custody:request")) == 1
     assert [e["detail"]["custodian"] for e in ev if e["action"] == "custody:approve" and e["outcome"] == "ok"] == [
         "ana"

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import save_file
 
 import weightwarden as ww
-from weightwarden import audit
+from weightwarden import audit, trail
 from weightwarden.errors import WardenError
 from weightwarden.release import classify, default_rules
 from weightwarden.release.gate import (
@@ -31,7 +31,7 @@ from weightwarden.release.gate import (
 from weightwarden.release.rules import RulesError
 from weightwarden.release.screen import ScreeningList
 
-from .conftest import warden
+from .conftest import make_broker_log_key, warden
 
 SAMPLE = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
 MARCH_2025 = date(2025, 3, 1)  # the US 4E091 rule in force
@@ -284,8 +284,8 @@ def test_cli_release_gate_and_licenses(cli_env: dict[str, str], model: Path, tmp
                  "--json", "--plaintext")  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["release"]["gate"] == "allow"
-    log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
-    assert '"release:gate"' in log and '"release:license"' in log
+    log = [e["action"] for e in trail.events(cli_env["WARDEN_HOME"])]  # the tamper-evident trail
+    assert "release:gate" in log and "release:license" in log
 
 
 def test_a_sealed_release_never_writes_plaintext(tmp_path: Path, model: Path, keyring: ww.Keyring,
@@ -368,8 +368,8 @@ def test_the_chunked_embedding_is_the_specified_one(kernel: str) -> None:
             assert 0.4 < np.mean(out.reshape(-1) != sd[name].reshape(-1)) < 0.6  # about half the weights carry
 
 
-def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path, model: Path,
-                                                     keyring: ww.Keyring) -> None:  # fmt: skip
+def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Recipients and releases are rows of the broker's database (SQLite or PostgreSQL): indices stay
     dense and unique when several processes release at once, and a trace reads them from there."""
     import threading
@@ -404,6 +404,7 @@ def test_release_records_live_in_the_shared_database(db_url: str, tmp_path: Path
     for st in stores:
         st.close()
     prov = _tracing(keyring)
+    make_broker_log_key(tmp_path / "h", monkeypatch)  # the trail goes to the broker's log: its log key signs
     rel = release(model, "Acme Robotics GmbH", tmp_path / "copy", provider=prov, country="DE", home=tmp_path / "h",
                   db=db_url, model_id="m2")  # fmt: skip
     shared = TraceStore(tmp_path / "elsewhere", db_url)
@@ -478,7 +479,7 @@ def test_cli_unknown_country_is_refused_and_audited(cli_env: dict[str, str], mod
                "--plaintext")  # fmt: skip
     assert r.returncode == 1 and "--country 'XX'" in r.stderr and "alpha-2" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "a").exists()
-    log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
+    log = trail.events(cli_env["WARDEN_HOME"])  # the tamper-evident trail
     gate_events = [e for e in log if e["action"] == "release:gate"]
     assert gate_events[-1]["outcome"] == "denied" and "'XX'" in str(gate_events[-1])
     r = warden(cli_env, "classify", str(model), "--country", "USA", "--json")
@@ -538,7 +539,7 @@ def test_cli_sample_list_needs_the_flag(cli_env: dict[str, str], model: Path, tm
     r = warden(env, "release", str(model), "--to", "Acme Labs", "--country", "FR", "-o", str(tmp_path / "a"),
                "--allow-sample-list", "--plaintext")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    log = (Path(env["WARDEN_HOME"]) / "audit.jsonl").read_text()
+    log = json.dumps(trail.events(env["WARDEN_HOME"]))
     assert "screening:sample-list-allowed" in log
 
 
@@ -697,7 +698,9 @@ def test_cli_release_to_an_embargoed_country_is_refused_and_audited(cli_env: dic
     r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "Iran", "-o", str(tmp_path / "a"),
                "--plaintext", "--allow-sample-list")  # fmt: skip
     assert r.returncode == 1 and "destination:embargoed:IR" in r.stderr and not (tmp_path / "a").exists()
-    log = [json.loads(x) for x in (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text().splitlines()]
+    from weightwarden import trail
+
+    log = trail.events(Path(cli_env["WARDEN_HOME"]))
     ev = [e for e in log if e["action"] == "release:gate"][-1]
     assert ev["outcome"] == "denied" and "destination:embargoed:IR" in json.dumps(ev)
 

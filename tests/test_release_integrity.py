@@ -19,7 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import weightwarden as ww
-from weightwarden import audit
+from weightwarden import audit, trail
 from weightwarden.errors import (
     RecipientKeyError,
     RecipientNameError,
@@ -342,7 +342,7 @@ def test_cli_release_to_an_enrolled_key_and_the_partner_opens_it(cli_env: dict[s
     res = warden(cli_env, "trace", str(tmp_path / "opened"), "--model", str(tmp_path / "m.sealed"), "--json")
     assert res.returncode == 0, res.stderr
     assert [a["recipient"] for a in json.loads(res.stdout)["accused"]] == ["Acme Labs"]
-    log = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
+    log = json.dumps(trail.events(cli_env["WARDEN_HOME"]))  # the tamper-evident trail
     assert '"recipient:add"' in log and '"release:refuse"' in log
 
 

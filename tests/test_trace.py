@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from weightwarden import trail
 from weightwarden.trace import TardosCode, TraceError, accusation_threshold, code_length, release, trace
 from weightwarden.trace.tardos import chernoff_tail
 
@@ -187,8 +188,8 @@ def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: 
     res = warden(cli_env, "trace", str(tmp_path / "dan.sealed"), "--model", str(parent), "--json")
     assert res.returncode == 0, res.stderr
     assert [a["recipient"] for a in json.loads(res.stdout)["accused"]] == ["dan"]
-    audit = (Path(cli_env["WARDEN_HOME"]) / "audit.jsonl").read_text()
-    assert '"release:create"' in audit and '"trace:run"' in audit
+    audit = [e["action"] for e in trail.events(cli_env["WARDEN_HOME"])]  # the tamper-evident trail
+    assert "release:create" in audit and "trace:run" in audit
 
 
 def test_real_minilm_keeps_its_sentence_embeddings(tmp_path: Path, keyring) -> None:

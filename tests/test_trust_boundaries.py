@@ -115,7 +115,7 @@ def _broker_home(cli_env: dict[str, str], tmp_path: Path) -> tuple[dict[str, str
 
 
 def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
-    cli_env: dict[str, str], tmp_path: Path, st_file: Path
+    cli_env: dict[str, str], tmp_path: Path, st_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """ATTACK.  The operator runs `warden serve` as docs/GUIDE.md says (a home of its own, log key in a
     file under its own passphrase file), even with WARDEN_PASSPHRASE left in the environment.  The
@@ -184,6 +184,8 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
     raw = log_key._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    # this process is the broker host too: its library calls append to the broker's log with its log key
+    monkeypatch.setenv("WARDEN_LOG_KEY_PASSPHRASE_FILE", cli_env["WARDEN_LOG_KEY_PASSPHRASE_FILE"])
     slots = ww.open_sealed(in_store).key_slots()[1]
     guess = StaticKeyProvider({(s.key_id, s.version): raw for s in slots})
     with pytest.raises(WrongKeyError):

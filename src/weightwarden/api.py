@@ -12,8 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from . import trail as _trail
 from ._atomic import TMP_PREFIX, _fsync_dir, atomic_output, check_target, write_all
-from .errors import FormatError, KeyringError, OutputExistsError
+from .audit import AuditAction
+from .audit import event as audit_event
+from .errors import FormatError, IntegrityError, KeyManagementError, KeyringError, OutputExistsError
 from .keys.local import Keyring, TrustStore, default_home
 from .keys.provider import KeyProvider, Signer
 from .sealed import format as F
@@ -52,6 +55,35 @@ def _trust(trust: Trust | None, keyring: Keyring | None) -> Trust:
     return TrustStore.load(default_home())
 
 
+def _home(home: str | os.PathLike[str] | None, keyring: Keyring | None, trust: Any = None) -> Path:
+    """Whose trail an operation is logged in: ``home``, else the keyring's, else the trust store's."""
+    if home is not None:
+        return Path(home)
+    if keyring is not None and getattr(keyring, "home", None) is not None:
+        return Path(keyring.home)
+    if isinstance(trust, TrustStore) and trust.path is not None:
+        return trust.path.parent
+    return default_home()
+
+
+def _logged(home: Path, action: AuditAction, subject: str, detail: dict[str, Any]) -> Any:
+    """One operation, one append: its own event plus the key use inside it (ok, or the error)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm() -> Iterator[dict[str, Any]]:
+        with _trail.operation(home) as t:
+            try:
+                yield detail
+            except Exception as e:
+                outcome = "denied" if isinstance(e, (IntegrityError, KeyringError, KeyManagementError)) else "error"
+                t.emit(audit_event(action, outcome, subject=subject, detail={**detail, "error": type(e).__name__}))
+                raise
+            t.emit(audit_event(action, "ok", subject=subject, detail=detail))
+
+    return cm()
+
+
 def _providers(keyring: Keyring | None, providers: Sequence[KeyProvider] | None) -> Sequence[KeyProvider]:
     if providers is not None:
         return providers
@@ -77,21 +109,27 @@ def seal(
     chunk_size: int = F.DEFAULT_CHUNK,
     force: bool = False,
     progress: Progress | None = None,
+    home: str | os.PathLike[str] | None = None,
 ) -> list[SealResult]:
     """Seal a safetensors file, any single file, or a whole model directory.
 
-    ``key`` names the keyring's KEK to wrap under (one per model lets you shred a model).
+    ``key`` names the keyring's KEK to wrap under (one per model lets you shred a model).  The seal
+    (with the wraps and signatures in it) is one event of ``home``'s trail (default: the keyring's).
     """
     src, dst = Path(src), Path(dst)
     if provider is None or signer is None:
         kr = keyring or default_keyring()
+        keyring = kr
         provider = provider or kr.provider(key)
         signer = signer or kr.signer()
     kw: dict[str, Any] = {"provider": provider, "signer": signer, "chunk_size": chunk_size}
     kw |= {"hide_header": hide_header, "force": force, "progress": progress}
-    if src.is_dir():
-        return seal_dir(src, dst, **kw)
-    return [seal_file(src, dst, **kw)]
+    with _logged(_home(home, keyring), AuditAction.MODEL_SEAL, str(dst), {"source": str(src)}) as detail:
+        res = seal_dir(src, dst, **kw) if src.is_dir() else [seal_file(src, dst, **kw)]
+        detail["files"] = [{"path": str(r.path), "file_id": r.file_id, "bytes": r.data_len} for r in res]
+        detail["signer"] = res[0].signer if res else None
+        detail["key_id"] = getattr(provider, "key_id", None)
+    return res
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -196,15 +234,24 @@ def unseal(
     force: bool = False,
     progress: Progress | None = None,
     threads: int | None = None,
+    home: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
     """Write the plaintext of a sealed file (or bundle, as a directory) to ``dst``.
 
     The only call that puts plaintext on disk; it refuses to overwrite unless
     ``force``.  The result is byte-identical to what was sealed.  Decrypts on
-    ``threads`` threads (None: every core).
+    ``threads`` threads (None: every core).  Logged as one event.
     """
     dst = Path(dst)
     check_target(dst, force)
+    with _logged(_home(home, keyring, trust), AuditAction.MODEL_OPEN, str(path), {"output": str(dst)}):
+        return _unseal(path, dst, keyring=keyring, providers=providers, trust=trust, force=force, progress=progress,
+                       threads=threads)
+
+
+def _unseal(path: str | os.PathLike[str], dst: Path, *, keyring: Keyring | None,
+            providers: Sequence[KeyProvider] | None, trust: Trust | None, force: bool,
+            progress: Progress | None, threads: int | None) -> list[Path]:  # fmt: skip
     with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
         if isinstance(r, SealedReader):
             _write_plain(r, dst, force=force, progress=progress, threads=threads)
@@ -254,12 +301,23 @@ def verify(
     providers: Sequence[KeyProvider] | None = None,
     progress: Progress | None = None,
     threads: int | None = None,
+    home: str | os.PathLike[str] | None = None,
 ) -> VerifyReport:
     """Check signature and every chunk digest with no key; ``deep`` also checks every GCM tag.
 
-    Writes nothing.  Raises a typed error on the first problem found.  Runs on ``threads``
-    threads (None: every core).
+    Writes nothing but its event in ``home``'s trail.  Raises a typed error on the first problem found.
+    Runs on ``threads`` threads (None: every core).
     """
+    with _logged(_home(home, keyring, trust), AuditAction.MODEL_VERIFY, str(path), {"deep": deep}) as detail:
+        rep = _verify(path, trust=trust, deep=deep, keyring=keyring, providers=providers, progress=progress,
+                      threads=threads)
+        detail |= {"signer": rep.signer, "files": rep.files, "chunks": rep.chunks}
+        return rep
+
+
+def _verify(path: str | os.PathLike[str], *, trust: Trust | None, deep: bool, keyring: Keyring | None,
+            providers: Sequence[KeyProvider] | None, progress: Progress | None,
+            threads: int | None) -> VerifyReport:  # fmt: skip
     with open_sealed(path) as sealed:
         signer = sealed.check_signature(_trust(trust, keyring))
         sealed.verify_digests(threads=resolve_threads(threads), progress=progress)

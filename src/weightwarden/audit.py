@@ -1,9 +1,9 @@
 """Typed audit events for every use of key material.
 
-Providers, the keyring and custody emit :class:`AuditEvent` records (who, what,
-when, why, outcome) to an :class:`AuditSink`.  The embedded default appends JSON
-lines to ``$WARDEN_HOME/audit.jsonl``; the broker's tamper-evident log consumes
-the same events.  Events never carry key material.
+Providers, the keyring, custody and every library operation emit :class:`AuditEvent`
+records (who, what, when, why, outcome) to an :class:`AuditSink`.  The default is the
+home's tamper-evident trail (:mod:`weightwarden.trail`: the Merkle log of
+docs/AUDIT_LOG.md), the same log the broker appends to.  Events never carry key material.
 
 ``who`` and ``why`` come from :func:`context`::
 
@@ -75,6 +75,14 @@ class AuditAction(StrEnum):
     POLICY_SET = "policy:set"  # the key-use policy or the key-use auditing changed after a quorum
     RELEASE_REFUSE = "release:refuse"  # a release refused before the gate or mid-way (bad input), nothing written
     RECIPIENT_ADD = "recipient:add"  # a release recipient enrolled with a public key
+    MODEL_SEAL = "model:seal"
+    MODEL_OPEN = "model:open"  # plaintext written to disk
+    MODEL_VERIFY = "model:verify"
+    PROVENANCE_COMPARE = "provenance:compare"
+    PROVENANCE_IDENTIFY = "provenance:identify"
+    RELEASE_CLASSIFY = "release:classify"
+    RELEASE_SCREEN = "release:screen"
+    RELEASE_SCREEN_LIST = "release:screen-list"  # a new restricted-party list loaded
 
 
 @functools.cache
@@ -153,6 +161,25 @@ class NullSink(AuditSink):
         return None
 
 
+# the library operation in progress in this context (weightwarden.trail): (its trail, buffered events)
+_batch: contextvars.ContextVar[tuple[AuditSink, list[AuditEvent]] | None] = contextvars.ContextVar(
+    "warden_trail_batch", default=None
+)
+
+
+class _Ambient(AuditSink):
+    """The default sink of key providers and signers: the trail of the library operation in
+    progress (weightwarden.trail); outside one, a provider reports to the sink it is given."""
+
+    def emit(self, ev: AuditEvent) -> None:
+        b = _batch.get()
+        if b is not None:
+            b[1].append(ev)
+
+
+AMBIENT = _Ambient()
+
+
 class MemorySink(AuditSink):
     """Keeps events in a list (tests, and the broker before it persists them)."""
 
@@ -169,7 +196,8 @@ class MemorySink(AuditSink):
 
 
 class JsonlSink(AuditSink):
-    """Appends one JSON object per line; each line is one write(2) on an O_APPEND file,
+    """Appends one JSON object per line (a plain, editable file: a mirror at most, never the
+    trail, which is :mod:`weightwarden.trail`); each line is one write(2) on an O_APPEND file,
     so lines from several processes never interleave."""
 
     def __init__(self, path: str | os.PathLike[str]):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -26,9 +25,10 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 
-from . import api, audit
+from . import api, audit, trail
+from ._term import SafeConsole, safe
+from ._term import SafeTable as Table  # every table escapes its cells (text from files, requests, lists)
 from .errors import CustodyError, KeyringError, WardenError
 from .keys.local import KdfParams, Keyring, TrustStore, default_home
 from .keys.provider import ed25519_key_id
@@ -71,8 +71,8 @@ def _global(
     _audit_ctx.append(ctx)
 
 
-out = Console()
-err = Console(stderr=True)
+out = SafeConsole()  # no markup; every string printed is escaped (weightwarden/_term.py)
+err = SafeConsole(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON report.")]
 HomeOpt = Annotated[
@@ -80,9 +80,14 @@ HomeOpt = Annotated[
 ]
 
 
-def _emit(obj: Any, as_json: bool, human: str | Table | None = None) -> None:
+def _emit(obj: Any, as_json: bool, human: str | Table | list[str] | None = None) -> None:
+    """JSON, or the human text: a list is printed line by line (each line escaped on its own, so that only our
+    own line breaks reach the terminal)."""
     if as_json:
         sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    elif isinstance(human, list):
+        for line in human:
+            out.print(line)
     elif human is not None:
         out.print(human)
 
@@ -355,7 +360,7 @@ def seal(
     with _progress(_size(src), "sealing", not as_json) as prog:
         results = api.seal(
             src, output, keyring=kr, key=key, provider=wrap, signer=_signer(kr, signer), hide_header=hide_header,
-            chunk_size=chunk_size, force=force, progress=prog,
+            chunk_size=chunk_size, force=force, progress=prog, home=home,
         )  # fmt: skip
     rows = [
         {"path": str(r.path), "file_id": r.file_id, "kind": r.kind, "bytes": r.data_len, "chunks": r.n_chunks,
@@ -404,7 +409,7 @@ def open_(
     trust = _trust_keys(trust_key, home) if trust_key else None
     with _progress(_sealed_size(src, as_json), "opening", not as_json) as prog:
         paths = api.unseal(src, output, keyring=kr, providers=provs, trust=trust, force=force, progress=prog,
-                           threads=threads)
+                           threads=threads, home=home)
     _emit({"written": [str(p) for p in paths]}, as_json, f"wrote plaintext to {output}")
 
 
@@ -424,14 +429,14 @@ def verify(
     trust: Any = _trust_keys(trust_key, home) if trust_key else TrustStore.load(home or default_home())
     kr = _keyring(home) if deep else None
     with _progress(_sealed_size(src, as_json), "verifying", not as_json) as prog:
-        rep = api.verify(src, trust=trust, deep=deep, keyring=kr, progress=prog, threads=threads)
+        rep = api.verify(src, trust=trust, deep=deep, keyring=kr, progress=prog, threads=threads, home=home)
     _emit(rep.to_json(), as_json, f"OK: {rep.files} file(s), {rep.chunks} chunks, signed by {rep.signer}" + (
         ", every tag checked" if deep else ""))  # fmt: skip
 
 
 @app.command()
 def inspect(src: Annotated[Path, typer.Argument(help="sealed file or bundle")], as_json: JsonOpt = False) -> None:
-    """Show what anyone can see without a key."""
+    """Show what anyone can see without a key (names and metadata escaped: they are the file's text)."""
     info = api.inspect(src)
     if as_json:
         _emit(info, True)
@@ -439,9 +444,14 @@ def inspect(src: Annotated[Path, typer.Argument(help="sealed file or bundle")], 
     for m in info.get("members", [info]):
         header = "hidden" if m["header_hidden"] else "visible"
         out.print(
-            f"[bold]{m.get('name', '(hidden name)')}[/bold]  {m['kind']}  {m['data_len']} bytes  "
+            f"{m.get('name', '(hidden name)')}  {m['kind']}  {m['data_len']} bytes  "
             f"{m['n_chunks']} chunks  signer {m['signer']}  header {header}"
         )
+        if m.get("metadata"):
+            t = Table("metadata", "value")
+            for k, v in list(m["metadata"].items())[:50]:
+                t.add_row(k, v)
+            out.print(t)
         if m.get("tensors"):
             t = Table("tensor", "dtype", "shape")
             for name, ti in list(m["tensors"].items())[:50]:
@@ -703,10 +713,9 @@ OpArg = Annotated[str, typer.Argument(help="the operation id `warden custody req
 
 
 def _plain(text: Any) -> str:
-    """Text from the agent or a file, safe for a terminal: no control characters, no rich markup."""
-    from rich.markup import escape
-
-    return escape("".join(ch if ch.isprintable() else "?" for ch in str(text)))
+    """Text from the agent or a file, on one line: non-printable characters shown as '?' (the consoles
+    interpret no markup)."""
+    return "".join(ch if ch.isprintable() else "?" for ch in str(text))
 
 
 def _request(kind: str, params: dict[str, Any], ttl: float, home: Path | None, as_json: bool, **extra: Any) -> None:
@@ -716,11 +725,10 @@ def _request(kind: str, params: dict[str, Any], ttl: float, home: Path | None, a
     from .keys.quorum import Statement
 
     op = _plain(r["op_id"])
-    msg = f"requested {op}: {_plain(r['summary'])}" + "".join(
-        f"\n    {_plain(d)}" for d in Statement.from_json(r["statement"]).details()
-    )
-    msg += f"\nstatement digest {_plain(r['digest'])}"
-    _emit(r, as_json, msg + f"\neach custodian: warden custody approve {op} --custodian NAME")
+    msg = [f"requested {op}: {_plain(r['summary'])}",
+           *(f"    {_plain(d)}" for d in Statement.from_json(r["statement"]).details()),
+           f"statement digest {_plain(r['digest'])}", f"each custodian: warden custody approve {op} --custodian NAME"]
+    _emit(r, as_json, msg)
 
 
 @request_app.command("reshare")
@@ -798,7 +806,7 @@ def custody_pending(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     sts = [Statement.from_json(x) for x in AgentClient(home or default_home()).call("pending")["pending"]]
     lines = [ln for st in sts for ln in (f"{_plain(st.op_id)}: {_plain(st.describe())}",
                                           *(f"    {_plain(d)}" for d in st.details()))]  # fmt: skip
-    _emit([st.to_json() for st in sts], as_json, "\n".join(lines) or "no pending custody changes")
+    _emit([st.to_json() for st in sts], as_json, lines or "no pending custody changes")
 
 
 @custody_app.command("approve")
@@ -858,7 +866,7 @@ def custody_policy(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     from .keys.agent import AgentClient
 
     r = AgentClient(home or default_home()).call("policy")
-    _emit(r, as_json, _plain(json.dumps(r, indent=2, sort_keys=True)))
+    _emit(r, as_json, [_plain(ln) for ln in json.dumps(r, indent=2, sort_keys=True).splitlines()])
 
 
 @custody_app.command("workload-token")
@@ -872,7 +880,7 @@ def custody_workload_token(
 
     tok = _secrets.token_urlsafe(32)
     dig = token_digest(tok)
-    msg = f'WARDEN_WORKLOAD={_plain(name)} WARDEN_WORKLOAD_TOKEN={tok}\npolicy: {_plain(name)} = "{dig}"'
+    msg = [f"WARDEN_WORKLOAD={_plain(name)} WARDEN_WORKLOAD_TOKEN={tok}", f'policy: {_plain(name)} = "{dig}"']
     _emit({"workload": name, "token": tok, "digest": dig}, as_json, msg)
 
 
@@ -928,18 +936,10 @@ def _model_kw(path: Path, home: Path | None, kr: Any = None) -> dict[str, Any]:
     return {}
 
 
-def _log(home: Path | None, action: audit.AuditAction, subject: str, **detail: Any) -> None:
-    sink = audit.JsonlSink((home or default_home()) / "audit.jsonl")
-    try:
-        sink.emit(audit.event(action, subject=subject, detail=detail))
-    finally:
-        sink.close()
-
-
 def _registry(registry: Path | None, home: Path | None) -> Any:
     from .provenance import Registry, default_registry
 
-    return Registry(registry) if registry else default_registry(home)
+    return Registry(registry, home=home) if registry else default_registry(home)
 
 
 def _pfmt(p: float, log10_p: float) -> str:
@@ -973,7 +973,7 @@ def prov_compare(
     """Test "SUSPECT and REFERENCE were initialised independently"; print the p-value and per-layer evidence."""
     from .provenance import compare
 
-    c = compare(suspect, reference, alpha=alpha, **_model_kw(reference, home) or _model_kw(suspect, home))
+    c = compare(suspect, reference, alpha=alpha, home=home, **_model_kw(reference, home) or _model_kw(suspect, home))
     j = c.to_json()
     if plot is not None:
         from .plots import compare_plot
@@ -1005,7 +1005,6 @@ def prov_register(
     sig = reg.register(model, name, replace=replace, parent=parent, lineage=not no_lineage, alpha=alpha,
                        **_model_kw(model, home))  # fmt: skip
     up = reg.parent_of(name)
-    _log(home, audit.AuditAction.PROVENANCE_REGISTER, name, layers=len(sig.blocks), parent=up)
     _emit({"registered": name, "layers": len(sig.blocks), "registered_parent": up, "registry_size": len(reg)},
           as_json, f"registered {name} ({len(sig.blocks)} MLP blocks, parent: {up or 'none'}); "
           f"registry holds {len(reg)} model(s)")  # fmt: skip
@@ -1055,7 +1054,6 @@ def prov_list(registry: RegistryOpt = None, home: HomeOpt = None, as_json: JsonO
 def prov_remove(name: str, registry: RegistryOpt = None, home: HomeOpt = None) -> None:
     """Forget a registered model."""
     _registry(registry, home).remove(name)
-    _log(home, audit.AuditAction.PROVENANCE_REMOVE, name)
     out.print(f"removed {name}")
 
 
@@ -1091,9 +1089,8 @@ def scan_cmd(
             bar[0][0].update(bar[0][1], completed=done, total=total)
 
         rep = scan(where, reg.root, state=state, ray_address=ray_address, workers=workers, top_k=top_k, alpha=alpha,
-                   on_progress=progress)  # fmt: skip
+                   on_progress=progress, home=home)  # fmt: skip
     j = rep.to_json()
-    _log(home, audit.AuditAction.PROVENANCE_SCAN, ",".join(where)[:200], items=j["items"], derived=len(j["derived"]))
     if as_json:
         _emit(j, True)
         return
@@ -1148,12 +1145,8 @@ def _pubkey(pubkey: str | None, what: str) -> bytes:
 
 
 def _audit_log(db: str | None, home: Path | None, key: bytes | None = None, log_id: str | None = None) -> Any:
-    from .broker.auditlog import AuditLog
-
-    url = db or f"sqlite:///{(home or default_home()) / 'broker' / 'broker.db'}"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///") :]).exists():
-        raise WardenError(f"no audit log at {url}")
-    return AuditLog(url, public_key=key, create=False, log_id=_log_id(log_id))
+    """The log the trail rule picks (trail.locate): --db, else the home's broker log, else its local log."""
+    return trail.open_log(home, db, public_key=key, log_id=_log_id(log_id))
 
 
 def _log_id(text: str | None) -> bytes | None:
@@ -1163,6 +1156,16 @@ def _log_id(text: str | None) -> bytes | None:
         return parse_log_id(text, "--log-id")
     except WardenError as e:
         raise WardenError(str(e)) from None
+
+
+def _log_key(pubkey: str | None, db: str | None, home: Path | None) -> bytes:
+    """--pubkey, else the public half of the key that signs the picked log (the broker's log key file,
+    or the home's local audit/log.key), read outside the database."""
+    if pubkey is None:
+        own = trail.log_public_key(home, db)
+        if own is not None:
+            return own
+    return _pubkey(pubkey, "verifying")
 
 
 def _read_json(path: Path) -> Any:
@@ -1183,7 +1186,7 @@ def audit_head(db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False)
 def audit_prove(index: int, db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """An inclusion proof of event INDEX under the latest signed head."""
     p = _audit_log(db, home).prove(index).to_json()
-    _emit(p, as_json, json.dumps(p, indent=2, sort_keys=True))  # a proof is data: JSON either way
+    _emit(p, True)  # a proof is data: JSON either way (ASCII, escaped)
 
 
 @audit_app.command("check-proof")
@@ -1218,12 +1221,26 @@ def audit_verify(
     """Recompute the whole tree from the events and check every signed head (of the pinned log)."""
     from .broker.auditlog import SignedHead
 
-    log = _audit_log(db, home, _pubkey(pubkey, "verifying"), log_id)
+    log = _audit_log(db, home, None, log_id)  # no log yet: said before asking for a key
+    log.public_key = _log_key(pubkey, db, home)
     kept = SignedHead.from_json(_read_json(against)) if against else None
     rep = log.verify(against=kept)
     _unpinned(log_id or (kept.log_id.hex() if kept else None), as_json)  # a kept head names its log
     _emit(rep, as_json, f"audit log {rep['log_id']} intact: {rep['events']} events, {rep['heads_checked']} signed "
           "heads checked" + (f", extends the kept head of size {rep['against']}" if kept else ""))  # fmt: skip
+
+
+@audit_app.command("key")
+def audit_key(db: DbOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """The public key that signs the home's trail (hex): the broker's log key when the trail is the broker's
+    log, else the home's local audit-log key.  Pin it outside the database (`verify --pubkey`)."""
+    pub = trail.log_public_key(home, db)
+    if pub is None:
+        if trail.locate(home, db)[1]:
+            raise WardenError("the broker's log key is not a file here (WARDEN_LOG_KEY names a token or an agent): "
+                              "take its public key from `warden broker init` and pin it with --pubkey")  # fmt: skip
+        raise WardenError("no audit-log key yet: the first audited operation creates it with the log")
+    _emit({"public_key": pub.hex()}, as_json, pub.hex())
 
 
 @audit_app.command("export")
@@ -1322,6 +1339,7 @@ def _broker(db: str | None, store: str | None, home: Path | None, audience: str 
     if created:
         sys.stderr.write(f"created the broker's log key; its public key (pin it): {signer.public_key.hex()}\n")
     log = AuditLog(url, signer)
+    trail.use_broker_signer(url, signer)  # this process's trail appends to the broker's log sign with it
     cfg = BrokerConfig(audience=audience) if audience else BrokerConfig()
     if per_principal is not None:
         import dataclasses
@@ -1589,7 +1607,7 @@ def classify_cmd(
         rs = load_rules(rules, keys)
     c = classify(model, rules=rs, as_of=when, country=country, tokens=tokens, declared_flop=compute,
                  chip_hours=chip_hours, peak_flops=peak_flops, utilization=utilization, published=published,
-                 experts_per_token=experts_per_token, **_declaration_kw(declaration, home),
+                 experts_per_token=experts_per_token, home=home, **_declaration_kw(declaration, home),
                  **_model_kw(model, home))  # fmt: skip
     j = c.to_json()
     if as_json:
@@ -1649,34 +1667,22 @@ def screen_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Screen NAME against the restricted-party list (`warden screen update --file F` loads a newer one)."""
+    from .release.screen import screen, update_list
 
-    from ._atomic import atomic_write_bytes
-    from .release.screen import ScreeningList
-
-    store = (home or default_home()) / "screening"
     if name == "update":
         if file is None:
             raise WardenError("warden screen update needs --file")
-        data = file.read_bytes()
-        lst = ScreeningList.parse(data, file.name)  # refuses an unknown format before anything is replaced
-        store.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(store / "list.dat", data, force=True)
-        import datetime as _dt
-
-        rec = {"origin": file.name, "sha256": lst.sha256, "format": lst.format, "entries": len(lst.entries),
-               "loaded": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}  # fmt: skip
-        atomic_write_bytes(store / "list.json", json.dumps(rec).encode(), force=True)
-        _emit(rec, as_json, f"screening list {file.name}: {len(lst.entries)} entries, sha256 {lst.sha256[:16]}…")
+        rec = update_list(file, home)
+        _emit(rec, as_json, f"screening list {rec['origin']}: {rec['entries']} entries, sha256 {rec['sha256'][:16]}…")
         return
     if country is not None:  # ISO 3166: USA, United States -> US; an unknown country is refused
         from .release.countries import resolve_country
 
         country = resolve_country(country)
-    lst = ScreeningList.load(file) if file is not None else ScreeningList.from_home(home or default_home())
-    if lst.is_sample:
+    r, sample = screen(name, aliases=tuple(alias or ()), country=country, threshold=threshold, file=file, home=home)
+    if sample:
         err.print("note: screening against the shipped SAMPLE list (fictitious); load a real one with "
                   "`warden screen update --file`")  # fmt: skip
-    r = lst.screen(name, aliases=tuple(alias or ()), country=country, threshold=threshold)
     if as_json:
         _emit(r, True)
         return
@@ -1779,9 +1785,6 @@ def release_cmd(
             raise
         if b is not None and sealing:
             b.attach_release(request, output, actor=audit._default_actor())
-    _log(home, audit.AuditAction.RELEASE_CREATE, rel.model_id, recipient=rel.recipient, code_id=rel.code_id,
-         gate=rel.gate, rules_version=rel.rules_version, output=rel.output, exclude=list(rel.exclude),
-         excluded_files=list(rel.excluded_files))  # fmt: skip
     _emit({"released": True, "release": rel.to_json(), "output": str(output)}, as_json,
           f"released {_safe(rel.model_id)} to {_safe(rel.recipient)} in {rel.country or '??'} (code {rel.code_id}; "
           f"gate: {rel.gate}, rules {rel.rules_version}; {rel.output}) at {_safe(str(output))}")  # fmt: skip
@@ -1846,14 +1849,12 @@ def license_add(
     as_json: JsonOpt = False,
 ) -> None:
     """File an export license; the gate allows what it covers (regime, model, recipient, country, dates)."""
-    from .release.gate import LicenseBook, LicenseRecord
+    from .release.gate import LicenseRecord, file_license
 
     rec = LicenseRecord.from_json({"id": license_id, "regimes": regime, "recipient": recipient, "countries": country,
                                    "models": model, "valid_from": valid_from, "valid_until": valid_until,
                                    "authority": authority, "reference": reference})  # fmt: skip
-    book = LicenseBook.load((home or default_home()) / "release" / "licenses.json")
-    book.add(rec)
-    _log(home, audit.AuditAction.RELEASE_LICENSE, license_id, **rec.to_json())
+    book = file_license(rec, home)
     _emit(rec.to_json(), as_json, f"license {license_id} filed ({len(book.records)} on file)")
 
 
@@ -1897,7 +1898,6 @@ def trace_cmd(
     rep = trace(suspect, model, provider=kr.provider(purpose="tracing"), model_id=model_id, home=home, db=db, eps=eps,
                 population=population, **(_model_kw(suspect, home, kr) or _model_kw(model, home, kr)))  # fmt: skip
     j = rep.to_json()
-    _log(home, audit.AuditAction.TRACE_RUN, rep.model_id, accused=[a["recipient"] for a in rep.accused])
     if plot is not None:
         from .plots import trace_plot
 
@@ -1925,19 +1925,19 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("error: aborted\n")
         return 1
     except WardenError as e:
-        sys.stderr.write(f"error: {type(e).__name__}: {e}\n")
+        sys.stderr.write(f"error: {type(e).__name__}: {safe(e)}\n")
         return 1
     except OSError as e:
-        sys.stderr.write(f"error: {type(e).__name__}: {e.strerror or e} ({e.filename})\n")
+        sys.stderr.write(f"error: {type(e).__name__}: {safe(e.strerror or e)} ({safe(e.filename)})\n")
         return 1
     except KeyError as e:
-        sys.stderr.write(f"error: no such tensor or file: {e}\n")
+        sys.stderr.write(f"error: no such tensor or file: {safe(e)}\n")
         return 1
     except Exception as e:  # usage errors from the CLI framework
         fmt = getattr(e, "format_message", None)
         if fmt is None or not hasattr(e, "exit_code"):
             raise
-        sys.stderr.write(f"error: {fmt()}\n")
+        sys.stderr.write(f"error: {safe(fmt())}\n")
         return 1
     finally:
         while _audit_ctx:

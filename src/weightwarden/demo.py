@@ -106,6 +106,15 @@ class Demo:
     # -- 1. custody ---------------------------------------------------------------------------
     def custody(self) -> None:
         self.act("1. custody: the root key split among five custodians, three needed")
+        # the broker's own home and log key come first, so that every step below, on the key host too, is in
+        # its one trail: the key host reaches the broker's database (PostgreSQL in production) and holds the log
+        # key's passphrase file, as the release workstation that writes to the broker's log does
+        (self.root / "log-key.pass").write_text("demo log-key passphrase, use a real one\n")
+        for env in (self.env, self.benv):
+            env["WARDEN_LOG_KEY_PASSPHRASE_FILE"] = str(self.root / "log-key.pass")
+        self.warden("broker", "init", broker=True)
+        self.env["WARDEN_BROKER_DB"] = f"sqlite:///{self.bhome / 'broker' / 'broker.db'}"
+        self.env["WARDEN_LOG_KEY"] = f"file:{self.bhome / 'broker' / 'log-key.json'}"
         self.warden("init")
         spec = [a for c in CUSTODIANS for a in ("--custodian", f"{c}=passphrase")]
 
@@ -209,15 +218,12 @@ class Demo:
         from weightwarden.keys.provider import ed25519_key_id
 
         self.act("4. the broker: export gate, two approvers, a fingerprinted copy, egress budgets")
-        (self.root / "log-key.pass").write_text("demo log-key passphrase, use a real one\n")
-        self.benv["WARDEN_LOG_KEY_PASSPHRASE_FILE"] = str(self.root / "log-key.pass")
-        bdb = f"sqlite:///{self.bhome / 'broker' / 'broker.db'}"
-        self.env["WARDEN_BROKER_DB"] = bdb  # the key host reaches the broker's database (PostgreSQL in production)
 
         def own_home() -> tuple[bool, str]:
             self.wjson("broker", "init", "--trust-from", str(self.home), broker=True)
             refused = self.warden("serve", "--port", str(_free_port()), expect=1, timeout=60)  # the key host's home
-            held = sorted(p.relative_to(self.bhome).as_posix() for p in self.bhome.rglob("*") if p.is_file())
+            held = sorted(p.relative_to(self.bhome).as_posix() for p in self.bhome.rglob("*")
+                          if p.is_file() and not p.name.startswith("broker.db"))  # fmt: skip
             ok = ("BrokerHomeError" in refused.stderr and held == ["broker/log-key.json", "broker/log-key.pub",
                                                                    "trusted.json"])  # fmt: skip
             return ok, f"broker-home holds {', '.join(held)}; serve beside the keyring refused (BrokerHomeError)"
@@ -466,12 +472,17 @@ class Demo:
 
         def intact() -> tuple[bool, str]:
             j = self.wjson("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id, broker=True)
-            return j[
-                "events"
-            ] > 20, (f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}… "
-                     f"and log {self.log_id[:12]}…")  # fmt: skip
+            rows = [json.loads(x) for x in self.warden("audit", "export").stdout.splitlines()]
+            acts = {r["event"]["action"] for r in rows}
+            steps = ("key:create", "custody:init", "custody:unseal", "model:seal", "model:verify", "key:unwrap",
+                     "provenance:register", "approval:grant", "release:gate", "release:create", "trace:run",
+                     "provenance:scan")  # fmt: skip
+            missing = [a for a in steps if a not in acts]
+            return j["events"] > 20 and j["events"] == len(rows) and not missing, (
+                f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}… "
+                f"and log {self.log_id[:12]}…; every step in it" + (f" but {missing}" if missing else ""))  # fmt: skip
 
-        self.check("warden audit verify: every event of the broker's log is intact", intact)
+        self.check("warden audit verify: every event of the home's one trail (CLI and broker) is intact", intact)
 
         def edited() -> tuple[bool, str]:
             db = sqlite3.connect(self.bhome / "broker" / "broker.db")

@@ -145,6 +145,7 @@ __all__ = [
     "KeyringError",
     "KeysNotHereError",
     "LogKeyError",
+    "NoAuditLogError",
     "OutputExistsError",
     "ProviderUnavailableError",
     "RecipientKeyError",
@@ -210,3 +211,5 @@ class BrokerHomeError(WardenError):
 
 
 __all__ += ["BrokerHomeError"]
+class NoAuditLogError(AuditLogError):
+    """There is no audit log yet where one was looked for (nothing has been logged there)."""

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..audit import AuditEvent, AuditSink
-from ..errors import AuditLogError, AuditTamperedError, HeadKeyPurposeError, LogIdentityError
+from ..errors import AuditLogError, AuditTamperedError, HeadKeyPurposeError, LogIdentityError, NoAuditLogError
 from ..keys.provider import verify_purpose
 from . import merkle
 
@@ -257,6 +257,9 @@ class AuditLog:
                     # was written before heads named their log, and stays without one (refused below)
                     if not size and c.execute(sa.select(self.t_meta.c.log_id)).first() is None:
                         c.execute(sa.insert(self.t_meta).values(id=1, log_id=secrets.token_hex(LOG_ID_LEN)))
+            elif not sa.inspect(self.engine).has_table("ww_audit_state"):
+                self.engine.dispose()
+                raise NoAuditLogError("no audit log in this database yet: the first audited operation creates it")
         except sa.exc.SQLAlchemyError as e:
             raise AuditLogError(f"cannot open the audit database ({type(e).__name__})") from None
 

@@ -12,7 +12,8 @@ Who may use which key is the key-use policy (keys/policy.py): per OS user and wo
 per key and operation; while sealed, and for every custody operation, only the agent's own
 user.  Custody changes (re-share, destroy, export, policy, auditing) need a fresh quorum of
 custodians' approvals of that exact change (keys/quorum.py): an unsealed agent alone
-refuses them.  Every operation and every refusal is an audit event.
+refuses them.  Every operation and every refusal is an audit event in the home's trail
+(weightwarden.trail).
 """
 
 from __future__ import annotations
@@ -310,7 +311,9 @@ class _State:
         c = _caller.get()
         if c is not None:
             kw["detail"] = {**kw.get("detail", {}), "caller": c.to_json()}
-        audit.JsonlSink(self.home / "audit.jsonl").emit(audit_event(action, outcome, **kw))
+        from .. import trail
+
+        trail.for_home(self.home).emit(audit_event(action, outcome, **kw))
 
     # -- custody changes: a fresh quorum of that exact change ---------------------------------
     def _open(self, kr: Keyring) -> None:
@@ -770,6 +773,8 @@ def under_custody(home: Path) -> bool:
 def start(home: Path, *, idle_seal: float = DEFAULT_IDLE_SEAL, timeout: float = 15.0) -> int:
     """Start the agent in the background (a new session) with a minimal environment (no passphrase,
     no token: only paths, locale and user); returns its pid."""
+    from ..trail import trail_env
+
     client = AgentClient(home)
     if client.running():
         raise CustodyError("the agent is already running")
@@ -781,7 +786,7 @@ def start(home: Path, *, idle_seal: float = DEFAULT_IDLE_SEAL, timeout: float = 
         stdout=log,
         stderr=log,
         start_new_session=True,
-        env=minimal_env(),
+        env=minimal_env() | trail_env(),  # where its events go: the home's trail (no secret: a file's path)
         close_fds=True,
     )
     deadline = time.monotonic() + timeout

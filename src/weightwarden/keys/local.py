@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .._atomic import atomic_write_bytes
-from ..audit import AuditAction, AuditSink, JsonlSink
+from ..audit import AuditAction, AuditSink
 from ..audit import event as audit_event
 from ..errors import (
     BadPassphraseError,
@@ -51,7 +51,6 @@ from .provider import (
 )
 
 KEYRING_FILE = "keyring.json"
-AUDIT_FILE = "audit.jsonl"
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TRUST_FILE = "trusted.json"
 _FORMAT = "weightwarden-keyring"
@@ -181,6 +180,12 @@ def _default_slot(kind: str, purpose: str) -> str:
     return f"default_{kind}" if purpose == "sealing" else f"default_{kind}:{purpose}"
 
 
+def _trail(home: Path) -> AuditSink:
+    from .. import trail
+
+    return trail.for_home(home)
+
+
 def _split_detail(doc: Any) -> dict[str, Any]:
     return {"threshold": doc.threshold, "custodians": [c["name"] for c in doc.custodians]}
 
@@ -195,7 +200,7 @@ class Keyring:
         self._wrapping_key = bytearray(kdf.derive(passphrase, salt))
         self._s = secrets_
         self.trust = TrustStore.load(home)
-        self.audit: AuditSink = JsonlSink(home / AUDIT_FILE)
+        self.audit: AuditSink = _trail(home)
 
     # -- lifecycle ------------------------------------------------------------
     @classmethod
@@ -209,9 +214,10 @@ class Keyring:
             raise KeyringError("the passphrase must be at least 8 characters")
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         kr = cls(home, passphrase, kdf or KdfParams(), secrets.token_bytes(16), {"keks": {}, "signing": {}})
-        kr.new_kek(now=now)
-        kr.new_signing_key(now=now)  # the sealing key; audit-log and other keys are made when needed
-        kr.save()
+        with kr.audit.operation():  # type: ignore[attr-defined]
+            kr.new_kek(now=now)
+            kr.new_signing_key(now=now)  # the sealing key; audit-log and other keys are made when needed
+            kr.save()
         return kr
 
     @classmethod
@@ -262,7 +268,7 @@ class Keyring:
             raise BadPassphraseError("the passphrase does not unlock this keyring") from None
         kr._s = json.loads(plain)
         kr.trust = TrustStore.load(home)
-        kr.audit = JsonlSink(home / AUDIT_FILE)
+        kr.audit = _trail(home)
         return kr
 
     @property

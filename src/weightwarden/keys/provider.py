@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from ..audit import AuditAction, AuditSink, NullSink
+from ..audit import AMBIENT, AuditAction, AuditSink
 from ..audit import event as audit_event
 from ..errors import (
     FormatError,
@@ -162,7 +162,7 @@ class KeyProvider(ABC):
     #: short name stored in key slots ("local", "pkcs11", ...)
     name: str
     key_id: str
-    audit: AuditSink = NullSink()
+    audit: AuditSink = AMBIENT  # the trail of the operation in progress
 
     # -- use -----------------------------------------------------------------------
     def wrap(self, dek: bytes | bytearray, context: bytes) -> KeySlot:
@@ -279,7 +279,7 @@ class Signer(ABC):
     signature of one purpose never verifies as another.  ``sign`` emits an audit event."""
 
     alg: str = "ed25519"
-    audit: AuditSink = NullSink()
+    audit: AuditSink = AMBIENT  # the trail of the operation in progress
     purpose: str = "sealing"
 
     def sign(self, message: bytes) -> bytes:

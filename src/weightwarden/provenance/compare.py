@@ -354,12 +354,23 @@ def compare(
     alpha: float = DEFAULT_ALPHA,
     max_units: int = 256,
     rng: np.random.Generator | int | None = 0,
+    home: str | os.PathLike[str] | None = None,
     **open_kw: Any,
 ) -> Comparison:
-    """Test H0 "suspect and reference were initialised independently"; see docs/PROVENANCE.md."""
+    """Test H0 "suspect and reference were initialised independently"; see docs/PROVENANCE.md.
+    The decision is an event of ``home``'s trail (default: the keyring's, else ``$WARDEN_HOME``)."""
+    from .. import trail
+    from ..audit import AuditAction
+
     sig = reference if isinstance(reference, Signature) else extract_signature(reference, max_units=max_units, rng=rng,
                                                                                **open_kw)  # fmt: skip
-    return compare_many([sig], suspect, alpha=alpha, **open_kw)[0]
+    c = compare_many([sig], suspect, alpha=alpha, **open_kw)[0]
+    kr = open_kw.get("keyring")
+    trail.record(AuditAction.PROVENANCE_COMPARE, home=home or getattr(kr, "home", None),
+                 subject=str(getattr(suspect, "path", suspect)), decision="derived" if c.derived else "independent",
+                 reference=str(getattr(reference, "path", None) or sig.meta.get("name") or reference),
+                 log10_p=round(c.log_p / float(np.log(10)), 2), alpha=alpha)  # fmt: skip
+    return c
 
 
 def corrected(c: Comparison, n: int) -> Comparison:

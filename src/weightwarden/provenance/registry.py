@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import trail
 from .._atomic import atomic_write_bytes
+from ..audit import AuditAction
 from ..errors import FormatError, RegistryError
 from .compare import DEFAULT_ALPHA, Comparison, compare_many, corrected
 from .layout import detect_layout
@@ -76,8 +78,9 @@ class Identification:
 
 
 class Registry:
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], *, home: str | os.PathLike[str] | None = None):
         self.root = Path(root)
+        self.home = home  # whose trail registrations, removals and identifications are logged in
         self._names: list[str] = []
         self._facts: list[dict[str, Any]] = []
         self._sketches = np.zeros((0, SKETCH_DIM), np.float32)
@@ -189,6 +192,8 @@ class Registry:
             rec = {"name": link[0], "log10_p": round(link[1].log_p / float(np.log(10)), 2),
                    "dist2": round(link[1].dist2, 6)}  # fmt: skip
         self.add(name, sig, replace=replace, parent=rec)
+        trail.record(AuditAction.PROVENANCE_REGISTER, home=self.home, subject=name, layers=len(sig.blocks),
+                     parent=self.parent_of(name), registry=str(self.root))  # fmt: skip
         return sig
 
     def parent_of(self, name: str) -> str | None:
@@ -206,6 +211,7 @@ class Registry:
         self._sketches = np.delete(self._sketches, i, axis=0)
         self._save()
         (self.root / "sigs" / self._file(name)).unlink(missing_ok=True)
+        trail.record(AuditAction.PROVENANCE_REMOVE, home=self.home, subject=name, registry=str(self.root))
 
     # -- search -----------------------------------------------------------------------
     def retrieve(self, sketch: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -222,17 +228,25 @@ class Registry:
         return [(self._names[i], float(scores[i])) for i in top]
 
     def identify(self, suspect: str | os.PathLike[str] | TensorSource, *, top_k: int = 10,
-                 alpha: float = DEFAULT_ALPHA, **open_kw: Any) -> Identification:  # fmt: skip
-        """Rank the registered models ``suspect`` may be derived from; ``best`` is its likely parent."""
+                 alpha: float = DEFAULT_ALPHA, log: bool = True, **open_kw: Any) -> Identification:  # fmt: skip
+        """Rank the registered models ``suspect`` may be derived from; ``best`` is its likely parent.
+        ``log``: an event in the trail (a scan logs one event for all its items instead)."""
         if not self._names:
             raise RegistryError("the registry is empty: register a model first")
         own = not isinstance(suspect, TensorSource)
         src = open_source(suspect, **open_kw)
         try:
-            return self._identify_src(src, top_k=top_k, alpha=alpha)
+            res = self._identify_src(src, top_k=top_k, alpha=alpha)
         finally:
             if own:
                 src.close()
+        if log:
+            best = res.best
+            trail.record(AuditAction.PROVENANCE_IDENTIFY, home=self.home,
+                         subject=str(getattr(suspect, "path", suspect)), derived_from=best[0] if best else None,
+                         candidates=len(res.matches),
+                         registry=str(self.root))  # fmt: skip
+        return res
 
     def _identify_src(self, src: TensorSource, *, top_k: int, alpha: float, exclude: str | None = None
                       ) -> Identification:  # fmt: skip
@@ -286,4 +300,4 @@ class Registry:
 def default_registry(home: str | os.PathLike[str] | None = None) -> Registry:
     from ..keys.local import default_home
 
-    return Registry(Path(home) if home else default_home() / "provenance")
+    return Registry(Path(home) if home else default_home() / "provenance", home=home)

@@ -143,9 +143,9 @@ def scan_one(item: str, registry_root: str, top_k: int, alpha: float) -> dict[st
         reg = Registry(registry_root)
         if item.startswith("s3://"):
             with tempfile.TemporaryDirectory(prefix="warden-scan-") as td:
-                res = reg.identify(_fetch_s3(item, Path(td)), top_k=top_k, alpha=alpha)
+                res = reg.identify(_fetch_s3(item, Path(td)), top_k=top_k, alpha=alpha, log=False)
         else:
-            res = reg.identify(item, top_k=top_k, alpha=alpha)
+            res = reg.identify(item, top_k=top_k, alpha=alpha, log=False)
     except (WardenError, OSError, KeyError, ValueError) as e:
         return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     best = res.best
@@ -202,8 +202,12 @@ def scan(
     top_k: int = 10,
     alpha: float = 1e-6,
     on_progress: Callable[[int, int], None] | None = None,
+    home: str | os.PathLike[str] | None = None,
 ) -> ScanReport:
-    """Scan every item of ``specs`` on Ray (local unless ``ray_address``); resumable through ``state``."""
+    """Scan every item of ``specs`` on Ray (local unless ``ray_address``); resumable through ``state``.
+    The scan is one event of ``home``'s trail (items, derived ones)."""
+    from .. import trail
+    from ..audit import AuditAction
     from .registry import Registry
 
     t0 = time.monotonic()
@@ -225,6 +229,10 @@ def scan(
     if todo:
         _run_ray(todo, root, top_k, alpha, ray_address, workers, state_path, report, on_progress)
     report.seconds = time.monotonic() - t0
+    j = report.to_json()
+    trail.record(AuditAction.PROVENANCE_SCAN, home=home, subject=",".join(specs)[:200], items=j["items"],
+                 derived=[{"item": d["item"], "derived_from": d["derived_from"]} for d in j["derived"]][:100],
+                 errors=len(j["errors"]))  # fmt: skip
     return report
 
 

@@ -229,14 +229,35 @@ def classify(model: str | os.PathLike[str], *, rules: Any = None, as_of: date | 
              chip_hours: float | None = None, peak_flops: float | None = None, utilization: float | None = None,
              published: bool = False, experts_per_token: int | None = None, keyless: bool = False,
              declaration: str | os.PathLike[str] | None = None, compliance_keys: list[bytes] | None = None,
-             now: datetime | None = None, **open_kw: Any) -> Classification:  # fmt: skip
+             now: datetime | None = None, home: str | os.PathLike[str] | None = None,
+             **open_kw: Any) -> Classification:  # fmt: skip
     """Classify a checkpoint (file, HF folder, sealed file or bundle) under ``rules`` (default: shipped).
 
     ``tokens`` / ``declared_flop`` / hardware are figures the caller enters; ``declaration`` is a signed
     declaration file (verified against ``compliance_keys`` and the weights' digest); ``training_*`` fields
     in ``config.json`` are only claimed (see the module doc).  ``keyless``: read a sealed file's shapes from
     its visible header and use no key (the broker holds none); a hidden header, a bundle, or a declaration
-    (whose check needs the weights) is refused with :class:`~weightwarden.errors.KeysNotHereError`."""
+    (whose check needs the weights) is refused with :class:`~weightwarden.errors.KeysNotHereError`.
+    The classification is an event of ``home``'s trail (default: the keyring's, else ``$WARDEN_HOME``)."""
+    from .. import trail
+    from ..audit import AuditAction
+
+    c = _classify(model, rules=rules, as_of=as_of, country=country, tokens=tokens, declared_flop=declared_flop,
+                  chip_hours=chip_hours, peak_flops=peak_flops, utilization=utilization, published=published,
+                  experts_per_token=experts_per_token, keyless=keyless, declaration=declaration,
+                  compliance_keys=compliance_keys, now=now, **open_kw)  # fmt: skip
+    kr = open_kw.get("keyring")
+    trail.record(AuditAction.RELEASE_CLASSIFY, home=home or getattr(kr, "home", None), subject=str(model),
+                 total_params=c.total_params, active_params=c.active_params, rules_version=c.rules_version,
+                 as_of=c.as_of, outcomes={o["regime"]: o["outcome"] for o in c.outcomes})  # fmt: skip
+    return c
+
+
+def _classify(model: str | os.PathLike[str], *, rules: Any, as_of: date | None, country: str | None,
+              tokens: float | None, declared_flop: float | None, chip_hours: float | None, peak_flops: float | None,
+              utilization: float | None, published: bool, experts_per_token: int | None, keyless: bool,
+              declaration: str | os.PathLike[str] | None, compliance_keys: list[bytes] | None,
+              now: datetime | None, **open_kw: Any) -> Classification:  # fmt: skip
     from ..provenance.source import _is_sealed, open_source
     from .countries import resolve_country
     from .rules import default_rules

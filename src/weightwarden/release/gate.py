@@ -155,6 +155,18 @@ class LicenseBook:
         return next((r for r in self.records if r.covers(regime, model_id, dest, when)), None)
 
 
+def file_license(rec: LicenseRecord, home: str | os.PathLike[str] | None = None) -> LicenseBook:
+    """File ``rec`` in ``home``'s license book (``release/licenses.json``); an event of its trail."""
+    from .. import trail
+    from ..audit import AuditAction
+    from ..keys.local import default_home
+
+    book = LicenseBook.load(Path(home or default_home()) / "release" / "licenses.json")
+    book.add(rec)
+    trail.record(AuditAction.RELEASE_LICENSE, home=home, subject=rec.id, **rec.to_json())
+    return book
+
+
 @dataclass(frozen=True)
 class GateDecision:
     decision: str

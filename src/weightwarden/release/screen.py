@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import WardenError
 
-__all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize"]
+__all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize", "screen", "update_list"]
 
 DEFAULT_THRESHOLD = 86.0
 _PUNCT = re.compile(r"[^\w\s]|_")
@@ -473,3 +473,50 @@ def _ftm(text: str) -> list[Entry]:
                          tuple(sorted({str(c).upper() for c in props.get("country", [])})),
                          ",".join(r.get("datasets", [])), tuple(str(t) for t in props.get("topics", []))))  # fmt: skip
     return out
+
+
+# -- the library calls `warden screen` makes (each an event of the home's trail) ------------------------
+def screen(name: str, *, aliases: tuple[str, ...] = (), country: str | None = None,
+           threshold: float = DEFAULT_THRESHOLD, file: str | os.PathLike[str] | None = None,
+           home: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], bool]:  # fmt: skip
+    """Screen ``name`` against ``file`` or the list loaded under ``home`` (else the shipped sample);
+    returns the result and whether the sample was used.  Logged with the decision and the list's digest."""
+    from .. import trail
+    from ..audit import AuditAction
+    from ..keys.local import default_home
+    from .countries import resolve_country
+
+    country = resolve_country(country) if country is not None else None  # an unknown country is refused
+    lst = ScreeningList.load(file) if file is not None else ScreeningList.from_home(home or default_home())
+    r = lst.screen(name, aliases=tuple(aliases), country=country, threshold=threshold)
+    trail.record(AuditAction.RELEASE_SCREEN, home=home,
+                 subject=name[:200], aliases=[a[:200] for a in aliases], country=country, decision=r["decision"],
+                 threshold=threshold, hits=[h["entry"]["id"] for h in r["hits"]], list=r["list"],
+                 sample=lst.is_sample)  # fmt: skip
+    return r, lst.is_sample
+
+
+def update_list(file: str | os.PathLike[str], home: str | os.PathLike[str] | None = None, *,
+                now: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Load a new screening list into ``home`` (refused, with nothing replaced, unless it parses)."""
+    import datetime as _dt
+
+    from .. import trail
+    from .._atomic import atomic_write_bytes
+    from ..audit import AuditAction
+    from ..keys.local import default_home
+
+    p = Path(file)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ScreeningError(f"cannot read the screening list {p.name} ({type(e).__name__})") from None
+    lst = ScreeningList.parse(data, p.name)  # refuses an unknown format before anything is replaced
+    store = Path(home or default_home()) / "screening"
+    store.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write_bytes(store / "list.dat", data, force=True)
+    rec = {"origin": p.name, "sha256": lst.sha256, "format": lst.format, "entries": len(lst.entries),
+           "loaded": (now or _dt.datetime.now(_dt.UTC)).isoformat(timespec="seconds")}  # fmt: skip
+    atomic_write_bytes(store / "list.json", json.dumps(rec).encode(), force=True)
+    trail.record(AuditAction.RELEASE_SCREEN_LIST, home=home, subject=p.name, **rec)
+    return rec

@@ -18,7 +18,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from .. import audit
+from .. import audit, trail
 from .._atomic import TMP_PREFIX, atomic_output, write_all
 from ..audit import AuditAction
 from ..errors import OutputExistsError, RecipientKeyError, UnmarkableFilesError, UnsupportedModelError, WardenError
@@ -113,29 +113,26 @@ def _digest_files(files: list[Path]) -> str:
 def add_recipient(name: str, pubkey: str, *, home: Path | None = None, db: str | None = None,
                   replace: bool = False, sink: audit.AuditSink | None = None) -> dict[str, Any]:  # fmt: skip
     """Enroll a release recipient with their age X25519 public key (sealed copies are sealed to it).
-    The name is canonicalised; a bad name or key is refused (one line) and the refusal audited."""
+    The name is canonicalised; a bad name or key is refused (one line) and the refusal audited (in
+    ``sink``, default: the trail of ``home`` / ``db``, one append)."""
     from ..keys.age import check_recipient
-    from ..keys.local import default_home
     from .store import recipient_name
 
-    own = sink is None
-    sink = sink or audit.JsonlSink((home or default_home()) / "audit.jsonl")
+    if sink is None:
+        with trail.operation(home, db) as t:
+            return add_recipient(name, pubkey, home=home, db=db, replace=replace, sink=t)
     try:
-        try:
-            n = recipient_name(name, "NAME")
-            key = check_recipient(pubkey, "--pubkey")
-            store = _store(home, db)
-            store.add_recipient(n, key, replace=replace)
-        except WardenError as e:
-            sink.emit(audit.event(AuditAction.RECIPIENT_ADD, "denied", subject=shown(str(name))[:256],
-                                  detail={"error": type(e).__name__, "message": str(e)[:2000]}))  # fmt: skip
-            raise
-        detail = {"pubkey": key, "name_key": n.key}
-        sink.emit(audit.event(AuditAction.RECIPIENT_ADD, "ok", subject=n.display, detail=detail))
-        return {"recipient": n.display, "pubkey": key, "identity": n.key}
-    finally:
-        if own:
-            sink.close()
+        n = recipient_name(name, "NAME")
+        key = check_recipient(pubkey, "--pubkey")
+        store = _store(home, db)
+        store.add_recipient(n, key, replace=replace)
+    except WardenError as e:
+        sink.emit(audit.event(AuditAction.RECIPIENT_ADD, "denied", subject=shown(str(name))[:256],
+                              detail={"error": type(e).__name__, "message": str(e)[:2000]}))  # fmt: skip
+        raise
+    detail = {"pubkey": key, "name_key": n.key}
+    sink.emit(audit.event(AuditAction.RECIPIENT_ADD, "ok", subject=n.display, detail=detail))
+    return {"recipient": n.display, "pubkey": key, "identity": n.key}
 
 
 def recipients(*, home: Path | None = None, db: str | None = None) -> list[dict[str, Any]]:
@@ -335,7 +332,47 @@ def release(
 
     The recipient's name is canonicalised (:func:`~weightwarden.trace.store.recipient_name`): one
     identity, one codeword.  The recipient and the release are recorded in one transaction, with the
-    copy moved into place inside it: a release refused or failing mid-way records nothing."""
+    copy moved into place inside it: a release refused or failing mid-way records nothing.  The gate's
+    decision, the key use and the release (or its refusal) are one append to the trail (``home``'s, or
+    the database ``db``)."""
+    with trail.operation(home, db) as t:
+        rel = _release(model, recipient, out, provider=provider, country=country, aliases=aliases, gate=gate,
+                       approval=approval, classify_kw=classify_kw, model_id=model_id, home=home, db=db, alpha=alpha,
+                       code_length=code_length, force=force, seal=seal, hide_header=hide_header,
+                       recipient_key=recipient_key, exclude=exclude, master_kw=master_kw, now=now)  # fmt: skip
+        t.emit(audit.event(AuditAction.RELEASE_CREATE, subject=rel.model_id, now=now,
+                           detail={"recipient": rel.recipient, "code_id": rel.code_id, "gate": rel.gate,
+                                   "rules_version": rel.rules_version, "output": rel.output, "path": str(out),
+                                   "exclude": list(rel.exclude), "excluded_files": list(rel.excluded_files),
+                                   "sealed": seal is not None}))  # fmt: skip
+    return rel
+
+
+def _release(
+    model: str | os.PathLike[str],
+    recipient: str,
+    out: str | os.PathLike[str],
+    *,
+    provider: KeyProvider,
+    country: str | None,
+    aliases: tuple[str, ...] = (),
+    gate: ReleaseGate | None = None,
+    approval: Callable[[GateDecision], Any] | None = None,
+    classify_kw: dict[str, Any] | None = None,
+    model_id: str | None = None,
+    home: Path | None = None,
+    db: str | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    code_length: int = DEFAULT_LENGTH,
+    force: bool = False,
+    seal: tuple[KeyProvider, Any] | None = None,
+    hide_header: bool = False,
+    recipient_key: str | None = None,
+    exclude: tuple[str, ...] = (),
+    master_kw: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> ReleaseRecord:
+
     from ..keys.age import AgeRecipientProvider, check_recipient
     from ..sealed.walk import MARKABLE, UNRECOGNISED, excluded, refuse
     from .store import recipient_name
@@ -661,7 +698,19 @@ def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pro
     """Accuse the recipients whose fingerprint the suspect carries, keeping P(any innocent accused) <= eps.
 
     ``population`` (default: the model's recipients) is the n of the union bound; pass a larger one to
-    keep the threshold fixed as recipients are added."""
+    keep the threshold fixed as recipients are added.  Logged in the trail with whom it accuses."""
+    with trail.operation(home, db) as t:
+        rep = _trace(suspect, model, provider=provider, model_id=model_id, home=home, db=db, eps=eps,
+                     population=population, **open_kw)  # fmt: skip
+        t.emit(audit.event(AuditAction.TRACE_RUN, subject=rep.model_id,
+                           detail={"suspect": str(suspect), "accused": [a["recipient"] for a in rep.accused],
+                                   "recipients": rep.recipients, "eps": eps}))  # fmt: skip
+    return rep
+
+
+def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, provider: KeyProvider,
+           model_id: str | None, home: Path | None, db: str | None, eps: float, population: int | None,
+           **open_kw: Any) -> TraceReport:  # fmt: skip
     model = Path(model)
     model_id = model_id or model.stem
     store = _store(home, db)
