@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -159,3 +160,17 @@ def make_broker_log_key(home: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
     monkeypatch.delenv("WARDEN_LOG_KEY", raising=False)
     signer, _ = open_log_key(None, home, lambda confirm: "the broker log key passphrase", kdf=TEST_KDF)
     return signer.public_key
+
+
+def tiny_llama_dir(d: Path) -> Path:
+    """A tiny Llama-shaped model folder (an MLP stack with enough weights to carry a fingerprint) at ``d``."""
+    d.mkdir()
+    rng = np.random.default_rng(3)
+    t = {"model.embed_tokens.weight": rng.standard_normal((128, 64))}
+    for i in range(2):  # a tiny Llama-shaped MLP stack: enough weights to carry a fingerprint
+        t |= {f"model.layers.{i}.mlp.gate_proj.weight": rng.standard_normal((256, 64)) / 8,
+              f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 64)) / 8,
+              f"model.layers.{i}.mlp.down_proj.weight": rng.standard_normal((64, 256)) / 16}  # fmt: skip
+    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return d

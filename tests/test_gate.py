@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from safetensors.numpy import save_file
 
 import weightwarden as ww
 from weightwarden import audit, trail
@@ -31,7 +30,7 @@ from weightwarden.release.gate import (
 from weightwarden.release.rules import RulesError
 from weightwarden.release.screen import ScreeningList
 
-from .conftest import make_broker_log_key, warden
+from .conftest import make_broker_log_key, tiny_llama_dir, warden
 
 SAMPLE = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
 MARCH_2025 = date(2025, 3, 1)  # the US 4E091 rule in force
@@ -45,17 +44,7 @@ def _tracing(kr):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("gate") / "m"
-    d.mkdir()
-    rng = np.random.default_rng(3)
-    t = {"model.embed_tokens.weight": rng.standard_normal((128, 64))}
-    for i in range(2):  # a tiny Llama-shaped MLP stack: enough weights to carry a fingerprint
-        t |= {f"model.layers.{i}.mlp.gate_proj.weight": rng.standard_normal((256, 64)) / 8,
-              f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 64)) / 8,
-              f"model.layers.{i}.mlp.down_proj.weight": rng.standard_normal((64, 256)) / 16}  # fmt: skip
-    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return d
+    return tiny_llama_dir(tmp_path_factory.mktemp("gate") / "m")
 
 
 @pytest.fixture(scope="module")

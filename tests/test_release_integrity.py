@@ -32,7 +32,7 @@ from weightwarden.release.gate import ReleaseDenied
 from weightwarden.trace import release, trace
 from weightwarden.trace.store import TraceStore, recipient_name
 
-from .conftest import warden
+from .conftest import tiny_llama_dir, warden
 
 LISTED = "Sergei Ivanovich Petrov"  # sample-000 on the (fictitious) sample list
 W = "model.layers.0.mlp.down_proj.weight"
@@ -40,17 +40,7 @@ W = "model.layers.0.mlp.down_proj.weight"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("rel") / "m"
-    d.mkdir()
-    rng = np.random.default_rng(3)
-    t = {"model.embed_tokens.weight": rng.standard_normal((128, 64))}
-    for i in range(2):  # a tiny Llama-shaped MLP stack: enough weights to carry a fingerprint
-        t |= {f"model.layers.{i}.mlp.gate_proj.weight": rng.standard_normal((256, 64)) / 8,
-              f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 64)) / 8,
-              f"model.layers.{i}.mlp.down_proj.weight": rng.standard_normal((64, 256)) / 16}  # fmt: skip
-    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return d
+    return tiny_llama_dir(tmp_path_factory.mktemp("rel") / "m")
 
 
 def _store(tmp_path: Path) -> TraceStore:
