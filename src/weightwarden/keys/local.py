@@ -10,7 +10,6 @@ whose integrity rests on file permissions, like ``~/.ssh/known_hosts``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 from abc import abstractmethod
@@ -37,6 +36,7 @@ from ..errors import (
     KeyringError,
     WrongKeyError,
 )
+from ..home import default_home
 from .provider import (
     KEK_PURPOSES,
     TRUST_PURPOSES,
@@ -55,15 +55,6 @@ KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TRUST_FILE = "trusted.json"
 _FORMAT = "weightwarden-keyring"
 _WRAP_ALG = "A256GCM"
-
-
-def default_home() -> Path:
-    env = os.environ.get("WARDEN_HOME")
-    if env:
-        return Path(env)
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("weightwarden"))
 
 
 def _canon(obj: Any) -> bytes:
