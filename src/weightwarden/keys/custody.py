@@ -39,16 +39,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .._atomic import atomic_write_bytes
+from ..canonical import canonical_json
 from ..errors import CustodyError
+from ..home import Home
 from .provider import b64d, b64e
 
-CUSTODY_FILE = "custody.json"
+CUSTODY_FILE = Home(Path()).custody.name  # "custody.json"; the path is Home(h).custody
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MAX_CUSTODIANS = 255
-
-
-def _canon(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _commit(r: bytes, split_id: str) -> str:
@@ -71,7 +69,7 @@ def _root_aad(split_id: str, threshold: int, entries: list[dict[str, Any]]) -> b
     if not any("approver" in c for c in entries):
         return aad  # a record made before approval keys existed
     who = [{k: c.get(k) for k in ("name", "index", "recipient", "approver")} for c in entries]
-    return aad + b"\0approvers\0" + hashlib.sha256(_canon({"threshold": threshold, "custodians": who})).digest()
+    return aad + b"\0approvers\0" + hashlib.sha256(canonical_json({"threshold": threshold, "custodians": who})).digest()
 
 
 def _share_digest(split_id: str, index: int, share: bytes) -> str:
@@ -105,7 +103,7 @@ class Share:
     value: bytes  # 32 bytes
 
     def to_bytes(self) -> bytes:
-        return _canon(
+        return canonical_json(
             {"split_id": self.split_id, "index": self.index, "custodian": self.custodian, "share": self.value.hex()}
         )
 
@@ -143,14 +141,14 @@ class CustodyDoc:
     @classmethod
     def load(cls, home: Path) -> CustodyDoc:
         try:
-            return cls(json.loads((home / CUSTODY_FILE).read_text()))
+            return cls(json.loads(Home(home).custody.read_text()))
         except FileNotFoundError:
             raise CustodyError(f"no custody record in {home}; run `warden custody init`") from None
         except ValueError:
             raise CustodyError("custody record is not JSON") from None
 
     def save(self, home: Path) -> None:
-        atomic_write_bytes(home / CUSTODY_FILE, _canon(self.doc) + b"\n", force=True, mode=0o644)
+        atomic_write_bytes(Home(home).custody, canonical_json(self.doc) + b"\n", force=True, mode=0o644)
 
     def custodian(self, name: str) -> dict[str, Any]:
         for c in self.custodians:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..canonical import canonical_json
 from ..errors import PolicyDeniedError, QuorumError
 
 OPS = ("wrap", "unwrap", "sign", "manage")
@@ -175,7 +176,7 @@ class Policy:
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return hashlib.sha256(canonical_json(self.to_json())).hexdigest()
 
     # -- decisions ------------------------------------------------------------------------
     def workload(self, name: str | None, token: str | None) -> str | None:

@@ -22,7 +22,6 @@ counts once per operation.  Everything here takes ``now``.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ..canonical import canonical_json
 from ..errors import CustodyError, QuorumError
 from .custody import Custodian, CustodyDoc, Share, approval_key
 from .provider import b64d, b64e
@@ -41,10 +41,6 @@ MAX_TTL = timedelta(days=7)
 SKEW = timedelta(minutes=2)  # an approval may be dated this far ahead of the agent's clock
 _FORMAT = "weightwarden-custody-op"
 _PURPOSE = "weightwarden/v1/custody-approval"
-
-
-def _canon(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _ts(t: datetime) -> str:
@@ -171,7 +167,7 @@ class Statement:
         return st
 
     def canonical(self) -> bytes:
-        return _canon(self.to_json())
+        return canonical_json(self.to_json())
 
     @property
     def digest(self) -> str:
@@ -180,7 +176,7 @@ class Statement:
     @property
     def policy_digest(self) -> str | None:
         """A policy change's full digest (as ``Policy.digest`` and ``warden custody approve --policy-file``)."""
-        return hashlib.sha256(_canon(self.params["policy"])).hexdigest() if self.kind == "policy" else None
+        return hashlib.sha256(canonical_json(self.params["policy"])).hexdigest() if self.kind == "policy" else None
 
     def details(self) -> list[str]:
         """Lines a custodian reads under :meth:`describe`: a policy change's rules in words."""
@@ -262,7 +258,7 @@ class Approval:
     signature: bytes
 
     def message(self) -> bytes:
-        return _canon(
+        return canonical_json(
             {
                 "purpose": _PURPOSE,
                 "op_id": self.op_id,
