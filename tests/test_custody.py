@@ -177,7 +177,7 @@ def test_custody_cli_end_to_end(tmp_path, st_file, cli_env, agent_home):
 
 
 def test_agent_seals_itself_when_idle(tmp_path):
-    from weightwarden.keys.agent import _State
+    from weightwarden.keys.agent_server import AgentState as _State
     from weightwarden.keys.provider import b64e
 
     home = tmp_path / "h"
@@ -209,7 +209,7 @@ def test_agent_signs_only_its_keys_own_purpose(tmp_path):
     own purpose: a client (or a process that took over the socket) asking the sealing key to sign a
     tree head, or the log key a manifest, is refused and the refusal audited."""
     from weightwarden.errors import KeyPurposeError
-    from weightwarden.keys.agent import _State
+    from weightwarden.keys.agent_server import AgentState as _State
     from weightwarden.keys.provider import b64d, b64e, purpose_message, verify_purpose
 
     home = tmp_path / "h"

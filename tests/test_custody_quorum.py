@@ -20,7 +20,9 @@ from safetensors.numpy import save_file
 import weightwarden as ww
 from weightwarden import trail
 from weightwarden.errors import CustodyError, KeyDestroyedError, PolicyDeniedError, QuorumError
-from weightwarden.keys.agent import AgentClient, AgentKeyring, Caller, _State
+from weightwarden.keys.agent_client import AgentClient, AgentKeyring
+from weightwarden.keys.agent_server import AgentState as _State
+from weightwarden.keys.agent_server import Caller
 from weightwarden.keys.custody import Custodian, CustodyDoc, UnsealSession, combine
 from weightwarden.keys.policy import Policy, token_digest
 from weightwarden.keys.provider import b64d, b64e

@@ -105,7 +105,7 @@ def kms_endpoint():
 def _kms_provider(endpoint: str):
     import boto3
 
-    from weightwarden.keys.kms import AwsKmsProvider
+    from weightwarden.keys.awskms import AwsKmsProvider
 
     client = boto3.client("kms", endpoint_url=endpoint, region_name="eu-west-1")
     arn = client.create_key(KeySpec="SYMMETRIC_DEFAULT", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]["Arn"]
@@ -128,7 +128,7 @@ def vault_server(tmp_path_factory):
 def _vault_provider(server):
     import hvac
 
-    from weightwarden.keys.kms import VaultTransitProvider
+    from weightwarden.keys.vault import VaultTransitProvider
 
     client = hvac.Client(url=server[0], token=server[1])
     if "transit/" not in client.sys.list_mounted_secrets_engines()["data"]:
@@ -317,10 +317,10 @@ def _second_key(p):
         other.create_key()
         return other
     if p.name == "awskms":
-        from weightwarden.keys.kms import AwsKmsProvider
+        from weightwarden.keys.awskms import AwsKmsProvider
 
         return AwsKmsProvider(p._kms.create_key()["KeyMetadata"]["Arn"], client=p._kms)
-    from weightwarden.keys.kms import VaultTransitProvider
+    from weightwarden.keys.vault import VaultTransitProvider
 
     name = uniq("model-b")
     p._v.secrets.transit.create_key(name=name, key_type="aes256-gcm96")
@@ -404,7 +404,9 @@ def test_hsm_bad_pin_missing_token_and_uri(softhsm, monkeypatch):
 
 
 def test_provider_uris(monkeypatch):
-    from weightwarden.keys.kms import AwsKmsProvider, VaultTransitProvider, from_uri
+    from weightwarden.keys.awskms import AwsKmsProvider
+    from weightwarden.keys.registry import provider_from_uri as from_uri
+    from weightwarden.keys.vault import VaultTransitProvider
 
     arn = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
     for uri in (f"awskms:///{arn}", f"aws-kms://{arn}"):
@@ -565,7 +567,7 @@ def test_kms_provider_down(tmp_path):
 
     import boto3
 
-    from weightwarden.keys.kms import AwsKmsProvider
+    from weightwarden.keys.awskms import AwsKmsProvider
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -613,7 +615,7 @@ def test_vault_never_recreates_a_shredded_key(vault_server):
     """Transit's encrypt would create a missing key: after a shred, a wrap must fail, not make a new key."""
     import hvac
 
-    from weightwarden.keys.kms import VaultTransitProvider
+    from weightwarden.keys.vault import VaultTransitProvider
 
     client = hvac.Client(url=vault_server[0], token=vault_server[1])
     p = _vault_provider(vault_server)

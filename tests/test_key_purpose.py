@@ -15,8 +15,8 @@ import pytest
 import weightwarden as ww
 from weightwarden.errors import KeyNotFoundError, KeyPurposeError, UntrustedSignerError
 from weightwarden.keys import Ed25519Signer
-from weightwarden.keys.local import TrustStore
 from weightwarden.keys.provider import b64e, purpose_message
+from weightwarden.keys.truststore import TrustStore
 from weightwarden.sealed import SealedFile
 from weightwarden.sealed import format as F
 

@@ -69,6 +69,10 @@ class ProviderUnavailableError(KeyManagementError):
     """The key provider cannot be reached (token missing, service down, wrong PIN)."""
 
 
+class KeyProviderError(KeyManagementError, ValueError):
+    """A key-provider URI is malformed, names an unknown scheme, or needs an extra that is not installed."""
+
+
 class CustodyError(KeyManagementError):
     """M-of-N custody: a bad, foreign, duplicate or insufficient set of shares."""
 
@@ -142,6 +146,7 @@ __all__ = [
     "KeyDisabledError",
     "KeyManagementError",
     "KeyNotFoundError",
+    "KeyProviderError",
     "KeyringError",
     "KeysNotHereError",
     "LogKeyError",

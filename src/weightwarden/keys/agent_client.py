@@ -11,13 +11,22 @@ from pathlib import Path
 from typing import Any
 
 from .. import audit, errors
-from ..errors import ProviderUnavailableError, QuorumError, WardenError
+from ..errors import KeyProviderError, ProviderUnavailableError, QuorumError, WardenError
 from ..home import Home
 from .custody import CustodyDoc, Share
 from .provider import KeyProvider, KeySlot, Signer, b64d, b64e
 from .truststore import TrustStore
 
-__all__ = ["AgentClient", "AgentKeyring", "AgentProvider", "AgentSigner", "approve", "fetch_statement", "under_custody"]
+__all__ = [
+    "AgentClient",
+    "AgentKeyring",
+    "AgentProvider",
+    "AgentSigner",
+    "approve",
+    "fetch_statement",
+    "signer_from_uri",
+    "under_custody",
+]
 
 
 class AgentClient:
@@ -126,7 +135,8 @@ class AgentSigner(Signer):
 
 
 class AgentKeyring:
-    """The parts of :class:`Keyring` that commands use, served by an unsealed agent."""
+    """The parts of :class:`Keyring` that commands use, served by an unsealed agent: a
+    :class:`~.protocols.KeyringLike`."""
 
     under_custody = True
 
@@ -134,7 +144,7 @@ class AgentKeyring:
         self.home = home
         self.client = AgentClient(home)
         self.trust = TrustStore.load(home)
-        self.audit = audit.NullSink()  # the agent records every use itself
+        self.audit: audit.AuditSink = audit.NullSink()  # the agent records every use itself
 
     def provider(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> AgentProvider:
         r = self.client.call("provider", key_id=key_id, purpose=purpose, create=create)
@@ -149,8 +159,8 @@ class AgentKeyring:
     def list_keys(self) -> list[dict[str, Any]]:
         return list(self.client.call("list_keys")["keys"])
 
-    def new_kek(self, name: str | None = None) -> str:
-        return str(self.client.call("new_kek", name=name)["key_id"])
+    def new_kek(self, name: str | None = None, *, purpose: str = "sealing") -> str:
+        return str(self.client.call("new_kek", name=name, purpose=purpose)["key_id"])
 
     def save(self) -> None:
         return None
@@ -185,3 +195,12 @@ def under_custody(home: Path) -> bool:
         return json.loads(h.keyring.read_text()).get("protector") == "custody"
     except (OSError, ValueError):
         return False
+
+
+def signer_from_uri(uri: str, *, create: bool = False, purpose: str | None = None) -> AgentSigner:
+    """``agent:HOME``: a signing key of ``purpose`` held by the custody agent of HOME (made there when
+    ``create`` and the purpose has none)."""
+    where = uri[len("agent:") :] if uri.startswith("agent:") else ""
+    if not where:
+        raise KeyProviderError("an agent URI is agent:HOME (the home of the agent that holds the key)")
+    return AgentSigner(AgentClient(Path(where)), purpose=purpose, create=create)

@@ -265,7 +265,7 @@ class AgentState(CustodyChanges):
                 return {"keys": kr.list_keys(), "default_kek": kr._s.get("default_kek")}
             if op == "new_kek":
                 self._allow(caller, "manage", req.get("name") or "*")
-                kid = kr.new_kek(req.get("name"))
+                kid = kr.new_kek(req.get("name"), purpose=str(req.get("purpose") or "sealing"))
                 kr.save()
                 return {"key_id": kid}
             if op == "key":  # lifecycle: current_version, rotate, disable, enable, versions (destroy: quorum)

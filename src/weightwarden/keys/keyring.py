@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..home import Home, default_home
 from .kdf import KdfParams
+from .protocols import KeyringLike
 from .provider import KEK_PURPOSES, b64d, b64e, check_purpose
 from .signer import Ed25519Signer
 from .truststore import TrustStore
@@ -42,7 +43,7 @@ from .truststore import TrustStore
 if TYPE_CHECKING:
     from .local import LocalProvider
 
-__all__ = ["KEYRING_FILE", "KEY_NAME", "Keyring"]
+__all__ = ["KEYRING_FILE", "KEY_NAME", "Keyring", "KeyringLike"]
 
 KEYRING_FILE = Home(Path()).keyring.name  # "keyring.json"; the path is Home(h).keyring
 KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -74,7 +75,7 @@ class Keyring:
 
     def __init__(self, home: Path, passphrase: str, kdf: KdfParams, salt: bytes, secrets_: dict[str, Any]):
         self.home = home
-        self._kdf = kdf
+        self._kdf: KdfParams | None = kdf  # None: under custody (a root key, no passphrase)
         self._salt = salt
         self._wrapping_key = bytearray(kdf.derive(passphrase, salt))
         self._s = secrets_
@@ -361,7 +362,7 @@ class Keyring:
         have = entry.get("purpose", "sealing")
         if purpose is not None and have != purpose:
             raise KeyPurposeError(f"key {kid} is a {have!r} key, not a {purpose!r} key")
-        return kid, entry
+        return str(kid), entry
 
     def signer(self, key_id: str | None = None, *, purpose: str | None = None, create: bool = False) -> Ed25519Signer:
         """A signing key: ``key_id``, or the default key of ``purpose`` (default ``sealing``).  A key of

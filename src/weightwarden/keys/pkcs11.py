@@ -33,6 +33,7 @@ from ..errors import (
     KeyDestroyedError,
     KeyDisabledError,
     KeyNotFoundError,
+    KeyProviderError,
     KeyPurposeError,
     ProviderUnavailableError,
     WrongKeyError,
@@ -352,7 +353,7 @@ class Pkcs11Signer(Signer):
 def parse_uri(uri: str) -> dict[str, str]:
     """``pkcs11:token=T;object=O?module-path=...&pin-source=env:VAR`` -> fields."""
     if not uri.startswith("pkcs11:"):
-        raise ValueError("not a pkcs11: URI")
+        raise KeyProviderError("not a pkcs11: URI")
     path, _, query = uri[len("pkcs11:") :].partition("?")
     out: dict[str, str] = {}
     for part in filter(None, path.split(";")):
@@ -366,7 +367,7 @@ def parse_uri(uri: str) -> dict[str, str]:
 def _session_from_uri(uri: str) -> tuple[Pkcs11Session, str]:
     f = parse_uri(uri)
     if "token" not in f or "object" not in f:
-        raise ValueError("a pkcs11 URI needs token= and object=")
+        raise KeyProviderError("a pkcs11 URI needs token= and object=")
     module = f.get("module-path") or next((m for m in SOFTHSM_MODULES if os.path.exists(m)), "")
     src = f.get("pin-source", "env:WARDEN_PKCS11_PIN")
     if src.startswith("env:"):
@@ -374,7 +375,7 @@ def _session_from_uri(uri: str) -> tuple[Pkcs11Session, str]:
     elif src.startswith("file:"):
         pin = open(src[5:]).read().strip()
     else:
-        raise ValueError("pin-source must be env:VAR or file:PATH")
+        raise KeyProviderError("pin-source must be env:VAR or file:PATH")
     if pin is None:
         raise ProviderUnavailableError(f"no PIN: set {src[4:]}")
     return Pkcs11Session(module, f["token"], pin), f["object"]
