@@ -12,9 +12,9 @@ import html
 from importlib import resources
 from typing import Any
 
+from .errors import BrokerError
 from .passkeys import SESSION_S, Passkeys
 from .policy import Permission, Principal
-from .service import BrokerError
 
 __all__ = ["console_router"]
 
