@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from weightwarden import audit
-from weightwarden.broker import merkle
-from weightwarden.broker.auditlog import (
+from weightwarden.errors import AuditLogError, AuditTamperedError
+from weightwarden.keys import Ed25519Signer
+from weightwarden.merkle import (
     AuditLog,
     InclusionProof,
     MerkleLogSink,
@@ -26,8 +27,7 @@ from weightwarden.broker.auditlog import (
     check_consistency,
     check_inclusion,
 )
-from weightwarden.errors import AuditLogError, AuditTamperedError
-from weightwarden.keys import Ed25519Signer
+from weightwarden.merkle import tree as merkle
 
 from .conftest import warden
 

@@ -16,13 +16,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import weightwarden as ww
-from weightwarden.broker.auditlog import AuditLog
 from weightwarden.broker.policy import ROLES, Permission, Policy, Principal
 from weightwarden.broker.service import Broker, BrokerConfig, Limit
 from weightwarden.broker.storage import LocalWeightStore, S3WeightStore
 from weightwarden.broker.tokens import mint
 from weightwarden.keys import Ed25519Signer
 from weightwarden.keys.provider import ed25519_key_id
+from weightwarden.merkle import AuditLog
 
 pytest.importorskip("fastapi", reason="the broker's HTTP layer is the server extra")
 pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
@@ -350,7 +350,7 @@ def test_bad_requests_get_a_clear_4xx_change_nothing_and_are_audited(tmp_path: P
     aud = http(a["aud"], "GET", "/v1/audit/head")
     assert aud.status_code == 200 and aud.json()["size"] >= b.log.size() - 1
     proof = http(a["aud"], "GET", "/v1/audit/proof/0").json()
-    from weightwarden.broker.auditlog import InclusionProof, check_inclusion
+    from weightwarden.merkle import InclusionProof, check_inclusion
 
     assert check_inclusion(InclusionProof.from_json(proof), b.log.public_key)["action"] == "broker:account"
     b.close()

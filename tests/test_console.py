@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from weightwarden.broker.auditlog import AuditLog
 from weightwarden.broker.service import Broker, BrokerConfig, Unauthorized
 from weightwarden.broker.storage import LocalWeightStore
 from weightwarden.keys import Ed25519Signer
+from weightwarden.merkle import AuditLog
 
 from .services import free_port
 from .test_broker import Account, sealed  # noqa: F401 - the sealed-file fixture

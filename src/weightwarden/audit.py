@@ -86,12 +86,16 @@ class AuditAction(StrEnum):
 
 
 @functools.cache
-def _default_actor() -> str:
+def default_actor() -> str:
+    """The actor recorded when none is set: ``user@host`` of this process."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = f"uid{os.getuid()}"
     return f"{user}@{socket.gethostname()}"
+
+
+_default_actor = default_actor  # the old private name (cli.py): goes once the CLI uses default_actor
 
 
 _actor: contextvars.ContextVar[str | None] = contextvars.ContextVar("warden_actor", default=None)
@@ -144,7 +148,7 @@ def event(action: AuditAction, outcome: str = "ok", *, now: datetime | None = No
     return AuditEvent(
         action=action,
         outcome=outcome,
-        actor=_actor.get() or _default_actor(),
+        actor=_actor.get() or default_actor(),
         reason=_reason.get(),
         at=now or datetime.now(UTC),
         **kw,

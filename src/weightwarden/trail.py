@@ -2,7 +2,7 @@
 
 Seal, open, verify, release, trace, provenance decisions, screening, classification, key use and
 custody are :class:`~weightwarden.audit.AuditEvent` records appended to the Merkle audit log of
-docs/AUDIT_LOG.md (:class:`weightwarden.broker.auditlog.AuditLog`).  Which log, and who signs its
+docs/AUDIT_LOG.md (:class:`weightwarden.merkle.AuditLog`).  Which log, and who signs its
 tree heads (:func:`locate`):
 
 1. a broker database configured explicitly (``db=`` / ``--db`` / ``$WARDEN_BROKER_DB``): that
@@ -41,20 +41,15 @@ from typing import Any
 
 from . import audit
 from .errors import AuditLogError, NoAuditLogError
+from .home import Home, resolve_home
 
-LOG_KEY = Path("audit") / "log.key"
-LOCAL_DB = Path("audit") / "trail.db"
-HOME_DB = Path("broker") / "broker.db"
-BROKER_LOG_KEY = Path("broker") / "log-key.json"
 _KEY_FORMAT = "weightwarden-audit-log-key"
 
 _batch = audit._batch  # the operation in progress in this context: (trail, buffered events)
 
 
 def _home(home: str | os.PathLike[str] | None) -> Path:
-    from .keys.local import default_home
-
-    return Path(home) if home is not None else default_home()
+    return resolve_home(home).root
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -81,7 +76,7 @@ def _holds_log(db: Path) -> bool:
 def hosts_broker(home: str | os.PathLike[str] | None = None) -> bool:
     """Whether ``home`` hosts a broker: its log key file exists, or its database already holds a log."""
     h = _home(home)
-    return (h / BROKER_LOG_KEY).exists() or _holds_log(h / HOME_DB)
+    return Home(h).broker_log_key.exists() or _holds_log(Home(h).broker_db)
 
 
 def locate(home: str | os.PathLike[str] | None = None, db: str | None = None) -> tuple[str, bool]:
@@ -92,8 +87,8 @@ def locate(home: str | os.PathLike[str] | None = None, db: str | None = None) ->
         return url, True
     h = _home(home)
     if hosts_broker(h):
-        return f"sqlite:///{h / HOME_DB}", True
-    return f"sqlite:///{h / LOCAL_DB}", False
+        return Home(h).broker_db_url, True
+    return f"sqlite:///{Home(h).trail_db}", False
 
 
 #: the variables that say where a process's trail goes and how its broker log key opens (paths and
@@ -137,7 +132,7 @@ def broker_signer(home: str | os.PathLike[str] | None = None, url: str | None = 
                 return _broker_signers[url]
     uri = os.environ.get("WARDEN_LOG_KEY") or None
     pass_file = os.environ.get("WARDEN_LOG_KEY_PASSPHRASE_FILE") or None
-    where = f"the broker's audit log ({url or h / HOME_DB})"
+    where = f"the broker's audit log ({url or Home(h).broker_db})"
 
     def passphrase(confirm: bool = False) -> str:
         if pass_file is None:
@@ -162,7 +157,7 @@ def broker_public_key(home: str | os.PathLike[str] | None = None) -> bytes | Non
     uri = os.environ.get("WARDEN_LOG_KEY") or None
     if uri is not None and not uri.startswith("file:"):
         return None
-    path = Path(uri[len("file:") :]) if uri else _home(home) / BROKER_LOG_KEY
+    path = Path(uri[len("file:") :]) if uri else Home(_home(home)).broker_log_key
     try:
         return bytes.fromhex(json.loads(path.read_text())["public_key"])
     except (OSError, ValueError, KeyError, TypeError):
@@ -190,7 +185,7 @@ def log_signer(home: str | os.PathLike[str] | None = None, *, create: bool = Tru
     from ._atomic import _fsync_dir
     from .keys.local import Ed25519Signer
 
-    path = _home(home) / LOG_KEY
+    path = Home(_home(home)).trail_key
     if not path.exists():
         if not create:
             return None
@@ -235,7 +230,7 @@ class Trail(audit.AuditSink):
         self._lock = threading.Lock()
 
     def _open(self) -> Any:
-        from .broker.auditlog import AuditLog
+        from .merkle import AuditLog
 
         if self._log is None:
             p = _sqlite_path(self.url)
@@ -257,7 +252,7 @@ class Trail(audit.AuditSink):
                 if signer is None:
                     if log.size():  # a new key would leave every signed head unverifiable
                         log.close()
-                        raise AuditLogError(f"the audit log holds events but its key {self.home / LOG_KEY} is "
+                        raise AuditLogError(f"the audit log holds events but its key {Home(self.home).trail_key} is "
                                             "missing: restore the key from a backup")  # fmt: skip
                     log.signer = signer = log_signer(self.home)
                     log.public_key = signer.public_key
@@ -352,7 +347,7 @@ def open_log(home: str | os.PathLike[str] | None = None, db: str | None = None, 
              public_key: bytes | None = None, log_id: bytes | str | None = None) -> Any:  # fmt: skip
     """The log :func:`locate` picks, for reading (head, prove, verify, export); ``log_id`` pins it
     (16A).  :class:`NoAuditLogError` when nothing has been logged there yet.  Opening it creates nothing."""
-    from .broker.auditlog import AuditLog
+    from .merkle import AuditLog
 
     url = trail_url(home, db)
     p = _sqlite_path(url)

@@ -12,7 +12,8 @@ import json
 from typing import Annotated, Any
 
 from ..audit import AuditAction
-from .service import Broker, BrokerError, EgressLimitError, StreamCut
+from .errors import BrokerError, EgressLimitError, StreamCut
+from .service import Broker
 from .storage import BadNameError, StorageError
 
 __all__ = ["MAX_BODY", "create_app"]

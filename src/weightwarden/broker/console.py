@@ -12,9 +12,9 @@ import html
 from importlib import resources
 from typing import Any
 
+from .errors import BrokerError
 from .passkeys import SESSION_S, Passkeys
 from .policy import Permission, Principal
-from .service import BrokerError
 
 __all__ = ["console_router"]
 
@@ -191,7 +191,7 @@ def console_router(pk: Passkeys) -> Any:
     def check(index: int, ww_session: str | None = Cookie(None),
               x_warden_console: str | None = Header(None)) -> dict[str, Any]:  # fmt: skip
         from ..errors import AuditLogError
-        from .auditlog import check_inclusion
+        from ..merkle import check_inclusion
 
         guard(x_warden_console)
         broker.authorize(who(ww_session), Permission.AUDIT_LOG_READ)

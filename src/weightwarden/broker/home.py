@@ -14,17 +14,17 @@ import json
 from pathlib import Path
 
 from ..errors import BrokerHomeError, KeyPurposeError
-from ..keys.local import KEYRING_FILE, TRUST_FILE, TrustStore
+from ..home import Home
+from ..keys.local import TrustStore
 from ..keys.provider import ed25519_key_id
-from .logkey import LOG_KEY_FILE
 
-AGENT_SOCKET = "agent.sock"  # keys/agent.py SOCKET (not imported: that module is the agent's)
-LOG_KEY_PUB = "log-key.pub"
+TRUST_FILE = Home(Path()).trust_store.name
 
 
 def check_own_home(home: Path) -> None:
     """Refuse (:class:`BrokerHomeError`) a broker home that holds a keyring or an agent socket."""
-    found = [n for n in (KEYRING_FILE, AGENT_SOCKET) if (home / n).exists() or (home / n).is_symlink()]
+    h = Home(home)
+    found = [p.name for p in (h.keyring, h.agent_socket) if p.exists() or p.is_symlink()]
     if found:
         raise BrokerHomeError(
             f"{home} holds {' and '.join(found)}: run `warden serve` in a home of its own (e.g. "
@@ -35,11 +35,11 @@ def check_own_home(home: Path) -> None:
 def copy_trust(source: Path, home: Path) -> int:
     """Add the signers of ``source`` (a home, or a ``trusted.json``) to ``home``'s trust store, each for
     the purpose it has there; returns how many.  Public keys only: nothing else is read or copied."""
-    src = source / TRUST_FILE if source.is_dir() else source
+    src = Home(source).trust_store if source.is_dir() else source
     if not src.is_file():
         raise BrokerHomeError(f"--trust-from {source}: no {TRUST_FILE} there (give the key host's home or its "
                               f"{TRUST_FILE})")  # fmt: skip
-    dst = home / TRUST_FILE
+    dst = Home(home).trust_store
     if dst.exists() and src.resolve() == dst.resolve():
         raise BrokerHomeError(f"--trust-from {source} is this home's own trust store: name the key host's home")
     theirs = TrustStore.load(src.parent) if src.name == TRUST_FILE else _load_file(src)
@@ -66,7 +66,7 @@ def write_log_public_key(home: Path, public_key: bytes) -> None:
     """Record the log key's public half as ``home/broker/log-key.pub`` (hex): `verify` refuses it."""
     from .._atomic import atomic_write_bytes
 
-    path = home / "broker" / LOG_KEY_PUB
+    path = Home(home).broker_log_key_pub
     text = public_key.hex() + "\n"
     try:
         if path.exists() and path.read_text() == text:
@@ -81,8 +81,9 @@ def log_public_keys(home: Path) -> set[bytes]:
     """Every audit-log key this home knows: the broker's log key (its file's public half, its
     ``log-key.pub``) and the trust store's ``audit-log`` entries."""
     keys: set[bytes] = set()
-    for path, read in ((home / "broker" / LOG_KEY_FILE, lambda t: json.loads(t)["public_key"]),
-                       (home / "broker" / LOG_KEY_PUB, lambda t: t.split()[0])):  # fmt: skip
+    h = Home(home)
+    for path, read in ((h.broker_log_key, lambda t: json.loads(t)["public_key"]),
+                       (h.broker_log_key_pub, lambda t: t.split()[0])):  # fmt: skip
         try:
             raw = bytes.fromhex(read(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, IndexError):

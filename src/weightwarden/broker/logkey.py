@@ -30,21 +30,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from .._atomic import atomic_write_bytes
+from ..canonical import canonical_json
 from ..errors import BadPassphraseError, LogKeyError
+from ..home import Home
 from ..keys.local import Ed25519Signer, KdfParams
 from ..keys.provider import Signer, b64d, b64e
 
-LOG_KEY_FILE = "log-key.json"
+LOG_KEY_FILE = Home(Path()).broker_log_key.name  # log-key.json
 _FORMAT = "weightwarden-log-key"
 
 
 def default_path(home: Path) -> Path:
-    return home / "broker" / LOG_KEY_FILE
+    return Home(home).broker_log_key
 
 
 def _aad(kdf: KdfParams, salt: bytes) -> bytes:
-    return json.dumps({"format": _FORMAT, "version": 1, "kdf": asdict(kdf), "salt": b64e(salt)},
-                      sort_keys=True, separators=(",", ":")).encode()  # fmt: skip
+    return canonical_json({"format": _FORMAT, "version": 1, "kdf": asdict(kdf), "salt": b64e(salt)})
 
 
 def create_file(path: Path, passphrase: str, *, kdf: KdfParams | None = None) -> Ed25519Signer:
@@ -133,7 +134,8 @@ def _open(uri: str | None, home: Path, passphrase: Any, create: bool, kdf: KdfPa
     if uri and not uri.startswith("file:"):
         raise LogKeyError("--log-key takes file:PATH, pkcs11:token=..;object=LABEL or agent:LOGHOME")
     path = Path(uri[len("file:") :]) if uri else default_path(home)
-    if path.name in ("keyring.json", "trusted.json", "custody.json"):
+    h = Home(Path())
+    if path.name in (h.keyring.name, h.trust_store.name, h.custody.name):
         raise LogKeyError(f"--log-key names {path.name}: the log key is a file of its own")
     if not path.exists() and create:
         return create_file(path, passphrase(confirm=True), kdf=kdf), True

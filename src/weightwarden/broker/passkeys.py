@@ -27,8 +27,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..audit import AuditAction
+from .errors import BrokerError, Unauthorized
 from .policy import Principal
-from .service import Broker, BrokerError, Unauthorized
+from .service import Broker
 
 __all__ = ["SESSION_S", "Passkeys"]
 

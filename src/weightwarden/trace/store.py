@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .. import db
 from .._atomic import atomic_write_bytes
 from ..errors import FormatError, KeyPurposeError, RecipientNameError, WardenError
 from ..keys.provider import KeyProvider, KeySlot
@@ -279,12 +280,7 @@ class TraceStore:
             if url is None:
                 self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
                 url = f"sqlite:///{self.root / 'releases.db'}"
-            kw: dict[str, Any] = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
-            self._eng = sa.create_engine(url, **kw)
-            if url.startswith("sqlite"):
-                from ..broker.auditlog import _sqlite_begin_immediate
-
-                _sqlite_begin_immediate(self._eng, synchronous="FULL")
+            self._eng = db.create_engine(url, synchronous="FULL", threads=False)
             md = sa.MetaData()
             C = sa.Column
             self._rcp = sa.Table("ww_trace_recipients", md, C("model_id", sa.String(128), primary_key=True),
@@ -298,7 +294,7 @@ class TraceStore:
                                  C("added", sa.String(64), nullable=False))  # fmt: skip
             self._ext = sa.Table("ww_trace_release_extra", md, C("release_id", sa.Integer, primary_key=True),
                                  C("detail", sa.Text, nullable=False))  # fmt: skip
-            with self._eng.connect() as c, c.execution_options(ww_write=True).begin():  # creators take turns
+            with db.write(self._eng) as c:  # creators take turns
                 if c.dialect.name == "postgresql":
                     c.exec_driver_sql("SELECT pg_advisory_xact_lock(7317101)")  # (SQLite: BEGIN IMMEDIATE)
                 md.create_all(c)
@@ -321,7 +317,7 @@ class TraceStore:
             if not new:
                 return idx
             try:
-                with self._engine().connect() as c, c.execution_options(ww_write=True).begin():
+                with db.write(self._engine()) as c:
                     _lock(c)
                     self._insert_recipient(c, model_id, name, idx)
                 return idx
@@ -369,7 +365,7 @@ class TraceStore:
 
     def add_recipient(self, name: RecipientName, pubkey: str, *, replace: bool = False) -> None:
         """Enroll a recipient identity with their age public key (copies sealed to them use it)."""
-        with self._engine().connect() as c, c.execution_options(ww_write=True).begin():
+        with db.write(self._engine()) as c:
             self._ensure_directory(c, name, pubkey, replace=replace)
 
     def directory(self, name: RecipientName) -> dict[str, Any] | None:
@@ -398,7 +394,7 @@ class TraceStore:
         import sqlalchemy as sa
 
         try:
-            with self._engine().connect() as c, c.execution_options(ww_write=True).begin():
+            with db.write(self._engine()) as c:
                 _lock(c)
                 if new:
                     self._insert_recipient(c, rel.model_id, name, rel.index)
@@ -415,7 +411,7 @@ class TraceStore:
     def record(self, rel: ReleaseRecord) -> None:
         import sqlalchemy as sa
 
-        with self._engine().connect() as c, c.execution_options(ww_write=True).begin():
+        with db.write(self._engine()) as c:
             c.execute(sa.insert(self._rel).values(**{k: getattr(rel, k) for k in _RELEASE_COLUMNS}))
 
     def recipients(self, model_id: str) -> list[str]:
