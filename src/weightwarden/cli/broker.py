@@ -42,12 +42,13 @@ def broker_init(log_key: LogKeyOpt = None, log_key_passphrase_file: LogKeyPassOp
                 as_json: JsonOpt = False) -> None:  # fmt: skip
     """Create the broker's log key if there is none, and print its public key (pin it for `audit verify`).
     With --trust-from KEYHOME, give this (the broker's own) home the key host's trust store first."""
+    ws = _ws(home, log_key=log_key, log_pass=log_key_passphrase_file)
     copied = None
     if trust_from is not None:
         from ..broker.home import copy_trust
 
-        copied = copy_trust(trust_from, _ws(home).root)
-    signer, created = _ws(home, log_key=log_key, log_pass=log_key_passphrase_file).log_signer()
+        copied = copy_trust(trust_from, ws.root)
+    signer, created = ws.log_signer()
     _emit({"public_key": signer.public_key.hex(), "key_id": signer.key_id, "created": created,
            "trusted_copied": copied}, as_json, signer.public_key.hex())  # fmt: skip
 

@@ -159,7 +159,7 @@ def trust_add(
 ) -> None:
     """Trust a signer's public key for one purpose (a key trusted for another purpose is refused: remove it first)."""
     ts = _ws(home).trust_store()
-    kid = ts.add(parse_public_key(public_key, "the public key", files=True), label, purpose)
+    kid = ts.add(parse_public_key(public_key, "PUBLIC_KEY", files=True), label, purpose)
     ts.save()
     _emit({"key_id": kid, "label": label, "purpose": purpose}, as_json, f"trusted {kid} for {purpose}")
 
