@@ -218,3 +218,11 @@ class BrokerHomeError(WardenError):
 __all__ += ["BrokerHomeError"]
 class NoAuditLogError(AuditLogError):
     """There is no audit log yet where one was looked for (nothing has been logged there)."""
+
+
+class NoSuchTensorError(WardenError, KeyError):
+    """A sealed file or bundle holds no tensor (or member file) of that name.  Also a ``KeyError``, as a
+    safetensors reader's lookup is."""
+
+
+__all__ += ["NoSuchTensorError"]

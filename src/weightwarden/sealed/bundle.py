@@ -289,14 +289,18 @@ class BundleReader:
         try:
             return self._tensor_owner[name].get_tensor(name)
         except KeyError:
-            raise KeyError(name) from None
+            from ..errors import NoSuchTensorError
+
+            raise NoSuchTensorError(name) from None
 
     def tensor_reader(self, name: str) -> SealedReader:
         """The member (shard) that holds tensor ``name``."""
         try:
             return self._tensor_owner[name]
         except KeyError:
-            raise KeyError(name) from None
+            from ..errors import NoSuchTensorError
+
+            raise NoSuchTensorError(name) from None
 
     def tensor_readers(self) -> list[SealedReader]:
         return [r for r in self._readers if r.kind == "safetensors"]

@@ -381,7 +381,9 @@ class SealedReader:
         try:
             return self._tensors[name]
         except KeyError:
-            raise KeyError(name) from None
+            from ..errors import NoSuchTensorError
+
+            raise NoSuchTensorError(name) from None
 
     def get_tensor(self, name: str) -> np.ndarray:
         info = self.tensor_info(name)

@@ -1,0 +1,102 @@
+"""`warden`: a thin command line over the library API.  One command, one library call.
+
+Every command that reports something takes ``--json``.  Any error prints one
+line to stderr and exits 1.
+
+The services a command needs are built by its :class:`weightwarden.workspace.Workspace`; each module here
+is one command group (``keys``, ``files``, ``custody``, ``provenance``, ``audit``, ``broker``, ``release``,
+``trace``) and registers nothing itself: the registration below fixes the order `warden --help` shows.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..audit import context as audit_context
+from ..keys.provider import ed25519_key_id
+from . import _common, audit, broker, custody, files, keys, provenance, release, trace
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Guard the weights of AI models.")
+
+
+@app.callback()
+def _global(
+    reason: Annotated[
+        str, typer.Option("--reason", envvar="WARDEN_REASON", help="Why: recorded in the audit log.")
+    ] = "",
+    actor: Annotated[
+        str | None, typer.Option("--actor", envvar="WARDEN_ACTOR", help="Who, if not the OS user.")
+    ] = None,
+    passphrase_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--passphrase-file",
+            envvar="WARDEN_PASSPHRASE_FILE",
+            show_default=False,
+            help="Read the keyring passphrase from this file (or /dev/fd/N) instead of a prompt.",
+        ),
+    ] = None,
+) -> None:
+    _common._passphrase_file[:] = [passphrase_file] if passphrase_file is not None else []
+    ctx = audit_context(actor=actor, reason=reason)
+    ctx.__enter__()
+    _common._audit_ctx.append(ctx)
+
+
+# -- registration: commands first (in this order), then the groups ------------------------------
+app.command()(keys.init)
+app.command()(files.seal)
+app.command("open")(files.open_)
+app.command()(files.verify)
+app.command()(files.inspect)
+app.command()(files.rewrap)
+app.command()(files.shred)
+app.command("scan")(provenance.scan_cmd)
+app.command("serve")(broker.serve_cmd)
+app.command("pull")(broker.pull_cmd)
+app.command("classify")(release.classify_cmd)
+app.command("declare")(release.declare_cmd)
+app.command("screen")(release.screen_cmd)
+app.command("release")(release.release_cmd)
+app.command("trace")(trace.trace_cmd)
+app.add_typer(keys.key_app, name="key")
+app.add_typer(keys.trust_app, name="trust")
+app.add_typer(custody.custody_app, name="custody")
+app.add_typer(custody.agent_app, name="agent")
+app.add_typer(provenance.prov_app, name="provenance")
+app.add_typer(audit.audit_app, name="audit")
+app.add_typer(broker.broker_app, name="broker")
+app.add_typer(release.license_app, name="license")
+app.add_typer(release.recipient_app, name="recipient")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = typer.main.get_command(app)
+    try:
+        cmd.main(args=argv, prog_name="warden", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        sys.stderr.write("error: aborted\n")
+        return 1
+    except Exception as e:
+        line = _common._error_line(e)
+        if line is None:
+            raise
+        sys.stderr.write(line + "\n")
+        return 1
+    finally:
+        while _common._audit_ctx:
+            _common._audit_ctx.pop().__exit__(None, None, None)
+    return 0
+
+
+def _entry() -> None:  # pragma: no cover
+    sys.exit(main())
+
+
+__all__ = ["app", "ed25519_key_id", "main"]
