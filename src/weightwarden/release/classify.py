@@ -258,7 +258,8 @@ def _classify(model: str | os.PathLike[str], *, rules: Any, as_of: date | None, 
               utilization: float | None, published: bool, experts_per_token: int | None, keyless: bool,
               declaration: str | os.PathLike[str] | None, compliance_keys: list[bytes] | None,
               now: datetime | None, **open_kw: Any) -> Classification:  # fmt: skip
-    from ..provenance.source import _is_sealed, open_source
+    from ..provenance.source import open_source
+    from ..sealed.detect import is_sealed as _is_sealed
     from .countries import resolve_country
     from .rules import default_rules
 
