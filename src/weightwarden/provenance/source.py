@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import FormatError, HeaderError, TruncatedError, UnsupportedModelError
 from ..sealed import format as F
+from ..sealed.bundle import BundleReader
 from ..sealed.codec import np_dtype
 from ..sealed.detect import is_sealed, is_sealed_path
 from ..sealed.opening import open_reader
@@ -93,7 +94,7 @@ class TensorSource:
         if is_sealed_path(p):
             reader = open_reader(p, keyring=keyring, providers=providers, trust=trust)
             self._stack.callback(reader.close)
-            if hasattr(reader, "files") and "config.json" in reader.files():
+            if isinstance(reader, BundleReader) and "config.json" in reader.files():
                 import json
 
                 try:
