@@ -41,7 +41,7 @@ def one_input(data: bytes) -> None:
         return
     try:
         sf.key_slots()
-        sf.check_signature(None)
+        sf.check_self_consistent()
         sf.verify_digests(threads=1)
         sf.describe()
     except WardenError:

@@ -246,3 +246,34 @@ def test_hostile_member_path_is_refused(tmp_path, keyring):
     with pytest.raises(FormatError):
         ww.unseal(out, tmp_path / "back", keyring=keyring)
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "back").exists()
+
+
+def test_a_trust_check_needs_something_to_trust(small, keyring):
+    """No ``None`` meaning "skip the trust check": the keyless, trustless check has its own name."""
+    from weightwarden.sealed import is_sealed, is_sealed_path
+
+    assert is_sealed(small) and is_sealed_path(small)
+    with SealedFile(small) as sf:
+        assert sf.check_self_consistent() == sf.signer_id == sf.check_signature(keyring.trust)
+        with pytest.raises(UntrustedSignerError, match="check_self_consistent"):
+            sf.check_signature(None)  # type: ignore[arg-type]
+
+
+def test_the_codec_writes_what_the_parser_reads_for_every_dtype(tmp_path):
+    import ml_dtypes
+
+    from weightwarden.sealed import is_bundle, is_sealed
+    from weightwarden.sealed.codec import DTYPES, iter_parts, np_dtype, st_dtype
+
+    rng = np.random.default_rng(3)
+    tensors = {n: rng.integers(0, 100, size=(3, 5)).astype(np_dtype(n)) for n in DTYPES}
+    assert st_dtype(np.dtype(ml_dtypes.bfloat16)) == "BF16" and st_dtype(np.dtype(np.complex64)) is None
+    raw = b"".join(bytes(memoryview(p).cast("B")) for p in iter_parts(tensors, {"k": "v"}))
+    n = F.read_safetensors_prefix(raw[:8], len(raw))
+    infos, meta = F.parse_tensor_header(raw[8 : 8 + n], len(raw) - 8 - n)
+    assert meta == {"k": "v"} and set(infos) == set(DTYPES)
+    for name, info in infos.items():
+        got = np.frombuffer(raw, dtype=np_dtype(info.dtype), count=15, offset=8 + n + info.start).reshape(3, 5)
+        assert info.dtype == name and np.array_equal(got.view(np.uint8), tensors[name].view(np.uint8))
+    (tmp_path / "p.safetensors").write_bytes(raw)
+    assert not is_sealed(tmp_path / "p.safetensors") and not is_sealed(tmp_path) and not is_bundle(tmp_path)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,43 +16,23 @@ from . import trail as _trail
 from ._atomic import TMP_PREFIX, _fsync_dir, atomic_output, check_target, write_all
 from .audit import AuditAction
 from .audit import event as audit_event
-from .errors import FormatError, IntegrityError, KeyManagementError, KeyringError, OutputExistsError
-from .keys.local import Keyring, TrustStore, default_home
+from .errors import IntegrityError, KeyManagementError, KeyringError, OutputExistsError
+from .home import default_home
+from .keys.local import Keyring, TrustStore
 from .keys.provider import KeyProvider, Signer
 from .sealed import format as F
-from .sealed.bundle import BundleReader, SealedBundle, is_bundle, seal_dir
-from .sealed.reader import Progress, SealedFile, SealedReader, resolve_threads
+from .sealed.bundle import SealedBundle, safe_relpath, seal_dir
+from .sealed.decrypt import Progress, SealedReader, resolve_threads
+from .sealed.opening import default_keyring, open_reader, open_sealed, resolve_providers, resolve_trust
+from .sealed.signature import Trust
 from .sealed.writer import SealResult, seal_file
 
+__all__ = [
+    "Trust", "VerifyReport", "default_keyring", "inspect", "load", "open_sealed", "safe_open", "seal", "unseal",
+    "verify",
+]  # fmt: skip
+
 STREAM_BLOCK = 16 * F.DEFAULT_CHUNK
-
-Trust = TrustStore | Iterable[bytes]
-
-
-def default_keyring(home: Path | None = None) -> Keyring:
-    """The keyring under ``$WARDEN_HOME``: through the custody agent when it is under
-    M-of-N custody, else unlocked with the passphrase in ``$WARDEN_PASSPHRASE_FILE`` (or ``$WARDEN_PASSPHRASE``)."""
-    from .keys.agent import AgentKeyring, under_custody
-
-    home = home or default_home()
-    if under_custody(home):
-        return AgentKeyring(home)  # type: ignore[return-value]
-    pw = os.environ.get("WARDEN_PASSPHRASE")
-    if os.environ.get("WARDEN_PASSPHRASE_FILE"):
-        from ._harden import read_secret_file
-
-        pw = read_secret_file(os.environ["WARDEN_PASSPHRASE_FILE"], "WARDEN_PASSPHRASE_FILE")
-    if pw is None:
-        raise KeyringError("set WARDEN_PASSPHRASE_FILE (or pass keyring=) to unlock the keyring")
-    return Keyring.unlock(home, pw)
-
-
-def _trust(trust: Trust | None, keyring: Keyring | None) -> Trust:
-    if trust is not None:
-        return trust
-    if keyring is not None:
-        return keyring.trust
-    return TrustStore.load(default_home())
 
 
 def _home(home: str | os.PathLike[str] | None, keyring: Keyring | None, trust: Any = None) -> Path:
@@ -82,18 +62,6 @@ def _logged(home: Path, action: AuditAction, subject: str, detail: dict[str, Any
             t.emit(audit_event(action, "ok", subject=subject, detail=detail))
 
     return cm()
-
-
-def _providers(keyring: Keyring | None, providers: Sequence[KeyProvider] | None) -> Sequence[KeyProvider]:
-    if providers is not None:
-        return providers
-    return [(keyring or default_keyring()).provider()]
-
-
-def open_sealed(path: str | os.PathLike[str]) -> SealedFile | SealedBundle:
-    """Parse a sealed file or bundle without any key (no decryption, no trust check)."""
-    p = Path(path)
-    return SealedBundle(p) if is_bundle(p) else SealedFile(p)
 
 
 # -- sealing ----------------------------------------------------------------------------
@@ -133,22 +101,6 @@ def seal(
 
 
 # -- reading ------------------------------------------------------------------------------
-def _open_reader(
-    path: str | os.PathLike[str],
-    *,
-    keyring: Keyring | None = None,
-    providers: Sequence[KeyProvider] | None = None,
-    trust: Trust | None = None,
-) -> SealedReader | BundleReader:
-    sealed = open_sealed(path)
-    try:
-        sealed.check_signature(_trust(trust, keyring))
-        return sealed.unlock(_providers(keyring, providers))
-    except BaseException:
-        sealed.close()
-        raise
-
-
 def safe_open(
     path: str | os.PathLike[str],
     framework: str | None = None,
@@ -173,7 +125,7 @@ def safe_open(
         from .safetensors import safe_open as st_open
 
         return st_open(path, framework, device, keyring=keyring, providers=providers, trust=trust)
-    return _open_reader(path, keyring=keyring, providers=providers, trust=trust)
+    return open_reader(path, keyring=keyring, providers=providers, trust=trust)
 
 
 def load(
@@ -186,12 +138,12 @@ def load(
     threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Decrypt every tensor of a sealed file or bundle into memory, on ``threads`` threads (None: all cores)."""
-    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
+    with open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
         return r.load_numpy(check_digests=check_digests, threads=threads)
 
 
 def _iter_plain(r: SealedReader, block: int = STREAM_BLOCK, threads: int | None = 1) -> Iterator[memoryview]:
-    n = r._sf.layout.data_len
+    n = r.data_len
     t = resolve_threads(threads)
     block *= t  # a piece of 16 chunks per thread
     buf = np.empty(min(block, max(n, 1)), dtype=np.uint8)
@@ -202,13 +154,6 @@ def _iter_plain(r: SealedReader, block: int = STREAM_BLOCK, threads: int | None 
         e = min(n, s + block)
         r.read_into(s, e, mv[: e - s], threads=t)
         yield mv[: e - s]
-
-
-def _safe_relpath(name: str) -> PurePosixPath:
-    p = PurePosixPath(name)
-    if p.is_absolute() or not p.parts or any(part in ("", ".", "..") or "\\" in part for part in p.parts):
-        raise FormatError(f"member name {name[:80]!r} is not a safe relative path")
-    return p
 
 
 def _write_plain(
@@ -252,7 +197,7 @@ def unseal(
 def _unseal(path: str | os.PathLike[str], dst: Path, *, keyring: Keyring | None,
             providers: Sequence[KeyProvider] | None, trust: Trust | None, force: bool,
             progress: Progress | None, threads: int | None) -> list[Path]:  # fmt: skip
-    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
+    with open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
         if isinstance(r, SealedReader):
             _write_plain(r, dst, force=force, progress=progress, threads=threads)
             return [dst]
@@ -262,7 +207,7 @@ def _unseal(path: str | os.PathLike[str], dst: Path, *, keyring: Keyring | None,
         try:
             written = []
             for name in r.files():
-                rel = _safe_relpath(name)
+                rel = safe_relpath(name)
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 _write_plain(r.member(name), tmp / rel, force=False, progress=progress, threads=threads)
                 written.append(dst / rel)
@@ -319,13 +264,13 @@ def _verify(path: str | os.PathLike[str], *, trust: Trust | None, deep: bool, ke
             providers: Sequence[KeyProvider] | None, progress: Progress | None,
             threads: int | None) -> VerifyReport:  # fmt: skip
     with open_sealed(path) as sealed:
-        signer = sealed.check_signature(_trust(trust, keyring))
+        signer = sealed.check_signature(resolve_trust(trust, keyring))
         sealed.verify_digests(threads=resolve_threads(threads), progress=progress)
         members = sealed.members if isinstance(sealed, SealedBundle) else [sealed]
         chunks = sum(m.context.n_chunks for m in members)
         nbytes = sum(m.context.data_len for m in members)
         if deep:
-            provs = _providers(keyring, providers)
+            provs = resolve_providers(keyring, providers)
             for m in members:
                 r = m.unlock(provs)
                 for _ in _iter_plain(r, threads=threads):
@@ -336,5 +281,5 @@ def _verify(path: str | os.PathLike[str], *, trust: Trust | None, deep: bool, ke
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Everything visible without a key.  The signature is checked for consistency, not trust."""
     with open_sealed(path) as sealed:
-        sealed.check_signature(None)
+        sealed.check_self_consistent()
         return sealed.describe()

@@ -31,11 +31,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .api import Trust, _open_reader, _safe_relpath
 from .errors import LoaderError, UnsupportedModelError
 from .keys.local import Keyring
 from .keys.provider import KeyProvider
-from .sealed.bundle import BundleReader
+from .sealed.bundle import BundleReader, safe_relpath
+from .sealed.opening import open_reader
+from .sealed.signature import Trust
 
 #: Members that are weights (never written to the private directory).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
@@ -52,7 +53,7 @@ def _transformers() -> Any:
     return transformers
 
 
-def _model_dir(r: Any) -> BundleReader:
+def sealed_model_dir(r: Any) -> BundleReader:
     if not isinstance(r, BundleReader) or "config.json" not in r.files():
         raise UnsupportedModelError(
             "a Hugging Face model needs a sealed model directory with config.json (warden seal MODEL_DIR OUT)"
@@ -60,7 +61,7 @@ def _model_dir(r: Any) -> BundleReader:
     return r
 
 
-def _aux_names(r: BundleReader, only: Sequence[str] | None) -> list[str]:
+def aux_file_names(r: BundleReader, only: Sequence[str] | None) -> list[str]:
     names = []
     for name in r.files():
         m = r.member(name)
@@ -68,7 +69,7 @@ def _aux_names(r: BundleReader, only: Sequence[str] | None) -> list[str]:
             continue
         if only is not None and name not in only:
             continue
-        if m._sf.context.data_len > MAX_AUX_FILE:
+        if m.data_len > MAX_AUX_FILE:
             continue
         names.append(name)
     return names
@@ -84,8 +85,8 @@ def private_files(r: BundleReader, only: Sequence[str] | None = None) -> Iterato
     """The bundle's non-weight files, decrypted into a private directory that is removed on exit."""
     d = Path(tempfile.mkdtemp(prefix="weightwarden-", dir=_tmp_base()))  # mode 0700
     try:
-        for name in _aux_names(r, only):
-            rel = _safe_relpath(name)
+        for name in aux_file_names(r, only):
+            rel = safe_relpath(name)
             target = d / rel
             target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -98,13 +99,13 @@ def private_files(r: BundleReader, only: Sequence[str] | None = None) -> Iterato
 
 def state_dict(r: BundleReader, *, threads: int | None = None, check_digests: bool = True) -> dict[str, Any]:
     """Every tensor of every shard, as torch tensors sharing one decrypted buffer per shard."""
-    from .safetensors import _buffer_tensor
+    from .safetensors import buffer_tensor
 
     state: dict[str, Any] = {}
     for member in r.tensor_readers():
         buf, tensors = member.load_raw(check_digests=check_digests, threads=threads)
         for t in tensors.values():
-            state[t.name] = _buffer_tensor(buf, t, "pt", "cpu")
+            state[t.name] = buffer_tensor(buf, t, "pt", "cpu")
     if not state:
         raise UnsupportedModelError("the sealed model directory holds no safetensors weights")
     return state
@@ -173,15 +174,18 @@ def from_pretrained(
     refuses that instead (missing or wrongly shaped, after the model's own ignore lists).
     The generation config sealed in the same directory is attached.
     """
-    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
-        bundle = _model_dir(r)
+    with open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
+        bundle = sealed_model_dir(r)
         state = state_dict(bundle, threads=threads, check_digests=check_digests)
         with private_files(bundle, only=("config.json", "generation_config.json")) as d:
             return _load(model_cls, bundle, d, state, model_args, kwargs, strict)
 
 
 def _aux_loader(path: Any, keyring: Any, providers: Any, trust: Any, fn: Callable[[Path], Any]) -> Any:
-    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r, private_files(_model_dir(r)) as d:
+    with (
+        open_reader(path, keyring=keyring, providers=providers, trust=trust) as r,
+        private_files(sealed_model_dir(r)) as d,
+    ):
         return fn(d)
 
 
@@ -259,8 +263,8 @@ def sentence_transformer(
         raise LoaderError("this sentence-transformers is too old to load a sealed model (needs module_classes)")
     from sentence_transformers.util import import_from_string
 
-    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
-        bundle = _model_dir(r)
+    with open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
+        bundle = sealed_model_dir(r)
         if "modules.json" not in bundle.files():
             raise UnsupportedModelError("a sentence-transformers model needs modules.json in the sealed directory")
         state = state_dict(bundle, threads=threads, check_digests=check_digests)

@@ -33,8 +33,8 @@ def node_providers(provider_uris: Sequence[str] | None = None, *, keyring: Any =
     The keyring is optional when URIs are given (a node may hold no keyring at all and
     unwrap through its HSM or KMS only).
     """
-    from .api import default_keyring
-    from .keys.kms import from_uri
+    from .keys.registry import provider_from_uri as from_uri
+    from .sealed.opening import default_keyring
 
     out: list[KeyProvider] = []
     for uri in provider_uris or []:

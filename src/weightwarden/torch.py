@@ -8,22 +8,20 @@ from typing import Any
 
 import torch
 
-from .api import Trust, _open_reader
 from .errors import LoaderError
 from .keys.local import Keyring
 from .keys.provider import KeyProvider
 from .sealed import format as F
 from .sealed.bundle import BundleReader
-from .sealed.reader import SealedReader
+from .sealed.codec import DTYPES as _CODEC_DTYPES
+from .sealed.decrypt import SealedReader
+from .sealed.opening import open_reader
+from .sealed.signature import Trust
 
 PIPE_PIECE = 64 << 20  # bytes decrypted per pinned host buffer before its copy to the device
 
-DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
-    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+#: safetensors dtype -> torch dtype, from the codec's one table (torch names its dtypes as numpy does)
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, d.numpy) for name, d in _CODEC_DTYPES.items()}
 
 
 def load(
@@ -43,22 +41,22 @@ def load(
     goes through pinned host buffers to one device buffer in a pipeline
     (:func:`to_device_pipelined`); the tensors are views of it.
     """
-    from .safetensors import _buffer_tensor
+    from .safetensors import buffer_tensor
 
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise LoaderError(f"device {str(device)[:32]!r}: this torch build or machine has no CUDA")
     state: dict[str, torch.Tensor] = {}
-    with _open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
+    with open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
         readers = r.tensor_readers() if isinstance(r, BundleReader) else [r]
         for member in readers:
             if dev.type == "cpu":
                 buf, tensors = member.load_raw(check_digests=check_digests, threads=threads)
                 for t in tensors.values():
-                    state[t.name] = _buffer_tensor(buf, t, "pt", "cpu")
+                    state[t.name] = buffer_tensor(buf, t, "pt", "cpu")
                 continue
             flat = to_device_pipelined(member, dev, threads=threads, check_digests=check_digests)
-            for t in member._tensors.values():
+            for t in member.tensor_table().values():
                 state[t.name] = device_view(flat, t)
     return state
 
@@ -101,7 +99,7 @@ def to_device_pipelined(
     """
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    n = reader._sf.layout.data_len
+    n = reader.data_len
     out = torch.empty(n, dtype=torch.uint8, device=dev)
     if n == 0:
         reader.read_all(check_digests=check_digests)  # authenticates the empty final chunk

@@ -72,7 +72,7 @@ class Workspace:
     @staticmethod
     def actor() -> str:
         """Who acts: the audit context's actor (--actor / WARDEN_ACTOR), else the OS user."""
-        return audit._default_actor()
+        return audit.default_actor()
 
     # -- keys ---------------------------------------------------------------------------------
     def create_keyring(self) -> Any:
@@ -127,7 +127,7 @@ class Workspace:
     @staticmethod
     def providers(uris: Sequence[str] | None) -> list[Any]:
         """Key providers by URI (pkcs11:, awskms://, vault://)."""
-        from .keys.kms import from_uri
+        from .keys.registry import provider_from_uri as from_uri
 
         out = []
         for u in uris or []:
@@ -228,9 +228,9 @@ class Workspace:
     def model_kw(self, path: Path, keyring: Any = None) -> dict[str, Any]:
         """How to read a model: a sealed input is read with the keyring (decrypted in memory only); a plain one
         needs nothing."""
-        from .provenance.source import _is_sealed  # the lead swaps this for weightwarden.sealed.is_sealed
+        from .sealed import is_sealed_path
 
-        if (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _is_sealed(path)):
+        if is_sealed_path(path):
             return {"keyring": keyring or self.keyring}
         return {}
 

@@ -52,15 +52,16 @@ def weights_for(model_path: str, extra: dict[str, Any] | None) -> Any:
 def export_config(sealed: str | os.PathLike[str], out: str | os.PathLike[str], **open_kwargs: Any) -> list[Path]:
     """Write the sealed bundle's non-weight files (config, generation config, tokenizer) to ``out``,
     the directory vLLM's ``--model`` names.  Weights are never written."""
-    from ..api import _open_reader, _safe_relpath
-    from ..hf import _aux_names, _model_dir
+    from ..hf import aux_file_names, sealed_model_dir
+    from ..sealed.bundle import safe_relpath
+    from ..sealed.opening import open_reader
 
     out = Path(out)
     written = []
-    with _open_reader(sealed, **open_kwargs) as r:
-        bundle = _model_dir(r)
-        for name in _aux_names(bundle, None):
-            target = out / _safe_relpath(name)
+    with open_reader(sealed, **open_kwargs) as r:
+        bundle = sealed_model_dir(r)
+        for name in aux_file_names(bundle, None):
+            target = out / safe_relpath(name)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(bundle.read_file(name))
             written.append(target)

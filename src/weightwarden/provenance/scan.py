@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScanError, WardenError
-from .source import _is_sealed
+from ..sealed.detect import is_sealed as _is_sealed
 
 __all__ = ["ScanReport", "list_items", "scan"]
 

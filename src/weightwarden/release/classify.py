@@ -258,7 +258,8 @@ def _classify(model: str | os.PathLike[str], *, rules: Any, as_of: date | None, 
               utilization: float | None, published: bool, experts_per_token: int | None, keyless: bool,
               declaration: str | os.PathLike[str] | None, compliance_keys: list[bytes] | None,
               now: datetime | None, **open_kw: Any) -> Classification:  # fmt: skip
-    from ..provenance.source import _is_sealed, open_source
+    from ..provenance.source import open_source
+    from ..sealed.detect import is_sealed_path
     from .countries import resolve_country
     from .rules import default_rules
 
@@ -278,7 +279,7 @@ def _classify(model: str | os.PathLike[str], *, rules: Any, as_of: date | None, 
     given = [int(x) for x in (experts_per_token, cfg_k) if isinstance(x, int) and not isinstance(x, bool)]
     k = max(given) if given else (experts_per_token or cfg_k)
     decl = None
-    sealed = (path.is_dir() and (path / "BUNDLE.wwb").exists()) or (path.is_file() and _is_sealed(path))
+    sealed = is_sealed_path(path)
     if keyless and sealed:
         if declaration is not None:
             from ..errors import KeysNotHereError

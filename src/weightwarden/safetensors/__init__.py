@@ -31,7 +31,9 @@ import numpy as np
 from ..errors import LoaderError
 from ..sealed import format as F
 from ..sealed.bundle import BundleReader
-from ..sealed.reader import SealedReader, _np_dtype
+from ..sealed.codec import DTYPE_SIZES, np_dtype
+from ..sealed.decrypt import SealedReader, resolve_threads
+from ..sealed.opening import open_reader
 
 _FRAMEWORKS = {
     "pt": "pt", "torch": "pt", "pytorch": "pt", "np": "np", "numpy": "np", "flax": "flax", "jax": "flax",
@@ -39,7 +41,7 @@ _FRAMEWORKS = {
 }  # fmt: skip
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
-__all__ = ["SealedSlice", "load", "load_file", "safe_open"]
+__all__ = ["SealedSlice", "buffer_tensor", "convert", "load", "load_file", "safe_open", "torch_dtype"]
 
 
 def framework_name(framework: str) -> str:
@@ -81,7 +83,7 @@ def convert(raw: np.ndarray, dtype: str, framework: str, device: Any = "cpu") ->
     if framework == "np":
         if not _is_cpu(device):
             raise LoaderError(f"framework 'np' loads to the CPU only, not {str(device)[:32]!r}")
-        return raw.view(_np_dtype(dtype))
+        return raw.view(np_dtype(dtype))
     if framework == "pt":
         torch = _torch()
         t = torch.from_numpy(raw).view(torch_dtype(dtype))
@@ -90,7 +92,7 @@ def convert(raw: np.ndarray, dtype: str, framework: str, device: Any = "cpu") ->
         from ..torch import to_device
 
         return to_device(t, device)
-    arr = raw.view(_np_dtype(dtype))
+    arr = raw.view(np_dtype(dtype))
     try:
         if framework == "flax":
             import jax.numpy as jnp
@@ -107,9 +109,9 @@ def convert(raw: np.ndarray, dtype: str, framework: str, device: Any = "cpu") ->
         raise LoaderError(f"framework {framework!r} needs {e.name or 'its package'} installed") from None
 
 
-def _buffer_tensor(buf: np.ndarray, info: F.TensorInfo, framework: str, device: Any) -> Any:
+def buffer_tensor(buf: np.ndarray, info: F.TensorInfo, framework: str, device: Any) -> Any:
     """One tensor of a decrypted data section (``buf``), sharing its memory where aligned."""
-    size = F.DTYPE_SIZES[info.dtype]
+    size = DTYPE_SIZES[info.dtype]
     piece = buf[info.start : info.end]
     if piece.ctypes.data % size:
         piece = piece.copy()  # an unaligned offset: copy to aligned storage
@@ -180,7 +182,7 @@ class SealedSlice:
     def raw(self, index: Any) -> np.ndarray:
         """The selected elements as their raw bytes (a C-contiguous uint array of the item size)."""
         info = self._info
-        size = F.DTYPE_SIZES[info.dtype]
+        size = DTYPE_SIZES[info.dtype]
         dims = self._normalise(index)
         strides = [math.prod(info.shape[d + 1 :]) for d in range(len(info.shape))]
         out_shape = [count for _, count, _, keep in dims if keep]
@@ -221,16 +223,13 @@ class safe_open:  # named as safetensors names it
         check_digests: bool = True,
         threads: int | None = None,
     ):
-        from ..api import _open_reader
-        from ..sealed.reader import resolve_threads
-
         self._fw = framework_name(framework)
         self._threads = resolve_threads(threads)
         self._device = device
         self._check = check_digests
         if self._fw == "np" and not _is_cpu(device):
             raise LoaderError(f"framework 'np' loads to the CPU only, not {str(device)[:32]!r}")
-        self._r: SealedReader | BundleReader = _open_reader(filename, keyring=keyring, providers=providers, trust=trust)
+        self._r: SealedReader | BundleReader = open_reader(filename, keyring=keyring, providers=providers, trust=trust)
 
     @property
     def reader(self) -> SealedReader | BundleReader:
@@ -253,7 +252,7 @@ class safe_open:  # named as safetensors names it
         readers = self._r.tensor_readers() if isinstance(self._r, BundleReader) else [self._r]
         found: dict[str, str] | None = None
         for r in readers:
-            raw = r._raw_header
+            raw = r.raw_header
             if raw is not None and "__metadata__" in json.loads(raw):
                 found = (found or {}) | r.metadata()
         return found
@@ -262,7 +261,7 @@ class safe_open:  # named as safetensors names it
         r, info = self._owner(name)
         buf = np.empty(info.nbytes, dtype=np.uint8)
         r.read_into(info.start, info.end, memoryview(buf), check_digests=self._check, threads=self._threads)
-        raw = buf.view(_RAW[F.DTYPE_SIZES[info.dtype]]).reshape(info.shape)
+        raw = buf.view(_RAW[DTYPE_SIZES[info.dtype]]).reshape(info.shape)
         return convert(raw, info.dtype, self._fw, self._device)
 
     def get_slice(self, name: str) -> SealedSlice:
@@ -303,15 +302,13 @@ def load_file(
             filename, keyring=keyring, providers=providers, trust=trust, device=device,
             check_digests=check_digests, threads=threads,
         )  # fmt: skip
-    from ..api import _open_reader
-
     out: dict[str, Any] = {}
-    with _open_reader(filename, keyring=keyring, providers=providers, trust=trust) as r:
+    with open_reader(filename, keyring=keyring, providers=providers, trust=trust) as r:
         readers = r.tensor_readers() if isinstance(r, BundleReader) else [r]
         for member in readers:
             buf, tensors = member.load_raw(check_digests=check_digests, threads=threads)
             for t in tensors.values():
-                out[t.name] = _buffer_tensor(buf, t, fw, device)
+                out[t.name] = buffer_tensor(buf, t, fw, device)
     return out
 
 

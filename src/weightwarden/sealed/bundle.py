@@ -11,21 +11,23 @@ import hmac
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from .._atomic import TMP_PREFIX, _fsync_dir, atomic_write_bytes
 from ..errors import FormatError, IntegrityError, OutputExistsError, SignatureError, UntrustedSignerError
-from ..keys.local import TrustStore
 from ..keys.provider import KeyProvider, Signer, b64d, b64e, ed25519_key_id
 from . import format as F
-from .reader import SIG_FIELDS_V2, SealedFile, SealedReader, check_manifest_signature, sig_purpose
+from .decrypt import SealedReader
+from .detect import BUNDLE_MANIFEST, is_bundle
+from .reader import SealedFile
+from .signature import SIG_FIELDS_V2, Trust, check_manifest_signature, sig_purpose, verify_manifest_signature
 from .writer import MemorySource, Progress, SealResult, seal_file
 
-MANIFEST = "BUNDLE.wwb"
+MANIFEST = BUNDLE_MANIFEST
 BUNDLE_DOMAIN = b"weightwarden/v1/bundle\x00"
 MAX_MEMBERS = 100_000
 MAX_MANIFEST = 64 * 1024 * 1024
@@ -133,8 +135,17 @@ def seal_members(
         raise
 
 
-def is_bundle(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).is_file()
+__all__ = [
+    "MANIFEST", "BundleReader", "SealedBundle", "is_bundle", "safe_relpath", "seal_dir",
+]  # fmt: skip
+
+
+def safe_relpath(name: str) -> PurePosixPath:
+    """A bundle member's name as a relative path that stays inside the folder it is written to."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or not p.parts or any(part in ("", ".", "..") or "\\" in part for part in p.parts):
+        raise FormatError(f"member name {name[:80]!r} is not a safe relative path")
+    return p
 
 
 class SealedBundle:
@@ -198,13 +209,22 @@ class SealedBundle:
             self.close()
             raise IntegrityError(f"bundle holds files its manifest does not list: {extra[:3]}")
 
-    def check_signature(self, trust: TrustStore | Iterable[bytes] | None) -> str:
+    def check_signature(self, trust: Trust) -> str:
+        """The manifest's and every member's signature, each by a signer ``trust`` trusts for sealing."""
         check_manifest_signature(self.public_key, self.signature, self.sig_purpose, BUNDLE_DOMAIN + self._body_raw,
                                  self.signer_id, trust, "bundle manifest signature")  # fmt: skip
         for m in self.members:
             m.check_signature(trust)
-        if trust is not None and not self.members:
+        if not self.members:
             raise UntrustedSignerError("empty bundle")
+        return self.signer_id
+
+    def check_self_consistent(self) -> str:
+        """The manifest's and every member's signature under the key each names, with no trust decision."""
+        verify_manifest_signature(self.public_key, self.signature, self.sig_purpose, BUNDLE_DOMAIN + self._body_raw,
+                                  self.signer_id, "bundle manifest signature")  # fmt: skip
+        for m in self.members:
+            m.check_self_consistent()
         return self.signer_id
 
     def verify_digests(self, *, threads: int = 2, progress: Progress | None = None) -> None:

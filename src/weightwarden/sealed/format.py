@@ -14,8 +14,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ..canonical import canonical_json
 from ..errors import FormatError, HeaderError, TruncatedError, UnsupportedVersionError
 from ..keys.provider import KeySlot
+from .codec import DTYPE_SIZES
 
 MAGIC = b"\x89WWSEAL\n"
 MAJOR, MINOR = 1, 0
@@ -44,29 +46,10 @@ SIGN_DOMAIN = b"weightwarden/v1/manifest\x00"
 INFO_AEAD = b"weightwarden/v1/aes-256-gcm"
 INFO_COMMIT = b"weightwarden/v1/key-commitment"
 
-# safetensors dtype -> item size in bytes
-DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
-
 
 def canon(obj: Any) -> bytes:
-    """Canonical JSON: sorted keys, no spaces, ASCII only."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    """Canonical JSON (:func:`weightwarden.canonical.canonical_json`, ASCII form): sorted keys, no spaces."""
+    return canonical_json(obj)
 
 
 def _no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

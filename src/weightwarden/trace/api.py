@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,8 @@ from ..keys.provider import KeyProvider
 from ..provenance.layout import detect_layout
 from ..provenance.source import TensorSource
 from ..release.gate import Destination, GateDecision, ReleaseDenied, ReleaseGate
+from ..sealed.codec import header_bytes as _header
+from ..sealed.codec import iter_parts as _parts
 from .mark import DEFAULT_ALPHA, embed_tensors, extract, marked_tensors
 from .store import ReleaseRecord, TraceError, TraceStore, derive, shown
 from .tardos import TardosCode, accusation_threshold
@@ -38,9 +39,6 @@ ENROLLED = "enrolled"  # release(recipient_key=ENROLLED): seal to the key the re
 DEFAULT_LENGTH = 4096  # symbols: ≥ (pi^2/2) c^2 ln(n/eps) = 2,240 for n = 1e6, c = 4, eps = 1e-6
 DEFAULT_CUTOFF = 1e-3
 DEFAULT_EPS = 1e-6
-_NP_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64", "int32": "I32",
-             "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "uint16": "U16", "uint32": "U32",
-             "uint64": "U64", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}  # fmt: skip
 
 
 def _store(home: Path | None, db: str | None = None) -> TraceStore:
@@ -53,28 +51,6 @@ def _store(home: Path | None, db: str | None = None) -> TraceStore:
         (h / "broker").mkdir(parents=True, exist_ok=True, mode=0o700)
         db = f"sqlite:///{h / 'broker' / 'broker.db'}"
     return TraceStore(h / "trace", db)
-
-
-def _header(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    off = 0
-    for name, a in tensors.items():
-        dt = _NP_TO_ST.get(a.dtype.name)
-        if dt is None:
-            raise UnsupportedModelError(f"tensor {name[:64]!r}: dtype {a.dtype} cannot be written")
-        header[name] = {"dtype": dt, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-        off += a.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    return raw + b" " * (-len(raw) % 8)
-
-
-def _parts(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> Iterator[Any]:
-    """A safetensors file's bytes in order: header length, header, each tensor's data."""
-    raw = _header(tensors, metadata)
-    yield len(raw).to_bytes(8, "little")
-    yield raw
-    for a in tensors.values():
-        yield np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
@@ -153,8 +129,8 @@ class _Entry:
 
 
 def _is_sealed_master(model: Path) -> bool:
-    from ..provenance.source import _is_sealed
     from ..sealed.bundle import is_bundle
+    from ..sealed.detect import is_sealed as _is_sealed
 
     return is_bundle(model) or (model.is_file() and _is_sealed(model))
 
@@ -536,7 +512,7 @@ def _release_checked(model: Path, out: Path, recipient: str, name: Any, entries:
         def marked_member(e: _Entry, x: np.ndarray = x) -> tuple[Any, str]:
             """A sealed master's safetensors member decrypted into fresh memory and marked there, in place,
             with its own header: (a MemorySource to seal, the BLAKE3 of the file it stands for)."""
-            from ..sealed.reader import _np_dtype
+            from ..sealed.codec import np_dtype as _np_dtype
             from ..sealed.writer import MemorySource
 
             buf, infos = e.member.load_raw()
