@@ -284,11 +284,12 @@ def test_a_sealed_release_never_writes_plaintext(tmp_path: Path, model: Path, ke
     import tempfile
 
     import weightwarden.trace.api as tapi
+    import weightwarden.trace.copies as tcopies
 
     def forbidden(*a: object, **k: object) -> None:
         raise AssertionError("plaintext would be written to disk")
 
-    monkeypatch.setattr(tapi, "_write_safetensors", forbidden)
+    monkeypatch.setattr(tcopies, "_write_safetensors", forbidden)
     monkeypatch.setattr(tempfile, "mkdtemp", forbidden)
     prov, signer = _tracing(keyring), keyring.signer()
     one = tmp_path / "one.wws"

@@ -59,7 +59,7 @@ def test_release_from_a_sealed_master_to_the_recipients_key(tmp_path: Path, mode
                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import tempfile
 
-    import weightwarden.trace.api as tapi
+    import weightwarden.trace.copies as tcopies
 
     master = tmp_path / "m.sealed"
     ww.seal(model, master, keyring=keyring)
@@ -69,7 +69,7 @@ def test_release_from_a_sealed_master_to_the_recipients_key(tmp_path: Path, mode
     def forbidden(*a: object, **k: object) -> None:
         raise AssertionError("plaintext would be written to disk")
 
-    monkeypatch.setattr(tapi, "_write_safetensors", forbidden)
+    monkeypatch.setattr(tcopies, "_write_safetensors", forbidden)
     monkeypatch.setattr(tempfile, "mkdtemp", forbidden)
     prov, signer = keyring.provider(), keyring.signer()
     tprov = keyring.provider(purpose="tracing", create=True)  # tracing secrets have a KEK of their own
@@ -274,7 +274,7 @@ def test_marks_that_compose_or_belong_to_a_script_are_names() -> None:
 
 def test_no_recipient_is_recorded_unless_the_release_succeeds(tmp_path: Path, model: Path, keyring: ww.Keyring,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    import weightwarden.trace.api as tapi
+    import weightwarden.trace.copies as tcopies
 
     sink, prov = _sink(keyring)
     with pytest.raises(ReleaseDenied):
@@ -284,7 +284,7 @@ def test_no_recipient_is_recorded_unless_the_release_succeeds(tmp_path: Path, mo
     def boom(*a: object, **k: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tapi, "_write_safetensors", boom)  # fails mid-way, after the gate allowed it
+    monkeypatch.setattr(tcopies, "_write_safetensors", boom)  # fails mid-way, after the gate allowed it
     with pytest.raises(OSError):
         release(model, "Acme Labs", tmp_path / "y", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
     monkeypatch.undo()

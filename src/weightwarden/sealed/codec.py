@@ -4,21 +4,26 @@ Every dtype weightwarden reads or writes is a row of :data:`DTYPES`: its safeten
 and its numpy name (``ml_dtypes`` supplies the numpy types safetensors has and numpy lacks; torch names
 its dtypes the same).  The header parser (:func:`weightwarden.sealed.format.parse_tensor_header`), the
 loaders (``weightwarden.safetensors``, ``weightwarden.torch``), provenance and tracing all read this
-table; :func:`iter_parts` is the only code that writes a plain safetensors file.
+table; :func:`iter_parts` is the only code that writes a plain safetensors file (:func:`write_file` to a
+file, atomically; :func:`to_memory` to anonymous memory).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import mmap
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .._atomic import atomic_output, write_all
 from ..errors import UnsupportedModelError
 
-__all__ = ["DTYPES", "DTYPE_SIZES", "DType", "header_bytes", "iter_parts", "np_dtype", "st_dtype"]
+__all__ = ["DTYPES", "DTYPE_SIZES", "DType", "header_bytes", "iter_parts", "np_dtype", "st_dtype",
+           "to_memory", "write_file"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,3 +100,30 @@ def iter_parts(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -
     yield raw
     for a in tensors.values():
         yield np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def write_file(path: str | os.PathLike[str], tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], *,
+               on_part: Callable[[Any], object] | None = None) -> None:  # fmt: skip
+    """Write a safetensors file at ``path`` atomically (replacing one there); ``on_part`` sees each part
+    written, in order (to hash the file as it is written)."""
+    with atomic_output(path, force=True) as fd:
+        for part in iter_parts(tensors, metadata):
+            write_all(fd, part)
+            if on_part is not None:
+                on_part(part)
+
+
+def to_memory(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], *,
+              on_part: Callable[[Any], object] | None = None) -> mmap.mmap:  # fmt: skip
+    """A safetensors file in anonymous memory (an mmap with no file behind it); ``on_part`` sees each part
+    copied in, in order."""
+    raw = header_bytes(tensors, metadata)
+    buf = mmap.mmap(-1, max(8 + len(raw) + sum(a.nbytes for a in tensors.values()), 1))
+    off = 0
+    for part in iter_parts(tensors, metadata):
+        mv = memoryview(part).cast("B")
+        buf[off : off + len(mv)] = mv
+        if on_part is not None:
+            on_part(mv)
+        off += len(mv)
+    return buf
