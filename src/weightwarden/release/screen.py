@@ -9,186 +9,24 @@ rest): the score is the best of token-sort (word order), token-set (missing or e
 ratio (spelling), 0..100.  A hit at or above the threshold is reported with the entry, the name
 that matched, both normalised forms and the component scores; a destination country that the
 entry lists adds nothing, one it does not list is noted (not a reason to clear a hit).
+
+The names (normalisation, word checks) are :mod:`.screen_names`; the lists (formats, the sample, the list
+stored under a home) :mod:`.screen_lists`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import os
-import re
-import unicodedata
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import WardenError
+from .screen_lists import Entry, is_sample, parse_entries, sample_path, save_list, stored_list
+from .screen_names import ScreeningError, abbreviated_words, literal_words, name_tables, normalize, unmatched_words
 
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize", "screen", "update_list"]
 
 DEFAULT_THRESHOLD = 86.0
-_PUNCT = re.compile(r"[^\w\s]|_")
-_SPACE = re.compile(r"\s+")
-# a word spelled out with one punctuation mark between letters: "S.e.r.g.e.i", "T.A.C.R.C.", "N-o-v-a-t-e-k"
-_DOTTED = re.compile(r"(?<![\w.\-·'/*])(?:[^\W_][.\-·'_/*]){2,}[^\W_](?:[.\-·'_/*](?=\s|,|$))?(?!\w)")
-_APOS = re.compile(r"(?<=\w)['’ʼ`](?=\w)")  # Int'l, O'Neil: one word
-
-
-class ScreeningError(WardenError):
-    """A screening list is missing, empty or in a format this tool does not read."""
-
-
-@lru_cache(maxsize=1)
-def _tables() -> tuple[frozenset[str], frozenset[str], dict[str, str], list[tuple[tuple[str, ...], tuple[str, ...]]],
-                       frozenset[str]]:  # fmt: skip
-    from importlib import resources
-
-    doc = json.loads(resources.files(__package__).joinpath("lists/abbreviations.json").read_text())
-    phrases = sorted(((tuple(a), tuple(b)) for a, b in doc["phrases"]), key=lambda p: -len(p[0]))
-    return (frozenset(doc["company_forms"]), frozenset(doc["stopwords"]), dict(doc["words"]), phrases,
-            frozenset(doc["generic"]))
-
-
-@lru_cache(maxsize=1)
-def _spoof() -> Any:
-    try:
-        import icu
-    except ImportError:  # pragma: no cover - pyicu comes with rigour (normality)
-        raise ScreeningError("screening needs PyICU (pip install pyicu) for Unicode confusables") from None
-    return icu.SpoofChecker()
-
-
-@lru_cache(maxsize=8192)
-def _ascii_char(c: str) -> str:
-    """The Latin letter a look-alike stands for, by its UTS #39 confusable skeleton (ICU's table), or ''."""
-    k = _spoof().getSkeleton(0, c)
-    if not k.isascii() or not k.isalpha():
-        return ""
-    # the skeleton's prototype of the I / l / 1 class is "l"; a capital look-alike reads as "I"
-    return "I" if k == "l" and c.isupper() else k
-
-
-def _unconfuse(s: str) -> str:
-    """Replace look-alike letters in words written mainly to pass as Latin: a word with a Latin letter, or one
-    whose every letter has a Latin look-alike ("Ѕеrgеі", "Ρеtrоν"); words of another script are left to
-    transliteration."""
-    out = []
-    for w in s.split(" "):
-        if w.isascii():
-            out.append(w)
-            continue
-        mapped = [c if c.isascii() or not c.isalpha() else _ascii_char(c) for c in w]
-        has_latin = any(c.isascii() and c.isalpha() for c in w)
-        if has_latin or all(mapped):
-            w = "".join(m or c for m, c in zip(mapped, w, strict=True))
-        out.append(w)
-    return " ".join(out)
-
-
-def _canonical(tokens: list[str]) -> list[str]:
-    forms, stop, words, phrases, _ = _tables()
-    toks = [words.get(t, t) for t in tokens if t not in stop]
-    out: list[str] = []
-    i = 0
-    while i < len(toks):
-        for a, b in phrases:
-            if tuple(toks[i:i + len(a)]) == a:
-                out.extend(b)
-                i += len(a)
-                break
-        else:
-            out.append(toks[i])
-            i += 1
-    kept = [t for t in out if t not in forms]
-    return kept or out
-
-
-def _prepare(name: str) -> str:
-    s = unicodedata.normalize("NFKC", name or "")
-    s = _SPACE.sub(" ", s).strip()
-    s = _unconfuse(s)
-    s = _DOTTED.sub(lambda m: re.sub(r"[\W_]", "", m.group(0)), s)
-    return _APOS.sub("", s)
-
-
-def normalize(name: str) -> str:
-    """The form names are compared in: look-alike letters read as the Latin letters they imitate (UTS #39
-    skeletons), words spelled out with dots joined, transliterated to ASCII, punctuation dropped, the
-    abbreviations of trade documents and company forms made canonical (``lists/abbreviations.json`` and
-    rigour's org types), honorifics removed, case folded."""
-    from rigour.names import remove_org_types, remove_person_prefixes
-    from rigour.text import ascii_text
-
-    s = ascii_text(_prepare(name)).lower()
-    s = _SPACE.sub(" ", _PUNCT.sub(" ", s)).strip()
-    s = " ".join(_canonical(s.split()))
-    s = remove_person_prefixes(remove_org_types(s, replacement=" "))
-    return " ".join(_canonical(s.split()))
-
-
-def _abbreviated(name: str) -> frozenset[str]:
-    """The words of ``name`` (case folded, punctuation dropped) that the abbreviation table expands to
-    another word ("semi" in "Bright Semi")."""
-    from rigour.text import ascii_text
-
-    words = _tables()[2]
-    s = _SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).strip()
-    return frozenset(t for t in s.split() if words.get(t, t) != t)
-
-
-def _literal_words(name: str) -> frozenset[str]:
-    from rigour.text import ascii_text
-
-    return frozenset(_SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).split())
-
-
-def _unmatched(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str) -> set[str]:
-    """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80), not cut short
-    ("Comp." for "Components"), not written joined ("micro systems" / "microsystems")."""
-    from rapidfuzz import fuzz
-
-    flat = joined.replace(" ", "")
-    return {w for w in words if w not in other and not (len(w) >= 4 and w in flat)
-            and not any(fuzz.ratio(w, o) >= 80 or (len(o) >= 3 and w.startswith(o)) for o in other)}  # fmt: skip
-
-
-def _marks_sample(e: Entry) -> bool:
-    """An entry the shipped sample marks as fictitious: programme ``SAMPLE``, id ``sample-...``, or a source
-    naming the sample list or fictitious parties."""
-    src = e.source.casefold()
-    return (any(p.strip().casefold() == "sample" for p in e.programs) or e.id.strip().casefold().startswith("sample-")
-            or "fictitious" in src or "sample list" in src)  # fmt: skip
-
-
-@lru_cache(maxsize=1)
-def _sample_pairs() -> frozenset[tuple[str, str]]:
-    from importlib import resources
-
-    data = resources.files(__package__).joinpath("lists/sample_csl.json").read_bytes()
-    return frozenset((e.id.strip().casefold(), normalize(e.name)) for e in _csl_json(data.decode("utf-8")))
-
-
-def _is_sample(entries: list[Entry]) -> bool:
-    """Whether a list is (or holds) the shipped fictitious sample, by content, not bytes (issue 17 red team: a
-    BOM, CRLF or re-serialised JSON changed the digest): any entry marked as the sample, or the sample's
-    canonical set of (id, name) pairs."""
-    if any(_marks_sample(e) for e in entries):
-        return True
-    return _sample_pairs() <= {(e.id.strip().casefold(), normalize(e.name)) for e in entries}
-
-
-@dataclass(frozen=True)
-class Entry:
-    id: str
-    name: str
-    aliases: tuple[str, ...] = ()
-    kind: str = ""
-    countries: tuple[str, ...] = ()
-    source: str = ""
-    programs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -231,7 +69,7 @@ class ScreeningList:
                         self._combos.setdefault(min(tokens), []).append((i, tokens, len(self._names)))
                         # an organisation's short alias written with an abbreviation ("Bright Semi" of "Shenzhen
                         # Bright Semiconductor Technology"): its expansion is a generic word any firm may use
-                        abbr = _abbreviated(n) if org and tokens < frozenset(primary.split()) else frozenset()
+                        abbr = abbreviated_words(n) if org and tokens < frozenset(primary.split()) else frozenset()
                         if abbr:
                             self._abbr[len(self._names)] = abbr
                     for w in tokens:
@@ -263,29 +101,10 @@ class ScreeningList:
 
     @classmethod
     def parse(cls, data: bytes, origin: str = "") -> ScreeningList:
-        lst = cls._parse(data, origin)
-        lst.is_sample = _is_sample(lst.entries)  # the fictitious sample, however it was loaded or re-serialised
+        entries, fmt, digest = parse_entries(data)
+        lst = cls(entries, fmt, digest, origin)
+        lst.is_sample = is_sample(lst.entries)  # the fictitious sample, however it was loaded or re-serialised
         return lst
-
-    @classmethod
-    def _parse(cls, data: bytes, origin: str = "") -> ScreeningList:
-        digest = hashlib.sha256(data).hexdigest()
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise ScreeningError("the screening list is not UTF-8") from None
-        head = text.lstrip()[:1]
-        first = text.splitlines()[0].lower() if text.strip() else ""
-        try:
-            if head == "{" and '"schema"' in text[:2000] and '"properties"' in text[:4000]:
-                return cls(_ftm(text), "opensanctions-ftm", digest, origin)
-            if head in ("{", "["):
-                return cls(_csl_json(text), "csl-json", digest, origin)
-            if "name" in first and "source" in first:
-                return cls(_csl_csv(text), "csl-csv", digest, origin)
-        except (TypeError, AttributeError, ValueError, csv.Error) as e:  # a hostile field of the wrong type
-            raise ScreeningError(f"the screening list is malformed ({type(e).__name__})") from None
-        raise ScreeningError("unknown screening-list format (expected CSL JSON or CSV, or OpenSanctions FtM)")
 
     @classmethod
     def from_home(cls, home: str | os.PathLike[str]) -> ScreeningList:
@@ -293,11 +112,10 @@ class ScreeningList:
         ``is_sample`` tells which."""
         from importlib import resources
 
-        store = Path(home) / "screening"
-        if (store / "list.dat").exists():
-            meta = json.loads((store / "list.json").read_text())
-            return cls.parse((store / "list.dat").read_bytes(), meta.get("origin", ""))
-        with resources.as_file(resources.files(__package__).joinpath("lists/sample_csl.json")) as p:
+        stored = stored_list(home)
+        if stored is not None:
+            return cls.parse(*stored)
+        with resources.as_file(sample_path()) as p:
             lst = cls.load(p)
         lst.is_sample = True
         return lst
@@ -318,7 +136,7 @@ class ScreeningList:
                 short = " ".join(t for t in nq.split() if len(t) > 1)  # initials dropped: "S. I. Petrov"
                 if short and short != nq:
                     queries.append((q, short))
-        generic = _tables()[4]
+        generic = name_tables()[4]
         for q, nq in queries:
             # scores under the threshold come back as 0 (rapidfuzz stops early on them)
             cut = threshold - 1e-9
@@ -352,14 +170,14 @@ class ScreeningList:
                     # a short alias with an abbreviation matches as written: "Bright Semi", not "Bright
                     # Semiconductor" (the expansion is a word any semiconductor firm has)
                     if j in self._abbr:
-                        literal = _literal_words(q) if literal is None else literal
+                        literal = literal_words(q) if literal is None else literal
                         if not self._abbr[j] <= literal:
                             continue
                     # an organisation is named by all its words: one that the query lacks ("Orion
                     # Technologies" for "Orion AI Technologies", "North Star Manufacturing" for "North Star
                     # Electronics Manufacturing") makes it another organisation.  Words the query adds are not
                     # held against it: an evader appends a city or "Branch" to a listed name
-                    if _unmatched(nt, qt, nq):
+                    if unmatched_words(nt, qt, nq):
                         continue
                 self._keep(best, j, float(score[c]), q, nq, {"token_sort": round(float(sort[c]), 1),
                            "token_set": round(float(tset[c]), 1), "ratio": round(float(plain[c]), 1)})  # fmt: skip
@@ -386,7 +204,6 @@ class ScreeningList:
                 "decision": "match" if hits else "clear", "hits": hits,
                 "list": {"format": self.format, "sha256": self.sha256, "entries": len(self.entries),
                          "origin": self.origin}}  # fmt: skip
-
 
     def _candidates(self, nq: str, qt: set[str], generic: frozenset[str], cut: float) -> Any:
         """The names that can score ``cut`` or more: plain and token-sort similarity is 2 * (longest common
@@ -418,63 +235,6 @@ class ScreeningList:
                    "explanation": {"query_normalized": nq, "name_normalized": self._names[j], **parts}}  # fmt: skip
 
 
-def _csl_json(text: str) -> list[Entry]:
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        raise ScreeningError("the screening list is not valid JSON") from None
-    rows = doc.get("results", doc) if isinstance(doc, dict) else doc
-    if not isinstance(rows, list):
-        raise ScreeningError("a CSL JSON list holds its entries under 'results'")
-    out = []
-    for i, r in enumerate(rows):
-        if not isinstance(r, dict) or not isinstance(r.get("name"), str):
-            raise ScreeningError(f"CSL entry {i} has no name")
-        alts = r.get("alt_names") or []
-        if isinstance(alts, str):
-            alts = [a.strip() for a in alts.split(";")]
-        countries = tuple(sorted({str(a.get("country", "")).upper() for a in r.get("addresses") or []
-                                  if isinstance(a, dict) and a.get("country")}))  # fmt: skip
-        progs = r.get("programs") or []
-        out.append(Entry(str(r.get("id", i)), r["name"], tuple(str(a) for a in alts if a), str(r.get("type", "")),
-                         countries, str(r.get("source", "")), tuple(str(p) for p in progs)))  # fmt: skip
-    return out
-
-
-def _csl_csv(text: str) -> list[Entry]:
-    out = []
-    for i, r in enumerate(csv.DictReader(io.StringIO(text))):
-        if not r.get("name"):
-            raise ScreeningError(f"CSL row {i} has no name")
-        alts = tuple(a.strip() for a in (r.get("alt_names") or "").split(";") if a.strip())
-        countries = tuple(sorted({c.strip().upper() for c in re.findall(r",\s*([A-Z]{2})\s*(?:;|$)",
-                                                                          r.get("addresses") or "")}))  # fmt: skip
-        out.append(Entry(r.get("_id") or r.get("id") or str(i), r["name"], alts, r.get("type", ""), countries,
-                         r.get("source", ""), tuple(p.strip() for p in (r.get("programs") or "").split(";")
-                                                    if p.strip())))  # fmt: skip
-    return out
-
-
-def _ftm(text: str) -> list[Entry]:
-    out = []
-    for i, line in enumerate(text.splitlines()):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            props = r["properties"]
-            names = [str(n) for n in props.get("name", [])]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ScreeningError(f"FtM line {i + 1} is not an entity") from None
-        if r.get("schema") not in ("Person", "Company", "Organization", "LegalEntity") or not names:
-            continue
-        aliases = names[1:] + [str(a) for a in props.get("alias", []) + props.get("previousName", [])]
-        out.append(Entry(str(r.get("id", i)), names[0], tuple(aliases), r["schema"],
-                         tuple(sorted({str(c).upper() for c in props.get("country", [])})),
-                         ",".join(r.get("datasets", [])), tuple(str(t) for t in props.get("topics", []))))  # fmt: skip
-    return out
-
-
 # -- the library calls `warden screen` makes (each an event of the home's trail) ------------------------
 def screen(name: str, *, aliases: tuple[str, ...] = (), country: str | None = None,
            threshold: float = DEFAULT_THRESHOLD, file: str | os.PathLike[str] | None = None,
@@ -499,10 +259,7 @@ def screen(name: str, *, aliases: tuple[str, ...] = (), country: str | None = No
 def update_list(file: str | os.PathLike[str], home: str | os.PathLike[str] | None = None, *,
                 now: Any = None) -> dict[str, Any]:  # fmt: skip
     """Load a new screening list into ``home`` (refused, with nothing replaced, unless it parses)."""
-    import datetime as _dt
-
     from .. import trail
-    from .._atomic import atomic_write_bytes
     from ..audit import AuditAction
     from ..keys.local import default_home
 
@@ -512,11 +269,7 @@ def update_list(file: str | os.PathLike[str], home: str | os.PathLike[str] | Non
     except OSError as e:
         raise ScreeningError(f"cannot read the screening list {p.name} ({type(e).__name__})") from None
     lst = ScreeningList.parse(data, p.name)  # refuses an unknown format before anything is replaced
-    store = Path(home or default_home()) / "screening"
-    store.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write_bytes(store / "list.dat", data, force=True)
-    rec = {"origin": p.name, "sha256": lst.sha256, "format": lst.format, "entries": len(lst.entries),
-           "loaded": (now or _dt.datetime.now(_dt.UTC)).isoformat(timespec="seconds")}  # fmt: skip
-    atomic_write_bytes(store / "list.json", json.dumps(rec).encode(), force=True)
+    rec = save_list(home or default_home(), data, p.name, sha256=lst.sha256, format=lst.format,
+                    entries=len(lst.entries), now=now)  # fmt: skip
     trail.record(AuditAction.RELEASE_SCREEN_LIST, home=home, subject=p.name, **rec)
     return rec

@@ -1,0 +1,139 @@
+"""Screening names: the form names are compared in (look-alike letters, spelled-out words, transliteration,
+abbreviations and company forms) and the word-level checks the matcher makes (``lists/abbreviations.json``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from functools import lru_cache
+from typing import Any
+
+from ..errors import WardenError
+
+__all__ = ["ScreeningError", "abbreviated_words", "literal_words", "name_tables", "normalize", "unmatched_words"]
+
+_PUNCT = re.compile(r"[^\w\s]|_")
+_SPACE = re.compile(r"\s+")
+# a word spelled out with one punctuation mark between letters: "S.e.r.g.e.i", "T.A.C.R.C.", "N-o-v-a-t-e-k"
+_DOTTED = re.compile(r"(?<![\w.\-·'/*])(?:[^\W_][.\-·'_/*]){2,}[^\W_](?:[.\-·'_/*](?=\s|,|$))?(?!\w)")
+_APOS = re.compile(r"(?<=\w)['’ʼ`](?=\w)")  # Int'l, O'Neil: one word
+
+
+class ScreeningError(WardenError):
+    """A screening list is missing, empty or in a format this tool does not read."""
+
+
+@lru_cache(maxsize=1)
+def name_tables() -> tuple[frozenset[str], frozenset[str], dict[str, str],
+                           list[tuple[tuple[str, ...], tuple[str, ...]]], frozenset[str]]:  # fmt: skip
+    from importlib import resources
+
+    doc = json.loads(resources.files(__package__).joinpath("lists/abbreviations.json").read_text())
+    phrases = sorted(((tuple(a), tuple(b)) for a, b in doc["phrases"]), key=lambda p: -len(p[0]))
+    return (frozenset(doc["company_forms"]), frozenset(doc["stopwords"]), dict(doc["words"]), phrases,
+            frozenset(doc["generic"]))
+
+
+@lru_cache(maxsize=1)
+def _spoof() -> Any:
+    try:
+        import icu
+    except ImportError:  # pragma: no cover - pyicu comes with rigour (normality)
+        raise ScreeningError("screening needs PyICU (pip install pyicu) for Unicode confusables") from None
+    return icu.SpoofChecker()
+
+
+@lru_cache(maxsize=8192)
+def _ascii_char(c: str) -> str:
+    """The Latin letter a look-alike stands for, by its UTS #39 confusable skeleton (ICU's table), or ''."""
+    k = _spoof().getSkeleton(0, c)
+    if not k.isascii() or not k.isalpha():
+        return ""
+    # the skeleton's prototype of the I / l / 1 class is "l"; a capital look-alike reads as "I"
+    return "I" if k == "l" and c.isupper() else k
+
+
+def _unconfuse(s: str) -> str:
+    """Replace look-alike letters in words written mainly to pass as Latin: a word with a Latin letter, or one
+    whose every letter has a Latin look-alike ("Ѕеrgеі", "Ρеtrоν"); words of another script are left to
+    transliteration."""
+    out = []
+    for w in s.split(" "):
+        if w.isascii():
+            out.append(w)
+            continue
+        mapped = [c if c.isascii() or not c.isalpha() else _ascii_char(c) for c in w]
+        has_latin = any(c.isascii() and c.isalpha() for c in w)
+        if has_latin or all(mapped):
+            w = "".join(m or c for m, c in zip(mapped, w, strict=True))
+        out.append(w)
+    return " ".join(out)
+
+
+def _canonical(tokens: list[str]) -> list[str]:
+    forms, stop, words, phrases, _ = name_tables()
+    toks = [words.get(t, t) for t in tokens if t not in stop]
+    out: list[str] = []
+    i = 0
+    while i < len(toks):
+        for a, b in phrases:
+            if tuple(toks[i:i + len(a)]) == a:
+                out.extend(b)
+                i += len(a)
+                break
+        else:
+            out.append(toks[i])
+            i += 1
+    kept = [t for t in out if t not in forms]
+    return kept or out
+
+
+def _prepare(name: str) -> str:
+    s = unicodedata.normalize("NFKC", name or "")
+    s = _SPACE.sub(" ", s).strip()
+    s = _unconfuse(s)
+    s = _DOTTED.sub(lambda m: re.sub(r"[\W_]", "", m.group(0)), s)
+    return _APOS.sub("", s)
+
+
+def normalize(name: str) -> str:
+    """The form names are compared in: look-alike letters read as the Latin letters they imitate (UTS #39
+    skeletons), words spelled out with dots joined, transliterated to ASCII, punctuation dropped, the
+    abbreviations of trade documents and company forms made canonical (``lists/abbreviations.json`` and
+    rigour's org types), honorifics removed, case folded."""
+    from rigour.names import remove_org_types, remove_person_prefixes
+    from rigour.text import ascii_text
+
+    s = ascii_text(_prepare(name)).lower()
+    s = _SPACE.sub(" ", _PUNCT.sub(" ", s)).strip()
+    s = " ".join(_canonical(s.split()))
+    s = remove_person_prefixes(remove_org_types(s, replacement=" "))
+    return " ".join(_canonical(s.split()))
+
+
+def abbreviated_words(name: str) -> frozenset[str]:
+    """The words of ``name`` (case folded, punctuation dropped) that the abbreviation table expands to
+    another word ("semi" in "Bright Semi")."""
+    from rigour.text import ascii_text
+
+    words = name_tables()[2]
+    s = _SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).strip()
+    return frozenset(t for t in s.split() if words.get(t, t) != t)
+
+
+def literal_words(name: str) -> frozenset[str]:
+    from rigour.text import ascii_text
+
+    return frozenset(_SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).split())
+
+
+def unmatched_words(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str) -> set[str]:
+    """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80), not cut short
+    ("Comp." for "Components"), not written joined ("micro systems" / "microsystems")."""
+    from rapidfuzz import fuzz
+
+    flat = joined.replace(" ", "")
+    return {w for w in words if w not in other and not (len(w) >= 4 and w in flat)
+            and not any(fuzz.ratio(w, o) >= 80 or (len(o) >= 3 and w.startswith(o)) for o in other)}  # fmt: skip
+
