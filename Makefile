@@ -27,10 +27,10 @@ system-deps:
 	  softhsm2 chromium chromium-driver >/dev/null; }
 
 demo: install
-	$(BIN)/python -m weightwarden.demo --figures demo-figures
+	$(BIN)/python demo/run.py --figures demo-figures
 
 test: install-dev
-	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/ruff check src tests bench fuzz demo
 	$(BIN)/python -m pytest -q
 
 bench: install-dev
@@ -48,7 +48,7 @@ fuzz: install-dev
 	$(BIN)/python fuzz/fuzz_sealed.py -atheris_runs=200000
 
 lint: install-dev
-	$(BIN)/ruff check src tests bench fuzz
+	$(BIN)/ruff check src tests bench fuzz demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info src/*.egg-info

@@ -25,6 +25,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
+sys.path.insert(0, str(ROOT))  # the zoo is a test helper (tests/support/zoo.py), not part of the wheel
 CISCO = BENCH / "cisco-venv"
 CISCO_DEPS = ["accelerate", "huggingface-hub", "numpy", "pandas", "protobuf", "pyarrow", "pydantic-settings>=2.12.0",
               "pydantic>=2.12.5", "rich", "safetensors", "sentencepiece", "structlog>=25.5.0", "tiktoken",
@@ -69,8 +70,8 @@ def _cisco_positive(decision: str) -> bool:
 
 # -- accuracy ---------------------------------------------------------------------------------
 def accuracy(args: argparse.Namespace, peer: Path | None) -> dict:
+    from tests.support.zoo import DERIVATIONS, Zoo
     from weightwarden.provenance import Registry, compare_many, extract_signature
-    from weightwarden.provenance.zoo import DERIVATIONS, Zoo
 
     zoo = Zoo(BENCH / "zoo")
     t0 = time.perf_counter()

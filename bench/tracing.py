@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
+sys.path.insert(0, str(ROOT))  # the zoo is a test helper (tests/support/zoo.py), not part of the wheel
 
 
 def speed() -> dict:
@@ -115,8 +117,8 @@ def collusion(trials: int) -> dict:
 
 def zoo_attacks() -> dict:
     import weightwarden as ww
+    from tests.support.zoo import Zoo
     from weightwarden.keys.local import KdfParams
-    from weightwarden.provenance.zoo import Zoo
     from weightwarden.trace import release, trace
 
     zoo = Zoo(BENCH / "zoo")
@@ -155,7 +157,7 @@ def quality() -> dict:
     import torch
     import transformers as T
 
-    from weightwarden.provenance.zoo import Zoo
+    from tests.support.zoo import Zoo
     from weightwarden.trace import release
 
     src, root, kr, home, _ = _minilm_bench("tracing-quality")

@@ -93,7 +93,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory):
     """Set WARDEN_ZOO_CACHE to a folder to keep the trained models between runs."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from weightwarden.provenance.zoo import Zoo
+    from tests.support.zoo import Zoo
 
     return Zoo(os.environ.get("WARDEN_ZOO_CACHE") or tmp_path_factory.mktemp("zoo"))
 

@@ -80,7 +80,7 @@ def test_the_guide_runs(tmp_path: Path) -> None:
             pytest.skip(f"{tool} is not installed (make test installs it)")
     pytest.importorskip("cedarpy", reason="the guide administers the broker (the server extra)")
     pytest.importorskip("matplotlib", reason="the guide writes figures (the plot extra)")
-    from weightwarden import _demo_lm as lm
+    from demo import lm
 
     lm.save(lm.init(np.random.default_rng(0)), tmp_path / "model")  # a Llama-shaped checkpoint
     runnable = [body for run, body in _blocks((ROOT / "docs" / "GUIDE.md").read_text()) if run]

@@ -21,6 +21,7 @@ from scipy import stats
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from tests.support.zoo import DERIVATIONS, FUNCTION_PRESERVING, Zoo
 from weightwarden import trail
 from weightwarden.errors import FormatError, RegistryError, UnsupportedModelError
 from weightwarden.provenance import (
@@ -32,7 +33,6 @@ from weightwarden.provenance import (
     extract_signature,
 )
 from weightwarden.provenance.registry import LINEAGE_MAX_COS
-from weightwarden.provenance.zoo import DERIVATIONS, FUNCTION_PRESERVING, Zoo
 
 from .conftest import warden
 
