@@ -99,8 +99,8 @@ while True:
 
 def _loopback_ceiling(path: Path, rounds: int) -> dict[str, float]:
     """A bare HTTP/1.1 server that only sendfile()s the file, downloaded with curl: what loopback allows."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from services import free_port
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
+    from tests.support.services import free_port
 
     port = free_port()
     srv = subprocess.Popen([sys.executable, "-c", BARE, str(path), str(port)])
@@ -270,8 +270,8 @@ def main() -> None:
     ap.add_argument("--stream-rounds", type=int, default=3, help="downloads per client (the best one counts)")
     ap.add_argument("--stream-only", action="store_true", help="only the streaming speed (no load, no egress)")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from services import free_port
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
+    from tests.support.services import free_port
 
     rate, burst = 2e6, 2e6  # egress budget of each lim* workload: 2 MB/s after a 2 MB burst
     out: dict = {"cores": os.cpu_count(), "db": args.db, "clients": args.clients, "seconds": args.seconds}

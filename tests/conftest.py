@@ -1,40 +1,23 @@
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 import weightwarden as ww
-from weightwarden.keys.local import KdfParams
+from tests.support.cli import PASSPHRASE, TEST_KDF
+from tests.support.hsm import PIN, SO_PIN, SOFTHSM_LIB
+from tests.support.models import make_tensors
 
-# Cheap Argon2id for tests only; the product default is RFC 9106's 64 MiB / t=3.
-TEST_KDF = KdfParams(time_cost=1, memory_kib=1024, parallelism=1)
-PASSPHRASE = "correct horse battery staple"
 # library calls made without a home log in $WARDEN_HOME's trail: never the user's real one in tests
 os.environ.setdefault("WARDEN_HOME", __import__("tempfile").mkdtemp(prefix="warden-test-home-"))
-
-
-def make_tensors(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "embed.weight": rng.standard_normal((37, 16)).astype(np.float16),
-        "layer.0.w": rng.standard_normal((64, 48)).astype(np.float32),
-        "layer.0.b": rng.standard_normal(48).astype(np.float64),
-        "bf": rng.standard_normal((5, 7)).astype(ml_dtypes.bfloat16),
-        "ids": np.arange(-5, 20, dtype=np.int64),
-        "mask": rng.random(13) > 0.5,
-        "empty": np.zeros((0, 4), np.float32),
-        "u8": rng.integers(0, 255, 99, dtype=np.uint8),
-    }
 
 
 @pytest.fixture
@@ -59,14 +42,6 @@ def other_keyring(tmp_path: Path) -> ww.Keyring:
     return ww.Keyring.create(tmp_path / "other-home", PASSPHRASE, kdf=TEST_KDF)
 
 
-def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert a[k].shape == b[k].shape, k
-        assert a[k].tobytes() == b[k].tobytes(), k
-
-
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
@@ -79,12 +54,6 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return env
-
-
-def warden(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "weightwarden", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
-    )
 
 
 # -- the provenance zoo: small models trained once per test session ---------------------------
@@ -149,28 +118,34 @@ def _sample_list_allowed() -> Iterator[None]:
         yield
 
 
-def make_broker_log_key(home: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
-    """The broker's own log key (16B) in ``home``, its passphrase file named by this process's environment,
-    so that a trail written to a broker database (``db=``) is signed by it; returns its public key."""
-    from weightwarden.broker.logkey import open_log_key
-
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "log-key.pass").write_text("the broker log key passphrase\n")
-    monkeypatch.setenv("WARDEN_LOG_KEY_PASSPHRASE_FILE", str(home / "log-key.pass"))
-    monkeypatch.delenv("WARDEN_LOG_KEY", raising=False)
-    signer, _ = open_log_key(None, home, lambda confirm: "the broker log key passphrase", kdf=TEST_KDF)
-    return signer.public_key
+# -- a sealed checkpoint for the broker's tests ------------------------------------------------
+@pytest.fixture
+def sealed(tmp_path: Path, keyring: ww.Keyring) -> Path:
+    rng = np.random.default_rng(1)
+    src = tmp_path / "w.safetensors"
+    save_file({f"w{i}": rng.standard_normal((256, 256)).astype(np.float32) for i in range(6)}, str(src))
+    out = tmp_path / "w.wws"
+    ww.seal(src, out, keyring=keyring, chunk_size=1 << 16)
+    return out
 
 
-def tiny_llama_dir(d: Path) -> Path:
-    """A tiny Llama-shaped model folder (an MLP stack with enough weights to carry a fingerprint) at ``d``."""
-    d.mkdir()
-    rng = np.random.default_rng(3)
-    t = {"model.embed_tokens.weight": rng.standard_normal((128, 64))}
-    for i in range(2):  # a tiny Llama-shaped MLP stack: enough weights to carry a fingerprint
-        t |= {f"model.layers.{i}.mlp.gate_proj.weight": rng.standard_normal((256, 64)) / 8,
-              f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 64)) / 8,
-              f"model.layers.{i}.mlp.down_proj.weight": rng.standard_normal((64, 256)) / 16}  # fmt: skip
-    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return d
+# -- a SoftHSM2 token ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory):
+    """A SoftHSM2 token directory for the whole run; deleted at the end."""
+    if SOFTHSM_LIB is None or shutil.which("softhsm2-util") is None:
+        pytest.skip("SoftHSM2 is not installed (`make test` installs the Debian package softhsm2)")
+    root = tmp_path_factory.mktemp("softhsm")
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    os.environ["SOFTHSM2_CONF"] = str(conf)  # read by the library when it first loads
+    label = "ww-test"
+    subprocess.run(
+        ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN],
+        check=True,
+        capture_output=True,
+    )
+    yield label
+    subprocess.run(["softhsm2-util", "--delete-token", "--token", label], check=False, capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.cli import warden
 from weightwarden import audit
 from weightwarden.errors import AuditLogError, AuditTamperedError
 from weightwarden.keys import Ed25519Signer
@@ -28,8 +29,6 @@ from weightwarden.merkle import (
     check_inclusion,
 )
 from weightwarden.merkle import tree as merkle
-
-from .conftest import warden
 
 VECTORS = Path(__file__).parent / "vectors" / "merkle.json"
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

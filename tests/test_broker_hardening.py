@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.support.broker import AUD, Account, Http, make_broker
 from weightwarden.broker.service import Broker, BrokerConfig, Limit, Unauthorized
-
-from .test_broker import AUD, Account, Http, _broker, sealed  # noqa: F401 - the sealed-file fixture
 
 pytest.importorskip("webauthn", reason="py_webauthn is in the server extra")
 ORIGIN = "http://localhost:8443"
@@ -101,8 +100,8 @@ def _denied(b: Broker, since: int, action: str) -> list[dict[str, Any]]:
 
 
 # -- 1. enrolment codes are single use ---------------------------------------------------------------
-def test_an_enrolment_code_starts_one_ceremony_only(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
-    b, _ = _broker(db_url, tmp_path, sealed)
+def test_an_enrolment_code_starts_one_ceremony_only(db_url: str, tmp_path: Path, sealed: Path) -> None:
+    b, _ = make_broker(db_url, tmp_path, sealed)
     pk = _passkeys(b)
     user = SoftAuthenticator()
     code = pk.enroll_code("ap1", actor="admin")
@@ -123,8 +122,8 @@ def test_an_enrolment_code_starts_one_ceremony_only(db_url: str, tmp_path: Path,
     b.close()
 
 
-def test_an_older_registration_challenge_cannot_finish(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
-    b, _ = _broker(db_url, tmp_path, sealed)
+def test_an_older_registration_challenge_cannot_finish(db_url: str, tmp_path: Path, sealed: Path) -> None:
+    b, _ = make_broker(db_url, tmp_path, sealed)
     pk = _passkeys(b)
     attacker, user = SoftAuthenticator(), SoftAuthenticator()
     stale = pk.registration_options("ap1", pk.enroll_code("ap1", actor="admin"))  # e.g. a leaked first code
@@ -141,9 +140,9 @@ def test_an_older_registration_challenge_cannot_finish(db_url: str, tmp_path: Pa
     b.close()
 
 
-def test_two_ceremonies_started_at_once_one_wins(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_two_ceremonies_started_at_once_one_wins(db_url: str, tmp_path: Path, sealed: Path) -> None:
     """Two replicas on one database race to start with the same code: exactly one ceremony starts."""
-    b1, _ = _broker(db_url, tmp_path, sealed)
+    b1, _ = make_broker(db_url, tmp_path, sealed)
     b2 = Broker(db_url, b1.store, b1.log, b1.config)
     pk1, pk2 = _passkeys(b1), _passkeys(b2)
     for round_ in range(4):
@@ -170,10 +169,10 @@ def test_two_ceremonies_started_at_once_one_wins(db_url: str, tmp_path: Path, se
 
 
 # -- 2. token checks complete -----------------------------------------------------------------------
-def test_tokens_from_the_future_are_refused(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_tokens_from_the_future_are_refused(db_url: str, tmp_path: Path, sealed: Path) -> None:
     from weightwarden.broker.tokens import SKEW_S, mint
 
-    b, a = _broker(db_url, tmp_path, sealed)
+    b, a = make_broker(db_url, tmp_path, sealed)
     http = Http(b)
     rd = a["reader"]
     now = datetime.now(UTC)
@@ -211,10 +210,10 @@ def _shape(o: dict[str, Any]) -> Any:
             {k: v for k, v in opts.items() if k not in ("challenge", "allowCredentials")})  # fmt: skip
 
 
-def test_sign_in_options_do_not_reveal_accounts_or_passkeys(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_sign_in_options_do_not_reveal_accounts_or_passkeys(db_url: str, tmp_path: Path, sealed: Path) -> None:
     from weightwarden.broker.passkeys import DECOY_ID_BYTES
 
-    b, _ = _broker(db_url, tmp_path, sealed)
+    b, _ = make_broker(db_url, tmp_path, sealed)
     pk = _passkeys(b)
     user = SoftAuthenticator()
     o = pk.registration_options("ap1", pk.enroll_code("ap1", actor="admin"))
@@ -245,8 +244,8 @@ def test_sign_in_options_do_not_reveal_accounts_or_passkeys(db_url: str, tmp_pat
     b.close()
 
 
-def test_another_teams_model_answers_as_a_missing_one(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
-    b, a = _broker(db_url, tmp_path, sealed)
+def test_another_teams_model_answers_as_a_missing_one(db_url: str, tmp_path: Path, sealed: Path) -> None:
+    b, a = make_broker(db_url, tmp_path, sealed)
     b.add_model("m2", "other", sealed)  # ap3 is on team "other"; everyone else in the fixture on "core"
     http = Http(b)
     before = b.log.size()
@@ -328,9 +327,9 @@ def _fetch_all(b: Broker, who: str, models: list[str], parallel: bool) -> dict[s
     return out
 
 
-def test_parallel_fetches_trigger_what_serial_ones_do(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_parallel_fetches_trigger_what_serial_ones_do(db_url: str, tmp_path: Path, sealed: Path) -> None:
     size = sealed.stat().st_size
-    b, a = _broker(db_url, tmp_path, sealed)
+    b, a = make_broker(db_url, tmp_path, sealed)
     for i in range(2, 8):
         b.add_model(f"m{i}", "core", sealed)
     for n in ("serial", "parallel", "serial-volume", "parallel-volume"):
@@ -356,10 +355,10 @@ def test_parallel_fetches_trigger_what_serial_ones_do(db_url: str, tmp_path: Pat
     b.close()
 
 
-def test_suspension_cuts_a_running_stream(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_suspension_cuts_a_running_stream(db_url: str, tmp_path: Path, sealed: Path) -> None:
     from weightwarden.broker.service import StreamCut
 
-    b, _ = _broker(db_url, tmp_path, sealed)
+    b, _ = make_broker(db_url, tmp_path, sealed)
     other = Broker(db_url, b.store, b.log, b.config)  # the suspension comes from another replica
     it = b.stream(b.principal("loader"), "m1")
     first = next(it)
@@ -386,10 +385,10 @@ def _buckets(b: Broker) -> dict[str, float]:
         return {r.key: r.tokens for r in c.execute(sa.select(b.t.buckets))}
 
 
-def test_single_ranges_are_served_and_bad_ones_refused(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_single_ranges_are_served_and_bad_ones_refused(db_url: str, tmp_path: Path, sealed: Path) -> None:
     data = sealed.read_bytes()
     n = len(data)
-    b, a = _broker(db_url, tmp_path, sealed)
+    b, a = make_broker(db_url, tmp_path, sealed)
     http = Http(b)
     ld = a["loader"]
     full = http(ld, "GET", "/v1/models/m1/weights")
@@ -427,11 +426,11 @@ def test_single_ranges_are_served_and_bad_ones_refused(db_url: str, tmp_path: Pa
     b.close()
 
 
-def test_a_resumed_range_is_not_charged_twice(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_a_resumed_range_is_not_charged_twice(db_url: str, tmp_path: Path, sealed: Path) -> None:
     data = sealed.read_bytes()
     n = len(data)
     cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=n + 4096), max_models_per_hour=99)
-    b, a = _broker(db_url, tmp_path, sealed, cfg)
+    b, a = make_broker(db_url, tmp_path, sealed, cfg)
     b.add_model("m1copy", "core", sealed)  # the same bytes under another name: another file
     http = Http(b)
     ld = a["loader"]
@@ -455,7 +454,7 @@ def test_a_resumed_range_is_not_charged_twice(db_url: str, tmp_path: Path, seale
     b.close()
 
 
-def test_ranges_after_a_complete_download_are_charged(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_ranges_after_a_complete_download_are_charged(db_url: str, tmp_path: Path, sealed: Path) -> None:
     """The red team's attack (issue 18): one full GET, then Range: bytes=0- again and again."""
     from weightwarden.broker.service import StreamCut
 
@@ -463,7 +462,7 @@ def test_ranges_after_a_complete_download_are_charged(db_url: str, tmp_path: Pat
     n = len(data)
     # budget for two copies: the first re-download by range is charged, the second is refused
     cfg = BrokerConfig(chunk=1 << 16, per_principal=Limit(rate=0.0, burst=2 * n + 4096), max_models_per_hour=99)
-    b, a = _broker(db_url, tmp_path, sealed, cfg)
+    b, a = make_broker(db_url, tmp_path, sealed, cfg)
     http, ld = Http(b), a["loader"]
     full = http(ld, "GET", "/v1/models/m1/weights")
     assert full.status_code == 200
@@ -497,7 +496,7 @@ def test_ranges_after_a_complete_download_are_charged(db_url: str, tmp_path: Pat
     b.close()
 
 
-def test_one_stream_larger_than_the_volume_cap_is_refused(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_one_stream_larger_than_the_volume_cap_is_refused(db_url: str, tmp_path: Path, sealed: Path) -> None:
     import dataclasses
 
     import sqlalchemy as sa
@@ -506,7 +505,7 @@ def test_one_stream_larger_than_the_volume_cap_is_refused(db_url: str, tmp_path:
 
     n = sealed.stat().st_size
     cfg = BrokerConfig(chunk=1 << 16, lease=1 << 16, volume_bytes_per_hour=0.5 * n)
-    b, a = _broker(db_url, tmp_path, sealed, cfg)
+    b, a = make_broker(db_url, tmp_path, sealed, cfg)
     b.add_account("big", "workload", a["loader"].pub, {"inference-loader"}, {"core"})
     # the stream alone is twice the hourly cap: refused before its first byte, alerted, suspended
     with pytest.raises(Forbidden, match="anomaly"):
@@ -532,8 +531,8 @@ def test_one_stream_larger_than_the_volume_cap_is_refused(db_url: str, tmp_path:
     b.close()
 
 
-def test_an_approved_copy_resumes_for_its_requester_only(db_url: str, tmp_path: Path, sealed: Path) -> None:  # noqa: F811
-    b, a = _broker(db_url, tmp_path, sealed)
+def test_an_approved_copy_resumes_for_its_requester_only(db_url: str, tmp_path: Path, sealed: Path) -> None:
+    b, a = make_broker(db_url, tmp_path, sealed)
     http = Http(b)
     req = b.request_copy(b.principal("rel"), "m1", now=None)
     msg = b.approval_message(req)
@@ -600,10 +599,9 @@ def _serving(b: Broker) -> Any:
 
     import uvicorn
 
+    from tests.support.services import free_port
     from weightwarden.broker.app import create_app
     from weightwarden.broker.zerocopy import ZeroCopyH11Protocol
-
-    from .services import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(b), host="127.0.0.1", port=port, log_level="critical",
@@ -622,8 +620,8 @@ def _serving(b: Broker) -> Any:
 
 
 @pytest.fixture
-def served(tmp_path: Path, sealed: Path) -> Any:  # noqa: F811
-    b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
+def served(tmp_path: Path, sealed: Path) -> Any:
+    b, a = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
     with _serving(b) as base:
         yield b, a, base
     b.close()
@@ -635,7 +633,7 @@ def _client(base: str, acct: Account, **kw: Any) -> Any:
     return BrokerClient(base, acct.name, acct.key, **kw)
 
 
-def test_pull_resumes_after_a_cut_and_verifies(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+def test_pull_resumes_after_a_cut_and_verifies(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:
     b, a, base = served
     out = tmp_path / "got" / "m1.wws"
     out.parent.mkdir()
@@ -677,7 +675,7 @@ def test_pull_resumes_after_a_cut_and_verifies(served: Any, tmp_path: Path, seal
         c.pull("m1", out, trust=keyring.trust)
 
 
-def test_pull_refuses_to_resume_another_file(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+def test_pull_refuses_to_resume_another_file(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:
     from weightwarden.broker.client import BrokerHTTPError, ResumeMismatchError
 
     b, a, base = served
@@ -709,7 +707,7 @@ def test_pull_refuses_to_resume_another_file(served: Any, tmp_path: Path, sealed
         "the file changed since your partial copy (ETag differs): download it again from the start"]  # fmt: skip
 
 
-def test_pull_never_puts_a_tampered_copy_in_place(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+def test_pull_never_puts_a_tampered_copy_in_place(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:
     _, a, base = served
     out = tmp_path / "m1.wws"
     from weightwarden.broker.client import BrokerHTTPError
@@ -733,7 +731,7 @@ def test_pull_never_puts_a_tampered_copy_in_place(served: Any, tmp_path: Path, s
     assert not out.exists()
 
 
-def test_pull_refuses_another_validly_signed_file(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:  # noqa: F811
+def test_pull_refuses_another_validly_signed_file(served: Any, tmp_path: Path, sealed: Path, keyring: Any) -> None:
     """Issue 18: a malicious broker or TLS terminator serves another file signed by the same trusted key."""
     import httpx
 
@@ -779,14 +777,13 @@ def test_pull_refuses_another_validly_signed_file(served: Any, tmp_path: Path, s
     assert out.read_bytes() == sealed.read_bytes()
 
 
-def test_warden_pull(served: Any, tmp_path: Path, sealed: Path, cli_env: dict[str, str]) -> None:  # noqa: F811
+def test_warden_pull(served: Any, tmp_path: Path, sealed: Path, cli_env: dict[str, str]) -> None:
     import base64 as b64
 
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+    from tests.support.cli import warden
     from weightwarden.sealed.reader import SealedFile
-
-    from .conftest import warden
 
     _, a, base = served
     keyfile = tmp_path / "loader.pem"
@@ -812,7 +809,7 @@ def test_warden_pull(served: Any, tmp_path: Path, sealed: Path, cli_env: dict[st
 
 
 # -- 6. the zero-copy door -------------------------------------------------------------------------------
-def test_zero_copy_streams_are_metered_like_copied_ones(tmp_path: Path, sealed: Path) -> None:  # noqa: F811
+def test_zero_copy_streams_are_metered_like_copied_ones(tmp_path: Path, sealed: Path) -> None:
     import httpx
 
     data = sealed.read_bytes()
@@ -820,7 +817,7 @@ def test_zero_copy_streams_are_metered_like_copied_ones(tmp_path: Path, sealed: 
     # (issue 18: the range below, of bytes already sent, is charged: its 200,001 bytes are in the budget)
     cfg = BrokerConfig(chunk=1 << 16, zero_copy_span=1 << 16, max_models_per_hour=99,
                        per_principal=Limit(rate=0.0, burst=n + n // 2 + 200_001))  # fmt: skip
-    b, a = _broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, cfg)
+    b, a = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, cfg)
     ld = a["loader"]
 
     def get(base: str, path: str, **headers: str) -> Any:

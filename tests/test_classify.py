@@ -13,11 +13,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from safetensors.numpy import save_file
 
+from tests.support.cli import warden
 from weightwarden.errors import UnsupportedModelError
 from weightwarden.keys.provider import purpose_message
 from weightwarden.release import RulesError, classify, count_parameters, default_rules, estimate_compute, load_rules
-
-from .conftest import warden
 
 RULES = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "rules" / "default.toml"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .conftest import warden
+from tests.support.cli import warden
 
 
 def _ok(r):
@@ -78,9 +78,9 @@ def test_cli_trust_between_two_parties(tmp_path, st_file, cli_env):
 
 
 def test_cli_seals_a_model_directory(tmp_path, tensors, cli_env):
-    from .test_roundtrip import _model_dir
+    from tests.support.models import sharded_model_dir
 
-    d = _model_dir(tmp_path, tensors)
+    d = sharded_model_dir(tmp_path, tensors)
     _ok(warden(cli_env, "init"))
     _ok(warden(cli_env, "seal", str(d), "-o", str(tmp_path / "sealed")))
     info = json.loads(_ok(warden(cli_env, "inspect", str(tmp_path / "sealed"), "--json")).stdout)

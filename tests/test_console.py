@@ -13,13 +13,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.broker import Account
+from tests.support.services import free_port
 from weightwarden.broker.service import Broker, BrokerConfig, Unauthorized
 from weightwarden.broker.storage import LocalWeightStore
 from weightwarden.keys import Ed25519Signer
 from weightwarden.merkle import AuditLog
-
-from .services import free_port
-from .test_broker import Account, sealed  # noqa: F401 - the sealed-file fixture
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
 pytest.importorskip("webauthn", reason="py_webauthn is in the server extra")
@@ -29,7 +28,7 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian chromi
 
 
 @pytest.fixture
-def console(tmp_path: Path, sealed: Path) -> Iterator[dict[str, Any]]:  # noqa: F811
+def console(tmp_path: Path, sealed: Path) -> Iterator[dict[str, Any]]:
     import uvicorn
 
     from weightwarden.broker.app import create_app

@@ -14,9 +14,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import weightwarden as ww
+from tests.support.cli import PASSPHRASE, TEST_KDF
 from weightwarden.errors import BadPassphraseError, KeyNotFoundError, KeyringError
-
-from .conftest import PASSPHRASE, TEST_KDF
 
 SEAL_SCRIPT = """
 import sys, weightwarden as ww

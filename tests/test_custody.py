@@ -14,11 +14,10 @@ import pytest
 from safetensors.numpy import save_file
 
 import weightwarden as ww
+from tests.support.cli import PASSPHRASE, TEST_KDF, warden
 from weightwarden import trail
 from weightwarden.errors import CustodyError, KeyringError
 from weightwarden.keys.custody import Custodian, CustodyDoc, Share, UnsealSession, combine, split
-
-from .conftest import PASSPHRASE, TEST_KDF, warden
 
 
 def identities(n: int) -> list[pyrage.x25519.Identity]:

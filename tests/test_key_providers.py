@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pytest
 from safetensors.numpy import save_file
 
 import weightwarden as ww
+from tests.support.cli import PASSPHRASE, TEST_KDF
+from tests.support.hsm import PIN, SOFTHSM_LIB
 from weightwarden import audit
 from weightwarden.errors import (
     KeyDestroyedError,
@@ -24,40 +25,6 @@ from weightwarden.errors import (
 from weightwarden.sealed import SealedFile
 from weightwarden.sealed import format as F
 from weightwarden.sealed.rewrap import _apply, _plan, rewrap, shred
-
-from .conftest import PASSPHRASE, TEST_KDF
-
-SOFTHSM_LIB = next(
-    (
-        p
-        for p in ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
-        if os.path.exists(p)
-    ),
-    None,
-)
-PIN, SO_PIN = "246810", "13579111"
-
-
-@pytest.fixture(scope="session")
-def softhsm(tmp_path_factory):
-    """A SoftHSM2 token directory for the whole run; deleted at the end."""
-    if SOFTHSM_LIB is None or shutil.which("softhsm2-util") is None:
-        pytest.skip("SoftHSM2 is not installed (`make test` installs the Debian package softhsm2)")
-    root = tmp_path_factory.mktemp("softhsm")
-    (root / "tokens").mkdir()
-    conf = root / "softhsm2.conf"
-    conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
-    os.environ["SOFTHSM2_CONF"] = str(conf)  # read by the library when it first loads
-    label = "ww-test"
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", PIN, "--so-pin", SO_PIN],
-        check=True,
-        capture_output=True,
-    )
-    yield label
-    subprocess.run(["softhsm2-util", "--delete-token", "--token", label], check=False, capture_output=True)
-    shutil.rmtree(root, ignore_errors=True)
-
 
 _counter = iter(range(100_000))
 
@@ -119,7 +86,7 @@ def vault_server(tmp_path_factory):
     if os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN"):
         yield os.environ["VAULT_ADDR"], os.environ["VAULT_TOKEN"]
         return
-    from .services import BAO_TOKEN, openbao
+    from tests.support.services import BAO_TOKEN, openbao
 
     with openbao(tmp_path_factory.mktemp("openbao")) as url:
         yield url, BAO_TOKEN
@@ -420,9 +387,8 @@ def test_provider_uris(monkeypatch):
 
 
 def test_cli_seal_into_hsm_and_migrate(tmp_path, softhsm, st_file, cli_env):
+    from tests.support.cli import warden
     from weightwarden.keys.pkcs11 import Pkcs11Provider, Pkcs11Session
-
-    from .conftest import warden
 
     kid = uniq("cli-hsm")
     Pkcs11Provider(Pkcs11Session(SOFTHSM_LIB, softhsm, PIN), kid).create_key()
@@ -590,7 +556,7 @@ def test_vault_uri_through_the_cli_on_a_real_server(tmp_path, cli_env, vault_ser
     a key that is not there is a typed error and writes nothing."""
     import hvac
 
-    from .conftest import warden
+    from tests.support.cli import warden
 
     url, token = vault_server
     name = uniq("cli-model")

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 
 import weightwarden as ww
+from tests.support.cli import PASSPHRASE, warden
 from weightwarden.errors import KeyNotFoundError, KeyPurposeError, UntrustedSignerError
 from weightwarden.keys import Ed25519Signer
 from weightwarden.keys.provider import b64e, purpose_message
 from weightwarden.keys.truststore import TrustStore
 from weightwarden.sealed import SealedFile
 from weightwarden.sealed import format as F
-
-from .conftest import PASSPHRASE, warden
 
 
 def _digest(path: Path) -> str:

@@ -271,7 +271,7 @@ def test_forged_chunk_refused_on_every_thread_count(many_pieces, keyring, thread
 
 
 def test_cli_threads(many_pieces, cli_env, tmp_path):
-    from .conftest import warden
+    from tests.support.cli import warden
 
     assert many_pieces[0].exists()
     env = dict(cli_env)

@@ -21,6 +21,8 @@ from scipy import stats
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from tests.support.cli import warden
+from tests.support.models import llama_tensors
 from tests.support.zoo import DERIVATIONS, FUNCTION_PRESERVING, Zoo
 from weightwarden import trail
 from weightwarden.errors import FormatError, RegistryError, UnsupportedModelError
@@ -33,8 +35,6 @@ from weightwarden.provenance import (
     extract_signature,
 )
 from weightwarden.provenance.registry import LINEAGE_MAX_COS
-
-from .conftest import warden
 
 STRICT = math.log(1e-12)
 
@@ -195,13 +195,7 @@ def test_signatures_stream_one_tensor_at_a_time(tmp_path: Path) -> None:
     """Peak Python-heap memory stays near the largest tensor, far below the checkpoint."""
     rng = np.random.default_rng(0)
     d, ff, layers, vocab = 256, 1024, 12, 4096
-    sd = {"model.embed_tokens.weight": rng.standard_normal((vocab, d)).astype(np.float32)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        sd[p + "mlp.gate_proj.weight"] = rng.standard_normal((ff, d)).astype(np.float32)
-        sd[p + "mlp.up_proj.weight"] = rng.standard_normal((ff, d)).astype(np.float32)
-        sd[p + "mlp.down_proj.weight"] = rng.standard_normal((d, ff)).astype(np.float32)
-        sd[p + "post_attention_layernorm.weight"] = np.ones(d, np.float32)
+    sd = llama_tensors(rng, d=d, ff=ff, layers=layers, vocab=vocab, norms=True)
     save_file(sd, str(tmp_path / "big.safetensors"))
     total = sum(v.nbytes for v in sd.values())
     largest = max(v.nbytes for v in sd.values())

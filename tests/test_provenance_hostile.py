@@ -11,25 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
+from tests.support.models import tiny_llama_file
 from weightwarden.errors import FormatError, HeaderError, TruncatedError, UnsupportedModelError, WardenError
 from weightwarden.provenance import Signature, compare, extract_signature
 
 
-def _tiny(path: Path, seed: int = 0, d: int = 16, ff: int = 32, layers: int = 2, vocab: int = 64) -> Path:
-    rng = np.random.default_rng(seed)
-    sd = {"model.embed_tokens.weight": rng.standard_normal((vocab, d)).astype(np.float32)}
-    for i in range(layers):
-        p = f"model.layers.{i}.mlp."
-        sd[p + "gate_proj.weight"] = rng.standard_normal((ff, d)).astype(np.float32)
-        sd[p + "up_proj.weight"] = rng.standard_normal((ff, d)).astype(np.float32)
-        sd[p + "down_proj.weight"] = rng.standard_normal((d, ff)).astype(np.float32)
-    save_file(sd, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def sig_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    return extract_signature(_tiny(tmp_path_factory.mktemp("t") / "m.safetensors")).to_bytes()
+    return extract_signature(tiny_llama_file(tmp_path_factory.mktemp("t") / "m.safetensors")).to_bytes()
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -56,7 +45,7 @@ def test_random_bytes_are_not_signatures(raw: bytes) -> None:
 
 
 def test_truncated_and_hostile_checkpoints(tmp_path: Path) -> None:
-    good = _tiny(tmp_path / "good.safetensors")
+    good = tiny_llama_file(tmp_path / "good.safetensors")
     data = good.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(HeaderError):
@@ -81,10 +70,10 @@ def test_truncated_and_hostile_checkpoints(tmp_path: Path) -> None:
 
 def test_self_and_random_models_without_training(tmp_path: Path) -> None:
     """Untrained random models: the purest null, and an identical copy: the purest alternative."""
-    a = _tiny(tmp_path / "a.safetensors", seed=1, d=32, ff=128, layers=3, vocab=256)
+    a = tiny_llama_file(tmp_path / "a.safetensors", seed=1, d=32, ff=128, layers=3, vocab=256)
     ps = []
     for s in range(2, 12):
-        b = _tiny(tmp_path / f"b{s}.safetensors", seed=s, d=32, ff=128, layers=3, vocab=256)
+        b = tiny_llama_file(tmp_path / f"b{s}.safetensors", seed=s, d=32, ff=128, layers=3, vocab=256)
         c = compare(b, a)
         assert not c.derived
         ps.append(c.p_value)

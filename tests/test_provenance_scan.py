@@ -13,12 +13,11 @@ pytest.importorskip("ray")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from tests.support.cli import warden
+from tests.support.services import ACCESS_KEY, SECRET_KEY, seaweedfs
 from weightwarden.errors import ScanError
 from weightwarden.provenance import Registry, scan
 from weightwarden.provenance.scan import list_items
-
-from .conftest import warden
-from .services import ACCESS_KEY, SECRET_KEY, seaweedfs
 
 
 @pytest.fixture(scope="module")

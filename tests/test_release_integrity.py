@@ -19,6 +19,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import weightwarden as ww
+from tests.support.cli import warden
+from tests.support.models import llama_tensors, tiny_llama_dir
 from weightwarden import audit, trail
 from weightwarden.errors import (
     RecipientKeyError,
@@ -31,8 +33,6 @@ from weightwarden.keys.age import AgeIdentityProvider, AgeRecipientProvider
 from weightwarden.release.gate import ReleaseDenied
 from weightwarden.trace import release, trace
 from weightwarden.trace.store import TraceStore, recipient_name
-
-from .conftest import tiny_llama_dir, warden
 
 LISTED = "Sergei Ivanovich Petrov"  # sample-000 on the (fictitious) sample list
 W = "model.layers.0.mlp.down_proj.weight"
@@ -342,10 +342,7 @@ def test_marking_in_place_equals_marking_a_copy() -> None:
     from weightwarden.trace.mark import embed_tensors
 
     rng = np.random.default_rng(1)
-    sd = {"model.embed_tokens.weight": rng.standard_normal((64, 32)).astype(np.float32),
-          "model.layers.0.mlp.gate_proj.weight": rng.standard_normal((96, 32)).astype(np.float32),
-          "model.layers.0.mlp.up_proj.weight": rng.standard_normal((96, 32)).astype(np.float32),
-          "model.layers.0.mlp.down_proj.weight": rng.standard_normal((32, 96)).astype(np.float32)}  # fmt: skip
+    sd = llama_tensors(rng, d=32, ff=96, layers=1, vocab=64)
     lay = detect_layout({k: v.shape for k, v in sd.items()})
     x, key = rng.random(512) < 0.5, rng.bytes(32)
     copies = embed_tensors(sd, lay, x, key, alpha=0.01)

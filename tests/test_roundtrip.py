@@ -1,16 +1,14 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 import weightwarden as ww
+from tests.support.models import assert_same, sharded_model_dir
 from weightwarden.errors import OutputExistsError, UnsupportedModelError
-
-from .conftest import assert_same
 
 
 @pytest.mark.parametrize("hide", [False, True])
@@ -122,21 +120,9 @@ def test_invalid_safetensors_input_is_rejected(tmp_path, keyring):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ww-tmp")] == []
 
 
-def _model_dir(root: Path, tensors) -> Path:
-    d = root / "model"
-    (d / "tokenizer").mkdir(parents=True)
-    half = sorted(tensors)
-    save_file({k: tensors[k] for k in half[:4]}, str(d / "model-00001-of-00002.safetensors"))
-    save_file({k: tensors[k] for k in half[4:]}, str(d / "model-00002-of-00002.safetensors"))
-    (d / "model.safetensors.index.json").write_text('{"weight_map": {}}')
-    (d / "config.json").write_text('{"model_type": "toy", "hidden_size": 16}')
-    (d / "tokenizer" / "vocab.txt").write_text("a\nb\nc\n")
-    return d
-
-
 @pytest.mark.parametrize("hide", [False, True])
 def test_sharded_model_directory(tmp_path, tensors, keyring, hide):
-    d = _model_dir(tmp_path, tensors)
+    d = sharded_model_dir(tmp_path, tensors)
     out = tmp_path / "sealed"
     ww.seal(d, out, keyring=keyring, hide_header=hide)
     rep = ww.verify(out, keyring=keyring, deep=True)

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.cli import warden
 from weightwarden.release.screen import ScreeningError, ScreeningList, normalize
-
-from .conftest import warden
 
 ROOT = Path(__file__).parents[1]
 SAMPLE = ROOT / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"

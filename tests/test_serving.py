@@ -156,7 +156,7 @@ def test_vllm_adapter_without_vllm(sharded, keyring, tmp_path, monkeypatch):
     with pytest.raises(LoaderError, match="unknown key"):
         wv.weights_for(str(path), {"sealed": str(path), "bogus": 1})
     monkeypatch.setenv("WARDEN_HOME", str(keyring.home))
-    from .conftest import PASSPHRASE
+    from tests.support.cli import PASSPHRASE
 
     monkeypatch.setenv("WARDEN_PASSPHRASE", PASSPHRASE)
     got = dict(wv.weights_for(str(tmp_path / "cfg"), {"sealed": str(path), "threads": 2}))

@@ -204,9 +204,9 @@ def test_not_a_sealed_file(tmp_path, keyring, st_file):
 
 
 def test_bundle_member_swap_drop_and_extra(tmp_path, keyring, tensors):
-    from .test_roundtrip import _model_dir
+    from tests.support.models import sharded_model_dir
 
-    d = _model_dir(tmp_path, tensors)
+    d = sharded_model_dir(tmp_path, tensors)
     a, b = tmp_path / "a", tmp_path / "b"
     ww.seal(d, a, keyring=keyring)
     ww.seal(d, b, keyring=keyring)

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from tests.support.cli import warden
 from weightwarden._term import safe
-
-from .conftest import warden
 
 RAW = ["\x1b", "\x9b", "\r", "\x07", "\x08", "\u202e", "\u2066", "\u200b", "\u2028"]
 

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from tests.support.cli import warden
 from weightwarden import trail
 from weightwarden.trace import TardosCode, TraceError, accusation_threshold, code_length, release, trace
 from weightwarden.trace.tardos import chernoff_tail
-
-from .conftest import warden
 
 RECIPIENTS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 
@@ -58,8 +57,7 @@ def test_innocent_scores_and_the_bound() -> None:
 @pytest.fixture(scope="module")
 def released(tmp_path_factory: pytest.TempPathFactory, parent: Path) -> tuple[Path, dict[str, Path], object]:
     import weightwarden as ww
-
-    from .conftest import PASSPHRASE, TEST_KDF
+    from tests.support.cli import PASSPHRASE, TEST_KDF
 
     root = tmp_path_factory.mktemp("rel")
     kr = ww.Keyring.create(root / "home", PASSPHRASE, kdf=TEST_KDF)

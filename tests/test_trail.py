@@ -6,35 +6,19 @@ import json
 import sqlite3
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 import weightwarden as ww
+from tests.support.cli import TEST_KDF, make_broker_log_key, warden
+from tests.support.models import tiny_llama_dir
 from weightwarden import api, trail
 from weightwarden.errors import AuditLogError, AuditTamperedError, NoAuditLogError, UntrustedSignerError
 from weightwarden.keys.provider import ed25519_key_id
-
-from .conftest import TEST_KDF, make_broker_log_key, warden
 
 
 def _ok(r):
     assert r.returncode == 0, r.stderr
     return r
-
-
-def _tiny_llama(where: Path) -> Path:
-    d = where / "m"
-    d.mkdir()
-    rng = np.random.default_rng(3)
-    t = {"model.embed_tokens.weight": rng.standard_normal((128, 64))}
-    for i in range(2):  # enough MLP weights to carry a fingerprint
-        t |= {f"model.layers.{i}.mlp.gate_proj.weight": rng.standard_normal((256, 64)) / 8,
-              f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal((256, 64)) / 8,
-              f"model.layers.{i}.mlp.down_proj.weight": rng.standard_normal((64, 256)) / 16}  # fmt: skip
-    save_file({k: v.astype(np.float32) for k, v in t.items()}, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return d
 
 
 def test_a_fresh_home_says_there_is_no_log_yet(cli_env: dict[str, str]) -> None:
@@ -51,7 +35,7 @@ def test_a_cli_only_session_is_one_verified_trail(tmp_path: Path, cli_env: dict[
     """seal, verify, open, release, trace, provenance compare, screen, classify in a fresh home: every one
     is in `warden audit export`, with the key use inside them, and `warden audit verify` passes."""
     home = Path(cli_env["WARDEN_HOME"])
-    m = _tiny_llama(tmp_path)
+    m = tiny_llama_dir(tmp_path / "m")
     _ok(warden(cli_env, "init"))
     _ok(warden(cli_env, "seal", str(m / "model.safetensors"), "-o", str(tmp_path / "m.wws")))
     nopw = {k: v for k, v in cli_env.items() if k != "WARDEN_PASSPHRASE"}

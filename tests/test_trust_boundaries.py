@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import weightwarden as ww
+from tests.support.cli import PASSPHRASE, warden
 from weightwarden.errors import (
     BadPassphraseError,
     KeyPurposeError,
@@ -23,9 +24,6 @@ from weightwarden.errors import (
     UntrustedSignerError,
     WrongKeyError,
 )
-
-from .conftest import PASSPHRASE, warden
-from .test_key_providers import softhsm  # noqa: F401 - the SoftHSM2 token fixture
 
 pytest.importorskip("fastapi", reason="the broker's HTTP layer is the server extra")
 pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
@@ -63,9 +61,8 @@ def _wait_health(base: str, proc: subprocess.Popen[str]) -> None:
 
 def test_log_key_file_is_its_own_key(tmp_path: Path) -> None:
     """The file log key: created once (0600), opened only by its passphrase, never the keyring."""
+    from tests.support.cli import TEST_KDF
     from weightwarden.broker.logkey import create_file, load_file, open_log_key
-
-    from .conftest import TEST_KDF
 
     p = tmp_path / "broker" / "log-key.json"
     s = create_file(p, "log key passphrase", kdf=TEST_KDF)
@@ -124,11 +121,10 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
     seals anything (no keyring, no agent socket there), and what it signs is refused by `warden verify`."""
     import httpx
 
+    from tests.support.services import free_port
     from weightwarden.broker.logkey import load_file
     from weightwarden.keys.local import Ed25519Signer, StaticKeyProvider
     from weightwarden.sealed.writer import seal_file
-
-    from .services import free_port
 
     key_home = Path(cli_env["WARDEN_HOME"])
     ok(warden(cli_env, "init"))
@@ -220,7 +216,7 @@ def test_serve_environment_is_an_allowlist(cli_env: dict[str, str], tmp_path: Pa
     config, a workload token, the keyring's passphrase file, Vault and custodian variables and a stranger
     all exported: /proc/<serve>/environ holds none of them, only what the broker needs (its home, log key
     passphrase *path*, the store's credentials)."""
-    from .services import free_port
+    from tests.support.services import free_port
 
     ok(warden(cli_env, "init"))
     benv, home = _broker_home(cli_env, tmp_path)
@@ -286,7 +282,7 @@ def test_serve_refuses_a_home_with_a_keyring_or_an_agent_socket(cli_env: dict[st
     line saying what to do), before it creates anything; in its own home it starts."""
     import socket
 
-    from .services import free_port
+    from tests.support.services import free_port
 
     home = Path(cli_env["WARDEN_HOME"])
     ok(warden(cli_env, "init"))  # keyring.json
@@ -470,9 +466,8 @@ def test_hardening_in_process() -> None:
 def test_a_trusted_manifest_signer_is_refused_as_log_key(tmp_path: Path) -> None:
     """ATTACK (misconfiguration).  A log key that the trust store accepts for manifests would let the
     broker sign models: refused, whatever holds it."""
+    from tests.support.cli import TEST_KDF
     from weightwarden.broker.logkey import create_file, open_log_key
-
-    from .conftest import TEST_KDF
 
     s = create_file(tmp_path / "broker" / "log-key.json", "log key passphrase", kdf=TEST_KDF)
     assert open_log_key(None, tmp_path, lambda confirm: "log key passphrase")[0].public_key == s.public_key
@@ -488,9 +483,9 @@ def _audit_ok(env: dict[str, str], pub: str) -> None:
     assert json.loads(ok(warden(env, "audit", "verify", "--db", db, "--pubkey", pub, "--json")).stdout)["events"] >= 1
 
 
-def test_log_key_in_a_pkcs11_token(softhsm: str, cli_env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+def test_log_key_in_a_pkcs11_token(softhsm: str, cli_env: dict[str, str], tmp_path: Path) -> None:
     """--log-key pkcs11:...: generated in the token on first use, the same key afterwards; it signs the log."""
-    from .test_key_providers import PIN
+    from tests.support.hsm import PIN
 
     (tmp_path / "pin").write_text(PIN + "\n")
     env = {k: v for k, v in cli_env.items() if k != "WARDEN_LOG_KEY_PASSPHRASE_FILE"} | {
