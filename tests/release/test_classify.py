@@ -18,7 +18,7 @@ from weightwarden.errors import UnsupportedModelError
 from weightwarden.keys.provider import purpose_message
 from weightwarden.release import RulesError, classify, count_parameters, default_rules, estimate_compute, load_rules
 
-RULES = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "rules" / "default.toml"
+RULES = Path(__file__).parents[2] / "src" / "weightwarden" / "release" / "rules" / "default.toml"
 
 # Published figures: (active params, training tokens, published compute estimate, source)
 LITERATURE = {

@@ -40,7 +40,7 @@ def console(tmp_path: Path, sealed: Path) -> Iterator[dict[str, Any]]:
     from weightwarden.release.gate import ReleaseGate
     from weightwarden.release.screen import ScreeningList
 
-    sample = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
+    sample = Path(__file__).parents[2] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
     gate = ReleaseGate(default_rules(), ScreeningList.load(sample))
     log = AuditLog(url, Ed25519Signer.generate("audit-log"))
     b = Broker(url, LocalWeightStore(tmp_path / "store"), log, BrokerConfig(), gate=gate)

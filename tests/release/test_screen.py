@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from tests.support.cli import warden
 from weightwarden.release.screen import ScreeningError, ScreeningList, normalize
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
-VARIANTS = json.loads((Path(__file__).parent / "vectors" / "screening_variants.json").read_text())
+VARIANTS = json.loads((Path(__file__).parents[1] / "vectors" / "screening_variants.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_recall_and_precision_on_confusable_dotted_and_abbreviated_variants(exte
     assert recall >= 0.98 and precision >= min_precision, (recall, precision, wrong)
 
 
-HELDOUT3 = json.loads((Path(__file__).parent / "vectors" / "screening_variants_heldout3.json").read_text())
+HELDOUT3 = json.loads((Path(__file__).parents[1] / "vectors" / "screening_variants_heldout3.json").read_text())
 
 
 def test_held_out_set_3_measured_once(extended: ScreeningList) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 MARK = "*(run by the tests)*"
 
 
@@ -115,8 +115,9 @@ def test_the_threat_model_cites_real_tests() -> None:
         current = None
         for m in re.finditer(r"(test_\w+\.py)(?:::(\w+))?|(?<![\w.])::(\w+)", cell):
             if m.group(1):
-                current = ROOT / "tests" / m.group(1)
-                assert current.exists(), f"{m.group(1)} is cited but does not exist"
+                found = sorted((ROOT / "tests").rglob(m.group(1)))  # tests/<package>/test_x.py
+                assert len(found) == 1, f"{m.group(1)} is cited but does not exist (or is not unique)"
+                current = found[0]
             name = m.group(2) or m.group(3)
             if name:
                 assert current is not None, f"::{name} without its file"

@@ -30,7 +30,7 @@ from weightwarden.merkle import (
 )
 from weightwarden.merkle import tree as merkle
 
-VECTORS = Path(__file__).parent / "vectors" / "merkle.json"
+VECTORS = Path(__file__).parents[1] / "vectors" / "merkle.json"
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 

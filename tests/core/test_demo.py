@@ -18,7 +18,7 @@ def test_make_demo_runs_and_passes(tmp_path):
            "COLUMNS": "160"}  # fmt: skip
     if os.environ.get("PYTHONPATH"):  # the checkout under test (a worktree), not whichever copy is installed
         env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    run = Path(__file__).resolve().parents[1] / "demo" / "run.py"  # the demo is not part of the wheel
+    run = Path(__file__).resolve().parents[2] / "demo" / "run.py"  # the demo is not part of the wheel
     r = subprocess.run([sys.executable, str(run)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert "all checks passed" in r.stdout

@@ -17,7 +17,7 @@ from weightwarden.sealed.reader import SealedFile
 from weightwarden.serving import iter_weights, load_into, node_providers, shard_bounds
 
 torch = pytest.importorskip("torch", reason="the torch extra is not installed")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

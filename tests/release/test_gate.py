@@ -32,7 +32,7 @@ from weightwarden.release.gate import (
 from weightwarden.release.rules import RulesError
 from weightwarden.release.screen import ScreeningList
 
-SAMPLE = Path(__file__).parents[1] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
+SAMPLE = Path(__file__).parents[2] / "src" / "weightwarden" / "release" / "lists" / "sample_csl.json"
 MARCH_2025 = date(2025, 3, 1)  # the US 4E091 rule in force
 LISTED = "Sergei Ivanovich Petrov"  # sample-000 on the (fictitious) sample list
 
@@ -142,7 +142,7 @@ def test_an_override_covers_only_the_reasons_it_names(gate: ReleaseGate, model: 
 def test_the_gate_fails_closed_on_bad_configuration(tmp_path: Path) -> None:
     home = tmp_path / "h"
     (home / "release").mkdir(parents=True)
-    rules = (Path(__file__).parents[1] / "src/weightwarden/release/rules/default.toml").read_text()
+    rules = (Path(__file__).parents[2] / "src/weightwarden/release/rules/default.toml").read_text()
     (home / "release" / "rules.toml").write_text(rules.replace("1e25", "1e27"))  # edited: signature fails
     (home / "release" / "rules.toml.sig").write_text((Path(str(SAMPLE.parents[1] / "rules/default.toml") + ".sig"))
                                                      .read_text())  # fmt: skip
@@ -567,7 +567,7 @@ def test_attack_look_alike_names_are_denied_through_the_broker(db_url: str, tmp_
 def _rules_home(home: Path, version: str, key: object) -> None:
     """Install rules of ``version`` under ``home``, signed by a test key (the shipped key's private half is not in
     the repository)."""
-    text = (Path(__file__).parents[1] / "src/weightwarden/release/rules/default.toml").read_text()
+    text = (Path(__file__).parents[2] / "src/weightwarden/release/rules/default.toml").read_text()
     text = text.replace(f'version = "{default_rules().version}"', f'version = "{version}"')
     (home / "release").mkdir(parents=True, exist_ok=True)
     (home / "release" / "rules.toml").write_text(text)
@@ -763,7 +763,7 @@ def test_attack_the_broker_refuses_the_same_rules_version_with_other_bytes(db_ur
     from weightwarden.release.rules import parse_rules
     from weightwarden.release.rules_version import RulesReplaced
 
-    text = (Path(__file__).parents[1] / "src/weightwarden/release/rules/default.toml").read_bytes()
+    text = (Path(__file__).parents[2] / "src/weightwarden/release/rules/default.toml").read_bytes()
     one = ReleaseGate(parse_rules(text, "k"), ScreeningList.load(SAMPLE))
     other = ReleaseGate(parse_rules(text + b"\n# changed\n", "k"), ScreeningList.load(SAMPLE))
     assert one.rules.version == other.rules.version and one.rules.sha256 != other.rules.sha256

@@ -3,7 +3,7 @@ anomaly rules that see running streams, resumable ranged downloads and the clien
 
 Passkey ceremonies run against :class:`SoftAuthenticator`, a software WebAuthn authenticator
 (P-256 keys from pyca/cryptography, "none" attestation) that py_webauthn verifies exactly as it
-verifies a browser's; the browser path is tests/test_console.py."""
+verifies a browser's; the browser path is tests/broker/test_console.py."""
 
 from __future__ import annotations
 

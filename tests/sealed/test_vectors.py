@@ -15,7 +15,7 @@ import weightwarden as ww
 from weightwarden import errors
 from weightwarden.keys.local import StaticKeyProvider, TrustStore
 
-HERE = Path(__file__).parent / "vectors"
+HERE = Path(__file__).parents[1] / "vectors"
 DOC = json.loads((HERE / "vectors.json").read_text())
 V2 = DOC["v2"]
 PROVIDER = StaticKeyProvider({(DOC["kek_id"], 1): bytes.fromhex(DOC["kek_hex"])})

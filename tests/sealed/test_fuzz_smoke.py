@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("atheris", reason="atheris is not installed (it is in the dev extra)")
 
-HARNESS = Path(__file__).resolve().parent.parent / "fuzz" / "fuzz_sealed.py"
+HARNESS = Path(__file__).resolve().parents[2] / "fuzz" / "fuzz_sealed.py"
 
 
 def test_atheris_harness_finds_no_crash(tmp_path):
