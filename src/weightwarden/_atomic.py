@@ -7,6 +7,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import OutputExistsError
 
@@ -62,7 +63,7 @@ def atomic_output(target: str | os.PathLike[str], *, force: bool = False, durabl
         _fsync_dir(parent)
 
 
-_libc = None
+_libc: Any = None  # the libc function once looked up; False where it is missing
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:

@@ -147,7 +147,7 @@ def _iter_plain(r: SealedReader, block: int = STREAM_BLOCK, threads: int | None 
     t = resolve_threads(threads)
     block *= t  # a piece of 16 chunks per thread
     buf = np.empty(min(block, max(n, 1)), dtype=np.uint8)
-    mv = memoryview(buf)
+    mv = buf.data
     if n == 0:
         r.read_all()  # authenticates the empty final chunk
     for s in range(0, n, block):

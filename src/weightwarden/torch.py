@@ -114,7 +114,7 @@ def to_device_pipelined(
         if done[b] is not None:
             done[b].synchronize()  # the copy out of this buffer has finished
         hv = host[b][: end - start]
-        reader.read_into(start, end, memoryview(hv.numpy()), check_digests=check_digests, threads=threads)
+        reader.read_into(start, end, hv.numpy().data, check_digests=check_digests, threads=threads)
         if stream is not None:
             with torch.cuda.stream(stream):
                 out[start:end].copy_(hv, non_blocking=True)

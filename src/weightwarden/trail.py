@@ -240,7 +240,7 @@ class Trail(audit.AuditSink):
                     if p is not None:
                         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 except OSError as e:
-                    raise AuditLogError(f"cannot create the audit log under {p.parent} "
+                    raise AuditLogError(f"cannot create the audit log under {p.parent if p else self.url} "
                                         f"({e.strerror or type(e).__name__})") from None  # fmt: skip
                 self._log = AuditLog(self.url, signer)
                 return self._log

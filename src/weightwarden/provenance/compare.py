@@ -320,12 +320,13 @@ def _test(signatures: Sequence[Signature], src: TensorSource, lay: Layout, alpha
     for sig, info, cand, _, all_jobs in prepared:
         best: dict[int, tuple[float, LayerEvidence]] = {}
         for s, j in all_jobs:
-            a, b = j.match["in"], j.match["out"]
-            ok = (a >= 0) & (b >= 0)
-            rho, lp = spearman_logp(a[ok], b[ok])
+            m_in, m_out = j.match["in"], j.match["out"]
+            ok = (m_in >= 0) & (m_out >= 0)
+            rho, lp = spearman_logp(m_in[ok], m_out[ok])
             ev = LayerEvidence(
-                sig.blocks[j.ref_pos].index, lay.blocks[s].index, lp, rho, float(np.mean(a[ok] == b[ok])) if ok.any()
-                else 0.0, j.cos["in"], j.cos["out"], int(ok.sum()), len(cand[j.ref_pos]),
+                sig.blocks[j.ref_pos].index, lay.blocks[s].index, lp, rho,
+                float(np.mean(m_in[ok] == m_out[ok])) if ok.any() else 0.0, j.cos["in"], j.cos["out"],
+                int(ok.sum()), len(cand[j.ref_pos]),
             )  # fmt: skip
             if j.ref_pos not in best or lp < best[j.ref_pos][0]:
                 best[j.ref_pos] = (lp, ev)

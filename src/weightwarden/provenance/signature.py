@@ -120,9 +120,8 @@ def iter_units(
         n = src.shapes[name][0 if units_first else 1]
         sel = np.arange(n) if ids is None else ids[(ids >= base) & (ids < base + n)] - base
         for s in range(0, len(sel), chunk):
-            part = sel[s : s + chunk]
-            if ids is None:
-                part = slice(int(part[0]), int(part[-1]) + 1)
+            ids_part = sel[s : s + chunk]
+            part = ids_part if ids is not None else slice(int(ids_part[0]), int(ids_part[-1]) + 1)
             w = src.get(name, rows=part) if units_first else src.get(name, cols=part).T
             yield w * gamma if gamma is not None else w
         base += n

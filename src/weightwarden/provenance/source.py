@@ -149,7 +149,8 @@ class TensorSource:
         kind, obj = self._where[name]
         return obj.array(name) if kind == "plain" else obj.get_tensor(name)
 
-    def get(self, name: str, rows: np.ndarray | None = None, cols: np.ndarray | slice | None = None) -> np.ndarray:
+    def get(self, name: str, rows: np.ndarray | slice | None = None,
+            cols: np.ndarray | slice | None = None) -> np.ndarray:  # fmt: skip
         """Tensor ``name`` as ``float32`` (only ``rows`` / ``cols`` of a 2-D tensor, sliced before the copy)."""
         arr = self.raw(name)
         if rows is not None:

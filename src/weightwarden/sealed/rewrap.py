@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..audit import AuditAction
 from ..audit import event as audit_event
@@ -23,7 +24,7 @@ from ..keys.provider import KeyProvider
 from . import format as F
 from ._crypto import zero
 
-_libc = None
+_libc: Any = None  # the libc function once looked up; False where it is missing
 
 
 def _syncfs(fd: int) -> None:
@@ -150,8 +151,8 @@ def rewrap(
     for start in range(0, len(todo), batch):
         plans: list[_Plan] = []
         try:
-            for p in todo[start : start + batch]:
-                plans.append(_plan(p, providers, target))
+            for path in todo[start : start + batch]:
+                plans.append(_plan(path, providers, target))
             _apply(plans, "write", durable)  # new slot areas, durable before ...
             _apply(plans, "clear", durable)  # ... the old wrapped keys are erased
         finally:

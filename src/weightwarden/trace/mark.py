@@ -236,8 +236,8 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
         lo, ls = detect_layout(o.shapes), detect_layout(s.shapes)
         # which suspect block holds which original block: the provenance test's per-layer evidence
         comp = compare_many([extract_signature(o)], s)[0]
-        mapping = {e.reference_layer: e.suspect_layer for e in comp.layers
-                   if e.log_p < np.log(1e-6 / max(len(comp.layers), 1))}  # fmt: skip
+        mapping = {e.reference_layer: e.suspect_layer for e in comp.layers if e.suspect_layer is not None
+                   and e.log_p < np.log(1e-6 / max(len(comp.layers), 1))}  # fmt: skip
         if lo.embedding and ls.embedding:
             v = min(o.shapes[lo.embedding][0], s.shapes[ls.embedding][0])
             ids = np.arange(0, v, max(1, v // 8192))
