@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .errors import LoaderError
-from .keys.local import Keyring
+from .keys.protocols import KeyringLike
 from .keys.provider import KeyProvider
 from .sealed import format as F
 from .sealed.bundle import BundleReader
@@ -27,7 +27,7 @@ DTYPES: dict[str, torch.dtype] = {name: getattr(torch, d.numpy) for name, d in _
 def load(
     path: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     device: str | torch.device = "cpu",

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, HeaderError, TruncatedError, UnsupportedModelError
+from ..keys.protocols import KeyringLike
 from ..sealed import format as F
 from ..sealed.bundle import BundleReader
 from ..sealed.codec import np_dtype
@@ -73,7 +74,8 @@ class TensorSource:
     ``providers`` must then unlock it).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, keyring: Any = None, providers: Any = None, trust: Any = None):
+    def __init__(self, path: str | os.PathLike[str], *, keyring: KeyringLike | None = None, providers: Any = None,
+                 trust: Any = None):  # fmt: skip
         self.path = Path(path)
         self._stack = ExitStack()
         self._where: dict[str, Any] = {}
@@ -87,7 +89,7 @@ class TensorSource:
         if not self.shapes:
             raise UnsupportedModelError(f"{self.path.name}: no tensors found")
 
-    def _open(self, keyring: Any, providers: Any, trust: Any) -> None:
+    def _open(self, keyring: KeyringLike | None, providers: Any, trust: Any) -> None:
         p = self.path
         if not p.exists():
             raise FileNotFoundError(p)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LoaderError
+from ..keys.protocols import KeyringLike
 from ..sealed import format as F
 from ..sealed.bundle import BundleReader
 from ..sealed.codec import DTYPE_SIZES, np_dtype
@@ -222,7 +223,7 @@ class safe_open:  # named as safetensors names it
         framework: str = "pt",
         device: Any = "cpu",
         *,
-        keyring: Any = None,
+        keyring: KeyringLike | None = None,
         providers: Sequence[Any] | None = None,
         trust: Any = None,
         check_digests: bool = True,
@@ -288,7 +289,7 @@ def load_file(
     device: Any = "cpu",
     *,
     framework: str = "pt",
-    keyring: Any = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[Any] | None = None,
     trust: Any = None,
     check_digests: bool = True,
