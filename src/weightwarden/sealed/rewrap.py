@@ -20,9 +20,11 @@ from typing import Any
 from ..audit import AuditAction
 from ..audit import event as audit_event
 from ..errors import FormatError, TruncatedError
-from ..keys.provider import KeyProvider
+from ..keys.provider import KeyProvider, shred
 from . import format as F
 from ._crypto import zero
+
+__all__ = ["RewrapReport", "rewrap", "shred"]  # shred: moved to keys.provider, kept here for callers
 
 _libc: Any = None  # the libc function once looked up; False where it is missing
 
@@ -175,13 +177,3 @@ def rewrap(
             progress(len(plans))
     return RewrapReport(counts["rewrapped"], counts["finished"], counts["current"], len(todo))
 
-
-def shred(provider: KeyProvider, key_id: str | None = None) -> list[int]:
-    """Crypto-shred: destroy every version of a key, so every copy of every file whose
-    data key only that key wrapped is unreadable, wherever the copies went."""
-    kid = key_id or provider.key_id
-    done = provider.destroy(None, kid)
-    provider.audit.emit(
-        audit_event(AuditAction.MODEL_SHRED, key_id=kid, provider=provider.name, detail={"versions": done})
-    )
-    return done
