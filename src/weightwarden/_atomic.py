@@ -14,7 +14,8 @@ from .errors import OutputExistsError
 TMP_PREFIX = ".ww-tmp-"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -60,7 +61,7 @@ def atomic_output(target: str | os.PathLike[str], *, force: bool = False, durabl
             os.unlink(tmp)
         raise
     if durable:
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
 
 _libc: Any = None  # the libc function once looked up; False where it is missing

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import trail as _trail
-from ._atomic import TMP_PREFIX, _fsync_dir, atomic_output, check_target, write_all
+from ._atomic import TMP_PREFIX, atomic_output, check_target, fsync_dir, write_all
 from .audit import AuditAction
 from .audit import event as audit_event
 from .errors import IntegrityError, KeyManagementError, KeyringError, OutputExistsError
@@ -217,7 +217,7 @@ def _unseal(path: str | os.PathLike[str], dst: Path, *, keyring: KeyringLike | N
                     raise OutputExistsError(f"{dst} exists; pass force=True (--force) to overwrite")
                 shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
             os.replace(tmp, dst)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             return written
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .layout import Layout, detect_layout
-from .signature import BlockSignature, Signature, _unit_rows, extract_signature, iter_embedding, iter_units
+from .signature import BlockSignature, Signature, extract_signature, iter_embedding, iter_units, unit_rows
 from .source import TensorSource, open_source
 from .stats import LN10, bonferroni_logp, fisher_logp, sidak_logp, spearman_logp, to_p
 
@@ -228,7 +228,7 @@ class _Job:
     def units(self, view: str) -> np.ndarray:
         """The reference units of ``view`` in the suspect's residual basis (computed when needed, not kept)."""
         v = self.block.in_vecs if view == "in" else self.block.out_vecs
-        return _unit_rows(v.astype(np.float32) @ self.r)
+        return unit_rows(v.astype(np.float32) @ self.r)
 
 
 def _match_view(src: TensorSource, block: Any, view: str, jobs: list[_Job], n_units: int, budget: int) -> None:
@@ -255,7 +255,7 @@ def _match_view(src: TensorSource, block: Any, view: str, jobs: list[_Job], n_un
         for w in iter_units(src, block, view, chunk=_UNIT_CHUNK):
             if w.shape[1] != d:
                 raise ValueError("aligned widths disagree")
-            np.abs(u @ _unit_rows(w).T, out=cost[:, base : base + len(w)])
+            np.abs(u @ unit_rows(w).T, out=cost[:, base : base + len(w)])
             base += len(w)
         del u
         off = 0

@@ -26,7 +26,7 @@ from ..keys.protocols import KeyringLike
 from ..sealed import format as F
 from ..sealed.bundle import BundleReader
 from ..sealed.codec import np_dtype
-from ..sealed.detect import is_sealed, is_sealed_path
+from ..sealed.detect import is_sealed_path
 from ..sealed.opening import open_reader
 
 __all__ = ["TensorSource", "open_source"]
@@ -172,9 +172,6 @@ class TensorSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_is_sealed = is_sealed  # moved: see weightwarden.sealed.detect.is_sealed (cli.py still imports this name)
 
 
 def _sealed_shape(reader: Any, name: str) -> tuple[int, ...]:
