@@ -31,6 +31,8 @@ demo: install
 
 test: install-dev
 	$(BIN)/ruff check src tests bench fuzz demo
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: install-dev
@@ -49,6 +51,8 @@ fuzz: install-dev
 
 lint: install-dev
 	$(BIN)/ruff check src tests bench fuzz demo
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info src/*.egg-info

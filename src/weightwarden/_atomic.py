@@ -7,13 +7,15 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from .errors import OutputExistsError
 
 TMP_PREFIX = ".ww-tmp-"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
@@ -59,10 +61,10 @@ def atomic_output(target: str | os.PathLike[str], *, force: bool = False, durabl
             os.unlink(tmp)
         raise
     if durable:
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
 
-_libc = None
+_libc: Any = None  # the libc function once looked up; False where it is missing
 
 
 def start_writeback(fd: int, offset: int, nbytes: int) -> None:

@@ -24,6 +24,7 @@ import ctypes.util
 import os
 import resource
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,7 @@ def scrubbed_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in src.items() if not is_secret_var(k)}
 
 
-def minimal_env(env: dict[str, str] | None = None) -> dict[str, str]:
+def minimal_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Only what a Python process needs to start (paths, locale, user): for the custody agent."""
     src = os.environ if env is None else env
     return {k: src[k] for k in _MINIMAL if k in src}

@@ -50,5 +50,5 @@ class SafeConsole(Console):
     def __init__(self, **kw: Any):
         super().__init__(markup=False, emoji=False, highlight=False, **kw)
 
-    def print(self, *objects: Any, **kw: Any) -> None:  # type: ignore[override]
+    def print(self, *objects: Any, **kw: Any) -> None:
         super().print(*(safe(o) if isinstance(o, str) else o for o in objects), **kw)

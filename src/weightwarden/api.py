@@ -13,12 +13,13 @@ from typing import Any
 import numpy as np
 
 from . import trail as _trail
-from ._atomic import TMP_PREFIX, _fsync_dir, atomic_output, check_target, write_all
+from ._atomic import TMP_PREFIX, atomic_output, check_target, fsync_dir, write_all
 from .audit import AuditAction
 from .audit import event as audit_event
 from .errors import IntegrityError, KeyManagementError, KeyringError, OutputExistsError
 from .home import default_home
-from .keys.local import Keyring, TrustStore
+from .keys.local import TrustStore
+from .keys.protocols import KeyringLike
 from .keys.provider import KeyProvider, Signer
 from .sealed import format as F
 from .sealed.bundle import SealedBundle, safe_relpath, seal_dir
@@ -35,7 +36,7 @@ __all__ = [
 STREAM_BLOCK = 16 * F.DEFAULT_CHUNK
 
 
-def _home(home: str | os.PathLike[str] | None, keyring: Keyring | None, trust: Any = None) -> Path:
+def _home(home: str | os.PathLike[str] | None, keyring: KeyringLike | None, trust: Any = None) -> Path:
     """Whose trail an operation is logged in: ``home``, else the keyring's, else the trust store's."""
     if home is not None:
         return Path(home)
@@ -69,7 +70,7 @@ def seal(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     key: str | None = None,
     provider: KeyProvider | None = None,
     signer: Signer | None = None,
@@ -106,7 +107,7 @@ def safe_open(
     framework: str | None = None,
     device: Any = "cpu",
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
 ) -> Any:
@@ -131,7 +132,7 @@ def safe_open(
 def load(
     path: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     check_digests: bool = True,
@@ -147,7 +148,7 @@ def _iter_plain(r: SealedReader, block: int = STREAM_BLOCK, threads: int | None 
     t = resolve_threads(threads)
     block *= t  # a piece of 16 chunks per thread
     buf = np.empty(min(block, max(n, 1)), dtype=np.uint8)
-    mv = memoryview(buf)
+    mv = buf.data
     if n == 0:
         r.read_all()  # authenticates the empty final chunk
     for s in range(0, n, block):
@@ -173,7 +174,7 @@ def unseal(
     path: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     force: bool = False,
@@ -194,7 +195,7 @@ def unseal(
                        threads=threads)
 
 
-def _unseal(path: str | os.PathLike[str], dst: Path, *, keyring: Keyring | None,
+def _unseal(path: str | os.PathLike[str], dst: Path, *, keyring: KeyringLike | None,
             providers: Sequence[KeyProvider] | None, trust: Trust | None, force: bool,
             progress: Progress | None, threads: int | None) -> list[Path]:  # fmt: skip
     with open_reader(path, keyring=keyring, providers=providers, trust=trust) as r:
@@ -216,7 +217,7 @@ def _unseal(path: str | os.PathLike[str], dst: Path, *, keyring: Keyring | None,
                     raise OutputExistsError(f"{dst} exists; pass force=True (--force) to overwrite")
                 shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
             os.replace(tmp, dst)
-            _fsync_dir(parent)
+            fsync_dir(parent)
             return written
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -242,7 +243,7 @@ def verify(
     *,
     trust: Trust | None = None,
     deep: bool = False,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     progress: Progress | None = None,
     threads: int | None = None,
@@ -260,7 +261,7 @@ def verify(
         return rep
 
 
-def _verify(path: str | os.PathLike[str], *, trust: Trust | None, deep: bool, keyring: Keyring | None,
+def _verify(path: str | os.PathLike[str], *, trust: Trust | None, deep: bool, keyring: KeyringLike | None,
             providers: Sequence[KeyProvider] | None, progress: Progress | None,
             threads: int | None) -> VerifyReport:  # fmt: skip
     with open_sealed(path) as sealed:

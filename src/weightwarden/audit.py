@@ -95,9 +95,6 @@ def default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
-_default_actor = default_actor  # the old private name (cli.py): goes once the CLI uses default_actor
-
-
 _actor: contextvars.ContextVar[str | None] = contextvars.ContextVar("warden_actor", default=None)
 _reason: contextvars.ContextVar[str] = contextvars.ContextVar("warden_reason", default="")
 
@@ -114,6 +111,11 @@ def context(*, actor: str | None = None, reason: str | None = None) -> Iterator[
             _reason.reset(t2)
         if t1 is not None:
             _actor.reset(t1)
+
+
+def current_context() -> tuple[str | None, str]:
+    """Who acts and why as :func:`context` set them here: (actor or None, reason or "")."""
+    return _actor.get(), _reason.get()
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class NullSink(AuditSink):
 
 
 # the library operation in progress in this context (weightwarden.trail): (its trail, buffered events)
-_batch: contextvars.ContextVar[tuple[AuditSink, list[AuditEvent]] | None] = contextvars.ContextVar(
+operation_batch: contextvars.ContextVar[tuple[AuditSink, list[AuditEvent]] | None] = contextvars.ContextVar(
     "warden_trail_batch", default=None
 )
 
@@ -176,7 +178,7 @@ class _Ambient(AuditSink):
     progress (weightwarden.trail); outside one, a provider reports to the sink it is given."""
 
     def emit(self, ev: AuditEvent) -> None:
-        b = _batch.get()
+        b = operation_batch.get()
         if b is not None:
             b[1].append(ev)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoaderError, UnsupportedModelError
-from .keys.local import Keyring
+from .keys.protocols import KeyringLike
 from .keys.provider import KeyProvider
 from .sealed.bundle import BundleReader, safe_relpath
 from .sealed.opening import open_reader
@@ -157,7 +157,7 @@ def from_pretrained(
     model_cls: Any,
     path: str | os.PathLike[str],
     *model_args: Any,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     threads: int | None = None,
@@ -181,7 +181,7 @@ def from_pretrained(
             return _load(model_cls, bundle, d, state, model_args, kwargs, strict)
 
 
-def _aux_loader(path: Any, keyring: Any, providers: Any, trust: Any, fn: Callable[[Path], Any]) -> Any:
+def _aux_loader(path: Any, keyring: KeyringLike | None, providers: Any, trust: Any, fn: Callable[[Path], Any]) -> Any:
     with (
         open_reader(path, keyring=keyring, providers=providers, trust=trust) as r,
         private_files(sealed_model_dir(r)) as d,
@@ -192,7 +192,7 @@ def _aux_loader(path: Any, keyring: Any, providers: Any, trust: Any, fn: Callabl
 def tokenizer(
     path: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     **kwargs: Any,
@@ -207,7 +207,7 @@ def tokenizer(
 def generation_config(
     path: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     **kwargs: Any,
@@ -244,7 +244,7 @@ def _sealed_transformer_class() -> type:
 def sentence_transformer(
     path: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     threads: int | None = None,

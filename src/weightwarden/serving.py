@@ -22,12 +22,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .errors import KeyringError, LoaderError
+from .keys.protocols import KeyringLike
 from .keys.provider import KeyProvider
 
 __all__ = ["iter_weights", "load_into", "node_providers", "shard_bounds"]
 
 
-def node_providers(provider_uris: Sequence[str] | None = None, *, keyring: Any = None) -> list[KeyProvider]:
+def node_providers(provider_uris: Sequence[str] | None = None, *,
+                   keyring: KeyringLike | None = None) -> list[KeyProvider]:  # fmt: skip
     """The key providers of a serving node: each URI's provider, then the node's keyring.
 
     The keyring is optional when URIs are given (a node may hold no keyring at all and
@@ -67,7 +69,7 @@ def _shard_dim(name: str, shard_dims: Mapping[str, int] | None) -> int | None:
 def iter_weights(
     path: str | os.PathLike[str],
     *,
-    keyring: Any = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     provider_uris: Sequence[str] | None = None,
     trust: Any = None,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .errors import LoaderError
-from .keys.local import Keyring
+from .keys.protocols import KeyringLike
 from .keys.provider import KeyProvider
 from .sealed import format as F
 from .sealed.bundle import BundleReader
@@ -27,7 +27,7 @@ DTYPES: dict[str, torch.dtype] = {name: getattr(torch, d.numpy) for name, d in _
 def load(
     path: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
     device: str | torch.device = "cpu",
@@ -114,7 +114,7 @@ def to_device_pipelined(
         if done[b] is not None:
             done[b].synchronize()  # the copy out of this buffer has finished
         hv = host[b][: end - start]
-        reader.read_into(start, end, memoryview(hv.numpy()), check_digests=check_digests, threads=threads)
+        reader.read_into(start, end, hv.numpy().data, check_digests=check_digests, threads=threads)
         if stream is not None:
             with torch.cuda.stream(stream):
                 out[start:end].copy_(hv, non_blocking=True)

@@ -45,7 +45,7 @@ from .home import Home, resolve_home
 
 _KEY_FORMAT = "weightwarden-audit-log-key"
 
-_batch = audit._batch  # the operation in progress in this context: (trail, buffered events)
+_batch = audit.operation_batch  # the operation in progress in this context: (trail, buffered events)
 
 
 def _home(home: str | os.PathLike[str] | None) -> Path:
@@ -182,7 +182,7 @@ def log_signer(home: str | os.PathLike[str] | None = None, *, create: bool = Tru
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-    from ._atomic import _fsync_dir
+    from ._atomic import fsync_dir
     from .keys.local import Ed25519Signer
 
     path = Home(_home(home)).trail_key
@@ -205,7 +205,7 @@ def log_signer(home: str | os.PathLike[str] | None = None, *, create: bool = Tru
             pass
         finally:
             os.unlink(tmp)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return Ed25519Signer(Ed25519PrivateKey.from_private_bytes(_read_key(path)), "audit-log")
 
 
@@ -240,7 +240,7 @@ class Trail(audit.AuditSink):
                     if p is not None:
                         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 except OSError as e:
-                    raise AuditLogError(f"cannot create the audit log under {p.parent} "
+                    raise AuditLogError(f"cannot create the audit log under {p.parent if p else self.url} "
                                         f"({e.strerror or type(e).__name__})") from None  # fmt: skip
                 self._log = AuditLog(self.url, signer)
                 return self._log

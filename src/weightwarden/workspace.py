@@ -16,11 +16,15 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import audit, trail
 from .errors import WardenError
 from .home import Home, default_home
+
+if TYPE_CHECKING:
+    from .keys.keyring import Keyring
+    from .keys.protocols import KeyringLike
 
 __all__ = ["Workspace", "kdf_from_env"]
 
@@ -62,7 +66,7 @@ class Workspace:
         self._passphrase = passphrase
         self._log_key_passphrase = log_key_passphrase
         self._notice = notice
-        self._keyring: Any = None
+        self._keyring: KeyringLike | None = None
 
     @property
     def root(self) -> Path:
@@ -75,20 +79,20 @@ class Workspace:
         return audit.default_actor()
 
     # -- keys ---------------------------------------------------------------------------------
-    def create_keyring(self) -> Any:
+    def create_keyring(self) -> Keyring:
         """A new local keyring, under the passphrase (asked twice)."""
         from .keys.local import Keyring
 
         return Keyring.create(self.home, self._passphrase(confirm=True), kdf=kdf_from_env())
 
-    def unlock_keyring(self) -> Any:
+    def unlock_keyring(self) -> Keyring:
         """The local keyring file itself, unlocked with the passphrase (never the agent's)."""
         from .keys.local import Keyring
 
         return Keyring.unlock(self.root, self._passphrase())
 
     @property
-    def keyring(self) -> Any:
+    def keyring(self) -> KeyringLike:
         """The keyring: the custody agent's when the home is under custody, else the local one unlocked with the
         passphrase (asked once)."""
         if self._keyring is None:
@@ -225,7 +229,7 @@ class Workspace:
             self.paths.broker_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         return TraceStore(self.paths.trace_dir, self.broker_url)
 
-    def model_kw(self, path: Path, keyring: Any = None) -> dict[str, Any]:
+    def model_kw(self, path: Path, keyring: KeyringLike | None = None) -> dict[str, Any]:
         """How to read a model: a sealed input is read with the keyring (decrypted in memory only); a plain one
         needs nothing."""
         from .sealed import is_sealed_path

@@ -162,6 +162,8 @@ def test_custody_cli_end_to_end(tmp_path, st_file, cli_env, agent_home):
     _ok(warden(cli_env, "seal", str(st_file), "-o", str(tmp_path / "after.wws")))
     _ok(warden(cli_env, "open", str(tmp_path / "after.wws"), "-o", str(tmp_path / "plain.safetensors")))
     assert (tmp_path / "plain.safetensors").read_bytes() == st_file.read_bytes()
+    r = warden(cli_env, "key", "new", "--signing", "--purpose", "export-rules")  # the agent has no such call
+    assert r.returncode == 1 and "under custody" in r.stderr and "Traceback" not in r.stderr
     _ok(warden(cli_env, "custody", "seal"))
     r = warden(cli_env, "open", str(tmp_path / "after.wws"), "-o", str(tmp_path / "p2.safetensors"), "--force")
     assert r.returncode == 1 and "sealed" in r.stderr

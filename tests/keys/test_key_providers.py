@@ -335,6 +335,25 @@ def test_migrate_local_keys_into_the_hsm(tmp_path, softhsm, keyring):
         ww.load(f, keyring=keyring)  # the local key no longer opens it
 
 
+def test_hsm_disabled_elsewhere_is_refused_by_the_token(softhsm):
+    """A version disabled by another provider while this one still holds its cached handle: the token
+    answers CKR_KEY_FUNCTION_NOT_PERMITTED, which python-pkcs11 raises as its base PKCS11Error; the
+    provider reports KeyDisabledError (not an AttributeError about a missing exception class)."""
+    from weightwarden.keys.pkcs11 import Pkcs11Provider, Pkcs11Session
+
+    session = Pkcs11Session(SOFTHSM_LIB, softhsm, PIN)
+    a = Pkcs11Provider(session, uniq("elsewhere"))
+    a.create_key()
+    slot = a.wrap(os.urandom(32), b"ctx")
+    assert len(a.unwrap(slot, b"ctx")) == 32  # a's cache now says version 1 is usable
+    b = Pkcs11Provider(session, a.key_id)
+    assert b.rotate() == 2
+    b.disable(1)
+    with pytest.raises(KeyDisabledError):
+        a.unwrap(slot, b"ctx")  # within a's cache TTL: the token itself refuses
+    assert {v["version"]: v["state"] for v in a.versions()} == {1: "disabled", 2: "enabled"}
+
+
 def test_hsm_kek_cannot_be_read_out(softhsm):
     from pkcs11 import Attribute
     from pkcs11.exceptions import AttributeSensitive

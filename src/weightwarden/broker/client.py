@@ -148,7 +148,7 @@ class BrokerClient:
         ``trust``: what :func:`weightwarden.verify` checks the signer against (a TrustStore or public
         keys; None: the trust store of ``$WARDEN_HOME``, as ``warden verify``)."""
         from .. import api
-        from .._atomic import _fsync_dir, check_target
+        from .._atomic import check_target, fsync_dir
         from .storage import check_name
 
         httpx = _need()
@@ -225,7 +225,7 @@ class BrokerClient:
             raise
         os.replace(part, out)
         side.unlink(missing_ok=True)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return PullResult(str(out), state["size"], resumed_from, attempts, rep.signer)
 
     @staticmethod

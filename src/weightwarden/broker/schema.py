@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..audit import AuditAction
-from .config import BrokerConfig
-from .policy import Policy
+from .config import BrokerConfig, Limit
+from .policy import Decision, Permission, Policy, Principal
 from .storage import WeightStore
 
 __all__ = ["BrokerState"]
@@ -99,4 +99,55 @@ class BrokerState:
 
     def audit(self, action: AuditAction, outcome: str, actor: str, subject: str | None = None, *,
               reason: str = "", now: datetime | None = None, **detail: Any) -> int:  # fmt: skip
+        raise NotImplementedError
+
+    # -- what one part calls of another (the composed Broker has them all) -----------------------
+    def authorize(self, p: Principal, perm: Permission, model: str | None = None, *, team: str | None = None,
+                  context: dict[str, Any] | None = None, now: datetime | None = None,
+                  hide: bool = False) -> Decision:  # fmt: skip
+        """:class:`~.accounts.Accounts`."""
+        raise NotImplementedError
+
+    def _account(self, account: str) -> Any:
+        """:class:`~.accounts.Accounts`."""
+        raise NotImplementedError
+
+    def suspend(self, account: str, *, actor: str, reason: str, now: datetime | None = None) -> None:
+        """:class:`~.accounts.Accounts`."""
+        raise NotImplementedError
+
+    def model(self, name: str) -> dict[str, Any]:
+        """:class:`~.catalog.Catalog`."""
+        raise NotImplementedError
+
+    def request(self, rid: str, *, now: datetime | None = None) -> dict[str, Any]:
+        """:class:`~.approvals.Approvals`."""
+        raise NotImplementedError
+
+    def _admit(self, p: Principal, model: str, nbytes: int, network: str | None, now: datetime | None) -> str:
+        """:class:`~.anomaly.AnomalyRules`."""
+        raise NotImplementedError
+
+    def _is_suspended(self, account: str) -> bool:
+        """:class:`~.anomaly.AnomalyRules`."""
+        raise NotImplementedError
+
+    def alert(self, account: str, kind: str, detail: dict[str, Any], *, now: datetime | None = None) -> None:
+        """:class:`~.anomaly.AnomalyRules`."""
+        raise NotImplementedError
+
+    def _volume_exceeded(self, sid: str, p: Principal, sent: int, now: datetime | None) -> int | None:
+        """:class:`~.anomaly.AnomalyRules`."""
+        raise NotImplementedError
+
+    def _volume_cut(self, p: Principal, model: str, sent: int, vol: int, now: datetime | None) -> None:
+        """:class:`~.anomaly.AnomalyRules`."""
+        raise NotImplementedError
+
+    def _take(self, keys: list[tuple[str, Limit]], n: int, now: datetime | None) -> str | None:
+        """:class:`~.egress.Egress`."""
+        raise NotImplementedError
+
+    def _refund(self, keys: list[tuple[str, Limit]], n: int, now: datetime | None) -> None:
+        """:class:`~.egress.Egress`."""
         raise NotImplementedError

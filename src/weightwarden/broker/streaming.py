@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ..audit import AuditAction
@@ -126,12 +127,13 @@ class Streaming(BrokerState):
         download = f"{p.id}:{obj}:{etag}"[:300]
         sid = self._admit(p, model, stop - first, network, now)
         free = self._take_credit(p, download, stop - first, now) if range_ is not None else 0
-        zero_copy = zero_copy and callable(getattr(self.store, "path", None))
+        local_path: Callable[[str], Path] | None = getattr(self.store, "path", None)  # LocalWeightStore's
+        zero_copy = zero_copy and callable(local_path)
         try:
-            if zero_copy:
+            if zero_copy and local_path is not None:
                 from .zerocopy import file_spans
 
-                chunks: Iterator[Any] = file_spans(self.store.path(obj), first, stop, self.config.zero_copy_span)
+                chunks: Iterator[Any] = file_spans(local_path(obj), first, stop, self.config.zero_copy_span)
             else:
                 chunks = self.store.read(obj, self.config.chunk, first, stop)
         except BaseException:

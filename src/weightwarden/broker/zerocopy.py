@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["EXTENSION", "FileSpan", "file_spans"]  # and ZeroCopyH11Protocol, made on first use (needs uvicorn)
 
@@ -72,9 +72,12 @@ def _protocol_classes() -> tuple[Any, Any]:
             count = int(message["count"])
             if self.scope["method"] == "HEAD" or count == 0:
                 return
-            parts = self.conn.send_with_data_passthrough(h11.Data(data=FileSpan(message["file"], 0, count)))
+            # h11 hands Data.data back untouched in send_with_data_passthrough (its documented use for
+            # sendfile), though it types the field as bytes
+            span = cast(bytes, FileSpan(message["file"], 0, count))
+            parts = self.conn.send_with_data_passthrough(h11.Data(data=span))
             loop = asyncio.get_running_loop()
-            for part in parts:
+            for part in parts or ():  # None only for ConnectionClosed
                 if isinstance(part, FileSpan):
                     sent = await loop.sendfile(self.transport, message["file"], int(message.get("offset", 0)), count)
                     if sent != count:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import WardenError
+from ..keys.keyring import Keyring
 from ..keys.pubkey import parse_public_key
 from ._common import HomeOpt, JsonOpt, SignerOpt, Table, _emit, _ws, out
 
@@ -80,7 +81,13 @@ def key_new(
               f"new {kind} key {kid} ({purpose}) in the token")  # fmt: skip
         return
     kr = _ws(home).keyring
-    kid = kr.new_kek(name, purpose=purpose) if kind == "kek" else kr.new_signing_key(purpose=purpose)
+    if kind == "kek":
+        kid = kr.new_kek(name, purpose=purpose)
+    elif isinstance(kr, Keyring):
+        kid = kr.new_signing_key(purpose=purpose)
+    else:  # the custody agent's keyring (AgentKeyring): no such operation over the socket
+        raise WardenError("--kind signing: under custody the agent makes each purpose's signing key when first "
+                          "used, and no others; nothing was done")  # fmt: skip
     kr.save()
     _emit({"key_id": kid, "kind": kind, "purpose": purpose}, as_json, f"new {kind} key {kid} ({purpose})")
 

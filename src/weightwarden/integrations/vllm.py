@@ -74,7 +74,7 @@ def _loader_class() -> type:
     except ImportError:
         raise LoaderError("--load-format warden needs vLLM installed in this environment") from None
 
-    class WardenModelLoader(BaseModelLoader):  # type: ignore[misc,valid-type]
+    class WardenModelLoader(BaseModelLoader):
         """Decrypts sealed weights into the model vLLM built; nothing is downloaded or written."""
 
         def download_model(self, model_config: Any) -> None:

@@ -36,7 +36,7 @@ class AgentClient:
 
     def call(self, op: str, **kw: Any) -> dict[str, Any]:
         req = {"op": op, **kw}
-        actor, reason = audit._actor.get(), audit._reason.get()
+        actor, reason = audit.current_context()
         if actor:
             req["actor"] = actor
         if reason:

@@ -177,7 +177,7 @@ class CustodyChanges:
             self.book.clear()  # approvals of the old custodians carry no weight any more
             return {"split_id": doc.split_id, "threshold": doc.threshold}
         if st.kind == "destroy":
-            from ..sealed.rewrap import shred
+            from .provider import shred
 
             prov = kr.provider(p["key_id"])
             return shred(prov) if p["version"] is None else prov.destroy(int(p["version"]))

@@ -41,6 +41,7 @@ from .signer import Ed25519Signer
 from .truststore import TrustStore
 
 if TYPE_CHECKING:
+    from ..trail import Trail
     from .local import LocalProvider
 
 __all__ = ["KEYRING_FILE", "KEY_NAME", "Keyring", "KeyringLike"]
@@ -60,7 +61,7 @@ def _default_slot(kind: str, purpose: str) -> str:
     return f"default_{kind}" if purpose == "sealing" else f"default_{kind}:{purpose}"
 
 
-def _trail(home: Path) -> AuditSink:
+def _trail(home: Path) -> Trail:
     from .. import trail
 
     return trail.for_home(home)
@@ -94,7 +95,8 @@ class Keyring:
             raise KeyringError("the passphrase must be at least 8 characters")
         home.mkdir(parents=True, exist_ok=True, mode=0o700)
         kr = cls(home, passphrase, kdf or KdfParams(), secrets.token_bytes(16), {"keks": {}, "signing": {}})
-        with kr.audit.operation():  # type: ignore[attr-defined]
+        kr.audit = trail = _trail(home)
+        with trail.operation():
             kr.new_kek(now=now)
             kr.new_signing_key(now=now)  # the sealing key; audit-log and other keys are made when needed
             kr.save()

@@ -123,7 +123,10 @@ class StaticKeyProvider(_AesGcmWrapProvider):
             raise KeyDestroyedError(f"key {key_id} version {version} was destroyed")
         if state != "enabled":
             raise KeyDisabledError(f"key {key_id} version {version} is disabled")
-        return self._keks[(key_id, version)]  # type: ignore[return-value]
+        kek = self._keks[(key_id, version)]
+        if kek is None:  # erased with its state set to destroyed, so not reached
+            raise KeyDestroyedError(f"key {key_id} version {version} was destroyed")
+        return kek
 
     def _current_version(self, key_id: str) -> int:
         if key_id in self._cur:

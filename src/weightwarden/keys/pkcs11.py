@@ -60,6 +60,20 @@ _OPEN: dict[tuple[str, str], list[Any]] = {}  # (module, token) -> [session, pin
 _OPEN_LOCK = threading.Lock()
 
 
+# The token refuses an operation the key's attributes forbid (a disabled version: CKA_ENCRYPT/DECRYPT
+# cleared) with CKR_KEY_FUNCTION_NOT_PERMITTED; python-pkcs11 (0.7 to 0.10 at least) has no exception
+# class for it and raises its base PKCS11Error("Unmapped error code 0x68").
+CKR_KEY_FUNCTION_NOT_PERMITTED = 0x68
+
+
+def _not_permitted(e: px.PKCS11Error) -> bool:
+    """Whether ``e`` is the token's CKR_KEY_FUNCTION_NOT_PERMITTED."""
+    cls = getattr(px, "KeyFunctionNotPermitted", None)  # should python-pkcs11 map it one day
+    if cls is not None and isinstance(e, cls):
+        return True
+    return type(e) is px.PKCS11Error and str(e).endswith(hex(CKR_KEY_FUNCTION_NOT_PERMITTED))
+
+
 def _pin_digest(pin: str) -> bytes:
     return hashlib.sha256(_SALT + pin.encode()).digest()
 
@@ -213,11 +227,10 @@ class Pkcs11Provider(KeyProvider):
             aad = wrap_aad(self.name, self.key_id, version, context)
             try:
                 ct = key.encrypt(dek, mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce, aad, 128))
-            except px.KeyFunctionNotPermitted:
-                self._invalidate()
-                raise KeyDisabledError(f"key {self.key_id} version {version} is disabled") from None
             except px.PKCS11Error as e:
                 self._invalidate()
+                if _not_permitted(e):
+                    raise KeyDisabledError(f"key {self.key_id} version {version} is disabled") from None
                 raise ProviderUnavailableError(f"token refused to wrap: {type(e).__name__}") from None
         return KeySlot(self.name, self.key_id, version, WRAP_ALG, nonce + bytes(ct))
 
@@ -235,12 +248,14 @@ class Pkcs11Provider(KeyProvider):
                 )
             except (px.EncryptedDataInvalid, px.GeneralError, px.FunctionFailed):
                 raise WrongKeyError("the token's key does not unwrap the data key") from None
-            except px.KeyFunctionNotPermitted:
-                self._invalidate()
-                raise KeyDisabledError(f"key {slot.key_id} version {slot.version} is disabled") from None
             except (px.ObjectHandleInvalid, px.KeyHandleInvalid):
                 self._invalidate()
                 raise KeyNotFoundError(f"key {slot.key_id} version {slot.version} vanished; try again") from None
+            except px.PKCS11Error as e:
+                if not _not_permitted(e):
+                    raise
+                self._invalidate()
+                raise KeyDisabledError(f"key {slot.key_id} version {slot.version} is disabled") from None
         return bytearray(dek)
 
     def _rotate(self, key_id: str) -> int:

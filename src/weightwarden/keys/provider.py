@@ -313,5 +313,16 @@ class Signer(ABC):
     def _sign(self, message: bytes) -> bytes: ...
 
 
+def shred(provider: KeyProvider, key_id: str | None = None) -> list[int]:
+    """Crypto-shred: destroy every version of a key, so every copy of every file whose
+    data key only that key wrapped is unreadable, wherever the copies went."""
+    kid = key_id or provider.key_id
+    done = provider.destroy(None, kid)
+    provider.audit.emit(
+        audit_event(AuditAction.MODEL_SHRED, key_id=kid, provider=provider.name, detail={"versions": done})
+    )
+    return done
+
+
 def ed25519_key_id(public_key: bytes) -> str:
     return "ed25519:" + hashlib.sha256(public_key).hexdigest()[:16]

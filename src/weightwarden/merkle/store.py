@@ -34,13 +34,16 @@ import secrets
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import db
 from ..audit import AuditEvent
 from ..errors import AuditLogError, AuditTamperedError, LogIdentityError, NoAuditLogError
 from . import tree
 from .heads import LOG_ID_LEN, PURPOSE, InclusionProof, SignedHead, event_body, parse_log_id
+
+if TYPE_CHECKING:
+    from ..keys.provider import Signer
 
 __all__ = ["AuditLog"]
 
@@ -80,7 +83,7 @@ class AuditLog:
     (default: the signer's); ``log_id`` pins the log (default: the database's own, which an
     attacker holding the database can swap for another log signed by the same key)."""
 
-    def __init__(self, url: str, signer: Any | None = None, *, public_key: bytes | None = None,
+    def __init__(self, url: str, signer: Signer | None = None, *, public_key: bytes | None = None,
                  checkpoint: int = 1024, create: bool = True, log_id: bytes | str | None = None):  # fmt: skip
         import sqlalchemy as sa
 
@@ -219,8 +222,11 @@ class AuditLog:
 
     def _sign(self, log_id: bytes, size: int, root: bytes, now: datetime | None) -> SignedHead:
         at = (now or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="microseconds")
-        sig = self.signer.sign_unaudited(SignedHead.message(log_id, size, root, at))
-        return SignedHead(size, root, at, self.signer.key_id, sig, log_id)
+        signer = self.signer
+        if signer is None:  # _append_bodies checks first
+            raise AuditLogError("appending needs the log's signing key")
+        sig = signer.sign_unaudited(SignedHead.message(log_id, size, root, at))
+        return SignedHead(size, root, at, signer.key_id, sig, log_id)
 
     # -- reading ------------------------------------------------------------------------
     @_db_errors

@@ -24,7 +24,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from .layout import Layout, detect_layout
-from .signature import BlockSignature, Signature, _unit_rows, extract_signature, iter_embedding, iter_units
+from .signature import BlockSignature, Signature, extract_signature, iter_embedding, iter_units, unit_rows
 from .source import TensorSource, open_source
 from .stats import LN10, bonferroni_logp, fisher_logp, sidak_logp, spearman_logp, to_p
 
@@ -228,7 +228,7 @@ class _Job:
     def units(self, view: str) -> np.ndarray:
         """The reference units of ``view`` in the suspect's residual basis (computed when needed, not kept)."""
         v = self.block.in_vecs if view == "in" else self.block.out_vecs
-        return _unit_rows(v.astype(np.float32) @ self.r)
+        return unit_rows(v.astype(np.float32) @ self.r)
 
 
 def _match_view(src: TensorSource, block: Any, view: str, jobs: list[_Job], n_units: int, budget: int) -> None:
@@ -255,7 +255,7 @@ def _match_view(src: TensorSource, block: Any, view: str, jobs: list[_Job], n_un
         for w in iter_units(src, block, view, chunk=_UNIT_CHUNK):
             if w.shape[1] != d:
                 raise ValueError("aligned widths disagree")
-            np.abs(u @ _unit_rows(w).T, out=cost[:, base : base + len(w)])
+            np.abs(u @ unit_rows(w).T, out=cost[:, base : base + len(w)])
             base += len(w)
         del u
         off = 0
@@ -320,12 +320,13 @@ def _test(signatures: Sequence[Signature], src: TensorSource, lay: Layout, alpha
     for sig, info, cand, _, all_jobs in prepared:
         best: dict[int, tuple[float, LayerEvidence]] = {}
         for s, j in all_jobs:
-            a, b = j.match["in"], j.match["out"]
-            ok = (a >= 0) & (b >= 0)
-            rho, lp = spearman_logp(a[ok], b[ok])
+            m_in, m_out = j.match["in"], j.match["out"]
+            ok = (m_in >= 0) & (m_out >= 0)
+            rho, lp = spearman_logp(m_in[ok], m_out[ok])
             ev = LayerEvidence(
-                sig.blocks[j.ref_pos].index, lay.blocks[s].index, lp, rho, float(np.mean(a[ok] == b[ok])) if ok.any()
-                else 0.0, j.cos["in"], j.cos["out"], int(ok.sum()), len(cand[j.ref_pos]),
+                sig.blocks[j.ref_pos].index, lay.blocks[s].index, lp, rho,
+                float(np.mean(m_in[ok] == m_out[ok])) if ok.any() else 0.0, j.cos["in"], j.cos["out"],
+                int(ok.sum()), len(cand[j.ref_pos]),
             )  # fmt: skip
             if j.ref_pos not in best or lp < best[j.ref_pos][0]:
                 best[j.ref_pos] = (lp, ev)

@@ -25,7 +25,7 @@ from ..errors import FormatError, UnsupportedModelError
 from .layout import Block, Layout, detect_layout
 from .source import TensorSource, open_source
 
-__all__ = ["BlockSignature", "Signature", "extract_signature", "sketch_from_embedding"]
+__all__ = ["BlockSignature", "Signature", "extract_signature", "sketch_from_embedding", "unit_rows"]
 
 SIG_VERSION = 1
 SKETCH_TOKENS = tuple(range(0, 1024, 16))  # 64 token ids every vocabulary this tool reads has
@@ -103,7 +103,8 @@ class Signature:
             raise FormatError(f"not a provenance signature ({type(e).__name__})") from None
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` scaled to unit length (rows near zero stay near zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
 
 
@@ -120,9 +121,8 @@ def iter_units(
         n = src.shapes[name][0 if units_first else 1]
         sel = np.arange(n) if ids is None else ids[(ids >= base) & (ids < base + n)] - base
         for s in range(0, len(sel), chunk):
-            part = sel[s : s + chunk]
-            if ids is None:
-                part = slice(int(part[0]), int(part[-1]) + 1)
+            ids_part = sel[s : s + chunk]
+            part = ids_part if ids is not None else slice(int(ids_part[0]), int(ids_part[-1]) + 1)
             w = src.get(name, rows=part) if units_first else src.get(name, cols=part).T
             yield w * gamma if gamma is not None else w
         base += n
@@ -146,7 +146,7 @@ def sketch_from_embedding(rows_by_id: dict[int, np.ndarray] | None) -> np.ndarra
             x[j], present[j] = rows_by_id[tid], True
     x -= x[present].mean(axis=0) if present.any() else 0
     x[~present] = 0
-    g = _unit_rows(x) @ _unit_rows(x).T
+    g = unit_rows(x) @ unit_rows(x).T
     iu = np.triu_indices(k, 1)
     v = g[iu].astype(np.float32)
     # the fixed random projection, drawn a slice of rows at a time (same stream as one draw)
@@ -207,8 +207,8 @@ def extract_signature(
             n = layout.units(src.shapes, b)
             m = min(n, max_units)
             ids = np.sort(rng.choice(n, size=m, replace=False)).astype(np.int64)
-            vin = _unit_rows(read_units(src, b, "in", ids)).astype(np.float16)
-            vout = _unit_rows(read_units(src, b, "out", ids)).astype(np.float16)
+            vin = unit_rows(read_units(src, b, "in", ids)).astype(np.float16)
+            vout = unit_rows(read_units(src, b, "out", ids)).astype(np.float16)
             blocks.append(BlockSignature(b.index, n, ids, vin, vout))
         sketch = suspect_sketch(src, layout)
         info = {"params": int(sum(int(np.prod(s)) for s in src.shapes.values())), "source": Path(src.path).name}

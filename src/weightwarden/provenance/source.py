@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import FormatError, HeaderError, TruncatedError, UnsupportedModelError
+from ..keys.protocols import KeyringLike
 from ..sealed import format as F
 from ..sealed.bundle import BundleReader
 from ..sealed.codec import np_dtype
-from ..sealed.detect import is_sealed, is_sealed_path
+from ..sealed.detect import is_sealed_path
 from ..sealed.opening import open_reader
 
 __all__ = ["TensorSource", "open_source"]
@@ -73,7 +74,8 @@ class TensorSource:
     ``providers`` must then unlock it).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, keyring: Any = None, providers: Any = None, trust: Any = None):
+    def __init__(self, path: str | os.PathLike[str], *, keyring: KeyringLike | None = None, providers: Any = None,
+                 trust: Any = None):  # fmt: skip
         self.path = Path(path)
         self._stack = ExitStack()
         self._where: dict[str, Any] = {}
@@ -87,7 +89,7 @@ class TensorSource:
         if not self.shapes:
             raise UnsupportedModelError(f"{self.path.name}: no tensors found")
 
-    def _open(self, keyring: Any, providers: Any, trust: Any) -> None:
+    def _open(self, keyring: KeyringLike | None, providers: Any, trust: Any) -> None:
         p = self.path
         if not p.exists():
             raise FileNotFoundError(p)
@@ -149,7 +151,8 @@ class TensorSource:
         kind, obj = self._where[name]
         return obj.array(name) if kind == "plain" else obj.get_tensor(name)
 
-    def get(self, name: str, rows: np.ndarray | None = None, cols: np.ndarray | slice | None = None) -> np.ndarray:
+    def get(self, name: str, rows: np.ndarray | slice | None = None,
+            cols: np.ndarray | slice | None = None) -> np.ndarray:  # fmt: skip
         """Tensor ``name`` as ``float32`` (only ``rows`` / ``cols`` of a 2-D tensor, sliced before the copy)."""
         arr = self.raw(name)
         if rows is not None:
@@ -169,9 +172,6 @@ class TensorSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_is_sealed = is_sealed  # moved: see weightwarden.sealed.detect.is_sealed (cli.py still imports this name)
 
 
 def _sealed_shape(reader: Any, name: str) -> tuple[int, ...]:

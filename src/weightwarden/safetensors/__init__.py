@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import LoaderError
+from ..keys.protocols import KeyringLike
 from ..sealed import format as F
 from ..sealed.bundle import BundleReader
 from ..sealed.codec import DTYPE_SIZES, np_dtype
@@ -192,7 +193,7 @@ class SealedSlice:
         last = sum((s + (c - 1) * k) * st for (s, c, k, _), st in zip(dims, strides, strict=True))
         lo, hi = info.start + first * size, info.start + (last + 1) * size
         span = np.empty(hi - lo, dtype=np.uint8)
-        self._reader.read_into(lo, hi, memoryview(span), check_digests=self._check)
+        self._reader.read_into(lo, hi, span.data, check_digests=self._check)
         view = np.lib.stride_tricks.as_strided(
             span.view(_RAW[size]),
             shape=out_shape,
@@ -208,6 +209,11 @@ class SealedSlice:
         return f"SealedSlice({self._info.name!r}, shape={list(self._info.shape)}, dtype={self._info.dtype})"
 
 
+def _by_offset(r: SealedReader) -> list[str]:
+    """``r``'s tensor names in the order of their data."""
+    return sorted(r.keys(), key=lambda k: r.tensor_info(k).start)
+
+
 class safe_open:  # named as safetensors names it
     """``safetensors.safe_open`` for a sealed file or bundle (every shard's tensors by name)."""
 
@@ -217,7 +223,7 @@ class safe_open:  # named as safetensors names it
         framework: str = "pt",
         device: Any = "cpu",
         *,
-        keyring: Any = None,
+        keyring: KeyringLike | None = None,
         providers: Sequence[Any] | None = None,
         trust: Any = None,
         check_digests: bool = True,
@@ -245,7 +251,7 @@ class safe_open:  # named as safetensors names it
 
     def offset_keys(self) -> list[str]:
         readers = self._r.tensor_readers() if isinstance(self._r, BundleReader) else [self._r]
-        return [k for r in readers for k in sorted(r.keys(), key=lambda k, r=r: r.tensor_info(k).start)]
+        return [k for r in readers for k in _by_offset(r)]
 
     def metadata(self) -> dict[str, str] | None:
         """The ``__metadata__`` of the header (merged over a bundle's shards); None when there is none."""
@@ -260,7 +266,7 @@ class safe_open:  # named as safetensors names it
     def get_tensor(self, name: str) -> Any:
         r, info = self._owner(name)
         buf = np.empty(info.nbytes, dtype=np.uint8)
-        r.read_into(info.start, info.end, memoryview(buf), check_digests=self._check, threads=self._threads)
+        r.read_into(info.start, info.end, buf.data, check_digests=self._check, threads=self._threads)
         raw = buf.view(_RAW[DTYPE_SIZES[info.dtype]]).reshape(info.shape)
         return convert(raw, info.dtype, self._fw, self._device)
 
@@ -283,7 +289,7 @@ def load_file(
     device: Any = "cpu",
     *,
     framework: str = "pt",
-    keyring: Any = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[Any] | None = None,
     trust: Any = None,
     check_digests: bool = True,

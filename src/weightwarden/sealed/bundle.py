@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .._atomic import TMP_PREFIX, _fsync_dir, atomic_write_bytes
+from .._atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir
 from ..errors import FormatError, IntegrityError, OutputExistsError, SignatureError, UntrustedSignerError
 from ..keys.provider import KeyProvider, Signer, b64d, b64e, ed25519_key_id
 from . import format as F
@@ -119,14 +119,14 @@ def seal_members(
         }
         atomic_write_bytes(tmp / MANIFEST, F.canon(doc), mode=0o644)
         if durable:
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
         trash = None
         if os.path.lexists(dst):
             trash = parent / f"{TMP_PREFIX}{dst.name}.old.{secrets.token_hex(6)}"
             os.replace(dst, trash)
         os.replace(tmp, dst)
         if durable:
-            _fsync_dir(parent)
+            fsync_dir(parent)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return results

@@ -116,7 +116,7 @@ class SealedReader:
     def get_tensor(self, name: str) -> np.ndarray:
         info = self.tensor_info(name)
         buf = np.empty(info.nbytes, dtype=np.uint8)
-        self.read_into(info.start, info.end, memoryview(buf))
+        self.read_into(info.start, info.end, buf.data)
         return buf.view(np_dtype(info.dtype)).reshape(info.shape)
 
     # -- raw access ------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class SealedReader:
             else:
                 if scratch is None:
                     scratch = np.empty(C, dtype=np.uint8)
-                sv = memoryview(scratch)
+                sv = scratch.data
                 self._decrypt_chunk(i, sv[:plen])
                 out[lo - start : hi - start] = sv[lo - cstart : hi - cstart]
 
@@ -217,10 +217,10 @@ class SealedReader:
         lay = self._sf.layout
         out = np.empty(lay.data_len, dtype=np.uint8)
         if lay.data_len == 0:
-            self._decrypt_chunk(0, memoryview(out))
+            self._decrypt_chunk(0, out.data)
             return out
         self.read_into(
-            0, lay.data_len, memoryview(out), check_digests=check_digests, threads=threads, progress=progress,
+            0, lay.data_len, out.data, check_digests=check_digests, threads=threads, progress=progress,
             release=True,
         )  # fmt: skip
         return out

@@ -351,6 +351,6 @@ def encode_preamble(slot_size: int, context_len: int) -> bytes:
     return PREAMBLE.pack(MAGIC, MAJOR, MINOR, slot_size, context_len, b"\x00" * 12)
 
 
-def signed_message(preamble: bytes, context_sha256: bytes, digest_list: bytes | memoryview) -> bytes:
+def signed_message(preamble: bytes, context_sha256: bytes, digest_list: bytes | bytearray | memoryview) -> bytes:
     """What the sealer signs: the preamble, the context and every chunk digest."""
     return SIGN_DOMAIN + bytes(preamble) + context_sha256 + hashlib.sha256(digest_list).digest()

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..errors import KeyringError
 from ..home import default_home
 from ..keys.local import Keyring, TrustStore
+from ..keys.protocols import KeyringLike
 from ..keys.provider import KeyProvider
 from .bundle import BundleReader, SealedBundle
 from .decrypt import SealedReader
@@ -24,14 +25,14 @@ from .signature import Trust
 __all__ = ["default_keyring", "open_reader", "open_sealed", "resolve_providers", "resolve_trust"]
 
 
-def default_keyring(home: Path | None = None) -> Keyring:
+def default_keyring(home: Path | None = None) -> KeyringLike:
     """The keyring under ``$WARDEN_HOME``: through the custody agent when it is under
     M-of-N custody, else unlocked with the passphrase in ``$WARDEN_PASSPHRASE_FILE`` (or ``$WARDEN_PASSPHRASE``)."""
     from ..keys.agent import AgentKeyring, under_custody
 
     home = home or default_home()
     if under_custody(home):
-        return AgentKeyring(home)  # type: ignore[return-value]
+        return AgentKeyring(home)
     pw = os.environ.get("WARDEN_PASSPHRASE")
     if os.environ.get("WARDEN_PASSPHRASE_FILE"):
         from .._harden import read_secret_file
@@ -42,7 +43,7 @@ def default_keyring(home: Path | None = None) -> Keyring:
     return Keyring.unlock(home, pw)
 
 
-def resolve_trust(trust: Trust | None, keyring: Keyring | None) -> Trust:
+def resolve_trust(trust: Trust | None, keyring: KeyringLike | None) -> Trust:
     """``trust``, else the keyring's trust store, else the trust store under ``$WARDEN_HOME``."""
     if trust is not None:
         return trust
@@ -51,7 +52,7 @@ def resolve_trust(trust: Trust | None, keyring: Keyring | None) -> Trust:
     return TrustStore.load(default_home())
 
 
-def resolve_providers(keyring: Keyring | None, providers: Sequence[KeyProvider] | None) -> Sequence[KeyProvider]:
+def resolve_providers(keyring: KeyringLike | None, providers: Sequence[KeyProvider] | None) -> Sequence[KeyProvider]:
     """``providers``, else the provider of ``keyring`` (default: :func:`default_keyring`)."""
     if providers is not None:
         return providers
@@ -67,7 +68,7 @@ def open_sealed(path: str | os.PathLike[str]) -> SealedFile | SealedBundle:
 def open_reader(
     path: str | os.PathLike[str],
     *,
-    keyring: Keyring | None = None,
+    keyring: KeyringLike | None = None,
     providers: Sequence[KeyProvider] | None = None,
     trust: Trust | None = None,
 ) -> SealedReader | BundleReader:

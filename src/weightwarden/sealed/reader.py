@@ -204,9 +204,9 @@ class SealedFile:
                 return dek
         names = ", ".join(f"{s.provider}:{s.key_id} v{s.version}" for s in slots)
         for kind in (KeyDestroyedError, KeyDisabledError, ProviderUnavailableError, WrongKeyError):
-            for e in failures:
-                if isinstance(e, kind):
-                    raise kind(f"{e} (this file's key slots: {names})")
+            for err in failures:
+                if isinstance(err, kind):
+                    raise kind(f"{err} (this file's key slots: {names})")
         raise WrongKeyError(f"no available key for this file (its key slots: {names})")
 
     def close(self) -> None:

@@ -15,15 +15,18 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..audit import AuditAction
 from ..audit import event as audit_event
 from ..errors import FormatError, TruncatedError
-from ..keys.provider import KeyProvider
+from ..keys.provider import KeyProvider, shred
 from . import format as F
 from ._crypto import zero
 
-_libc = None
+__all__ = ["RewrapReport", "rewrap", "shred"]  # shred: moved to keys.provider, kept here for callers
+
+_libc: Any = None  # the libc function once looked up; False where it is missing
 
 
 def _syncfs(fd: int) -> None:
@@ -150,8 +153,8 @@ def rewrap(
     for start in range(0, len(todo), batch):
         plans: list[_Plan] = []
         try:
-            for p in todo[start : start + batch]:
-                plans.append(_plan(p, providers, target))
+            for path in todo[start : start + batch]:
+                plans.append(_plan(path, providers, target))
             _apply(plans, "write", durable)  # new slot areas, durable before ...
             _apply(plans, "clear", durable)  # ... the old wrapped keys are erased
         finally:
@@ -174,13 +177,3 @@ def rewrap(
             progress(len(plans))
     return RewrapReport(counts["rewrapped"], counts["finished"], counts["current"], len(todo))
 
-
-def shred(provider: KeyProvider, key_id: str | None = None) -> list[int]:
-    """Crypto-shred: destroy every version of a key, so every copy of every file whose
-    data key only that key wrapped is unreadable, wherever the copies went."""
-    kid = key_id or provider.key_id
-    done = provider.destroy(None, kid)
-    provider.audit.emit(
-        audit_event(AuditAction.MODEL_SHRED, key_id=kid, provider=provider.name, detail={"versions": done})
-    )
-    return done

@@ -26,6 +26,7 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .._atomic import TMP_PREFIX
 from ..errors import UnmarkableFilesError
@@ -252,7 +253,7 @@ def read_plain_text(root: Path, rel: str) -> bytes:
     return data
 
 
-def sniff(head: bytes, size: int, opener: object = None) -> str | None:
+def sniff(head: bytes, size: int, opener: IO[bytes] | None = None) -> str | None:
     """The weight format of a file from its first bytes (and, for zips, its member list), or None."""
     if _safetensors_like(head, size):
         return "safetensors"
@@ -264,7 +265,7 @@ def sniff(head: bytes, size: int, opener: object = None) -> str | None:
         return "hdf5"
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         try:
-            with zipfile.ZipFile(opener if opener is not None else io.BytesIO(head)) as zf:  # type: ignore[arg-type]
+            with zipfile.ZipFile(opener if opener is not None else io.BytesIO(head)) as zf:
                 return _zip_kind(zf)
         except (zipfile.BadZipFile, OSError, ValueError):
             return "zip"

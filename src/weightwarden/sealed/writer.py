@@ -85,7 +85,7 @@ def seal_file(
     check_target(dst, force)
     kind = _detect_kind(src, kind)
     if isinstance(src, MemorySource):
-        whole = memoryview(src.data).cast("B")  # type: ignore[arg-type]
+        whole = memoryview(src.data).cast("B")  # type: ignore[arg-type]  # data: any buffer (a numpy array too)
         try:
             if src.header is not None:
                 if kind != "safetensors":

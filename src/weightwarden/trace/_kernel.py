@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -94,26 +95,32 @@ def _numpy_chunk(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: f
         np.copyto(out, np.where(car, (f + d).astype(out.dtype), w))
 
 
+class _Fused(NamedTuple):
+    embed: Callable[..., None]  # embed_chunk's arguments
+    accumulate: Callable[..., None]  # accumulate_chunk's arguments, thr as float32
+
+
 @functools.cache
-def _fused() -> Callable[..., None]:
+def _fused() -> _Fused:
     """The compiled kernels, built (or loaded from numba's on-disk cache) at first use."""
     import numba
 
-    opts = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+    def jit(fn: Callable[..., Any]) -> Any:
+        return numba.njit(fn, nogil=True, cache=True, error_model="numpy", boundscheck=False)
 
-    @numba.njit(**opts)
-    def _values(u, r0, count, tab, e, vb, nu):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    @jit
+    def _values(u, r0, count, tab, e, vb, nu):  # pragma: no cover - compiled
         for j in range(count):  # the bits of tab[symbol] and the inverted word, of words r0 .. r0+count-1
             x = u[r0 + j]
             vb[j] = np.float32(tab[np.intp((np.uint64(x >> np.uint32(16)) * e) >> np.uint64(16))]).view(np.uint32)
             nu[j] = ~x
 
-    @numba.njit(**opts)
-    def _f32_add(x, d, thr):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    @jit
+    def _f32_add(x, d, thr):  # pragma: no cover - compiled
         return x + d if abs(x) >= thr else x
 
-    @numba.njit(**opts)
-    def _bf16_add(x, d, thr):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    @jit
+    def _bf16_add(x, d, thr):  # pragma: no cover - compiled
         # bfloat16 is the top half of a float32: widen by a shift, add in float32, narrow by rounding to
         # nearest even (as ml_dtypes does); a weight left unchanged narrows back to its own bits
         f = np.uint32(np.uint32(x) << np.uint32(16)).view(np.float32)
@@ -126,9 +133,9 @@ def _fused() -> Callable[..., None]:
     # stored long before avoids store-forwarding stalls.  Whole groups run loops of constant trip count;
     # the rest runs the same arithmetic per weight.  ``add`` marks one weight (float32, or bfloat16 held
     # as uint16), inlined by LLVM.
-    def _kernel_for(add):  # type: ignore[no-untyped-def]
-        @numba.njit(**opts)
-        def kern(w, u, tab, ell, thr, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    def _kernel_for(add: Callable[..., Any]) -> Any:
+        @jit
+        def kern(w, u, tab, ell, thr, out):  # pragma: no cover - compiled
             vb = np.empty(_GROUP * WORDS, np.uint32)
             nu = np.empty(_GROUP * WORDS, np.uint32)
             e = np.uint64(ell)
@@ -168,8 +175,8 @@ def _fused() -> Callable[..., None]:
             _k32(f, u, tab, ell, np.float32(thr), tmp)
             np.copyto(out, np.where(np.abs(f) >= np.float32(thr), tmp.astype(out.dtype), w))
 
-    @numba.njit(**opts)
-    def _acc(orig, sus, u, first, cols, units_first, inv, thr, ell, scale, corr, var, chips):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    @jit
+    def _acc(orig, sus, u, first, cols, units_first, inv, thr, ell, scale, corr, var, chips):  # pragma: no cover
         # weights in their natural order (block, then i, then j), the unit counted on from the chunk's
         # first weight; each word's sums are kept apart for the block, then added to its symbol
         e = np.uint64(ell)
@@ -204,8 +211,7 @@ def _fused() -> Callable[..., None]:
                 var[s] += vs[j]
                 chips[s] += ks[j]
 
-    run.accumulate = _acc  # type: ignore[attr-defined]
-    return run
+    return _Fused(run, _acc)
 
 
 _HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # imported only when a kernel first runs
@@ -216,7 +222,7 @@ def embed_chunk(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: fl
                 kernel: str | None = None) -> None:  # fmt: skip
     """out[:] = the marked chunk ``w`` (1-D, starting a block; ``u``: its keystream words, 64 per block)."""
     if (kernel or KERNEL) == "numba" and _HAVE_NUMBA:
-        _fused()(w, u, tab, ell, thr, out)
+        _fused().embed(w, u, tab, ell, thr, out)
     else:
         _numpy_chunk(w, u, tab, ell, thr, out)
 
@@ -230,7 +236,7 @@ def accumulate_chunk(orig: np.ndarray, sus: np.ndarray, u: np.ndarray, first: in
     units are rows when ``units_first``), add (sus - orig) * scale * inv * chip sign to corr[symbol], inv
     to var[symbol] and 1 to chips[symbol]."""
     if (kernel or KERNEL) == "numba" and _HAVE_NUMBA:
-        _fused().accumulate(orig, sus, u, first, cols, units_first, inv, np.float32(thr), ell,  # type: ignore[attr-defined]
+        _fused().accumulate(orig, sus, u, first, cols, units_first, inv, np.float32(thr), ell,
                             float(scale), corr, var, chips)  # fmt: skip
         return
     n = orig.size

@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from ..errors import UnsupportedModelError
 from ..provenance.compare import align_residual, compare_many
 from ..provenance.layout import Block, Expert, Layout, detect_layout
-from ..provenance.signature import _unit_rows, extract_signature
+from ..provenance.signature import extract_signature, unit_rows
 from ..provenance.source import TensorSource, open_source
 from ._kernel import (
     _BF16,
@@ -200,12 +200,12 @@ def _match(orig: np.ndarray, sus: np.ndarray) -> np.ndarray:
     best |cos| partner when that is a one-to-one map (it is then the optimal assignment), else Hungarian
     on |cos|.  Cosines of units longer than 512 are taken over 512 evenly spaced coordinates: enough to
     tell a unit's partner from the rest, at O(units^2 * 512) for any width."""
-    a, b = _unit_rows(orig), _unit_rows(sus)
+    a, b = unit_rows(orig), unit_rows(sus)
     if len(a) == len(b) and np.median(np.abs((a * b).sum(1))) > 0.5:
         return np.arange(len(a))
     if a.shape[1] > _MATCH_COLS:
         cols = np.linspace(0, a.shape[1] - 1, _MATCH_COLS).astype(np.intp)
-        a, b = _unit_rows(a[:, cols]), _unit_rows(b[:, cols])
+        a, b = unit_rows(a[:, cols]), unit_rows(b[:, cols])
     bt = np.ascontiguousarray(b.T)
     best = np.concatenate([np.abs(a[i : i + _MATCH_ROWS] @ bt).argmax(1) for i in range(0, len(a), _MATCH_ROWS)])
     if len(a) <= len(b) and np.unique(best).size == len(a):
@@ -236,8 +236,8 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
         lo, ls = detect_layout(o.shapes), detect_layout(s.shapes)
         # which suspect block holds which original block: the provenance test's per-layer evidence
         comp = compare_many([extract_signature(o)], s)[0]
-        mapping = {e.reference_layer: e.suspect_layer for e in comp.layers
-                   if e.log_p < np.log(1e-6 / max(len(comp.layers), 1))}  # fmt: skip
+        mapping = {e.reference_layer: e.suspect_layer for e in comp.layers if e.suspect_layer is not None
+                   and e.log_p < np.log(1e-6 / max(len(comp.layers), 1))}  # fmt: skip
         if lo.embedding and ls.embedding:
             v = min(o.shapes[lo.embedding][0], s.shapes[ls.embedding][0])
             ids = np.arange(0, v, max(1, v // 8192))
