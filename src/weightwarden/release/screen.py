@@ -191,8 +191,8 @@ class ScreeningList:
             # an alias together with words of the entry's other names: every word accounted for
             for t in qt:
                 for i, at, j in self._combos.get(t, ()):
-                    rest = qt - at
-                    if at <= qt and rest and rest <= self._words[i] and not rest <= generic:
+                    left = qt - at
+                    if at <= qt and left and left <= self._words[i] and not left <= generic:
                         self._keep(best, j, 95.0, q, nq, {"alias_with_name": self._raw[j]})
         hits = sorted(best.values(), key=lambda h: -h["score"])[:limit]
         for h in hits:

@@ -61,9 +61,9 @@ def release_checked(model: Path, out: Path, recipient: str, name: Any, entries: 
         gate = gate or ReleaseGate.from_home(home)
         dest = Destination(recipient, country, tuple(aliases))  # as given: the broker's request names it so
         decision = gate.decide_model(model, dest, model_id=model_id, as_of=when, **classify_kw)
-    except WardenError as e:  # an unknown country, a bad declaration or rules file: the refusal is audited
+    except WardenError as err:  # an unknown country, a bad declaration or rules file: the refusal is audited
         provider.audit.emit(audit.event(AuditAction.RELEASE_GATE, "denied", subject=model_id,
-                                        detail={"reason": str(e)}, now=now))  # fmt: skip
+                                        detail={"reason": str(err)}, now=now))  # fmt: skip
         raise
     outcome = "ok" if decision.allowed else "denied"
     if approval is not None:

@@ -63,7 +63,7 @@ def inventory_sealed(reader: Any) -> list[Entry]:
         if r.kind == "safetensors":
             out.append(Entry(r.name, "safetensors", member=r, in_source=True))
         else:
-            out.append(Entry(r.name, classify_bytes(r.read_all()), member=r))
+            out.append(Entry(r.name, classify_bytes(r.read_all().data), member=r))
     return out
 
 

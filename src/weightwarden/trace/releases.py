@@ -172,7 +172,7 @@ def _release(
                 kw.setdefault("trust", TrustStore.load(home or default_home()))
             master_kw = kw
             reader = safe_open(model, **kw)
-            entries, problems = inventory_sealed(reader), []
+            entries, problems = inventory_sealed(reader), list[str]()
         else:
             master_kw = {}
             entries, problems = inventory_plain(model)
