@@ -258,7 +258,8 @@ class ScreeningList:
         try:
             data = p.read_bytes()
         except OSError as e:
-            raise ScreeningError(f"cannot read the screening list ({type(e).__name__})") from None
+            raise ScreeningError(f"cannot read the screening list {p} ({type(e).__name__}: "
+                                 f"{(e.strerror or e)}): check the --file path") from None
         return cls.parse(data, p.name)
 
     @classmethod
@@ -510,7 +511,8 @@ def update_list(file: str | os.PathLike[str], home: str | os.PathLike[str] | Non
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise ScreeningError(f"cannot read the screening list {p.name} ({type(e).__name__})") from None
+        raise ScreeningError(f"cannot read the screening list {p} ({type(e).__name__}: {(e.strerror or e)}): "
+                             "check the --file path") from None
     lst = ScreeningList.parse(data, p.name)  # refuses an unknown format before anything is replaced
     store = Path(home or default_home()) / "screening"
     store.mkdir(parents=True, exist_ok=True, mode=0o700)
