@@ -102,9 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("error: aborted\n")
         return _common.EXIT_ERROR
     except Exception as e:
-        if type(e).__name__ == "NoArgsIsHelpError":  # `warden`, `warden key`: the help, and success
-            e.ctx.get_help()  # type: ignore[attr-defined]  (rich help prints itself)
-            return _common.EXIT_OK
         line = _common._error_line(e)
         if line is None:
             raise

@@ -391,10 +391,22 @@ def _conventions(cmd: Any) -> None:
             p.metavar = _METAVARS.get(p.name or "") if kind == "TEXT" else kind
             p.metavar = p.metavar or (p.name or "value").upper()
     for sub in getattr(cmd, "commands", {}).values():
+        if type(sub) is TyperGroup:
+            sub.__class__ = _HelpGroup
         _conventions(sub)
 
 
-class WardenGroup(TyperGroup):
+class _HelpGroup(TyperGroup):
+    """A group given no command prints its help and succeeds (`warden`, `warden key`): exit 0, no `error:`."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args and self.no_args_is_help and not ctx.resilient_parsing:
+            typer.echo(ctx.get_help())
+            raise typer.Exit(EXIT_OK)
+        return super().parse_args(ctx, args)
+
+
+class WardenGroup(_HelpGroup):
     """`warden` itself: applies the help conventions to every command once, and turns an error a command
     raises into its one line on stderr and its exit code (for `main` and for a test's CliRunner alike)."""
 
@@ -420,7 +432,7 @@ class WardenGroup(TyperGroup):
                 _audit_ctx.pop().__exit__(None, None, None)
 
 
-class DefaultGroup(TyperGroup):
+class DefaultGroup(_HelpGroup):
     """A group whose ``default`` command takes a first word that names none of its commands
     (`warden screen NAME` is `warden screen check NAME`)."""
 
