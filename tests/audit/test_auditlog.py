@@ -325,7 +325,7 @@ def test_cli_head_prove_verify_export(cli_env: dict[str, str], tmp_path: Path, s
     assert [json.loads(x)["index"] for x in r.stdout.splitlines()] == [39, 40]
     _sql(log, "UPDATE ww_audit_events SET body = CAST('{}' AS BLOB) WHERE idx = 3")
     r = warden(cli_env, "audit", "verify", "--db", url, "--pubkey", pub)
-    assert r.returncode == 1 and "event 3 does not match" in r.stderr
+    assert r.returncode == 3 and "event 3 does not match" in r.stderr  # verification failed (issue 19)
     r = warden(cli_env, "audit", "verify", "--db", url)  # no key pinned: refuse rather than trust the database
     assert r.returncode == 1 and "public key" in r.stderr
 
@@ -469,14 +469,14 @@ def test_cli_pins_the_log_id(cli_env: dict[str, str], tmp_path: Path, signer: Ed
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["log_id_pinned"] is True
     r = warden(cli_env, "audit", "verify", "--db", url, "--pubkey", pub, "--log-id", "ab" * 16)
-    assert r.returncode == 1 and "not the pinned log" in r.stderr
+    assert r.returncode == 3 and "not the pinned log" in r.stderr
     r = warden({**cli_env, "WARDEN_AUDIT_LOG_ID": "cd" * 16}, "audit", "verify", "--db", url, "--pubkey", pub)
-    assert r.returncode == 1 and "not the pinned log" in r.stderr
+    assert r.returncode == 3 and "not the pinned log" in r.stderr
     r = warden(cli_env, "audit", "verify", "--db", url, "--pubkey", pub, "--log-id", "xyz")
     assert r.returncode == 1 and "--log-id must be 32 hex digits" in r.stderr
     r = warden(cli_env, "audit", "prove", "4", "--db", url, "--json")
     (tmp_path / "proof.json").write_text(r.stdout)
     r = warden(cli_env, "audit", "check-proof", str(tmp_path / "proof.json"), "--pubkey", pub, "--log-id", "ab" * 16)
-    assert r.returncode == 1 and "not of the pinned log" in r.stderr
+    assert r.returncode == 3 and "not of the pinned log" in r.stderr
     r = warden(cli_env, "audit", "check-proof", str(tmp_path / "proof.json"), "--pubkey", pub, "--log-id", lid)
     assert r.returncode == 0 and lid in r.stdout

@@ -72,7 +72,7 @@ def test_a_cli_only_session_is_one_verified_trail(tmp_path: Path, cli_env: dict[
     _ok(warden(cli_env, "audit", "verify", "--pubkey", pub))
     other = ww.Keyring.unlock(home, cli_env["WARDEN_PASSPHRASE"]).signer().public_key.hex()
     r = warden(cli_env, "audit", "verify", "--pubkey", other)  # the sealing key did not sign the log
-    assert r.returncode == 1 and "AuditTamperedError" in r.stderr
+    assert r.returncode == 3 and "AuditTamperedError" in r.stderr  # verification failed: exit 3 (issue 19)
 
 
 def _filled(home: Path, n: int = 6) -> Path:
@@ -105,7 +105,7 @@ def test_tampering_with_one_event_is_caught(tmp_path: Path, cli_env: dict[str, s
             con.execute("UPDATE ww_audit_events SET body = ? WHERE idx = ?", (rows[victim], victim + 1))
     con.close()
     r = warden(cli_env, "audit", "verify")
-    assert r.returncode == 1 and "AuditTamperedError" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 3 and "AuditTamperedError" in r.stderr and len(r.stderr.splitlines()) == 1
     assert before == 8  # two key:create events, six screenings
     with pytest.raises(AuditTamperedError):
         trail.open_log(home, public_key=trail.log_public_key(home)).verify()
@@ -203,9 +203,9 @@ def test_a_broker_home_logs_to_the_brokers_log_signed_by_its_log_key(tmp_path: P
     rep = json.loads(_ok(warden(cli_env, "audit", "verify", "--json", "--log-id", head["log_id"])).stdout)
     assert rep["events"] == len(acts)
     r = warden(cli_env, "audit", "verify", "--pubkey", local_pub.hex())  # the local key signed none of it
-    assert r.returncode == 1 and "AuditTamperedError" in r.stderr
+    assert r.returncode == 3 and "AuditTamperedError" in r.stderr  # verification failed: exit 3 (issue 19)
     r = warden(cli_env, "audit", "verify", "--log-id", "00" * 16)  # another log's id: refused
-    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 3 and len(r.stderr.splitlines()) == 1
 
 
 def test_without_the_log_keys_passphrase_a_broker_home_refuses_before_acting(

@@ -395,7 +395,7 @@ def test_cli_serve_end_to_end(cli_env: dict[str, str], tmp_path: Path, st_file: 
     r = ok(warden(cli_env, "audit", "verify", "--db", db, "--pubkey", pub, "--log-id", log_id, "--json"))
     assert json.loads(r.stdout)["log_id_pinned"] is True
     r = warden(cli_env, "audit", "verify", "--db", db, "--pubkey", base64.b64decode(sealing).hex(), "--json")
-    assert r.returncode == 1 and "not signed by" in r.stderr  # the sealing key does not vouch for the log
+    assert r.returncode == 3 and "not signed by" in r.stderr  # the sealing key does not vouch for the log
 
 
 # -- the OpenAPI contract, fuzzed: no input makes the broker fail with a 5xx --------------------------

@@ -805,7 +805,7 @@ def test_warden_pull(served: Any, tmp_path: Path, sealed: Path, cli_env: dict[st
     assert len(r.stderr.strip().splitlines()) == 1 and (tmp_path / "other.wws.part").read_bytes() == b"x" * 10
     # a signer the caller does not trust: nothing put in place
     r = warden(env, "pull", "m1", "-o", str(tmp_path / "x.wws"), "--trust-key", b64.b64encode(b"\x01" * 32).decode())
-    assert r.returncode == 1 and "Untrusted" in r.stderr and not (tmp_path / "x.wws").exists()
+    assert r.returncode == 3 and "Untrusted" in r.stderr and not (tmp_path / "x.wws").exists()
 
 
 # -- 6. the zero-copy door -------------------------------------------------------------------------------

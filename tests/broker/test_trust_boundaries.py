@@ -205,7 +205,7 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
             ww.verify(forged, trust=ww.TrustStore.load(h))
     for env in (cli_env, benv):
         r = warden(env, "verify", str(forged))
-        assert r.returncode == 1 and "UntrustedSignerError" in r.stderr
+        assert r.returncode == 3 and "UntrustedSignerError" in r.stderr
     ts = ww.TrustStore.load(home)
     assert ts.signers and all(ts.public_key(k) != log_key.public_key for k in ts.signers)
     assert ts.signers == ww.TrustStore.load(key_home).signers  # the key host's trust store, copied

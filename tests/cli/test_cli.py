@@ -12,8 +12,10 @@ def _ok(r):
     return r
 
 
-def _fails(r, needle: str):
-    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+def _fails(r, needle: str, code: int = 1):
+    """One `error:` line naming ``needle``, and the exit code of its kind (1 error, 2 usage, 3 verification
+    failed, 4 denied)."""
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert needle in lines[0], lines[0]
@@ -45,8 +47,8 @@ def test_cli_errors_are_one_line(tmp_path, st_file, cli_env):
     _ok(warden(cli_env, "init"))
     _fails(warden(cli_env, "verify", str(tmp_path / "missing.wws")), "missing.wws")
     _fails(warden(cli_env, "verify", str(st_file)), "FormatError")
-    _fails(warden(cli_env, "seal", str(st_file)), "Missing option")
-    _fails(warden(cli_env, "nonsense"), "No such command")
+    _fails(warden(cli_env, "seal", str(st_file)), "Missing option", 2)
+    _fails(warden(cli_env, "nonsense"), "No such command", 2)
     bad = dict(cli_env, WARDEN_PASSPHRASE="not the passphrase")
     _fails(warden(bad, "seal", str(st_file), "-o", str(tmp_path / "x.wws")), "BadPassphraseError")
     assert not (tmp_path / "x.wws").exists()
@@ -55,7 +57,7 @@ def test_cli_errors_are_one_line(tmp_path, st_file, cli_env):
     b = bytearray(tampered.read_bytes())
     b[-200] ^= 1
     tampered.write_bytes(b)
-    r = _fails(warden(cli_env, "verify", str(tampered)), "Error")
+    r = _fails(warden(cli_env, "verify", str(tampered)), "Error", 3)
     assert "not the passphrase" not in r.stderr
 
 
@@ -66,7 +68,7 @@ def test_cli_trust_between_two_parties(tmp_path, st_file, cli_env):
     _ok(warden(bob, "init"))
     out = tmp_path / "m.wws"
     _ok(warden(alice, "seal", str(st_file), "-o", str(out)))
-    _fails(warden(bob, "verify", str(out)), "UntrustedSignerError")
+    _fails(warden(bob, "verify", str(out)), "UntrustedSignerError", 3)
     pub = json.loads(_ok(warden(alice, "key", "export-public", "--json")).stdout)["public_key"]
     _ok(warden(bob, "verify", str(out), "--trust-key", pub))
     (tmp_path / "alice.pub").write_text(pub)

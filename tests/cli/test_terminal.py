@@ -76,7 +76,7 @@ def test_a_strangers_hostile_file_cannot_fake_its_signer(tmp_path: Path, cli_env
     assert "note\\x1b]0;title\\x07" in out and "[green]k[/green]" in out  # markup shown, not obeyed
     # verify refuses the stranger, naming the real signer in one clean line
     r = warden(me, "verify", str(tmp_path / "h.wws"))
-    assert r.returncode == 1 and real in r.stderr and len(r.stderr.splitlines()) == 1
+    assert r.returncode == 3 and real in r.stderr and len(r.stderr.splitlines()) == 1
     _assert_safe(r, trusted)
     # JSON stays JSON: the names round-trip exactly, escaped by the encoder
     j = json.loads(_ok(warden(me, "inspect", str(tmp_path / "h.wws"), "--json")).stdout)
@@ -94,10 +94,12 @@ def test_hostile_lists_names_and_paths_are_escaped_in_every_command(tmp_path: Pa
     lst = tmp_path / "list.json"
     lst.write_text(json.dumps({"results": [{"id": "e\x1b1", "name": "Evil Corp " + evil, "alt_names": ["Evil Corp"],
                                             "source": "src\u202e", "addresses": [{"country": "FR"}]}]}))  # fmt: skip
-    r = _ok(warden(env, "screen", "Evil Corp", "--file", str(lst)))
-    assert "MATCH" in _assert_safe(r, trusted)
+    r = warden(env, "screen", "Evil Corp", "--file", str(lst))
+    assert r.returncode == 4 and "MATCH" in _assert_safe(r, trusted)  # a hit exits 4
     _ok(warden(env, "screen", "update", "--file", str(lst)))
-    _assert_safe(_ok(warden(env, "screen", "Evil Corp")), trusted)
+    r = warden(env, "screen", "check", "Evil Corp")
+    assert r.returncode == 4
+    _assert_safe(r, trusted)
     # a trust label
     pub = json.loads(_ok(warden(env, "key", "export-public", "--json")).stdout)["public_key"]
     _ok(warden(env, "trust", "add", pub, "--label", evil))

@@ -433,7 +433,7 @@ def test_cli_seal_into_hsm_and_migrate(tmp_path, softhsm, st_file, cli_env):
     suri = f"pkcs11:token={softhsm};object={label}?module-path={SOFTHSM_LIB}"
     r = warden(env, "seal", str(st_file), "-o", str(tmp_path / "s.wws"), "--provider", uri, "--signer", suri)
     assert r.returncode == 0, r.stderr
-    assert warden(env, "verify", str(tmp_path / "s.wws")).returncode == 1  # not trusted yet
+    assert warden(env, "verify", str(tmp_path / "s.wws")).returncode == 3  # not trusted yet: verification failed
     pub = json.loads(warden(env, "key", "export-public", "--signer", suri, "--json").stdout)["public_key"]
     assert warden(env, "trust", "add", pub, "--label", "hsm").returncode == 0
     assert warden(env, "verify", str(tmp_path / "s.wws")).returncode == 0

@@ -255,11 +255,11 @@ def test_cli_release_gate_and_licenses(cli_env: dict[str, str], model: Path, tmp
     assert warden(cli_env, "init").returncode == 0
     res = warden(cli_env, "release", str(model), "--to", LISTED, "--country", "DE", "-o", str(tmp_path / "a"),
                  "--json", "--plaintext")  # fmt: skip
-    assert res.returncode == 1 and not (tmp_path / "a").exists()
+    assert res.returncode == 4 and not (tmp_path / "a").exists()  # refused by the gate: exit 4 (issue 19)
     j = json.loads(res.stdout)
     assert j["released"] is False and j["gate"]["decision"] == "deny" and "ReleaseDenied" in res.stderr
     res = warden(cli_env, "release", str(model), "--to", "Acme Labs", "-o", str(tmp_path / "b"), "--plaintext")
-    assert res.returncode == 1 and "destination:unknown" in res.stderr
+    assert res.returncode == 4 and "destination:unknown" in res.stderr
     # a model declared at 3e26 FLOP goes to IN under a license only (evaluated today: the 4E091 rule is
     # rescinded, so use a rules-independent check: the license is filed and listed)
     res = warden(cli_env, "license", "add", "D1", "--regime", "us-ear-eccn-4e091", "--recipient", "Acme Labs",
@@ -523,7 +523,7 @@ def test_cli_sample_list_needs_the_flag(cli_env: dict[str, str], model: Path, tm
     assert warden(env, "init").returncode == 0
     r = warden(env, "release", str(model), "--to", "Acme Labs", "--country", "FR", "-o", str(tmp_path / "a"),
                "--plaintext")  # fmt: skip
-    assert r.returncode == 1 and "screening:sample-list" in r.stderr and "--allow-sample-list" in r.stderr
+    assert r.returncode == 4 and "screening:sample-list" in r.stderr and "--allow-sample-list" in r.stderr
     assert not (tmp_path / "a").exists()
     r = warden(env, "release", str(model), "--to", "Acme Labs", "--country", "FR", "-o", str(tmp_path / "a"),
                "--allow-sample-list", "--plaintext")  # fmt: skip
@@ -685,7 +685,7 @@ def test_cli_release_to_an_embargoed_country_is_refused_and_audited(cli_env: dic
     assert warden(cli_env, "init").returncode == 0
     r = warden(cli_env, "release", str(model), "--to", "Acme Labs", "--country", "Iran", "-o", str(tmp_path / "a"),
                "--plaintext", "--allow-sample-list")  # fmt: skip
-    assert r.returncode == 1 and "destination:embargoed:IR" in r.stderr and not (tmp_path / "a").exists()
+    assert r.returncode == 4 and "destination:embargoed:IR" in r.stderr and not (tmp_path / "a").exists()
     from weightwarden import trail
 
     log = trail.events(Path(cli_env["WARDEN_HOME"]))

@@ -208,15 +208,16 @@ def test_bad_lists_fail_closed(tmp_path: Path) -> None:
 
 def test_cli_screen_and_update(cli_env: dict[str, str], tmp_path: Path) -> None:
     r = warden(cli_env, "screen", "Kim Chol-Ho", "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 4, r.stderr  # a hit (issue 19: exit 4, denied/hit)
     assert json.loads(r.stdout)["hits"][0]["entry"]["id"] == "sample-004" and "SAMPLE" in r.stderr
     mine = tmp_path / "list.csv"
     mine.write_text("_id,source,name,type,addresses,alt_names,programs\nz9,SDN,Orion Cyber Ltd,Entity,,,\n")
     r = warden(cli_env, "screen", "update", "--file", str(mine), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["entries"] == 1
     r = warden(cli_env, "screen", "Orion Cyber Limited", "--json")
-    assert json.loads(r.stdout)["hits"][0]["entry"]["id"] == "z9"
-    assert json.loads(warden(cli_env, "screen", "Kim Chol-Ho", "--json").stdout)["decision"] == "clear"
+    assert json.loads(r.stdout)["hits"][0]["entry"]["id"] == "z9" and r.returncode == 4
+    r = warden(cli_env, "screen", "check", "Kim Chol-Ho", "--json")
+    assert json.loads(r.stdout)["decision"] == "clear" and r.returncode == 0
     bad = tmp_path / "bad.txt"
     bad.write_text("nothing here")
     r = warden(cli_env, "screen", "update", "--file", str(bad))

@@ -328,7 +328,7 @@ def test_cli_release_to_an_enrolled_key_and_the_partner_opens_it(cli_env: dict[s
     bad = {**partner_env}
     res = warden(bad, "open", str(tmp_path / "copy"), "-o", str(tmp_path / "o2"), "--identity",
                  str(tmp_path / "partner.key"), "--trust-key", base64.b64encode(b"\x01" * 32).decode())  # fmt: skip
-    assert res.returncode == 1 and "Untrusted" in res.stderr
+    assert res.returncode == 3 and "Untrusted" in res.stderr
     res = warden(cli_env, "trace", str(tmp_path / "opened"), "--model", str(tmp_path / "m.sealed"), "--json")
     assert res.returncode == 0, res.stderr
     assert [a["recipient"] for a in json.loads(res.stdout)["accused"]] == ["Acme Labs"]

@@ -1,7 +1,8 @@
 """`warden`: a thin command line over the library API.  One command, one library call.
 
 Every command that reports something takes ``--json``.  Any error prints one
-line to stderr and exits 1.
+line to stderr (naming the file, field or flag, and what to do) and exits with the code of its kind:
+0 ok, 1 error, 2 usage, 3 verification failed, 4 denied (``_common.exit_code``; docs/CLI.md).
 
 The services a command needs are built by its :class:`weightwarden.workspace.Workspace`; each module here
 is one command group (``keys``, ``files``, ``custody``, ``provenance``, ``audit``, ``broker``, ``release``,
@@ -20,7 +21,21 @@ from ..audit import context as audit_context
 from ..keys.provider import ed25519_key_id
 from . import _common, audit, broker, custody, files, keys, provenance, release, trace
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Guard the weights of AI models.")
+app = typer.Typer(cls=_common.WardenGroup, add_completion=False, no_args_is_help=True,
+                  help="Guard the weights of AI models.", epilog=_common.EPILOG,
+                  context_settings={"show_default": True})  # fmt: skip
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("weightwarden")
+        except PackageNotFoundError:  # pragma: no cover - run from a source tree
+            from .. import __version__ as v
+        sys.stdout.write(f"warden {v}\n")
+        raise typer.Exit(0)
 
 
 @app.callback()
@@ -40,6 +55,9 @@ def _global(
             help="Read the keyring passphrase from this file (or /dev/fd/N) instead of a prompt.",
         ),
     ] = None,
+    _show_version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     _common._passphrase_file[:] = [passphrase_file] if passphrase_file is not None else []
     ctx = audit_context(actor=actor, reason=reason)
@@ -60,7 +78,7 @@ app.command("serve")(broker.serve_cmd)
 app.command("pull")(broker.pull_cmd)
 app.command("classify")(release.classify_cmd)
 app.command("declare")(release.declare_cmd)
-app.command("screen")(release.screen_cmd)
+app.add_typer(release.screen_app, name="screen")
 app.command("release")(release.release_cmd)
 app.command("trace")(trace.trace_cmd)
 app.add_typer(keys.key_app, name="key")
@@ -77,22 +95,22 @@ app.add_typer(release.recipient_app, name="recipient")
 def main(argv: list[str] | None = None) -> int:
     cmd = typer.main.get_command(app)
     try:
-        cmd.main(args=argv, prog_name="warden", standalone_mode=False)
+        rc = cmd.main(args=argv, prog_name="warden", standalone_mode=False)  # an Exit's code, or None
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:
         sys.stderr.write("error: aborted\n")
-        return 1
+        return _common.EXIT_ERROR
     except Exception as e:
         line = _common._error_line(e)
         if line is None:
             raise
         sys.stderr.write(line + "\n")
-        return 1
+        return _common.exit_code(e)
     finally:
         while _common._audit_ctx:
             _common._audit_ctx.pop().__exit__(None, None, None)
-    return 0
+    return rc if isinstance(rc, int) else _common.EXIT_OK
 
 
 def _entry() -> None:  # pragma: no cover

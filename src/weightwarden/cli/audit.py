@@ -129,7 +129,12 @@ def audit_export(
     db: DbOpt = None,
     start: Annotated[int, typer.Option("--start", min=0, help="first event index")] = 0,
     home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document (a list) instead of JSON lines")] = False,
 ) -> None:
     """Events as JSON lines (index, leaf hash, event) for a SIEM."""
-    for row in _audit_log(db, home).export(start):
+    rows = _audit_log(db, home).export(start)
+    if as_json:
+        _emit(list(rows), True)
+        return
+    for row in rows:
         sys.stdout.write(json.dumps(row, sort_keys=True, separators=(",", ":")) + "\n")

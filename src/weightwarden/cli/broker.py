@@ -28,7 +28,6 @@ from ._common import (
     _read_json,
     _trust_keys,
     _ws,
-    out,
 )
 
 broker_app = typer.Typer(no_args_is_help=True, help="Administer the access broker (accounts, models)")
@@ -64,13 +63,15 @@ def broker_account(
     log_key: LogKeyOpt = None,
     log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Add or replace an account (its key, roles and teams)."""
     ws = _ws(home, db=db, log_key=log_key, log_pass=log_key_passphrase_file)
     with ws.broker() as b:
         b.add_account(account, kind, _pubkey(pubkey, "an account"), set(role or []), set(team or []),
                       actor=ws.actor())  # fmt: skip
-    out.print(f"account {account}: {kind}, roles {sorted(role or [])}, teams {sorted(team or [])}")
+    _emit({"ok": True, "account": account, "kind": kind, "roles": sorted(role or []), "teams": sorted(team or [])},
+          as_json, f"account {account}: {kind}, roles {sorted(role or [])}, teams {sorted(team or [])}")  # fmt: skip
 
 
 @broker_app.command("suspend")
@@ -81,12 +82,13 @@ def broker_suspend(
     log_key: LogKeyOpt = None,
     log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Suspend an account: every token it holds is refused from now on."""
     ws = _ws(home, db=db, log_key=log_key, log_pass=log_key_passphrase_file)
     with ws.broker() as b:
         b.suspend(account, actor=ws.actor(), reason=reason)
-    out.print(f"suspended {account}")
+    _emit({"ok": True, "suspended": account}, as_json, f"suspended {account}")
 
 
 @broker_app.command("model")
@@ -112,6 +114,7 @@ def broker_model(
     log_key: LogKeyOpt = None,
     log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Admit a sealed model (its digests and signature are checked; plaintext is refused) and record
     its export-control classification, on which the gate decides releases of it.  No key is used:
@@ -133,10 +136,9 @@ def broker_model(
     with ws.broker() as b:
         size = b.add_model(name, team, sealed, trust=ws.trust_store(), actor=ws.actor(),
                            classification=c)  # fmt: skip
-    out.print(
-        f"model {name} ({size} bytes) admitted for team {team}; {c.total_params:,} parameters"
-        + (f", training compute {c.compute.flop:.2e} FLOP ({c.compute.method})" if c.compute else "")
-    )
+    _emit({"ok": True, "model": name, "team": team, "bytes": size, "classification": c.to_json()}, as_json,
+          f"model {name} ({size} bytes) admitted for team {team}; {c.total_params:,} parameters"
+          + (f", training compute {c.compute.flop:.2e} FLOP ({c.compute.method})" if c.compute else ""))  # fmt: skip
 
 
 def serve_cmd(
@@ -212,6 +214,7 @@ def broker_enroll(
     log_key: LogKeyOpt = None,
     log_key_passphrase_file: LogKeyPassOpt = None,
     home: HomeOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """A one-time code (15 minutes) with which a person registers a passkey in the console."""
     from ..broker.passkeys import Passkeys
@@ -219,7 +222,10 @@ def broker_enroll(
     ws = _ws(home, db=db, log_key=log_key, log_pass=log_key_passphrase_file)
     with ws.broker() as b:
         code = Passkeys(b, rp_id=rp_id).enroll_code(account, actor=ws.actor())
-    sys.stdout.write(code + "\n")
+    if as_json:
+        _emit({"account": account, "code": code}, True)
+    else:
+        sys.stdout.write(code + "\n")
 
 
 def pull_cmd(

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import CustodyError
-from ._common import HomeOpt, JsonOpt, _emit, _plain, _ws, err, out
+from ._common import HomeOpt, JsonOpt, _emit, _plain, _ws, err
 
 custody_app = typer.Typer(no_args_is_help=True, help="M-of-N custodians of the keyring's root key.")
 agent_app = typer.Typer(no_args_is_help=True, help="The custody agent (holds an unsealed keyring in memory).")
@@ -361,12 +361,12 @@ def agent_start(idle_seal: IdleOpt = 3600.0, home: HomeOpt = None, as_json: Json
 
 
 @agent_app.command("stop")
-def agent_stop(home: HomeOpt = None) -> None:
+def agent_stop(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Stop the agent (it forgets everything)."""
     from ..keys import agent
 
     agent.stop(_ws(home).root)
-    out.print("agent stopped")
+    _emit({"ok": True, "stopped": True}, as_json, "agent stopped")
 
 
 @agent_app.command("run")

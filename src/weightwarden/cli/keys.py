@@ -11,7 +11,7 @@ import typer
 from ..errors import WardenError
 from ..keys.keyring import Keyring
 from ..keys.pubkey import parse_public_key
-from ._common import HomeOpt, JsonOpt, SignerOpt, Table, _emit, _ws, out
+from ._common import HomeOpt, JsonOpt, SignerOpt, Table, _emit, _ws
 
 key_app = typer.Typer(no_args_is_help=True, help="Keys in the local keyring.")
 trust_app = typer.Typer(no_args_is_help=True, help="Signers whose manifests `verify` accepts.")
@@ -185,10 +185,10 @@ def trust_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
 
 
 @trust_app.command("remove")
-def trust_remove(key_id: str, home: HomeOpt = None) -> None:
+def trust_remove(key_id: str, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Stop trusting a signer."""
     ts = _ws(home).trust_store()
     ts.remove(key_id)
     ts.save()
-    out.print(f"removed {key_id}")
+    _emit({"ok": True, "removed": key_id}, as_json, f"removed {key_id}")
 

@@ -125,10 +125,10 @@ def prov_list(registry: RegistryOpt = None, home: HomeOpt = None, as_json: JsonO
 
 
 @prov_app.command("remove")
-def prov_remove(name: str, registry: RegistryOpt = None, home: HomeOpt = None) -> None:
+def prov_remove(name: str, registry: RegistryOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Forget a registered model."""
     _ws(home).registry(registry).remove(name)
-    out.print(f"removed {name}")
+    _emit({"ok": True, "removed": name}, as_json, f"removed {name}")
 
 
 def scan_cmd(

@@ -12,10 +12,12 @@ import typer
 from ..errors import WardenError
 from ..keys.pubkey import parse_public_key
 from ._common import (
+    EXIT_DENIED,
     AllowSampleOpt,
     BrokerDbOpt,
     ComputeOpt,
     DeclarationOpt,
+    DefaultGroup,
     ExpertsOpt,
     HomeOpt,
     JsonOpt,
@@ -34,6 +36,11 @@ from ._common import (
 
 license_app = typer.Typer(no_args_is_help=True, help="Export licenses on file (the release gate consults them)")
 recipient_app = typer.Typer(no_args_is_help=True, help="Release recipients and the public keys copies are sealed to")
+screen_app = typer.Typer(
+    cls=DefaultGroup, no_args_is_help=True,
+    help="Restricted-party screening: `check NAME` (`warden screen NAME` for short, when NAME is no subcommand's "
+         "name) and `update --file F`.",
+)  # fmt: skip
 
 
 def classify_cmd(
@@ -115,30 +122,25 @@ def declare_cmd(
                 **ws.model_kw(model))  # fmt: skip
     from rich.markup import escape
 
-    _emit(d.to_json(), as_json, f"declaration {escape(str(output))} for weights {d.model_sha256[:16]}… signed by "
+    _emit(d.to_json(), as_json, f"declaration {escape(str(output))} for weights {d.model_sha256} signed by "
           f"{d.signed_by}")  # fmt: skip
 
 
-def screen_cmd(
-    name: Annotated[str, typer.Argument(help="a person or organisation; `update` with --file loads a new list")],
+@screen_app.command("check")
+def screen_check(
+    name: Annotated[str, typer.Argument(help="a person or organisation")],
     alias: Annotated[list[str] | None, typer.Option("--alias", help="another name of the same party (repeat)")] = None,
     country: Annotated[str | None, typer.Option("--country", help="its country (ISO 3166 alpha-2)")] = None,
-    threshold: Annotated[float, typer.Option("--threshold", min=0, max=100)] = 86.0,
+    threshold: Annotated[float, typer.Option("--threshold", min=0, max=100, help="score of a hit")] = 86.0,
     file: Annotated[
-        Path | None, typer.Option("--file", help="a screening list (CSL JSON/CSV, OpenSanctions FtM)")
+        Path | None, typer.Option("--file", help="screen against this list instead (CSL JSON/CSV, OpenSanctions FtM)")
     ] = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Screen NAME against the restricted-party list (`warden screen update --file F` loads a newer one)."""
-    from ..release.screen import screen, update_list
+    """Screen NAME against the restricted-party list; a hit (MATCH) exits 4."""
+    from ..release.screen import screen
 
-    if name == "update":
-        if file is None:
-            raise WardenError("warden screen update needs --file")
-        rec = update_list(file, home)
-        _emit(rec, as_json, f"screening list {rec['origin']}: {rec['entries']} entries, sha256 {rec['sha256'][:16]}…")
-        return
     if country is not None:  # ISO 3166: USA, United States -> US; an unknown country is refused
         from ..release.countries import resolve_country
 
@@ -149,14 +151,29 @@ def screen_cmd(
                   "`warden screen update --file`")  # fmt: skip
     if as_json:
         _emit(r, True)
-        return
-    t = Table("score", "entry", "matched name", "source", "countries")
-    for h in r["hits"]:
-        t.add_row(f"{h['score']:.1f}", h["entry"]["name"], h["matched_name"], h["entry"]["source"],
-                  ",".join(h["entry"]["countries"]))  # fmt: skip
-    out.print(t)
-    out.print(f"{r['decision'].upper()} (threshold {threshold:g}; list {r['list']['origin']}, "
-              f"{r['list']['entries']} entries" + (f"; country {country}" if country else "") + ")")  # fmt: skip
+    else:
+        t = Table("score", "entry", "matched name", "source", "countries")
+        for h in r["hits"]:
+            t.add_row(f"{h['score']:.1f}", h["entry"]["name"], h["matched_name"], h["entry"]["source"],
+                      ",".join(h["entry"]["countries"]))  # fmt: skip
+        out.print(t)
+        out.print(f"{r['decision'].upper()} (threshold {threshold:g}; list {r['list']['origin']}, "
+                  f"{r['list']['entries']} entries" + (f"; country {country}" if country else "") + ")")  # fmt: skip
+    if r["hits"]:
+        raise typer.Exit(EXIT_DENIED)
+
+
+@screen_app.command("update")
+def screen_update(
+    file: Annotated[Path, typer.Option("--file", help="the list as downloaded (CSL JSON/CSV, OpenSanctions FtM)")],
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load a newer restricted-party list into the home (its origin, date and SHA-256 are recorded)."""
+    from ..release.screen import update_list
+
+    rec = update_list(file, home)
+    _emit(rec, as_json, f"screening list {rec['origin']}: {rec['entries']} entries, sha256 {rec['sha256']}")
 
 
 def release_cmd(

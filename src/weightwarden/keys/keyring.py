@@ -340,8 +340,14 @@ class Keyring:
         if not kid and create:
             kid = self.new_kek(purpose=purpose or "sealing")
             self.save()
-        if not kid or kid not in self._s["keks"]:
-            raise KeyNotFoundError(f"no {purpose or 'sealing'} key-encryption key {kid!r} in this keyring")
+        if not kid:
+            what = purpose or "sealing"
+            fix = ("the first `warden release` makes it: trace with the keyring that released the copy"
+                   if what == "tracing" else f"make one with `warden key new --kind kek --purpose {what}`")
+            raise KeyNotFoundError(f"this keyring has no {what} key-encryption key: {fix}")
+        if kid not in self._s["keks"]:
+            raise KeyNotFoundError(f"no {purpose or 'sealing'} key-encryption key {kid!r} in this keyring: "
+                                   "`warden key list` shows its keys")  # fmt: skip
         have = self.kek_purpose(kid)
         if purpose is not None and have != purpose:
             raise KeyPurposeError(f"key {kid} is a {have!r} KEK, not a {purpose!r} one")

@@ -11,6 +11,7 @@ plus the caller's working set, whatever the checkpoint's total size.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import struct
@@ -92,7 +93,7 @@ class TensorSource:
     def _open(self, keyring: KeyringLike | None, providers: Any, trust: Any) -> None:
         p = self.path
         if not p.exists():
-            raise FileNotFoundError(p)
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(p))
         if is_sealed_path(p):
             reader = open_reader(p, keyring=keyring, providers=providers, trust=trust)
             self._stack.callback(reader.close)

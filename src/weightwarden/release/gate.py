@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import WardenError
 
 __all__ = ["DECISIONS", "Destination", "GateDecision", "LicenseBook", "LicenseRecord", "Reason", "ReleaseDenied",
-           "ReleaseGate", "UnknownCountry", "check_override"]  # fmt: skip
+           "ReleaseGate", "ReleaseInputError", "UnknownCountry", "check_override"]  # fmt: skip
 
 DECISIONS = ("allow", "needs-license", "needs-review", "deny")  # lowest severity first
 SAMPLE_LIST = "screening:sample-list"  # screened against the fictitious sample: never overridable
@@ -46,7 +46,12 @@ class ReleaseDenied(WardenError):
         self.decision = decision
 
 
-class UnknownCountry(ReleaseDenied):
+class ReleaseInputError(ReleaseDenied):
+    """Bad input to the gate rather than its decision: a malformed recipient, country or license record
+    (`warden` exits 1 for it, 4 for a denial)."""
+
+
+class UnknownCountry(ReleaseInputError):
     """A destination country that is not an ISO 3166 country (code or English name)."""
 
 
@@ -60,7 +65,7 @@ class Destination:
 
     def __post_init__(self) -> None:
         if not self.recipient or len(self.recipient) > 256 or any(ord(c) < 32 for c in self.recipient):
-            raise ReleaseDenied("a recipient is 1-256 printable characters")
+            raise ReleaseInputError("a recipient is 1-256 printable characters")
         if self.country is not None:  # ISO 3166: alpha-2 checked, alpha-3 and names mapped (US, USA, United States)
             from .countries import resolve_country
 
@@ -115,9 +120,9 @@ class LicenseRecord:
                       date.fromisoformat(o["valid_from"]), date.fromisoformat(o["valid_until"]),
                       str(o.get("authority", "")), str(o.get("reference", "")))  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
-            raise ReleaseDenied(f"a license record is malformed ({type(e).__name__})") from None
+            raise ReleaseInputError(f"a license record is malformed ({type(e).__name__}: {str(e)[:80]})") from None
         if not rec.id or not rec.regimes or not rec.countries or not rec.models or rec.valid_until < rec.valid_from:
-            raise ReleaseDenied(f"license {rec.id!r}: needs regimes, countries, models and a valid period")
+            raise ReleaseInputError(f"license {rec.id!r}: needs regimes, countries, models and a valid period")
         return rec
 
 
@@ -137,14 +142,14 @@ class LicenseBook:
             doc = json.loads(p.read_bytes())
             recs = [LicenseRecord.from_json(o) for o in doc["licenses"]]
         except (OSError, ValueError, KeyError, TypeError):
-            raise ReleaseDenied("the license records are unreadable") from None
+            raise ReleaseInputError(f"the license records in {p} are unreadable: fix or remove that file") from None
         return cls(p, recs)
 
     def add(self, rec: LicenseRecord) -> None:
         from .._atomic import atomic_write_bytes
 
         if any(r.id == rec.id for r in self.records):
-            raise ReleaseDenied(f"license {rec.id!r} is already on file")
+            raise ReleaseInputError(f"license {rec.id!r} is already on file")
         self.records.append(rec)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

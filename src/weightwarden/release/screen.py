@@ -96,7 +96,8 @@ class ScreeningList:
         try:
             data = p.read_bytes()
         except OSError as e:
-            raise ScreeningError(f"cannot read the screening list ({type(e).__name__})") from None
+            raise ScreeningError(f"cannot read the screening list {p} ({type(e).__name__}: "
+                                 f"{(e.strerror or e)}): check the --file path") from None
         return cls.parse(data, p.name)
 
     @classmethod
@@ -267,7 +268,8 @@ def update_list(file: str | os.PathLike[str], home: str | os.PathLike[str] | Non
     try:
         data = p.read_bytes()
     except OSError as e:
-        raise ScreeningError(f"cannot read the screening list {p.name} ({type(e).__name__})") from None
+        raise ScreeningError(f"cannot read the screening list {p} ({type(e).__name__}: {(e.strerror or e)}): "
+                             "check the --file path") from None
     lst = ScreeningList.parse(data, p.name)  # refuses an unknown format before anything is replaced
     rec = save_list(home or default_home(), data, p.name, sha256=lst.sha256, format=lst.format,
                     entries=len(lst.entries), now=now)  # fmt: skip

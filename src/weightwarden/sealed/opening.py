@@ -11,14 +11,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import KeyringError
+from ..errors import FormatError, KeyringError
 from ..home import default_home
 from ..keys.local import Keyring, TrustStore
 from ..keys.protocols import KeyringLike
 from ..keys.provider import KeyProvider
 from .bundle import BundleReader, SealedBundle
 from .decrypt import SealedReader
-from .detect import is_bundle
+from .detect import BUNDLE_MANIFEST, is_bundle
 from .reader import SealedFile
 from .signature import Trust
 
@@ -62,7 +62,12 @@ def resolve_providers(keyring: KeyringLike | None, providers: Sequence[KeyProvid
 def open_sealed(path: str | os.PathLike[str]) -> SealedFile | SealedBundle:
     """Parse a sealed file or bundle without any key (no decryption, no trust check)."""
     p = Path(path)
-    return SealedBundle(p) if is_bundle(p) else SealedFile(p)
+    if is_bundle(p):
+        return SealedBundle(p)
+    if p.is_dir():
+        raise FormatError(f"{p} is a folder without a bundle manifest ({BUNDLE_MANIFEST}): give a sealed file, "
+                          "or a folder that `warden seal` wrote")  # fmt: skip
+    return SealedFile(p)
 
 
 def open_reader(

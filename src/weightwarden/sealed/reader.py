@@ -52,6 +52,10 @@ class SealedFile:
         self._f = open(self.path, "rb")
         try:
             self._parse()
+        except FormatError as e:  # name the file (a bundle's member too) and what to do
+            self._f.close()
+            hint = "; it was cut short: copy it again from where it came" if isinstance(e, TruncatedError) else ""
+            raise type(e)(f"{self.path}: {e}{hint}") from None
         except BaseException:
             self._f.close()
             raise
