@@ -48,7 +48,7 @@ class _Out(SafeConsole):
     """stdout.  When it is not a terminal (a pipe, a file, a test's capture) nothing is cut or wrapped to a
     width: a table is as wide as its cells, so key ids and other ids stay whole for `--key`, `shred`, grep."""
 
-    def print(self, *objects: Any, **kw: Any) -> None:  # type: ignore[override]
+    def print(self, *objects: Any, **kw: Any) -> None:
         if self.is_terminal:
             return super().print(*objects, **kw)
         width, self._width = self._width, 1 << 16  # (a print's own width= is capped at the console's)

@@ -15,9 +15,8 @@ import typer
 from typer.testing import CliRunner
 
 import weightwarden as ww
+from tests.support.cli import PASSPHRASE
 from weightwarden.cli import _common, app, main
-
-from .conftest import PASSPHRASE
 
 runner = CliRunner()
 
