@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from ..errors import WardenError
 
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize", "screen", "update_list"]
@@ -54,11 +55,7 @@ def _tables() -> tuple[frozenset[str], frozenset[str], dict[str, str], list[tupl
 
 @lru_cache(maxsize=1)
 def _spoof() -> Any:
-    try:
-        import icu
-    except ImportError:  # pragma: no cover - pyicu comes with rigour (normality)
-        raise ScreeningError("screening needs PyICU (pip install pyicu) for Unicode confusables") from None
-    return icu.SpoofChecker()
+    return require("icu", extra="release").SpoofChecker()
 
 
 @lru_cache(maxsize=8192)
@@ -119,8 +116,9 @@ def normalize(name: str) -> str:
     skeletons), words spelled out with dots joined, transliterated to ASCII, punctuation dropped, the
     abbreviations of trade documents and company forms made canonical (``lists/abbreviations.json`` and
     rigour's org types), honorifics removed, case folded."""
-    from rigour.names import remove_org_types, remove_person_prefixes
-    from rigour.text import ascii_text
+    remove_org_types, remove_person_prefixes = require("rigour.names", "remove_org_types", "remove_person_prefixes",
+                                                       extra="release")
+    ascii_text = require("rigour.text", "ascii_text", extra="release")
 
     s = ascii_text(_prepare(name)).lower()
     s = _SPACE.sub(" ", _PUNCT.sub(" ", s)).strip()
@@ -132,7 +130,7 @@ def normalize(name: str) -> str:
 def _abbreviated(name: str) -> frozenset[str]:
     """The words of ``name`` (case folded, punctuation dropped) that the abbreviation table expands to
     another word ("semi" in "Bright Semi")."""
-    from rigour.text import ascii_text
+    ascii_text = require("rigour.text", "ascii_text", extra="release")
 
     words = _tables()[2]
     s = _SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).strip()
@@ -140,7 +138,7 @@ def _abbreviated(name: str) -> frozenset[str]:
 
 
 def _literal_words(name: str) -> frozenset[str]:
-    from rigour.text import ascii_text
+    ascii_text = require("rigour.text", "ascii_text", extra="release")
 
     return frozenset(_SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).split())
 
@@ -148,7 +146,7 @@ def _literal_words(name: str) -> frozenset[str]:
 def _unmatched(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str) -> set[str]:
     """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80), not cut short
     ("Comp." for "Components"), not written joined ("micro systems" / "microsystems")."""
-    from rapidfuzz import fuzz
+    fuzz = require("rapidfuzz", "fuzz", extra="release")
 
     flat = joined.replace(" ", "")
     return {w for w in words if w not in other and not (len(w) >= 4 and w in flat)
@@ -307,7 +305,7 @@ class ScreeningList:
                threshold: float = DEFAULT_THRESHOLD, limit: int = 5) -> dict[str, Any]:  # fmt: skip
         """Hits for ``name`` (and its ``aliases``) at or above ``threshold``, best first, explained."""
         import numpy as np
-        from rapidfuzz import fuzz, process
+        fuzz, process = require("rapidfuzz", "fuzz", "process", extra="release")
 
         best: dict[int, dict[str, Any]] = {}
         queries = []
