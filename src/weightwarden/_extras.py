@@ -8,12 +8,14 @@ is one typed line (:class:`~weightwarden.errors.MissingExtraError`) naming the e
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 from .errors import MissingExtraError
 
-__all__ = ["EXTRAS", "require"]
+__all__ = ["EXTRAS", "extra_imports", "require"]
 
 #: extra -> the top-level modules of its distributions (what tests/test_light_core.py blocks)
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -47,3 +49,13 @@ def require(module: str, *names: str, extra: str) -> Any:
     if not names:
         return mod
     return got[0] if len(got) == 1 else tuple(got)
+
+
+@contextlib.contextmanager
+def extra_imports(extra: str) -> Iterator[None]:
+    """``with extra_imports("hsm"): import pkcs11``: the module-level imports of a module that only
+    ``extra``'s capability imports; a package missing there is :class:`MissingExtraError` naming ``extra``."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        raise MissingExtraError(extra, e.name) from None

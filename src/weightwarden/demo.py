@@ -41,6 +41,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from weightwarden._extras import require
+from weightwarden.errors import MissingExtraError
+
 console = Console()
 PARTNER = "Northwind Research Ltd"
 LISTED = "Sergei I. Petrov"  # "Sergei Ivanovich Petrov" on the shipped (fictitious) sample list
@@ -210,7 +213,7 @@ class Demo:
 
     # -- 4. broker, export gate, two-person rule, egress --------------------------------------
     def broker(self) -> None:
-        import httpx
+        httpx = require("httpx", extra="client")
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -523,10 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figures", type=Path, help="write the trace and provenance figures here (PNG)")
     a = ap.parse_args(argv)
     try:
-        import matplotlib  # noqa: F401
-
+        require("matplotlib", extra="plot")
         plot = True
-    except ImportError:  # the plot extra is not installed: the demo runs without the figure
+    except MissingExtraError:  # the plot extra is not installed: the demo runs without the figure
         plot = False
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="warden-demo-") as tmp:

@@ -11,6 +11,7 @@ import ipaddress
 import json
 from typing import Annotated, Any
 
+from .._extras import require
 from ..audit import AuditAction
 from .errors import BrokerError, EgressLimitError, StreamCut
 from .service import Broker
@@ -82,11 +83,12 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
     most of the time, and fewer runnable threads keep a policy decision from queueing behind them."""
     import contextlib
 
-    import anyio
-    from fastapi import Depends, FastAPI, Header, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    Depends, FastAPI, Header, Request = require("fastapi", "Depends", "FastAPI", "Header", "Request", extra="server")
+    RequestValidationError = require("fastapi.exceptions", "RequestValidationError", extra="server")
+    JSONResponse, StreamingResponse = require("fastapi.responses", "JSONResponse", "StreamingResponse", extra="server")
+    HTTPAuthorizationCredentials, HTTPBearer = require("fastapi.security", "HTTPAuthorizationCredentials", "HTTPBearer",
+                                                       extra="server")
+    import anyio  # fastapi's
     from pydantic import BaseModel, Field
 
     from .policy import Permission, Principal

@@ -12,6 +12,7 @@ import html
 from importlib import resources
 from typing import Any
 
+from .._extras import require
 from .errors import BrokerError
 from .passkeys import SESSION_S, Passkeys
 from .policy import Permission, Principal
@@ -45,8 +46,10 @@ def _gate(q: dict[str, Any]) -> str:
 
 
 def console_router(pk: Passkeys) -> Any:
-    from fastapi import APIRouter, Cookie, Header, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+    APIRouter, Cookie, Header, Request = require("fastapi", "APIRouter", "Cookie", "Header", "Request", extra="server")
+    HTMLResponse, JSONResponse, RedirectResponse, Response = require(
+        "fastapi.responses", "HTMLResponse", "JSONResponse", "RedirectResponse", "Response", extra="server"
+    )
     from pydantic import BaseModel, Field
 
     broker = pk.broker

@@ -23,6 +23,8 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 
+from .._extras import require
+
 __all__ = [
     "BLOCK",
     "KERNEL",
@@ -97,7 +99,7 @@ def _numpy_chunk(w: np.ndarray, u: np.ndarray, tab: np.ndarray, ell: int, thr: f
 @functools.cache
 def _fused() -> Callable[..., None]:
     """The compiled kernels, built (or loaded from numba's on-disk cache) at first use."""
-    import numba
+    numba = require("numba", extra="fast")
 
     opts = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 
