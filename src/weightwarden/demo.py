@@ -406,7 +406,7 @@ class Demo:
         hub = self.root / "hub"
 
         def leaked() -> tuple[bool, str]:
-            from safetensors.numpy import load_file
+            load_file = require("safetensors.numpy", "load_file", extra="provenance")
 
             t = load_file(str(self.root / "northwind-plain.safetensors"))  # what the partner opened
             p = {k: np.asarray(v, np.float32) for k, v in t.items()}

@@ -282,6 +282,7 @@ def compare_many(
     **open_kw: Any,
 ) -> list[Comparison]:
     """Test one suspect against each signature in a single streaming pass over the suspect."""
+    _lsa()  # the provenance extra, before any work
     own = not isinstance(suspect, TensorSource)
     src = open_source(suspect, **open_kw)
     try:
@@ -364,6 +365,7 @@ def compare(
 ) -> Comparison:
     """Test H0 "suspect and reference were initialised independently"; see docs/PROVENANCE.md.
     The decision is an event of ``home``'s trail (default: the keyring's, else ``$WARDEN_HOME``)."""
+    _lsa()  # the provenance extra, before any work
     from .. import trail
     from ..audit import AuditAction
 

@@ -207,6 +207,8 @@ def scan(
 ) -> ScanReport:
     """Scan every item of ``specs`` on Ray (local unless ``ray_address``); resumable through ``state``.
     The scan is one event of ``home``'s trail (items, derived ones)."""
+    require("ray", extra="cluster")
+    require("scipy", extra="cluster")
     from .. import trail
     from ..audit import AuditAction
     from .registry import Registry

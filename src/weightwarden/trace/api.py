@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import audit, trail
 from .._atomic import TMP_PREFIX, atomic_output, write_all
+from .._extras import require
 from ..audit import AuditAction
 from ..errors import OutputExistsError, RecipientKeyError, UnmarkableFilesError, UnsupportedModelError, WardenError
 from ..keys.provider import KeyProvider
@@ -675,6 +676,7 @@ def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pro
 
     ``population`` (default: the model's recipients) is the n of the union bound; pass a larger one to
     keep the threshold fixed as recipients are added.  Logged in the trail with whom it accuses."""
+    require("scipy.optimize", extra="release")  # extraction aligns units by Hungarian matching
     with trail.operation(home, db) as t:
         rep = _trace(suspect, model, provider=provider, model_id=model_id, home=home, db=db, eps=eps,
                      population=population, **open_kw)  # fmt: skip
