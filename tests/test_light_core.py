@@ -172,12 +172,12 @@ def _warden(blocked: list[str], env: dict[str, str], *args: str) -> subprocess.C
 @pytest.fixture(scope="module")
 def blocked() -> list[str]:
     b = _blocked()
-    installed = {m for mods in EXTRAS.values() for m in mods if importlib_util_find(m)}
+    installed = {m for mods in EXTRAS.values() for m in mods if _installed(m)}
     assert installed <= set(b), f"extras' modules the block misses: {sorted(installed - set(b))}"
     return b
 
 
-def importlib_util_find(name: str) -> bool:
+def _installed(name: str) -> bool:
     import importlib.util
 
     try:
@@ -213,7 +213,7 @@ def test_extras_exist_and_all_is_their_union() -> None:
 
 def test_library_seals_opens_loads_verifies_without_extras(blocked: list[str], tmp_path: Path) -> None:
     for m in ("scipy", "Crypto", "rapidfuzz", "rigour", "icu", "fastapi", "ray", "torch", "safetensors"):
-        if importlib_util_find(m):
+        if _installed(m):
             assert m in blocked
     r = _python(blocked, LIBRARY, str(tmp_path), env={**os.environ, "WARDEN_HOME": str(tmp_path / "home")})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -278,6 +278,22 @@ def test_require_names_the_extra() -> None:
     assert isinstance(ei.value, WardenError) and isinstance(ei.value, ImportError)
     assert ei.value.extra == "plot"
     assert require("json", "dumps", extra="plot") is json.dumps
+
+
+def test_every_require_names_a_known_extra_of_its_module() -> None:
+    """Each ``require("pkg...", extra="E")`` / ``extra_imports("E")`` in src/ names an extra of pyproject, and
+    ``pkg`` is one of the modules _extras.EXTRAS lists for E (what the light-core block is checked against)."""
+    extras = _pyproject()["optional-dependencies"]
+    calls = 0
+    for path in sorted((SRC / "weightwarden").rglob("*.py")):
+        text = path.read_text()
+        for m in re.finditer(r'require\(\s*"([\w.]+)"[^)]*?extra="(\w+)"', text, re.S):
+            top, extra = m.group(1).partition(".")[0], m.group(2)
+            assert extra in extras and top in EXTRAS[extra], f"{path.name}: require({m.group(1)!r}, extra={extra!r})"
+            calls += 1
+        for m in re.finditer(r'extra_imports\("(\w+)"\)', text):
+            assert m.group(1) in extras, f"{path.name}: extra_imports({m.group(1)!r})"
+    assert calls > 30
 
 
 def test_invisible_table_matches_icu() -> None:

@@ -20,11 +20,11 @@ __all__ = ["EXTRAS", "extra_imports", "require"]
 #: extra -> the top-level modules of its distributions (what tests/test_light_core.py blocks)
 EXTRAS: dict[str, tuple[str, ...]] = {
     "custody": ("Crypto",),
-    "provenance": ("scipy",),
+    "provenance": ("scipy", "safetensors"),
     "release": ("scipy", "rapidfuzz", "rigour", "icu"),
-    "server": ("fastapi", "uvicorn", "psycopg", "cedarpy", "jwt", "httpx", "webauthn"),
+    "server": ("fastapi", "uvicorn", "psycopg", "cedarpy", "jwt", "httpx", "webauthn", "boto3", "botocore"),
     "client": ("jwt", "httpx"),
-    "cluster": ("ray", "boto3", "botocore"),
+    "cluster": ("ray", "boto3", "botocore", "scipy"),
     "hsm": ("pkcs11",),
     "kms": ("boto3", "botocore", "hvac"),
     "plot": ("matplotlib",),
