@@ -1,6 +1,7 @@
 # The two commands the README opens with:
-#   make demo   install (core + server, cluster, plot, fast extras) and run the whole lifecycle end to end
-#   make test   install (core + dev + torch + transformers) and run the whole test suite
+#   make demo   install (core + custody, provenance, release, server, cluster, plot, fast extras) and run the
+#               whole lifecycle end to end
+#   make test   install (core + dev + every extra) and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,10 +14,10 @@ $(BIN)/python:
 
 # constraints-test.txt pins the CPU torch wheel for tests and the demo; the extras take torch as a range.
 install: $(BIN)/python
-	$(BIN)/pip install -q -c constraints-test.txt -e '.[server,cluster,plot,fast]'
+	$(BIN)/pip install -q -c constraints-test.txt -e '.[custody,provenance,release,server,cluster,plot,fast]'
 
 install-dev: $(BIN)/python system-deps
-	$(BIN)/pip install -q -c constraints-test.txt -e '.[dev,hf,hsm,kms,cluster,server,fast]'
+	$(BIN)/pip install -q -c constraints-test.txt -e '.[dev,all]'
 
 # Debian packages the tests use: SoftHSM2 (a real PKCS#11 token for the HSM provider), and
 # Chromium with its WebDriver (the web console's tests drive it headless).

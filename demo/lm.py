@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._extras import require
+
 VOCAB, D, FF, LAYERS = 128, 128, 512, 2
 
 Params = dict[str, np.ndarray]
@@ -112,7 +114,7 @@ def int4_round_trip(p: Params, group: int = 32) -> Params:
 def save(p: Params, folder: Path, **card: object) -> Path:
     """A Hugging Face-style folder: model.safetensors and a config.json (``card``: model-card fields
     such as ``training_tokens``)."""
-    from safetensors.numpy import save_file
+    save_file = require("safetensors.numpy", "save_file", extra="provenance")
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file(p, str(folder / "model.safetensors"), metadata={"format": "np"})
@@ -123,6 +125,6 @@ def save(p: Params, folder: Path, **card: object) -> Path:
 
 
 def load(folder: Path) -> Params:
-    from safetensors.numpy import load_file
+    load_file = require("safetensors.numpy", "load_file", extra="provenance")
 
     return {k: v.astype(np.float32) for k, v in load_file(str(Path(folder) / "model.safetensors")).items()}

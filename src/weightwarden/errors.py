@@ -226,3 +226,17 @@ class NoSuchTensorError(WardenError, KeyError):
 
 
 __all__ += ["NoSuchTensorError"]
+
+
+class MissingExtraError(WardenError, ImportError):
+    """A capability's optional dependencies are not installed: its one line names the extra to install
+    (``this needs the `provenance` extra: pip install 'weightwarden[provenance]'``).  Also an
+    ``ImportError``, as the failed import it stands for is."""
+
+    def __init__(self, extra: str, module: str | None = None):
+        super().__init__(f"this needs the `{extra}` extra: pip install 'weightwarden[{extra}]'")
+        self.extra = extra
+        self.module = module
+
+
+__all__ += ["MissingExtraError"]

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._extras import require
 from .errors import LoaderError, UnsupportedModelError
 from .keys.protocols import KeyringLike
 from .keys.provider import KeyProvider
@@ -46,11 +47,7 @@ __all__ = ["from_pretrained", "generation_config", "private_files", "sentence_tr
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError:
-        raise LoaderError("loading a Hugging Face model needs transformers: pip install 'weightwarden[hf]'") from None
-    return transformers
+    return require("transformers", extra="hf")
 
 
 def sealed_model_dir(r: Any) -> BundleReader:
@@ -117,7 +114,7 @@ def _concrete(model_cls: Any, cfg_dir: Path, config: Any) -> Any:
     if mapping is None:
         return model_cls
     transformers = _transformers()
-    from transformers.models.auto.auto_factory import _get_model_class
+    _get_model_class = require("transformers.models.auto.auto_factory", "_get_model_class", extra="hf")
 
     if not isinstance(config, transformers.PreTrainedConfig):
         config = transformers.AutoConfig.from_pretrained(config or cfg_dir)

@@ -17,18 +17,15 @@ import os
 from typing import Any
 
 from ._atomic import atomic_write_bytes
-from .errors import WardenError
+from ._extras import require
 
 __all__ = ["compare_plot", "trace_plot"]
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise WardenError("plots need matplotlib: pip install 'weightwarden[plot]'") from None
+    matplotlib = require("matplotlib", extra="plot")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", extra="plot")
 
     return plt
 

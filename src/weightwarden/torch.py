@@ -6,7 +6,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
+from ._extras import extra_imports
+
+with extra_imports("torch"):
+    import torch
 
 from .errors import LoaderError
 from .keys.protocols import KeyringLike

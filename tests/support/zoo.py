@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .._extras import require
+
 __all__ = ["ARCHS", "Zoo"]
 
 ARCHS = ("llama", "gpt2", "bert", "mixtral")
@@ -34,7 +36,7 @@ class Zoo:
 
     def __init__(self, root: str | Path, *, vocab: int = 1024, d: int = 64, ff: int = 256, layers: int = 4,
                  seq: int = 64, batch: int = 16):  # fmt: skip
-        import torch
+        torch = require("torch", extra="torch")
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         self.root = Path(root)
@@ -50,7 +52,7 @@ class Zoo:
     # -- building ---------------------------------------------------------------------
     def _tokenizer(self, vocab: int) -> Any:
         from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
+        PreTrainedTokenizerFast = require("transformers", "PreTrainedTokenizerFast", extra="hf")
 
         words = re.findall(r"\w+|[^\w\s]", _corpus().lower())
         common = [w for w, _ in Counter(words).most_common(vocab - 2)]
@@ -63,7 +65,7 @@ class Zoo:
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", mask_token="<mask>", pad_token="<unk>")
 
     def config(self, arch: str, vocab: int | None = None) -> Any:
-        import transformers as T
+        T = require("transformers", extra="hf")
 
         v, d, ff, n = vocab or self.vocab, self.d, self.ff, self.layers
         if arch == "llama":
@@ -85,8 +87,8 @@ class Zoo:
         raise ValueError(arch)
 
     def new(self, arch: str, seed: int) -> Any:
-        import torch
-        import transformers as T
+        torch = require("torch", extra="torch")
+        T = require("transformers", extra="hf")
 
         torch.manual_seed(seed)
         cls = {"llama": T.LlamaForCausalLM, "gpt2": T.GPT2LMHeadModel, "bert": T.BertForMaskedLM,
@@ -95,7 +97,7 @@ class Zoo:
 
     def train(self, model: Any, steps: int, *, seed: int, split: str = "pretrain", lr: float = 3e-3,
               params: Any = None) -> Any:  # fmt: skip
-        import torch
+        torch = require("torch", extra="torch")
 
         g = torch.Generator().manual_seed(seed)
         data = self.splits[split]
@@ -126,8 +128,8 @@ class Zoo:
         return path
 
     def load(self, name: str | Path) -> Any:
-        import torch
-        import transformers as T
+        torch = require("torch", extra="torch")
+        T = require("transformers", extra="hf")
 
         path = self.root / name
         return T.AutoModelForMaskedLM.from_pretrained(path, torch_dtype=torch.float32) if \
@@ -144,7 +146,7 @@ class Zoo:
     def derive(self, parent: Path, how: str, *, seed: int = 1) -> Path:
         """Write ``parent`` transformed by ``how`` as a new checkpoint and return its path."""
         import blake3
-        import torch
+        torch = require("torch", extra="torch")
 
         tag = blake3.blake3(b"".join(f.read_bytes() for f in sorted(Path(parent).glob("*.safetensors")))).hexdigest()
         name = f"{Path(parent).name}~{how}-{seed}-{tag[:8]}"  # a changed parent never reuses a stale child
@@ -213,7 +215,7 @@ class Zoo:
 
     def loss(self, path: Path, n: int = 16) -> float:
         """Mean next-token loss on ``n`` held-out sequences (the finetune2 split, never trained on by base models)."""
-        import torch
+        torch = require("torch", extra="torch")
 
         m = self.load(path)
         data = self.splits["finetune2"]
@@ -222,7 +224,7 @@ class Zoo:
             return float(m(input_ids=x, labels=x).loss)
 
     def logits(self, path: Path, n: int = 2) -> np.ndarray:
-        import torch
+        torch = require("torch", extra="torch")
 
         m = self.load(path)
         x = self.splits["finetune"][: n * self.seq].reshape(n, self.seq)
@@ -280,7 +282,7 @@ def _set_depth(m: Any, n: int) -> None:
 
 def _permute_units(m: Any, rng: np.random.Generator) -> None:
     """Permute every gated MLP's hidden units and rescale them (up x a, down / a): the function is unchanged."""
-    import torch
+    torch = require("torch", extra="torch")
 
     for layer in _layer_list(m):
         mlp = layer.mlp
@@ -294,7 +296,7 @@ def _permute_units(m: Any, rng: np.random.Generator) -> None:
 
 def _permute_experts(m: Any, rng: np.random.Generator) -> None:
     """Reorder the experts of every mixture-of-experts block, and the router's rows with them."""
-    import torch
+    torch = require("torch", extra="torch")
 
     for layer in _layer_list(m):
         moe = layer.mlp if hasattr(layer, "mlp") and hasattr(layer.mlp, "experts") else layer.block_sparse_moe
@@ -310,7 +312,7 @@ def _permute_experts(m: Any, rng: np.random.Generator) -> None:
 
 def _prune_units(m: Any, keep: float) -> None:
     """Structured pruning: keep the hidden units of each gated MLP with the largest output norms."""
-    import torch
+    torch = require("torch", extra="torch")
 
     layers = _layer_list(m)
     n = layers[0].mlp.gate_proj.weight.shape[0]
@@ -328,7 +330,7 @@ def _prune_units(m: Any, keep: float) -> None:
 
 
 def _permute_heads(m: Any, rng: np.random.Generator) -> None:
-    import torch
+    torch = require("torch", extra="torch")
 
     c = m.config
     h, hd = c.num_attention_heads, c.hidden_size // c.num_attention_heads
@@ -345,7 +347,7 @@ def _rotate_residual(m: Any, rng: np.random.Generator, *, permutation: bool) -> 
     """Apply an orthogonal map Q to the residual stream of a Llama model, folding RMSNorm scales into the
     following linear layers first (as QuaRot and SliceGPT do); with ``permutation`` Q is a permutation and
     nothing is folded.  The function is unchanged."""
-    import torch
+    torch = require("torch", extra="torch")
 
     d = m.config.hidden_size
     if permutation:
@@ -378,8 +380,8 @@ def _rotate_residual(m: Any, rng: np.random.Generator, *, permutation: bool) -> 
 
 def _lora_finetune(zoo: Zoo, m: Any, seed: int, rank: int = 4, steps: int = 200) -> None:
     """Train rank-``rank`` adapters on every attention and MLP projection, then merge them into the weights."""
-    import torch
-    from torch.nn.utils import parametrize
+    torch = require("torch", extra="torch")
+    parametrize = require("torch.nn.utils", "parametrize", extra="torch")
 
     class LoRA(torch.nn.Module):
         def __init__(self, out_f: int, in_f: int):

@@ -11,6 +11,7 @@ import ipaddress
 import json
 from typing import Annotated, Any
 
+from .._extras import extra_imports
 from ..audit import AuditAction
 from .errors import BrokerError, EgressLimitError, StreamCut
 from .service import Broker
@@ -82,12 +83,13 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
     most of the time, and fewer runnable threads keep a policy decision from queueing behind them."""
     import contextlib
 
-    import anyio
-    from fastapi import Depends, FastAPI, Header, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-    from pydantic import BaseModel, Field
+    with extra_imports("server"):
+        import anyio
+        from fastapi import Depends, FastAPI, Header, Request
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import JSONResponse, StreamingResponse
+        from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+        from pydantic import BaseModel, Field
 
     from .policy import Permission, Principal
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from ..errors import WardenError
 
 __all__ = ["BrokerClient", "BrokerHTTPError", "PullResult", "ResumeMismatchError", "WrongFileError",
@@ -59,14 +60,8 @@ class PullResult:
 
 
 def _need() -> Any:
-    try:
-        import httpx
-        import jwt  # noqa: F401 - tokens.mint needs it
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise WardenError(
-            f"the broker client needs the 'client' extra: pip install 'weightwarden[client]' ({e})"
-        ) from None
-    return httpx
+    require("jwt", extra="client")  # tokens.mint needs it
+    return require("httpx", extra="client")
 
 
 def load_account_key(path: str | os.PathLike[str]) -> Any:

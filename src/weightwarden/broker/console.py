@@ -12,6 +12,7 @@ import html
 from importlib import resources
 from typing import Any
 
+from .._extras import extra_imports
 from .errors import BrokerError
 from .passkeys import SESSION_S, Passkeys
 from .policy import Permission, Principal
@@ -45,9 +46,10 @@ def _gate(q: dict[str, Any]) -> str:
 
 
 def console_router(pk: Passkeys) -> Any:
-    from fastapi import APIRouter, Cookie, Header, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-    from pydantic import BaseModel, Field
+    with extra_imports("server"):
+        from fastapi import APIRouter, Cookie, Header, Request
+        from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+        from pydantic import BaseModel, Field
 
     broker = pk.broker
     r = APIRouter(prefix="/console", include_in_schema=False)

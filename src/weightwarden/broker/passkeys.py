@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .._extras import require
 from ..audit import AuditAction
 from .errors import BrokerError, Unauthorized
 from .policy import Principal
@@ -134,7 +135,8 @@ class Passkeys:
 
     def registration_options(self, account: str, code: str, *, now: datetime | None = None) -> dict[str, Any]:
         import sqlalchemy as sa
-        from webauthn import generate_registration_options, options_to_json
+        generate_registration_options, options_to_json = require("webauthn", "generate_registration_options",
+                                                                 "options_to_json", extra="server")
         from webauthn.helpers.structs import (
             AuthenticatorSelectionCriteria,
             ResidentKeyRequirement,
@@ -169,7 +171,7 @@ class Passkeys:
     def finish_registration(self, challenge_id: str, credential: dict[str, Any], *,
                             now: datetime | None = None) -> None:  # fmt: skip
         import sqlalchemy as sa
-        from webauthn import verify_registration_response
+        verify_registration_response = require("webauthn", "verify_registration_response", extra="server")
 
         account, challenge = self._take_challenge(challenge_id, "register", now)
         try:
@@ -189,13 +191,16 @@ class Passkeys:
                            now: datetime | None, *, decoy: bool = False) -> dict[str, Any]:  # fmt: skip
         """``decoy``: an account without passkeys (or unknown) gets a decoy credential id, not an error."""
         import sqlalchemy as sa
-        from webauthn import generate_authentication_options, options_to_json
-        from webauthn.helpers.structs import PublicKeyCredentialDescriptor, UserVerificationRequirement
+        generate_authentication_options, options_to_json = require("webauthn", "generate_authentication_options",
+                                                                   "options_to_json", extra="server")
+        PublicKeyCredentialDescriptor, UserVerificationRequirement = require(
+            "webauthn.helpers.structs", "PublicKeyCredentialDescriptor", "UserVerificationRequirement", extra="server"
+        )
 
         with self.broker.engine.connect() as c:
             creds = list(c.execute(sa.select(self.t_keys.c.credential_id).where(self.t_keys.c.account == account))
                          .scalars())  # fmt: skip
-        from webauthn import base64url_to_bytes
+        base64url_to_bytes = require("webauthn", "base64url_to_bytes", extra="server")
 
         ids = [base64url_to_bytes(x) for x in creds]
         if not ids and decoy:
@@ -213,7 +218,7 @@ class Passkeys:
     def _verify_assertion(self, challenge_id: str, purpose: str, credential: dict[str, Any],
                           now: datetime | None) -> str:  # fmt: skip
         import sqlalchemy as sa
-        from webauthn import verify_authentication_response
+        verify_authentication_response = require("webauthn", "verify_authentication_response", extra="server")
 
         account, challenge = self._take_challenge(challenge_id, purpose, now)
         cred_id = str(credential.get("id", ""))[:400] if isinstance(credential, dict) else ""

@@ -15,6 +15,8 @@ from enum import StrEnum
 from importlib import resources
 from typing import Any
 
+from .._extras import require
+
 __all__ = ["ROLES", "Decision", "Permission", "Policy", "Principal"]
 
 
@@ -65,7 +67,7 @@ class Policy:
     text: str = field(default_factory=lambda: resources.files(__package__).joinpath("policies.cedar").read_text())
 
     def __post_init__(self) -> None:
-        import cedarpy
+        cedarpy = require("cedarpy", extra="server")
 
         self._set = cedarpy.PolicySet.from_str(self.text)
         self._cache: dict[tuple[Principal, str | None, str | None], Any] = {}
@@ -74,7 +76,7 @@ class Policy:
         """The entity graph of one decision, parsed once per distinct (principal, model, team)."""
         import json
 
-        import cedarpy
+        cedarpy = require("cedarpy", extra="server")
 
         key = (p, model, team)
         hit = self._cache.get(key)
@@ -99,7 +101,7 @@ class Policy:
     def decide(self, p: Principal, perm: Permission, model: str | None = None, team: str | None = None,
                context: dict[str, Any] | None = None) -> Decision:  # fmt: skip
         """Is ``p`` allowed ``perm`` on ``model`` (of ``team``), given ``context``?  Deny by default."""
-        import cedarpy
+        cedarpy = require("cedarpy", extra="server")
 
         if perm in MODEL_PERMISSIONS:
             if model is None or team is None:

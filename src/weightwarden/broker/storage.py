@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from ..errors import WardenError
 
 __all__ = ["CHUNK", "BadNameError", "LocalWeightStore", "S3WeightStore", "StorageError", "WeightStore", "check_name"]
@@ -128,7 +129,7 @@ class S3WeightStore(WeightStore):
     """Sealed weights as objects ``<prefix><name>.wws`` in an S3-compatible bucket (SeaweedFS, MinIO, AWS)."""
 
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, **client_kw: Any):
-        import boto3
+        boto3 = require("boto3", extra="server")
 
         self.bucket, self.prefix = bucket, prefix
         self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, **client_kw)
@@ -137,7 +138,7 @@ class S3WeightStore(WeightStore):
         return f"{self.prefix}{check_name(name)}.wws"
 
     def size(self, name: str) -> int:
-        from botocore.exceptions import ClientError
+        ClientError = require("botocore.exceptions", "ClientError", extra="server")
 
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ContentLength"])
@@ -145,7 +146,7 @@ class S3WeightStore(WeightStore):
             raise StorageError(f"no sealed weights for {name!r}") from None
 
     def read(self, name: str, chunk: int = CHUNK, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        from botocore.exceptions import ClientError
+        ClientError = require("botocore.exceptions", "ClientError", extra="server")
 
         kw = {}
         if start or end is not None:
@@ -159,7 +160,7 @@ class S3WeightStore(WeightStore):
         return _s3_chunks(body, chunk)
 
     def etag(self, name: str) -> str:
-        from botocore.exceptions import ClientError
+        ClientError = require("botocore.exceptions", "ClientError", extra="server")
 
         try:
             tag = str(self.client.head_object(Bucket=self.bucket, Key=self._key(name))["ETag"])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .._extras import require
 from ..errors import WardenError
 
 __all__ = ["MAX_LIFETIME_S", "SKEW_S", "TokenClaims", "TokenError", "mint", "parse_unverified", "verify"]
@@ -49,7 +50,7 @@ class TokenClaims:
 def mint(account: str, private_key: Any, key_id: str, audience: str, method: str, path: str, *,
          lifetime_s: int = 60, not_before: int | None = None, now: datetime | None = None) -> str:  # fmt: skip
     """A token for one request (client side); ``not_before``: an ``nbf`` claim (Unix seconds)."""
-    import jwt
+    jwt = require("jwt", extra="client")
 
     t = int((now or datetime.now(UTC)).timestamp())
     claims = {"iss": account, "sub": account, "aud": audience, "iat": t, "exp": t + lifetime_s,
@@ -84,7 +85,7 @@ def parse_unverified(token: str) -> tuple[str, str]:
 def verify(token: str, public_key: bytes, audience: str, method: str, path: str, *,
            now: datetime | None = None) -> TokenClaims:  # fmt: skip
     """Check signature, audience, lifetime and request binding; the caller then records the jti."""
-    import jwt
+    jwt = require("jwt", extra="server")
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     acct, kid = parse_unverified(token)

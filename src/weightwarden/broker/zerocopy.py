@@ -18,6 +18,8 @@ import os
 from collections.abc import Iterator
 from typing import Any, cast
 
+from .._extras import extra_imports
+
 __all__ = ["EXTENSION", "FileSpan", "file_spans"]  # and ZeroCopyH11Protocol, made on first use (needs uvicorn)
 
 EXTENSION = "http.response.zerocopy"
@@ -55,8 +57,9 @@ def file_spans(path: Any, start: int, end: int, span: int) -> Iterator[FileSpan]
 def _protocol_classes() -> tuple[Any, Any]:
     import asyncio
 
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
+    with extra_imports("server"):
+        import h11
+        from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
     class _Cycle(RequestResponseCycle):
         async def send(self, message: Any) -> None:

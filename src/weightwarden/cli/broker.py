@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .._extras import require
 from ..errors import WardenError
 from ._common import (
     AllowSampleOpt,
@@ -175,7 +176,7 @@ def serve_cmd(
     reexec_with(broker_env(log_key))  # first: /proc/<pid>/environ shows only what the broker needs
     ws = _ws(home, db=db, store=store, audience=audience, log_key=log_key, log_pass=log_key_passphrase_file)
     check_own_home(ws.root)  # never beside a keyring or an agent socket
-    import uvicorn
+    uvicorn = require("uvicorn", extra="server")
 
     from ..broker.app import create_app
     from ..broker.passkeys import Passkeys

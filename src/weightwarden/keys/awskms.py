@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .._extras import require
 from ..errors import (
     KeyDestroyedError,
     KeyDisabledError,
@@ -42,7 +43,7 @@ class AwsKmsProvider(KeyProvider):
 
     def __init__(self, key_arn: str, *, client: Any = None, region: str | None = None, endpoint_url: str | None = None):
         if client is None:
-            import boto3
+            boto3 = require("boto3", extra="kms")
 
             region = region or (key_arn.split(":")[3] if key_arn.startswith("arn:") else None)
             client = boto3.client(
@@ -52,7 +53,7 @@ class AwsKmsProvider(KeyProvider):
         self.key_id = key_arn
 
     def _call(self, fn: str, **kw: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
+        BotoCoreError, ClientError = require("botocore.exceptions", "BotoCoreError", "ClientError", extra="kms")
 
         try:
             return getattr(self._kms, fn)(**kw)

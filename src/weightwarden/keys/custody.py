@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pyrage
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .._atomic import atomic_write_bytes
+from .._extras import require
 from ..canonical import canonical_json
 from ..errors import CustodyError
 from ..home import Home
@@ -47,6 +47,11 @@ from .provider import b64d, b64e
 CUSTODY_FILE = Home(Path()).custody.name  # "custody.json"; the path is Home(h).custody
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MAX_CUSTODIANS = 255
+
+
+def _shamir() -> Any:
+    """pycryptodome's Shamir secret sharing, from the custody extra."""
+    return require("Crypto.Protocol.SecretSharing", extra="custody").Shamir
 
 
 def _commit(r: bytes, split_id: str) -> str:
@@ -241,6 +246,7 @@ def split(
     passphrases = passphrases or {}
     split_id = secrets.token_hex(16)
     r = secrets.token_bytes(32)
+    Shamir = _shamir()
     halves = [Shamir.split(threshold, n, r[:16]), Shamir.split(threshold, n, r[16:])]
     entries = []
     for i, c in enumerate(custodians):
@@ -317,6 +323,7 @@ def combine(doc: CustodyDoc, shares: list[Share]) -> bytes:
     if len(distinct) < doc.threshold:
         raise CustodyError(f"{len(distinct)} of {doc.threshold} shares: the vault stays sealed")
     use = sorted(distinct.values(), key=lambda s: s.index)[: doc.threshold]
+    Shamir = _shamir()
     r = Shamir.combine([(s.index, s.value[:16]) for s in use]) + Shamir.combine([(s.index, s.value[16:]) for s in use])
     if not hmac.compare_digest(_commit(r, doc.split_id), doc.commitment):
         raise CustodyError("the shares do not rebuild this record's unseal key")

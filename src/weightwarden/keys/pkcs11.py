@@ -24,10 +24,13 @@ import time
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-import pkcs11
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11 import exceptions as px
-from pkcs11.mechanisms import GCMParams
+from .._extras import extra_imports
+
+with extra_imports("hsm"):
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+    from pkcs11 import exceptions as px
+    from pkcs11.mechanisms import GCMParams
 
 from ..errors import (
     KeyDestroyedError,

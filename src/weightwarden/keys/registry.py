@@ -14,7 +14,7 @@ The local keyring is not named by a URI: it needs a passphrase or an unsealed ag
 (``api.default_keyring``).  An age recipient is a release's (``keys/age.py``), not a provider a node
 picks.  Every refusal is a :class:`~weightwarden.errors.KeyProviderError` (also a ``ValueError``, as the
 URI functions raised before): an unknown scheme, a malformed URI, or a backend whose optional
-dependency is missing (the message names the extra to install).
+dependency is missing (the message is :class:`~weightwarden.errors.MissingExtraError`'s line naming the extra).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import KeyProviderError
+from ..errors import KeyProviderError, MissingExtraError
 from .provider import KeyProvider, Signer
 
 __all__ = ["Backend", "provider_from_uri", "register", "scheme_of", "schemes", "signer_from_uri"]
@@ -87,13 +87,13 @@ def _call(uri: str, kind: str, **kw: Any) -> Any:
     try:
         fn = getattr(importlib.import_module(backend.module), fn_name)
         return fn(uri, **kw)
+    except MissingExtraError as e:  # the backend's imports (_extras.require): the same one line, as a refusal
+        raise KeyProviderError(str(e)) from None
     except ModuleNotFoundError as e:
         top = (e.name or "").partition(".")[0]
-        if top not in backend.requires:
+        if top not in backend.requires or backend.extra is None:
             raise
-        raise KeyProviderError(
-            f"{scheme}: URIs need {top}, in the {backend.extra!r} extra: pip install 'weightwarden[{backend.extra}]'"
-        ) from None
+        raise KeyProviderError(str(MissingExtraError(backend.extra, e.name))) from None
 
 
 def provider_from_uri(uri: str) -> KeyProvider:

@@ -15,6 +15,7 @@ import base64
 import os
 from typing import Any
 
+from .._extras import require
 from ..errors import (
     KeyDestroyedError,
     KeyDisabledError,
@@ -37,7 +38,7 @@ class VaultTransitProvider(KeyProvider):
 
     def __init__(self, key_name: str, *, mount: str = "transit", client: Any = None):
         if client is None:
-            import hvac
+            hvac = require("hvac", extra="kms")
 
             client = hvac.Client(url=os.environ.get("VAULT_ADDR"), token=os.environ.get("VAULT_TOKEN"))
         self._v = client
@@ -45,7 +46,7 @@ class VaultTransitProvider(KeyProvider):
         self.key_id = key_name
 
     def _transit(self, fn: str, **kw: Any) -> Any:
-        import hvac.exceptions as hx
+        hx = require("hvac.exceptions", extra="kms")
         import requests
 
         try:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
+from .._extras import require
 from .layout import Layout, detect_layout
 from .signature import BlockSignature, Signature, extract_signature, iter_embedding, iter_units, unit_rows
 from .source import TensorSource, open_source
@@ -128,6 +128,11 @@ class Comparison:
         }
 
 
+def _lsa() -> Any:
+    """scipy's Hungarian matching (``linear_sum_assignment``), from the provenance extra."""
+    return require("scipy.optimize", extra="provenance").linear_sum_assignment
+
+
 def _ranges(xs: list[int]) -> list[str]:
     out: list[str] = []
     for x in xs:
@@ -194,7 +199,7 @@ class _AlignStats:
             fit = float(sv.sum() / max(math.sqrt(self.sq_ref.sum() * self.sq_sus.sum()), _EPS))
             return (u @ vt).astype(np.float32), {"kind": "rotation", "rows": k, "fit": round(fit, 4)}
         c = self.cross / np.outer(np.maximum(np.sqrt(self.sq_ref), _EPS), np.maximum(np.sqrt(self.sq_sus), _EPS))
-        ri, ci = linear_sum_assignment(-np.abs(c))
+        ri, ci = _lsa()(-np.abs(c))
         r = np.zeros((d_r, d_s), np.float32)
         r[ri, ci] = np.sign(c[ri, ci]) + (c[ri, ci] == 0)
         return r, {"kind": "signed-permutation", "rows": k, "fit": round(float(np.abs(c[ri, ci]).mean()), 4)}
@@ -261,7 +266,7 @@ def _match_view(src: TensorSource, block: Any, view: str, jobs: list[_Job], n_un
         off = 0
         for j in grp:
             c = cost[off : off + j.m]
-            ri, ci = linear_sum_assignment(c, maximize=True)
+            ri, ci = _lsa()(c, maximize=True)
             pi = np.full(j.m, -1, np.int64)
             pi[ri] = ci
             j.match[view] = pi
@@ -277,6 +282,7 @@ def compare_many(
     **open_kw: Any,
 ) -> list[Comparison]:
     """Test one suspect against each signature in a single streaming pass over the suspect."""
+    _lsa()  # the provenance extra, before any work
     own = not isinstance(suspect, TensorSource)
     src = open_source(suspect, **open_kw)
     try:
@@ -360,6 +366,7 @@ def compare(
 ) -> Comparison:
     """Test H0 "suspect and reference were initialised independently"; see docs/PROVENANCE.md.
     The decision is an event of ``home``'s trail (default: the keyring's, else ``$WARDEN_HOME``)."""
+    _lsa()  # the provenance extra, before any work
     from .. import trail
     from ..audit import AuditAction
 

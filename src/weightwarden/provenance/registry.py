@@ -37,6 +37,7 @@ import numpy as np
 
 from .. import trail
 from .._atomic import atomic_write_bytes
+from .._extras import require
 from ..audit import AuditAction
 from ..errors import FormatError, RegistryError
 from .compare import DEFAULT_ALPHA, Comparison, compare_many, corrected
@@ -166,6 +167,7 @@ class Registry:
                  **kw: Any) -> Signature:  # fmt: skip
         """Extract and store ``model``'s signature.  Its registered parent is ``parent`` (which it must
         test as derived from), or with ``lineage`` the model ``identify`` names, if any."""
+        require("scipy", extra="provenance")
         self._check_name(name)
         if name in self._names and not replace:
             raise RegistryError(f"{name!r} is already registered (use replace)")
@@ -231,6 +233,7 @@ class Registry:
                  alpha: float = DEFAULT_ALPHA, log: bool = True, **open_kw: Any) -> Identification:  # fmt: skip
         """Rank the registered models ``suspect`` may be derived from; ``best`` is its likely parent.
         ``log``: an event in the trail (a scan logs one event for all its items instead)."""
+        require("scipy", extra="provenance")
         if not self._names:
             raise RegistryError("the registry is empty: register a model first")
         own = not isinstance(suspect, TensorSource)

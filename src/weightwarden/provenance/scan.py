@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from ..errors import ScanError, WardenError
 from ..sealed.detect import is_sealed as _is_sealed
 
@@ -91,7 +92,7 @@ def list_items(spec: str) -> list[str]:
 
 
 def _s3():
-    import boto3
+    boto3 = require("boto3", extra="cluster")
 
     # a fresh session reads the environment now (boto3's default session caches the first credentials it saw)
     return boto3.session.Session().client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
@@ -206,6 +207,8 @@ def scan(
 ) -> ScanReport:
     """Scan every item of ``specs`` on Ray (local unless ``ray_address``); resumable through ``state``.
     The scan is one event of ``home``'s trail (items, derived ones)."""
+    require("ray", extra="cluster")
+    require("scipy", extra="cluster")
     from .. import trail
     from ..audit import AuditAction
     from .registry import Registry
@@ -238,10 +241,7 @@ def scan(
 
 def _run_ray(todo: list[str], root: str, top_k: int, alpha: float, address: str | None, workers: int | None,
              state_path: Path, report: ScanReport, on_progress: Callable[[int, int], None] | None) -> None:  # fmt: skip
-    try:
-        import ray
-    except ImportError:
-        raise ScanError("warden scan runs on Ray: install weightwarden[cluster]") from None
+    ray = require("ray", extra="cluster")
     started = not ray.is_initialized()
     if started:
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}

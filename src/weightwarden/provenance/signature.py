@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .._extras import require
 from ..errors import FormatError, UnsupportedModelError
 from .layout import Block, Layout, detect_layout
 from .source import TensorSource, open_source
@@ -57,7 +58,7 @@ class Signature:
 
     # -- serialisation (safetensors with the scalars in its metadata) ------------------
     def to_bytes(self) -> bytes:
-        from safetensors.numpy import save
+        save = require("safetensors.numpy", "save", extra="provenance")
 
         tensors = {"token_ids": self.token_ids, "embed_rows": self.embed_rows, "sketch": self.sketch}
         for b in self.blocks:
@@ -76,8 +77,8 @@ class Signature:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Signature:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load
+        SafetensorError = require("safetensors", "SafetensorError", extra="provenance")
+        load = require("safetensors.numpy", "load", extra="provenance")
 
         try:
             t = load(data)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import special, stats
+
+from .._extras import require
 
 LN10 = math.log(10.0)
 
@@ -19,7 +20,7 @@ def spearman_logp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     k = len(a)
     if k < 8:
         return 0.0, 0.0
-    rho = float(stats.spearmanr(a, b).statistic)
+    rho = float(require("scipy.stats", extra="provenance").spearmanr(a, b).statistic)
     if not math.isfinite(rho):
         return 0.0, 0.0
     rho = min(rho, 1.0 - 1e-15)
@@ -29,13 +30,14 @@ def spearman_logp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def t_logsf(t: float, df: int) -> float:
-    lp = float(stats.t.logsf(t, df))
+    lp = float(require("scipy.stats", extra="provenance").t.logsf(t, df))
     if math.isfinite(lp) and lp > -700:
         return lp
     # sf(t) = I_x(df/2, 1/2) / 2 with x = df / (df + t^2) -> 0; leading term of the series
     a = df / 2.0
     x = df / (df + t * t)
-    return math.log(0.5) + a * math.log(x) + 0.5 * math.log1p(-x) - math.log(a) - float(special.betaln(a, 0.5))
+    betaln = require("scipy.special", "betaln", extra="provenance")
+    return math.log(0.5) + a * math.log(x) + 0.5 * math.log1p(-x) - math.log(a) - float(betaln(a, 0.5))
 
 
 def sidak_logp(logp: float, c: int) -> float:
@@ -56,7 +58,7 @@ def fisher_logp(logps: list[float]) -> float:
     y = -sum(logps)  # chi2/2, Gamma(k) distributed under the null
     if y <= 0:
         return 0.0
-    q = float(special.gammaincc(k, y))
+    q = float(require("scipy.special", extra="provenance").gammaincc(k, y))
     if q > 1e-300:
         return math.log(q)
     # Q(k, y) ~ y^(k-1) e^-y / Gamma(k) * (1 + (k-1)/y + (k-1)(k-2)/y^2 ...)

@@ -6,6 +6,8 @@ territory that no longer exists (SU, DD, YU) or is not a country (EU, ZZ, a city
 
 from __future__ import annotations
 
+from .._extras import require
+
 __all__ = ["country_name", "resolve_country"]
 
 
@@ -19,7 +21,9 @@ def _unknown(text: str, flag: str, why: str) -> Exception:
 
 def resolve_country(text: str, *, flag: str = "--country") -> str:
     """The ISO 3166-1 alpha-2 code (upper case) of ``text``: a code of two or three letters, or a name."""
-    from rigour.territories import get_territory, lookup_by_identifier, lookup_territory
+    get_territory, lookup_by_identifier, lookup_territory = require(
+        "rigour.territories", "get_territory", "lookup_by_identifier", "lookup_territory", extra="release"
+    )
 
     s = " ".join(str(text or "").split())
     if not s or len(s) > 64 or not all(c.isalpha() or c in " .'-()," for c in s):
@@ -54,7 +58,7 @@ _ASSIGNED = frozenset({"AQ", "AS", "BL", "BQ", "BV", "GF", "GP", "GU", "HK", "HM
 def _named(word: str) -> set[str]:
     import re
 
-    from rigour.territories import get_territories
+    get_territories = require("rigour.territories", "get_territories", extra="release")
 
     pat = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
     return {t.code.upper() for t in get_territories() if t.is_country and not t.is_historical and len(t.code) == 2
@@ -62,7 +66,7 @@ def _named(word: str) -> set[str]:
 
 
 def country_name(code: str) -> str:
-    from rigour.territories import get_territory
+    get_territory = require("rigour.territories", "get_territory", extra="release")
 
     t = get_territory(code.lower())
     return t.name if t is not None else code

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from .screen_lists import Entry, is_sample, parse_entries, sample_path, save_list, stored_list
 from .screen_names import ScreeningError, abbreviated_words, literal_words, name_tables, normalize, unmatched_words
 
@@ -126,7 +127,7 @@ class ScreeningList:
                threshold: float = DEFAULT_THRESHOLD, limit: int = 5) -> dict[str, Any]:  # fmt: skip
         """Hits for ``name`` (and its ``aliases``) at or above ``threshold``, best first, explained."""
         import numpy as np
-        from rapidfuzz import fuzz, process
+        fuzz, process = require("rapidfuzz", "fuzz", "process", extra="release")
 
         best: dict[int, dict[str, Any]] = {}
         queries = []

@@ -9,6 +9,7 @@ import unicodedata
 from functools import lru_cache
 from typing import Any
 
+from .._extras import require
 from ..errors import WardenError
 
 __all__ = ["ScreeningError", "abbreviated_words", "literal_words", "name_tables", "normalize", "unmatched_words"]
@@ -37,11 +38,7 @@ def name_tables() -> tuple[frozenset[str], frozenset[str], dict[str, str],
 
 @lru_cache(maxsize=1)
 def _spoof() -> Any:
-    try:
-        import icu
-    except ImportError:  # pragma: no cover - pyicu comes with rigour (normality)
-        raise ScreeningError("screening needs PyICU (pip install pyicu) for Unicode confusables") from None
-    return icu.SpoofChecker()
+    return require("icu", extra="release").SpoofChecker()
 
 
 @lru_cache(maxsize=8192)
@@ -102,8 +99,9 @@ def normalize(name: str) -> str:
     skeletons), words spelled out with dots joined, transliterated to ASCII, punctuation dropped, the
     abbreviations of trade documents and company forms made canonical (``lists/abbreviations.json`` and
     rigour's org types), honorifics removed, case folded."""
-    from rigour.names import remove_org_types, remove_person_prefixes
-    from rigour.text import ascii_text
+    remove_org_types, remove_person_prefixes = require("rigour.names", "remove_org_types", "remove_person_prefixes",
+                                                       extra="release")
+    ascii_text = require("rigour.text", "ascii_text", extra="release")
 
     s = ascii_text(_prepare(name)).lower()
     s = _SPACE.sub(" ", _PUNCT.sub(" ", s)).strip()
@@ -115,7 +113,7 @@ def normalize(name: str) -> str:
 def abbreviated_words(name: str) -> frozenset[str]:
     """The words of ``name`` (case folded, punctuation dropped) that the abbreviation table expands to
     another word ("semi" in "Bright Semi")."""
-    from rigour.text import ascii_text
+    ascii_text = require("rigour.text", "ascii_text", extra="release")
 
     words = name_tables()[2]
     s = _SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).strip()
@@ -123,7 +121,7 @@ def abbreviated_words(name: str) -> frozenset[str]:
 
 
 def literal_words(name: str) -> frozenset[str]:
-    from rigour.text import ascii_text
+    ascii_text = require("rigour.text", "ascii_text", extra="release")
 
     return frozenset(_SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).split())
 
@@ -131,7 +129,7 @@ def literal_words(name: str) -> frozenset[str]:
 def unmatched_words(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str) -> set[str]:
     """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80), not cut short
     ("Comp." for "Components"), not written joined ("micro systems" / "microsystems")."""
-    from rapidfuzz import fuzz
+    fuzz = require("rapidfuzz", "fuzz", extra="release")
 
     flat = joined.replace(" ", "")
     return {w for w in words if w not in other and not (len(w) >= 4 and w in flat)

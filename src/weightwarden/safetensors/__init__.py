@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .._extras import require
 from ..errors import LoaderError
 from ..keys.protocols import KeyringLike
 from ..sealed import format as F
@@ -55,11 +56,7 @@ def framework_name(framework: str) -> str:
 
 
 def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise LoaderError("framework 'pt' needs torch: pip install 'weightwarden[torch]'") from None
-    return torch
+    return require("torch", extra="torch")
 
 
 def torch_dtype(dtype: str) -> Any:

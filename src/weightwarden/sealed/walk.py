@@ -16,6 +16,7 @@ checked again (``read_plain_text``), never re-opened by path.
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import io
 import json
@@ -46,12 +47,23 @@ _EMBEDDED = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x01\x02", b"\x1f\x8b", b"\xfd7zX
              b"1AY&SY")  # fmt: skip
 
 
-def invisible(c: str) -> bool:
-    """Whether ``c`` prints as nothing: a Unicode ``Default_Ignorable_Code_Point`` (ICU) or U+2800 (braille
-    blank), which ``str.isprintable`` calls printable (issue 17)."""
-    import icu  # pyicu: a core dependency
+#: Unicode's ``Default_Ignorable_Code_Point`` ranges (DerivedCoreProperties.txt, Unicode 15; the same as ICU's,
+#: which tests/test_light_core.py checks), so that the core needs no ICU: first and last code point of each
+_IGNORABLE = ((0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+              (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+              (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+              (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))  # fmt: skip
+_IGNORABLE_STARTS = tuple(a for a, _ in _IGNORABLE)
 
-    return c == "\u2800" or bool(icu.Char.hasBinaryProperty(c, icu.UProperty.DEFAULT_IGNORABLE_CODE_POINT))
+
+def invisible(c: str) -> bool:
+    """Whether ``c`` prints as nothing: a Unicode ``Default_Ignorable_Code_Point`` or U+2800 (braille
+    blank), which ``str.isprintable`` calls printable (issue 17)."""
+    if c == "\u2800":
+        return True
+    o = ord(c)
+    k = bisect.bisect_right(_IGNORABLE_STARTS, o) - 1
+    return k >= 0 and o <= _IGNORABLE[k][1]
 
 
 def shown(text: str) -> str:

@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from .._extras import require
+
 __all__ = [
     "BLOCK",
     "KERNEL",
@@ -103,7 +105,7 @@ class _Fused(NamedTuple):
 @functools.cache
 def _fused() -> _Fused:
     """The compiled kernels, built (or loaded from numba's on-disk cache) at first use."""
-    import numba
+    numba = require("numba", extra="fast")
 
     def jit(fn: Callable[..., Any]) -> Any:
         return numba.njit(fn, nogil=True, cache=True, error_model="numpy", boundscheck=False)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import audit, trail
+from .._extras import require
 from ..audit import AuditAction
 from ..keys.provider import KeyProvider
 from .mark import extract
@@ -59,6 +60,7 @@ def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pro
 
     ``population`` (default: the model's recipients) is the n of the union bound; pass a larger one to
     keep the threshold fixed as recipients are added.  Logged in the trail with whom it accuses."""
+    require("scipy.optimize", extra="release")  # extraction aligns units by Hungarian matching
     with trail.operation(home, db) as t:
         rep = _trace(suspect, model, provider=provider, model_id=model_id, home=home, db=db, eps=eps,
                      population=population, **open_kw)  # fmt: skip

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
+from .._extras import require
 from ..errors import UnsupportedModelError
 from ..provenance.compare import align_residual, compare_many
 from ..provenance.layout import Block, Expert, Layout, detect_layout
@@ -211,7 +211,7 @@ def _match(orig: np.ndarray, sus: np.ndarray) -> np.ndarray:
     if len(a) <= len(b) and np.unique(best).size == len(a):
         return best.astype(np.int64)
     c = np.abs(a @ bt)
-    ri, ci = linear_sum_assignment(c, maximize=True)
+    ri, ci = require("scipy.optimize", extra="release").linear_sum_assignment(c, maximize=True)
     pi = np.full(len(a), -1, np.int64)
     pi[ri] = ci
     return pi

@@ -27,6 +27,7 @@ from typing import Any
 
 from .. import db
 from .._atomic import atomic_write_bytes
+from .._extras import require
 from ..errors import FormatError, KeyPurposeError, RecipientNameError, WardenError
 from ..keys.provider import KeyProvider, KeySlot
 from ._kernel import MAX_SYMBOLS
@@ -71,7 +72,7 @@ def _stray_mark(text: str) -> str | None:
     """``U+XXXX`` of the first combining mark in ``text`` (NFC) that is not part of a letter: one after no
     letter, a third in a row, or one left uncomposed on a Latin, Greek or Cyrillic letter (those compose
     under NFC wherever a real letter exists; a leftover mark only makes a new identity)."""
-    import icu
+    icu = require("icu", extra="release")
 
     composing = {icu.UScriptCode.LATIN, icu.UScriptCode.GREEK, icu.UScriptCode.CYRILLIC}
     run, base = 0, ""
@@ -86,7 +87,7 @@ def _stray_mark(text: str) -> str | None:
 
 
 def _skeleton(text: str) -> str:
-    import icu  # pyicu (a dependency: rigour's normality needs it too)
+    icu = require("icu", extra="release")  # pyicu (a dependency: rigour's normality needs it too)
 
     return str(icu.SpoofChecker().getSkeleton(0, text))
 
