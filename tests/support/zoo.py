@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._extras import require
+from weightwarden._extras import require
 
 __all__ = ["ARCHS", "Zoo"]
 
