@@ -53,7 +53,7 @@ def probe_cmd(
     cache: Annotated[
         Path | None,
         typer.Option("--cache", help="answer cache, to resume [default: $WARDEN_HOME/probe/URL-HASH]",
-                     show_default=False),  # fmt: skip
+                     show_default=False),
     ] = None,
     mode: Annotated[str, typer.Option("--mode", help="logprobs | chat | text")] = "logprobs",
     items: Annotated[int, typer.Option("--items", min=1, help="prompts asked (text mode: x --samples)")] = 32,
