@@ -51,13 +51,14 @@ class Family:
     """Tiny Llama models on one tokenizer: ``train`` from a seed, derive, ``save`` as HF folders."""
 
     def __init__(self, root: str | Path, *, vocab: int = 384, d: int = 48, ff: int = 128, layers: int = 2,
-                 seq: int = 64, batch: int = 16, tokenizer_vocab: int | None = None):  # fmt: skip
+                 seq: int = 64, batch: int = 16, tokenizer_vocab: int | None = None,
+                 text_limit: int = 400_000):  # fmt: skip
         import torch
 
         torch.set_num_threads(1)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.text = corpus()
+        self.text = corpus(text_limit)
         self.tokenizer = bpe_tokenizer(self.text, tokenizer_vocab or vocab)
         self.vocab, self.d, self.ff, self.layers, self.seq, self.batch = len(self.tokenizer), d, ff, layers, seq, batch
         ids = self.tokenizer(self.text)["input_ids"]
@@ -95,9 +96,9 @@ class Family:
     def base(self, seed: int, steps: int = 150) -> Any:
         return self.train(self.new(seed), steps, seed=seed)
 
-    @staticmethod
-    def finetune(fam: Family, model: Any, steps: int = 60, seed: int = 1) -> Any:
-        return fam.train(copy.deepcopy(model), steps, seed=seed + 1000, split="finetune", lr=1e-3)
+    def finetune(self, model: Any, steps: int = 25, seed: int = 1, lr: float = 5e-4) -> Any:
+        """A short fine-tune on the held-out split (a copy; the original is left as it is)."""
+        return self.train(copy.deepcopy(model), steps, seed=seed + 1000, split="finetune", lr=lr)
 
     @staticmethod
     def int8(model: Any) -> Any:
@@ -296,7 +297,10 @@ class OAIServer:
                         if s.fault == "positive" and t == 2:
                             lp = 0.5
                         lps.append(lp)
-                        tops.append(dict(self._top(s, logp[t - 1], int(k))) if k else None)
+                        top: dict[str, float] = {}
+                        for a, b in self._top(s, logp[t - 1], int(k)) if k else []:
+                            top.setdefault(a, b)  # pieces several ids spell: the likeliest one
+                        tops.append(top if k else None)
                 pos += len(piece)
             if s.fault == "badecho" and toks:
                 toks[0] = toks[0] + "x"

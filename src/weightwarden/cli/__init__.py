@@ -78,7 +78,9 @@ app.add_typer(release.recipient_app, name="recipient")
 def main(argv: list[str] | None = None) -> int:
     cmd = typer.main.get_command(app)
     try:
-        cmd.main(args=argv, prog_name="warden", standalone_mode=False)
+        rc = cmd.main(args=argv, prog_name="warden", standalone_mode=False)  # typer.Exit(n): n, returned
+        if type(rc) is int and rc:
+            return rc
     except typer.Exit as e:
         return e.exit_code
     except typer.Abort:

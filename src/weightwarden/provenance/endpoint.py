@@ -125,7 +125,7 @@ class AnswerCache:
 
     def put(self, key: str, path: str, response: dict[str, Any]) -> None:
         rec = {"key": key, "path": path, "response": response}
-        data = (json.dumps(rec, sort_keys=True, allow_nan=False) + "\n").encode()
+        data = (json.dumps(rec, allow_nan=False) + "\n").encode()  # key order kept: top-k lists are ordered
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             view = memoryview(data)
@@ -166,7 +166,7 @@ def _check_top(top: dict[str, float], tok: str, lp: float, k: int, where: str) -
         raise EndpointAnswerError(f"{where}: the top log-probabilities are not sorted from most to least likely")
     if vals and float(np.logaddexp.reduce(np.array(vals))) > 1e-3:
         raise EndpointAnswerError(f"{where}: the top alternatives' probabilities add up to more than 1")
-    if math.isnan(lp):
+    if math.isnan(lp) or "\ufffd" in tok:  # bytes that are no whole character: several tokens spell them so
         return
     if tok in top:
         if abs(top[tok] - lp) > 1e-3 + 1e-3 * abs(lp):

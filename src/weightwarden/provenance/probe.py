@@ -64,6 +64,7 @@ ASSUMPTIONS = (
 )
 _STARTERS = ("def ", "class ", "import ", "    return ", "# ", "if ", "for ", "The ", "    def ", "    self.",
              "from ", "while ", "    if ", "raise ", "with ", "x = ")  # fmt: skip
+_SAME_SPLIT = 0.8  # chat mode: below this share of agreeing token boundaries, the tokenizers differ
 _FLOOR = -50.0  # log-probabilities are clipped here (a token one model rules out entirely)
 
 
@@ -299,6 +300,11 @@ def _pool_scores(pool: Sequence[Scorer], pieces: list[str], queries: list[tuple[
     return np.stack([m.logprobs(pieces, queries) for m in pool])
 
 
+def _bounds(pieces: Sequence[str]) -> set[int]:
+    """The character offsets where the tokens of a text end."""
+    return set(np.cumsum([len(p) for p in pieces]).tolist())
+
+
 def _first_diff(a: Sequence[str], b: Sequence[str]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -410,6 +416,7 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
     else:
         chosen_t = _select(pool, texts, n_items, max_tokens)
         s_all, x_all = [], []
+        shared = either = 0
         for _, text, pieces in chosen_t:
             if mode == "logprobs":
                 r = ep.echo(text, top)
@@ -437,6 +444,9 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
                 if unknown:
                     raise TokenizerMismatchError(f"{ep.url} generated tokens our model's tokenizer does not have "
                                                  f"({unknown[:3]!r}): its tokenizer is not ours; use --mode text")
+                a, b = _bounds(gen), _bounds(ours.pieces("".join(gen)))  # token boundaries: theirs, ours
+                shared += len(a & b)
+                either += len(a | b)
                 full, start = prompt_pieces + gen, len(prompt_pieces)
             q: list[tuple[int, str]] = []
             sv: list[float] = []
@@ -460,6 +470,11 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
                 evidence.append({"text": "".join(full)[:80], "tokens": len(full), "points": int(ok.sum()),
                                  "t_ours": round(float(per[0]), 4),
                                  "t_references_mean": round(float(per[1:].mean()), 4)})  # fmt: skip
+        if either and shared < _SAME_SPLIT * either:
+            raise TokenizerMismatchError(f"{ep.url} splits the text it generates at other places than our tokenizer "
+                                         f"does (only {shared / either:.0%} of the token boundaries agree; the same "
+                                         "tokenizer, even sampling, agrees on most): its tokenizer is not ours; "
+                                         "use --mode text")  # fmt: skip
         if not s_all:
             raise EndpointError(f"{ep.url} gave no tokens to compare")
         s, x = np.concatenate(s_all), np.concatenate(x_all, axis=1)
