@@ -26,7 +26,7 @@ from weightwarden.provenance.endpoint import AnswerCache, Endpoint, TokenBucket
 from weightwarden.provenance.probe import EndpointScorer, HFScorer, probe
 
 ALPHA = 1e-3
-TEXT_ALPHA = 0.05  # text mode: a dozen sampled continuations per probe here (it needs many more queries)
+LOOSE_ALPHA = 1e-2  # chat and text modes: few tokens per probe here (they need more queries for 1e-3)
 N_REFS = 5
 
 
@@ -35,11 +35,11 @@ def world(tmp_path_factory):
     import transformers as T
 
     root = tmp_path_factory.mktemp("probe-family")
-    fam = Family(root, vocab=320, d=32, ff=96, seq=48, batch=8, text_limit=150_000)
+    fam = Family(root, vocab=320, d=32, ff=96, seq=48, batch=8, text_limit=120_000)
     ours = fam.base(0, steps=90)
     refs = [fam.base(s, steps=90) for s in range(1, N_REFS + 1)]
     ind = fam.base(50, steps=90)
-    ft = fam.finetune(ours)
+    ft = fam.finetune(ours, steps=15, lr=3e-4)  # a short fine-tune on other data
     i8 = Family.int8(ours)
     other_tok = Family(root / "other", vocab=600, d=32, ff=96, seq=48, batch=8, text_limit=40_000)
     cfg = T.LlamaConfig(vocab_size=len(other_tok.tokenizer), hidden_size=32, intermediate_size=96, num_hidden_layers=1,
@@ -127,8 +127,9 @@ def test_logprobs_mode_detects_derived_not_independent(world, tmp_path):
 
 
 def test_chat_mode_at_temperature_one(world, tmp_path):
-    ft = _probe(world, "ft-t1", tmp_path, mode="chat", n_items=24, new_tokens=20)
-    ind = _probe(world, "ind-t1", tmp_path, mode="chat", n_items=24, new_tokens=20)
+    kw = {"mode": "chat", "n_items": 24, "new_tokens": 20, "alpha": LOOSE_ALPHA}
+    ft = _probe(world, "ft-t1", tmp_path, **kw)
+    ind = _probe(world, "ind-t1", tmp_path, **kw)
     assert ft.derived, ft.to_json()
     assert not ind.derived and ind.log10_p_value > -2, ind.to_json()
 
@@ -136,12 +137,12 @@ def test_chat_mode_at_temperature_one(world, tmp_path):
 def test_text_mode_without_logprobs(world, tmp_path):
     with pytest.raises(EndpointAnswerError, match="no log-probabilities"):
         _probe(world, "ft-text", tmp_path)
-    kw = {"mode": "text", "n_items": 12, "samples": 2, "new_tokens": 16, "alpha": TEXT_ALPHA}
+    kw = {"mode": "text", "n_items": 12, "samples": 2, "new_tokens": 16, "alpha": LOOSE_ALPHA}
     ft = _probe(world, "ft-text", tmp_path, **kw)
     ind = _probe(world, "ind-text", tmp_path, **kw)
     assert ft.queries_used == 24 and ft.mode == "text"
-    assert ft.derived and ft.log10_p_value < -1.6, ft.to_json()
-    assert not ind.derived and ind.log10_p_value > -1, ind.to_json()
+    assert ft.derived, ft.to_json()
+    assert not ind.derived and ind.log10_p_value > -2, ind.to_json()
 
 
 def test_budget_exhaustion_resumes_from_the_cache(world, tmp_path):

@@ -64,7 +64,7 @@ ASSUMPTIONS = (
 )
 _STARTERS = ("def ", "class ", "import ", "    return ", "# ", "if ", "for ", "The ", "    def ", "    self.",
              "from ", "while ", "    if ", "raise ", "with ", "x = ")  # fmt: skip
-_SAME_SPLIT = 0.8  # chat mode: below this share of agreeing token boundaries, the tokenizers differ
+_SAME_SPLIT = 0.6  # chat mode: below this share of agreeing token boundaries, the tokenizers differ
 _FLOOR = -50.0  # log-probabilities are clipped here (a token one model rules out entirely)
 
 
@@ -315,7 +315,9 @@ def _select(pool: Sequence[Scorer], texts: Sequence[str], n: int, max_tokens: in
     ours = pool[0]
     scored = []
     for text in dict.fromkeys(t for t in texts if t.strip()):
-        pieces = ours.pieces(text)[:max_tokens]
+        pieces = ours.pieces(text)
+        if len(pieces) > max_tokens:  # cut, then split again: the last token may merge otherwise at the cut
+            pieces = ours.pieces("".join(pieces[:max_tokens]))
         if len(pieces) < 4:
             continue
         for m in pool[1:]:
