@@ -225,3 +225,9 @@ def test_cli_json(world, tmp_path, capsys):
     assert "at least 3 times" in capsys.readouterr().err
     assert main([*base, *refs, "--api-key-env", "WW_NO_SUCH_VAR_X"]) == 1
     assert "WW_NO_SUCH_VAR_X" in capsys.readouterr().err
+
+
+def test_without_prompts_the_pool_samples_candidates(world, tmp_path):
+    rep = probe(world["urls"]["int8"], world["ours"], world["refs"], alpha=ALPHA, n_items=6, candidates=12,
+                max_tokens=24, home=tmp_path)  # fmt: skip
+    assert rep.derived and rep.queries_used == 6 and rep.items == 6
