@@ -228,6 +228,7 @@ def test_cli_json(world, tmp_path, capsys):
 
 
 def test_without_prompts_the_pool_samples_candidates(world, tmp_path):
-    rep = probe(world["urls"]["int8"], world["ours"], world["refs"], alpha=ALPHA, n_items=6, candidates=12,
+    rep = probe(world["urls"]["int8"], world["ours"], world["refs"], alpha=ALPHA, n_items=6, candidates=16,
                 max_tokens=24, home=tmp_path)  # fmt: skip
-    assert rep.derived and rep.queries_used == 6 and rep.items == 6
+    assert rep.queries_used == rep.items == 6 and rep.data_points > 100, rep.to_json()
+    assert rep.derived, rep.to_json()

@@ -191,7 +191,7 @@ class HFScorer:
                     break
                 logits = self.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
                 ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g)))
-        return "".join(self._piece[i] for i in ids)
+        return str(self.tokenizer.decode(ids))
 
 
 class EndpointScorer:
@@ -318,8 +318,8 @@ def _select(pool: Sequence[Scorer], texts: Sequence[str], n: int, max_tokens: in
         pieces = ours.pieces(text)
         if len(pieces) > max_tokens:  # cut, then split again: the last token may merge otherwise at the cut
             pieces = ours.pieces("".join(pieces[:max_tokens]))
-        if len(pieces) < 4:
-            continue
+        if len(pieces) < 4 or any("\ufffd" in p for p in pieces) or ours.pieces("".join(pieces)) != pieces:
+            continue  # too short, or its tokens do not spell it back (characters split across tokens)
         for m in pool[1:]:
             other = m.pieces("".join(pieces))
             if other != pieces:
