@@ -51,6 +51,8 @@ class AuditAction(StrEnum):
     PROVENANCE_REGISTER = "provenance:register"
     PROVENANCE_REMOVE = "provenance:remove"
     PROVENANCE_SCAN = "provenance:scan"
+    PROVENANCE_QUERY = "provenance:query"  # one query sent to a suspect endpoint (issue 21)
+    PROVENANCE_PROBE = "provenance:probe"  # a probe of an endpoint: its p-value and decision, or its failure
     RELEASE_CREATE = "release:create"
     RELEASE_GATE = "release:gate"  # an export-control decision, with the rule-set version
     RELEASE_OVERRIDE = "release:override"  # a gate decision overridden by two-person approval

@@ -240,3 +240,41 @@ class MissingExtraError(WardenError, ImportError):
 
 
 __all__ += ["MissingExtraError"]
+
+
+# --- provenance through an API (issue 21) ------------------------------------------------
+class EndpointError(WardenError):
+    """An OpenAI-compatible endpoint could not give a usable answer: no p-value is computed on it."""
+
+
+class EndpointUnavailableError(EndpointError):
+    """The endpoint kept failing (HTTP errors, 429 / 5xx, timeouts, refused connections) after the retries."""
+
+
+class EndpointAnswerError(EndpointError):
+    """An answer is malformed or inconsistent: non-finite or positive log-probabilities, unsorted top-k, tokens
+    that do not spell the prompt, no log-probabilities where they were asked for."""
+
+
+class ModelChangedError(EndpointAnswerError):
+    """The endpoint named another model than earlier in the same probe (or in its cache)."""
+
+
+class TokenizerMismatchError(EndpointError):
+    """The endpoint's tokens are not our model's tokenizer's: log-probabilities cannot be compared token by token."""
+
+
+class QueryBudgetError(EndpointError):
+    """The probe's query budget is spent; the answers so far are in the cache and a rerun resumes from them."""
+
+    def __init__(self, message: str, *, used: int = 0, budget: int = 0):
+        super().__init__(message)
+        self.used, self.budget = used, budget
+
+
+class ProbeError(WardenError):
+    """A probe cannot be run as asked (too few references, no prompts, a bad option)."""
+
+
+__all__ += ["EndpointAnswerError", "EndpointError", "EndpointUnavailableError", "ModelChangedError", "ProbeError",
+            "QueryBudgetError", "TokenizerMismatchError"]  # fmt: skip

@@ -19,7 +19,7 @@ import typer
 
 from ..audit import context as audit_context
 from ..keys.provider import ed25519_key_id
-from . import _common, audit, broker, custody, files, keys, provenance, release, trace
+from . import _common, audit, broker, custody, files, keys, probe, provenance, release, trace
 
 app = typer.Typer(cls=_common.WardenGroup, add_completion=False, no_args_is_help=True,
                   help="Guard the weights of AI models.", epilog=_common.EPILOG,
@@ -86,6 +86,7 @@ app.add_typer(keys.trust_app, name="trust")
 app.add_typer(custody.custody_app, name="custody")
 app.add_typer(custody.agent_app, name="agent")
 app.add_typer(provenance.prov_app, name="provenance")
+provenance.prov_app.command("probe")(probe.probe_cmd)
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(broker.broker_app, name="broker")
 app.add_typer(release.license_app, name="license")

@@ -1,0 +1,234 @@
+"""Provenance through an API (issue 21): `warden provenance probe` against a real OpenAI-compatible HTTP
+server (tests/support/oai_server.py) over tiny Llama models trained here on Python's stdlib sources."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("httpx")
+
+from tests.support.oai_server import Family, OAIServer, Served
+from weightwarden import trail
+from weightwarden.errors import (
+    EndpointAnswerError,
+    EndpointUnavailableError,
+    ModelChangedError,
+    ProbeError,
+    QueryBudgetError,
+    TokenizerMismatchError,
+)
+from weightwarden.provenance.endpoint import AnswerCache, Endpoint, TokenBucket
+from weightwarden.provenance.probe import EndpointScorer, HFScorer, probe
+
+ALPHA = 1e-3
+LOOSE_ALPHA = 1e-2  # chat and text modes: few tokens per probe here (they need more queries for 1e-3)
+N_REFS = 5
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import transformers as T
+
+    root = tmp_path_factory.mktemp("probe-family")
+    fam = Family(root, vocab=320, d=32, ff=96, seq=48, batch=8, text_limit=120_000)
+    ours = fam.base(0, steps=90)
+    refs = [fam.base(s, steps=90) for s in range(1, N_REFS + 1)]
+    ind = fam.base(50, steps=90)
+    ft = fam.finetune(ours, steps=15, lr=3e-4)  # a short fine-tune on other data
+    i8 = Family.int8(ours)
+    other_tok = Family(root / "other", vocab=600, d=32, ff=96, seq=48, batch=8, text_limit=40_000)
+    cfg = T.LlamaConfig(vocab_size=len(other_tok.tokenizer), hidden_size=32, intermediate_size=96, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)  # fmt: skip
+    other = T.LlamaForCausalLM(cfg).eval()
+    srv = OAIServer()
+    tok = fam.tokenizer
+    urls = {
+        "ft": srv.add("ft", Served(ft, tok, "suspect-ft")),
+        "int8": srv.add("int8", Served(i8, tok, "suspect-int8")),
+        "ind": srv.add("ind", Served(ind, tok, "suspect-ind")),
+        "ft-t1": srv.add("ft-t1", Served(ft, tok, "suspect-ft", temperature=1.0)),
+        "ind-t1": srv.add("ind-t1", Served(ind, tok, "suspect-ind", temperature=1.0)),
+        "ft-text": srv.add("ft-text", Served(ft, tok, "suspect-ft", logprobs=False, temperature=1.0)),
+        "ind-text": srv.add("ind-text", Served(ind, tok, "suspect-ind", logprobs=False, temperature=1.0)),
+        "other-tok": srv.add("other-tok", Served(other, other_tok.tokenizer, "other")),
+        "ref1": srv.add("ref1", Served(refs[0], tok, "ref1")),
+        "budget": srv.add("budget", Served(ft, tok, "suspect-ft")),
+    }
+    for fault in ("500", "429:2", "hang", "nan", "positive", "unsorted", "switch:3", "badecho"):
+        urls[fault] = srv.add(fault.replace(":", "-"), Served(i8, tok, "hostile", fault=fault))
+    w = {
+        "fam": fam, "srv": srv, "urls": urls, "root": root,
+        "ours": HFScorer(model=ours, tokenizer=tok, name="ours"),
+        "refs": [HFScorer(model=m, tokenizer=tok, name=f"ref{i + 1}") for i, m in enumerate(refs)],
+        "prompts": [fam.text[i : i + 200] for i in range(2000, 100_000, 2500)],
+        "paths": {"ours": fam.save(ours, "ours"), **{f"ref{i + 1}": fam.save(m, f"ref{i + 1}")
+                                                    for i, m in enumerate(refs[:3])}},
+    }  # fmt: skip
+    yield w
+    srv.close()
+
+
+def _probe(w, key, home, **kw):
+    kw.setdefault("mode", "logprobs")
+    kw.setdefault("n_items", 16)
+    kw.setdefault("alpha", ALPHA)
+    return probe(w["urls"][key], w["ours"], w["refs"], prompts=w["prompts"], home=home, **kw)
+
+
+def test_token_bucket_waits_by_its_clock():
+    now = [100.0]
+    b = TokenBucket(rate=2.0, burst=2, clock=lambda: now[0])
+    assert b.reserve() == 0.0 and b.reserve() == 0.0
+    assert b.reserve() == pytest.approx(0.5)  # the third in the same instant waits one token's time
+    assert b.reserve() == pytest.approx(1.0)
+    now[0] += 10.0  # refills up to the burst, no more
+    assert b.reserve() == 0.0 and b.reserve() == 0.0 and b.reserve() == pytest.approx(0.5)
+    with pytest.raises(ProbeError):
+        TokenBucket(rate=0)
+
+
+def test_answer_cache_cuts_a_torn_line(tmp_path):
+    c = AnswerCache(tmp_path)
+    c.put("a", "/completions", {"x": 1})
+    with open(c.path, "ab") as f:
+        f.write(b'{"key": "b", "resp')  # an interrupted append
+    c2 = AnswerCache(tmp_path)
+    assert len(c2) == 1 and c2.get("a") == {"x": 1} and c2.get("b") is None
+    assert c.path.read_bytes().endswith(b"\n")
+    c.path.write_text("not json\n")
+    with pytest.raises(ProbeError, match="line 1 is damaged"):
+        AnswerCache(tmp_path)
+
+
+def test_logprobs_mode_detects_derived_not_independent(world, tmp_path):
+    fam_ft = _probe(world, "ft", tmp_path)
+    fam_i8 = _probe(world, "int8", tmp_path)
+    ind = _probe(world, "ind", tmp_path)
+    assert fam_ft.derived and fam_i8.derived, (fam_ft.to_json(), fam_i8.to_json())
+    assert fam_i8.log10_p_value < fam_ft.log10_p_value < math.log10(ALPHA)
+    assert not ind.derived and ind.log10_p_value > -2, ind.to_json()
+    # the rank p-value is exact but cannot go below 1/(k+1)
+    assert fam_i8.rank_p_value == pytest.approx(1 / (N_REFS + 1))
+    j = fam_ft.to_json()
+    assert j["decision"] == "derived" and j["served_model"] == "suspect-ft" and j["queries"]["used"] == 16
+    assert "independent" in j["null"] and len(j["assumptions"]) >= 4 and j["data_points"] > 500
+    assert set(j["statistic"]["references"]) == {f"ref{i}" for i in range(1, N_REFS + 1)}
+    # every query and each probe is an audit event of the home's trail
+    ev = trail.events(tmp_path)
+    acts = [e["action"] for e in ev]
+    assert acts.count("provenance:query") == 48 and acts.count("provenance:probe") == 3
+    last = [e for e in ev if e["action"] == "provenance:probe"][-1]
+    assert last["detail"]["decision"] == "not derived" and last["subject"] == world["urls"]["ind"]
+
+
+def test_chat_mode_at_temperature_one(world, tmp_path):
+    kw = {"mode": "chat", "n_items": 24, "new_tokens": 20, "alpha": LOOSE_ALPHA}
+    ft = _probe(world, "ft-t1", tmp_path, **kw)
+    ind = _probe(world, "ind-t1", tmp_path, **kw)
+    assert ft.derived, ft.to_json()
+    assert not ind.derived and ind.log10_p_value > -2, ind.to_json()
+
+
+def test_text_mode_without_logprobs(world, tmp_path):
+    with pytest.raises(EndpointAnswerError, match="no log-probabilities"):
+        _probe(world, "ft-text", tmp_path)
+    kw = {"mode": "text", "n_items": 12, "samples": 2, "new_tokens": 16, "alpha": LOOSE_ALPHA}
+    ft = _probe(world, "ft-text", tmp_path, **kw)
+    ind = _probe(world, "ind-text", tmp_path, **kw)
+    assert ft.queries_used == 24 and ft.mode == "text"
+    assert ft.derived, ft.to_json()
+    assert not ind.derived and ind.log10_p_value > -2, ind.to_json()
+
+
+def test_budget_exhaustion_resumes_from_the_cache(world, tmp_path):
+    served = world["srv"].routes["budget"]
+    before = served.requests
+    cache = tmp_path / "cache"
+    with pytest.raises(QueryBudgetError, match="rerun with a larger --budget") as e:
+        _probe(world, "budget", tmp_path, budget=5, cache=cache)
+    assert e.value.used == 5 and served.requests - before == 5
+    rep = _probe(world, "budget", tmp_path, budget=100, cache=cache)
+    assert rep.queries_used == 11 and rep.queries_cached == 5 and served.requests - before == 16
+    again = _probe(world, "budget", tmp_path, budget=0, cache=cache)  # all from the cache: nothing re-spent
+    assert again.queries_used == 0 and again.queries_cached == 16 and served.requests - before == 16
+    assert again.log10_p_value == rep.log10_p_value and rep.derived
+    probes = [x for x in trail.events(tmp_path) if x["action"] == "provenance:probe"]
+    assert [x["outcome"] for x in probes] == ["error", "ok", "ok"]
+    assert probes[0]["detail"]["error"] == "QueryBudgetError"
+
+
+@pytest.mark.parametrize(("fault", "error", "match"), [
+    ("500", EndpointUnavailableError, "HTTP 500 on each of 2 attempts"),
+    ("hang", EndpointUnavailableError, "timed out"),
+    ("nan", EndpointAnswerError, "not finite"),
+    ("positive", EndpointAnswerError, "positive"),
+    ("unsorted", EndpointAnswerError, "not sorted"),
+    ("badecho", EndpointAnswerError, "do not spell the prompt"),
+    ("switch:3", ModelChangedError, "answered as model 'hostile-v2' after 'hostile'"),
+])  # fmt: skip
+def test_hostile_endpoints_get_a_typed_error_and_no_p_value(world, tmp_path, fault, error, match):
+    with pytest.raises(error, match=match):
+        _probe(world, fault, tmp_path, retries=1, backoff=0.01, timeout=0.5, cache=tmp_path / "c")
+    probes = [x for x in trail.events(tmp_path) if x["action"] == "provenance:probe"]
+    assert len(probes) == 1 and probes[0]["outcome"] == "error" and "log10_p" not in probes[0]["detail"]
+    # only answers that passed are cached: a rerun asks again instead of replaying a bad one
+    assert len(AnswerCache(tmp_path / "c")) == (3 if fault == "switch:3" else 0)
+
+
+def test_rate_limited_endpoint_is_retried(world, tmp_path):
+    slept = []
+    rep = _probe(world, "429:2", tmp_path, retries=3, backoff=0.01, sleep=slept.append, n_items=4)
+    assert rep.queries_used == 6 and len(slept) == 2  # two 429s, each retried after a backoff
+
+
+def test_chat_and_tokenizer_mismatch_is_reported(world, tmp_path):
+    with pytest.raises(TokenizerMismatchError, match="its tokenizer is not ours"):
+        _probe(world, "other-tok", tmp_path)
+    with pytest.raises(TokenizerMismatchError):
+        _probe(world, "other-tok", tmp_path, mode="chat")
+    rep = _probe(world, "other-tok", tmp_path, mode="text", n_items=4, samples=1)  # text mode needs no tokenizer
+    assert rep.queries_used == 4 and not rep.derived
+
+
+def test_a_reference_behind_an_endpoint(world, tmp_path):
+    ep = Endpoint(world["urls"]["ref1"], home=tmp_path, cache=tmp_path / "ref1")
+    refs = [EndpointScorer(ep, name="ref1@endpoint"), *world["refs"][1:]]
+    rep = probe(world["urls"]["int8"], world["ours"], refs, prompts=world["prompts"], alpha=ALPHA, n_items=8,
+                home=tmp_path)  # fmt: skip
+    assert rep.derived and "ref1@endpoint" in rep.statistics and ep.used > 0
+    with pytest.raises(ProbeError, match="at least 3 reference"):
+        probe(world["urls"]["int8"], world["ours"], refs[:2], prompts=world["prompts"], home=tmp_path)
+
+
+def test_cli_json(world, tmp_path, capsys):
+    from weightwarden.cli import main
+
+    p = world["paths"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(x.replace("\n", " ") for x in world["prompts"]) + "\n")
+    base = ["provenance", "probe", world["urls"]["int8"], "--model", str(p["ours"]), "--prompts", str(prompts),
+            "--home", str(tmp_path), "--items", "8", "--alpha", "1e-2"]  # fmt: skip
+    refs = [a for i in (1, 2, 3) for a in ("--reference", str(p[f"ref{i}"]))]
+    assert main([*base, *refs, "--json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["decision"] == "derived" and j["queries"]["used"] == 8 and j["served_model"] == "suspect-int8"
+    assert j["df"] == 2 and j["rank_p_value"] == pytest.approx(0.25)
+    assert main([*base, *refs]) == 0  # the human report, answered from the cache
+    text = capsys.readouterr().out
+    assert "DERIVED" in text and "0 queries sent, 8 from the cache" in text
+    assert main([*base, *refs[:4]]) == 2  # usage: too few references
+    assert "at least 3 times" in capsys.readouterr().err
+    assert main([*base, *refs, "--api-key-env", "WW_NO_SUCH_VAR_X"]) == 1
+    assert "WW_NO_SUCH_VAR_X" in capsys.readouterr().err
+
+
+def test_without_prompts_the_pool_samples_candidates(world, tmp_path):
+    rep = probe(world["urls"]["int8"], world["ours"], world["refs"], alpha=ALPHA, n_items=6, candidates=16,
+                max_tokens=24, home=tmp_path)  # fmt: skip
+    assert rep.queries_used == rep.items == 6 and rep.data_points > 100, rep.to_json()
+    assert rep.derived, rep.to_json()
