@@ -26,9 +26,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from weightwarden import audit
-from weightwarden.broker import merkle
-from weightwarden.broker.auditlog import AuditLog, MerkleLogSink, SignedHead, _canonical, check_inclusion
 from weightwarden.keys import Ed25519Signer
+from weightwarden.merkle import AuditLog, MerkleLogSink, SignedHead, check_inclusion
+from weightwarden.merkle import tree as merkle
+from weightwarden.merkle.heads import event_body as _canonical
 
 PG = os.environ.get("WARDEN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 NOW = datetime(2026, 11, 28, tzinfo=UTC)

@@ -59,10 +59,10 @@ class Acct:
 SERVE = r"""
 import json, sys, uvicorn
 from weightwarden.broker.app import create_app
-from weightwarden.broker.auditlog import AuditLog
+from weightwarden.merkle import AuditLog
 from weightwarden.broker.service import Broker, BrokerConfig, Limit
 from weightwarden.broker.storage import LocalWeightStore
-from weightwarden.keys.local import Ed25519Signer
+from weightwarden.keys.signer import Ed25519Signer
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 cfg = json.loads(sys.argv[1])
 sys.setswitchinterval(0.001)  # as warden serve does
@@ -162,10 +162,11 @@ def setup(tmp: Path, db: str, stream_mib: int, rate: float, burst: float, port: 
     from safetensors.numpy import save_file
 
     import weightwarden as ww
-    from weightwarden.broker.auditlog import AuditLog
     from weightwarden.broker.service import Broker
     from weightwarden.broker.storage import LocalWeightStore
-    from weightwarden.keys.local import Ed25519Signer, KdfParams
+    from weightwarden.keys.kdf import KdfParams
+    from weightwarden.keys.signer import Ed25519Signer
+    from weightwarden.merkle import AuditLog
 
     kr = ww.Keyring.create(tmp / "home", "bench-passphrase", kdf=KdfParams(1, 1024, 1))
     rng = np.random.default_rng(0)
@@ -364,7 +365,7 @@ def main() -> None:
         # the ceiling of this machine's loopback: a bare sendfile server (no HTTP parsing, no metering) to curl
         out["stream"]["loopback_ceiling"] = _loopback_ceiling(sealed, args.stream_rounds)
         # audit: one broker:authorize "ok" event per answered metadata request, nothing lost or doubled
-        from weightwarden.broker.auditlog import AuditLog
+        from weightwarden.merkle import AuditLog
 
         log = AuditLog(db, create=False)
         from cryptography.hazmat.primitives.serialization import load_pem_private_key

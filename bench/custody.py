@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import weightwarden as ww
-from weightwarden.keys.local import KdfParams
+from weightwarden.keys.kdf import KdfParams
 from weightwarden.keys.provider import KeyProvider, Signer
 from weightwarden.sealed import seal_file
 from weightwarden.sealed.rewrap import rewrap

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import weightwarden as ww
-from weightwarden.keys.local import KdfParams
+from weightwarden.keys.kdf import KdfParams
 from weightwarden.sealed.reader import resolve_threads
 
 MiB = 1 << 20

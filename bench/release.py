@@ -38,7 +38,7 @@ def run(size_gib: float, repeats: int) -> dict:
 
     import weightwarden as ww
     from weightwarden.keys.age import AgeIdentityProvider
-    from weightwarden.keys.local import KdfParams
+    from weightwarden.keys.kdf import KdfParams
     from weightwarden.trace import release
 
     root = BENCH / "release"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import weightwarden as ww
-from weightwarden.keys.local import KdfParams
+from weightwarden.keys.kdf import KdfParams
 
 MiB = 1 << 20
 

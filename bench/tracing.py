@@ -118,7 +118,7 @@ def collusion(trials: int) -> dict:
 def zoo_attacks() -> dict:
     import weightwarden as ww
     from tests.support.zoo import Zoo
-    from weightwarden.keys.local import KdfParams
+    from weightwarden.keys.kdf import KdfParams
     from weightwarden.trace import release, trace
 
     zoo = Zoo(BENCH / "zoo")
@@ -249,7 +249,7 @@ def _minilm_bench(name: str) -> tuple[Path, Path, Any, Path, Any]:
     import transformers as T
 
     import weightwarden as ww
-    from weightwarden.keys.local import KdfParams
+    from weightwarden.keys.kdf import KdfParams
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     src = Path(gt.__file__).parent / "model"
@@ -376,7 +376,7 @@ def big_trace(gib: float = 1.0, permute: bool = False) -> dict:
     from safetensors.numpy import save_file
 
     import weightwarden as ww
-    from weightwarden.keys.local import KdfParams
+    from weightwarden.keys.kdf import KdfParams
     from weightwarden.trace import TardosCode, accusation_threshold, release
     from weightwarden.trace.mark import extract
     from weightwarden.trace.store import TraceStore, derive

@@ -13,7 +13,8 @@ The sealed-checkpoint API in about ten names::
 
 from . import errors
 from .api import default_keyring, inspect, load, open_sealed, safe_open, seal, unseal, verify
-from .keys.local import Keyring, TrustStore
+from .keys.keyring import Keyring
+from .keys.truststore import TrustStore
 
 __version__ = "0.1.0"
 

@@ -18,9 +18,9 @@ from .audit import AuditAction
 from .audit import event as audit_event
 from .errors import IntegrityError, KeyManagementError, KeyringError, OutputExistsError
 from .home import default_home
-from .keys.local import TrustStore
 from .keys.protocols import KeyringLike
 from .keys.provider import KeyProvider, Signer
+from .keys.truststore import TrustStore
 from .sealed import format as F
 from .sealed.bundle import SealedBundle, safe_relpath, seal_dir
 from .sealed.decrypt import Progress, SealedReader, resolve_threads

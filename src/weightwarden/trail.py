@@ -183,7 +183,7 @@ def log_signer(home: str | os.PathLike[str] | None = None, *, create: bool = Tru
     from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
     from ._atomic import fsync_dir
-    from .keys.local import Ed25519Signer
+    from .keys.signer import Ed25519Signer
 
     path = Home(_home(home)).trail_key
     if not path.exists():

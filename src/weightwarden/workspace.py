@@ -32,7 +32,7 @@ __all__ = ["Workspace", "kdf_from_env"]
 def kdf_from_env() -> Any:
     """The Argon2id cost of new keyrings and log keys: the default, or (automated test environments only) a
     cheaper one from WARDEN_KDF_MEMORY_KIB (never lower than the RFC 9106 minimums)."""
-    from .keys.local import KdfParams
+    from .keys.kdf import KdfParams
 
     mem = os.environ.get("WARDEN_KDF_MEMORY_KIB")
     return KdfParams(time_cost=1, memory_kib=max(8, int(mem))) if mem else KdfParams()
@@ -81,13 +81,13 @@ class Workspace:
     # -- keys ---------------------------------------------------------------------------------
     def create_keyring(self) -> Keyring:
         """A new local keyring, under the passphrase (asked twice)."""
-        from .keys.local import Keyring
+        from .keys.keyring import Keyring
 
         return Keyring.create(self.home, self._passphrase(confirm=True), kdf=kdf_from_env())
 
     def unlock_keyring(self) -> Keyring:
         """The local keyring file itself, unlocked with the passphrase (never the agent's)."""
-        from .keys.local import Keyring
+        from .keys.keyring import Keyring
 
         return Keyring.unlock(self.root, self._passphrase())
 
@@ -102,7 +102,7 @@ class Workspace:
         return self._keyring
 
     def trust_store(self) -> Any:
-        from .keys.local import TrustStore
+        from .keys.truststore import TrustStore
 
         return TrustStore.load(self.root)
 
@@ -168,8 +168,8 @@ class Workspace:
                allow_sample_list: bool | None = None) -> Any:  # fmt: skip
         """A broker that holds no key but its own log key (it signs the audit log's tree heads); with ``gate``,
         the export-control gate configured under the home decides its release requests."""
-        from .broker.auditlog import AuditLog
         from .broker.service import Broker, BrokerConfig
+        from .merkle import AuditLog
 
         self.paths.broker_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         url = self.broker_url

@@ -123,7 +123,8 @@ def test_broker_host_compromise_yields_no_model_and_no_trusted_signature(
 
     from tests.support.services import free_port
     from weightwarden.broker.logkey import load_file
-    from weightwarden.keys.local import Ed25519Signer, StaticKeyProvider
+    from weightwarden.keys.local import StaticKeyProvider
+    from weightwarden.keys.signer import Ed25519Signer
     from weightwarden.sealed.writer import seal_file
 
     key_home = Path(cli_env["WARDEN_HOME"])
@@ -330,7 +331,8 @@ def test_verify_refuses_a_log_key_as_trust_key(cli_env: dict[str, str], tmp_path
     for `warden verify forged.wws --trust-key <log key>`: refused where the log key is known (the broker's
     home, or any home whose trust store pins it for audit-log), and so are `open` and `pull` with it."""
     from weightwarden.broker.logkey import load_file
-    from weightwarden.keys.local import Ed25519Signer, StaticKeyProvider
+    from weightwarden.keys.local import StaticKeyProvider
+    from weightwarden.keys.signer import Ed25519Signer
     from weightwarden.sealed.writer import seal_file
 
     ok(warden(cli_env, "init"))

@@ -114,7 +114,7 @@ from pathlib import Path
 import ml_dtypes, numpy as np
 import weightwarden as ww
 import weightwarden.cli  # noqa: F401 - the CLI imports without any extra
-from weightwarden.keys.local import KdfParams
+from weightwarden.keys.kdf import KdfParams
 from weightwarden.sealed.codec import iter_parts
 
 tmp = Path(sys.argv[1])

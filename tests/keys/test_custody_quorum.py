@@ -457,7 +457,7 @@ def _socket_agent(state: _State):
     from weightwarden.keys import agent
 
     d = Path(tempfile.mkdtemp(prefix="ww-sock-"))
-    server = agent._Server(str(d / agent.SOCKET), agent._Handler)
+    server = agent.AgentServer(str(d / agent.SOCKET), agent.AgentRequestHandler)
     server.state = state
     t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()

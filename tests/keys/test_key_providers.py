@@ -22,9 +22,10 @@ from weightwarden.errors import (
     ProviderUnavailableError,
     WrongKeyError,
 )
+from weightwarden.keys.provider import shred
 from weightwarden.sealed import SealedFile
 from weightwarden.sealed import format as F
-from weightwarden.sealed.rewrap import _apply, _plan, rewrap, shred
+from weightwarden.sealed.rewrap import _apply, _plan, rewrap
 
 _counter = iter(range(100_000))
 
@@ -443,9 +444,9 @@ def test_hsm_signer_has_one_purpose(tmp_path, softhsm, st_file, monkeypatch):
     """A token's signing key carries the purpose it was made with (in its CKA_ID): an audit-log key in the
     HSM signs tree heads, and cannot seal, nor be taken for a sealing key; a pair made before purposes
     existed is a sealing key."""
-    from weightwarden.broker.auditlog import AuditLog
     from weightwarden.errors import HeadKeyPurposeError, KeyPurposeError
     from weightwarden.keys.pkcs11 import Pkcs11Session, Pkcs11Signer, signer_from_uri
+    from weightwarden.merkle import AuditLog
 
     monkeypatch.setenv("WARDEN_PKCS11_PIN", PIN)
     session = Pkcs11Session(SOFTHSM_LIB, softhsm, PIN)
@@ -479,7 +480,7 @@ def test_hsm_signer_has_one_purpose(tmp_path, softhsm, st_file, monkeypatch):
         with pytest.raises(KeyPurposeError):
             AuditLog(f"sqlite:///{tmp_path / 'b.db'}", legacy)
         forged = log.head()
-        from weightwarden.broker.auditlog import SignedHead
+        from weightwarden.merkle import SignedHead
 
         sig = legacy.sign_unaudited(SignedHead.message(forged.log_id, forged.size, forged.root, forged.at))
         with pytest.raises(HeadKeyPurposeError):

@@ -188,10 +188,10 @@ def test_broker_release_needs_the_gate_and_two_approvers(db_url: str, tmp_path: 
                                                          keyring: ww.Keyring) -> None:  # fmt: skip
     pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
     from tests.support.broker import Account
-    from weightwarden.broker.auditlog import AuditLog
     from weightwarden.broker.service import Broker, BrokerConfig, BrokerError, Conflict
     from weightwarden.broker.storage import LocalWeightStore
     from weightwarden.keys import Ed25519Signer
+    from weightwarden.merkle import AuditLog
     from weightwarden.trace import release
 
     sealed = tmp_path / "m.wws"
@@ -538,10 +538,10 @@ def test_attack_look_alike_names_are_denied_through_the_broker(db_url: str, tmp_
     the plain name was denied.  Both are denied now, for the same entry, and a made-up country is refused."""
     pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
     from tests.support.broker import Account
-    from weightwarden.broker.auditlog import AuditLog
     from weightwarden.broker.service import Broker, BrokerConfig, BrokerError
     from weightwarden.broker.storage import LocalWeightStore
     from weightwarden.keys import Ed25519Signer
+    from weightwarden.merkle import AuditLog
 
     sealed = tmp_path / "m.wws"
     ww.seal(model / "model.safetensors", sealed, keyring=keyring)
@@ -615,10 +615,10 @@ def test_attack_rules_cannot_be_rolled_back(tmp_path: Path, model: Path, keyring
 
 def test_attack_the_broker_refuses_rolled_back_rules(db_url: str, tmp_path: Path) -> None:
     pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
-    from weightwarden.broker.auditlog import AuditLog
     from weightwarden.broker.service import Broker, BrokerConfig
     from weightwarden.broker.storage import LocalWeightStore
     from weightwarden.keys import Ed25519Signer
+    from weightwarden.merkle import AuditLog
     from weightwarden.release.rules import load_rules
     from weightwarden.release.rules_version import RulesRollback
 
@@ -756,10 +756,10 @@ def test_attack_rules_same_version_other_bytes_and_odd_versions(tmp_path: Path, 
 
 def test_attack_the_broker_refuses_the_same_rules_version_with_other_bytes(db_url: str, tmp_path: Path) -> None:
     pytest.importorskip("cedarpy", reason="the broker's policy engine is the server extra")
-    from weightwarden.broker.auditlog import AuditLog
     from weightwarden.broker.service import Broker, BrokerConfig
     from weightwarden.broker.storage import LocalWeightStore
     from weightwarden.keys import Ed25519Signer
+    from weightwarden.merkle import AuditLog
     from weightwarden.release.rules import parse_rules
     from weightwarden.release.rules_version import RulesReplaced
 

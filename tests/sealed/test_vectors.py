@@ -13,7 +13,8 @@ import pytest
 
 import weightwarden as ww
 from weightwarden import errors
-from weightwarden.keys.local import StaticKeyProvider, TrustStore
+from weightwarden.keys.local import StaticKeyProvider
+from weightwarden.keys.truststore import TrustStore
 
 HERE = Path(__file__).parents[1] / "vectors"
 DOC = json.loads((HERE / "vectors.json").read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from weightwarden.keys.local import KdfParams
+from weightwarden.keys.kdf import KdfParams
 
 __all__ = ["PASSPHRASE", "TEST_KDF", "make_broker_log_key", "warden"]
 

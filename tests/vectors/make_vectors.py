@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from weightwarden.keys.local import Ed25519Signer, StaticKeyProvider
+from weightwarden.keys.local import StaticKeyProvider
 from weightwarden.keys.provider import b64e, purpose_message
+from weightwarden.keys.signer import Ed25519Signer
 from weightwarden.sealed import SealedFile, seal_file
 from weightwarden.sealed import format as F
 

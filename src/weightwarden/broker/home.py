@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ..errors import BrokerHomeError, KeyPurposeError
 from ..home import Home
-from ..keys.local import TrustStore
 from ..keys.provider import ed25519_key_id
+from ..keys.truststore import TrustStore
 
 TRUST_FILE = Home(Path()).trust_store.name
 

@@ -33,8 +33,9 @@ from .._atomic import atomic_write_bytes
 from ..canonical import canonical_json
 from ..errors import BadPassphraseError, LogKeyError
 from ..home import Home
-from ..keys.local import Ed25519Signer, KdfParams
+from ..keys.kdf import KdfParams
 from ..keys.provider import Signer, b64d, b64e
+from ..keys.signer import Ed25519Signer
 
 LOG_KEY_FILE = Home(Path()).broker_log_key.name  # log-key.json
 _FORMAT = "weightwarden-log-key"
@@ -102,7 +103,7 @@ def open_log_key(uri: str | None, home: Path, passphrase: Any, *, create: bool =
 
     ``passphrase`` is a callable returning the file key's passphrase (asked only for ``file:``)."""
     signer, created = _open(uri, home, passphrase, create, kdf)
-    from ..keys.local import TrustStore
+    from ..keys.truststore import TrustStore
 
     trust = TrustStore.load(home)
     if any(trust.public_key(k) == signer.public_key for k in trust.signers):

@@ -37,7 +37,7 @@ def _audit_log(db: str | None, home: Path | None, key: bytes | None = None, log_
 
 
 def _log_id(text: str | None) -> bytes | None:
-    from ..broker.auditlog import parse_log_id
+    from ..merkle import parse_log_id
 
     try:
         return parse_log_id(text, "--log-id")
@@ -72,7 +72,7 @@ def audit_prove(index: int, db: DbOpt = None, home: HomeOpt = None, as_json: Jso
 @audit_app.command("check-proof")
 def audit_check_proof(proof: Path, pubkey: PubkeyOpt = None, log_id: LogIdOpt = None, as_json: JsonOpt = False) -> None:
     """Check a proof file offline, with the log's public key (and log id) only."""
-    from ..broker.auditlog import InclusionProof, check_inclusion
+    from ..merkle import InclusionProof, check_inclusion
 
     key = _pubkey(pubkey, "checking a proof")
     p = InclusionProof.from_json(_read_json(proof))
@@ -99,7 +99,7 @@ def audit_verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Recompute the whole tree from the events and check every signed head (of the pinned log)."""
-    from ..broker.auditlog import SignedHead
+    from ..merkle import SignedHead
 
     log = _audit_log(db, home, None, log_id)  # no log yet: said before asking for a key
     log.public_key = _log_key(pubkey, db, home)

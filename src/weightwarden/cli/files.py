@@ -173,7 +173,7 @@ def shred(
     as_json: JsonOpt = False,
 ) -> None:
     """Crypto-shred a model: destroy every version of its KEK."""
-    from ..sealed.rewrap import shred as do_shred
+    from ..keys.provider import shred as do_shred
 
     if not yes:
         raise WardenError("shredding cannot be undone: add --yes")

@@ -37,11 +37,6 @@ from .agent_client import (
 from .agent_process import MAX_LINE, SOCKET, AgentRequestHandler, AgentServer, main, serve, start, stop
 from .agent_server import CUSTODY_OPS, DEFAULT_IDLE_SEAL, AgentState, Caller
 
-# old private names, kept for the tests that reach the server directly
-_State = AgentState
-_Server = AgentServer
-_Handler = AgentRequestHandler
-
 __all__ = [
     "CUSTODY_OPS",
     "DEFAULT_IDLE_SEAL",

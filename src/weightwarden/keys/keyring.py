@@ -351,7 +351,7 @@ class Keyring:
         have = self.kek_purpose(kid)
         if purpose is not None and have != purpose:
             raise KeyPurposeError(f"key {kid} is a {have!r} KEK, not a {purpose!r} one")
-        from .local import LocalProvider  # local.py re-exports this module: imported here, not at the top
+        from .local import LocalProvider
 
         p = LocalProvider(self, kid, have)
         p.audit = self.audit

@@ -1,44 +1,25 @@
 """The local key providers: AES-256-GCM wrapping under KEKs held in the keyring, or given as bytes.
 
-The rest of what this module used to hold lives in its own module now; the names stay importable from
-here (``from weightwarden.keys.local import Keyring, TrustStore, ...``):
-
-- ``KdfParams`` -> :mod:`.kdf`; ``Ed25519Signer`` -> :mod:`.signer`; ``TrustStore``, ``TRUST_FILE`` ->
-  :mod:`.truststore`; ``Keyring``, ``KEYRING_FILE``, ``KEY_NAME`` -> :mod:`.keyring`;
-  ``default_home`` -> :mod:`weightwarden.home`.
+(The keyring, KDF, signer and trust store are in keys/keyring.py, kdf.py, signer.py, truststore.py;
+``default_home`` is weightwarden.home's.)
 """
 
 from __future__ import annotations
 
 import secrets
 from abc import abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import KeyDestroyedError, KeyDisabledError, KeyNotFoundError, KeyPurposeError, WrongKeyError
-
-# moved: shims for importers outside keys/ (cli.py, api.py, ...); new code imports the new modules
-from ..home import default_home  # moved: see weightwarden.home
-from .kdf import KdfParams  # moved: see keys/kdf.py
-from .keyring import KEY_NAME, KEYRING_FILE, Keyring  # moved: see keys/keyring.py
 from .provider import KeyProvider, KeySlot, wrap_aad
-from .signer import Ed25519Signer  # moved: see keys/signer.py
-from .truststore import TRUST_FILE, TrustStore  # moved: see keys/truststore.py
 
-__all__ = [
-    "KEYRING_FILE",
-    "KEY_NAME",
-    "TRUST_FILE",
-    "Ed25519Signer",
-    "KdfParams",
-    "Keyring",
-    "LocalProvider",
-    "StaticKeyProvider",
-    "TrustStore",
-    "default_home",
-]
+if TYPE_CHECKING:
+    from .keyring import Keyring
+
+__all__ = ["LocalProvider", "StaticKeyProvider"]
 
 _WRAP_ALG = "A256GCM"
 

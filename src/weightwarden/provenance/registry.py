@@ -301,6 +301,6 @@ class Registry:
 
 
 def default_registry(home: str | os.PathLike[str] | None = None) -> Registry:
-    from ..keys.local import default_home
+    from ..home import default_home
 
     return Registry(Path(home) if home else default_home() / "provenance", home=home)

@@ -187,7 +187,7 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def default_state(specs: Iterable[str], registry_root: str) -> Path:
-    from ..keys.local import default_home
+    from ..home import default_home
 
     h = hashlib.sha256(json.dumps([list(specs), registry_root]).encode()).hexdigest()[:16]
     return default_home() / "scan" / f"{h}.jsonl"

@@ -114,7 +114,7 @@ def compliance_keys(home: str | os.PathLike[str] | None) -> list[bytes]:
     import base64
     import binascii
 
-    from ..keys.local import default_home
+    from ..home import default_home
 
     f = Path(home or default_home()) / "release" / "compliance-keys"
     if not f.exists():

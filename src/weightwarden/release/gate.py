@@ -164,7 +164,7 @@ def file_license(rec: LicenseRecord, home: str | os.PathLike[str] | None = None)
     """File ``rec`` in ``home``'s license book (``release/licenses.json``); an event of its trail."""
     from .. import trail
     from ..audit import AuditAction
-    from ..keys.local import default_home
+    from ..home import default_home
 
     book = LicenseBook.load(Path(home or default_home()) / "release" / "licenses.json")
     book.add(rec)
@@ -253,7 +253,7 @@ class ReleaseGate:
         """The gate as configured under ``home``: the shipped rules (or ``release/rules.toml`` signed by a
         key in ``release/rules-keys``), the list loaded by ``warden screen update`` (else the shipped sample),
         and ``release/licenses.json``."""
-        from ..keys.local import default_home
+        from ..home import default_home
         from .rules import SHIPPED_RULES_KEY, default_rules, load_rules
         from .screen import ScreeningList
 

@@ -245,7 +245,7 @@ def screen(name: str, *, aliases: tuple[str, ...] = (), country: str | None = No
     returns the result and whether the sample was used.  Logged with the decision and the list's digest."""
     from .. import trail
     from ..audit import AuditAction
-    from ..keys.local import default_home
+    from ..home import default_home
     from .countries import resolve_country
 
     country = resolve_country(country) if country is not None else None  # an unknown country is refused
@@ -263,7 +263,7 @@ def update_list(file: str | os.PathLike[str], home: str | os.PathLike[str] | Non
     """Load a new screening list into ``home`` (refused, with nothing replaced, unless it parses)."""
     from .. import trail
     from ..audit import AuditAction
-    from ..keys.local import default_home
+    from ..home import default_home
 
     p = Path(file)
     try:

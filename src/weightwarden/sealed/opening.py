@@ -13,9 +13,10 @@ from pathlib import Path
 
 from ..errors import FormatError, KeyringError
 from ..home import default_home
-from ..keys.local import Keyring, TrustStore
+from ..keys.keyring import Keyring
 from ..keys.protocols import KeyringLike
 from ..keys.provider import KeyProvider
+from ..keys.truststore import TrustStore
 from .bundle import BundleReader, SealedBundle
 from .decrypt import SealedReader
 from .detect import BUNDLE_MANIFEST, is_bundle

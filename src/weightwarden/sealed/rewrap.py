@@ -20,11 +20,11 @@ from typing import Any
 from ..audit import AuditAction
 from ..audit import event as audit_event
 from ..errors import FormatError, TruncatedError
-from ..keys.provider import KeyProvider, shred
+from ..keys.provider import KeyProvider
 from . import format as F
 from ._crypto import zero
 
-__all__ = ["RewrapReport", "rewrap", "shred"]  # shred: moved to keys.provider, kept here for callers
+__all__ = ["RewrapReport", "rewrap"]
 
 _libc: Any = None  # the libc function once looked up; False where it is missing
 

@@ -16,8 +16,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..errors import FormatError, KeyPurposeError, SignatureError, UntrustedSignerError
-from ..keys.local import TrustStore
 from ..keys.provider import LEGACY_SEALING, verify_purpose
+from ..keys.truststore import TrustStore
 
 __all__ = [
     "SIG_FIELDS_V1", "SIG_FIELDS_V2", "Trust", "check_manifest_signature", "require_trust", "sig_purpose",

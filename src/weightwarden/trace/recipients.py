@@ -16,7 +16,7 @@ __all__ = ["add_recipient", "open_store", "recipients"]
 def open_store(home: Path | None, db: str | None = None) -> TraceStore:
     """Tracing secrets under ``home/trace``; recipients and releases in the broker's database (``db``, default
     the broker's embedded one, ``home/broker/broker.db``), where the broker and its replicas see them."""
-    from ..keys.local import default_home
+    from ..home import default_home
 
     h = home or default_home()
     if db is None:

@@ -164,7 +164,8 @@ def _release(
         sealed_master = is_sealed_path(model)
         if sealed_master:
             from ..api import safe_open
-            from ..keys.local import TrustStore, default_home
+            from ..home import default_home
+            from ..keys.truststore import TrustStore
 
             kw = dict(master_kw or {})
             if "keyring" not in kw:
