@@ -52,7 +52,7 @@ class VaultTransitProvider(KeyProvider):
         try:
             return getattr(self._v.secrets.transit, fn)(mount_point=self._mount, **kw)
         except hx.InvalidRequest as e:
-            # messages as a real server (OpenBao 2.x, Vault 1.x transit) words them; tests/test_key_providers.py
+            # messages as a real server (OpenBao 2.x, Vault 1.x transit) words them; tests/keys/test_key_providers.py
             msg = str(e)
             if "disallowed by policy" in msg or "min_decryption_version" in msg or "archived" in msg:
                 raise KeyDisabledError(f"Vault key {self.key_id}: that version is no longer allowed") from None
