@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._extras import require
+from weightwarden._extras import require
 
 VOCAB, D, FF, LAYERS = 128, 128, 512, 2
 
