@@ -187,7 +187,7 @@ class BrokerSteps(DemoBase):
             g = r.json()["gate"]
             gate_table(g)
             cli = self.warden("release", "demo-lm", "--to", LISTED, "--country", "DE", "-o", "x", "--json",
-                              "--plaintext", "--allow-sample-list", expect=1)  # fmt: skip
+                              "--plaintext", "--allow-sample-list", expect=4)  # fmt: skip  (4: denied, docs/CLI.md)
             j = json.loads(cli.stdout)
             return (g["decision"] == "deny" and j["released"] is False and not (self.root / "x").exists()
                     and any(c.startswith("screening:") for c in g["blocking"]),

@@ -111,7 +111,7 @@ class LeakSteps(DemoBase):
                     "UPDATE ww_audit_events SET body = ? WHERE idx = ?", (body.replace(b'"ok"', b'"no"', 1), idx)
                 )
             db.close()
-            r = self.warden("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id, expect=1,
+            r = self.warden("audit", "verify", "--pubkey", self.pubkey, "--log-id", self.log_id, expect=3,
                             broker=True)  # fmt: skip
             return "Tampered" in r.stderr, f"row {idx} (an approval) edited: {r.stderr.strip()[:120]}"
 
