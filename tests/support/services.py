@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -91,16 +92,21 @@ def seaweedfs(data: Path) -> Iterator[str]:
                 time.sleep(0.5)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+        _stop(proc, log)
 
+
+
+def _stop(proc: subprocess.Popen[bytes], log: Any) -> None:
+    """Stop a service started in its own process group: TERM, then KILL after 20 s; close its log."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 9)
+        proc.wait()
+    log.close()
 
 def bao_binary() -> str | None:
     cand = Path(sys.executable).parent / "bao"
@@ -149,12 +155,4 @@ def openbao(data: Path) -> Iterator[str]:
         client.sys.enable_secrets_engine("transit", path="transit")
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            proc.wait()
-        log.close()
+        _stop(proc, log)

@@ -3,11 +3,12 @@ decided; what follows the checks (the gate, the marking, the copy) is :mod:`weig
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, cast
 
 from .. import audit, trail
 from ..audit import AuditAction
@@ -36,6 +37,30 @@ def _refusal(provider: KeyProvider, model_id: str, err: Exception, now: datetime
                                     now=now))  # fmt: skip
 
 
+P = ParamSpec("P")
+
+
+def _in_trail(fn: Callable[P, ReleaseRecord]) -> Callable[P, ReleaseRecord]:
+    """Run a release as one operation of the trail (``home``'s, or the database ``db``): the gate's decision, the
+    key use and the release (or its refusal) are one append, ending with the ``release:create`` event."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kw: P.kwargs) -> ReleaseRecord:
+        home, db, now = cast(Path | None, kw.get("home")), cast(str | None, kw.get("db")), kw.get("now")
+        with trail.operation(home, db) as t:
+            rel = fn(*args, **kw)
+            t.emit(audit.event(AuditAction.RELEASE_CREATE, subject=rel.model_id, now=cast(datetime | None, now),
+                               detail={"recipient": rel.recipient, "code_id": rel.code_id, "gate": rel.gate,
+                                       "rules_version": rel.rules_version, "output": rel.output,
+                                       "path": str(args[2] if len(args) > 2 else kw["out"]),
+                                       "exclude": list(rel.exclude), "excluded_files": list(rel.excluded_files),
+                                       "sealed": kw.get("seal") is not None}))  # fmt: skip
+        return rel
+
+    return wrapper
+
+
+@_in_trail
 def release(
     model: str | os.PathLike[str],
     recipient: str,
@@ -88,44 +113,6 @@ def release(
     copy moved into place inside it: a release refused or failing mid-way records nothing.  The gate's
     decision, the key use and the release (or its refusal) are one append to the trail (``home``'s, or
     the database ``db``)."""
-    with trail.operation(home, db) as t:
-        rel = _release(model, recipient, out, provider=provider, country=country, aliases=aliases, gate=gate,
-                       approval=approval, classify_kw=classify_kw, model_id=model_id, home=home, db=db, alpha=alpha,
-                       code_length=code_length, force=force, seal=seal, hide_header=hide_header,
-                       recipient_key=recipient_key, exclude=exclude, master_kw=master_kw, now=now)  # fmt: skip
-        t.emit(audit.event(AuditAction.RELEASE_CREATE, subject=rel.model_id, now=now,
-                           detail={"recipient": rel.recipient, "code_id": rel.code_id, "gate": rel.gate,
-                                   "rules_version": rel.rules_version, "output": rel.output, "path": str(out),
-                                   "exclude": list(rel.exclude), "excluded_files": list(rel.excluded_files),
-                                   "sealed": seal is not None}))  # fmt: skip
-    return rel
-
-
-def _release(
-    model: str | os.PathLike[str],
-    recipient: str,
-    out: str | os.PathLike[str],
-    *,
-    provider: KeyProvider,
-    country: str | None,
-    aliases: tuple[str, ...] = (),
-    gate: ReleaseGate | None = None,
-    approval: Callable[[GateDecision], Any] | None = None,
-    classify_kw: dict[str, Any] | None = None,
-    model_id: str | None = None,
-    home: Path | None = None,
-    db: str | None = None,
-    alpha: float = DEFAULT_ALPHA,
-    code_length: int = DEFAULT_LENGTH,
-    force: bool = False,
-    seal: tuple[KeyProvider, Any] | None = None,
-    hide_header: bool = False,
-    recipient_key: str | None = None,
-    exclude: tuple[str, ...] = (),
-    master_kw: dict[str, Any] | None = None,
-    now: datetime | None = None,
-) -> ReleaseRecord:
-
     from ..keys.age import AgeRecipientProvider, check_recipient
     from ..sealed.walk import MARKABLE, UNRECOGNISED, excluded, refuse
     from .store import recipient_name
