@@ -74,15 +74,25 @@ b = Broker(cfg["db"], LocalWeightStore(cfg["store"]), log, BrokerConfig(
 http = "h11"
 if cfg.get("zero_copy", True):
     from weightwarden.broker.zerocopy import ZeroCopyH11Protocol as http  # as warden serve runs it
-uvicorn.run(create_app(b), host="127.0.0.1", port=cfg["port"], log_level="error", backlog=4096, http=http)
+if cfg.get("uds"):  # as `warden serve --uds PATH` binds it
+    from weightwarden.broker.unixsock import bind_unix
+    sock = bind_unix(cfg["uds"])
+    uvicorn.run(create_app(b), fd=sock.fileno(), log_level="error", http=http)
+else:
+    uvicorn.run(create_app(b), host="127.0.0.1", port=cfg["port"], log_level="error", backlog=4096, http=http)
 """
 
 
 BARE = r"""
 import os, socket, sys
-path, port = sys.argv[1], int(sys.argv[2])
+path, port = sys.argv[1], sys.argv[2]
+port = int(port) if port.isdigit() else 0
 size = os.path.getsize(path)
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", port)); s.listen(8)
+if sys.argv[2].startswith("/"):
+    s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[2]); s.listen(8)
+else:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port)); s.listen(8)
 while True:
     c, _ = s.accept()
     buf = b""
@@ -98,23 +108,29 @@ while True:
 
 
 def _loopback_ceiling(path: Path, rounds: int) -> dict[str, float]:
-    """A bare HTTP/1.1 server that only sendfile()s the file, downloaded with curl: what loopback allows."""
+    """A bare HTTP/1.1 server that only sendfile()s the file, downloaded with curl, over loopback TCP and
+    over a Unix socket: what this machine's sockets allow, with no HTTP parsing and no metering."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
     from tests.support.services import free_port
 
-    port = free_port()
-    srv = subprocess.Popen([sys.executable, "-c", BARE, str(path), str(port)])
-    try:
-        time.sleep(0.5)
-        best, size = float("inf"), path.stat().st_size
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/"], check=True)
-            best = min(best, time.perf_counter() - t0)
-        return {"bare_sendfile_curl_mb_s": round(size / best / 1e6)}
-    finally:
-        srv.terminate()
-        srv.wait()
+    out: dict[str, float] = {}
+    size = path.stat().st_size
+    for label, where in (("tcp", str(free_port())), ("unix_socket", str(path.parent / "bare.sock"))):
+        srv = subprocess.Popen([sys.executable, "-c", BARE, str(path), where])
+        try:
+            time.sleep(0.5)
+            best = float("inf")
+            target = ["--unix-socket", where, "http://localhost/"] if where.startswith("/") else [
+                f"http://127.0.0.1:{where}/"]  # fmt: skip
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                subprocess.run(["curl", "-sf", "-o", "/dev/null", *target], check=True)
+                best = min(best, time.perf_counter() - t0)
+            out[f"bare_sendfile_curl_{label}_mb_s"] = round(size / best / 1e6)
+        finally:
+            srv.terminate()
+            srv.wait()
+    return out
 
 
 _PIDS: dict[str, int] = {}
@@ -138,21 +154,37 @@ def _drop_caches() -> bool:
         return False
 
 
+def _http(base: str) -> tuple[httpx.Client, str]:
+    """An httpx client for ``base`` (``unix:/path`` for a Unix socket) and the URL prefix to use with it."""
+    if base.startswith("unix:"):
+        return httpx.Client(transport=httpx.HTTPTransport(uds=base[5:]), timeout=300), "http://localhost"
+    return httpx.Client(timeout=300), base
+
+
+def _curl(base: str, path: str) -> list[str]:
+    """curl's arguments to GET ``path`` from ``base`` (over the Unix socket with --unix-socket)."""
+    if base.startswith("unix:"):
+        return ["--unix-socket", base[5:], "http://localhost" + path]
+    return [base + path]
+
+
 @contextlib.contextmanager
 def _serve(cfg: dict) -> Iterator[str]:
     """The broker in a child process (as `warden serve` runs it); yields its base URL once it answers."""
     srv = subprocess.Popen([sys.executable, "-c", SERVE, json.dumps(cfg)])
-    base = f"http://127.0.0.1:{cfg['port']}"
+    base = f"unix:{cfg['uds']}" if cfg.get("uds") else f"http://127.0.0.1:{cfg['port']}"
     _PIDS[base] = srv.pid
+    client, prefix = _http(base)
     try:
         for _ in range(300):
             try:
-                httpx.get(base + "/v1/health", timeout=1)
+                client.get(prefix + "/v1/health", timeout=1)
                 break
             except httpx.HTTPError:
                 time.sleep(0.1)
         yield base
     finally:
+        client.close()
         srv.terminate()
         srv.wait()
 
@@ -323,15 +355,15 @@ def main() -> None:
                             pass
                 elif how == "httpx":
                     n = 0
-                    with httpx.stream("GET", base + path, headers=accts["big"].headers("GET", path),
-                                      timeout=300) as r:  # fmt: skip
+                    hc, prefix = _http(base)
+                    with hc, hc.stream("GET", prefix + path, headers=accts["big"].headers("GET", path)) as r:
                         for part in r.iter_raw(1 << 20):
                             n += len(part)
                     assert n == size
                 elif how == "curl":
                     h = accts["big"].headers("GET", path)["authorization"]
                     cpu0 = _cpu_s(_PIDS[base])
-                    subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"authorization: {h}", base + path],
+                    subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"authorization: {h}", *_curl(base, path)],
                                    check=True)  # fmt: skip
                     t["server_cpu"] = _cpu_s(_PIDS[base]) - cpu0
                 else:
@@ -353,11 +385,12 @@ def main() -> None:
             return out
 
         out["stream"] = {"bytes": size}
-        for label, zero_copy in (("zero_copy", True), ("copying", False)):
+        for label, zero_copy, uds in (("zero_copy", True, False), ("copying", False, False),
+                                      ("zero_copy_unix_socket", True, True)):  # fmt: skip
             cfg2 = {**cfg, "rate": 1e12, "burst": 1e13, "port": free_port(), "chunk": args.stream_chunk_mib << 20,
-                    "zero_copy": zero_copy}  # fmt: skip
+                    "zero_copy": zero_copy, "uds": str(tmp / "broker.sock") if uds else None}  # fmt: skip
             with _serve(cfg2) as base:
-                if zero_copy:  # from disk for real: the page cache dropped before each read (root only)
+                if zero_copy and not uds:  # from disk for real: the page cache dropped before each read (root only)
                     out["stream_from_disk"] = (summary([round_(base, True, False) for _ in range(2)], cold=True)
                                                if _drop_caches() else "not measured: dropping the page cache "
                                                "needs root")  # fmt: skip

@@ -104,7 +104,13 @@ class BrokerClient:
         self.url, self.account, self.audience = url.rstrip("/"), account, audience
         self._key = private_key
         self.key_id = ed25519_key_id(private_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport)
+        base = self.url
+        if self.url.startswith("unix:"):  # a broker on a Unix socket (`warden serve --uds PATH`)
+            sock = self.url[len("unix:"):]
+            if not sock or transport is not None:
+                raise WardenError(f"--broker {self.url}: write a Unix socket as unix:/path/to/broker.sock")
+            transport, base = httpx.HTTPTransport(uds=sock), "http://localhost"
+        self._http = httpx.Client(base_url=base, timeout=timeout, transport=transport)
 
     def close(self) -> None:
         self._http.close()

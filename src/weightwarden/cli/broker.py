@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -158,6 +159,12 @@ def serve_cmd(
     egress_burst: Annotated[
         float | None, typer.Option("--egress-burst", help="bytes a principal may stream at once [default: 20e9]")
     ] = None,
+    uds: Annotated[
+        Path | None, typer.Option("--uds", help="listen on this Unix socket instead of --host/--port (mode --uds-mode)")
+    ] = None,
+    uds_mode: Annotated[
+        str, typer.Option("--uds-mode", help="the socket's permissions, owner and group bits only (octal)")
+    ] = "600",
     allow_sample_list: AllowSampleOpt = False,
     db: BrokerDbOpt = None,
     store: StoreOpt = None,
@@ -176,6 +183,19 @@ def serve_cmd(
     reexec_with(broker_env(log_key))  # first: /proc/<pid>/environ shows only what the broker needs
     ws = _ws(home, db=db, store=store, audience=audience, log_key=log_key, log_pass=log_key_passphrase_file)
     check_own_home(ws.root)  # never beside a keyring or an agent socket
+    listen: dict[str, Any] = {"host": host, "port": port}
+    sock = None
+    if uds is not None:
+        from ..broker.unixsock import bind_unix
+
+        try:
+            mode = int(uds_mode, 8)
+        except ValueError:
+            msg = f"{uds_mode!r} is not an octal mode such as 600"
+            raise typer.BadParameter(msg, param_hint="--uds-mode") from None
+        sock = bind_unix(uds, mode=mode)  # a taken path: one line, exit 1, nothing started
+        listen = {"fd": sock.fileno()}
+        sys.stderr.write(f"listening on unix:{uds} (mode {mode:o})\n")
     uvicorn = require("uvicorn", extra="server")
 
     from ..broker.app import create_app
@@ -201,10 +221,14 @@ def serve_cmd(
     try:
         from ..broker.zerocopy import ZeroCopyH11Protocol  # weight streams leave by sendfile
 
-        uvicorn.run(create_app(b, pk), host=host, port=port, log_level="warning", server_header=False,
+        uvicorn.run(create_app(b, pk), **listen, log_level="warning", server_header=False,
                     http=ZeroCopyH11Protocol)  # fmt: skip
     finally:
         b.close()
+        if sock is not None and uds is not None:
+            sock.close()
+            with contextlib.suppress(OSError):
+                uds.unlink()
 
 
 @broker_app.command("enroll")
