@@ -16,6 +16,7 @@ import importlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -147,6 +148,7 @@ class Served:
     fault: str = ""  # "500" | "429:N" | "hang" | "nan" | "positive" | "unsorted" | "switch:N" | "badecho"
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_request: Callable[[int], None] | None = None  # called with each request's number before it is answered
 
 
 def _run(served: Served, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int | None
@@ -218,6 +220,8 @@ class OAIServer:
                 with s.lock:
                     s.requests += 1
                     n = s.requests
+                if s.on_request is not None:
+                    s.on_request(n)
                 kind, _, arg = s.fault.partition(":")
                 if kind == "500":
                     self._send(500, {"error": {"message": "internal error"}})
