@@ -155,13 +155,13 @@ def _spec(path: Path, where: str, e: Any, mode: str, budget: int) -> EndpointSpe
     if u.username is not None or u.password is not None or u.query or u.fragment:
         raise bad("url", "must hold no user, password, query or fragment (give the API key through api_key_env)")
     name = e.get("name", url)
-    if not _printable(name) or not 0 < len(name) <= 200:
+    if not isinstance(name, str) or not name.isprintable() or not 0 < len(name) <= 200:
         raise bad("name", "must be 1 to 200 printable characters")
     m = e.get("mode", mode)
     if m not in MODES:
         raise bad("mode", f"must be one of {', '.join(MODES)}")
     model = e.get("model")
-    if model is not None and (not _printable(model) or not 0 < len(model) <= 200):
+    if model is not None and (not isinstance(model, str) or not model.isprintable() or not 0 < len(model) <= 200):
         raise bad("model", "must be 1 to 200 printable characters (the model name the endpoint serves)")
     env = e.get("api_key_env")
     if env is not None and (not isinstance(env, str) or not _ENV_NAME.match(env)):
