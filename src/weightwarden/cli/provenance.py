@@ -142,7 +142,8 @@ def scan_cmd(
     ] = None,
     model: Annotated[Path | None, typer.Option("--model", help="--endpoints: our model (a folder)")] = None,
     reference: Annotated[
-        list[str] | None, typer.Option("--reference", help="--endpoints: an independent reference model folder")
+        list[str] | None,
+        typer.Option("--reference", metavar="PATH", help="--endpoints: an independent reference model folder"),
     ] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="--endpoints: candidate texts, one a line")] = None,
     mode: Annotated[str, typer.Option("--mode", help="--endpoints: logprobs | chat | text (an entry's own wins)")
