@@ -43,6 +43,7 @@ def fleet(world):
         "indep": srv.add("scan-indep", Served(ind, tok, "suspect-ind")),
         "hostile": srv.add("scan-nan", Served(i8, tok, "hostile", fault="nan")),
         "killer": srv.add("scan-kill", Served(i8, tok, "suspect-int8")),
+        "rude": srv.add("scan-rude", Served(i8, tok, "hostile", fault="rude")),
     }
     started = not ray.is_initialized()
     if started:
@@ -69,15 +70,18 @@ def _requests(fleet, name):
     return fleet["srv"].routes[fleet["urls"][name].split("/")[3]].requests
 
 
-def test_scan_flags_the_copy_and_reports_the_hostile_endpoint(world, fleet, tmp_path):
+def test_scan_flags_the_copy_and_reports_the_hostile_endpoint(world, fleet, tmp_path, capsys):
+    from weightwarden.cli import main
+
     f = _file(tmp_path / "eps.jsonl", [{"url": fleet["urls"]["copy"], "name": "copy"},
                                        {"url": fleet["urls"]["indep"], "name": "indep", "budget": 50},
-                                       {"url": fleet["urls"]["hostile"], "name": "hostile", "retries": 0}])  # fmt: skip
+                                       {"url": fleet["urls"]["hostile"], "name": "hostile", "retries": 0},
+                                       {"url": fleet["urls"]["rude"], "name": "rude"}])  # fmt: skip
     rep = _scan(f, fleet, tmp_path / "state", tmp_path)
     j = rep.to_json()
     rows = {r["name"]: r for r in j["rows"]}
-    assert [r["name"] for r in j["rows"]] == ["copy", "indep", "hostile"]  # the file's order
-    assert j["derived"] == ["copy"] and j["errors"] == 1 and j["resumed_from_state"] == 0
+    assert [r["name"] for r in j["rows"]] == ["copy", "indep", "hostile", "rude"]  # the file's order
+    assert j["derived"] == ["copy"] and j["errors"] == 2 and j["resumed_from_state"] == 0
     assert rows["copy"]["decision"] == "derived" and rows["copy"]["log10_p_value"] < -3
     assert rows["copy"]["served_model"] == "suspect-int8" and rows["copy"]["queries"]["used"] == ITEMS
     assert rows["indep"]["decision"] == "not derived" and rows["indep"]["log10_p_value"] > -2
@@ -85,6 +89,17 @@ def test_scan_flags_the_copy_and_reports_the_hostile_endpoint(world, fleet, tmp_
     # the hostile endpoint's row has its typed error and no p-value; the others finished regardless
     assert rows["hostile"]["error"].startswith("EndpointAnswerError") and "not finite" in rows["hostile"]["error"]
     assert "p_value" not in rows["hostile"] and rows["hostile"]["queries"]["used"] == 1
+    assert rows["hostile"]["cache"] == str(tmp_path / "state" / "cache" / read_endpoints(f)[2].key)
+    assert rows["rude"]["error"].startswith("EndpointError") and "\x1b]0;owned" in rows["rude"]["error"]
+    # the human table, from the state (the failed rows are asked again): the endpoint's escape sequences
+    # reach the terminal as visible text, never as control characters
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("\n".join(fleet["prompts"]) + "\n")
+    assert main(["scan", "--endpoints", str(f), "--model", str(fleet["model"]), "--prompts", str(pf), "--state",
+                 str(tmp_path / "state"), "--home", str(tmp_path), "--items", str(ITEMS), "--alpha", str(ALPHA),
+                 *[a for r in fleet["refs"] for a in ("--reference", str(r))]]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "\x1b" not in text and "\x07" not in text and "\\x1b]0;owned" in text and "2 resumed from state" in text
     # the same statistic as `warden provenance probe` on the copy, computed here in-process
     local = probe(fleet["urls"]["copy"], world["ours"], world["refs"], prompts=fleet["prompts"], alpha=ALPHA,
                   n_items=ITEMS, home=tmp_path / "h2")  # fmt: skip
@@ -92,9 +107,9 @@ def test_scan_flags_the_copy_and_reports_the_hostile_endpoint(world, fleet, tmp_
     # the workers' probes and the scan are events of the home's trail
     ev = trail.events(tmp_path)
     acts = [e["action"] for e in ev]
-    assert acts.count("provenance:query") == 2 * ITEMS + 1 and acts.count("provenance:probe") == 3
+    assert acts.count("provenance:query") == 2 * ITEMS + 2 * 2 and acts.count("provenance:probe") == 4 + 2
     scan_ev = [e for e in ev if e["action"] == "provenance:scan"]
-    assert len(scan_ev) == 1 and scan_ev[0]["detail"]["derived"] == ["copy"] and scan_ev[0]["detail"]["errors"] == 1
+    assert len(scan_ev) == 2 and scan_ev[0]["detail"]["derived"] == ["copy"] and scan_ev[0]["detail"]["errors"] == 2
 
 
 def test_resume_after_an_interruption_sends_no_query_twice(fleet, tmp_path, capsys):

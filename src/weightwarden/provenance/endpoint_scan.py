@@ -242,6 +242,7 @@ def probe_endpoint(spec: dict[str, Any], cfg: dict[str, Any], prompts: list[str]
                     samples=cfg["samples"], new_tokens=cfg["new_tokens"], seed=cfg["seed"], home=home)  # fmt: skip
     except (WardenError, OSError, ValueError, RuntimeError) as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["cache"] = cache  # its answers so far (delete it to start that endpoint over, e.g. after a model change)
     else:
         j = rep.to_json()
         row.update({k: j[k] for k in ("decision", "p_value", "log10_p_value", "rank_p_value", "served_model")})
