@@ -23,7 +23,8 @@ tree heads (:func:`locate`):
 
 One library operation is one append: :meth:`Trail.operation` buffers the events emitted inside it
 (the provider's wrap/unwrap/sign, the operation's own event) and commits them in one transaction
-under one signed head when it ends, also when it fails.
+under one signed head when it ends, also when it fails.  Events that must survive the process
+being killed mid-operation (a probe's queries) are appended as they happen instead (:func:`record_now`).
 """
 
 from __future__ import annotations
@@ -342,6 +343,14 @@ def record(action: audit.AuditAction, outcome: str = "ok", *, home: str | os.Pat
     for_home(home, db).emit(audit.event(action, outcome, subject=subject, detail=detail))
 
 
+def record_now(action: audit.AuditAction, outcome: str = "ok", *, home: str | os.PathLike[str] | None = None,
+               db: str | None = None, subject: str | None = None, **detail: Any) -> None:  # fmt: skip
+    """Append one event at once, in a transaction and under a signed head of its own, even inside an
+    operation: for events that must outlive a process killed before its operation ends (each query a
+    probe sends to an endpoint, whose answer is already cached by then)."""
+    for_home(home, db).append([audit.event(action, outcome, subject=subject, detail=detail)])
+
+
 # -- reading -------------------------------------------------------------------------------------
 def open_log(home: str | os.PathLike[str] | None = None, db: str | None = None, *,
              public_key: bytes | None = None, log_id: bytes | str | None = None) -> Any:  # fmt: skip
@@ -374,5 +383,5 @@ def events(home: str | os.PathLike[str] | None = None, db: str | None = None) ->
 
 
 __all__ = ["Trail", "broker_public_key", "broker_signer", "events", "for_home", "hosts_broker", "locate",
-           "log_public_key", "log_signer", "open_log", "operation", "record", "trail_env", "trail_url",
+           "log_public_key", "log_signer", "open_log", "operation", "record", "record_now", "trail_env", "trail_url",
            "use_broker_signer"]  # fmt: skip

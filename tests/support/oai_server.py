@@ -6,7 +6,8 @@ tokenizer, and makes the derivatives a thief would serve (fine-tune, int8 round 
 ``http://127.0.0.1:PORT/<route>/v1``, answering ``/v1/completions`` (``logprobs``, ``echo``),
 ``/v1/chat/completions`` (``logprobs``, ``top_logprobs``; the chat template is the bare message) and
 ``/v1/models``.  Each route can be made hostile: always 500, 429 a few times, hang, return NaN / positive /
-unsorted log-probabilities, or change its model name after a few requests.
+unsorted log-probabilities, change its model name after a few requests, or refuse with escape sequences in
+a plain-text body.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -144,9 +146,10 @@ class Served:
     logprobs: bool = True  # offers log-probabilities (else: text only, logprobs null)
     echo: bool = True  # honours echo
     temperature: float | None = None  # forced sampling temperature (None: as asked)
-    fault: str = ""  # "500" | "429:N" | "hang" | "nan" | "positive" | "unsorted" | "switch:N" | "badecho"
+    fault: str = ""  # "500" | "429:N" | "hang" | "nan" | "positive" | "unsorted" | "switch:N" | "badecho" | "rude"
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    on_request: Callable[[int], None] | None = None  # called with each request's number before it is answered
 
 
 def _run(served: Served, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int | None
@@ -218,7 +221,17 @@ class OAIServer:
                 with s.lock:
                     s.requests += 1
                     n = s.requests
+                if s.on_request is not None:
+                    s.on_request(n)
                 kind, _, arg = s.fault.partition(":")
+                if kind == "rude":  # a refusal whose plain-text body tries to drive the terminal
+                    body = b"no access \x1b]0;owned\x07\x1b[2J"
+                    self.send_response(403)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if kind == "500":
                     self._send(500, {"error": {"message": "internal error"}})
                     return

@@ -101,3 +101,31 @@ def probe_cmd(
     out.print(f"{j['decision'].upper()}: p = {_pfmt(j['p_value'], j['log10_p_value'])} (alpha {alpha:g}; rank "
               f"p-value {j['rank_p_value']:.3g}, t = {j['t_statistic']:.2f}, df {j['df']}); endpoint model "
               f"{served}; {j['queries']['used']} queries sent, {j['queries']['cached']} from the cache")  # fmt: skip
+
+
+def scan_endpoints_cli(endpoints: Path, model: Path | None, reference: list[str], prompts: Path | None, *,
+                       mode: str, budget: int, items: int, samples: int, alpha: float, state: Path | None,
+                       ray_address: str | None, workers: int | None, home: Any, as_json: bool
+                       ) -> None:  # fmt: skip
+    """`warden scan --endpoints FILE` (the options are `warden scan`'s): one row per endpoint."""
+    from ..provenance.endpoint_scan import scan_endpoints
+
+    if model is None or len(reference) < 3:
+        err.print("error: --endpoints needs --model (our model's folder) and --reference at least 3 times")
+        raise typer.Exit(2)
+    rep = scan_endpoints(endpoints, model, reference, prompts=_prompts(prompts), state=state, mode=mode,
+                         budget=budget, alpha=alpha, n_items=items, samples=samples, ray_address=ray_address,
+                         workers=workers, home=home)  # fmt: skip
+    j = rep.to_json()
+    if as_json:
+        _emit(j, True)
+        return
+    t = Table("endpoint", "url", "mode", "decision", "p-value", "queries", "error")
+    for r in j["rows"]:
+        q = r.get("queries") or {}
+        p = _pfmt(r["p_value"], r["log10_p_value"]) if "p_value" in r else ""
+        t.add_row(r["name"], r["url"], r["mode"], r.get("decision", "error" if "error" in r else ""), p,
+                  f"{q.get('used', 0)} sent, {q.get('cached', 0)} cached" if q else "", r.get("error", ""))  # fmt: skip
+    out.print(t)
+    out.print(f"{j['endpoints']} endpoint(s), {len(j['derived'])} derived at alpha {alpha:g}, {j['errors']} error(s), "
+              f"{j['resumed_from_state']} resumed from state, {j['queries_sent_this_run']} queries sent")  # fmt: skip

@@ -132,13 +132,33 @@ def prov_remove(name: str, registry: RegistryOpt = None, home: HomeOpt = None, a
 
 
 def scan_cmd(
-    where: Annotated[list[str], typer.Argument(help="folders of checkpoints, list files, or s3://bucket/prefix")],
+    where: Annotated[
+        list[str] | None, typer.Argument(help="folders of checkpoints, list files, or s3://bucket/prefix")
+    ] = None,
+    endpoints: Annotated[
+        Path | None,
+        typer.Option("--endpoints", help="probe the endpoints this file lists instead (JSON lines, JSON or TOML; "
+                     "needs --model and 3+ --reference)", show_default=False),
+    ] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="--endpoints: our model (a folder)")] = None,
+    reference: Annotated[
+        list[str] | None,
+        typer.Option("--reference", metavar="PATH", help="--endpoints: an independent reference model folder"),
+    ] = None,
+    prompts: Annotated[Path | None, typer.Option("--prompts", help="--endpoints: candidate texts, one a line")] = None,
+    mode: Annotated[str, typer.Option("--mode", help="--endpoints: logprobs | chat | text (an entry's own wins)")
+                    ] = "logprobs",
+    budget: Annotated[int, typer.Option("--budget", min=0, help="--endpoints: queries per endpoint, unless its "
+                                        "entry gives one")] = 1000,
+    items: Annotated[int, typer.Option("--items", min=1, help="--endpoints: prompts asked per endpoint")] = 32,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="--endpoints: text mode, samples per prompt")] = 2,
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", help="an existing Ray cluster [default: a local one]")
     ] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="CPUs of the local Ray")] = None,
     state: Annotated[
-        Path | None, typer.Option("--state", help="resume file [default: under $WARDEN_HOME/scan]")
+        Path | None,
+        typer.Option("--state", help="resume file (--endpoints: folder) [default: under $WARDEN_HOME/scan]"),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1)] = 10,
     alpha: AlphaOpt = 1e-6,
@@ -146,9 +166,21 @@ def scan_cmd(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Report every checkpoint derived from a registered model; rerun with the same state to resume."""
+    """Report every checkpoint derived from a registered model, or (--endpoints) every endpoint serving a model
+    derived from --model; rerun with the same state to resume."""
     from ..provenance import scan
 
+    if (endpoints is None) == (not where):
+        err.print("error: give folders, list files or s3:// prefixes to scan, or --endpoints FILE (not both)")
+        raise typer.Exit(2)
+    if endpoints is not None:
+        from .probe import scan_endpoints_cli
+
+        scan_endpoints_cli(endpoints, model, reference or [], prompts, mode=mode, budget=budget, items=items,
+                           samples=samples, alpha=alpha, state=state, ray_address=ray_address, workers=workers,
+                           home=home, as_json=as_json)  # fmt: skip
+        return
+    assert where is not None
     reg = _ws(home).registry(registry)
     bar: list[Any] = []
     with contextlib.ExitStack() as stack:

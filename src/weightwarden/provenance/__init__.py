@@ -4,7 +4,8 @@
   and returns a :class:`Comparison` with a p-value and per-layer evidence;
 - :class:`Registry` keeps compact :class:`Signature` s of protected models and
   ``identify`` ranks them against a suspect with corrected p-values;
-- :func:`scan` walks a whole hub on Ray, resumably.
+- :func:`scan` walks a whole hub on Ray, resumably; :func:`.endpoint_scan.scan_endpoints` probes many
+  endpoints (``warden scan --endpoints``) the same way.
 """
 
 from .compare import DEFAULT_ALPHA, Comparison, LayerEvidence, compare, compare_many

@@ -11,7 +11,8 @@ without log-probabilities (text only, sampled).  Around every request:
   connections, then :class:`~weightwarden.errors.EndpointUnavailableError`;
 * an **answer cache** (:class:`AnswerCache`): JSON lines keyed by the SHA-256 of the request, one
   ``write`` + ``fsync`` per answer, a torn last line cut on the next open;
-* an **audit event** per request sent (``provenance:query``) in the home's trail;
+* an **audit event** per request sent (``provenance:query``) in the home's trail, appended as it happens
+  (not at the end of the probe: a killed probe keeps them);
 * **validation** of every answer: non-finite or positive log-probabilities, top-k lists not sorted,
   the sampled token's log-probability disagreeing with its top-k entry, echoed tokens that do not spell the
   prompt, or the model name changing mid-probe raise a typed error: no p-value is ever computed on them.
@@ -283,8 +284,10 @@ class Endpoint:
         from .. import trail
         from ..audit import AuditAction
 
-        trail.record(AuditAction.PROVENANCE_QUERY, outcome, home=self.home, subject=self.url, route=path,
-                     request=key[:16], **detail)  # fmt: skip
+        # written now, not with the probe's operation: a probe killed mid-way keeps the events of the queries
+        # it sent (their answers are in the cache already)
+        trail.record_now(AuditAction.PROVENANCE_QUERY, outcome, home=self.home, subject=self.url, route=path,
+                         request=key[:16], **detail)  # fmt: skip
 
     def _where(self) -> str:
         return f"answers so far are cached in {self.cache.folder}" if self.cache else "no --cache was given"
@@ -320,6 +323,7 @@ class Endpoint:
                         raise EndpointAnswerError(f"{self.url}{path} answered 200 with a body that is not JSON") \
                             from None  # fmt: skip
                     if not isinstance(obj, dict):
+                        self._audit("error", path, key, status=200, attempt=attempt, ms=ms, error="not an object")
                         raise EndpointAnswerError(f"{self.url}{path} answered with JSON that is not an object")
                     self._audit("ok", path, key, status=200, attempt=attempt, ms=ms)
                     return obj

@@ -239,8 +239,9 @@ def scan(
     return report
 
 
-def _run_ray(todo: list[str], root: str, top_k: int, alpha: float, address: str | None, workers: int | None,
-             state_path: Path, report: ScanReport, on_progress: Callable[[int, int], None] | None) -> None:  # fmt: skip
+def ray_start(address: str | None, workers: int | None) -> tuple[Any, bool]:
+    """Ray, started here (local with ``workers`` CPUs, or joining ``address``) unless it already runs;
+    and whether it was started here (then the caller shuts it down)."""
     ray = require("ray", extra="cluster")
     started = not ray.is_initialized()
     if started:
@@ -253,6 +254,12 @@ def _run_ray(todo: list[str], root: str, top_k: int, alpha: float, address: str 
             ray.init(**kw)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ScanError(f"cannot reach a Ray cluster: {str(e)[:200]}") from None
+    return ray, started
+
+
+def _run_ray(todo: list[str], root: str, top_k: int, alpha: float, address: str | None, workers: int | None,
+             state_path: Path, report: ScanReport, on_progress: Callable[[int, int], None] | None) -> None:  # fmt: skip
+    ray, started = ray_start(address, workers)
     task = ray.remote(num_cpus=1, max_retries=2)(scan_one)
     limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     fd = os.open(state_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
