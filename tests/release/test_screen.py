@@ -72,20 +72,47 @@ def test_recall_and_precision_on_confusable_dotted_and_abbreviated_variants(exte
     assert recall >= 0.98 and precision >= min_precision, (recall, precision, wrong)
 
 
-HELDOUT3 = json.loads((Path(__file__).parents[1] / "vectors" / "screening_variants_heldout3.json").read_text())
+def _heldout(k: int) -> tuple[list, list]:
+    doc = json.loads((Path(__file__).parents[1] / "vectors" / f"screening_variants_heldout{k}.json").read_text())
+    return doc[f"held_out_{k}"], doc[f"held_out_{k}_innocents"]
 
 
-def test_held_out_set_3_measured_once(extended: ScreeningList) -> None:
-    """Held-out set 3 was written before any change on its branch and never tuned on.  Measured at the end:
-    recall 48/49, precision 48/51; then a rule that held a query's added words against it was dropped, for
-    a reason not drawn from set 3 (it let an evader append a city: the attack test below) and with no effect
-    on the tuned sets; measured again: recall 49/49, precision 49/52 = 0.942, three false hits on people
-    ("Li Wei", "Wang Xiaoping", "Fatima Zahra Bennani").  Under the issue's precision target of 0.95 by one
-    false hit; asserted as measured, so that a regression shows."""
-    pos, neg = HELDOUT3["held_out_3"], HELDOUT3["held_out_3_innocents"]
+@pytest.mark.parametrize(("k", "min_recall", "min_precision"), [
+    # set 3: written before its branch's changes; 49/49 at 49/52 = 0.942 then (three false hits on people: "Li
+    # Wei", "Wang Xiaoping", "Fatima Zahra Bennani"); the person-name check (screen_people) was tuned on it
+    (3, 1.0, 1.0),
+    # set 4: written before the person-name check, never tuned on.  Before: 94/95 at 94/100 = 0.94.  First
+    # measure after the check: 92/95 = 0.968 at 0.968 (people written with digit look-alikes lost).  After the
+    # digit readings (set 5 written before them) and the check's cheaper first pass (no tuning on sets 4-5, but
+    # made after seeing them): 94/95 = 0.989 at 94/97 = 0.969, the issue's target
+    (4, 0.98, 0.95),
+    # set 5: people only, written after set 4 showed the digit loss and before mending it, never tuned on.
+    # Before any change on the branch: 21/28 at 21/23; first measure after the digit readings: 27/28 at 27/29;
+    # now 28/28 at 28/30 = 0.933, under the issue's precision target ("Kim Chol" and "Li Dong", a Korean or
+    # Chinese given name cut in its middle, flagged), asserted as measured so that a regression shows
+    (5, 1.0, 28 / 30),
+])  # fmt: skip
+def test_held_out_sets_measured(extended: ScreeningList, k: int, min_recall: float, min_precision: float) -> None:
+    pos, neg = _heldout(k)
     recall, precision, wrong = _scores(extended, pos, neg)
-    assert len(pos) + len(neg) >= 60 and len(neg) >= len(pos)
-    assert recall == 1.0 and precision >= 49 / 52 - 1e-9, (recall, precision, wrong)
+    assert len(neg) >= 25 and len(pos) >= 25
+    assert recall >= min_recall - 1e-9 and precision >= min_precision - 1e-9, (recall, precision, wrong)
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Li Wei", None), ("Kim Chol Min", None), ("Li Weidong", "sample-011"),  # a name cut at an end, or another
+    ("Wang Xiaoping", None), ("Wang Xiaoming", "sample-017"),  # one syllable away is another given name
+    ("Fatima Zahra Bennani", None), ("Fatima Zahra Benali", "sample-022"),
+    ("Sergei Petrov", "sample-000"), ("Petrov, Sergey", "sample-000"),  # a patronymic may be left out
+    ("Nikolai Petrov", None), ("Sergei Ivanovich Smirnov", None),  # given and family name both matched
+    ("Evgenii Borisovich Morozov", "sample-015"),  # one name in another transliteration (rigour's symbols)
+    ("Serg3i Petr0v", "sample-000"), ("Kim Ch0l Ho", "sample-004"), ("Serg3i Ivan0v", None),  # digits for letters
+])  # fmt: skip
+def test_a_person_is_matched_part_by_part(extended: ScreeningList, name: str, want: str | None) -> None:
+    """Common personal names one name away from a listed person are cleared (issue 17, set 3's false hits);
+    the listed person's name however written is still a hit."""
+    ids = [h["entry"]["id"] for h in extended.screen(name)["hits"]]
+    assert ids == ([want] if want else []), (name, ids)
 
 
 @pytest.mark.parametrize(("name", "want"), [

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 import weightwarden as ww
 from tests.support.cli import warden
 from tests.support.models import llama_tensors, tiny_llama_dir
+from tests.support.spm import sentencepiece_model
 from weightwarden import audit, trail
 from weightwarden.errors import (
     RecipientKeyError,
@@ -422,6 +423,7 @@ def test_every_unrecognised_file_refuses_the_release_naming_it(tmp_path: Path, m
     (d / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"héllo": 1}}}))  # text: copied, not refused
     (d / "empty.txt").write_bytes(b"")
     (d / "NOTES.md").write_text("We also publish GGUF and safetensors files.\n")
+    (d / "tokenizer.model").write_bytes(sentencepiece_model(["the", "of", "modèle"]))  # parsed: copied
     sink, prov = _sink(keyring)
     out = tmp_path / "copy"
     with pytest.raises(UnmarkableFilesError) as e:
@@ -437,11 +439,31 @@ def test_every_unrecognised_file_refuses_the_release_naming_it(tmp_path: Path, m
                   exclude=tuple(bad))  # fmt: skip
     assert set(rel.excluded_files) == set(bad)
     got = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert got == ["NOTES.md", "config.json", "empty.txt", "model.safetensors", "other.txt", "tokenizer.json"]
+    assert got == ["NOTES.md", "config.json", "empty.txt", "model.safetensors", "other.txt", "tokenizer.json",
+                   "tokenizer.model"]
     assert (out / "tokenizer.json").read_bytes() == (d / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer.model").read_bytes() == (d / "tokenizer.model").read_bytes()
     o = load_file(str(model / "model.safetensors"))
     assert not np.array_equal(load_file(str(out / "other.txt"))[W], o[W])  # marked
     assert "other.txt" in _store(tmp_path).releases("m")[0]["marked_files"]
+
+
+@pytest.mark.parametrize("disguise", ["tensor bytes", "tensor bytes after real pieces"])
+def test_weights_named_tokenizer_model_are_refused(tmp_path: Path, model: Path, keyring: ww.Keyring,
+                                                   disguise: str) -> None:  # fmt: skip
+    """A SentencePiece model leaves as a non-weight file only where it parses as one: a weight tensor's bytes
+    under its name, alone or after a real model's pieces, are refused by name."""
+    d = tmp_path / "m"
+    shutil.copytree(model, d)
+    st = (model / "model.safetensors").read_bytes()
+    tensor = st[8 + int.from_bytes(st[:8], "little"):]
+    spm = sentencepiece_model(["the", "of"])
+    (d / "tokenizer.model").write_bytes(tensor if disguise == "tensor bytes" else spm + tensor)
+    _, prov = _sink(keyring)
+    with pytest.raises(UnmarkableFilesError) as e:
+        release(d, "Acme Labs", tmp_path / "copy", provider=prov, country="DE", home=tmp_path / "h", model_id="m")
+    assert [f.split(" (", 1)[0] for f in e.value.files] == ["tokenizer.model"]
+    assert not os.path.lexists(tmp_path / "copy")
 
 
 def test_a_sealed_master_with_an_unrecognised_member_is_refused(tmp_path: Path, model: Path,

@@ -23,7 +23,16 @@ from typing import Any
 
 from .._extras import require
 from .screen_lists import Entry, is_sample, parse_entries, sample_path, save_list, stored_list
-from .screen_names import ScreeningError, abbreviated_words, literal_words, name_tables, normalize, unmatched_words
+from .screen_names import (
+    ScreeningError,
+    abbreviated_words,
+    digit_lookalikes,
+    literal_words,
+    name_tables,
+    normalize,
+    unmatched_words,
+)
+from .screen_people import person_agrees
 
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize", "screen", "update_list"]
 
@@ -44,6 +53,7 @@ class ScreeningList:
 
     _combos: dict[str, list[tuple[int, frozenset[str], int]]] = field(default_factory=dict)
     _words: list[frozenset[str]] = field(default_factory=list)
+    _entry_names: list[list[str]] = field(default_factory=list)
     _by_token: dict[str, list[int]] = field(default_factory=dict)
     _abbr: dict[int, frozenset[str]] = field(default_factory=dict)
     _cols: list[int] = field(default_factory=list)
@@ -80,6 +90,7 @@ class ScreeningList:
                     self._owner.append(i)
                     self._raw.append(n)
             self._words.append(frozenset(words))
+            self._entry_names.append(sorted(seen))
         # each name's letters as counts, to bound its similarity to a query before scoring it (below)
         codes = np.frombuffer("\n".join(self._names).encode("ascii", "replace"), dtype=np.uint8)
         row = np.cumsum(codes == 10) if len(codes) else codes
@@ -138,6 +149,8 @@ class ScreeningList:
                 short = " ".join(t for t in nq.split() if len(t) > 1)  # initials dropped: "S. I. Petrov"
                 if short and short != nq:
                     queries.append((q, short))
+                # digits for letters: "Serg3i Petr0v", "Kim Ch0l Ho" (read again: "C0rp" is a company form)
+                queries += [(q, f) for f in map(normalize, digit_lookalikes(nq)) if f and f != nq]
         generic = name_tables()[4]
         for q, nq in queries:
             # scores under the threshold come back as 0 (rapidfuzz stops early on them)
@@ -181,6 +194,10 @@ class ScreeningList:
                     # held against it: an evader appends a city or "Branch" to a listed name
                     if unmatched_words(nt, qt, nq):
                         continue
+                # a person is named by given and family name, part by part: not a common name one name away
+                # ("Li Wei" for "Li Wei Dong", "Wang Xiaoping" for "Wang Xiaoming"; :mod:`.screen_people`)
+                elif not person_agrees(nq, self._entry_names[self._owner[j]]):
+                    continue
                 self._keep(best, j, float(score[c]), q, nq, {"token_sort": round(float(sort[c]), 1),
                            "token_set": round(float(tset[c]), 1), "ratio": round(float(plain[c]), 1)})  # fmt: skip
             # surname and initials: "M. A. Orlov" for "Mikhail Andreyevich Orlov", every initial a name's

@@ -12,13 +12,18 @@ from typing import Any
 from .._extras import require
 from ..errors import WardenError
 
-__all__ = ["ScreeningError", "abbreviated_words", "literal_words", "name_tables", "normalize", "unmatched_words"]
+__all__ = ["ScreeningError", "abbreviated_words", "digit_lookalikes", "literal_words", "name_tables", "normalize",
+           "unmatched_words"]
 
 _PUNCT = re.compile(r"[^\w\s]|_")
 _SPACE = re.compile(r"\s+")
 # a word spelled out with one punctuation mark between letters: "S.e.r.g.e.i", "T.A.C.R.C.", "N-o-v-a-t-e-k"
 _DOTTED = re.compile(r"(?<![\w.\-·'/*])(?:[^\W_][.\-·'_/*]){2,}[^\W_](?:[.\-·'_/*](?=\s|,|$))?(?!\w)")
 _APOS = re.compile(r"(?<=\w)['’ʼ`](?=\w)")  # Int'l, O'Neil: one word
+# digits written for the letters they look like inside a word of letters ("Petr0v", "Serg3i", "A1-Rashidi"): the
+# Latin letters of each digit's look-alike class (UTS #39 puts 0 with O and 1 with l and I; 1 also stands for i)
+_DIGIT_LETTERS = {"0": "o", "1": "il", "2": "z", "3": "e", "4": "a", "5": "s", "6": "b", "7": "t", "8": "b", "9": "g"}
+_MIXED = re.compile(r"\b(?=\w*[a-z])(?=\w*\d)\w+\b")
 
 
 class ScreeningError(WardenError):
@@ -135,3 +140,18 @@ def unmatched_words(words: frozenset[str] | set[str], other: frozenset[str] | se
     return {w for w in words if w not in other and not (len(w) >= 4 and w in flat)
             and not any(fuzz.ratio(w, o) >= 80 or (len(o) >= 3 and w.startswith(o)) for o in other)}  # fmt: skip
 
+
+
+def digit_lookalikes(normalized: str) -> list[str]:
+    """The readings of a normalised name whose words mix letters and digits, each digit read as a letter it
+    looks like ("serg3i petr0v" -> "sergei petrov"; "1" read as "i", then as "l"); [] when no word mixes them.
+    Words of digits alone ("3", "2024") are left as they are."""
+    if not _MIXED.search(normalized):
+        return []
+    out = []
+    for k in range(2):  # the two readings of "1"; the other digits have one
+        table = str.maketrans({d: ls[min(k, len(ls) - 1)] for d, ls in _DIGIT_LETTERS.items()})
+        f = _MIXED.sub(lambda m, t=table: m.group(0).translate(t), normalized)  # type: ignore[misc]
+        if f != normalized and f not in out:
+            out.append(f)
+    return out

@@ -10,8 +10,9 @@ recognised from the pickle opcodes with :mod:`pickletools`, never unpickled), nu
 ``warden seal DIR`` and ``warden release`` share the walk; the release also refuses every weight
 file it cannot fingerprint unless the operator excludes it (``--exclude PATTERN``).  For a release the
 rule is an allowlist (``classify``): a file that is neither safetensors nor plainly text
-(``is_plain_text``) is refused as :data:`UNRECOGNISED`, and text is copied from the bytes read once and
-checked again (``read_plain_text``), never re-opened by path.
+(``is_plain_text``) nor a SentencePiece model (``tokenizer.model``, parsed: :mod:`.spm`) is refused as
+:data:`UNRECOGNISED`, and such a non-weight file is copied from the bytes read once and checked again
+(``read_plain_text``), never re-opened by path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import IO
 from .._atomic import TMP_PREFIX
 from ..errors import UnmarkableFilesError
 
-__all__ = ["WalkResult", "classify", "classify_bytes", "excluded", "is_plain_text", "open_under", "read_plain_text",
+__all__ = ["WalkResult", "classify", "classify_bytes", "excluded", "is_non_weight", "is_plain_text", "open_under",
+           "read_plain_text",
            "shown", "sniff", "sniff_file",
            "walk"]
 
@@ -198,10 +200,19 @@ def is_plain_text(data: bytes | memoryview) -> bool:
     return not _pickle_stream(b)
 
 
+def is_non_weight(data: bytes | memoryview) -> bool:
+    """A file that leaves a release as it is: plain text (:func:`is_plain_text`), or a SentencePiece model
+    (``tokenizer.model``: a vocabulary, recognised by parsing it, :mod:`.spm`)."""
+    from .spm import is_sentencepiece_model
+
+    return is_plain_text(data) or is_sentencepiece_model(data)
+
+
 def classify_bytes(data: bytes | memoryview) -> str | None:
-    """For a release (an allowlist): a weight format's name, :data:`UNRECOGNISED`, or None for plain text."""
+    """For a release (an allowlist): a weight format's name, :data:`UNRECOGNISED`, or None for a non-weight
+    file (:func:`is_non_weight`)."""
     kind = sniff_bytes(data)
-    if kind is None and not is_plain_text(data):
+    if kind is None and not is_non_weight(data):
         return UNRECOGNISED
     return kind
 
@@ -222,7 +233,7 @@ def classify(path: Path) -> str | None:
         if st.st_size > TEXT_MAX:
             return UNRECOGNISED
         fh.seek(0)
-        return None if is_plain_text(fh.read(TEXT_MAX + 1)) else UNRECOGNISED
+        return None if is_non_weight(fh.read(TEXT_MAX + 1)) else UNRECOGNISED
 
 
 def open_under(root: Path, rel: str) -> int:
