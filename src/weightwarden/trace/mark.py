@@ -182,6 +182,15 @@ def _unit_major(src: TensorSource, e: Expert, view: str) -> np.ndarray:
     return w if units_first else np.ascontiguousarray(w.T)
 
 
+def _norm(src: TensorSource, block: Block) -> np.ndarray | None:
+    """The norm scale the block's input weights read through, or None when there is none or it is all ones
+    (folded into the weights, as a rotation of the residual stream requires)."""
+    if block.norm is None:
+        return None
+    g = src.get(block.norm)
+    return None if np.allclose(g, 1.0) else g
+
+
 def _from_unit_major(u: np.ndarray, units_first: bool) -> np.ndarray:
     return u if units_first else u.T
 
@@ -238,10 +247,12 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
         comp = compare_many([extract_signature(o)], s)[0]
         mapping = {e.reference_layer: e.suspect_layer for e in comp.layers if e.suspect_layer is not None
                    and e.log_p < np.log(1e-6 / max(len(comp.layers), 1))}  # fmt: skip
-        if lo.embedding and ls.embedding:
-            v = min(o.shapes[lo.embedding][0], s.shapes[ls.embedding][0])
+        v = min(o.shapes[lo.embedding][0], s.shapes[ls.embedding][0]) if lo.embedding and ls.embedding else 0
+        if lo.embedding and ls.embedding and v >= 2 * max(lo.d_model, ls.d_model):
             ids = np.arange(0, v, max(1, v // 8192))
             r, _ = align_residual(o.get(lo.embedding, rows=ids), s.get(ls.embedding, rows=ids))
+        elif comp.residual_map is not None:  # few embedding rows: the comparison's fit on every anchor
+            r = comp.residual_map
         else:
             r = np.eye(lo.d_model, ls.d_model, dtype=np.float32)
         corr = np.zeros(ell, np.float64)
@@ -254,7 +265,11 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
                 continue
             bs = sus_blocks[mapping[bo.index]]
             oin = np.concatenate([u for _, u in _units(o, bo, "in")])
-            sin = np.concatenate([u for _, u in _units(s, bs, "in")]) @ r.T  # back to the original's basis
+            sin = np.concatenate([u for _, u in _units(s, bs, "in")])
+            sin = sin @ r.T  # back to the original's basis
+            g_o, g_s = _norm(o, bo), _norm(s, bs)
+            if g_o is not None and g_s is None:  # the suspect folded the norm in: undo it with ours
+                sin /= np.where(np.abs(g_o) > _EPS, g_o, 1.0)
             pi = _match(oin, sin)
             oout = np.concatenate([u for _, u in _units(o, bo, "out")])
             sout = np.concatenate([u for _, u in _units(s, bs, "out")]) @ r.T
