@@ -88,8 +88,12 @@ def main() -> None:
     out = {
         "model": {"d_model": D, "ff": FF, "layers": LAYERS, "vocab": [VOCAB, 24], "heads": HEADS},
         "derived_folded_rotation": derived,
-        "null": {"pairs": len(ps), "ks_pvalue": round(float(stats.kstest(ps, "uniform").pvalue), 4),
-                 "min_p": float(min(ps)), "false_positives_at_1e-6": int(sum(p < 1e-6 for p in ps))},  # fmt: skip
+        "null": {
+            "pairs": len(ps),
+            "ks_pvalue": round(float(stats.kstest(ps, "uniform").pvalue), 4),
+            "min_p": float(min(ps)),
+            "false_positives_at_1e-6": int(sum(p < 1e-6 for p in ps)),
+        },
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(json.dumps(out, indent=1))
