@@ -199,7 +199,7 @@ def test_unknown_model_and_bad_ids(released, parent: Path) -> None:
     assert not (home / "trace" / "models" / "too-long.json").exists()
 
 
-def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: Path) -> None:
+def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: Path, zoo) -> None:
     assert warden(cli_env, "init").returncode == 0
     for r in ("ann", "ben", "cat"):
         res = warden(cli_env, "release", str(parent), "--to", r, "--country", "FR", "-o", str(tmp_path / r), "--json",
@@ -209,6 +209,12 @@ def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: 
     assert res.returncode == 0, res.stderr
     j = json.loads(res.stdout)
     assert [a["recipient"] for a in j["accused"]] == ["ben"] and j["recipients"] == 3
+    base = zoo.base("llama", 1, 0)  # issue 21: ben's copy blended halfway back to where the parent started
+    blended = _blend(tmp_path / "ben", base, 0.5, tmp_path / "ben-blend")
+    res = warden(cli_env, "trace", str(blended), "--model", str(parent), "--base", str(base), "--json")
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    assert [a["recipient"] for a in j["accused"]] == ["ben"] and abs(j["base_share"] - 0.5) < 0.05
     res = warden(
         cli_env, "release", str(parent), "--to", "dan", "--country", "FR", "-o", str(tmp_path / "dan.sealed"), "--seal"
     )
