@@ -1,6 +1,7 @@
 """Rotations of the residual stream with few embedding rows (issue 21).  Prints JSON.
 
-python bench/provenance_rotation.py      # ~20 s on 2 cores
+python bench/provenance_rotation.py            # ~20 s on 2 cores: random weights
+python bench/provenance_rotation.py --trained  # also trained zoo llamas with a 96-word vocabulary (~10 min)
 
 Llama-shaped checkpoints (tests/support/models.attn_llama_tensors: attention, gated MLP, RMSNorm scales in
 [0.5, 1.5], untied lm_head) with d_model 64 and a vocabulary of 96 rows (under 2 x d_model) or 24.  Derived: the
@@ -49,6 +50,36 @@ def _permute_heads(sd: dict, seed: int) -> dict:
     return out
 
 
+def trained() -> dict:
+    """Zoo llamas (tests/support/zoo.py) with a 96-word vocabulary and d_model 64: a parent (300 steps), its
+    short fine-tune with norms folded and the residual stream rotated, and six independent models (80
+    steps each): the derived p-values with and without anchors, and the null over the 15 independent pairs
+    and the 6 parent-vs-independent pairs."""
+    from scipy import stats
+
+    from tests.support.zoo import Zoo
+    from weightwarden.provenance import compare_many, extract_signature
+
+    zoo = Zoo(ROOT / ".bench" / "zoo-v96", vocab=VOCAB)
+    parent = zoo.base("llama", 1, 300)
+    sig = extract_signature(parent)
+    bare = dataclasses.replace(sig, anchor_roles=())
+    out: dict = {"vocab": VOCAB, "d_model": zoo.d, "anchor_roles": len(sig.anchor_roles)}
+    for how in ("rotate-residual", "ft-short+rotate-residual"):
+        child = zoo.derive(zoo.derive(parent, "ft-short"), "rotate-residual") if "+" in how else \
+            zoo.derive(parent, "rotate-residual")  # fmt: skip
+        c, b = compare_many([sig], child)[0], compare_many([bare], child)[0]
+        out[how] = {"log10_p_with_anchors": round(c.log_p / math.log(10), 2), "alignment": c.alignment,
+                    "log10_p_embedding_only": round(b.log_p / math.log(10), 2)}  # fmt: skip
+    ind = [zoo.base("llama", 100 + i, 80) for i in range(6)]
+    sigs = [extract_signature(m) for m in ind]
+    ps = [compare_many([sigs[j]], ind[i])[0].p_value for i, j in itertools.combinations(range(len(ind)), 2)]
+    ps += [compare_many([sig], m)[0].p_value for m in ind]
+    out["null"] = {"pairs": len(ps), "ks_pvalue": round(float(stats.kstest(ps, "uniform").pvalue), 4),
+                   "min_p": float(min(ps)), "false_positives_at_1e-6": int(sum(p < 1e-6 for p in ps))}  # fmt: skip
+    return out
+
+
 def main() -> None:
     from safetensors.numpy import save_file
     from scipy import stats
@@ -94,8 +125,10 @@ def main() -> None:
             "min_p": float(min(ps)),
             "false_positives_at_1e-6": int(sum(p < 1e-6 for p in ps)),
         },
-        "seconds": round(time.perf_counter() - t0, 1),
     }
+    if "--trained" in sys.argv[1:]:
+        out["trained"] = trained()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=1))
 
 

@@ -6,8 +6,10 @@ keyed sign c(k) in {-1, +1}.  Chip layout 2: each 32-bit word of an AES-256-CTR 
 tensor gives 16 weights, 64 apart within a block of 1024, one symbol (its top 16 bits) and a sign each
 (its low 16 bits; `_kernel` has the exact map).  Recipient x's copy is
 ``w + alpha * std(W) * c(k) * (2 x[s(k)] - 1)``.  Extraction aligns the suspect to the original
-(residual basis from the embeddings, hidden units by Hungarian matching, per-unit rescaling undone),
-subtracts the original, and correlates the difference with the chips of each symbol.
+(residual basis from the embeddings, or from every anchor when the vocabulary is small, a folded norm
+divided back out; hidden units by Hungarian matching, per-unit rescaling undone), takes out a blend toward
+the public base when one is given, subtracts the original, and correlates the difference with the chips of
+each symbol.
 """
 
 from __future__ import annotations
