@@ -15,6 +15,7 @@ from safetensors.numpy import save_file
 
 from tests.support.cli import PASSPHRASE, TEST_KDF
 from tests.support.models import attn_llama_tensors, fold_and_rotate
+from weightwarden.errors import FormatError
 from weightwarden.provenance import Signature, compare, extract_signature
 
 pytest.importorskip("scipy")
@@ -63,6 +64,11 @@ def test_a_folded_rotation_with_few_embedding_rows_is_detected(models: dict[str,
     again = Signature.from_bytes(sig.to_bytes())
     assert again.anchor_roles == sig.anchor_roles
     assert compare(models["rotated"], again).log_p < STRICT
+    # a damaged anchor section is refused as a whole, not half-read
+    for field, bad in (("anchor_ids", np.full_like(sig.anchor_ids, len(sig.anchor_roles))),
+                       ("anchor_rows", np.full_like(sig.anchor_rows, np.nan))):  # fmt: skip
+        with pytest.raises(FormatError, match="anchor"):
+            Signature.from_bytes(dataclasses.replace(sig, **{field: bad}).to_bytes())
     # an independently drawn model of the same shape: the extra anchors do not make it look derived
     ind = compare(models["independent"], sig)
     assert not ind.derived and ind.p_value > 1e-3, ind.to_json()

@@ -115,6 +115,7 @@ class Signature:
                     or ai.shape[1] != 2
                     or ar.shape != (len(ai), d)
                     or not ((ai[:, 0] >= 0) & (ai[:, 0] < len(roles)) & (ai[:, 1] >= 0)).all()
+                    or not np.isfinite(ar).all()
                 ):
                     raise FormatError("signature anchor shapes disagree")
                 anchors = {"anchor_roles": roles, "anchor_ids": ai.astype(np.int64), "anchor_rows": ar}
