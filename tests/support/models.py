@@ -11,8 +11,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-__all__ = ["assert_same", "llama_tensors", "make_tensors", "sharded_model_dir", "tiny_llama_dir",
-           "tiny_llama_file"]  # fmt: skip
+__all__ = ["assert_same", "attn_llama_tensors", "fold_and_rotate", "llama_tensors", "make_tensors",
+           "sharded_model_dir", "tiny_llama_dir", "tiny_llama_file"]  # fmt: skip
 
 
 def llama_tensors(rng: np.random.Generator, *, d: int, ff: int, layers: int, vocab: int,
@@ -30,6 +30,56 @@ def llama_tensors(rng: np.random.Generator, *, d: int, ff: int, layers: int, voc
         if norms:
             sd[p + "post_attention_layernorm.weight"] = np.ones(d, np.float32)
     return sd
+
+
+def attn_llama_tensors(rng: np.random.Generator, *, d: int, ff: int, layers: int, vocab: int,
+                       heads: int = 4) -> dict[str, np.ndarray]:  # fmt: skip
+    """A fuller Llama state dict in float32: embedding, per layer attention (q, k, v, o), gated MLP and both
+    RMSNorm scales (uniform in [0.5, 1.5], so that folding them changes the weights), the final norm and an
+    untied ``lm_head``."""
+    f = np.float32
+    sd = {"model.embed_tokens.weight": rng.standard_normal((vocab, d)).astype(f)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for n in "qkvo":
+            sd[p + f"self_attn.{n}_proj.weight"] = (rng.standard_normal((d, d)) / np.sqrt(d)).astype(f)
+        sd[p + "mlp.gate_proj.weight"] = (rng.standard_normal((ff, d)) / np.sqrt(d)).astype(f)
+        sd[p + "mlp.up_proj.weight"] = (rng.standard_normal((ff, d)) / np.sqrt(d)).astype(f)
+        sd[p + "mlp.down_proj.weight"] = (rng.standard_normal((d, ff)) / np.sqrt(ff)).astype(f)
+        sd[p + "input_layernorm.weight"] = rng.uniform(0.5, 1.5, d).astype(f)
+        sd[p + "post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, d).astype(f)
+    sd["model.norm.weight"] = rng.uniform(0.5, 1.5, d).astype(f)
+    sd["lm_head.weight"] = (rng.standard_normal((vocab, d)) / np.sqrt(d)).astype(f)
+    return sd
+
+
+def fold_and_rotate(sd: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The function-preserving attack of issue 21 on an :func:`attn_llama_tensors` state dict: every RMSNorm
+    scale folded into the matrices that read its output (the norms become ones), then the residual stream
+    multiplied by a random orthogonal Q: readers W -> W Q, writers W -> Q^T W, embedding E -> E Q."""
+    out = {k: v.astype(np.float64) for k, v in sd.items()}
+    d = out["model.embed_tokens.weight"].shape[1]
+    q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    layers = sorted({int(k.split(".")[2]) for k in out if k.startswith("model.layers.")})
+    folds = [(f"model.layers.{i}.input_layernorm.weight",
+               [f"model.layers.{i}.self_attn.{n}_proj.weight" for n in "qkv"]) for i in layers]  # fmt: skip
+    folds += [
+        (
+            f"model.layers.{i}.post_attention_layernorm.weight",
+            [f"model.layers.{i}.mlp.gate_proj.weight", f"model.layers.{i}.mlp.up_proj.weight"],
+        )
+        for i in layers
+    ]
+    folds.append(("model.norm.weight", ["lm_head.weight"]))
+    for norm, readers in folds:
+        for r in readers:
+            out[r] = out[r] * out[norm][None, :] @ q
+        out[norm] = np.ones(d)
+    out["model.embed_tokens.weight"] = out["model.embed_tokens.weight"] @ q
+    for i in layers:
+        for w in (f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"):
+            out[w] = q.T @ out[w]
+    return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 def tiny_llama_file(path: Path, seed: int = 0, d: int = 16, ff: int = 32, layers: int = 2, vocab: int = 64) -> Path:

@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from tests.support.cli import warden
 from weightwarden import trail
+from weightwarden.errors import UnsupportedModelError
 from weightwarden.trace import TardosCode, TraceError, accusation_threshold, code_length, release, trace
 from weightwarden.trace.tardos import chernoff_tail
 
@@ -125,6 +126,36 @@ def test_no_one_is_accused_without_evidence(released, parent: Path, independents
         _trace(released, independents[0], parent)  # not derived from the model at all
 
 
+def _blend(copy: Path, toward: Path, a: float, out: Path) -> Path:
+    """``(1 - a) * copy + a * toward``, every floating tensor: a partner's blend back toward a public base."""
+    c, b = load_file(str(copy / "model.safetensors")), load_file(str(toward / "model.safetensors"))
+    shutil.copytree(copy, out)
+    save_file({k: ((1 - a) * v + a * b[k]).astype(v.dtype) for k, v in c.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    return out
+
+
+def test_a_blend_toward_the_public_base(released, parent: Path, zoo, tmp_path: Path) -> None:
+    """Issue 21: carol releases 0.5 x her copy + 0.5 x the base the model was trained from.  Without the base
+    the difference 0.5 (base - model) swamps the mark; given the base (``trace(base=...)``), its fitted part
+    is taken out and carol is accused, no one else (bench/trace_blend.py: the unmarked model blended accuses no
+    one).  The base
+    here is the parent's own starting point (its initialisation: no training in the test); bench/trace_blend.py
+    measures blends toward a trained base, with their loss ratios."""
+    home, copies, kr = released
+    base = zoo.base("llama", 1, 0)  # the parent's run (seed 1) after 0 steps: where the parent started
+    blended = _blend(copies["carol"], base, 0.5, tmp_path / "blend")
+    without = _trace(released, blended, parent)
+    assert without.accused == [], without.to_json()  # the blend defeats the plain trace ...
+    rep = trace(blended, parent, provider=_tracing(kr), home=home, model_id="zoo-llama", population=10**6, base=base)
+    assert [a["recipient"] for a in rep.accused] == ["carol"], rep.to_json()  # ... not the one given the base
+    assert rep.base_share is not None and abs(rep.base_share - 0.5) < 0.05
+    bad = tmp_path / "not-a-base.safetensors"
+    save_file({"model.layers.0.mlp.gate_proj.weight": np.zeros((4, 4), np.float32)}, str(bad))
+    with pytest.raises(UnsupportedModelError, match=r"base model .* fine-tuned from"):
+        trace(blended, parent, provider=_tracing(kr), home=home, model_id="zoo-llama", base=bad)
+
+
 def test_a_forged_guess_does_not_frame_someone_else(released, parent: Path, zoo, tmp_path: Path) -> None:
     """Dave adds a guess at Bob's mark (his own key and code, as he lacks ours) on top of his copy."""
     from weightwarden.provenance.layout import detect_layout
@@ -168,7 +199,7 @@ def test_unknown_model_and_bad_ids(released, parent: Path) -> None:
     assert not (home / "trace" / "models" / "too-long.json").exists()
 
 
-def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: Path) -> None:
+def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: Path, zoo) -> None:
     assert warden(cli_env, "init").returncode == 0
     for r in ("ann", "ben", "cat"):
         res = warden(cli_env, "release", str(parent), "--to", r, "--country", "FR", "-o", str(tmp_path / r), "--json",
@@ -178,6 +209,12 @@ def test_cli_release_and_trace(cli_env: dict[str, str], parent: Path, tmp_path: 
     assert res.returncode == 0, res.stderr
     j = json.loads(res.stdout)
     assert [a["recipient"] for a in j["accused"]] == ["ben"] and j["recipients"] == 3
+    base = zoo.base("llama", 1, 0)  # issue 21: ben's copy blended halfway back to where the parent started
+    blended = _blend(tmp_path / "ben", base, 0.5, tmp_path / "ben-blend")
+    res = warden(cli_env, "trace", str(blended), "--model", str(parent), "--base", str(base), "--json")
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    assert [a["recipient"] for a in j["accused"]] == ["ben"] and abs(j["base_share"] - 0.5) < 0.05
     res = warden(
         cli_env, "release", str(parent), "--to", "dan", "--country", "FR", "-o", str(tmp_path / "dan.sealed"), "--seal"
     )

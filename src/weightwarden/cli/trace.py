@@ -20,6 +20,10 @@ def trace_cmd(
     population: Annotated[
         int | None, typer.Option("--population", help="n for the bound [default: recipients]")
     ] = None,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="the public checkpoint MODEL was fine-tuned from: undo a blend toward it"),
+    ] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="also write a PNG figure here (needs matplotlib)")] = None,
     db: BrokerDbOpt = None,
     home: HomeOpt = None,
@@ -31,7 +35,7 @@ def trace_cmd(
     ws = _ws(home, db=db)
     kr = ws.keyring
     rep = trace(suspect, model, provider=kr.provider(purpose="tracing"), model_id=model_id, home=home, db=db, eps=eps,
-                population=population, **(ws.model_kw(suspect, kr) or ws.model_kw(model, kr)))  # fmt: skip
+                population=population, base=base, **(ws.model_kw(suspect, kr) or ws.model_kw(model, kr)))  # fmt: skip
     j = rep.to_json()
     if plot is not None:
         from ..plots import trace_plot
@@ -48,5 +52,3 @@ def trace_cmd(
                   f"{a['false_accusation_bound']:.2e}" if a else "")  # fmt: skip
     out.print(t)
     out.print(f"{j['decision']} (threshold {j['threshold']:.1f}, eps {eps:g}, {rep.recipients} recipients)")
-
-

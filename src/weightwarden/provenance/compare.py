@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from .._extras import require
+from .anchors import read_anchors
 from .layout import Layout, detect_layout
 from .signature import BlockSignature, Signature, extract_signature, iter_embedding, iter_units, unit_rows
 from .source import TensorSource, open_source
 from .stats import LN10, bonferroni_logp, fisher_logp, sidak_logp, spearman_logp, to_p
 
-__all__ = ["DEFAULT_ALPHA", "Comparison", "LayerEvidence", "compare", "compare_many"]
+__all__ = ["DEFAULT_ALPHA", "Comparison", "LayerEvidence", "compare", "compare_many", "residual_map"]
 
 DEFAULT_ALPHA = 1e-6
 _EPS = 1e-12
@@ -80,6 +81,7 @@ class Comparison:
     suspect: dict[str, Any]
     corrected_for: int = 1  # number of references this suspect was tested against (Bonferroni)
     extra: dict[str, Any] = field(default_factory=dict)
+    residual_map: np.ndarray | None = field(default=None, repr=False, compare=False)  # R: reference -> suspect
 
     @property
     def p_value(self) -> float:
@@ -205,6 +207,47 @@ class _AlignStats:
         return r, {"kind": "signed-permutation", "rows": k, "fit": round(float(np.abs(c[ri, ci]).mean()), 4)}
 
 
+def residual_map(sig: Signature, src: TensorSource, lay: Layout) -> tuple[np.ndarray, dict[str, Any]]:
+    """R (reference -> suspect residual basis) and its description: :func:`align_residual` on the shared
+    embedding rows; when those are under ``2 x d_model`` and the signature keeps anchor rows
+    (:mod:`.anchors`), the orthogonal Procrustes fit on the embedding rows and every anchor row together,
+    all at unit length, refitted twice on the rows the previous fit explains (so that anchors whose
+    position moved, e.g. permuted heads or dropped layers, stop pulling)."""
+    vocab_s = src.shapes[lay.embedding][0] if lay.embedding else 0
+    keep = np.flatnonzero(sig.token_ids < vocab_s) if len(sig.embed_rows) else np.zeros(0, np.int64)
+    st = _AlignStats(sig.d_model, lay.d_model)
+    use_anchors = bool(sig.anchor_roles) and sig.d_model == lay.d_model and len(keep) < 2 * sig.d_model
+    emb_a, emb_b = [], []
+    at = 0
+    for part in iter_embedding(src, lay, sig.token_ids[keep]):
+        st.add(sig.embed_rows[keep[at : at + len(part)]], part)
+        if use_anchors:
+            emb_a.append(unit_rows(sig.embed_rows[keep[at : at + len(part)]].astype(np.float64)))
+            emb_b.append(unit_rows(part.astype(np.float64)))
+        at += len(part)
+    if not use_anchors:
+        return st.solve()
+    mask, rows = read_anchors(src, lay, sig.anchor_roles, sig.anchor_ids)
+    if not mask.any():
+        return st.solve()
+    a = np.concatenate([*emb_a, sig.anchor_rows[mask].astype(np.float64)])
+    b = np.concatenate([*emb_b, rows[mask].astype(np.float64)])
+    if len(a) < sig.d_model:  # not enough rows to pin a rotation down: the signed permutation
+        return st.solve()
+    used = np.ones(len(a), bool)
+    for _ in range(3):
+        u, _sv, vt = np.linalg.svd(a[used].T @ b[used], full_matrices=False)
+        r = u @ vt
+        fit = ((a @ r) * b).sum(1)
+        nxt = fit >= 0.5 * float(np.quantile(fit, 0.9))
+        if nxt.sum() < sig.d_model or np.array_equal(nxt, used):
+            break
+        used = nxt
+    info = {"kind": "rotation", "rows": int(st.rows), "anchor_rows": int(mask.sum()), "rows_fitted": int(used.sum()),
+            "fit": round(float(fit[used].mean()), 4)}  # fmt: skip
+    return r.astype(np.float32), info
+
+
 def candidates(n_ref: int, n_sus: int) -> list[list[int]]:
     """Suspect block positions tried for each reference block position; fixed by the depths alone."""
     if n_ref * n_sus <= _ALL_PAIRS_MAX:
@@ -300,13 +343,7 @@ def _test(signatures: Sequence[Signature], src: TensorSource, lay: Layout, alpha
     budget = min(_COST_BUDGET, max(_COST_FLOOR, largest // 4))
     prepared = []
     for si, sig in enumerate(signatures):
-        keep = np.flatnonzero(sig.token_ids < vocab_s) if len(sig.embed_rows) else np.zeros(0, np.int64)
-        st = _AlignStats(sig.d_model, lay.d_model)
-        at = 0
-        for part in iter_embedding(src, lay, sig.token_ids[keep]):
-            st.add(sig.embed_rows[keep[at : at + len(part)]], part)
-            at += len(part)
-        r, info = st.solve()
+        r, info = residual_map(sig, src, lay)
         cand = candidates(len(sig.blocks), n_sus)
         jobs_by_s: dict[int, list[_Job]] = {}
         all_jobs = []
@@ -315,15 +352,15 @@ def _test(signatures: Sequence[Signature], src: TensorSource, lay: Layout, alpha
                 j = _Job(si, rp, b, r)
                 jobs_by_s.setdefault(s, []).append(j)
                 all_jobs.append((s, j))
-        prepared.append((sig, info, cand, jobs_by_s, all_jobs))
+        prepared.append((sig, info, r, cand, jobs_by_s, all_jobs))
     for s, blk in enumerate(lay.blocks):
-        jobs = [j for _, _, _, jb, _ in prepared for j in jb.get(s, [])]
+        jobs = [j for *_, jb, _ in prepared for j in jb.get(s, [])]
         n_units = lay.units(src.shapes, blk)
         for view in ("in", "out"):
             _match_view(src, blk, view, jobs, n_units, budget)
     results = []
     sus_info = {"family": lay.family, "layers": n_sus, "d_model": lay.d_model, "vocab": vocab_s}
-    for sig, info, cand, _, all_jobs in prepared:
+    for sig, info, r, cand, _, all_jobs in prepared:
         best: dict[int, tuple[float, LayerEvidence]] = {}
         for s, j in all_jobs:
             m_in, m_out = j.match["in"], j.match["out"]
@@ -344,7 +381,7 @@ def _test(signatures: Sequence[Signature], src: TensorSource, lay: Layout, alpha
         overall = fisher_logp([e.log_p for e in layers])
         ref_info = {"family": sig.family, "layers": len(sig.blocks), "d_model": sig.d_model, "vocab": sig.vocab}
         ref_info.update({k: v for k, v in sig.meta.items() if k in ("name", "source", "params")})
-        results.append(Comparison(overall, alpha, tuple(layers), info, ref_info, sus_info))
+        results.append(Comparison(overall, alpha, tuple(layers), info, ref_info, sus_info, residual_map=r))
     return results
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from .._extras import require
 from ..errors import FormatError, UnsupportedModelError
+from .anchors import sample_anchors
 from .layout import Block, Layout, detect_layout
 from .source import TensorSource, open_source
 
@@ -55,6 +56,10 @@ class Signature:
     blocks: tuple[BlockSignature, ...]
     sketch: np.ndarray  # (SKETCH_DIM,) float32, unit norm (zeros: no embedding)
     meta: dict[str, Any] = field(default_factory=dict)
+    # more residual-facing rows (provenance.anchors), kept only when the vocabulary is under 2 x d_model
+    anchor_roles: tuple[str, ...] = ()
+    anchor_ids: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # (n, 2): role, row
+    anchor_rows: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float16))  # (n, d), unit norm
 
     # -- serialisation (safetensors with the scalars in its metadata) ------------------
     def to_bytes(self) -> bytes:
@@ -65,6 +70,8 @@ class Signature:
             tensors[f"b{b.index}.unit_ids"] = b.unit_ids
             tensors[f"b{b.index}.in"] = b.in_vecs
             tensors[f"b{b.index}.out"] = b.out_vecs
+        if self.anchor_roles:
+            tensors["anchor_ids"], tensors["anchor_rows"] = self.anchor_ids, self.anchor_rows
         head = {
             "version": SIG_VERSION,
             "family": self.family,
@@ -72,6 +79,7 @@ class Signature:
             "vocab": self.vocab,
             "blocks": [[b.index, b.units] for b in self.blocks],
             "meta": self.meta,
+            **({"anchors": list(self.anchor_roles)} if self.anchor_roles else {}),
         }
         return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata={"warden_sig": json.dumps(head)})
 
@@ -98,8 +106,21 @@ class Signature:
                 m = b.unit_ids.shape
                 if len(m) != 1 or b.in_vecs.shape != (m[0], d) or b.out_vecs.shape != (m[0], d) or b.units < m[0]:
                     raise FormatError("signature block shapes disagree")
+            roles = tuple(str(r) for r in head.get("anchors", ()))
+            anchors: dict[str, Any] = {}
+            if roles:
+                ai, ar = t["anchor_ids"], t["anchor_rows"]
+                if (
+                    ai.ndim != 2
+                    or ai.shape[1] != 2
+                    or ar.shape != (len(ai), d)
+                    or not ((ai[:, 0] >= 0) & (ai[:, 0] < len(roles)) & (ai[:, 1] >= 0)).all()
+                    or not np.isfinite(ar).all()
+                ):
+                    raise FormatError("signature anchor shapes disagree")
+                anchors = {"anchor_roles": roles, "anchor_ids": ai.astype(np.int64), "anchor_rows": ar}
             return cls(head["family"], d, int(head["vocab"]), t["token_ids"], t["embed_rows"], blocks, t["sketch"],
-                       dict(head.get("meta", {})))  # fmt: skip
+                       dict(head.get("meta", {})), **anchors)  # fmt: skip
         except (SafetensorError, KeyError, ValueError, TypeError, struct.error) as e:
             raise FormatError(f"not a provenance signature ({type(e).__name__})") from None
 
@@ -212,12 +233,19 @@ def extract_signature(
             vout = unit_rows(read_units(src, b, "out", ids)).astype(np.float16)
             blocks.append(BlockSignature(b.index, n, ids, vin, vout))
         sketch = suspect_sketch(src, layout)
+        anchors: dict[str, Any] = {}
+        if len(token_ids) < 2 * layout.d_model:  # too few embedding rows to fit a rotation: keep more anchors
+            roles, a_ids, a_rows = sample_anchors(src, layout, rng)
+            if roles:
+                anchors = {"anchor_roles": roles, "anchor_ids": a_ids, "anchor_rows": a_rows}
         info = {"params": int(sum(int(np.prod(s)) for s in src.shapes.values())), "source": Path(src.path).name}
         info.update(meta or {})
         if not np.isfinite(emb).all() or any(not np.isfinite(b.in_vecs).all() for b in blocks):
             raise UnsupportedModelError("checkpoint holds non-finite weights")
+        if anchors and not np.isfinite(anchors["anchor_rows"]).all():
+            raise UnsupportedModelError("checkpoint holds non-finite weights")
         return Signature(layout.family, layout.d_model, vocab, token_ids, emb, tuple(blocks),
-                         sketch, info)  # fmt: skip
+                         sketch, info, **anchors)  # fmt: skip
     finally:
         if own:
             src.close()

@@ -35,6 +35,7 @@ class TraceReport:
     blocks_aligned: int
     population: int = 0  # the n of the union bound
     scores_top: tuple[tuple[str, float], ...] = ()  # the 20 best scores, for plots
+    base_share: float | None = None  # with a base: the fitted share of the base in the suspect (a blend)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -50,29 +51,34 @@ class TraceReport:
             "symbols": self.symbols,
             "blocks_aligned": self.blocks_aligned,
             "population": self.population,
+            **({"base_share": round(self.base_share, 4)} if self.base_share is not None else {}),
         }
 
 
 def trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, provider: KeyProvider,
           model_id: str | None = None, home: Path | None = None, db: str | None = None, eps: float = DEFAULT_EPS,
-          population: int | None = None, **open_kw: Any) -> TraceReport:  # fmt: skip
+          population: int | None = None, base: str | os.PathLike[str] | None = None,
+          **open_kw: Any) -> TraceReport:  # fmt: skip
     """Accuse the recipients whose fingerprint the suspect carries, keeping P(any innocent accused) <= eps.
 
     ``population`` (default: the model's recipients) is the n of the union bound; pass a larger one to
-    keep the threshold fixed as recipients are added.  Logged in the trail with whom it accuses."""
+    keep the threshold fixed as recipients are added.  ``base``: the public checkpoint the model was
+    fine-tuned from, to undo a blend of the copy toward it (docs/TRACING.md).  Logged in the trail with
+    whom it accuses."""
     require("scipy.optimize", extra="release")  # extraction aligns units by Hungarian matching
     with trail.operation(home, db) as t:
         rep = _trace(suspect, model, provider=provider, model_id=model_id, home=home, db=db, eps=eps,
-                     population=population, **open_kw)  # fmt: skip
+                     population=population, base=base, **open_kw)  # fmt: skip
         t.emit(audit.event(AuditAction.TRACE_RUN, subject=rep.model_id,
                            detail={"suspect": str(suspect), "accused": [a["recipient"] for a in rep.accused],
-                                   "recipients": rep.recipients, "eps": eps}))  # fmt: skip
+                                   "recipients": rep.recipients, "eps": eps,
+                                   **({"base": str(base)} if base is not None else {})}))  # fmt: skip
     return rep
 
 
 def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, provider: KeyProvider,
            model_id: str | None, home: Path | None, db: str | None, eps: float, population: int | None,
-           **open_kw: Any) -> TraceReport:  # fmt: skip
+           base: str | os.PathLike[str] | None = None, **open_kw: Any) -> TraceReport:  # fmt: skip
     model = Path(model)
     model_id = model_id or model.stem
     store = open_store(home, db)
@@ -83,7 +89,7 @@ def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pr
         code_key, embed_key = derive(secret, "tardos-code"), derive(secret, "embed")
     finally:
         secret[:] = bytes(len(secret))
-    ex = extract(model, suspect, embed_key, rec.code_length, rec.alpha, **open_kw)
+    ex = extract(model, suspect, embed_key, rec.code_length, rec.alpha, base=base, **open_kw)
     y, w = ex.symbols()
     code = TardosCode(code_key, rec.code_length, rec.cutoff)
     n = max(population or 0, len(names), 1)
@@ -95,4 +101,5 @@ def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pr
                for i in order if scores[i] > z]  # fmt: skip
     ranking = [{"recipient": names[i], "score": round(float(scores[i]), 2)} for i in order[:5]]
     top = tuple((names[i], float(scores[i])) for i in order[:20])
-    return TraceReport(model_id, len(names), eps, z, accused, ranking, rec.code_length, ex.blocks, n, top)
+    return TraceReport(model_id, len(names), eps, z, accused, ranking, rec.code_length, ex.blocks, n, top,
+                       ex.base_share)  # fmt: skip

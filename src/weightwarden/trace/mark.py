@@ -6,8 +6,10 @@ keyed sign c(k) in {-1, +1}.  Chip layout 2: each 32-bit word of an AES-256-CTR 
 tensor gives 16 weights, 64 apart within a block of 1024, one symbol (its top 16 bits) and a sign each
 (its low 16 bits; `_kernel` has the exact map).  Recipient x's copy is
 ``w + alpha * std(W) * c(k) * (2 x[s(k)] - 1)``.  Extraction aligns the suspect to the original
-(residual basis from the embeddings, hidden units by Hungarian matching, per-unit rescaling undone),
-subtracts the original, and correlates the difference with the chips of each symbol.
+(residual basis from the embeddings, or from every anchor when the vocabulary is small, a folded norm
+divided back out; hidden units by Hungarian matching, per-unit rescaling undone), takes out a blend toward
+the public base when one is given, subtracts the original, and correlates the difference with the chips of
+each symbol.
 """
 
 from __future__ import annotations
@@ -163,6 +165,7 @@ class Extraction:
     chips: np.ndarray  # per symbol: chips that contributed
     blocks: int  # original blocks aligned to a suspect block
     var: np.ndarray | None = None  # per symbol: sum of chip weights (the variance of corr under noise)
+    base_share: float | None = None  # with a base: median fitted share of the base in the suspect's tensors
 
     def symbols(self) -> tuple[np.ndarray, np.ndarray]:
         """(y, weight): the sign of each symbol's matched-filter correlation, and its reliability |z|
@@ -180,6 +183,15 @@ def _unit_major(src: TensorSource, e: Expert, view: str) -> np.ndarray:
     name, units_first = (e.in_name, e.in_units_first) if view == "in" else (e.out_name, e.out_units_first)
     w = src.get(name)
     return w if units_first else np.ascontiguousarray(w.T)
+
+
+def _norm(src: TensorSource, block: Block) -> np.ndarray | None:
+    """The norm scale the block's input weights read through, or None when there is none or it is all ones
+    (folded into the weights, as a rotation of the residual stream requires)."""
+    if block.norm is None:
+        return None
+    g = src.get(block.norm)
+    return None if np.allclose(g, 1.0) else g
 
 
 def _from_unit_major(u: np.ndarray, units_first: bool) -> np.ndarray:
@@ -227,21 +239,54 @@ def _accumulate(key: bytes, name: str, orig: np.ndarray, sus: np.ndarray, cols: 
         accumulate_chunk(orig[a:b], sus[a:b], words, a, cols, units_first, inv, thr, ell, scale, corr, var, chips)
 
 
+def _unblend(al: np.ndarray, ou: np.ndarray, ub: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, float]:
+    """Undo ``(1 - a) * copy + a * base`` on one tensor (unit-major rows, ``ok`` the matched ones): least
+    squares of the suspect on (original, base) gives (c_m, c_b); the base part is removed and the rest
+    rescaled by 1 / c_m.  Returns the tensor and the base's share c_b / (c_m + c_b).  Left as it is when the
+    two regressors cannot be told apart or the original's part is under 5% (nothing of the copy is left)."""
+    y, xm, xb = al[ok].astype(np.float64).ravel(), ou[ok].astype(np.float64).ravel(), ub[ok].astype(np.float64).ravel()
+    g = np.array([[xm @ xm, xm @ xb], [xm @ xb, xb @ xb]])
+    if not len(y) or np.linalg.det(g) <= 1e-9 * g[0, 0] * g[1, 1]:
+        return al, 0.0
+    c_m, c_b = np.linalg.solve(g, np.array([xm @ y, xb @ y]))
+    if c_m < 0.05:
+        return al, 0.0
+    out = al.copy()
+    out[ok] = (al[ok] - c_b * ub[ok]) / c_m
+    return out, float(c_b / (c_m + c_b))
+
+
 def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.PathLike[str] | TensorSource,
-            key: bytes, ell: int, alpha: float = DEFAULT_ALPHA, **open_kw: Any) -> Extraction:  # fmt: skip
+            key: bytes, ell: int, alpha: float = DEFAULT_ALPHA,
+            base: str | os.PathLike[str] | TensorSource | None = None, **open_kw: Any) -> Extraction:  # fmt: skip
+    """The matched filter's per-symbol correlations of ``suspect`` against ``original``.  ``base``: the public
+    checkpoint the original was fine-tuned from (same layout); a suspect blended toward it is regressed
+    on (original, base) per tensor and the base's part removed before the filter (docs/TRACING.md)."""
     own_o, own_s = not isinstance(original, TensorSource), not isinstance(suspect, TensorSource)
+    own_b = not isinstance(base, TensorSource)
     o = open_source(original, **open_kw)
     s = open_source(suspect, **open_kw)
+    bsrc = None
     try:
         lo, ls = detect_layout(o.shapes), detect_layout(s.shapes)
+        if base is not None:
+            bsrc = open_source(base, **open_kw)
+            for name, _ in marked_tensors(lo):
+                if bsrc.shapes.get(name) != o.shapes[name]:
+                    raise UnsupportedModelError(
+                        f"base model {bsrc.path.name[:64]!r}: tensor {name[:64]!r} is missing or shaped differently "
+                        "from the model's; pass the checkpoint the model was fine-tuned from"
+                    )
         # which suspect block holds which original block: the provenance test's per-layer evidence
         comp = compare_many([extract_signature(o)], s)[0]
         mapping = {e.reference_layer: e.suspect_layer for e in comp.layers if e.suspect_layer is not None
                    and e.log_p < np.log(1e-6 / max(len(comp.layers), 1))}  # fmt: skip
-        if lo.embedding and ls.embedding:
-            v = min(o.shapes[lo.embedding][0], s.shapes[ls.embedding][0])
+        v = min(o.shapes[lo.embedding][0], s.shapes[ls.embedding][0]) if lo.embedding and ls.embedding else 0
+        if lo.embedding and ls.embedding and v >= 2 * max(lo.d_model, ls.d_model):
             ids = np.arange(0, v, max(1, v // 8192))
             r, _ = align_residual(o.get(lo.embedding, rows=ids), s.get(ls.embedding, rows=ids))
+        elif comp.residual_map is not None:  # few embedding rows: the comparison's fit on every anchor
+            r = comp.residual_map
         else:
             r = np.eye(lo.d_model, ls.d_model, dtype=np.float32)
         corr = np.zeros(ell, np.float64)
@@ -249,12 +294,17 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
         var = np.zeros(ell, np.float64)
         sus_blocks = {b.index: b for b in ls.blocks}
         used = 0
+        shares: list[float] = []
         for bo in lo.blocks:
             if bo.index not in mapping or mapping[bo.index] not in sus_blocks:
                 continue
             bs = sus_blocks[mapping[bo.index]]
             oin = np.concatenate([u for _, u in _units(o, bo, "in")])
-            sin = np.concatenate([u for _, u in _units(s, bs, "in")]) @ r.T  # back to the original's basis
+            sin = np.concatenate([u for _, u in _units(s, bs, "in")])
+            sin = sin @ r.T  # back to the original's basis
+            g_o, g_s = _norm(o, bo), _norm(s, bs)
+            if g_o is not None and g_s is None:  # the suspect folded the norm in: undo it with ours
+                sin /= np.where(np.abs(g_o) > _EPS, g_o, 1.0)
             pi = _match(oin, sin)
             oout = np.concatenate([u for _, u in _units(o, bo, "out")])
             sout = np.concatenate([u for _, u in _units(s, bs, "out")]) @ r.T
@@ -262,6 +312,13 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
             for view, ou, su in (("in", oin, sin), ("out", oout, sout)):
                 al = np.zeros_like(ou)
                 al[ok] = su[pi[ok]]
+                if bsrc is not None:  # a blend toward the base: fit it per tensor and take it out
+                    at = 0
+                    for _, ub in _units(bsrc, bo, view):
+                        n = len(ub)
+                        al[at : at + n], share = _unblend(al[at : at + n], ou[at : at + n], ub, ok[at : at + n])
+                        shares.append(share)
+                        at += n
                 # undo per-unit rescaling (and sign flips): least-squares scale of each unit over the
                 # carrier-sized weights the suspect still has (pruned zeros would bias it)
                 m = (np.abs(ou) >= _stats(ou)[1]) & (al != 0)  # the block's larger half (sampled median)
@@ -269,11 +326,11 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
                 den = np.maximum((ou * ou * m).sum(1), _EPS)
                 scale = np.where(np.abs(num) > _EPS, num / den, 1.0)
                 al = al / scale[:, None]
-                base = 0
+                off = 0
                 for e in bo.experts:
                     name, uf = (e.in_name, e.in_units_first) if view == "in" else (e.out_name, e.out_units_first)
                     n = o.shapes[name][0 if uf else 1]
-                    w_o, w_s = ou[base : base + n], al[base : base + n]
+                    w_o, w_s = ou[off : off + n], al[off : off + n]
                     orig = _from_unit_major(w_o, uf).reshape(-1)
                     sus_vals = _from_unit_major(w_s, uf).reshape(-1)
                     o_std, o_thr = _stats(orig)
@@ -282,18 +339,21 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
                     # noise differs per unit, e.g. after rescaling then quantising); in mark units
                     r2 = ((w_s - w_o) / std) ** 2
                     inv = 1.0 / np.maximum(r2.mean(axis=1), 1.0)  # per unit; the mark alone gives noise 1
-                    inv[~ok[base : base + n]] = -1.0  # unmatched units carry nothing
+                    inv[~ok[off : off + n]] = -1.0  # unmatched units carry nothing
                     _accumulate(key, name, orig, sus_vals, w_o.shape[1] if uf else n, uf, inv, o_thr, ell, 1.0 / std,
                                 corr, var, chips)  # fmt: skip
-                    base += n
+                    off += n
             used += 1
         if not used:
             raise UnsupportedModelError(
                 "no block of the suspect could be aligned to the original: it does not look derived from it "
                 "(`warden provenance compare` gives the p-value)"
             )
-        return Extraction(corr, chips, used, var)
+        blend = float(np.median(shares)) if shares else None
+        return Extraction(corr, chips, used, var, blend)
     finally:
+        if bsrc is not None and own_b:
+            bsrc.close()
         if own_o:
             o.close()
         if own_s:
