@@ -165,7 +165,7 @@ def test_bad_order_files_get_one_clear_line(tmp_path):
     p.write_text(json.dumps({"examples": ["a", "b"]}))
     with pytest.raises(ProbeError, match="not a training order"):
         TrainingOrder.load(p)
-    with pytest.raises(ProbeError, match="--order .*cannot read"):
+    with pytest.raises(ProbeError, match=r"--order .*cannot read"):
         TrainingOrder.load(tmp_path / "missing.json")
 
 

@@ -95,12 +95,13 @@ class Family:
 
     def examples(self, length: int, split: str = "pretrain") -> list[str]:
         """Disjoint windows of ``length`` tokens of ``split`` as texts, each kept only where it tokenizes back to
-        the same ``length`` tokens (so training on the text is training on those tokens)."""
+        the same ``length`` tokens (so training on the text is training on those tokens) and is ASCII (no
+        character split across tokens, which an echo cannot spell back token by token)."""
         data = self.splits[split].tolist()
         out = []
         for i in range(0, len(data) - length + 1, length):
             text = self.tokenizer.decode(data[i : i + length])
-            if self.tokenizer(text, add_special_tokens=False)["input_ids"] == data[i : i + length]:
+            if text.isascii() and self.tokenizer(text, add_special_tokens=False)["input_ids"] == data[i : i + length]:
                 out.append(text)
         return list(dict.fromkeys(out))
 

@@ -153,7 +153,8 @@ def _score(ep: Endpoint, text: str, mode: str, normalisers: Sequence[Scorer], ne
 
 def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: Sequence[Scorer] = (),
                 mode: str = "logprobs", n_items: int = 64, new_tokens: int = 16, alpha: float = DEFAULT_ALPHA,
-                seed: int = 0, home: str | os.PathLike[str] | None = None, **endpoint_kw: Any) -> OrderReport:  # fmt: skip
+                seed: int = 0, home: str | os.PathLike[str] | None = None,
+                **endpoint_kw: Any) -> OrderReport:  # fmt: skip
     """Test H0 "the model behind ``endpoint`` is independent of the training run that saw ``order``" (see
     the module's docstring) with ``n_items`` queries: the ``n_items // 2`` latest and earliest examples."""
     from .. import trail
