@@ -190,5 +190,8 @@ def test_cli_order_add_and_probe(run, tmp_path, capsys, monkeypatch):
     assert main(args) == 0  # the registered order, found by the model folder's name; answers from the cache
     j2 = json.loads(capsys.readouterr().out)
     assert j2["log10_p_value"] == j["log10_p_value"] and j2["queries"]["cached"] == 16
+    assert main(args[:-1]) == 0  # the human report
+    text = capsys.readouterr().out
+    assert "training-order test, exact permutation distribution" in text and "16 from the cache" in text
     assert main([*args, "--order", str(f), "--mode", "chat"]) == 2
     assert "--mode must be one of logprobs, text" in capsys.readouterr().err
