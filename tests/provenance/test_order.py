@@ -95,7 +95,7 @@ def test_null_p_values_are_uniform_over_random_orders(run):
     assert 0.02 < (ps_a < 0.05).mean() < 0.09 and ps_a.min() > 1e-4
     # the same harness on the model trained in that order, with its true order: far from uniform
     mine = _lls(run["ours"], run["tok"], texts) - norm
-    assert rank_sum_p(mine[-K:], mine[:K])["log10_p"] < -6
+    assert rank_sum_p(mine[-K:], mine[:K])["log10_p"] < -4  # below every one of the 300 null draws
 
 
 def test_rank_sum_p_exact_and_its_normal_approximation():

@@ -171,7 +171,8 @@ def probe_cmd(
         return
     if len(reference) < 3 or mode not in MODES:
         why = f"--mode must be one of {', '.join(MODES)}" if mode not in MODES else \
-            f"give --reference at least 3 times (got {len(reference)}): the p-value is calibrated against them"
+            f"give --reference at least 3 times (got {len(reference)}): the p-value is calibrated against them; " \
+            "or give our training order (--order FILE) for the exact test"
         err.print(f"error: {why}")  # fmt: skip
         raise typer.Exit(2)
     key = _api_key(api_key_env)
