@@ -16,7 +16,7 @@ pytest.importorskip("httpx")
 from tests.support.cli import PASSPHRASE
 from tests.support.oai_server import Family, OAIServer, Served
 from weightwarden import trail
-from weightwarden.errors import KeyPurposeError, ProbeError, WrongKeyError
+from weightwarden.errors import EndpointAnswerError, KeyPurposeError, ProbeError, QueryBudgetError, WrongKeyError
 from weightwarden.provenance.order import OrderStore, TrainingOrder, record_order, shuffle
 from weightwarden.provenance.ordertest import order_probe, rank_sum_p
 from weightwarden.provenance.probe import HFScorer
@@ -53,6 +53,7 @@ def run(tmp_path_factory):
     tok = fam.tokenizer
     urls = {n: srv.add(n, Served(m, tok, n)) for n, m in (("ft", ft), ("ind", ind))}
     urls["ft-text"] = srv.add("ft-text", Served(ft, tok, "ft", logprobs=False))
+    urls["nan"] = srv.add("nan", Served(ft, tok, "hostile", fault="nan"))
     yield {"fam": fam, "order": order, "urls": urls, "ind": ind, "ours": ours, "tok": tok,
            "norm": HFScorer(model=base, tokenizer=tok, name="public-base"), "base": base, "root": root}  # fmt: skip
     srv.close()
@@ -120,6 +121,18 @@ def test_text_mode_without_logprobs(run, tmp_path):
     j = rep.to_json()
     assert j["mode"] == "text" and j["queries"]["used"] == 16 and 0 < j["p_value"] <= 1
     assert j["order"]["latest"] == 8 and j["p_method"] == "exact permutation distribution"
+
+
+def test_bad_answers_give_no_p_value_and_a_spent_budget_resumes(run, tmp_path):
+    with pytest.raises(EndpointAnswerError, match="not finite"):
+        order_probe(run["urls"]["nan"], run["order"], n_items=8, home=tmp_path)
+    kw = {"n_items": 16, "home": tmp_path, "cache": tmp_path / "cache"}
+    with pytest.raises(QueryBudgetError, match="larger --budget"):
+        order_probe(run["urls"]["ft"], run["order"], budget=10, **kw)
+    rep = order_probe(run["urls"]["ft"], run["order"], budget=100, **kw)
+    assert (rep.queries_used, rep.queries_cached) == (6, 10)
+    outcomes = [e["outcome"] for e in trail.events(tmp_path) if e["action"] == "provenance:probe"]
+    assert outcomes == ["error", "error", "ok"]
 
 
 def test_the_order_is_sealed_under_the_tracing_kek(run, keyring, other_keyring, tmp_path):
