@@ -2,6 +2,7 @@
 
     python bench/probe.py                      # 12 independent models, 8 references, 24 prompts (a few minutes)
     python bench/probe.py --independents 10 --steps 80 --items 16     # smaller
+    python bench/probe.py --sweep 16,64,256,1024 --null-modes ""     # also log10 p vs queries (the fine-tunes)
 
 Trains tiny Llama models on Python's stdlib sources (tests/support/oai_server.py): our model, its
 derivatives (short fine-tune, longer fine-tune, int8 round trip, 30% magnitude pruning) and N independent
@@ -12,7 +13,9 @@ and reports:
   p-value, queries used, with our model plus the first k independents as the pool;
 * the null calibration: every ordered pair (suspect I_a, "ours" I_b) of independents, the references k
   other independents: the smallest p, a KS test of the p-values against Uniform(0, 1), and the false
-  positives at alpha = 1e-6 and 1e-3 (pairs share models, so they are not independent draws).
+  positives at alpha = 1e-6 and 1e-3 (pairs share models, so they are not independent draws);
+* with ``--sweep``: log10 p against the number of queries (logprobs mode) for the two fine-tunes, the
+  prompts drawn from overlapping windows of the corpus (as many candidates as the largest size).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--items", type=int, default=24)
     ap.add_argument("--null-modes", default="logprobs", help="modes of the null pairs (comma separated)")
+    ap.add_argument("--sweep", default="", help="queries per probe for the fine-tunes' sweep (comma separated)")
     args = ap.parse_args()
     import numpy as np
     from scipy import stats
@@ -76,9 +80,20 @@ def main() -> None:
             row[mode] = {"log10_p": round(r.log10_p_value, 2), "rank_p": round(r.rank_p_value, 3),
                          "queries": r.queries_used, "derived_at_1e-6": r.derived}  # fmt: skip
         out["derived"][name] = row
+    sweep = [int(q) for q in args.sweep.split(",") if q]
+    if sweep:
+        stride = max(20, (len(fam.text) - 200) // max(sweep))
+        many = [fam.text[i : i + 200] for i in range(0, len(fam.text) - 200, stride)]
+        out["sweep"] = {"candidates": len(many), "log10_p": {}}
+        for name in ("ft-short", "ft-long"):
+            out["sweep"]["log10_p"][name] = {
+                q: round(probe(url[name], sc["ours"], refs, prompts=many, n_items=q, home=home, budget=10**6,
+                               cache=work / "cache" / name / "sweep").log10_p_value, 2)
+                for q in sweep
+            }  # fmt: skip
     null: dict = {}
     n = args.independents
-    for mode in args.null_modes.split(","):
+    for mode in [m for m in args.null_modes.split(",") if m]:
         ps = []
         for a in range(n):
             for b in range(n):

@@ -95,6 +95,35 @@ class Family:
         model.eval()
         return model
 
+    def examples(self, length: int, split: str = "pretrain") -> list[str]:
+        """Disjoint windows of ``length`` tokens of ``split`` as texts, each kept only where it tokenizes back to
+        the same ``length`` tokens (so training on the text is training on those tokens) and is ASCII (no
+        character split across tokens, which an echo cannot spell back token by token)."""
+        data = self.splits[split].tolist()
+        out = []
+        for i in range(0, len(data) - length + 1, length):
+            text = self.tokenizer.decode(data[i : i + length])
+            if text.isascii() and self.tokenizer(text, add_special_tokens=False)["input_ids"] == data[i : i + length]:
+                out.append(text)
+        return list(dict.fromkeys(out))
+
+    def train_in_order(self, model: Any, texts: list[str], *, lr: float = 6e-3) -> Any:
+        """One pass over ``texts`` in the order given, each seen once, ``batch`` texts a step (equal lengths)."""
+        import torch
+
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        model.train()
+        for s in range(0, len(texts), self.batch):
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + self.batch]]
+            n = min(len(i) for i in ids)
+            x = torch.tensor([i[:n] for i in ids])
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        return model
+
     def base(self, seed: int, steps: int = 150) -> Any:
         return self.train(self.new(seed), steps, seed=seed)
 

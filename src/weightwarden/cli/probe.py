@@ -1,4 +1,5 @@
-"""`warden provenance probe URL`: is the model behind an endpoint derived from ours?  (issue 21)"""
+"""`warden provenance probe URL`: is the model behind an endpoint derived from ours?  (issue 21)
+`warden provenance order add|list`: training orders sealed in the home (the exact order test)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,92 @@ def _prompts(path: Path | None) -> list[str] | None:
     return texts
 
 
+def _api_key(env: str | None) -> str | None:
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise ProbeError(f"--api-key-env {env}: that variable is not set")
+    return key
+
+
+def _order(path: Path | None, model: Path, ws: Any) -> Any:
+    """The training order: ``--order FILE``, else the one registered under the model folder's name, else None."""
+    from ..provenance.order import OrderStore, TrainingOrder
+
+    if path is not None:
+        return TrainingOrder.load(path)
+    store = OrderStore(ws.root / "provenance" / "orders")
+    name = model.name
+    try:
+        if not store.has(name):
+            return None
+    except ProbeError:  # a folder name no order can have
+        return None
+    return store.get(name, ws.keyring.provider(purpose="tracing"))
+
+
+def _order_probe(url: str, the_order: Any, reference: list[str], ws: Any, *, mode: str, alpha: float, items: int,
+                 budget: int, rate: float | None, cache: Path | None, api_key_env: str | None, home: Any,
+                 as_json: bool) -> None:  # fmt: skip
+    from ..provenance.ordertest import ORDER_MODES, order_probe
+
+    if mode not in ORDER_MODES:
+        err.print(f"error: --mode must be one of {', '.join(ORDER_MODES)} with a training order")
+        raise typer.Exit(2)
+    key = _api_key(api_key_env)
+    if cache is None:
+        cache = ws.root / "probe" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16] / "order"
+    ref_kw = {"home": home, "api_key": key, "budget": budget, "rate": rate}
+    norms = [_scorer(r, ws, {**ref_kw, "cache": cache / f"ref{i}"}) for i, r in enumerate(reference)]
+    rep = order_probe(url, the_order, normalisers=norms, mode=mode, alpha=alpha, n_items=items, home=home,
+                      api_key=key, budget=budget, rate=rate, cache=cache)  # fmt: skip
+    j = rep.to_json()
+    if as_json:
+        _emit(j, True)
+        return
+    st = j["statistic"]
+    served = safe(j["served_model"] or "?")
+    out.print(f"{j['decision'].upper()}: p = {_pfmt(j['p_value'], j['log10_p_value'])} (alpha {alpha:g}; training-"
+              f"order test, {j['p_method']}); U = {st['u']:g}, AUC {st['auc']:.3f} over the {j['order']['latest']} "
+              f"latest and {j['order']['earliest']} earliest of {j['order']['examples']} examples; endpoint model "
+              f"{served}; {j['queries']['used']} queries sent, {j['queries']['cached']} from the cache")  # fmt: skip
+
+
+order_app = typer.Typer(no_args_is_help=True, help="Training orders sealed in the home (the exact order test)")
+
+
+@order_app.command("add")
+def order_add(
+    name: Annotated[str, typer.Argument(help="the model's name: its folder's name, as `probe --model` gives it")],
+    file: Annotated[Path, typer.Option("--file", help="the order file (TrainingOrder.save: the examples in the "
+                                       "order they were seen)")],
+    replace: Annotated[bool, typer.Option("--replace", help="replace an order registered under NAME")] = False,
+    home: HomeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Seal a training order in the home (AES-256-GCM, its key wrapped by the keyring's tracing KEK); shred the
+    plain file afterwards."""
+    from ..provenance.order import TrainingOrder, default_order_store
+
+    the_order = TrainingOrder.load(file)
+    ws = _ws(home)
+    path = default_order_store(ws.root).add(name, the_order, ws.keyring.provider(purpose="tracing", create=True),
+                                            replace=replace)  # fmt: skip
+    n = len(the_order.examples)
+    _emit({"name": name, "examples": n, "shuffled": the_order.shuffled, "sealed": str(path)}, as_json,
+          f"sealed the training order of {safe(name)} ({n} examples) in {safe(str(path))}")
+
+
+@order_app.command("list")
+def order_list(home: HomeOpt = None, as_json: JsonOpt = False) -> None:
+    """The names with a sealed training order (no key needed)."""
+    from ..provenance.order import default_order_store
+
+    names = default_order_store(_ws(home).root).names()
+    _emit({"orders": names}, as_json, [safe(n) for n in names] or ["no training order"])
+
+
 def _scorer(spec: str, ws: Any, kw: dict[str, Any]) -> Any:
     from ..provenance.endpoint import Endpoint
     from ..provenance.probe import EndpointScorer, HFScorer
@@ -41,9 +128,15 @@ def probe_cmd(
     url: Annotated[str, typer.Argument(help="the suspect's OpenAI-compatible endpoint (http://host:port or http://host:port/v1)")],
     model: Annotated[Path, typer.Option("--model", help="our model: a transformers folder (plain or sealed)")],
     reference: Annotated[
-        list[str],
-        typer.Option("--reference", help="an independent reference model (folder or endpoint URL); 3 or more"),
-    ],
+        list[str] | None,
+        typer.Option("--reference", help="an independent reference model (folder or endpoint URL); 3 or more "
+                     "without an order; with one, optional normalisers (never trained on that order)"),
+    ] = None,
+    order: Annotated[
+        Path | None,
+        typer.Option("--order", help="our model's training order (a file; else the order registered under the "
+                     "--model folder's name): the exact training-order test", show_default=False),
+    ] = None,
     prompts: Annotated[
         Path | None, typer.Option("--prompts", help="candidate texts, one per line [default: sampled by the pool]")
     ] = None,
@@ -64,21 +157,25 @@ def probe_cmd(
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Test "the model behind URL is independent of ours" against independent reference models; print the
-    p-value, the decision at --alpha, the queries used and per-prompt evidence."""
+    """Test "the model behind URL is independent of ours": with our training order (--order, or one registered
+    under the model's name) by the exact training-order test, else against independent reference models; print
+    the p-value, the decision at --alpha, the queries used and the evidence."""
     from ..provenance.probe import MODES, probe
 
+    reference = reference or []
+    ws = _ws(home)
+    the_order = _order(order, model, ws)
+    if the_order is not None:
+        _order_probe(url, the_order, reference, ws, mode=mode, alpha=alpha, items=items, budget=budget, rate=rate,
+                     cache=cache, api_key_env=api_key_env, home=home, as_json=as_json)  # fmt: skip
+        return
     if len(reference) < 3 or mode not in MODES:
         why = f"--mode must be one of {', '.join(MODES)}" if mode not in MODES else \
-            f"give --reference at least 3 times (got {len(reference)}): the p-value is calibrated against them"
+            f"give --reference at least 3 times (got {len(reference)}): the p-value is calibrated against them; " \
+            "or give our training order (--order FILE) for the exact test"
         err.print(f"error: {why}")  # fmt: skip
         raise typer.Exit(2)
-    key = None
-    if api_key_env:
-        key = os.environ.get(api_key_env)
-        if not key:
-            raise ProbeError(f"--api-key-env {api_key_env}: that variable is not set")
-    ws = _ws(home)
+    key = _api_key(api_key_env)
     if cache is None:
         cache = ws.root / "probe" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     texts = _prompts(prompts)

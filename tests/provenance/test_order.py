@@ -1,0 +1,210 @@
+"""The exact training-order test (`warden provenance probe --order`): a tiny Llama trained once on examples
+in a recorded order, each seen once, served through the suite's OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("httpx")
+
+from tests.support.cli import PASSPHRASE
+from tests.support.oai_server import Family, OAIServer, Served
+from weightwarden import trail
+from weightwarden.errors import EndpointAnswerError, KeyPurposeError, ProbeError, QueryBudgetError, WrongKeyError
+from weightwarden.provenance.order import OrderStore, TrainingOrder, record_order, shuffle
+from weightwarden.provenance.ordertest import order_probe, rank_sum_p
+from weightwarden.provenance.probe import HFScorer
+
+ALPHA = 1e-3
+K = 64  # latest and earliest examples asked: 128 queries a probe
+
+
+def _lls(model, tokenizer, texts):
+    """Each text's log-likelihood (all tokens after the first), computed in one batch."""
+    import torch
+
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    n = min(len(i) for i in ids)
+    x = torch.tensor([i[:n] for i in ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), -1)
+    return lp.gather(-1, x[:, 1:, None])[..., 0].sum(-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("order-family")
+    fam = Family(root, vocab=320, d=32, ff=96, seq=48, batch=8, text_limit=80_000)
+    texts = fam.examples(40)
+    rng = np.random.default_rng(11)
+    order = TrainingOrder(tuple(texts[i] for i in rng.permutation(len(texts))))  # seeded here: reproducible
+    ours = fam.train_in_order(fam.new(0), list(order.examples), lr=1e-2)
+    other = [texts[i] for i in rng.permutation(len(texts))]  # the same data in another order: independent
+    ind = fam.train_in_order(fam.new(5), other, lr=1e-2)
+    ft = fam.finetune(ours, steps=25, lr=5e-4)
+    base = fam.base(7, steps=60)  # a "public base": trained on random windows, never on our order
+    srv = OAIServer()
+    tok = fam.tokenizer
+    urls = {n: srv.add(n, Served(m, tok, n)) for n, m in (("ft", ft), ("ind", ind))}
+    urls["ft-text"] = srv.add("ft-text", Served(ft, tok, "ft", logprobs=False))
+    urls["nan"] = srv.add("nan", Served(ft, tok, "hostile", fault="nan"))
+    yield {"fam": fam, "order": order, "urls": urls, "ind": ind, "ours": ours, "tok": tok,
+           "norm": HFScorer(model=base, tokenizer=tok, name="public-base"), "base": base, "root": root}  # fmt: skip
+    srv.close()
+
+
+def test_derived_is_detected_independent_is_not(run, tmp_path):
+    kw = {"normalisers": [run["norm"]], "alpha": ALPHA, "home": tmp_path}
+    ft = order_probe(run["urls"]["ft"], run["order"], n_items=2 * K, cache=tmp_path / "ft", **kw)
+    ind = order_probe(run["urls"]["ind"], run["order"], n_items=K, **kw)  # (fewer queries: only its validity)
+    assert ft.derived and ft.log10_p_value < -4, ft.to_json()
+    assert not ind.derived and ind.log10_p_value > -2, ind.to_json()
+    j = ft.to_json()
+    assert j["p_method"] == "exact permutation distribution" and j["queries"]["used"] == 2 * K
+    assert j["order"] == {"examples": len(run["order"].examples), "latest": K, "earliest": K, "shuffled": "given"}
+    assert "uniformly random permutation" in j["null"] and len(j["assumptions"]) == 4
+    dumped = json.dumps(j)  # the report never shows the secret examples
+    assert not any(e[:30] in dumped for e in run["order"].examples[:K] + run["order"].examples[-K:])
+    probes = [e for e in trail.events(tmp_path) if e["action"] == "provenance:probe"]
+    assert [e["detail"]["decision"] for e in probes] == ["derived", "not derived"]
+    assert all(e["detail"]["test"] == "training-order" for e in probes)
+    # without a normaliser the texts' own difficulty swamps the signal: the p-value is still valid, less small
+    raw = order_probe(run["urls"]["ft"], run["order"], n_items=2 * K, alpha=ALPHA, home=tmp_path, cache=tmp_path / "ft")
+    assert raw.log10_p_value > ft.log10_p_value and raw.queries_cached == 2 * K
+
+
+def test_null_p_values_are_uniform_over_random_orders(run):
+    """The null distribution, cheaply: one model independent of the order, many independent random orders of
+    the same examples (an exact null under A1), each p-value from the K latest and K earliest."""
+    stats = pytest.importorskip("scipy.stats")
+    texts = list(run["order"].examples)
+    norm = _lls(run["base"], run["tok"], texts)
+    s = _lls(run["ind"], run["tok"], texts) - norm
+    rng = np.random.default_rng(3)
+    ps = []
+    for i in range(300):
+        perm = rng.permutation(len(texts))
+        ps.append(rank_sum_p(s[perm[-32:]], s[perm[:32]], seed=i)["p"])
+    ps_a = np.array(ps)
+    assert stats.kstest(ps_a, "uniform").pvalue > 0.01, np.sort(ps_a)[:10]
+    assert 0.02 < (ps_a < 0.05).mean() < 0.09 and ps_a.min() > 1e-4
+    # the same harness on the model trained in that order, with its true order: far from uniform
+    mine = _lls(run["ours"], run["tok"], texts) - norm
+    assert rank_sum_p(mine[-K:], mine[:K])["log10_p"] < -4  # below every one of the 300 null draws
+
+
+def test_rank_sum_p_exact_and_its_normal_approximation():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0.5, 1, 30), rng.normal(0, 1, 30)
+    r = rank_sum_p(a, b)
+    assert r["method"] == "exact permutation distribution"
+    # by enumeration on a tiny case: late = the 2 highest of 4 has probability 1 / C(4, 2)
+    assert rank_sum_p([3.0, 4.0], [1.0, 2.0])["p"] == pytest.approx(1 / 6)
+    assert rank_sum_p([1.0, 2.0], [3.0, 4.0])["p"] == pytest.approx(1.0)
+    big = rank_sum_p(rng.normal(0.3, 1, 500), rng.normal(0, 1, 500))
+    assert big["method"].startswith("normal approximation") and math.isfinite(big["log10_p"])
+    ties = [rank_sum_p([1.0] * 5, [1.0] * 5, seed=s)["p"] for s in range(200)]  # all tied: random tie-break
+    assert 0.3 < np.mean(ties) < 0.7
+    with pytest.raises(ProbeError):
+        rank_sum_p([float("nan")], [1.0])
+
+
+def test_text_mode_without_logprobs(run, tmp_path):
+    rep = order_probe(run["urls"]["ft-text"], run["order"], mode="text", n_items=16, new_tokens=8, alpha=ALPHA,
+                      home=tmp_path)  # fmt: skip
+    j = rep.to_json()
+    assert j["mode"] == "text" and j["queries"]["used"] == 16 and 0 < j["p_value"] <= 1
+    assert j["order"]["latest"] == 8 and j["p_method"] == "exact permutation distribution"
+
+
+def test_bad_answers_give_no_p_value_and_a_spent_budget_resumes(run, tmp_path):
+    with pytest.raises(EndpointAnswerError, match="not finite"):
+        order_probe(run["urls"]["nan"], run["order"], n_items=8, home=tmp_path)
+    kw = {"n_items": 16, "home": tmp_path, "cache": tmp_path / "cache"}
+    with pytest.raises(QueryBudgetError, match="larger --budget"):
+        order_probe(run["urls"]["ft"], run["order"], budget=10, **kw)
+    rep = order_probe(run["urls"]["ft"], run["order"], budget=100, **kw)
+    assert (rep.queries_used, rep.queries_cached) == (6, 10)
+    outcomes = [e["outcome"] for e in trail.events(tmp_path) if e["action"] == "provenance:probe"]
+    assert outcomes == ["error", "error", "ok"]
+
+
+def test_the_order_is_sealed_under_the_tracing_kek(run, keyring, other_keyring, tmp_path):
+    import weightwarden as ww
+
+    prov = keyring.provider(purpose="tracing", create=True)
+    home = tmp_path / "home"
+    rec = record_order("ours", run["order"].examples[:50], prov, home=home)
+    assert rec.shuffled == "csprng" and sorted(rec.examples) == sorted(run["order"].examples[:50])
+    assert rec.examples != shuffle(rec.examples).examples  # fresh CSPRNG draws (50! orders)
+    store = OrderStore(home / "provenance" / "orders")
+    path = store.root / "ours.json"
+    raw = path.read_text()
+    assert not any(e[:20] in raw for e in rec.examples)  # attack: read the file for the texts
+    assert store.get("ours", prov) == rec and store.names() == ["ours"]
+    with pytest.raises(ProbeError, match="--replace"):
+        store.add("ours", rec, prov)
+    # attack: another keyring's tracing KEK, a sealing KEK, a renamed file, a flipped byte
+    with pytest.raises(ww.errors.WardenError):
+        store.get("ours", other_keyring.provider(purpose="tracing", create=True))
+    with pytest.raises(KeyPurposeError):
+        store.get("ours", keyring.provider())
+    (store.root / "theirs.json").write_text(raw.replace('"name": "ours"', '"name": "theirs"'))
+    with pytest.raises(ww.errors.WardenError):
+        store.get("theirs", prov)
+    doc = json.loads(raw)
+    ct = bytearray(__import__("base64").b64decode(doc["ciphertext"]))
+    ct[5] ^= 1
+    doc["ciphertext"] = __import__("base64").b64encode(bytes(ct)).decode()
+    path.write_text(json.dumps(doc))
+    with pytest.raises(WrongKeyError, match="does not decrypt"):
+        store.get("ours", prov)
+
+
+def test_bad_order_files_get_one_clear_line(tmp_path):
+    p = tmp_path / "order.json"
+    p.write_text("[1, 2")
+    with pytest.raises(ProbeError, match="not JSON"):
+        TrainingOrder.load(p)
+    p.write_text(json.dumps({"format": "warden-training-order", "version": 1, "examples": ["a", "b", "a", "c"]}))
+    with pytest.raises(ProbeError, match="duplicates"):
+        TrainingOrder.load(p)
+    p.write_text(json.dumps({"examples": ["a", "b"]}))
+    with pytest.raises(ProbeError, match="not a training order"):
+        TrainingOrder.load(p)
+    with pytest.raises(ProbeError, match=r"--order .*cannot read"):
+        TrainingOrder.load(tmp_path / "missing.json")
+
+
+def test_cli_order_add_and_probe(run, tmp_path, capsys, monkeypatch):
+    from weightwarden.cli import main
+
+    monkeypatch.setenv("WARDEN_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("WARDEN_KDF_MEMORY_KIB", "1024")
+    home = tmp_path / "home"
+    f = run["order"].save(tmp_path / "order.json")
+    model = run["fam"].save(run["ours"], "ours")
+    args = ["provenance", "probe", run["urls"]["ft"], "--model", str(model), "--items", "16", "--alpha", "1e-2",
+            "--home", str(home), "--json"]  # fmt: skip
+    assert main([*args, "--order", str(f)]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["test"] == "training-order" and j["queries"]["used"] == 16
+    assert main(["init", "--home", str(home)]) == 0
+    assert main(["provenance", "order", "add", "ours", "--file", str(f), "--home", str(home)]) == 0
+    assert "sealed the training order of ours" in capsys.readouterr().out
+    assert main(["provenance", "order", "list", "--home", str(home), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"orders": ["ours"]}
+    assert main(args) == 0  # the registered order, found by the model folder's name; answers from the cache
+    j2 = json.loads(capsys.readouterr().out)
+    assert j2["log10_p_value"] == j["log10_p_value"] and j2["queries"]["cached"] == 16
+    assert main(args[:-1]) == 0  # the human report
+    text = capsys.readouterr().out
+    assert "training-order test, exact permutation distribution" in text and "16 from the cache" in text
+    assert main([*args, "--order", str(f), "--mode", "chat"]) == 2
+    assert "--mode must be one of logprobs, text" in capsys.readouterr().err
