@@ -18,7 +18,7 @@ from .recipients import open_store
 from .store import derive
 from .tardos import TardosCode, accusation_threshold
 
-__all__ = ["DEFAULT_EPS", "TraceReport", "trace"]
+__all__ = ["DEFAULT_EPS", "TraceReport", "decide", "trace"]
 
 DEFAULT_EPS = 1e-6
 
@@ -35,8 +35,10 @@ class TraceReport:
     blocks_aligned: int
     population: int = 0  # the n of the union bound
     scores_top: tuple[tuple[str, float], ...] = ()  # the 20 best scores, for plots
+    endpoint: dict[str, Any] | None = None  # traced through an API: url, served model, queries (trace.endpoint)
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"endpoint": self.endpoint} if self.endpoint is not None else {}
         return {
             "model_id": self.model_id,
             "recipients": self.recipients,
@@ -50,6 +52,7 @@ class TraceReport:
             "symbols": self.symbols,
             "blocks_aligned": self.blocks_aligned,
             "population": self.population,
+            **extra,
         }
 
 
@@ -86,6 +89,13 @@ def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pr
     ex = extract(model, suspect, embed_key, rec.code_length, rec.alpha, **open_kw)
     y, w = ex.symbols()
     code = TardosCode(code_key, rec.code_length, rec.cutoff)
+    return decide(code, model_id, names, y, w, eps=eps, population=population, blocks=ex.blocks)
+
+
+def decide(code: TardosCode, model_id: str, names: list[str], y: np.ndarray, w: np.ndarray, *, eps: float,
+           population: int | None, blocks: int, endpoint: dict[str, Any] | None = None) -> TraceReport:  # fmt: skip
+    """The Tardos decision on estimated symbols ``y`` (weights ``w``, neither depending on any recipient's
+    codeword): accuse every recipient scoring above the threshold that keeps P(any innocent) <= eps."""
     n = max(population or 0, len(names), 1)
     scores = code.scores(y, len(names), known=w)
     z = accusation_threshold(code, y, w, n, eps)
@@ -95,4 +105,4 @@ def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pr
                for i in order if scores[i] > z]  # fmt: skip
     ranking = [{"recipient": names[i], "score": round(float(scores[i]), 2)} for i in order[:5]]
     top = tuple((names[i], float(scores[i])) for i in order[:20])
-    return TraceReport(model_id, len(names), eps, z, accused, ranking, rec.code_length, ex.blocks, n, top)
+    return TraceReport(model_id, len(names), eps, z, accused, ranking, code.length, blocks, n, top, endpoint)
