@@ -115,6 +115,12 @@ def test_cli_trace_endpoint_json(world, tmp_path, monkeypatch, capsys) -> None:
     assert code == 0, o.err
     j = json.loads(o.out)
     assert [a["recipient"] for a in j["accused"]] == ["bob"] and j["endpoint"]["queries"] == N_PROMPTS
+    # another tokenizer behind the endpoint: the typed error's one line, exit 1, no report
+    code = main(["trace", "--endpoint", world["urls"]["other-tok"], "--model", str(world["master"]), "--model-id",
+                 "tiny", "--prompts", str(prompts), "--queries", "2", "--cache", str(tmp_path / "cache2")])  # fmt: skip
+    o = capsys.readouterr()
+    errors = [ln for ln in o.err.splitlines() if ln.startswith("error:")]  # (transformers' loading bar aside)
+    assert code == 1 and o.out == "" and len(errors) == 1 and "tokens than the master" in errors[0], o.err
     # SUSPECT and --endpoint together (or neither): a one-line usage error
     for args in (["trace", str(world["master"]), "--endpoint", world["urls"]["bob"]], ["trace"]):
         code = main([*args, "--model", str(world["master"])])
