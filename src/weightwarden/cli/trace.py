@@ -16,7 +16,9 @@ def trace_cmd(
     suspect: Annotated[
         Path | None, typer.Argument(help="the leaked copy (or give --endpoint)", show_default=False)
     ] = None,
-    model: Annotated[Path, typer.Option("--model", help="the original it was released from")] = Path(),
+    model: Annotated[
+        Path | None, typer.Option("--model", help="the original it was released from", show_default=False)
+    ] = None,
     endpoint: Annotated[
         str | None,
         typer.Option("--endpoint", help="trace the copy an OpenAI-compatible endpoint serves (URL), not a file",
@@ -53,7 +55,7 @@ def trace_cmd(
     one can be accused."""
     from ..trace import trace
 
-    if (suspect is None) == (endpoint is None) or model == Path():
+    if (suspect is None) == (endpoint is None) or model is None:
         err.print("error: give exactly one of SUSPECT and --endpoint URL, and --model MASTER")
         raise typer.Exit(2)
     ws = _ws(home, db=db)
