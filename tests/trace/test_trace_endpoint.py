@@ -69,8 +69,9 @@ def world(tmp_path_factory):
 def _trace(w, key, **kw):
     kw.setdefault("n_prompts", N_PROMPTS)
     kw.setdefault("iterations", ITERATIONS)
+    kw.setdefault("prompts", w["prompts"])
     return trace_endpoint(w["urls"][key], w["master"], provider=w["prov"], scorer=w["scorer"], model_id="tiny",
-                          home=w["home"], eps=EPS, population=POPULATION, prompts=w["prompts"], **kw)  # fmt: skip
+                          home=w["home"], eps=EPS, population=POPULATION, **kw)  # fmt: skip
 
 
 @pytest.mark.parametrize("key", ["bob", "bob-int8"])
@@ -87,8 +88,10 @@ def test_the_leaker_behind_the_endpoint_is_accused(world, key: str) -> None:
 
 @pytest.mark.parametrize("key", ["master", "ind"])
 def test_no_one_is_accused_for_a_model_without_a_copy_s_mark(world, key: str) -> None:
-    rep = _trace(world, key)
+    # the master served: with the default prompts, which the master samples itself (seeded)
+    rep = _trace(world, key, **({"prompts": None, "n_prompts": 4} if key == "master" else {}))
     assert rep.accused == [], rep.to_json()
+    assert rep.endpoint is not None and rep.endpoint["prompts"] == (4 if key == "master" else N_PROMPTS)
     # every score stays below the threshold, which is the same calibrated one as tracing weights
     assert all(r["score"] < rep.threshold for r in rep.ranking)
 

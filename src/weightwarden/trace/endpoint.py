@@ -9,7 +9,9 @@ of those log-probabilities with respect to the marked weights, at the master).  
 least squares, ``s_hat = argmin |r - J D s|^2``, solved by conjugate gradients on the normal equations
 ``(D^T J^T J D) s = D^T J^T r`` (one vector-Jacobian product per prompt gives ``J^T r``; each iteration one
 Jacobian-vector product and one vector-Jacobian product per prompt).  The first iterate is the matched filter
-of ``warden trace`` applied to ``J^T r`` in place of (suspect - original).
+of ``warden trace`` applied to ``J^T r`` in place of (suspect - original).  The reference ``m`` is the
+serving variant of the master (as is, int8, fp16, bf16) closest to the answers: a server that quantises the
+copy changes every matrix, and quantising the master alike cancels that change on the unmarked ones.
 
 The estimate ``(sign s_hat, |s_hat|)`` then goes through the same Tardos decision and threshold as tracing
 weights (:func:`~weightwarden.trace.accuse.decide`).  The false-accusation bound holds because the estimate
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,15 +191,17 @@ def symbols(s: np.ndarray, car: dict[str, Carriers], ell: int) -> tuple[np.ndarr
     return Extraction(s, chips, len(car) // 2, np.ones(ell)).symbols()
 
 
-def _prompts(scorer: GradientScorer, n: int, seed: int) -> list[str]:
-    """Texts the master samples (seeded) after short generic starters: they depend on the master only."""
+def _prompts(scorer: GradientScorer, n: int, seed: int) -> Iterator[str]:
+    """Texts the master samples (seeded) after short generic starters, as many as asked for (at most 4n): they
+    depend on the master only."""
     sample = getattr(scorer, "sample", None)
     if sample is None:
         raise ProbeError("no prompts were given and the master cannot sample texts: give --prompts FILE")
-    return [sample(_STARTERS[i % len(_STARTERS)], scorer.max_len, seed + i) for i in range(n)]
+    for i in range(4 * n):
+        yield sample(_STARTERS[i % len(_STARTERS)], scorer.max_len, seed + i)
 
 
-def observe(ep: Endpoint, scorer: GradientScorer, texts: Sequence[str], n: int, top: int) -> Observations:
+def observe(ep: Endpoint, scorer: GradientScorer, texts: Iterable[str], n: int, top: int) -> Observations:
     """Ask the endpoint to echo up to ``n`` of ``texts`` (cut to the master's context) and compare each answer
     with the master: the chosen tokens and their top alternatives that the master's tokenizer knows."""
     all_ids: list[list[int]] = []
@@ -205,9 +209,13 @@ def observe(ep: Endpoint, scorer: GradientScorer, texts: Sequence[str], n: int, 
     pos: list[int] = []
     tok: list[int] = []
     y: list[float] = []
-    for text in dict.fromkeys(t for t in texts if t.strip()):
+    seen: set[str] = set()
+    for text in texts:
         if len(all_ids) >= n:
             break
+        if not text.strip() or text in seen:
+            continue
+        seen.add(text)
         pieces = scorer.pieces(text)[: scorer.max_len]
         if len(pieces) < 4 or any("\ufffd" in p for p in pieces) or scorer.pieces("".join(pieces)) != pieces:
             continue  # too short, or its tokens do not spell it back (a character split across tokens)
@@ -306,7 +314,7 @@ def _trace(ep: Endpoint, model: str | os.PathLike[str], *, provider: KeyProvider
         secret[:] = bytes(len(secret))
     ell = rec.code_length
     car = carriers(scorer.tensors(), embed_key, ell, rec.alpha)
-    texts = list(prompts) if prompts else _prompts(scorer, n_prompts, seed)
+    texts = iter(prompts) if prompts else _prompts(scorer, n_prompts, seed)
     obs = observe(ep, scorer, texts, n_prompts, top)
     ref, scorer, obs = closest_variant(scorer, obs, variants)
     y, w = symbols(estimate_symbols(scorer, obs, car, ell, iterations), car, ell)
