@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from .recipients import open_store
 from .store import derive
 from .tardos import TardosCode, accusation_threshold
 
-__all__ = ["DEFAULT_EPS", "TraceReport", "trace"]
+__all__ = ["DEFAULT_EPS", "TraceReport", "decide", "trace"]
 
 DEFAULT_EPS = 1e-6
 
@@ -36,8 +36,10 @@ class TraceReport:
     population: int = 0  # the n of the union bound
     scores_top: tuple[tuple[str, float], ...] = ()  # the 20 best scores, for plots
     base_share: float | None = None  # with a base: the fitted share of the base in the suspect (a blend)
+    endpoint: dict[str, Any] | None = None  # traced through an API: url, served model, queries (trace.endpoint)
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"endpoint": self.endpoint} if self.endpoint is not None else {}
         return {
             "model_id": self.model_id,
             "recipients": self.recipients,
@@ -52,6 +54,7 @@ class TraceReport:
             "blocks_aligned": self.blocks_aligned,
             "population": self.population,
             **({"base_share": round(self.base_share, 4)} if self.base_share is not None else {}),
+            **extra,
         }
 
 
@@ -92,6 +95,14 @@ def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pr
     ex = extract(model, suspect, embed_key, rec.code_length, rec.alpha, base=base, **open_kw)
     y, w = ex.symbols()
     code = TardosCode(code_key, rec.code_length, rec.cutoff)
+    rep = decide(code, model_id, names, y, w, eps=eps, population=population, blocks=ex.blocks)
+    return replace(rep, base_share=ex.base_share)
+
+
+def decide(code: TardosCode, model_id: str, names: list[str], y: np.ndarray, w: np.ndarray, *, eps: float,
+           population: int | None, blocks: int, endpoint: dict[str, Any] | None = None) -> TraceReport:  # fmt: skip
+    """The Tardos decision on estimated symbols ``y`` (weights ``w``, neither depending on any recipient's
+    codeword): accuse every recipient scoring above the threshold that keeps P(any innocent) <= eps."""
     n = max(population or 0, len(names), 1)
     scores = code.scores(y, len(names), known=w)
     z = accusation_threshold(code, y, w, n, eps)
@@ -101,5 +112,5 @@ def _trace(suspect: str | os.PathLike[str], model: str | os.PathLike[str], *, pr
                for i in order if scores[i] > z]  # fmt: skip
     ranking = [{"recipient": names[i], "score": round(float(scores[i]), 2)} for i in order[:5]]
     top = tuple((names[i], float(scores[i])) for i in order[:20])
-    return TraceReport(model_id, len(names), eps, z, accused, ranking, rec.code_length, ex.blocks, n, top,
-                       ex.base_share)  # fmt: skip
+    return TraceReport(model_id, len(names), eps, z, accused, ranking, code.length, blocks, n, top,
+                       endpoint=endpoint)  # fmt: skip

@@ -1,0 +1,131 @@
+"""`warden trace --endpoint` (issue 21): whose fingerprinted copy an OpenAI-compatible endpoint serves, from its
+echoed log-probabilities only, against the suite's real HTTP server (tests/support/oai_server.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("httpx")
+
+from tests.support.cli import PASSPHRASE, TEST_KDF
+from tests.support.oai_server import Family, OAIServer, Served
+from weightwarden import trail
+from weightwarden.cli import main
+from weightwarden.errors import EndpointAnswerError, ModelChangedError, TokenizerMismatchError
+from weightwarden.trace import release
+from weightwarden.trace.endpoint import trace_endpoint
+from weightwarden.trace.scorer import HFGradientScorer
+
+RECIPIENTS = ["alice", "bob", "carol", "dave"]
+POPULATION, EPS = 10**6, 1e-6
+N_PROMPTS, ITERATIONS, CODE_LENGTH = 16, 24, 1024  # a tiny model: 12,288 carriers
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import transformers as T
+
+    import weightwarden as ww
+
+    root = tmp_path_factory.mktemp("trace-endpoint")
+    fam = Family(root, vocab=256, d=48, ff=128, layers=2, seq=64, batch=16, text_limit=60_000)
+    master_path = fam.save(fam.base(0, steps=120), "master")
+    home = root / "home"
+    kr = ww.Keyring.create(home, PASSPHRASE, kdf=TEST_KDF)
+    prov = kr.provider(purpose="tracing", create=True)
+    copies = {}
+    for r in RECIPIENTS:
+        copies[r] = root / f"for-{r}"
+        release(master_path, r, copies[r], provider=prov, country="GB", home=home, model_id="tiny",
+                code_length=CODE_LENGTH)  # fmt: skip
+
+    def load(p):
+        return T.AutoModelForCausalLM.from_pretrained(p).eval()
+
+    leaked = load(copies["bob"])
+    srv = OAIServer()
+    tok = fam.tokenizer
+    urls = {
+        "bob": srv.add("bob", Served(leaked, tok, "leaked")),
+        "bob-int8": srv.add("bob-int8", Served(Family.int8(leaked), tok, "leaked-int8")),
+        "master": srv.add("master", Served(load(master_path), tok, "master")),
+        "ind": srv.add("ind", Served(fam.base(7, steps=30), tok, "independent")),
+        "nan": srv.add("nan", Served(leaked, tok, "hostile", fault="nan")),
+        "switch": srv.add("switch", Served(leaked, tok, "hostile", fault="switch:3")),
+    }
+    other = Family(root / "other", vocab=300, d=16, ff=32, layers=1, seq=512, text_limit=20_000)
+    urls["other-tok"] = srv.add("other-tok", Served(other.new(3).eval(), other.tokenizer, "other"))
+    w = {"home": home, "kr": kr, "prov": prov, "master": master_path, "urls": urls, "root": root,
+         "scorer": HFGradientScorer(master_path),
+         "prompts": [fam.text[i : i + 400] for i in range(1000, 50_000, 1500)]}  # fmt: skip
+    yield w
+    srv.close()
+
+
+def _trace(w, key, **kw):
+    kw.setdefault("n_prompts", N_PROMPTS)
+    kw.setdefault("iterations", ITERATIONS)
+    kw.setdefault("prompts", w["prompts"])
+    return trace_endpoint(w["urls"][key], w["master"], provider=w["prov"], scorer=w["scorer"], model_id="tiny",
+                          home=w["home"], eps=EPS, population=POPULATION, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("key", ["bob", "bob-int8"])
+def test_the_leaker_behind_the_endpoint_is_accused(world, key: str) -> None:
+    rep = _trace(world, key)
+    j = rep.to_json()
+    assert [a["recipient"] for a in rep.accused] == ["bob"], j
+    assert rep.accused[0]["false_accusation_bound"] <= EPS
+    assert j["endpoint"]["queries"] == N_PROMPTS and j["endpoint"]["served_model"].startswith("leaked")
+    # the trail holds one event per query and the trace with whom it accused
+    events = [e for e in trail.events(world["home"]) if e["action"] == "trace:run"]
+    assert events[-1]["detail"]["accused"] == ["bob"] and events[-1]["detail"]["endpoint"] == world["urls"][key]
+
+
+@pytest.mark.parametrize("key", ["master", "ind"])
+def test_no_one_is_accused_for_a_model_without_a_copy_s_mark(world, key: str) -> None:
+    # the master served: with the default prompts, which the master samples itself (seeded)
+    rep = _trace(world, key, **({"prompts": None, "n_prompts": 4} if key == "master" else {}))
+    assert rep.accused == [], rep.to_json()
+    assert rep.endpoint is not None and rep.endpoint["prompts"] == (4 if key == "master" else N_PROMPTS)
+    # every score stays below the threshold, which is the same calibrated one as tracing weights
+    assert all(r["score"] < rep.threshold for r in rep.ranking)
+
+
+@pytest.mark.parametrize(("key", "error"), [("nan", EndpointAnswerError), ("switch", ModelChangedError),
+                                            ("other-tok", TokenizerMismatchError)])  # fmt: skip
+def test_a_hostile_endpoint_gets_a_typed_error_and_no_accusation(world, key: str, error: type) -> None:
+    n = len([e for e in trail.events(world["home"]) if e["action"] == "trace:run"])
+    with pytest.raises(error):
+        _trace(world, key, n_prompts=6, iterations=1)
+    events = [e for e in trail.events(world["home"]) if e["action"] == "trace:run"]
+    assert len(events) == n + 1 and events[-1]["outcome"] == "error" and "accused" not in events[-1]["detail"]
+
+
+def test_cli_trace_endpoint_json(world, tmp_path, monkeypatch, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(p.replace("\n", " ") for p in world["prompts"]))
+    monkeypatch.setenv("WARDEN_HOME", str(world["home"]))
+    monkeypatch.setenv("WARDEN_PASSPHRASE", PASSPHRASE)
+    code = main(["trace", "--endpoint", world["urls"]["bob"], "--model", str(world["master"]), "--model-id", "tiny",
+                 "--prompts", str(prompts), "--queries", str(N_PROMPTS), "--population", str(POPULATION), "--json",
+                 "--cache", str(tmp_path / "cache")])  # fmt: skip
+    o = capsys.readouterr()
+    assert code == 0, o.err
+    j = json.loads(o.out)
+    assert [a["recipient"] for a in j["accused"]] == ["bob"] and j["endpoint"]["queries"] == N_PROMPTS
+    # another tokenizer behind the endpoint: the typed error's one line, exit 1, no report
+    code = main(["trace", "--endpoint", world["urls"]["other-tok"], "--model", str(world["master"]), "--model-id",
+                 "tiny", "--prompts", str(prompts), "--queries", "2", "--cache", str(tmp_path / "cache2")])  # fmt: skip
+    o = capsys.readouterr()
+    errors = [ln for ln in o.err.splitlines() if ln.startswith("error:")]  # (transformers' loading bar aside)
+    assert code == 1 and o.out == "" and len(errors) == 1 and "tokens than the master" in errors[0], o.err
+    # SUSPECT and --endpoint together (or neither): a one-line usage error
+    for args in (["trace", str(world["master"]), "--endpoint", world["urls"]["bob"]], ["trace"]):
+        code = main([*args, "--model", str(world["master"])])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "exactly one of SUSPECT and --endpoint" in err[0], err
