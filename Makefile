@@ -34,7 +34,7 @@ test: install-dev
 	$(BIN)/ruff check src tests bench fuzz demo
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 bench: install-dev
 	$(BIN)/pip install -q -c constraints-test.txt -e '.[bench]'

@@ -19,6 +19,23 @@ from tests.support.models import make_tensors
 # library calls made without a home log in $WARDEN_HOME's trail: never the user's real one in tests
 os.environ.setdefault("WARDEN_HOME", __import__("tempfile").mkdtemp(prefix="warden-test-home-"))
 
+# `make test` runs the suite on two workers (pytest-xdist): one thread of BLAS/torch each, so that two
+# workers on two cores do not fight over four threads (subprocesses inherit it)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+# modules that share the session's trained models (the zoo) or start a local Ray run on one worker, in
+# the order collected: the zoo is trained once, and two Ray clusters never compete for the same machine
+_ONE_WORKER = ("tests/provenance/test_provenance.py", "tests/provenance/test_provenance_scan.py",
+               "tests/provenance/test_endpoint_scan.py", "tests/core/test_demo.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if str(item.path).replace(os.sep, "/").endswith(_ONE_WORKER):
+            item.add_marker(pytest.mark.xdist_group("zoo-and-ray"))
+
 
 @pytest.fixture
 def tensors() -> dict[str, np.ndarray]:
