@@ -1,5 +1,6 @@
 """ATTACK tests for ``warden scan --endpoints``: a hostile endpoints file naming warden's own secret (or a cloud
-credential) as an endpoint's API key, and a state folder another user could plant results in."""
+credential) as an endpoint's API key, a state folder another user could plant results in, and an endpoint's
+hostile body (its query must still reach the trail)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,40 @@ def test_a_state_folder_another_user_could_plant_results_in_is_refused(tmp_path,
     with pytest.raises(ScanError, match=r"--state .* is (writable by others|a link).*plant its results"):
         scan_endpoints(f, ours, refs, state=state, home=tmp_path / "home")
     assert not (theirs / "scan.json").exists()
+
+
+def test_a_hostile_body_nested_past_the_stack_is_a_typed_error_and_its_query_is_in_the_trail(tmp_path):
+    """ATTACK: an endpoint answering 200 with '[' nested 200,000 deep made json raise RecursionError: the query
+    was sent (counted) but its event never reached the trail, and the error was not a typed one."""
+    import http.server
+    import threading
+
+    from weightwarden import trail
+    from weightwarden.errors import EndpointAnswerError
+    from weightwarden.provenance.endpoint import Endpoint
+
+    class Deep(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            body = b"[" * 200_000
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deep)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        ep = Endpoint(f"http://127.0.0.1:{srv.server_port}/v1", budget=5, home=tmp_path)
+        with pytest.raises(EndpointAnswerError, match="not JSON"):
+            ep.post("/completions", {"prompt": "x"})
+        ep.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    evs = trail.events(tmp_path)
+    assert ep.used == 1 and [(e["action"], e["outcome"], e["detail"]["error"]) for e in evs] == [
+        ("provenance:query", "error", "not JSON")]  # fmt: skip

@@ -318,7 +318,7 @@ class Endpoint:
                 if r.status_code == 200:
                     try:
                         obj = r.json()
-                    except ValueError:
+                    except (ValueError, RecursionError):  # a hostile body: "[[[[..." nested past the stack
                         self._audit("error", path, key, status=200, attempt=attempt, ms=ms, error="not JSON")
                         raise EndpointAnswerError(f"{self.url}{path} answered 200 with a body that is not JSON") \
                             from None  # fmt: skip
