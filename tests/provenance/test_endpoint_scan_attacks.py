@@ -56,38 +56,93 @@ def test_a_state_folder_another_user_could_plant_results_in_is_refused(tmp_path,
     assert not (theirs / "scan.json").exists()
 
 
+class _Hostile:
+    """A real HTTP server (a thread) answering every POST with ``answer(handler)``."""
+
+    def __init__(self, answer):
+        import http.server
+        import threading
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                answer(self)
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.srv.daemon_threads = True
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_port}/v1"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def _ok(h, length: int) -> None:
+    h.send_response(200)
+    h.send_header("content-length", str(length))
+    h.end_headers()
+
+
 def test_a_hostile_body_nested_past_the_stack_is_a_typed_error_and_its_query_is_in_the_trail(tmp_path):
     """ATTACK: an endpoint answering 200 with '[' nested 200,000 deep made json raise RecursionError: the query
     was sent (counted) but its event never reached the trail, and the error was not a typed one."""
-    import http.server
-    import threading
-
     from weightwarden import trail
     from weightwarden.errors import EndpointAnswerError
     from weightwarden.provenance.endpoint import Endpoint
 
-    class Deep(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["content-length"]))
-            body = b"[" * 200_000
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def deep(h) -> None:
+        _ok(h, 200_000)
+        h.wfile.write(b"[" * 200_000)
 
-        def log_message(self, *a: object) -> None:
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deep)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        ep = Endpoint(f"http://127.0.0.1:{srv.server_port}/v1", budget=5, home=tmp_path)
-        with pytest.raises(EndpointAnswerError, match="not JSON"):
-            ep.post("/completions", {"prompt": "x"})
-        ep.close()
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with (_Hostile(deep) as srv, Endpoint(srv.url, budget=5, home=tmp_path) as ep,
+          pytest.raises(EndpointAnswerError, match="not JSON")):  # fmt: skip
+        ep.post("/completions", {"prompt": "x"})
     evs = trail.events(tmp_path)
     assert ep.used == 1 and [(e["action"], e["outcome"], e["detail"]["error"]) for e in evs] == [
         ("provenance:query", "error", "not JSON")]  # fmt: skip
+
+
+def test_an_endless_or_dripped_answer_is_cut_and_its_query_is_in_the_trail(tmp_path):
+    """ATTACK: httpx's timeout is per read and its body unbounded: an endpoint streaming gigabytes filled the
+    worker's memory, and one dripping a byte per read timeout held its probe (and the whole scan) for ever.
+    An answer is read within MAX_ANSWER bytes and ``timeout`` seconds in all; each cut query is audited."""
+    import time
+
+    from weightwarden import trail
+    from weightwarden.errors import EndpointAnswerError, EndpointUnavailableError
+    from weightwarden.provenance.endpoint import MAX_ANSWER, Endpoint
+
+    def endless(h) -> None:
+        _ok(h, 1 << 40)
+        block = b" " * (1 << 20)
+        try:
+            for _ in range((MAX_ANSWER >> 20) + 8):
+                h.wfile.write(block)
+        except OSError:
+            pass  # the client hung up: what it should do
+
+    def drip(h) -> None:
+        _ok(h, 1000)
+        try:
+            for _ in range(1000):
+                h.wfile.write(b" ")
+                h.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    with (_Hostile(endless) as srv, Endpoint(srv.url, budget=5, home=tmp_path) as ep,
+          pytest.raises(EndpointAnswerError, match="over 64 MiB")):  # fmt: skip
+        ep.post("/completions", {"prompt": "x"})
+    with (_Hostile(drip) as srv, Endpoint(srv.url, budget=5, home=tmp_path, timeout=1.0, retries=0) as ep,
+          pytest.raises(EndpointUnavailableError, match="timed out on each of 1 attempts")):  # fmt: skip
+        ep.post("/completions", {"prompt": "x"})
+    assert [(e["outcome"], e["detail"]["error"]) for e in trail.events(tmp_path)] == [
+        ("error", "answer too large"), ("error", "timed out")]  # fmt: skip
