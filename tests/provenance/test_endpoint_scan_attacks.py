@@ -26,6 +26,16 @@ def test_a_secret_of_ours_is_never_sent_as_an_endpoints_api_key(tmp_path, monkey
     assert read_endpoints(f)[0].api_key_env == "SUSPECT_API_KEY"
 
 
+@pytest.mark.parametrize(("text", "where"), [("[" + "[" * 100_000, "line 1"),
+                                             ('\n{"url": ' + "[" * 100_000 + "}", "line 2")])  # fmt: skip
+def test_an_endpoints_file_nested_past_the_stack_is_one_error_line(tmp_path, text, where):
+    """ATTACK: '[' nested 100,000 deep raised RecursionError out of the file's reader (a traceback)."""
+    f = tmp_path / "eps.json"
+    f.write_text(text)
+    with pytest.raises(ScanError, match=rf"{where}: nested too deep"):
+        read_endpoints(f)
+
+
 def _models(tmp_path):
     paths = [tmp_path / n for n in ("ours", "r1", "r2", "r3")]
     for p in paths:

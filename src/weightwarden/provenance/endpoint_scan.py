@@ -100,6 +100,9 @@ def _json_list(path: Path, text: str) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as e:
             raise ScanError(f"{path} line {_line(text, e.pos)}: not valid JSON ({e.msg}); nothing was started") \
                 from None  # fmt: skip
+        except RecursionError:  # "[[[[..." nested past the stack
+            raise ScanError(f"{path} line {_line(text, i)}: nested too deep to be an endpoint; nothing was started") \
+                from None  # fmt: skip
         out.append((f"line {_line(text, i)}", obj))
         i = skip(end)
         if i < n and text[i] in ",]":
@@ -131,6 +134,8 @@ def _entries(path: Path, text: str) -> list[tuple[str, Any]]:
             continue
         try:
             out.append((f"line {n}", json.loads(line)))
+        except RecursionError:  # "[[[[..." nested past the stack
+            raise ScanError(f"{path} line {n}: nested too deep to be an endpoint; nothing was started") from None
         except json.JSONDecodeError as e:
             raise ScanError(f'{path} line {n}: not a JSON object ({e.msg}); write one endpoint a line, e.g. '
                             '{"url": "https://host/v1"}; nothing was started') from None  # fmt: skip
