@@ -131,3 +131,19 @@ def test_a_unix_url_without_a_path_is_one_clear_error() -> None:
 
     with pytest.raises(WardenError, match="unix:/path"):
         BrokerClient("unix:", "a", Ed25519PrivateKey.generate())
+
+
+def test_attack_a_folder_others_may_write_is_refused(tmp_path: Path) -> None:
+    """ATTACK: in a folder another user may write (without the sticky bit), they could rename the broker's
+    socket away and bind their own in its place: clients would hand them their signed tokens.  Refused before
+    anything is made; a sticky shared folder (/tmp's 1777) is accepted, as is one only we write."""
+    for mode, ok in ((0o777, False), (0o775, False), (0o1777, True), (0o700, True)):
+        d = tmp_path / f"d{mode:o}"
+        d.mkdir()
+        os.chmod(d, mode)
+        if ok:
+            bind_unix(d / "b.sock").close()
+            continue
+        with pytest.raises(UnixSocketError, match="writable by others"):
+            bind_unix(d / "b.sock")
+        assert not (d / "b.sock").exists()

@@ -95,3 +95,19 @@ def test_the_recipient_is_still_accused_after_a_rotation(models: dict[str, Path]
     )
     assert trace(clean, models["ref"], provider=prov, home=tmp_path / "home", model_id="m",
                  population=10**6).accused == []  # fmt: skip
+
+
+def test_attack_anchor_weights_that_overflow_a_float32_product_neither_crash_nor_hide_the_copy(
+    tmp_path: Path,
+) -> None:
+    """ATTACK: a suspect whose attention rows are finite float32 extremes (3e38) under a norm scale of 2: folding
+    the norm in overflowed to inf, the unit rows became NaN and the Procrustes SVD raised LinAlgError (an
+    untyped crash of compare and of trace).  The rows are folded in float64 (a row still not finite weighs
+    nothing): the copy is detected on its other anchors, no crash."""
+    ref = attn_llama_tensors(np.random.default_rng(0), d=32, ff=64, layers=2, vocab=24)
+    sus = fold_and_rotate(dict(ref), np.random.default_rng(1))
+    sus["model.layers.0.self_attn.q_proj.weight"] = np.full((32, 32), 3e38, np.float32)
+    sus["model.layers.0.input_layernorm.weight"] = np.full(32, 2.0, np.float32)
+    with np.errstate(all="ignore"):
+        c = compare(_save(tmp_path / "ref", ref), _save(tmp_path / "sus", sus))
+    assert c.alignment["kind"] == "rotation" and c.log_p < STRICT, c.alignment

@@ -264,3 +264,24 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
 def test_hostile_lists_are_a_typed_error(data: bytes) -> None:
     with contextlib.suppress(ScreeningError):
         ScreeningList.parse(data)
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Sergei Ivanovich Petrov Moscow", "sample-000"), ("Kim Chol Ho Pyongyang", "sample-004"),
+    ("Wang Xiaoming Beijing", "sample-017"), ("Fatima Zahra Benali Casablanca", "sample-022"),
+    ("Kim Chol Ho Jr", "sample-004"), ("Sergei Ivanov Petrov", "sample-000"),
+])  # fmt: skip
+def test_attack_a_word_appended_to_a_listed_persons_full_name_is_still_caught(extended: ScreeningList, name: str,
+                                                                             want: str) -> None:  # fmt: skip
+    """ATTACK: the part-by-part check once cleared a listed person's whole name with a city, a suffix or a short
+    patronymic added (every query word had to be matched), which the string scores alone had caught."""
+    assert [h["entry"]["id"] for h in extended.screen(name)["hits"]][:1] == [want], name
+
+
+def test_attack_a_name_that_is_not_text_is_a_typed_error(sample: ScreeningList) -> None:
+    """ATTACK: a byte that is not UTF-8 on the command line (a lone surrogate) crashed screening with a
+    traceback; it is one ScreeningError line, and the CLI exits 1 without a traceback."""
+    with pytest.raises(ScreeningError, match="is not valid text"):
+        sample.screen("Sergei \udcff Petrov")
+    with pytest.raises(ScreeningError, match="is not valid text"):
+        sample.screen("Someone", aliases=("Sergei \udcff Petrov",))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.support.spm import field, piece, sentencepiece_model
-from weightwarden.sealed.spm import MAX_BYTES, is_sentencepiece_model
+from weightwarden.sealed.spm import MAX_BYTES, MAX_SPECS, is_sentencepiece_model
 from weightwarden.sealed.walk import UNRECOGNISED, classify_bytes
 
 WORDS = ["the", "of", "and", "modèle", "模型", "weights"]
@@ -58,3 +58,17 @@ def test_a_charsmap_is_carried_under_the_cap() -> None:
     """The normaliser's character map is bytes the model needs (a real one is some 240 KB): carried, under the
     same 16 MiB cap as a text file (docs/THREAT_MODEL.md: no more than a text file of that size may carry)."""
     assert is_sentencepiece_model(sentencepiece_model(WORDS, charsmap=bytes(range(256)) * 1024))
+
+
+def test_a_whole_tensor_as_the_charsmap_is_refused() -> None:
+    """ATTACK: the spec messages' fields are not interpreted, so a character map may hold any bytes: a 16 MiB
+    tokenizer.model of one piece carried 16,777,186 raw bytes (a tensor, a zip, a safetensors file, NULs and all:
+    more than a text file, which must be UTF-8 without NUL or archive signatures).  The spec messages are capped
+    at MAX_SPECS together; one byte over is refused, in one spec message or spread over several."""
+    tensor = np.random.default_rng(4).standard_normal(MAX_BYTES // 4 - 64).astype(np.float32).tobytes()
+    smuggled = piece("a", 0.0) + field(3, field(2, tensor))
+    assert len(smuggled) <= MAX_BYTES and classify_bytes(smuggled) == UNRECOGNISED
+    at_cap = sentencepiece_model(WORDS, charsmap=bytes(MAX_SPECS - 4096))
+    assert is_sentencepiece_model(at_cap)
+    half = field(2, RAW[:1] * (MAX_SPECS // 2))
+    assert not is_sentencepiece_model(piece("a", 0.0) + field(4, half) + field(5, half))

@@ -175,6 +175,24 @@ def test_a_forged_guess_does_not_frame_someone_else(released, parent: Path, zoo,
     assert {a["recipient"] for a in rep.accused} <= {"dave"}
 
 
+def test_attack_one_unit_of_float32_extremes_neither_crashes_the_trace_nor_hides_the_leaker(
+    released, parent: Path, tmp_path: Path
+) -> None:
+    """ATTACK: erin sets one hidden unit's gate row to 3e38 (finite float32): its length overflowed, the cosine
+    matrix held NaN and Hungarian matching raised ValueError (an untyped crash of trace, and of provenance
+    compare).  The unit now matches nothing and the rest still accuses erin, and no one else."""
+    _, copies, _ = released
+    sd = load_file(str(copies["erin"] / "model.safetensors"))
+    name = next(k for k in sorted(sd) if k.endswith("mlp.gate_proj.weight"))
+    sd[name][3] = 3e38
+    out = tmp_path / "extreme"
+    shutil.copytree(copies["erin"], out)
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with np.errstate(all="ignore"):
+        rep = _trace(released, out, parent)
+    assert [a["recipient"] for a in rep.accused] == ["erin"], rep.to_json()
+
+
 def test_unknown_model_and_bad_ids(released, parent: Path) -> None:
     home, _, kr = released
     with pytest.raises(TraceError, match="no releases"):

@@ -11,7 +11,6 @@ replaces anything that is not a stale socket of ours.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import socket
@@ -55,6 +54,13 @@ def bind_unix(path: str | os.PathLike[str], *, mode: int = 0o600, backlog: int =
         raise UnixSocketError(f"--uds-mode {mode:o}: give owner and group bits only (e.g. 600 or 660)")
     if len(os.fsencode(p)) > _MAX_PATH:
         raise UnixSocketError(f"--uds {p}: a Unix socket path is at most {_MAX_PATH} bytes; choose a shorter one")
+    try:  # a folder others may write without the sticky bit: they could move our socket away and put theirs
+        d = os.stat(p.parent)  # there, and clients would hand their signed tokens to them
+    except OSError as e:
+        raise UnixSocketError(f"--uds {p}: its folder cannot be used ({e.strerror}); choose another path") from None
+    if d.st_uid not in (0, os.geteuid()) or (d.st_mode & 0o022 and not d.st_mode & stat.S_ISVTX):
+        raise UnixSocketError(f"--uds {p}: its folder is another user's or writable by others (mode "
+                              f"{stat.S_IMODE(d.st_mode):o}); use a folder only you can write")  # fmt: skip
     try:
         st = os.lstat(p)
     except FileNotFoundError:
@@ -77,7 +83,6 @@ def bind_unix(path: str | os.PathLike[str], *, mode: int = 0o600, backlog: int =
         raise UnixSocketError(f"--uds {p}: cannot bind ({hint}); choose another path") from e
     finally:
         os.umask(old)
-    with contextlib.suppress(OSError):
-        os.chmod(p, mode)
+    # no chmod by path afterwards: the umask gave it `mode`, and a path can be swapped for a link meanwhile
     sock.listen(backlog)
     return sock

@@ -56,10 +56,13 @@ def anchor_tensors(shapes: dict[str, tuple[int, ...]], layout: Layout) -> dict[s
 
 def _rows(src: TensorSource, spec: tuple[str, bool, str | None], idx: np.ndarray) -> np.ndarray:
     name, rows, norm = spec
-    w = src.get(name, rows=idx) if rows else src.get(name, cols=idx).T
-    if norm is not None:
+    w = (src.get(name, rows=idx) if rows else src.get(name, cols=idx).T).astype(np.float64)
+    if norm is not None:  # in float64: a hostile checkpoint's finite float32 extremes overflow no product here
         w = w * src.get(norm)
-    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), _EPS)
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), _EPS)
+    w[~np.isfinite(w).all(axis=1)] = 0.0  # a row still not finite weighs nothing in the fit
+    return w
 
 
 def sample_anchors(src: TensorSource, layout: Layout, rng: np.random.Generator,

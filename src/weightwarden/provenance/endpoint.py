@@ -8,7 +8,8 @@ without log-probabilities (text only, sampled).  Around every request:
   far is in the cache, so a rerun with a larger budget resumes without asking them again;
 * a **rate limit** (:class:`TokenBucket`, its clock injected);
 * **retries** with exponential backoff (``Retry-After`` honoured) on 429, 5xx, timeouts and refused
-  connections, then :class:`~weightwarden.errors.EndpointUnavailableError`;
+  connections, then :class:`~weightwarden.errors.EndpointUnavailableError`; an answer is read whole within
+  ``timeout`` seconds (a body dripped slowly is a timeout) and :data:`MAX_ANSWER` bytes (more is refused);
 * an **answer cache** (:class:`AnswerCache`): JSON lines keyed by the SHA-256 of the request, one
   ``write`` + ``fsync`` per answer, a torn last line cut on the next open;
 * an **audit event** per request sent (``provenance:query``) in the home's trail, appended as it happens
@@ -50,6 +51,7 @@ __all__ = ["AnswerCache", "Endpoint", "TokenBucket", "TokenLogprobs", "request_k
 
 _TOL = 1e-4  # log-probabilities above this are positive, not rounding
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+MAX_ANSWER = 64 << 20  # bytes of one answer (decoded): a hostile endpoint's endless body is cut here
 
 
 def _httpx() -> Any:
@@ -268,6 +270,7 @@ class Endpoint:
         self.cached = 0
         self.served_model: str | None = None
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout  # per read, and for a whole answer (a body dripped a byte a minute is cut)
         self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
 
     def close(self) -> None:
@@ -292,6 +295,21 @@ class Endpoint:
     def _where(self) -> str:
         return f"answers so far are cached in {self.cache.folder}" if self.cache else "no --cache was given"
 
+    def _post(self, url: str, body: dict[str, Any]) -> Any:
+        """The answer, read whole within ``timeout`` seconds and :data:`MAX_ANSWER` bytes; None when it is
+        larger (httpx's ReadTimeout when slower)."""
+        httpx = _httpx()
+        deadline = time.monotonic() + self.timeout
+        with self._client.stream("POST", url, json=body) as r:
+            data = bytearray()
+            for chunk in r.iter_bytes():
+                data += chunk
+                if len(data) > MAX_ANSWER:
+                    return None
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout(f"the answer took over {self.timeout:g} s")
+            return httpx.Response(r.status_code, headers=r.headers, content=bytes(data), request=r.request)
+
     def _send(self, path: str, body: dict[str, Any], key: str) -> dict[str, Any]:
         httpx = _httpx()
         why = "no attempt"
@@ -308,17 +326,20 @@ class Endpoint:
             retry_after = 0.0
             t0 = time.monotonic()
             try:
-                r = self._client.post(self.base + path, json=body)
+                r = self._post(self.base + path, body)
             except httpx.TimeoutException:
                 why = "timed out"
             except httpx.TransportError as e:
                 why = f"connection failed ({type(e).__name__})"
             else:
                 ms = round((time.monotonic() - t0) * 1000, 1)
+                if r is None:
+                    self._audit("error", path, key, attempt=attempt, ms=ms, error="answer too large")
+                    raise EndpointAnswerError(f"{self.url}{path} answered with over {MAX_ANSWER >> 20} MiB")
                 if r.status_code == 200:
                     try:
                         obj = r.json()
-                    except ValueError:
+                    except (ValueError, RecursionError):  # a hostile body: "[[[[..." nested past the stack
                         self._audit("error", path, key, status=200, attempt=attempt, ms=ms, error="not JSON")
                         raise EndpointAnswerError(f"{self.url}{path} answered 200 with a body that is not JSON") \
                             from None  # fmt: skip

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 import tomllib
 from collections.abc import Callable, Sequence
@@ -41,6 +42,10 @@ __all__ = ["EndpointScanReport", "EndpointSpec", "probe_endpoint", "read_endpoin
 
 FIELDS = ("url", "name", "mode", "model", "api_key_env", "budget", "rate", "retries", "timeout")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+#: variables an endpoints file may not name as an API key: warden's own secrets and the usual cloud / CI
+#: credentials (a hostile file would send them, as a bearer token, to the URL it chooses)
+_SECRET_ENV = re.compile(r"(WARDEN_|AWS_|AZURE_|GOOGLE_|GCP_|GCLOUD_|CLOUDSDK_|GITHUB_|GH_|ACTIONS_|CI_|VAULT_|"
+                         r"KUBE|SSH_|GPG_|RAY_)", re.IGNORECASE)  # fmt: skip
 MAX_BUDGET = 10_000_000
 
 
@@ -95,6 +100,9 @@ def _json_list(path: Path, text: str) -> list[tuple[str, Any]]:
         except json.JSONDecodeError as e:
             raise ScanError(f"{path} line {_line(text, e.pos)}: not valid JSON ({e.msg}); nothing was started") \
                 from None  # fmt: skip
+        except RecursionError:  # "[[[[..." nested past the stack
+            raise ScanError(f"{path} line {_line(text, i)}: nested too deep to be an endpoint; nothing was started") \
+                from None  # fmt: skip
         out.append((f"line {_line(text, i)}", obj))
         i = skip(end)
         if i < n and text[i] in ",]":
@@ -126,6 +134,8 @@ def _entries(path: Path, text: str) -> list[tuple[str, Any]]:
             continue
         try:
             out.append((f"line {n}", json.loads(line)))
+        except RecursionError:  # "[[[[..." nested past the stack
+            raise ScanError(f"{path} line {n}: nested too deep to be an endpoint; nothing was started") from None
         except json.JSONDecodeError as e:
             raise ScanError(f'{path} line {n}: not a JSON object ({e.msg}); write one endpoint a line, e.g. '
                             '{"url": "https://host/v1"}; nothing was started') from None  # fmt: skip
@@ -166,6 +176,9 @@ def _spec(path: Path, where: str, e: Any, mode: str, budget: int) -> EndpointSpe
     env = e.get("api_key_env")
     if env is not None and (not isinstance(env, str) or not _ENV_NAME.match(env)):
         raise bad("api_key_env", "must be the NAME of an environment variable (letters, digits, _), not a key")
+    if env is not None and _SECRET_ENV.match(env):
+        raise bad("api_key_env", f"{env} holds warden's or a cloud's secret, never an endpoint's API key: export the "
+                                 "endpoint's key under a name of its own (e.g. SUSPECT_API_KEY)")  # fmt: skip
     if env is not None and not os.environ.get(env):
         raise bad("api_key_env", f"the variable {env} is not set: export it before the scan")
     b = e.get("budget", budget)
@@ -297,6 +310,12 @@ def _open_state(state: Path, cfg: dict[str, Any]) -> None:
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
         raise ScanError(f"--state {state}: cannot create it ({e.strerror}): give another --state") from None
+    st = os.lstat(state)  # its results decide which endpoints are probed: no one else may write them
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        why = ("a link or not a folder" if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}"
+               if st.st_uid != os.geteuid() else f"writable by others (mode {stat.S_IMODE(st.st_mode):o})")  # fmt: skip
+        raise ScanError(f"--state {state} is {why}: another user could plant its results; give a folder of "
+                        "your own that only you can write")  # fmt: skip
     f = state / "scan.json"
     if not f.exists():
         atomic_write_bytes(f, (json.dumps(cfg, indent=1, sort_keys=True) + "\n").encode())
@@ -373,7 +392,7 @@ def scan_endpoints(
             pref = ray.put(texts)
             pending = {task.remote({**s.to_json()}, cfg, pref, str(sdir / "cache" / s.key), str(root)): s
                        for s in todo}  # fmt: skip
-            fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
                 while pending:
                     ready, _ = ray.wait(list(pending), num_returns=1)

@@ -126,8 +126,14 @@ class Signature:
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
-    """Each row of ``x`` scaled to unit length (rows near zero stay near zero)."""
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+    """Each row of ``x`` scaled to unit length (rows near zero stay near zero; a row whose length overflows, a
+    hostile checkpoint's extremes, or that is not finite becomes zero: it matches nothing)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        out[bad] = 0.0
+    return out
 
 
 def iter_units(

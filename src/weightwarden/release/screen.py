@@ -143,6 +143,11 @@ class ScreeningList:
         best: dict[int, dict[str, Any]] = {}
         queries = []
         for q in (name, *aliases):
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
+                raise ScreeningError("a name or alias to screen is not valid text (it holds a byte that is not "
+                                     "UTF-8): write the name as text") from None  # fmt: skip
             nq = normalize(q)
             if nq:
                 queries.append((q, nq))

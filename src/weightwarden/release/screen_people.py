@@ -11,6 +11,8 @@ the names line up part by part (``rigour``'s name analysis, the library OpenSanc
   cheap edits and joined or split words ("Cholho" / "Chol Ho") as almost free, and refuses an edit density that
   says another name); failing those, the same name in another transliteration (``rigour``'s name symbols, from
   Wikidata: "Michail" / "Mikhail", "Aly" / "Ali").  An initial stands for a name it begins;
+* (or else the listed name is there whole: a word appended to a listed person's full name, a city, a suffix or a
+  short patronymic, is an evader's as for an organisation)
 * and the listed name's first and last part are matched: the given name and the family name, in whichever order
   either is written.  Middle names and patronymics may be left out ("Sergei Petrov" for "Sergei Ivanovich
   Petrov"), but a name cut at an end is another person ("Li Wei" is not "Li Wei Dong", nor "Kim Chol Min" "Kim
@@ -105,7 +107,10 @@ def _agrees(q: Any, r: Any, symbols: bool) -> bool | None:
             if o is not None:
                 qdone.add(p.index)
                 rdone.add(o.index)
-    if len(qdone) == len(qparts) and rparts[0].index in rdone and rparts[-1].index in rdone:
+    # every name of the query accounted for, or the listed name whole in it: a word appended to a listed person's
+    # full name (a city, a title, "(Moscow)") is an evader's, as for an organisation, not another person
+    whole = len(qdone) == len(qparts) or len(rdone) == len(rparts) > 1
+    if whole and rparts[0].index in rdone and rparts[-1].index in rdone:
         return True
     if symbols or len(qdone) == len(qparts) or len(rdone) == len(rparts):
         return False

@@ -8,8 +8,9 @@ messages.  The protobuf wire format is parsed here by hand, minimally and strict
 every byte must belong to a well-formed field; the top level holds only those five fields, pieces first and one
 at least; each piece only its three fields, a piece's text valid UTF-8 and no longer than :data:`MAX_PIECE`
 bytes, its type a known one, and pieces unique (as SentencePiece requires); the four spec messages must parse as
-protobuf messages (their fields are not interpreted).  The whole file is at most :data:`MAX_BYTES`.  Anything
-else, a weight tensor's bytes named ``tokenizer.model`` among them, is not a SentencePiece model.
+protobuf messages (their fields are not interpreted), at most :data:`MAX_SPECS` bytes together.  The whole
+file is at most :data:`MAX_BYTES`.  Anything else, a weight tensor's bytes named ``tokenizer.model`` among
+them, is not a SentencePiece model.
 
 What it lets through is bounded like plain text (the same 16 MiB cap): a file that is a vocabulary, not a
 container of tensors; data hidden in scores or in a normaliser's character map is no more than what a text
@@ -18,9 +19,12 @@ file of the same size may carry (docs/THREAT_MODEL.md).
 
 from __future__ import annotations
 
-__all__ = ["MAX_BYTES", "MAX_PIECE", "is_sentencepiece_model"]
+__all__ = ["MAX_BYTES", "MAX_PIECE", "MAX_SPECS", "is_sentencepiece_model"]
 
 MAX_BYTES = 16 * 1024 * 1024
+#: bytes of the four spec messages together: their fields are not interpreted, so they may hold any bytes (a real
+#: normaliser's character map is some 240 KB); without this cap the whole 16 MiB could be raw tensor bytes
+MAX_SPECS = 1024 * 1024
 MAX_PIECE = 1024  # bytes of one piece's text (SentencePiece's own limit on a piece is far lower, 16 characters)
 _PIECE_TYPES = range(1, 7)  # NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE
 
@@ -99,7 +103,7 @@ def is_sentencepiece_model(data: bytes | memoryview) -> bool:
         return False
     try:
         seen: set[bytes] = set()
-        specs = False
+        specs = 0  # bytes of the spec messages so far
         for field, wire, v in _fields(b):
             if wire != 2 or not isinstance(v, memoryview):
                 return False
@@ -111,7 +115,9 @@ def is_sentencepiece_model(data: bytes | memoryview) -> bool:
                     return False
                 seen.add(text)
             elif field in (2, 3, 4, 5):
-                specs = True
+                specs += len(v) + 1
+                if specs > MAX_SPECS:
+                    return False  # raw bytes beyond any real character map
                 _fields(v)  # a well-formed message; its fields are not interpreted
             else:
                 return False

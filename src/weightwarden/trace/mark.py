@@ -212,7 +212,7 @@ def _match(orig: np.ndarray, sus: np.ndarray) -> np.ndarray:
     best |cos| partner when that is a one-to-one map (it is then the optimal assignment), else Hungarian
     on |cos|.  Cosines of units longer than 512 are taken over 512 evenly spaced coordinates: enough to
     tell a unit's partner from the rest, at O(units^2 * 512) for any width."""
-    a, b = unit_rows(orig), unit_rows(sus)
+    a, b = unit_rows(orig), unit_rows(sus)  # a suspect unit that overflowed (hostile extremes) is zero
     if len(a) == len(b) and np.median(np.abs((a * b).sum(1))) > 0.5:
         return np.arange(len(a))
     if a.shape[1] > _MATCH_COLS:
@@ -301,14 +301,17 @@ def extract(original: str | os.PathLike[str] | TensorSource, suspect: str | os.P
             bs = sus_blocks[mapping[bo.index]]
             oin = np.concatenate([u for _, u in _units(o, bo, "in")])
             sin = np.concatenate([u for _, u in _units(s, bs, "in")])
-            sin = sin @ r.T  # back to the original's basis
+            with np.errstate(all="ignore"):  # a hostile suspect's extremes overflow: those units are left out
+                sin = sin @ r.T  # back to the original's basis
             g_o, g_s = _norm(o, bo), _norm(s, bs)
             if g_o is not None and g_s is None:  # the suspect folded the norm in: undo it with ours
                 sin /= np.where(np.abs(g_o) > _EPS, g_o, 1.0)
             pi = _match(oin, sin)
             oout = np.concatenate([u for _, u in _units(o, bo, "out")])
-            sout = np.concatenate([u for _, u in _units(s, bs, "out")]) @ r.T
+            with np.errstate(all="ignore"):
+                sout = np.concatenate([u for _, u in _units(s, bs, "out")]) @ r.T
             ok = pi >= 0
+            ok[ok] &= np.isfinite(sin[pi[ok]]).all(axis=1) & np.isfinite(sout[pi[ok]]).all(axis=1)  # no inf, NaN
             for view, ou, su in (("in", oin, sin), ("out", oout, sout)):
                 al = np.zeros_like(ou)
                 al[ok] = su[pi[ok]]

@@ -1,0 +1,158 @@
+"""ATTACK tests for ``warden scan --endpoints``: a hostile endpoints file naming warden's own secret (or a cloud
+credential) as an endpoint's API key, a state folder another user could plant results in, and an endpoint's
+hostile body (its query must still reach the trail)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from weightwarden.errors import ScanError
+from weightwarden.provenance.endpoint_scan import read_endpoints, scan_endpoints
+
+
+@pytest.mark.parametrize("env", ["WARDEN_PASSPHRASE", "WARDEN_LOG_KEY", "warden_workload_token",
+                                 "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN"])  # fmt: skip
+def test_a_secret_of_ours_is_never_sent_as_an_endpoints_api_key(tmp_path, monkeypatch, env):
+    monkeypatch.setenv(env, "hunter2")
+    f = tmp_path / "eps.jsonl"
+    f.write_text(json.dumps({"url": "https://attacker.example/v1", "api_key_env": env}) + "\n")
+    with pytest.raises(ScanError, match=rf"line 1, field 'api_key_env': {env} holds warden's or a cloud's secret"):
+        read_endpoints(f)
+    monkeypatch.setenv("SUSPECT_API_KEY", "sk-1")  # the endpoint's own key, under a name of its own: accepted
+    f.write_text(json.dumps({"url": "https://suspect.example/v1", "api_key_env": "SUSPECT_API_KEY"}) + "\n")
+    assert read_endpoints(f)[0].api_key_env == "SUSPECT_API_KEY"
+
+
+@pytest.mark.parametrize(("text", "where"), [("[" + "[" * 100_000, "line 1"),
+                                             ('\n{"url": ' + "[" * 100_000 + "}", "line 2")])  # fmt: skip
+def test_an_endpoints_file_nested_past_the_stack_is_one_error_line(tmp_path, text, where):
+    """ATTACK: '[' nested 100,000 deep raised RecursionError out of the file's reader (a traceback)."""
+    f = tmp_path / "eps.json"
+    f.write_text(text)
+    with pytest.raises(ScanError, match=rf"{where}: nested too deep"):
+        read_endpoints(f)
+
+
+def _models(tmp_path):
+    paths = [tmp_path / n for n in ("ours", "r1", "r2", "r3")]
+    for p in paths:
+        p.mkdir()
+    return paths
+
+
+@pytest.mark.parametrize("plant", ["others may write", "a link to their folder"])
+def test_a_state_folder_another_user_could_plant_results_in_is_refused(tmp_path, plant):
+    """Results in the state folder are trusted on a rerun (a row with a p-value is not probed again): a folder
+    others may write, or a link to one, would let them mark a derived endpoint clean.  Refused; nothing written."""
+    pytest.importorskip("ray")
+    ours, *refs = _models(tmp_path)
+    f = tmp_path / "eps.jsonl"
+    f.write_text(json.dumps({"url": "https://suspect.example/v1", "name": "s"}) + "\n")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chmod(theirs, 0o777)
+    forged = {"item": read_endpoints(f)[0].key, "result": {"name": "s", "decision": "independent", "p_value": 0.9}}
+    (theirs / "results.jsonl").write_text(json.dumps(forged) + "\n")
+    state = theirs
+    if plant == "a link to their folder":
+        os.chmod(theirs, 0o700)
+        state = tmp_path / "state"
+        state.symlink_to(theirs)
+    with pytest.raises(ScanError, match=r"--state .* is (writable by others|a link).*plant its results"):
+        scan_endpoints(f, ours, refs, state=state, home=tmp_path / "home")
+    assert not (theirs / "scan.json").exists()
+
+
+class _Hostile:
+    """A real HTTP server (a thread) answering every POST with ``answer(handler)``."""
+
+    def __init__(self, answer):
+        import http.server
+        import threading
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                answer(self)
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.srv.daemon_threads = True
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.srv.server_port}/v1"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def _ok(h, length: int) -> None:
+    h.send_response(200)
+    h.send_header("content-length", str(length))
+    h.end_headers()
+
+
+def test_a_hostile_body_nested_past_the_stack_is_a_typed_error_and_its_query_is_in_the_trail(tmp_path):
+    """ATTACK: an endpoint answering 200 with '[' nested 200,000 deep made json raise RecursionError: the query
+    was sent (counted) but its event never reached the trail, and the error was not a typed one."""
+    from weightwarden import trail
+    from weightwarden.errors import EndpointAnswerError
+    from weightwarden.provenance.endpoint import Endpoint
+
+    def deep(h) -> None:
+        _ok(h, 200_000)
+        h.wfile.write(b"[" * 200_000)
+
+    with (_Hostile(deep) as srv, Endpoint(srv.url, budget=5, home=tmp_path) as ep,
+          pytest.raises(EndpointAnswerError, match="not JSON")):  # fmt: skip
+        ep.post("/completions", {"prompt": "x"})
+    evs = trail.events(tmp_path)
+    assert ep.used == 1 and [(e["action"], e["outcome"], e["detail"]["error"]) for e in evs] == [
+        ("provenance:query", "error", "not JSON")]  # fmt: skip
+
+
+def test_an_endless_or_dripped_answer_is_cut_and_its_query_is_in_the_trail(tmp_path):
+    """ATTACK: httpx's timeout is per read and its body unbounded: an endpoint streaming gigabytes filled the
+    worker's memory, and one dripping a byte per read timeout held its probe (and the whole scan) for ever.
+    An answer is read within MAX_ANSWER bytes and ``timeout`` seconds in all; each cut query is audited."""
+    import time
+
+    from weightwarden import trail
+    from weightwarden.errors import EndpointAnswerError, EndpointUnavailableError
+    from weightwarden.provenance.endpoint import MAX_ANSWER, Endpoint
+
+    def endless(h) -> None:
+        _ok(h, 1 << 40)
+        block = b" " * (1 << 20)
+        try:
+            for _ in range((MAX_ANSWER >> 20) + 8):
+                h.wfile.write(block)
+        except OSError:
+            pass  # the client hung up: what it should do
+
+    def drip(h) -> None:
+        _ok(h, 1000)
+        try:
+            for _ in range(1000):
+                h.wfile.write(b" ")
+                h.wfile.flush()
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    with (_Hostile(endless) as srv, Endpoint(srv.url, budget=5, home=tmp_path) as ep,
+          pytest.raises(EndpointAnswerError, match="over 64 MiB")):  # fmt: skip
+        ep.post("/completions", {"prompt": "x"})
+    with (_Hostile(drip) as srv, Endpoint(srv.url, budget=5, home=tmp_path, timeout=1.0, retries=0) as ep,
+          pytest.raises(EndpointUnavailableError, match="timed out on each of 1 attempts")):  # fmt: skip
+        ep.post("/completions", {"prompt": "x"})
+    assert [(e["outcome"], e["detail"]["error"]) for e in trail.events(tmp_path)] == [
+        ("error", "answer too large"), ("error", "timed out")]  # fmt: skip
