@@ -20,13 +20,16 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from demo.lm import LAYERS, VOCAB, Params
 
-Queries = Any  # weightwarden.trace.scorer.Queries (ids, row, pos, tok)
+if TYPE_CHECKING:
+    from weightwarden.trace.scorer import Queries
+
+MAX_TOKENS = 1024  # the most characters one completion generates
 
 
 def _silu_parts(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +155,7 @@ def _completion(logp: np.ndarray, name: str, body: dict[str, Any]) -> dict[str, 
     k = body.get("logprobs")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= VOCAB):
         raise ValueError(f"logprobs must be an integer from 0 to {VOCAB}")
-    n, temp = int(body.get("max_tokens", 16)), float(body.get("temperature", 1.0))
+    n, temp = min(MAX_TOKENS, int(body.get("max_tokens", 16))), float(body.get("temperature", 1.0))
     rng = np.random.default_rng(int(body.get("seed") or 0))
     ids = [ord(c) for c in prompt]
     start = len(ids)

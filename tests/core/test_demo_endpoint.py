@@ -8,7 +8,7 @@ import pytest
 
 from demo import lm
 from demo.endpoint import NumpyScorer, logprob_table, serve
-from weightwarden.trace.scorer import Queries
+from weightwarden.trace.scorer import GradientScorer, Queries
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def _queries(rng: np.random.Generator, texts: int = 6, length: int = 40) -> Quer
 def test_logprobs_are_the_models_own(params) -> None:
     ids = lm.text_ids(__import__("string"))[:2000]
     q = Queries([ids.tolist()], np.zeros(len(ids) - 1, np.int64), np.arange(1, len(ids)), ids[1:])
+    assert isinstance(NumpyScorer(params), GradientScorer)
     # the training code's own loss (float32 forward pass): minus the mean log-probability of each next character
     assert -NumpyScorer(params).logprobs_at(q).mean() == pytest.approx(lm.loss(params, ids), rel=1e-5)
 
