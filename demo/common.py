@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,20 @@ class DemoBase:
         self.checks.append((name, ok, f"{detail} ({time.perf_counter() - t:.1f}s)"))
         console.print(("[green]✔[/green] " if ok else "[red]✘[/red] ") + name + f"  [dim]{detail}[/dim]")
         return ok
+
+    @contextlib.contextmanager
+    def key_host_env(self) -> Iterator[None]:
+        """The key host's WARDEN_* variables in this process (a library call that writes to its trail)."""
+        saved = {k: v for k, v in os.environ.items() if k.startswith("WARDEN_")}
+        for k in saved:
+            del os.environ[k]
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith("WARDEN_")})
+        try:
+            yield
+        finally:
+            for k in [k for k in os.environ if k.startswith("WARDEN_")]:
+                del os.environ[k]
+            os.environ.update(saved)
 
     def act(self, title: str) -> None:
         console.rule(f"[bold]{title}")

@@ -15,7 +15,9 @@ result is wrong.  Six acts:
    master, sealed to the partner's own key and streamed within its egress budget (the partner
    opens it with its key; ours cannot); a release to a listed party refused with its reasons;
 5. the partner's copy leaks after fine-tuning and int4 quantisation: `warden trace` names the
-   partner, `warden scan` finds the derived copy and clears two independent models;
+   partner, `warden scan` finds the derived copy and clears two independent models; the partner's
+   copy served by a rival's OpenAI-compatible API (as is, then int8): `trace_endpoint` names the
+   partner from the API's answers alone, and accuses no one behind an independent model's API;
 6. `warden audit verify` proves the log intact, then catches one edited row.
 """
 
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = [c for c in demo.checks if not c[1]]
     console.print("[bold green]all checks passed[/bold green]" if not failed
                   else f"[bold red]{len(failed)} failed[/bold red]")  # fmt: skip
-    return 1 if failed or len(demo.checks) < 21 else 0  # every check ran
+    return 1 if failed or len(demo.checks) < 22 else 0  # every check ran
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ class LeakSteps(DemoBase):
     def leak(self) -> None:
         from demo import lm
 
-        self.act("5. the partner's copy leaks (fine-tuned, int4); trace and scan")
+        self.act("5. the partner's copy leaks (fine-tuned, int4; served behind an API); trace and scan")
         hub = self.root / "hub"
 
         def leaked() -> tuple[bool, str]:
@@ -83,6 +83,51 @@ class LeakSteps(DemoBase):
             )
 
         self.check("warden provenance compare shows the per-layer evidence", compare)
+        self.check("warden trace --endpoint names the partner behind an API", self.behind_api)
+
+    def behind_api(self) -> tuple[bool, str]:
+        """The partner's copy as it opened it, served by a rival's OpenAI-compatible API as is and after int8;
+        traced through the API only (echoed prompts, every character's log-probability), with the master
+        differentiated in numpy; an independent model behind the same kind of API accuses no one."""
+        from safetensors.numpy import load_file
+
+        from demo import lm
+        from demo.endpoint import NumpyScorer, serve
+        from weightwarden.trace.endpoint import trace_endpoint, variant
+
+        t = load_file(str(self.root / "northwind-plain.safetensors"))
+        copy = {k: np.asarray(v, np.float32) for k, v in t.items()}
+        scorer = NumpyScorer(self.params)
+        # every character once as a context (the model has no attention: its next-character distribution
+        # depends on the current character only), each answer the whole distribution (128 log-probabilities)
+        prompts = ["".join(map(chr, range(lm.VOCAB))) + "\0"]
+        served = {"as is": copy, "int8": variant(copy, "int8"), "independent": lm.load(self.root / "hub" /
+                                                                                       "independent-11")}  # fmt: skip
+        reps = {}
+        with self.key_host_env():
+            provider = self.keyring().provider(purpose="tracing")
+            for label, params in served.items():
+                with serve(params, "rival-chat-1") as url:
+                    reps[label] = trace_endpoint(url, self.model, provider=provider, scorer=scorer, model_id="demo-lm",
+                                                 home=self.home, db=self.env["WARDEN_BROKER_DB"], prompts=prompts,
+                                                 n_prompts=len(prompts), top=lm.VOCAB, population=10**6)  # fmt: skip
+        if self.plot:
+            from weightwarden.plots import trace_plot
+
+            trace_plot(reps["as is"], self.figures / "trace-endpoint.png")
+        acc = {k: [a["recipient"] for a in r.accused] for k, r in reps.items()}
+        ok = acc["as is"] == [PARTNER] and acc["int8"] == [PARTNER] and acc["independent"] == []
+        why = []
+        for k, r in reps.items():
+            j = r.to_json()
+            top = f"{j['top'][0]['score']:.0f}" if j["top"] else "none"
+            bound = f", bound {j['accused'][0]['false_accusation_bound']:.1e}" if j["accused"] else ""
+            who = ", ".join(acc[k]) or "no one"
+            why.append(f"{k}: {who} (top score {top} vs threshold {j['threshold']:.0f}{bound})")
+        e = reps["as is"].endpoint or {}
+        n = (f"{e.get('queries')} query per copy, {e.get('data_points', 0):,} log-probabilities each, "
+             "population 10^6")  # fmt: skip
+        return ok, f"{n}; accused {'; '.join(why)}"
 
     # -- 6. audit ---------------------------------------------------------------------------
     def audit(self) -> None:
@@ -94,7 +139,7 @@ class LeakSteps(DemoBase):
             acts = {r["event"]["action"] for r in rows}
             steps = ("key:create", "custody:init", "custody:unseal", "model:seal", "model:verify", "key:unwrap",
                      "provenance:register", "approval:grant", "release:gate", "release:create", "trace:run",
-                     "provenance:scan")  # fmt: skip
+                     "provenance:scan", "provenance:query")  # fmt: skip
             missing = [a for a in steps if a not in acts]
             return j["events"] > 20 and j["events"] == len(rows) and not missing, (
                 f"{j['events']} events, {j['heads_checked']} signed heads, pinned key {self.pubkey[:12]}… "

@@ -24,7 +24,8 @@ def test_make_demo_runs_and_passes(tmp_path):
     assert "all checks passed" in r.stdout
     for act in range(1, 7):
         assert f"{act}. " in r.stdout
-    for line in ("warden trace names the partner", "one edited row is caught", "refused with reasons",
+    for line in ("warden trace names the partner", "warden trace --endpoint names the partner behind an API",
+                 "one edited row is caught", "refused with reasons",
                  "needs a fresh quorum of that exact change", "the partner opens its copy with its own key"):
         assert line in r.stdout
     leftovers = [p.name for p in short.iterdir() if not p.name.startswith("ray")]
