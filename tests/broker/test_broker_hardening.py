@@ -8,7 +8,6 @@ verifies a browser's; the browser path is tests/broker/test_console.py."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import struct
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.broker import AUD, Account, Http, make_broker
+from tests.support.broker import AUD, Account, Http, make_broker, serving
 from weightwarden.broker.service import Broker, BrokerConfig, Limit, Unauthorized
 
 pytest.importorskip("webauthn", reason="py_webauthn is in the server extra")
@@ -592,37 +591,10 @@ class _CutAfter:
         self.inner.close()
 
 
-@contextlib.contextmanager
-def _serving(b: Broker) -> Any:
-    """``b`` behind a real uvicorn server on 127.0.0.1, with the zero-copy protocol `warden serve` uses."""
-    import time
-
-    import uvicorn
-
-    from tests.support.services import free_port
-    from weightwarden.broker.app import create_app
-    from weightwarden.broker.zerocopy import ZeroCopyH11Protocol
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(b), host="127.0.0.1", port=port, log_level="critical",
-                                           http=ZeroCopyH11Protocol))  # fmt: skip
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        th.join(10)
-
-
 @pytest.fixture
 def served(tmp_path: Path, sealed: Path) -> Any:
     b, a = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
-    with _serving(b) as base:
+    with serving(b) as base:
         yield b, a, base
     b.close()
 
@@ -823,7 +795,7 @@ def test_zero_copy_streams_are_metered_like_copied_ones(tmp_path: Path, sealed: 
     def get(base: str, path: str, **headers: str) -> Any:
         return httpx.get(base + path, headers={**headers, "authorization": f"Bearer {ld.token('GET', path)}"})
 
-    with _serving(b) as base:
+    with serving(b) as base:
         full = get(base, "/v1/models/m1/weights")
         assert full.status_code == 200 and full.content == data
         part = get(base, "/v1/models/m1/weights", range="bytes=100000-300000")

@@ -6,18 +6,15 @@ out by sendfile and are metered exactly as on TCP."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import stat
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.broker import make_broker
+from tests.support.broker import make_broker, serving
 from weightwarden.broker.unixsock import UnixSocketError, bind_unix
 
 pytest.importorskip("uvicorn", reason="the server extra")
@@ -77,30 +74,6 @@ def test_a_live_socket_is_not_taken_over_and_a_stale_one_is(tmp_path: Path) -> N
         again.close()
 
 
-@contextlib.contextmanager
-def _serving_unix(b: Any, path: Path) -> Any:
-    import uvicorn
-
-    from weightwarden.broker.app import create_app
-    from weightwarden.broker.zerocopy import ZeroCopyH11Protocol
-
-    sock = bind_unix(path)
-    server = uvicorn.Server(uvicorn.Config(create_app(b), fd=sock.fileno(), log_level="critical",
-                                           http=ZeroCopyH11Protocol))  # fmt: skip
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    try:
-        yield f"unix:{path}"
-    finally:
-        server.should_exit = True
-        th.join(10)
-        sock.close()
-
-
 def test_a_pull_over_the_unix_socket_is_zero_copy_metered_and_verified(tmp_path: Path, sealed: Path,
                                                                        keyring: Any) -> None:  # fmt: skip
     import httpx
@@ -110,7 +83,7 @@ def test_a_pull_over_the_unix_socket_is_zero_copy_metered_and_verified(tmp_path:
     b, a = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed)
     ld = a["loader"]
     out = tmp_path / "got.wws"
-    with _serving_unix(b, tmp_path / "b.sock") as url:
+    with serving(b, tmp_path / "b.sock") as url:
         with BrokerClient(url, ld.name, ld.key) as c:
             c.pull("m1", out, trust=keyring.trust)
         # without a token the socket answers as TCP does: the socket is a gate in front of the tokens, not instead

@@ -3,6 +3,10 @@ account per role and model ``m1``, an HTTP client that signs every call."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +71,34 @@ class Http:
         if who is not None:
             headers["authorization"] = f"Bearer {who.token(method, path)}"
         return self.c.request(method, path, headers=headers, **kw)
+
+
+@contextlib.contextmanager
+def serving(b: Broker, uds: Path | None = None) -> Iterator[str]:
+    """``b`` behind a real uvicorn server with the zero-copy protocol `warden serve` uses, on 127.0.0.1 (yields
+    ``http://127.0.0.1:PORT``) or on the Unix socket ``uds`` bound as `warden serve --uds` binds it (yields
+    ``unix:PATH``)."""
+    import uvicorn
+
+    from tests.support.services import free_port
+    from weightwarden.broker.app import create_app
+    from weightwarden.broker.unixsock import bind_unix
+    from weightwarden.broker.zerocopy import ZeroCopyH11Protocol
+
+    sock = bind_unix(uds) if uds is not None else None
+    port = free_port()
+    where: dict[str, Any] = {"fd": sock.fileno()} if sock is not None else {"host": "127.0.0.1", "port": port}
+    server = uvicorn.Server(uvicorn.Config(create_app(b), **where, log_level="critical", http=ZeroCopyH11Protocol))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"unix:{uds}" if sock is not None else f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        th.join(10)
+        if sock is not None:
+            sock.close()

@@ -47,6 +47,16 @@ def check_purpose(purpose: Any, allowed: tuple[str, ...] = SIGNING_PURPOSES, wha
     return str(purpose)
 
 
+def wraps_for(provider: KeyProvider, purpose: str, what: str) -> KeyProvider:
+    """``provider`` if it wraps keys of ``purpose`` (providers that do not say are taken at their word), else
+    :class:`KeyPurposeError` naming ``what`` it was asked to wrap."""
+    have = getattr(provider, "purpose", purpose)
+    if have != purpose:
+        raise KeyPurposeError(f"{what} are wrapped by a {purpose} KEK, not a {have!r} one "
+                              f"(Keyring.provider(purpose={purpose!r}, create=True))")  # fmt: skip
+    return provider
+
+
 def purpose_message(purpose: str, message: bytes) -> bytes:
     """The bytes a key of ``purpose`` actually signs for ``message``."""
     return SIG_LABEL + check_purpose(purpose).encode() + b"\x00" + bytes(message)

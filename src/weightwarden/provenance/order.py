@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write_bytes
-from ..errors import FormatError, KeyPurposeError, ProbeError, WrongKeyError
-from ..keys.provider import KeyProvider, KeySlot, b64d, b64e
+from ..errors import FormatError, ProbeError, WrongKeyError
+from ..keys.provider import KeyProvider, KeySlot, b64d, b64e, wraps_for
 
 __all__ = ["ORDER_FORMAT", "OrderStore", "TrainingOrder", "default_order_store", "record_order", "shuffle"]
 
@@ -115,11 +115,7 @@ def _context(name: str) -> bytes:
 
 
 def _check_purpose(provider: KeyProvider) -> KeyProvider:
-    purpose = getattr(provider, "purpose", "tracing")
-    if purpose != "tracing":
-        raise KeyPurposeError(f"training orders are wrapped by a tracing KEK, not a {purpose!r} one "
-                              "(Keyring.provider(purpose='tracing', create=True))")  # fmt: skip
-    return provider
+    return wraps_for(provider, "tracing", "training orders")
 
 
 class OrderStore:

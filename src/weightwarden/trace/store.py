@@ -29,7 +29,7 @@ from .. import db
 from .._atomic import atomic_write_bytes
 from .._extras import require
 from ..errors import FormatError, KeyPurposeError, RecipientNameError, WardenError
-from ..keys.provider import KeyProvider, KeySlot
+from ..keys.provider import KeyProvider, KeySlot, wraps_for
 from ._kernel import MAX_SYMBOLS
 
 __all__ = ["ModelRecord", "RecipientName", "ReleaseRecord", "TraceError", "TraceStore", "recipient_name", "shown"]
@@ -186,11 +186,7 @@ def _context(model_id: str) -> bytes:
 
 def _tracing(provider: KeyProvider) -> KeyProvider:
     """Providers that know their purpose (the keyring's, the agent's) must be ``tracing`` ones."""
-    purpose = getattr(provider, "purpose", "tracing")
-    if purpose != "tracing":
-        raise KeyPurposeError(f"tracing secrets are wrapped by a tracing KEK, not a {purpose!r} one "
-                              "(Keyring.provider(purpose='tracing', create=True))")  # fmt: skip
-    return provider
+    return wraps_for(provider, "tracing", "tracing secrets")
 
 
 def derive(secret: bytes | bytearray, label: str) -> bytes:
