@@ -49,6 +49,21 @@ def bpe_tokenizer(text: str, vocab: int) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
+def _fit(model: Any, batches: Any, lr: float) -> Any:
+    """AdamW steps of the language-modelling loss over ``batches`` (token id tensors); the model, in eval mode."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for x in batches:
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
 class Family:
     """Tiny Llama models on one tokenizer: ``train`` from a seed, derive, ``save`` as HF folders."""
 
@@ -83,17 +98,13 @@ class Family:
 
         g = torch.Generator().manual_seed(seed)
         data = self.splits[split]
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        model.train()
-        for _ in range(steps):
-            starts = torch.randint(0, len(data) - self.seq - 1, (self.batch,), generator=g)
-            x = torch.stack([data[s : s + self.seq] for s in starts])
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        return model
+
+        def batches() -> Any:
+            for _ in range(steps):
+                starts = torch.randint(0, len(data) - self.seq - 1, (self.batch,), generator=g)
+                yield torch.stack([data[s : s + self.seq] for s in starts])
+
+        return _fit(model, batches(), lr)
 
     def examples(self, length: int, split: str = "pretrain") -> list[str]:
         """Disjoint windows of ``length`` tokens of ``split`` as texts, each kept only where it tokenizes back to
@@ -111,18 +122,13 @@ class Family:
         """One pass over ``texts`` in the order given, each seen once, ``batch`` texts a step (equal lengths)."""
         import torch
 
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        model.train()
-        for s in range(0, len(texts), self.batch):
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + self.batch]]
-            n = min(len(i) for i in ids)
-            x = torch.tensor([i[:n] for i in ids])
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        return model
+        def batches() -> Any:
+            for s in range(0, len(texts), self.batch):
+                ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[s : s + self.batch]]
+                n = min(len(i) for i in ids)
+                yield torch.tensor([i[:n] for i in ids])
+
+        return _fit(model, batches(), lr)
 
     def base(self, seed: int, steps: int = 150) -> Any:
         return self.train(self.new(seed), steps, seed=seed)
