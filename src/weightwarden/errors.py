@@ -102,6 +102,10 @@ class ScanError(WardenError):
     """A hub scan could not start or resume (bad input list, unreadable state, no cluster)."""
 
 
+class PrivateAddressError(WardenError):
+    """A host named by an untrusted list resolves to a non-public address (or to none): refused."""
+
+
 class AuditLogError(WardenError):
     """The audit log is unusable or asked for something it does not hold (bad index, no key)."""
 
@@ -152,6 +156,7 @@ __all__ = [
     "LogKeyError",
     "NoAuditLogError",
     "OutputExistsError",
+    "PrivateAddressError",
     "ProviderUnavailableError",
     "RecipientKeyError",
     "RecipientNameError",

@@ -62,6 +62,7 @@ def _file(path: Path, entries: list[dict]) -> Path:
 
 def _scan(f, fleet, state, home, **kw):
     kw.setdefault("n_items", ITEMS)
+    kw.setdefault("allow_private", True)  # the suite's server listens on loopback
     return scan_endpoints(f, fleet["model"], fleet["refs"], prompts=fleet["prompts"], state=state, alpha=ALPHA,
                           home=home, **kw)  # fmt: skip
 
@@ -89,7 +90,7 @@ def test_scan_flags_the_copy_and_reports_the_hostile_endpoint(world, fleet, tmp_
     # the hostile endpoint's row has its typed error and no p-value; the others finished regardless
     assert rows["hostile"]["error"].startswith("EndpointAnswerError") and "not finite" in rows["hostile"]["error"]
     assert "p_value" not in rows["hostile"] and rows["hostile"]["queries"]["used"] == 1
-    assert rows["hostile"]["cache"] == str(tmp_path / "state" / "cache" / read_endpoints(f)[2].key)
+    assert rows["hostile"]["cache"] == str(tmp_path / "state" / "cache" / read_endpoints(f, allow_private=True)[2].key)
     assert rows["rude"]["error"].startswith("EndpointError") and "\x1b]0;owned" in rows["rude"]["error"]
     # the human table, from the state (the failed rows are asked again): the endpoint's escape sequences
     # reach the terminal as visible text, never as control characters
@@ -97,6 +98,7 @@ def test_scan_flags_the_copy_and_reports_the_hostile_endpoint(world, fleet, tmp_
     pf.write_text("\n".join(fleet["prompts"]) + "\n")
     assert main(["scan", "--endpoints", str(f), "--model", str(fleet["model"]), "--prompts", str(pf), "--state",
                  str(tmp_path / "state"), "--home", str(tmp_path), "--items", str(ITEMS), "--alpha", str(ALPHA),
+                 "--allow-private-endpoints",
                  *[a for r in fleet["refs"] for a in ("--reference", str(r))]]) == 0  # fmt: skip
     text = capsys.readouterr().out
     assert "\x1b" not in text and "\x07" not in text and "\\x1b]0;owned" in text and "2 resumed from state" in text
@@ -137,12 +139,12 @@ def test_resume_after_an_interruption_sends_no_query_twice(fleet, tmp_path, caps
     assert rows["copy"]["log10_p_value"] == first["copy"]["log10_p_value"]
     # each endpoint was asked each question exactly once over both runs
     assert _requests(fleet, "copy") - c0 == ITEMS and _requests(fleet, "indep") - i0 == ITEMS
-    assert len(AnswerCache(state / "cache" / read_endpoints(f)[1].key)) == ITEMS
+    assert len(AnswerCache(state / "cache" / read_endpoints(f, allow_private=True)[1].key)) == ITEMS
     # a third run, through the CLI: everything comes from the state, nothing is sent
     pf = tmp_path / "prompts.txt"
     pf.write_text("\n".join(fleet["prompts"]) + "\n")
     base = ["scan", "--endpoints", str(f), "--model", str(fleet["model"]), "--prompts", str(pf), "--state",
-            str(state), "--home", str(home), "--items", str(ITEMS), "--alpha", str(ALPHA),
+            str(state), "--home", str(home), "--items", str(ITEMS), "--alpha", str(ALPHA), "--allow-private-endpoints",
             *[a for r in fleet["refs"] for a in ("--reference", str(r))]]  # fmt: skip
     assert main([*base, "--json"]) == 0
     j = json.loads(capsys.readouterr().out)

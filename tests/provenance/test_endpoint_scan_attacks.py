@@ -156,3 +156,42 @@ def test_an_endless_or_dripped_answer_is_cut_and_its_query_is_in_the_trail(tmp_p
         ep.post("/completions", {"prompt": "x"})
     assert [(e["outcome"], e["detail"]["error"]) for e in trail.events(tmp_path)] == [
         ("error", "answer too large"), ("error", "timed out")]  # fmt: skip
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/v1", "http://localhost/v1", "http://169.254.169.254/latest",
+                                 "http://10.0.0.7/v1", "http://[::1]:9000/v1", "http://[::ffff:127.0.0.1]/v1",
+                                 "http://2130706433/v1", "http://0x7f.1/v1", "http://0.0.0.0:5432/v1",
+                                 "http://192.168.1.1/v1", "http://100.64.0.1/v1", "http://[fe80::1]/v1"])  # fmt: skip
+def test_an_endpoints_file_cannot_aim_the_probe_at_internal_services(tmp_path, url):
+    """ATTACK (server-side request forgery): a list of endpoints from someone else names loopback, the cloud's
+    metadata address, the private network or their disguises (a decimal or hex address, an IPv4-mapped IPv6
+    one).  Refused when the file is read, one line naming the file, line and field; the operator's own test
+    servers pass with allow_private (``--allow-private-endpoints``)."""
+    f = tmp_path / "eps.jsonl"
+    f.write_text(json.dumps({"url": "https://suspect.example/v1", "name": "fine"}) + "\n"
+                 + json.dumps({"url": url, "name": "inside"}) + "\n")  # fmt: skip
+    with pytest.raises(ScanError, match=r"eps.jsonl line 2, field 'url': host .* is not a public address.*"
+                                        r"--allow-private-endpoints"):  # fmt: skip
+        read_endpoints(f)
+    assert [s.name for s in read_endpoints(f, allow_private=True)] == ["fine", "inside"]
+
+
+def test_a_name_that_resolves_inside_only_later_is_refused_where_the_request_leaves(tmp_path, monkeypatch):
+    """ATTACK: the name does not resolve when the file is read (or resolves outside), then resolves to the
+    metadata address on the worker: the worker checks again before its first request; nothing is sent."""
+    import socket
+
+    from weightwarden.provenance.endpoint_scan import probe_endpoint
+
+    f = tmp_path / "eps.jsonl"
+    f.write_text(json.dumps({"url": "http://rebind.example/v1", "name": "r"}) + "\n")
+    spec = read_endpoints(f)[0]  # does not resolve here: passes the first check
+    real = socket.getaddrinfo
+    sent = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: (
+        [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 80))] if host == "rebind.example"
+        else real(host, *a, **k)))  # fmt: skip
+    monkeypatch.setattr("weightwarden.provenance.endpoint_scan._pool", lambda paths: sent.append(paths))
+    row = probe_endpoint(spec.to_json(), {"model": "m", "references": []}, None, str(tmp_path / "c"), str(tmp_path))
+    assert row["error"].startswith("PrivateAddressError") and "169.254.169.254" in row["error"]
+    assert sent == [] and not (tmp_path / "c").exists()

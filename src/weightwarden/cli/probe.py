@@ -202,8 +202,8 @@ def probe_cmd(
 
 def scan_endpoints_cli(endpoints: Path, model: Path | None, reference: list[str], prompts: Path | None, *,
                        mode: str, budget: int, items: int, samples: int, alpha: float, state: Path | None,
-                       ray_address: str | None, workers: int | None, home: Any, as_json: bool
-                       ) -> None:  # fmt: skip
+                       ray_address: str | None, workers: int | None, home: Any, as_json: bool,
+                       allow_private: bool = False) -> None:  # fmt: skip
     """`warden scan --endpoints FILE` (the options are `warden scan`'s): one row per endpoint."""
     from ..provenance.endpoint_scan import scan_endpoints
 
@@ -212,7 +212,7 @@ def scan_endpoints_cli(endpoints: Path, model: Path | None, reference: list[str]
         raise typer.Exit(2)
     rep = scan_endpoints(endpoints, model, reference, prompts=_prompts(prompts), state=state, mode=mode,
                          budget=budget, alpha=alpha, n_items=items, samples=samples, ray_address=ray_address,
-                         workers=workers, home=home)  # fmt: skip
+                         workers=workers, home=home, allow_private=allow_private)  # fmt: skip
     j = rep.to_json()
     if as_json:
         _emit(j, True)

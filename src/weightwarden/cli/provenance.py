@@ -156,6 +156,10 @@ def scan_cmd(
         str | None, typer.Option("--ray-address", help="an existing Ray cluster [default: a local one]")
     ] = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="CPUs of the local Ray")] = None,
+    allow_private_endpoints: Annotated[
+        bool, typer.Option("--allow-private-endpoints", help="--endpoints: let the file name loopback, private or "
+                           "link-local hosts (your own test servers); refused by default")
+    ] = False,
     state: Annotated[
         Path | None,
         typer.Option("--state", help="resume file (--endpoints: folder) [default: under $WARDEN_HOME/scan]"),
@@ -178,7 +182,7 @@ def scan_cmd(
 
         scan_endpoints_cli(endpoints, model, reference or [], prompts, mode=mode, budget=budget, items=items,
                            samples=samples, alpha=alpha, state=state, ray_address=ray_address, workers=workers,
-                           home=home, as_json=as_json)  # fmt: skip
+                           home=home, as_json=as_json, allow_private=allow_private_endpoints)  # fmt: skip
         return
     assert where is not None
     reg = _ws(home).registry(registry)

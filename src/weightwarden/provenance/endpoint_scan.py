@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from .._extras import require
 from ..errors import ProbeError, ScanError, WardenError
+from ..netguard import PrivateAddressError, check_public_host
 from .compare import DEFAULT_ALPHA
 from .probe import MODES
 from .scan import _drop_torn_tail, _read_state, ray_start
@@ -146,7 +147,7 @@ def _printable(v: Any) -> bool:
     return isinstance(v, str) and v.isprintable()
 
 
-def _spec(path: Path, where: str, e: Any, mode: str, budget: int) -> EndpointSpec:
+def _spec(path: Path, where: str, e: Any, mode: str, budget: int, allow_private: bool) -> EndpointSpec:
     def bad(name: str, what: str) -> ScanError:
         return ScanError(f"{path} {where}, field {name!r}: {what}; fix the file (nothing was started)")
 
@@ -164,6 +165,15 @@ def _spec(path: Path, where: str, e: Any, mode: str, budget: int) -> EndpointSpe
         raise bad("url", "must be an http:// or https:// URL with a host, without spaces or control characters")
     if u.username is not None or u.password is not None or u.query or u.fragment:
         raise bad("url", "must hold no user, password, query or fragment (give the API key through api_key_env)")
+    try:
+        port = u.port
+    except ValueError:
+        raise bad("url", "has a port that is not a number from 0 to 65535") from None
+    if not allow_private:
+        try:
+            check_public_host(u.hostname, port, f"{path} {where}, field 'url'", unresolved_ok=True)
+        except PrivateAddressError as err:
+            raise ScanError(f"{err}; nothing was started") from None
     name = e.get("name", url)
     if not isinstance(name, str) or not name.isprintable() or not 0 < len(name) <= 200:
         raise bad("name", "must be 1 to 200 printable characters")
@@ -199,15 +209,17 @@ def _spec(path: Path, where: str, e: Any, mode: str, budget: int) -> EndpointSpe
                         where=where)  # fmt: skip
 
 
-def read_endpoints(path: str | os.PathLike[str], *, mode: str = "logprobs", budget: int = 1000) -> list[EndpointSpec]:
-    """The endpoints listed in ``path``, every field checked (``mode`` and ``budget``: the defaults)."""
+def read_endpoints(path: str | os.PathLike[str], *, mode: str = "logprobs", budget: int = 1000,
+                   allow_private: bool = False) -> list[EndpointSpec]:  # fmt: skip
+    """The endpoints listed in ``path``, every field checked (``mode`` and ``budget``: the defaults); every
+    host must resolve to public addresses only unless ``allow_private`` (:mod:`weightwarden.netguard`)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
         raise ScanError(f"--endpoints {p}: cannot read it ({why}): give a JSON-lines, JSON or TOML file") from None
-    specs = [_spec(p, where, e, mode, budget) for where, e in _entries(p, text)]
+    specs = [_spec(p, where, e, mode, budget, allow_private) for where, e in _entries(p, text)]
     if not specs:
         raise ScanError(f'--endpoints {p} lists no endpoint: give one object with a "url" per line')
     seen: dict[str, str] = {}
@@ -235,7 +247,7 @@ def _pool(paths: Sequence[str]) -> tuple[Any, list[Any]]:
 
 
 def probe_endpoint(spec: dict[str, Any], cfg: dict[str, Any], prompts: list[str] | None, cache: str,
-                   home: str) -> dict[str, Any]:  # fmt: skip
+                   home: str, allow_private: bool = False) -> dict[str, Any]:  # fmt: skip
     """Probe one endpoint; its failure is its row's ``error``, not an exception."""
     from .endpoint import Endpoint
     from .probe import probe
@@ -248,6 +260,9 @@ def probe_endpoint(spec: dict[str, Any], cfg: dict[str, Any], prompts: list[str]
             key = os.environ.get(spec["api_key_env"])
             if not key:
                 raise ProbeError(f"{spec['api_key_env']} is not set where the probe runs: set it on the Ray workers")
+        if not allow_private:  # again where the request leaves: the name may resolve otherwise now
+            u = urlsplit(spec["url"])
+            check_public_host(u.hostname or "", u.port, f"endpoint {spec['name'][:80]!r}")
         ours, refs = _pool([cfg["model"], *cfg["references"]])
         ep = Endpoint(spec["url"], model=spec["model"], api_key=key, budget=spec["budget"], rate=spec["rate"],
                       retries=spec["retries"], timeout=spec["timeout"], cache=cache, home=home)  # fmt: skip
@@ -350,10 +365,12 @@ def scan_endpoints(
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     home: str | os.PathLike[str] | None = None,
+    allow_private: bool = False,
 ) -> EndpointScanReport:
     """Probe every endpoint of the file ``endpoints`` (one Ray task each) against ``model`` with
     ``references``; resumable through ``state`` (see the module's docstring).  One ``provenance:scan``
-    event in ``home``'s trail, besides each probe's own events."""
+    event in ``home``'s trail, besides each probe's own events.  Hosts that resolve to loopback, private,
+    link-local or reserved addresses are refused before anything starts unless ``allow_private``."""
     require("ray", extra="cluster")
     from .. import trail
     from ..audit import AuditAction
@@ -364,7 +381,7 @@ def scan_endpoints(
         raise ProbeError(f"--mode must be one of {', '.join(MODES)}, not {mode!r}")
     if not 0 < alpha < 1:
         raise ProbeError(f"--alpha must be between 0 and 1, not {alpha}")
-    specs = read_endpoints(endpoints, mode=mode, budget=budget)
+    specs = read_endpoints(endpoints, mode=mode, budget=budget, allow_private=allow_private)
     paths = _pool_paths(model, references)
     texts = list(prompts) if prompts else None
     digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest() if texts else None
@@ -390,7 +407,8 @@ def scan_endpoints(
         try:
             task = ray.remote(num_cpus=1, max_retries=1)(probe_endpoint)
             pref = ray.put(texts)
-            pending = {task.remote({**s.to_json()}, cfg, pref, str(sdir / "cache" / s.key), str(root)): s
+            pending = {task.remote({**s.to_json()}, cfg, pref, str(sdir / "cache" / s.key), str(root),
+                                   allow_private): s
                        for s in todo}  # fmt: skip
             fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:

@@ -1,0 +1,55 @@
+"""Which hosts a list of endpoints may aim us at: only public addresses, unless the operator says otherwise.
+
+A file of endpoints (``warden scan --endpoints FILE``) may come from someone else: a hostile one could aim
+the probe at an internal service (a cloud metadata address, an admin port on loopback, a database on the
+private network) and read its answers back through the scan's rows (server-side request forgery).  Every
+host is resolved before anything is sent and every address it resolves to must be global (not loopback,
+private, link-local, shared, reserved, multicast or unspecified, IPv4-mapped forms included).  The operator
+lifts the rule for a scan of their own test servers with ``allow_private``.
+
+The file is checked when it is read (a name that does not resolve from there passes) and again on the worker
+right before its first request.  Limit (stated in docs/PROVENANCE.md): the client resolves the name again
+when it connects; a name whose DNS answer changes
+between the check and the connection (rebinding) is not caught here; run scans from a network segment that
+reaches no internal service.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from .errors import PrivateAddressError
+
+__all__ = ["PrivateAddressError", "check_public_host"]
+
+
+def _is_public(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address):
+        mapped = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if mapped is not None:
+            return _is_public(str(mapped)) and ip.ipv4_mapped is not None  # 6to4/Teredo: refused outright
+    return bool(ip.is_global) and not ip.is_multicast
+
+
+def check_public_host(host: str, port: int | None, what: str, *, unresolved_ok: bool = False) -> list[str]:
+    """The addresses ``host`` resolves to, all public; else :class:`PrivateAddressError` naming ``what``.
+    ``unresolved_ok``: a name that does not resolve (yet, or not from here) passes with no address: the
+    check is made again where the request leaves."""
+    try:
+        infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        if unresolved_ok:
+            return []
+        raise PrivateAddressError(f"{what}: host {host[:100]!r} does not resolve ({e.__class__.__name__}); hosts "
+                                  "are resolved before anything is sent, so that none points at an internal "
+                                  "address: fix the name") from None  # fmt: skip
+    addrs = sorted({str(i[4][0]) for i in infos})
+    bad = [a for a in addrs if not _is_public(a)]
+    if bad or not addrs:
+        raise PrivateAddressError(f"{what}: host {host[:100]!r} resolves to {', '.join(bad[:3]) or 'nothing'}, which "
+                                  "is not a public address (loopback, private, link-local or reserved); a list of "
+                                  "endpoints may not aim the probe at internal services. For your own test "
+                                  "servers, pass --allow-private-endpoints")  # fmt: skip
+    return addrs
