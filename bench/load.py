@@ -58,7 +58,10 @@ def memcpy(tensors: dict[str, np.ndarray], threads: list[int], repeat: int) -> d
     flat = np.concatenate([t.view(np.uint8) for t in tensors.values()])
     dst = np.empty_like(flat)
     dst.fill(1)
-    return {f"memcpy_{t}t": best(lambda t=t: parallel_copy(dst, flat, t), repeat) for t in threads}
+    out = {f"memcpy_{t}t": best(lambda t=t: parallel_copy(dst, flat, t), repeat) for t in threads}
+    # the same copy into fresh memory (as a load must: its output is new), on all threads: the page faults
+    out[f"memcpy_fresh_{threads[-1]}t"] = best(lambda: parallel_copy(np.empty_like(flat), flat, threads[-1]), repeat)
+    return out
 
 
 def primitives(threads: int, repeat: int) -> dict[str, float]:
@@ -118,7 +121,25 @@ def cryptotensors_setup(tensors: dict[str, np.ndarray], path: Path):
     return lambda: ct_load(str(path)), getattr(cryptotensors, "__version__", "?")
 
 
-def speed(work: Path, kr: ww.Keyring, dtype: str, size: int, repeat: int, skip_peers: bool) -> dict:
+def ceilings(prim: dict[str, float], threads: int, memcpy_gbps: float, fresh_gbps: float) -> dict:
+    """What the primitives allow on this machine, on all threads: every byte of a default load is both
+    decrypted (AES-256-GCM, tag checked) and hashed (BLAKE3, against the signed digest), so its time is at
+    least the sum of the two; a tags-only load at least the decryption's; both write fresh memory, whose page
+    faults add ``1/fresh - 1/memcpy``.  Each is also given as a fraction of the all-threads memcpy: a target
+    above that fraction cannot be met on this machine by any loader that checks what ours checks."""
+    aes, b3 = prim[f"aesgcm_decrypt_into_{threads}t"], prim[f"blake3_{threads}t"]
+    fault = max(0.0, 1 / fresh_gbps - 1 / memcpy_gbps)
+    out = {}
+    for name, per_byte in (("default", 1 / aes + 1 / b3), ("tags_only", 1 / aes)):
+        out[f"{name}_GBps"] = round(1 / per_byte, 3)
+        out[f"{name}_vs_memcpy_all_threads"] = round(1 / per_byte / memcpy_gbps, 3)
+        out[f"{name}_with_fresh_memory_GBps"] = round(1 / (per_byte + fault), 3)
+        out[f"{name}_with_fresh_memory_vs_memcpy_all_threads"] = round(1 / (per_byte + fault) / memcpy_gbps, 3)
+    return out
+
+
+def speed(work: Path, kr: ww.Keyring, dtype: str, size: int, repeat: int, skip_peers: bool,
+          prim: dict[str, float] | None = None) -> dict:  # fmt: skip
     import safetensors.torch
 
     import weightwarden.safetensors.torch as wst
@@ -162,9 +183,17 @@ def speed(work: Path, kr: ww.Keyring, dtype: str, size: int, repeat: int, skip_p
         "load_vs_cryptotensors": 2.0,
         "load_tags_only_vs_memcpy_all_threads": 0.8,
     }
+    gb = lambda k: nbytes / res[k] / 1e9
+    ceiling = ceilings(prim, all_t, gb(f"memcpy_{all_t}t"), gb(f"memcpy_fresh_{all_t}t")) if prim else None
+    if ceiling:
+        ceiling["ours_default_of_ceiling"] = round(
+            gb(f"ours_load_{all_t}t") / ceiling["default_with_fresh_memory_GBps"], 3)  # fmt: skip
+        ceiling["ours_tags_only_of_ceiling"] = round(
+            gb(f"ours_load_tags_only_{all_t}t") / ceiling["tags_only_with_fresh_memory_GBps"], 3)  # fmt: skip
     return {
         "bytes": nbytes,
         "peers": peers,
+        "ceiling_from_primitives": ceiling,
         "seconds": {k: round(v, 4) for k, v in res.items()},
         "GBps": {k: round(nbytes / v / 1e9, 3) for k, v in res.items()},
         "scaling_GBps": {
@@ -269,7 +298,7 @@ def main() -> None:
     if not a.skip_speed:
         report["primitives_GBps"] = primitives(resolve_threads(None), a.repeat)
         for dtype in ("float16", "bfloat16"):
-            report[dtype] = speed(work, kr, dtype, a.size_mib * MiB, a.repeat, a.skip_peers)
+            report[dtype] = speed(work, kr, dtype, a.size_mib * MiB, a.repeat, a.skip_peers, report["primitives_GBps"])
             for f in work.glob(f"{dtype}*"):
                 f.unlink()
     if not a.skip_memory:
