@@ -188,3 +188,42 @@ def test_without_prompts_the_pool_samples_candidates(world, tmp_path):
                 max_tokens=24, home=tmp_path)  # fmt: skip
     assert rep.queries_used == rep.items == 6 and rep.data_points > 100, rep.to_json()
     assert rep.derived, rep.to_json()
+
+
+def test_models_and_references_by_their_registered_names(world, tmp_path, capsys):
+    """`--model NAME`: the registry remembers where a model was registered from; references registered as
+    such (`register --reference`) calibrate a probe given none, and are never candidates of identify."""
+    from weightwarden.cli import main
+    from weightwarden.provenance import Registry
+
+    p = world["paths"]
+    home, reg = tmp_path / "home", tmp_path / "reg"
+    common = ["--registry", str(reg), "--home", str(home)]
+    assert main(["provenance", "register", str(p["ours"]), "--name", "ours", *common]) == 0
+    assert "registered ours as protected" in capsys.readouterr().out
+    for i in (1, 2, 3):
+        assert main(["provenance", "register", str(p[f"ref{i}"]), "--name", f"public-{i}", "--reference",
+                     *common, "--json"]) == 0  # fmt: skip
+        assert json.loads(capsys.readouterr().out)["role"] == "reference"
+    r = Registry(reg)
+    assert r.references() == ["public-1", "public-2", "public-3"] and r.model_path("ours") == p["ours"].absolute()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(x.replace("\n", " ") for x in world["prompts"]) + "\n")
+    args = ["provenance", "probe", world["urls"]["int8"], "--model", "ours", "--prompts", str(prompts),
+            "--items", "8", "--alpha", "1e-2", *common, "--json"]  # fmt: skip
+    assert main(args) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["decision"] == "derived" and sorted(j["statistic"]["references"]) == ["ref1", "ref2", "ref3"]
+    # identify never names a reference, even for the reference itself
+    assert main(["provenance", "identify", str(p["ref1"]), *common, "--json"]) == 0
+    assert all(m["name"] == "ours" for m in json.loads(capsys.readouterr().out)["matches"])
+    # an unknown name, or a model whose folder moved: one line saying what to do
+    assert main([*args[:4], "theirs", *args[5:]]) == 1
+    assert "no registered model named 'theirs'" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    p["ref2"].rename(moved)
+    try:
+        assert main(args) == 1
+        assert "'public-2' was registered from" in capsys.readouterr().err
+    finally:
+        moved.rename(p["ref2"])

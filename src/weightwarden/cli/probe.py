@@ -13,6 +13,7 @@ import typer
 from .._term import safe
 from ..errors import ProbeError
 from ._common import AlphaOpt, HomeOpt, JsonOpt, Table, _emit, _pfmt, _ws, err, out
+from .provenance import RegistryOpt
 
 
 def _prompts(path: Path | None) -> list[str] | None:
@@ -37,14 +38,35 @@ def _api_key(env: str | None) -> str | None:
     return key
 
 
-def _order(path: Path | None, model: Path, ws: Any) -> Any:
-    """The training order: ``--order FILE``, else the one registered under the model folder's name, else None."""
+def _model(spec: str, ws: Any, registry: Path | None) -> tuple[Path, str]:
+    """``--model``: a folder (its name names it), or the name of a model in the provenance registry (where it
+    was registered from)."""
+    p = Path(spec)
+    if p.exists():
+        return p, p.name or spec
+    return ws.registry(registry).model_path(spec), spec
+
+
+def _references(given: list[str], ws: Any, registry: Path | None, default: bool) -> list[str]:
+    """``--reference``: endpoint URLs, folders, or names of models in the registry; none given (and
+    ``default``): every model registered as a reference (``warden provenance register --reference``)."""
+    if not given and default:
+        reg = ws.registry(registry)
+        return [str(reg.model_path(n)) for n in reg.references()]
+    out_ = []
+    for r in given:
+        out_.append(r if r.startswith(("http://", "https://")) or Path(r).exists()
+                    else str(ws.registry(registry).model_path(r)))  # fmt: skip
+    return out_
+
+
+def _order(path: Path | None, name: str, ws: Any) -> Any:
+    """The training order: ``--order FILE``, else the one registered under the model's name, else None."""
     from ..provenance.order import OrderStore, TrainingOrder
 
     if path is not None:
         return TrainingOrder.load(path)
     store = OrderStore(ws.root / "provenance" / "orders")
-    name = model.name
     try:
         if not store.has(name):
             return None
@@ -126,16 +148,18 @@ def _scorer(spec: str, ws: Any, kw: dict[str, Any]) -> Any:
 
 def probe_cmd(
     url: Annotated[str, typer.Argument(help="the suspect's OpenAI-compatible endpoint (http://host:port or http://host:port/v1)")],
-    model: Annotated[Path, typer.Option("--model", help="our model: a transformers folder (plain or sealed)")],
+    model: Annotated[str, typer.Option("--model", help="our model: a transformers folder (plain or sealed), or "
+                                       "its name in the provenance registry")],
     reference: Annotated[
         list[str] | None,
-        typer.Option("--reference", help="an independent reference model (folder or endpoint URL); 3 or more "
-                     "without an order; with one, optional normalisers (never trained on that order)"),
+        typer.Option("--reference", help="an independent reference model (folder, endpoint URL or registered "
+                     "name); 3 or more without an order [default: the registry's references]; with one, optional "
+                     "normalisers (never trained on that order)"),
     ] = None,
     order: Annotated[
         Path | None,
         typer.Option("--order", help="our model's training order (a file; else the order registered under the "
-                     "--model folder's name): the exact training-order test", show_default=False),
+                     "--model's name): the exact training-order test", show_default=False),
     ] = None,
     prompts: Annotated[
         Path | None, typer.Option("--prompts", help="candidate texts, one per line [default: sampled by the pool]")
@@ -154,6 +178,7 @@ def probe_cmd(
     api_key_env: Annotated[
         str | None, typer.Option("--api-key-env", help="the variable holding the endpoint's API key")
     ] = None,
+    registry: RegistryOpt = None,
     home: HomeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -162,9 +187,10 @@ def probe_cmd(
     the p-value, the decision at --alpha, the queries used and the evidence."""
     from ..provenance.probe import MODES, probe
 
-    reference = reference or []
     ws = _ws(home)
-    the_order = _order(order, model, ws)
+    model_path, model_name = _model(model, ws, registry)
+    the_order = _order(order, model_name, ws)
+    reference = _references(reference or [], ws, registry, default=the_order is None)
     if the_order is not None:
         _order_probe(url, the_order, reference, ws, mode=mode, alpha=alpha, items=items, budget=budget, rate=rate,
                      cache=cache, api_key_env=api_key_env, home=home, as_json=as_json)  # fmt: skip
@@ -180,7 +206,7 @@ def probe_cmd(
         cache = ws.root / "probe" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     texts = _prompts(prompts)
     ref_kw = {"home": home, "api_key": key, "budget": budget, "rate": rate}
-    ours = _scorer(str(model), ws, {})
+    ours = _scorer(str(model_path), ws, {})
     refs = [_scorer(r, ws, {**ref_kw, "cache": cache / f"ref{i}"}) for i, r in enumerate(reference)]
     rep = probe(url, ours, refs, mode=mode, prompts=texts, alpha=alpha, n_items=items, samples=samples, home=home,
                 api_key=key, budget=budget, rate=rate, cache=cache)  # fmt: skip
@@ -200,17 +226,22 @@ def probe_cmd(
               f"{served}; {j['queries']['used']} queries sent, {j['queries']['cached']} from the cache")  # fmt: skip
 
 
-def scan_endpoints_cli(endpoints: Path, model: Path | None, reference: list[str], prompts: Path | None, *,
+def scan_endpoints_cli(endpoints: Path, model: str | None, reference: list[str], prompts: Path | None, *,
                        mode: str, budget: int, items: int, samples: int, alpha: float, state: Path | None,
                        ray_address: str | None, workers: int | None, home: Any, as_json: bool,
-                       allow_private: bool = False) -> None:  # fmt: skip
+                       allow_private: bool = False, registry: Path | None = None) -> None:  # fmt: skip
     """`warden scan --endpoints FILE` (the options are `warden scan`'s): one row per endpoint."""
     from ..provenance.endpoint_scan import scan_endpoints
 
+    ws = _ws(home)
+    if model is not None:
+        reference = _references(reference, ws, registry, default=True)
     if model is None or len(reference) < 3:
-        err.print("error: --endpoints needs --model (our model's folder) and --reference at least 3 times")
+        err.print("error: --endpoints needs --model (our model's folder or registered name) and --reference at least "
+                  "3 times (or 3 models registered with --reference)")  # fmt: skip
         raise typer.Exit(2)
-    rep = scan_endpoints(endpoints, model, reference, prompts=_prompts(prompts), state=state, mode=mode,
+    ours = _model(model, ws, registry)[0]
+    rep = scan_endpoints(endpoints, ours, reference, prompts=_prompts(prompts), state=state, mode=mode,
                          budget=budget, alpha=alpha, n_items=items, samples=samples, ray_address=ray_address,
                          workers=workers, home=home, allow_private=allow_private)  # fmt: skip
     j = rep.to_json()

@@ -67,6 +67,10 @@ def prov_register(
         str | None, typer.Option("--parent", help="its registered parent (checked by the test)", show_default=False)
     ] = None,
     no_lineage: Annotated[bool, typer.Option("--no-lineage", help="record no registered parent")] = False,
+    reference: Annotated[
+        bool, typer.Option("--reference", help="an independent model (not ours) that calibrates probes through an "
+                           "API; never a candidate of identify or scan")
+    ] = False,
     alpha: AlphaOpt = 1e-6,
     registry: RegistryOpt = None,
     home: HomeOpt = None,
@@ -76,10 +80,12 @@ def prov_register(
     ws = _ws(home)
     reg = ws.registry(registry)
     sig = reg.register(model, name, replace=replace, parent=parent, lineage=not no_lineage, alpha=alpha,
-                       **ws.model_kw(model))  # fmt: skip
+                       reference=reference, **ws.model_kw(model))  # fmt: skip
     up = reg.parent_of(name)
-    _emit({"registered": name, "layers": len(sig.blocks), "registered_parent": up, "registry_size": len(reg)},
-          as_json, f"registered {name} ({len(sig.blocks)} MLP blocks, parent: {up or 'none'}); "
+    role = "reference" if reference else "protected"
+    _emit({"registered": name, "role": role, "layers": len(sig.blocks), "registered_parent": up,
+           "registry_size": len(reg)}, as_json,
+          f"registered {name} as {role} ({len(sig.blocks)} MLP blocks, parent: {up or 'none'}); "
           f"registry holds {len(reg)} model(s)")  # fmt: skip
 
 
@@ -117,10 +123,11 @@ def prov_identify(
 def prov_list(registry: RegistryOpt = None, home: HomeOpt = None, as_json: JsonOpt = False) -> None:
     """Registered models."""
     facts = _ws(home).registry(registry).facts()
-    t = Table("name", "family", "layers", "d_model", "params", "registered parent")
+    t = Table("name", "role", "family", "layers", "d_model", "params", "registered parent")
     for f in facts:
         up = f.get("parent") or {}
-        t.add_row(f["name"], f["family"], str(f["layers"]), str(f["d_model"]), str(f["params"]), up.get("name", ""))
+        t.add_row(f["name"], f.get("role", "protected"), f["family"], str(f["layers"]), str(f["d_model"]),
+                  str(f["params"]), up.get("name", ""))  # fmt: skip
     _emit({"models": facts}, as_json, t)
 
 
@@ -140,10 +147,12 @@ def scan_cmd(
         typer.Option("--endpoints", help="probe the endpoints this file lists instead (JSON lines, JSON or TOML; "
                      "needs --model and 3+ --reference)", show_default=False),
     ] = None,
-    model: Annotated[Path | None, typer.Option("--model", help="--endpoints: our model (a folder)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="--endpoints: our model (a folder or its registered "
+                                              "name)")] = None,
     reference: Annotated[
         list[str] | None,
-        typer.Option("--reference", metavar="PATH", help="--endpoints: an independent reference model folder"),
+        typer.Option("--reference", metavar="PATH", help="--endpoints: an independent reference model folder or "
+                     "registered name [default: the registry's references]"),
     ] = None,
     prompts: Annotated[Path | None, typer.Option("--prompts", help="--endpoints: candidate texts, one a line")] = None,
     mode: Annotated[str, typer.Option("--mode", help="--endpoints: logprobs | chat | text (an entry's own wins)")
@@ -182,7 +191,8 @@ def scan_cmd(
 
         scan_endpoints_cli(endpoints, model, reference or [], prompts, mode=mode, budget=budget, items=items,
                            samples=samples, alpha=alpha, state=state, ray_address=ray_address, workers=workers,
-                           home=home, as_json=as_json, allow_private=allow_private_endpoints)  # fmt: skip
+                           home=home, as_json=as_json, allow_private=allow_private_endpoints,
+                           registry=registry)  # fmt: skip
         return
     assert where is not None
     reg = _ws(home).registry(registry)

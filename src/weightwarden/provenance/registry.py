@@ -139,8 +139,11 @@ class Registry:
         if not name or len(name) > _NAME_MAX or any(ord(c) < 32 for c in name):
             raise RegistryError("a model name is 1-200 printable characters")
 
-    def add(self, name: str, sig: Signature, *, replace: bool = False, parent: dict[str, Any] | None = None) -> None:
-        """Store ``sig`` under ``name``; ``parent`` is the lineage record :meth:`register` makes."""
+    def add(self, name: str, sig: Signature, *, replace: bool = False, parent: dict[str, Any] | None = None,
+            source: str | None = None, reference: bool = False) -> None:  # fmt: skip
+        """Store ``sig`` under ``name``; ``parent`` is the lineage record :meth:`register` makes; ``source``
+        where the model lies (probes through an API run it: :meth:`model_path`); ``reference``: an
+        independent model kept to calibrate probes, never a candidate of :meth:`identify`."""
         self._check_name(name)
         if name in self._names and not replace:
             raise RegistryError(f"{name!r} is already registered (use replace)")
@@ -152,6 +155,10 @@ class Registry:
                 "vocab": sig.vocab, "params": sig.meta.get("params")}  # fmt: skip
         if parent is not None:
             fact["parent"] = parent
+        if source is not None:
+            fact["source"] = source
+        if reference:
+            fact["role"] = "reference"
         if name in self._names:
             i = self._names.index(name)
             self._facts[i] = fact
@@ -164,9 +171,13 @@ class Registry:
 
     def register(self, model: str | os.PathLike[str] | TensorSource, name: str, *, replace: bool = False,
                  parent: str | None = None, lineage: bool = True, alpha: float = DEFAULT_ALPHA,
-                 **kw: Any) -> Signature:  # fmt: skip
-        """Extract and store ``model``'s signature.  Its registered parent is ``parent`` (which it must
-        test as derived from), or with ``lineage`` the model ``identify`` names, if any."""
+                 reference: bool = False, **kw: Any) -> Signature:  # fmt: skip
+        """Extract and store ``model``'s signature (and, for a path, where it lies).  Its registered parent is
+        ``parent`` (which it must test as derived from), or with ``lineage`` the model ``identify`` names, if
+        any.  ``reference``: an independent model that calibrates probes through an API (no lineage; never a
+        candidate of ``identify``)."""
+        if reference and parent is not None:
+            raise RegistryError("a reference model is independent of ours: it has no registered parent")
         require("scipy", extra="provenance")
         self._check_name(name)
         if name in self._names and not replace:
@@ -177,6 +188,8 @@ class Registry:
             sig = extract_signature(src, meta={"name": name})
             link: tuple[str, Comparison] | None = None
             if parent is not None:
+                if parent in self.references():
+                    raise RegistryError(f"{parent[:_NAME_MAX]!r} is registered as a reference, not as one of ours")
                 if parent == name:
                     raise RegistryError("a model cannot be its own registered parent")
                 c = compare_many([self.get(parent)], src, alpha=alpha)[0]
@@ -184,7 +197,7 @@ class Registry:
                     raise RegistryError(f"{name[:_NAME_MAX]!r} does not test as derived from {parent[:_NAME_MAX]!r} "
                                         f"(log10 p = {c.log_p / np.log(10):.1f})")  # fmt: skip
                 link = (parent, c)
-            elif lineage and any(n != name for n in self._names):
+            elif lineage and not reference and any(n != name for n in self._protected()):
                 link = self._identify_src(src, top_k=10, alpha=alpha, exclude=name).best
         finally:
             if own:
@@ -193,10 +206,30 @@ class Registry:
         if link is not None:
             rec = {"name": link[0], "log10_p": round(link[1].log_p / float(np.log(10)), 2),
                    "dist2": round(link[1].dist2, 6)}  # fmt: skip
-        self.add(name, sig, replace=replace, parent=rec)
+        source = None if isinstance(model, TensorSource) else str(Path(model).absolute())
+        self.add(name, sig, replace=replace, parent=rec, source=source, reference=reference)
         trail.record(AuditAction.PROVENANCE_REGISTER, home=self.home, subject=name, layers=len(sig.blocks),
-                     parent=self.parent_of(name), registry=str(self.root))  # fmt: skip
+                     parent=self.parent_of(name), registry=str(self.root),
+                     role="reference" if reference else "protected")  # fmt: skip
         return sig
+
+    def references(self) -> list[str]:
+        """The names registered as independent references (``register(..., reference=True)``)."""
+        return [f["name"] for f in self._facts if f.get("role") == "reference"]
+
+    def model_path(self, name: str) -> Path:
+        """Where the model registered as ``name`` lies (recorded when it was registered from a path)."""
+        if name not in self._names:
+            raise RegistryError(f"no registered model named {name[:_NAME_MAX]!r}: give a folder, or register it "
+                                "with `warden provenance register PATH --name NAME`")  # fmt: skip
+        src = self._facts[self._names.index(name)].get("source")
+        if not isinstance(src, str):
+            raise RegistryError(f"{name[:_NAME_MAX]!r} was registered without its location: register it again "
+                                "from its folder (warden provenance register PATH --name NAME --replace)")  # fmt: skip
+        if not Path(src).exists():
+            raise RegistryError(f"{name[:_NAME_MAX]!r} was registered from {src[:300]!r}, which is gone: register "
+                                "it again from where it lies now (--replace)")  # fmt: skip
+        return Path(src)
 
     def parent_of(self, name: str) -> str | None:
         """The registered parent of ``name`` (None for a root, or if the parent was removed)."""
@@ -214,6 +247,9 @@ class Registry:
         self._save()
         (self.root / "sigs" / self._file(name)).unlink(missing_ok=True)
         trail.record(AuditAction.PROVENANCE_REMOVE, home=self.home, subject=name, registry=str(self.root))
+
+    def _protected(self) -> list[str]:
+        return [f["name"] for f in self._facts if f.get("role") != "reference"]
 
     # -- search -----------------------------------------------------------------------
     def retrieve(self, sketch: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -234,8 +270,8 @@ class Registry:
         """Rank the registered models ``suspect`` may be derived from; ``best`` is its likely parent.
         ``log``: an event in the trail (a scan logs one event for all its items instead)."""
         require("scipy", extra="provenance")
-        if not self._names:
-            raise RegistryError("the registry is empty: register a model first")
+        if not self._protected():
+            raise RegistryError("the registry is empty (or holds only references): register one of our models first")
         own = not isinstance(suspect, TensorSource)
         src = open_source(suspect, **open_kw)
         try:
@@ -255,9 +291,10 @@ class Registry:
                       ) -> Identification:  # fmt: skip
         lay = detect_layout(src.shapes)
         sk = suspect_sketch(src, lay)
-        names = [n for n in self._names if n != exclude]
+        names = [n for n in self._protected() if n != exclude]  # references are never candidates
+        skip = {exclude, *self.references()}
         if np.any(sk):
-            got = [(n, s) for n, s in self.retrieve(sk, top_k + (exclude is not None)) if n != exclude][:top_k]
+            got = [(n, s) for n, s in self.retrieve(sk, top_k + len(skip - {None})) if n not in skip][:top_k]
         elif len(names) <= _NO_SKETCH_MAX:  # no embedding to sketch: test every registered model
             got = [(n, 0.0) for n in names]
         else:
