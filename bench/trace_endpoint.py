@@ -2,6 +2,7 @@
 
     python bench/trace_endpoint.py                                  # defaults below (a few minutes, 1 core)
     python bench/trace_endpoint.py --code-length 4096 --d 64 --ff 256 --layers 4 --queries 16,32,64,128
+    python bench/trace_endpoint.py --attacks ft-short --queries 128,512,2048,4096 --diagnose   # why ft-short fails
 
 Trains a tiny Llama on Python's stdlib sources (tests/support/oai_server.py), releases fingerprinted copies to
 ``--recipients`` recipients (the release path of `warden release`, code length ``--code-length``), and serves
@@ -13,6 +14,15 @@ model.  For each, at each query count (echoed prompts of the master's context le
 * innocent trials: ``--innocents`` never-released recipient indices of the same code scored against the same
   threshold (an innocent's codeword is independent of the estimate, like an unused one): how many pass it and
   the highest innocent score over the threshold.
+
+Prompts are 400-character windows of the text, ``--queries``' largest count of them, evenly spaced (overlapping
+when there are more than 283).  ``--diagnose`` adds, for ft-short (docs/TRACING.md, "Why a fine-tune defeats
+the trace through an API"): the root-mean-square change of the answers that the mark makes (J D s, the copy as
+is against the master) and that the fine-tune makes (fine-tuned copy against the copy), per log-probability;
+the weight-level trace of the fine-tuned weights (``extract`` + ``decide``); and the oracle that knows the
+fine-tune's own change of the answers (the same fine-tune, same data and seed, applied to the master):
+the estimate from (fine-tuned copy - fine-tuned master) linearised at the master, i.e. what is left of the
+mark in the answers.  The oracle is for measurement only: the owner does not hold the fine-tuned master.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=16)
     ap.add_argument("--innocents", type=int, default=100_000)
     ap.add_argument("--attacks", default="as-is,int8,ft-short,collude2,master,independent")
+    ap.add_argument("--diagnose", action="store_true", help="ft-short: why (module docstring)")
     args = ap.parse_args()
     import torch
     import transformers as T
@@ -97,8 +108,9 @@ def main() -> None:
     ell = rec.code_length
     code = TardosCode(code_key, ell, rec.cutoff)
     car = carriers(scorer.tensors(), embed_key, ell, rec.alpha)
-    prompts = [fam.text[i : i + 400] for i in range(1000, 199_000, 700)]
     qs = [int(q) for q in args.queries.split(",")]
+    step = max(1, min(700, (len(fam.text) - 1400) // max(qs)))
+    prompts = [fam.text[i : i + 400] for i in range(1000, len(fam.text) - 400, step)]
     results = {}
     for attack in args.attacks.split(","):
         model, guilty = suspects[attack]
@@ -120,6 +132,10 @@ def main() -> None:
                          "innocent_trials": len(inn), "innocents_over": int((inn > rep.threshold).sum()),
                          "max_innocent_over_threshold": round(float(inn.max() / rep.threshold), 3),
                          "seconds": round(time.time() - t1, 1)})  # fmt: skip
+        if args.diagnose and attack == "ft-short":
+            results["ft-short-diagnosis"] = diagnose(fam, model, master_path, work / names[0], obs, scorer, car, code,
+                                                     embed_key, rec.alpha, names, qs, args.iterations, sc)  # fmt: skip
+            print(json.dumps({"ft-short-diagnosis": results["ft-short-diagnosis"]}), file=sys.stderr, flush=True)
         need = next((r["queries"] for r in rows if r["correct"] and guilty), None)
         results[attack] = {"guilty": sorted(guilty), "reference": ref, "queries_to_accuse": need, "runs": rows}
         print(json.dumps({attack: results[attack]}), file=sys.stderr, flush=True)
@@ -128,6 +144,66 @@ def main() -> None:
                                 "carriers": int(sum(len(c.idx) for c in car.values())), "code_length": ell},
                       "iterations": args.iterations, "population": 10**6, "eps": 1e-6, "trained_s": round(trained_s, 1),
                       "total_s": round(time.time() - t0, 1), "attacks": results}, indent=1))  # fmt: skip
+
+
+def diagnose(fam, ft, master_path, leak_path, obs, scorer, car, code, embed_key, alpha, names, qs, iterations, sc):
+    """Why ft-short is not traced through the API (module docstring, ``--diagnose``)."""
+    import numpy as np
+    import transformers as T
+
+    from weightwarden.trace.accuse import decide
+    from weightwarden.trace.endpoint import Observations, _gather, _spread, estimate_symbols, symbols
+    from weightwarden.trace.mark import extract
+    from weightwarden.trace.scorer import HFGradientScorer
+
+    ell = code.length
+    s_true = 2.0 * code.codewords(0, 1)[0].astype(np.float64) - 1  # r0's symbols (the leaker's), for measuring only
+
+    def rms(v):
+        return float(np.sqrt(np.mean(np.square(v))))
+
+    def judge(s_hat):
+        y, w = symbols(s_hat, car, ell)
+        z = decide(code, "m", names, y, w, eps=1e-6, population=10**6, blocks=0).threshold
+        return {"sign_accuracy": round(float(np.mean((np.sign(s_hat) == s_true)[w > 0])), 3),
+                "leaker_score_over_threshold": round(float(code.scores(y, 1, known=w)[0]) / z, 3)}  # fmt: skip
+
+    q = obs.q
+    m = scorer.logprobs_at(q)
+    y_ft = obs.r + sc.logprobs_at(q) if sc is not scorer else obs.r + m
+    y_leak = HFGradientScorer(leak_path).logprobs_at(q)
+    mark = scorer.jvp(q, _spread(car, s_true))
+    ft_path = fam.save(ft, "ft-short")
+    ftm_path = fam.save(fam.finetune(T.AutoModelForCausalLM.from_pretrained(master_path).eval(), steps=15, lr=3e-4),
+                        "ft-short-master")  # the same fine-tune (data, seed) on the master: the oracle's nuisance
+    y_ftm = HFGradientScorer(ftm_path).logprobs_at(q)
+    ex = extract(master_path, ft_path, embed_key, ell, alpha)
+    y, w = ex.symbols()
+    z = decide(code, "m", names, y, w, eps=1e-6, population=10**6, blocks=0).threshold
+    # the matched filter D^T J^T (the first iterate) of the fine-tune's own change vs of the mark, per symbol, and the
+    # same in the weights (D^T of the weight change): how much the answers amplify the fine-tune against the mark
+    h = obs.head(min(512, obs.prompts))
+    names_m = list(car)
+    b_mark = _gather(car, scorer.vjp(h.q, mark[: h.points], names_m), ell)
+    b_ft = _gather(car, scorer.vjp(h.q, (y_ftm - m)[: h.points], names_m), ell)
+    t_m, t_f = scorer.tensors(), HFGradientScorer(ftm_path).tensors()
+    w_ft = _gather(car, {n: t_f[n] - t_m[n] for n in car}, ell)
+    w_mark = _gather(car, _spread(car, s_true), ell)
+    out = {"rms_per_symbol_ft_over_mark": {"answers": round(rms(b_ft) / rms(b_mark), 1),
+                                           "weights": round(rms(w_ft) / rms(w_mark), 2)},
+           "rms_per_logprob": {"mark": round(rms(y_leak - m), 5), "mark_linearised": round(rms(mark), 5),
+                               "fine_tune": round(rms(y_ft - y_leak), 5),
+                               "fine_tune_of_master": round(rms(y_ftm - m), 5),
+                               "mark_left_after_fine_tune": round(rms(y_ft - y_ftm), 5)},
+           "mark_linearisation_rel_error": round(rms(mark - (y_leak - m)) / rms(y_leak - m), 4),
+           "weight_trace": {"sign_accuracy": round(float(np.mean(((2.0 * y - 1) == s_true)[w > 0])), 3),
+                            "leaker_score_over_threshold": round(float(code.scores(y, 1, known=w)[0]) / z, 3)},
+           "oracle_nuisance_known": []}  # fmt: skip
+    for n in [n for n in qs if n <= 512] or qs[:1]:  # (the oracle is measurement only: the smaller counts)
+        o = obs.head(n)
+        out["oracle_nuisance_known"].append({"queries": n, **judge(estimate_symbols(
+            scorer, Observations(o.q, (y_ft - y_ftm)[: o.points]), car, ell, iterations))})  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ def world(tmp_path_factory):
     urls = {
         "bob": srv.add("bob", Served(leaked, tok, "leaked")),
         "bob-int8": srv.add("bob-int8", Served(Family.int8(leaked), tok, "leaked-int8")),
+        # the bench's ft-short: 15 AdamW steps at lr 3e-4 on the held-out split
+        "bob-ft": srv.add("bob-ft", Served(fam.finetune(leaked, steps=15, lr=3e-4), tok, "leaked-ft")),
         "master": srv.add("master", Served(load(master_path), tok, "master")),
         "ind": srv.add("ind", Served(fam.base(7, steps=30), tok, "independent")),
         "nan": srv.add("nan", Served(leaked, tok, "hostile", fault="nan")),
@@ -94,6 +96,14 @@ def test_no_one_is_accused_for_a_model_without_a_copy_s_mark(world, key: str) ->
     assert rep.endpoint is not None and rep.endpoint["prompts"] == (4 if key == "master" else N_PROMPTS)
     # every score stays below the threshold, which is the same calibrated one as tracing weights
     assert all(r["score"] < rep.threshold for r in rep.ranking)
+
+
+def test_a_fine_tuned_copy_behind_the_endpoint_accuses_no_innocent(world) -> None:
+    # a known limit (docs/TRACING.md, "Why a fine-tune defeats the trace through an API"): the fine-tune's own
+    # change of the answers swamps the mark's, so bob is not found; what must hold is that no one else is accused
+    rep = _trace(world, "bob-ft")
+    assert {a["recipient"] for a in rep.accused} <= {"bob"}, rep.to_json()
+    assert all(r["score"] < rep.threshold for r in rep.ranking if r["recipient"] != "bob")
 
 
 @pytest.mark.parametrize(("key", "error"), [("nan", EndpointAnswerError), ("switch", ModelChangedError),
