@@ -144,7 +144,8 @@ def main() -> None:
             o = TrainingOrder(tuple(pool[k] for k in rng.permutation(len(pool))), "csprng")
             r = order_probe(url["I0-text"], o, mode="text", n_items=args.text_null_items, cuts=args.cuts,
                             samples=args.text_null_samples, new_tokens=args.new_tokens, home=home,
-                            cache=work / "cache" / "I0-text", budget=10**7, seed=j)  # fmt: skip
+                            cache=work / "cache" / "I0-text", budget=10**7)  # fmt: skip
+            # (one seed for every order: the same questions, answered once; the orders are what is random)
             tps.append(r.p_value)
         t_a = np.array(tps)
         out["text_null"] = {"pairs": len(tps), "models": 1, "pool_texts": len(pool),
