@@ -145,7 +145,8 @@ def main() -> None:
             r = order_probe(url["I0-text"], o, mode="text", n_items=args.text_null_items, cuts=args.cuts,
                             samples=args.text_null_samples, new_tokens=args.new_tokens, home=home,
                             cache=work / "cache" / "I0-text", budget=10**7)  # fmt: skip
-            # (one seed for every order: the same questions, answered once; the orders are what is random)
+            # (one seed for every order: the same questions, answered once; the orders are what is random, and
+            # ties are broken by a hash of each text, which travels with it: each p-value exact given the model)
             tps.append(r.p_value)
         t_a = np.array(tps)
         out["text_null"] = {"pairs": len(tps), "models": 1, "pool_texts": len(pool),

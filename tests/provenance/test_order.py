@@ -97,6 +97,19 @@ def test_null_p_values_are_uniform_over_random_orders(run):
     ps_a = np.array(ps)
     assert stats.kstest(ps_a, "uniform").pvalue > 0.01, np.sort(ps_a)[:10]
     assert 0.02 < (ps_a < 0.05).mean() < 0.09 and ps_a.min() > 1e-4
+    # heavy ties (text mode's scores are means of small counts) with ONE fixed seed: ties broken by a key that
+    # travels with each text keeps every p-value exact; a fixed per-position tie-break would not (attack)
+    coarse = np.round(s / 4)
+    keys = rng.random(len(texts))
+    tied_ps, fixed_ps = [], []
+    for _ in range(300):
+        perm = rng.permutation(len(texts))
+        late, early = perm[-32:], perm[:32]
+        tied_ps.append(rank_sum_p(coarse[late], coarse[early], tie=np.concatenate([keys[late], keys[early]]))["p"])
+        fixed_ps.append(rank_sum_p(np.ones(32), np.ones(32), seed=0)["p"])
+    assert stats.kstest(tied_ps, "uniform").pvalue > 0.01 and len(set(fixed_ps)) == 1
+    with pytest.raises(ProbeError, match="tie-break"):
+        rank_sum_p([1.0, 2.0], [3.0], tie=[1.0])
     # the same harness on the model trained in that order, with its true order: far from uniform
     mine = _lls(run["ours"], run["tok"], texts) - norm
     assert rank_sum_p(mine[-K:], mine[:K])["log10_p"] < -4  # below every one of the 300 null draws

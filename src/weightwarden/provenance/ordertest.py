@@ -71,9 +71,12 @@ ASSUMPTIONS = (
 )
 
 
-def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0) -> dict[str, Any]:
+def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0,
+               tie: Sequence[float] | None = None) -> dict[str, Any]:  # fmt: skip
     """One-sided test that ``late`` scores exceed ``early`` ones: ``U``, its z, the p-value and how it was
-    computed (exact permutation distribution or the normal approximation with the exact moments)."""
+    computed (exact permutation distribution or the normal approximation with the exact moments).  Ties are
+    broken by ``tie`` (one key per score, late then early: keys that travel with the examples, e.g. a hash of
+    each text, keep the test exact for any seed), else by a permutation drawn from ``seed``."""
     stats = require("scipy.stats", extra="provenance")
 
     a, b = np.asarray(late, dtype=float), np.asarray(early, dtype=float)
@@ -81,7 +84,10 @@ def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0) -> 
     if m < 1 or n < 1 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ProbeError("the rank-sum test needs finite scores on both sides")
     x = np.concatenate([a, b])
-    tie = np.random.default_rng(seed).permutation(len(x))  # random tie-break: keeps the test exact
+    if tie is None:
+        tie = np.random.default_rng(seed).permutation(len(x))  # random tie-break: keeps the test exact
+    elif len(tie) != len(x):
+        raise ProbeError("the rank-sum test needs one tie-break key per score")
     ranks = np.empty(len(x))
     ranks[np.lexsort((tie, x))] = np.arange(1, len(x) + 1)
     u = float(ranks[:m].sum() - m * (m + 1) / 2)
@@ -242,7 +248,11 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
                 for j in sequence:
                     scores[j] = _score(ep, chosen[j][1], normalisers)
             labels = np.array([lab for lab, _ in chosen])
-            st = rank_sum_p(scores[labels == 1], scores[labels == 0], seed)
+            # ties broken by a keyed hash of each text: the key travels with the example, so under H0 the
+            # (score, key) pairs are split into latest and earliest uniformly at random (exact, any seed)
+            keys = np.array([_text_seed(seed, t, -1, -1) for _, t in chosen], dtype=float)
+            st = rank_sum_p(scores[labels == 1], scores[labels == 0], seed,
+                            tie=np.concatenate([keys[labels == 1], keys[labels == 0]]))  # fmt: skip
         except WardenError as e:
             t.emit(ev("error", error=type(e).__name__))
             raise
