@@ -72,7 +72,7 @@ ASSUMPTIONS = (
 
 
 def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0,
-               tie: Sequence[float] | None = None) -> dict[str, Any]:  # fmt: skip
+               tie: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """One-sided test that ``late`` scores exceed ``early`` ones: ``U``, its z, the p-value and how it was
     computed (exact permutation distribution or the normal approximation with the exact moments).  Ties are
     broken by ``tie`` (one key per score, late then early: keys that travel with the examples, e.g. a hash of
@@ -85,11 +85,13 @@ def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0,
         raise ProbeError("the rank-sum test needs finite scores on both sides")
     x = np.concatenate([a, b])
     if tie is None:
-        tie = np.random.default_rng(seed).permutation(len(x))  # random tie-break: keeps the test exact
+        key = np.random.default_rng(seed).permutation(len(x)).astype(float)  # random tie-break: keeps it exact
     elif len(tie) != len(x):
         raise ProbeError("the rank-sum test needs one tie-break key per score")
+    else:
+        key = np.asarray(tie, dtype=float)
     ranks = np.empty(len(x))
-    ranks[np.lexsort((tie, x))] = np.arange(1, len(x) + 1)
+    ranks[np.lexsort((key, x))] = np.arange(1, len(x) + 1)
     u = float(ranks[:m].sum() - m * (m + 1) / 2)
     mean, var = m * n / 2, m * n * (m + n + 1) / 12
     z = (u - mean) / math.sqrt(var)
