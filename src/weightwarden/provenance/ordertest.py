@@ -13,8 +13,8 @@ independent of their scores, and the rank-sum statistic has its permutation dist
 reference model, no model of the scores.
 
 * **statistic**: the Mann-Whitney ``U`` of the late examples' scores against the early ones' (equivalently
-  Kendall's tau between the score and the late/early label); ties are broken at random (seeded), which
-  keeps the test exact;
+  Kendall's tau between the score and the late/early label); ties are broken by a keyed hash of each
+  text, a key that travels with the example, which keeps the test exact;
 * **p-value**: one-sided (late higher), from the exact permutation distribution of ``U`` (scipy) when
   ``K * K <= EXACT_LIMIT``, else the normal approximation with the exact mean and variance and a
   continuity correction (measured conservative where both are computed: docs);
@@ -67,7 +67,7 @@ ASSUMPTIONS = (
     "A4 fixed rule: the examples queried (the K latest, the K earliest) and the score are fixed before any "
     "answer is seen; the score depends on the suspect only through its answers and is the same function of "
     "every example (text mode: its cuts and sampling seeds come from the text, never from its position); ties "
-    "are broken at random with the seed",
+    "are broken by a keyed hash of each text, which travels with the example",
 )
 
 
@@ -219,7 +219,7 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
     if not 0 < alpha < 1:
         raise ProbeError(f"--alpha must be between 0 and 1, not {alpha}")
     if mode == "text" and (cuts < 1 or samples < 1 or new_tokens < 1):
-        raise ProbeError(f"--cuts, --samples and --new-tokens must be at least 1 in text mode (got {cuts}, {samples}, "
+        raise ProbeError(f"--cuts, --samples and new_tokens must be at least 1 in text mode (got {cuts}, {samples}, "
                          f"{new_tokens})")  # fmt: skip
     k = min(n_items // 2, len(order.examples) // 2)
     if k < 2:
