@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--items", default="16,32,64,128,256,512,1024", help="queries (2K) per probe, logprobs mode")
     ap.add_argument("--text-plan", default="128x1,256x2",
                     help="text mode, per derivative: EXAMPLESxSAMPLES (2K examples asked, samples per cut)")
-    ap.add_argument("--text-extra", default="ft-short:1024x1,ft-short:1024x4", help="text mode: NAME:EXAMPLESxSAMPLES")
+    ap.add_argument("--text-extra", default="ft-short:256x8", help="text mode, last: NAME:EXAMPLESxSAMPLES")
     ap.add_argument("--cuts", type=int, default=8, help="text mode: cuts (prompts) per example")
     ap.add_argument("--new-tokens", type=int, default=4, help="text mode: tokens per sampled continuation")
     ap.add_argument("--text-null-orders", type=int, default=100)
