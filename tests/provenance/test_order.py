@@ -48,14 +48,17 @@ def run(tmp_path_factory):
     other = [texts[i] for i in rng.permutation(len(texts))]  # the same data in another order: independent
     ind = fam.train_in_order(fam.new(5), other, lr=1e-2)
     ft = fam.finetune(ours, steps=25, lr=5e-4)
+    more = {"lora": fam.lora_merge(ours, rank=8, steps=40), "int4": Family.int4(ours), "perm": Family.permute(ours)}
     base = fam.base(7, steps=60)  # a "public base": trained on random windows, never on our order
     srv = OAIServer()
     tok = fam.tokenizer
     urls = {n: srv.add(n, Served(m, tok, n)) for n, m in (("ft", ft), ("ind", ind))}
+    urls.update({n: srv.add(n, Served(m, tok, n)) for n, m in more.items()})
     urls["ft-text"] = srv.add("ft-text", Served(ft, tok, "ft", logprobs=False))
     urls["nan"] = srv.add("nan", Served(ft, tok, "hostile", fault="nan"))
     yield {"fam": fam, "order": order, "urls": urls, "ind": ind, "ours": ours, "tok": tok,
-           "norm": HFScorer(model=base, tokenizer=tok, name="public-base"), "base": base, "root": root}  # fmt: skip
+           "norm": HFScorer(model=base, tokenizer=tok, name="public-base"), "base": base, "root": root,
+           "more": more}  # fmt: skip
     srv.close()
 
 
@@ -94,6 +97,19 @@ def test_null_p_values_are_uniform_over_random_orders(run):
     ps_a = np.array(ps)
     assert stats.kstest(ps_a, "uniform").pvalue > 0.01, np.sort(ps_a)[:10]
     assert 0.02 < (ps_a < 0.05).mean() < 0.09 and ps_a.min() > 1e-4
+    # heavy ties (text mode's scores are means of small counts) with ONE fixed seed: ties broken by a key that
+    # travels with each text keeps every p-value exact; a fixed per-position tie-break would not (attack)
+    coarse = np.round(s / 4)
+    keys = rng.random(len(texts))
+    tied_ps, fixed_ps = [], []
+    for _ in range(300):
+        perm = rng.permutation(len(texts))
+        late, early = perm[-32:], perm[:32]
+        tied_ps.append(rank_sum_p(coarse[late], coarse[early], tie=np.concatenate([keys[late], keys[early]]))["p"])
+        fixed_ps.append(rank_sum_p(np.ones(32), np.ones(32), seed=0)["p"])
+    assert stats.kstest(tied_ps, "uniform").pvalue > 0.01 and len(set(fixed_ps)) == 1
+    with pytest.raises(ProbeError, match="tie-break"):
+        rank_sum_p([1.0, 2.0], [3.0], tie=[1.0])
     # the same harness on the model trained in that order, with its true order: far from uniform
     mine = _lls(run["ours"], run["tok"], texts) - norm
     assert rank_sum_p(mine[-K:], mine[:K])["log10_p"] < -4  # below every one of the 300 null draws
@@ -115,12 +131,45 @@ def test_rank_sum_p_exact_and_its_normal_approximation():
         rank_sum_p([float("nan")], [1.0])
 
 
+def test_lora_merge_int4_and_permutation_are_detected(run, tmp_path):
+    """The derivatives the issue lists beyond fine-tune, int8 and pruning, through the API (128-256 queries)."""
+    import torch
+
+    ours, perm = run["ours"], run["more"]["perm"]
+    x = torch.arange(40)[None] % run["fam"].vocab
+    with torch.no_grad():  # the permutation keeps the function and changes the weights
+        assert torch.allclose(ours(input_ids=x).logits, perm(input_ids=x).logits, atol=1e-4)
+    w0, w1 = ours.model.layers[0].mlp.up_proj.weight, perm.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(w0, w1) and torch.equal(w0.sort(0).values, w1.sort(0).values)
+    for name, q in (("lora", 256), ("int4", 128), ("perm", 128)):
+        rep = order_probe(run["urls"][name], run["order"], normalisers=[run["norm"]], n_items=q, alpha=ALPHA,
+                          home=tmp_path)  # fmt: skip
+        assert rep.derived, (name, rep.to_json()["log10_p_value"])
+
+
 def test_text_mode_without_logprobs(run, tmp_path):
-    rep = order_probe(run["urls"]["ft-text"], run["order"], mode="text", n_items=16, new_tokens=8, alpha=ALPHA,
-                      home=tmp_path)  # fmt: skip
+    kw = {"mode": "text", "n_items": 16, "cuts": 2, "samples": 3, "new_tokens": 2, "alpha": ALPHA, "home": tmp_path,
+          "normalisers": [run["norm"]], "cache": tmp_path / "c"}  # fmt: skip
+    rep = order_probe(run["urls"]["ft-text"], run["order"], **kw)
     j = rep.to_json()
-    assert j["mode"] == "text" and j["queries"]["used"] == 16 and 0 < j["p_value"] <= 1
+    assert j["mode"] == "text" and j["queries"]["used"] == 16 * 2 * 3 and 0 < j["p_value"] <= 1
     assert j["order"]["latest"] == 8 and j["p_method"] == "exact permutation distribution"
+    assert j["text"]["cuts"] == 2 and j["text"]["samples"] == 3 and j["text"]["temperature"] == 1.0
+    # attack on exactness: the questions about a text must not depend on whether it is late or early. The
+    # reversed order swaps the latest and earliest examples: every question is the same (all from the cache)
+    # and each text gets the same score, so the two sides' mean scores swap.
+    rev = TrainingOrder(tuple(reversed(run["order"].examples)))
+    back = order_probe(run["urls"]["ft-text"], rev, **kw)
+    assert back.queries_used == 0 and back.queries_cached == 16 * 2 * 3
+    assert (back.mean_late, back.mean_early) == pytest.approx((rep.mean_early, rep.mean_late))
+    # interrupted by the budget, resumed from the cache: the same p-value, no question asked twice
+    kw2 = {**kw, "cache": tmp_path / "c2"}
+    with pytest.raises(QueryBudgetError):
+        order_probe(run["urls"]["ft-text"], run["order"], budget=40, **kw2)
+    again = order_probe(run["urls"]["ft-text"], run["order"], budget=1000, **kw2)
+    assert (again.queries_used, again.queries_cached) == (16 * 2 * 3 - 40, 40) and again.p_value == rep.p_value
+    with pytest.raises(ProbeError, match="--cuts"):
+        order_probe(run["urls"]["ft-text"], run["order"], **{**kw, "cuts": 0})
 
 
 def test_bad_answers_give_no_p_value_and_a_spent_budget_resumes(run, tmp_path):
@@ -206,5 +255,8 @@ def test_cli_order_add_and_probe(run, tmp_path, capsys, monkeypatch):
     assert main(args[:-1]) == 0  # the human report
     text = capsys.readouterr().out
     assert "training-order test, exact permutation distribution" in text and "16 from the cache" in text
+    assert main([*args, "--order", str(f), "--mode", "text", "--cuts", "2", "--samples", "2"]) == 0
+    j3 = json.loads(capsys.readouterr().out)
+    assert j3["mode"] == "text" and j3["text"]["cuts"] == 2 and j3["queries"]["used"] == 16 * 2 * 2
     assert main([*args, "--order", str(f), "--mode", "chat"]) == 2
     assert "--mode must be one of logprobs, text" in capsys.readouterr().err

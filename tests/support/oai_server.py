@@ -1,7 +1,8 @@
 """A minimal OpenAI-compatible HTTP server over tiny causal LMs trained in seconds (issue 21).
 
 :class:`Family` trains small Llama models on Python's own standard-library sources with a byte-level BPE
-tokenizer, and makes the derivatives a thief would serve (fine-tune, int8 round trip, magnitude pruning).
+tokenizer, and makes the derivatives a thief would serve (fine-tune, LoRA merge, int8 and int4 round trips, magnitude
+pruning, a function-preserving permutation of neurons and heads).
 :class:`OAIServer` serves any number of them from one ``http.server`` thread, each under its own base URL
 ``http://127.0.0.1:PORT/<route>/v1``, answering ``/v1/completions`` (``logprobs``, ``echo``),
 ``/v1/chat/completions`` (``logprobs``, ``top_logprobs``; the chat template is the bare message) and
@@ -163,6 +164,88 @@ class Family:
                     p[p.abs() <= thr] = 0
         return m
 
+    def lora_merge(self, model: Any, rank: int = 8, steps: int = 40, seed: int = 2, lr: float = 3e-3,
+                   alpha: float = 16.0) -> Any:  # fmt: skip
+        """A LoRA fine-tune merged into the weights (a copy): a rank-``rank`` update ``B A * alpha / rank`` of
+        every attention and MLP projection, trained ``steps`` steps on the held-out split with the base frozen
+        (B starts at zero, as in LoRA), then added to the weights."""
+        import torch
+
+        m = copy.deepcopy(model)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        g = torch.Generator().manual_seed(seed)
+        adapters, hooks = [], []
+        for name, mod in m.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in (
+                    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):  # fmt: skip
+                a = torch.nn.Parameter(torch.randn(rank, mod.in_features, generator=g) / mod.in_features**0.5)
+                b = torch.nn.Parameter(torch.zeros(mod.out_features, rank))
+                adapters.append((mod, a, b))
+                hooks.append(mod.register_forward_hook(
+                    lambda _m, inp, out, a=a, b=b: out + (inp[0] @ a.T @ b.T) * (alpha / rank)))  # fmt: skip
+        opt = torch.optim.AdamW([t for _, a, b in adapters for t in (a, b)], lr=lr, weight_decay=0.0)
+        data = self.splits["finetune"]
+        m.train()
+        for _ in range(steps):
+            starts = torch.randint(0, len(data) - self.seq - 1, (self.batch,), generator=g)
+            x = torch.stack([data[s : s + self.seq] for s in starts])
+            loss = m(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for mod, a, b in adapters:
+                mod.weight += (b @ a) * (alpha / rank)
+        m.eval()
+        return m
+
+    @staticmethod
+    def int4(model: Any, group: int = 32) -> Any:
+        """Group-wise symmetric int4 round trip of every matrix (groups of ``group`` inputs per row, one absmax
+        scale each, levels -8..7: what a GPTQ/AWQ-style 4-bit serving stack stores, without their tuning)."""
+        import torch
+
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.ndim == 2:
+                    rows, cols = p.shape
+                    g = group if cols % group == 0 else cols
+                    w = p.reshape(rows, cols // g, g)
+                    s = w.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 7
+                    p.copy_(((w / s).round().clamp(-8, 7) * s).reshape(rows, cols))
+        return m
+
+    @staticmethod
+    def permute(model: Any, seed: int = 3) -> Any:
+        """A function-preserving permutation of every layer's MLP neurons (rows of gate/up, columns of down) and
+        attention heads (q, k, v head blocks and the matching columns of o): the same function, other weights."""
+        import torch
+
+        m = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(seed)
+        cfg = m.config
+        hd = cfg.hidden_size // cfg.num_attention_heads
+        assert cfg.num_key_value_heads == cfg.num_attention_heads
+        with torch.no_grad():
+            for layer in m.model.layers:
+                mlp, att = layer.mlp, layer.self_attn
+                pi = torch.randperm(mlp.gate_proj.out_features, generator=g)
+                mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[pi])
+                mlp.up_proj.weight.copy_(mlp.up_proj.weight[pi])
+                mlp.down_proj.weight.copy_(mlp.down_proj.weight[:, pi])
+                heads = torch.randperm(cfg.num_attention_heads, generator=g)
+                idx = (heads[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+                for lin in (att.q_proj, att.k_proj, att.v_proj):
+                    lin.weight.copy_(lin.weight[idx])
+                    if lin.bias is not None:
+                        lin.bias.copy_(lin.bias[idx])
+                att.o_proj.weight.copy_(att.o_proj.weight[:, idx])
+        return m
+
     def save(self, model: Any, name: str, tokenizer: Any = None) -> Path:
         path = self.root / name
         model.save_pretrained(path, safe_serialization=True)
@@ -187,8 +270,8 @@ class Served:
     on_request: Callable[[int], None] | None = None  # called with each request's number before it is answered
 
 
-def _run(served: Served, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int | None
-         ) -> tuple[list[int], Any]:  # fmt: skip
+def _run(served: Served, prompt_ids: list[int], max_tokens: int, temperature: float, seed: int | None,
+         want_logp: bool = True) -> tuple[list[int], Any]:  # fmt: skip
     """Generate ``max_tokens`` after the prompt; the log-softmax at every position of prompt + generation."""
     import torch
 
@@ -205,6 +288,8 @@ def _run(served: Served, prompt_ids: list[int], max_tokens: int, temperature: fl
             else:
                 nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g))
             ids.append(nxt)
+        if not want_logp:  # text only: no second pass
+            return ids[len(prompt_ids) :], None
         logp = torch.log_softmax(served.model(input_ids=torch.tensor([ids[:seq]])).logits[0].float(), -1)
     return ids[len(prompt_ids) :], logp
 
@@ -322,9 +407,10 @@ class OAIServer:
         ids = s.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > s.model.config.max_position_embeddings:
             raise ValueError("prompt too long")
-        gen, logp = _run(s, ids, int(body.get("max_tokens", 16)), self._temp(s, body), body.get("seed"))
-        echo = bool(body.get("echo")) and s.echo
         k = body.get("logprobs")
+        gen, logp = _run(s, ids, int(body.get("max_tokens", 16)), self._temp(s, body), body.get("seed"),
+                         k is not None and s.logprobs)  # fmt: skip
+        echo = bool(body.get("echo")) and s.echo
         lp_obj = None
         if k is not None and s.logprobs:
             allids = ids + gen

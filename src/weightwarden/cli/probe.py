@@ -76,9 +76,9 @@ def _order(path: Path | None, name: str, ws: Any) -> Any:
 
 
 def _order_probe(url: str, the_order: Any, reference: list[str], ws: Any, *, mode: str, alpha: float, items: int,
-                 budget: int, rate: float | None, cache: Path | None, api_key_env: str | None, home: Any,
-                 as_json: bool) -> None:  # fmt: skip
-    from ..provenance.ordertest import ORDER_MODES, order_probe
+                 samples: int | None, cuts: int, budget: int, rate: float | None, cache: Path | None,
+                 api_key_env: str | None, home: Any, as_json: bool) -> None:  # fmt: skip
+    from ..provenance.ordertest import ORDER_MODES, TEXT_SAMPLES, order_probe
 
     if mode not in ORDER_MODES:
         err.print(f"error: --mode must be one of {', '.join(ORDER_MODES)} with a training order")
@@ -89,7 +89,8 @@ def _order_probe(url: str, the_order: Any, reference: list[str], ws: Any, *, mod
     ref_kw = {"home": home, "api_key": key, "budget": budget, "rate": rate}
     norms = [_scorer(r, ws, {**ref_kw, "cache": cache / f"ref{i}"}) for i, r in enumerate(reference)]
     rep = order_probe(url, the_order, normalisers=norms, mode=mode, alpha=alpha, n_items=items, home=home,
-                      api_key=key, budget=budget, rate=rate, cache=cache)  # fmt: skip
+                      samples=samples or TEXT_SAMPLES, cuts=cuts, api_key=key, budget=budget, rate=rate,
+                      cache=cache)  # fmt: skip
     j = rep.to_json()
     if as_json:
         _emit(j, True)
@@ -173,8 +174,13 @@ def probe_cmd(
                      show_default=False),
     ] = None,
     mode: Annotated[str, typer.Option("--mode", help="logprobs | chat | text")] = "logprobs",
-    items: Annotated[int, typer.Option("--items", min=1, help="prompts asked (text mode: x --samples)")] = 32,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="text mode: continuations per prompt")] = 2,
+    items: Annotated[int, typer.Option("--items", min=1, help="prompts asked (with --order: examples asked; text "
+                                       "mode: x --samples, and x --cuts with --order)")] = 32,
+    samples: Annotated[int | None, typer.Option("--samples", min=1, help="text mode: continuations per prompt "
+                                                "[default: 2; with --order: 8, at temperature 1]",
+                                                show_default=False)] = None,
+    cuts: Annotated[int, typer.Option("--cuts", min=1, help="text mode with --order: prompts per example (cut at "
+                                      "word starts)")] = 8,
     api_key_env: Annotated[
         str | None, typer.Option("--api-key-env", help="the variable holding the endpoint's API key")
     ] = None,
@@ -192,8 +198,9 @@ def probe_cmd(
     the_order = _order(order, model_name, ws)
     reference = _references(reference or [], ws, registry, default=the_order is None)
     if the_order is not None:
-        _order_probe(url, the_order, reference, ws, mode=mode, alpha=alpha, items=items, budget=budget, rate=rate,
-                     cache=cache, api_key_env=api_key_env, home=home, as_json=as_json)  # fmt: skip
+        _order_probe(url, the_order, reference, ws, mode=mode, alpha=alpha, items=items, samples=samples, cuts=cuts,
+                     budget=budget, rate=rate, cache=cache, api_key_env=api_key_env, home=home,
+                     as_json=as_json)  # fmt: skip
         return
     if len(reference) < 3 or mode not in MODES:
         why = f"--mode must be one of {', '.join(MODES)}" if mode not in MODES else \
@@ -208,7 +215,7 @@ def probe_cmd(
     ref_kw = {"home": home, "api_key": key, "budget": budget, "rate": rate}
     ours = _scorer(str(model_path), ws, {})
     refs = [_scorer(r, ws, {**ref_kw, "cache": cache / f"ref{i}"}) for i, r in enumerate(reference)]
-    rep = probe(url, ours, refs, mode=mode, prompts=texts, alpha=alpha, n_items=items, samples=samples, home=home,
+    rep = probe(url, ours, refs, mode=mode, prompts=texts, alpha=alpha, n_items=items, samples=samples or 2, home=home,
                 api_key=key, budget=budget, rate=rate, cache=cache)  # fmt: skip
     j = rep.to_json()
     if as_json:

@@ -13,22 +13,27 @@ independent of their scores, and the rank-sum statistic has its permutation dist
 reference model, no model of the scores.
 
 * **statistic**: the Mann-Whitney ``U`` of the late examples' scores against the early ones' (equivalently
-  Kendall's tau between the score and the late/early label); ties are broken at random (seeded), which
-  keeps the test exact;
+  Kendall's tau between the score and the late/early label); ties are broken by a keyed hash of each
+  text, a key that travels with the example, which keeps the test exact;
 * **p-value**: one-sided (late higher), from the exact permutation distribution of ``U`` (scipy) when
   ``K * K <= EXACT_LIMIT``, else the normal approximation with the exact mean and variance and a
   continuity correction (measured conservative where both are computed: docs);
 * **score** of an example: ``logprobs`` mode: the suspect's log-likelihood of the text (echo, one query),
   minus the mean log-likelihood the *normalisers* give it (optional reference models independent of the
   order, e.g. a public base: they remove how hard each text is, the largest part of the noise, and keep
-  the test exact); ``text`` mode: the number of characters of the suspect's greedy continuation of the
-  text's first half that match the second half (one query, no log-probabilities needed).
+  the test exact); ``text`` mode (no log-probabilities): the example is cut at ``cuts`` word starts (a
+  fixed rule on the text alone), the suspect samples ``samples`` continuations of ``new_tokens`` tokens
+  after each cut at temperature 1 (``cuts * samples`` queries, seeds derived from the text, never from its
+  position), and the score is the mean number of characters of the continuations that agree with the true
+  text: an estimate of how likely the suspect finds the true continuation (normalisers are not used).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,9 +47,12 @@ from .endpoint import Endpoint
 from .order import TrainingOrder
 from .probe import Scorer
 
-__all__ = ["EXACT_LIMIT", "ORDER_MODES", "OrderReport", "order_probe", "rank_sum_p"]
+__all__ = ["EXACT_LIMIT", "ORDER_MODES", "TEXT_CUTS", "TEXT_NEW_TOKENS", "TEXT_SAMPLES", "OrderReport", "order_probe",
+           "rank_sum_p"]
 
 ORDER_MODES = ("logprobs", "text")
+TEXT_CUTS, TEXT_SAMPLES, TEXT_NEW_TOKENS = 8, 8, 4  # text mode: prompts per example, samples per prompt, tokens
+_WORD = re.compile(r" ?[A-Za-z_]+| ?[0-9]+| ?[^\sA-Za-z0-9_]+|\s+(?!\S)|\s+")  # GPT-2-like pre-token starts
 EXACT_LIMIT = 160_000  # K * K above this: the normal approximation (the exact distribution takes seconds)
 NULL = ("the suspect is independent of our training run: given the suspect's answers (and the normalisers'), "
         "the order in which our training examples were seen is a uniformly random permutation")  # fmt: skip
@@ -57,13 +65,18 @@ ASSUMPTIONS = (
     "queries are sent in a random order, so an endpoint that adapts to earlier queries cannot tell late "
     "examples from early ones",
     "A4 fixed rule: the examples queried (the K latest, the K earliest) and the score are fixed before any "
-    "answer is seen; ties are broken at random with the seed",
+    "answer is seen; the score depends on the suspect only through its answers and is the same function of "
+    "every example (text mode: its cuts and sampling seeds come from the text, never from its position); ties "
+    "are broken by a keyed hash of each text, which travels with the example",
 )
 
 
-def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0) -> dict[str, Any]:
+def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0,
+               tie: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """One-sided test that ``late`` scores exceed ``early`` ones: ``U``, its z, the p-value and how it was
-    computed (exact permutation distribution or the normal approximation with the exact moments)."""
+    computed (exact permutation distribution or the normal approximation with the exact moments).  Ties are
+    broken by ``tie`` (one key per score, late then early: keys that travel with the examples, e.g. a hash of
+    each text, keep the test exact for any seed), else by a permutation drawn from ``seed``."""
     stats = require("scipy.stats", extra="provenance")
 
     a, b = np.asarray(late, dtype=float), np.asarray(early, dtype=float)
@@ -71,9 +84,14 @@ def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0) -> 
     if m < 1 or n < 1 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ProbeError("the rank-sum test needs finite scores on both sides")
     x = np.concatenate([a, b])
-    tie = np.random.default_rng(seed).permutation(len(x))  # random tie-break: keeps the test exact
+    if tie is None:
+        key = np.random.default_rng(seed).permutation(len(x)).astype(float)  # random tie-break: keeps it exact
+    elif len(tie) != len(x):
+        raise ProbeError("the rank-sum test needs one tie-break key per score")
+    else:
+        key = np.asarray(tie, dtype=float)
     ranks = np.empty(len(x))
-    ranks[np.lexsort((tie, x))] = np.arange(1, len(x) + 1)
+    ranks[np.lexsort((key, x))] = np.arange(1, len(x) + 1)
     u = float(ranks[:m].sum() - m * (m + 1) / 2)
     mean, var = m * n / 2, m * n * (m + n + 1) / 12
     z = (u - mean) / math.sqrt(var)
@@ -111,6 +129,7 @@ class OrderReport:
     queries_cached: int
     budget: int
     evidence: list[dict[str, Any]] = field(default_factory=list)
+    text: dict[str, Any] | None = None  # text mode: cuts, samples, new_tokens, temperature, the score
 
     @property
     def derived(self) -> bool:
@@ -129,34 +148,69 @@ class OrderReport:
                           "shuffled": self.shuffled},
                 "normalisers": self.normalisers,
                 "queries": {"used": self.queries_used, "cached": self.queries_cached, "budget": self.budget},
-                "evidence": self.evidence}  # fmt: skip
+                **({"text": self.text} if self.text is not None else {}), "evidence": self.evidence}  # fmt: skip
 
 
 def _lcp(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def _score(ep: Endpoint, text: str, mode: str, normalisers: Sequence[Scorer], new_tokens: int, seed: int) -> float:
-    if mode == "logprobs":
-        r = ep.echo(text, 1)
-        vals = r.logprobs[~np.isnan(r.logprobs)]
-        if len(vals) == 0:
-            raise ProbeError(f"example {text[:40]!r} is a single token: give longer training examples")
-        s = float(vals.sum())
-        if normalisers:
-            s -= float(np.mean([m.continuation_logprob("", text) for m in normalisers]))
-        return s
-    cut = len(text) // 2
-    cont = ep.sample(text[:cut], max_tokens=new_tokens, temperature=0.0, seed=seed)
-    return float(_lcp(cont, text[cut:]))
+TEXT_SCORE = ("mean number of characters of the sampled continuations that agree with the true text, over the "
+              "example's cuts (word starts spread over its last three quarters) and samples")  # fmt: skip
+
+
+def _word_cuts(text: str, cuts: int) -> list[int]:
+    """``cuts`` character positions where the text is cut into prompt and truth: word starts (pre-token
+    boundaries of byte-level BPE tokenizers) past the first quarter of the text, evenly spread; a rule on the
+    text alone."""
+    starts = [m.start() for m in _WORD.finditer(text) if len(text) // 4 <= m.start() < len(text) - 1]
+    if not starts:
+        return [len(text) // 2]
+    idx = np.unique(np.linspace(0, len(starts) - 1, min(cuts, len(starts))).round().astype(int))
+    return [starts[i] for i in idx]
+
+
+def _text_seed(seed: int, text: str, cut: int, j: int) -> int:
+    h = hashlib.sha256(f"{seed}|{cut}|{j}|{text}".encode()).digest()
+    return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
+
+
+def _score(ep: Endpoint, text: str, normalisers: Sequence[Scorer]) -> float:
+    r = ep.echo(text, 1)
+    vals = r.logprobs[~np.isnan(r.logprobs)]
+    if len(vals) == 0:
+        raise ProbeError(f"example {text[:40]!r} is a single token: give longer training examples")
+    s = float(vals.sum())
+    if normalisers:
+        s -= float(np.mean([m.continuation_logprob("", text) for m in normalisers]))
+    return s
+
+
+def _text_scores(ep: Endpoint, texts: Sequence[str], *, cuts: int, samples: int, new_tokens: int,
+                 seed: int) -> np.ndarray:  # fmt: skip
+    """Text mode: each text's mean agreeing characters over its cuts x samples continuations, sampled at
+    temperature 1 with seeds drawn from the text (never from its position), all queries sent in a random order."""
+    plans = [_word_cuts(t, cuts) for t in texts]
+    work = [(i, c, j) for i, pl in enumerate(plans) for c in pl for j in range(samples)]
+    total = np.zeros(len(texts))
+    count = np.zeros(len(texts))
+    for q in np.random.default_rng(seed + 1).permutation(len(work)):
+        i, c, j = work[q]
+        t = texts[i]
+        cont = ep.sample(t[:c], max_tokens=new_tokens, temperature=1.0, seed=_text_seed(seed, t, c, j))
+        total[i] += _lcp(cont, t[c:])
+        count[i] += 1
+    return total / np.maximum(count, 1)
 
 
 def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: Sequence[Scorer] = (),
-                mode: str = "logprobs", n_items: int = 64, new_tokens: int = 16, alpha: float = DEFAULT_ALPHA,
+                mode: str = "logprobs", n_items: int = 64, new_tokens: int = TEXT_NEW_TOKENS,
+                cuts: int = TEXT_CUTS, samples: int = TEXT_SAMPLES, alpha: float = DEFAULT_ALPHA,
                 seed: int = 0, home: str | os.PathLike[str] | None = None,
                 **endpoint_kw: Any) -> OrderReport:  # fmt: skip
     """Test H0 "the model behind ``endpoint`` is independent of the training run that saw ``order``" (see
-    the module's docstring) with ``n_items`` queries: the ``n_items // 2`` latest and earliest examples."""
+    the module's docstring) on the ``n_items // 2`` latest and earliest examples: ``n_items`` queries in
+    logprobs mode, about ``n_items * cuts * samples`` in text mode (fewer cuts where a text has fewer words)."""
     from .. import trail
     from ..audit import AuditAction, event
 
@@ -164,6 +218,9 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
         raise ProbeError(f"--mode must be one of {', '.join(ORDER_MODES)} with an order, not {mode!r}")
     if not 0 < alpha < 1:
         raise ProbeError(f"--alpha must be between 0 and 1, not {alpha}")
+    if mode == "text" and (cuts < 1 or samples < 1 or new_tokens < 1):
+        raise ProbeError(f"--cuts, --samples and new_tokens must be at least 1 in text mode (got {cuts}, {samples}, "
+                         f"{new_tokens})")  # fmt: skip
     k = min(n_items // 2, len(order.examples) // 2)
     if k < 2:
         raise ProbeError(f"--items {n_items}: the order test needs at least 4 queries (2 latest, 2 earliest)")
@@ -174,6 +231,8 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
     ex = order.examples
     chosen = [(1, ex[len(ex) - k + i]) for i in range(k)] + [(0, ex[i]) for i in range(k)]
     sequence = np.random.default_rng(seed).permutation(len(chosen))  # sent in an order blind to the labels
+    if mode == "text":
+        normalisers = ()  # not used in text mode (measured: no gain, docs/PROVENANCE.md)
     names = [m.name for m in normalisers]
 
     def ev(outcome: str, **detail: Any) -> Any:
@@ -183,11 +242,19 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
 
     with trail.operation(home) as t:
         try:
-            scores = np.empty(len(chosen))
-            for j in sequence:
-                scores[j] = _score(ep, chosen[j][1], mode, normalisers, new_tokens, seed)
+            if mode == "text":
+                scores = _text_scores(ep, [t for _, t in chosen], cuts=cuts, samples=samples, new_tokens=new_tokens,
+                                      seed=seed)  # fmt: skip
+            else:
+                scores = np.empty(len(chosen))
+                for j in sequence:
+                    scores[j] = _score(ep, chosen[j][1], normalisers)
             labels = np.array([lab for lab, _ in chosen])
-            st = rank_sum_p(scores[labels == 1], scores[labels == 0], seed)
+            # ties broken by a keyed hash of each text: the key travels with the example, so under H0 the
+            # (score, key) pairs are split into latest and earliest uniformly at random (exact, any seed)
+            keys = np.array([_text_seed(seed, t, -1, -1) for _, t in chosen], dtype=float)
+            st = rank_sum_p(scores[labels == 1], scores[labels == 0], seed,
+                            tie=np.concatenate([keys[labels == 1], keys[labels == 0]]))  # fmt: skip
         except WardenError as e:
             t.emit(ev("error", error=type(e).__name__))
             raise
@@ -199,6 +266,8 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
                           k=k, examples=len(ex), shuffled=order.shuffled, normalisers=names,
                           mean_late=float(scores[:k].mean()), mean_early=float(scores[k:].mean()),
                           queries_used=ep.used, queries_cached=ep.cached, budget=ep.budget,
+                          text=None if mode != "text" else {"cuts": cuts, "samples": samples, "new_tokens": new_tokens,
+                                                            "temperature": 1.0, "score": TEXT_SCORE},
                           evidence=[{"position": len(ex) - k + i if i < k else i - k, "late": bool(i < k),
                                      "score": round(float(scores[i]), 4)}
                                     for i in list(range(min(k, 8))) + list(range(k, k + min(k, 8)))])  # fmt: skip
