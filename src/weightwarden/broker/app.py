@@ -7,6 +7,7 @@ OpenAPI document is at ``/openapi.json``.
 
 # no `from __future__ import annotations`: FastAPI reads the route annotations at run time, and
 # they name types local to create_app
+import contextlib
 import ipaddress
 import json
 from typing import Annotated, Any
@@ -81,8 +82,6 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
 
     ``threads``: worker threads for the (blocking) service calls.  Few: the work holds the GIL
     most of the time, and fewer runnable threads keep a policy decision from queueing behind them."""
-    import contextlib
-
     with extra_imports("server"):
         import anyio
         from fastapi import Depends, FastAPI, Header, Request
@@ -299,6 +298,8 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import asyncio
+
         import anyio
 
         it = self.it
@@ -306,6 +307,12 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
         from .zerocopy import EXTENSION, FileSpan
 
         zc = EXTENSION in (scope.get("extensions") or {})
+        end = it.start + it.size
+        # zero-copy: the next span is metered (debited, its principal's suspension checked) in a worker thread
+        # while this one goes out, so that the socket does not run dry during each span's bookkeeping.  A span
+        # metered ahead and never handed to the server is given back as unsent (it stays charged: a resume's
+        # credit).  Never ahead of the last span: the end of the spans closes the file being sent.
+        ahead: list[Any] = []
 
         async def pump(done: Any) -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -314,8 +321,19 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
                 while b is not None:
                     if isinstance(b, FileSpan):
                         if zc:
+                            if b.offset + b.count < end:
+                                ahead.append(asyncio.ensure_future(anyio.to_thread.run_sync(_next_chunk, it)))
                             await send({"type": EXTENSION, "file": b.file, "offset": b.offset, "count": b.count,
                                         "more_body": True})  # fmt: skip
+                            if ahead:
+                                try:
+                                    b = await asyncio.shield(ahead[0])
+                                except (EgressLimitError, StreamCut):
+                                    break  # audited by the service; the body ends short
+                                finally:
+                                    if ahead[0].done():
+                                        ahead.clear()
+                                continue
                         else:
                             await send({"type": "http.response.body", "body": await anyio.to_thread.run_sync(b.read),
                                         "more_body": True})  # fmt: skip
@@ -342,6 +360,11 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
                 await pump(tg.cancel_scope)
         finally:
             with anyio.CancelScope(shield=True):
+                for fut in ahead:  # a span metered ahead and not sent: the stream must not count it as sent
+                    with contextlib.suppress(Exception):
+                        left = await fut
+                        if left is not None:
+                            it.unsent(len(left))
                 await anyio.to_thread.run_sync(it.close)
         # cut: returning without the final body message makes the server drop the connection, so the
         # client sees a broken transfer
