@@ -70,7 +70,8 @@ signer = Ed25519Signer(load_pem_private_key(open(cfg["key"], "rb").read(), None)
 log = AuditLog(cfg["db"], signer)
 b = Broker(cfg["db"], LocalWeightStore(cfg["store"]), log, BrokerConfig(
     per_principal=Limit(cfg["rate"], cfg["burst"]), volume_bytes_per_hour=1e15, max_models_per_hour=10**6,
-    chunk=cfg.get("chunk", 4 << 20), zero_copy_span=cfg.get("span", 16 << 20)))
+    chunk=cfg.get("chunk", 4 << 20), zero_copy_span=cfg.get("span", 16 << 20),
+    zero_copy_ahead=cfg.get("ahead", True)))
 http = "h11"
 if cfg.get("zero_copy", True):
     from weightwarden.broker.zerocopy import ZeroCopyH11Protocol as http  # as warden serve runs it
@@ -305,6 +306,8 @@ def main() -> None:
     ap.add_argument("--stream-mib", type=int, default=256)
     ap.add_argument("--stream-chunk-mib", type=int, default=4, help="bytes the broker sends at a time")
     ap.add_argument("--zero-copy-span-mib", type=int, default=16, help="bytes metered at a time on the sendfile path")
+    ap.add_argument("--no-meter-ahead", action="store_true",
+                    help="zero-copy: meter each span only after the one before went out (zero_copy_ahead=False)")
     ap.add_argument("--stream-rounds", type=int, default=3, help="downloads per client (the best one counts)")
     ap.add_argument("--stream-only", action="store_true", help="only the streaming speed (no load, no egress)")
     args = ap.parse_args()
@@ -401,7 +404,7 @@ def main() -> None:
         for label, zero_copy, uds in (("zero_copy", True, False), ("copying", False, False),
                                       ("zero_copy_unix_socket", True, True)):  # fmt: skip
             cfg2 = {**cfg, "rate": 1e12, "burst": 1e13, "port": free_port(), "chunk": args.stream_chunk_mib << 20,
-                    "span": args.zero_copy_span_mib << 20, "zero_copy": zero_copy,
+                    "span": args.zero_copy_span_mib << 20, "zero_copy": zero_copy, "ahead": not args.no_meter_ahead,
                     "uds": str(tmp / "broker.sock") if uds else None}  # fmt: skip
             with _serve(cfg2) as base:
                 if zero_copy and not uds:  # from disk for real: the page cache dropped before each read (root only)

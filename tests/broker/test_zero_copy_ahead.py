@@ -62,17 +62,20 @@ def test_a_span_metered_ahead_and_never_sent_is_not_charged_twice(tmp_path: Path
     b.close()
 
 
-def test_zero_copy_streams_metered_ahead_are_exact_over_a_real_server(tmp_path: Path, sealed: Path) -> None:
+@pytest.mark.parametrize("ahead", [True, False])
+def test_zero_copy_streams_metered_ahead_are_exact_over_a_real_server(tmp_path: Path, sealed: Path,
+                                                                      ahead: bool) -> None:  # fmt: skip
     """Over uvicorn with the zero-copy protocol (as `warden serve` runs it), with spans small enough that
-    every one of some 24 is metered while the one before goes out: the bytes are the file's, the budget is
-    debited exactly what was sent, and the trail holds one start and one end per stream."""
+    every one of some 24 is metered while the one before goes out (``ahead``; or each after the one before,
+    ``zero_copy_ahead=False``): the bytes are the file's, the budget is debited exactly what was sent, and
+    the trail holds one start and one end per stream."""
     import httpx
 
     data = sealed.read_bytes()
     n = len(data)
     burst = 3 * n
     cfg = BrokerConfig(chunk=SPAN, zero_copy_span=SPAN, max_models_per_hour=99,
-                       per_principal=Limit(rate=0.0, burst=burst))  # fmt: skip
+                       per_principal=Limit(rate=0.0, burst=burst), zero_copy_ahead=ahead)  # fmt: skip
     b, a = make_broker(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, sealed, cfg)
     ld = a["loader"]
     with serving(b, tmp_path / "b.sock") as url, httpx.Client(

@@ -187,7 +187,7 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
             headers["x-warden-file-id"] = it.file_id
         if it.partial:
             headers["content-range"] = f"bytes {it.start}-{it.start + it.size - 1}/{it.total}"
-        return _WeightResponse(it, first, 206 if it.partial else 200, headers)
+        return _WeightResponse(it, first, 206 if it.partial else 200, headers, ahead=broker.config.zero_copy_ahead)
 
     RangeH = Annotated[str | None, Header(alias="range", description="one byte range: bytes=A-B, A- or -N",
                                           max_length=200)]  # fmt: skip
@@ -291,8 +291,8 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
     explicitly in a worker thread (its bookkeeping never runs from a garbage collector's whim).  A stream
     cut mid-way (budget, suspension) ends the connection short of its Content-Length."""
 
-    def __init__(self, it: Any, first: bytes, status: int, headers: dict[str, str]):
-        self.it, self.first, self.status_code = it, first, status
+    def __init__(self, it: Any, first: bytes, status: int, headers: dict[str, str], *, ahead: bool = True):
+        self.it, self.first, self.status_code, self.meter_ahead = it, first, status, ahead
         self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.raw_headers.append((b"content-type", b"application/octet-stream"))
         self.background = None
@@ -321,7 +321,7 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
                 while b is not None:
                     if isinstance(b, FileSpan):
                         if zc:
-                            if b.offset + b.count < end:
+                            if self.meter_ahead and b.offset + b.count < end:
                                 ahead.append(asyncio.ensure_future(anyio.to_thread.run_sync(_next_chunk, it)))
                             await send({"type": EXTENSION, "file": b.file, "offset": b.offset, "count": b.count,
                                         "more_body": True})  # fmt: skip
