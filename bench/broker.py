@@ -96,7 +96,8 @@ else:
     s.bind(("127.0.0.1", port)); s.listen(8)
 while True:
     c, _ = s.accept()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # as the broker's zero-copy connections
+    if c.family == socket.AF_UNIX:  # as the broker's zero-copy connections (TCP: the kernel's autotuning)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     buf = b""
     while b"\r\n\r\n" not in buf:
         buf += c.recv(65536)
@@ -111,7 +112,7 @@ while True:
 
 def _loopback_ceiling(path: Path, rounds: int) -> dict[str, float]:
     """A bare HTTP/1.1 server that only sendfile()s the file (blocking, one call, with the broker's send
-    buffer), downloaded with curl, over loopback TCP and over a Unix socket: what this machine's sockets
+    buffer on a Unix socket), downloaded with curl, over loopback TCP and over a Unix socket: what this machine's sockets
     allow, with no HTTP parsing and no metering."""
     from weightwarden.broker.zerocopy import SEND_BUFFER
 
