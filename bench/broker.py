@@ -112,8 +112,8 @@ while True:
 
 def _loopback_ceiling(path: Path, rounds: int) -> dict[str, float]:
     """A bare HTTP/1.1 server that only sendfile()s the file (blocking, one call, with the broker's send
-    buffer on a Unix socket), downloaded with curl, over loopback TCP and over a Unix socket: what this machine's sockets
-    allow, with no HTTP parsing and no metering."""
+    buffer on a Unix socket), downloaded with curl, over loopback TCP and over a Unix socket: what this
+    machine's sockets allow, with no HTTP parsing and no metering."""
     from weightwarden.broker.zerocopy import SEND_BUFFER
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support

@@ -96,3 +96,16 @@ def test_zero_copy_streams_metered_ahead_are_exact_over_a_real_server(tmp_path: 
     assert all(d["zero_copy"] for d in ev if d["phase"] == "start")
     assert [d["bytes"] for d in ev if d["phase"] == "end"] == [n, 2 * SPAN + 94]
     b.close()
+
+
+def test_the_last_span_is_marked_even_in_a_file_shorter_than_its_record(tmp_path: Path) -> None:
+    """The door meters ahead only while a span follows: asking past the last one closes the file the last
+    span is still being sent from.  A file shorter than the range asked (its record) still marks its last
+    span, so the door never asks past it."""
+    from weightwarden.broker.zerocopy import file_spans
+
+    f = tmp_path / "x.wws"
+    f.write_bytes(b"a" * 100)
+    spans = list(file_spans(f, 0, 1000, 40))
+    assert [(x.offset, x.count, x.last) for x in spans] == [(0, 40, False), (40, 40, False), (80, 20, True)]
+    assert [(x.offset, x.count, x.last) for x in file_spans(f, 10, 50, 40)] == [(10, 40, True)]

@@ -307,11 +307,11 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
         from .zerocopy import EXTENSION, FileSpan
 
         zc = EXTENSION in (scope.get("extensions") or {})
-        end = it.start + it.size
         # zero-copy: the next span is metered (debited, its principal's suspension checked) in a worker thread
         # while this one goes out, so that the socket does not run dry during each span's bookkeeping.  A span
         # metered ahead and never handed to the server is given back as unsent (it stays charged: a resume's
-        # credit).  Never ahead of the last span: the end of the spans closes the file being sent.
+        # credit).  Never ahead of the last span (``FileSpan.last``): the end of the spans closes the file that
+        # span is sent from (were it ahead, a file shorter than its record could be closed mid-send).
         ahead: list[Any] = []
 
         async def pump(done: Any) -> None:
@@ -321,7 +321,7 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
                 while b is not None:
                     if isinstance(b, FileSpan):
                         if zc:
-                            if self.meter_ahead and b.offset + b.count < end:
+                            if self.meter_ahead and not b.last:
                                 ahead.append(asyncio.ensure_future(anyio.to_thread.run_sync(_next_chunk, it)))
                             await send({"type": EXTENSION, "file": b.file, "offset": b.offset, "count": b.count,
                                         "more_body": True})  # fmt: skip
