@@ -25,7 +25,7 @@ from .._extras import extra_imports
 __all__ = ["EXTENSION", "FileSpan", "file_spans"]  # and ZeroCopyH11Protocol, made on first use (needs uvicorn)
 
 EXTENSION = "http.response.zerocopy"
-SEND_BUFFER = 4 << 20  # bytes the kernel may hold for a Unix stream socket (capped by net.core.wmem_max)
+SEND_BUFFER = 4 << 20  # bytes the kernel may hold for a stream socket (capped by net.core.wmem_max)
 
 
 class FileSpan:
@@ -97,10 +97,10 @@ def _protocol_classes() -> tuple[Any, Any]:
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             sock = transport.get_extra_info("socket")
-            # a Unix socket: a larger send buffer, fewer event-loop wake-ups per sendfile span (2.2 -> 5.4 GB/s
-            # to curl from a bare server).  Not TCP: a fixed SO_SNDBUF turns off the kernel's autotuning, and
-            # over loopback a bare server then sends slower (see docs/BROKER.md)
-            if sock is not None and sock.family == socket.AF_UNIX:
+            # a larger send buffer: fewer event-loop wake-ups per sendfile span (a bare server to curl over a
+            # Unix socket: 2.2 -> 5.4 GB/s).  On TCP it turns off the kernel's autotuning: a bare blocking
+            # server is faster without it, the broker's event loop was slower (docs/BROKER.md), so it stays
+            if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
 
