@@ -96,8 +96,7 @@ else:
     s.bind(("127.0.0.1", port)); s.listen(8)
 while True:
     c, _ = s.accept()
-    if c.family == socket.AF_UNIX:  # as the broker's zero-copy connections; TCP: autotuned, faster for this server
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # as the broker's zero-copy connections
     buf = b""
     while b"\r\n\r\n" not in buf:
         buf += c.recv(65536)
@@ -111,10 +110,9 @@ while True:
 
 
 def _loopback_ceiling(path: Path, rounds: int) -> dict[str, float]:
-    """A bare HTTP/1.1 server that only sendfile()s the file (blocking, one call; the broker's send buffer
-    on a Unix socket, the kernel's autotuning on TCP: the faster for it on each), downloaded with curl,
-    over loopback TCP and over a Unix socket: what this machine's sockets allow, with no HTTP parsing and
-    no metering."""
+    """A bare HTTP/1.1 server that only sendfile()s the file (blocking, one call, with the broker's send
+    buffer: like with like), downloaded with curl, over loopback TCP and over a Unix socket: what this
+    machine's sockets allow, with no HTTP parsing and no metering."""
     from weightwarden.broker.zerocopy import SEND_BUFFER
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
