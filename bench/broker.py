@@ -70,7 +70,8 @@ signer = Ed25519Signer(load_pem_private_key(open(cfg["key"], "rb").read(), None)
 log = AuditLog(cfg["db"], signer)
 b = Broker(cfg["db"], LocalWeightStore(cfg["store"]), log, BrokerConfig(
     per_principal=Limit(cfg["rate"], cfg["burst"]), volume_bytes_per_hour=1e15, max_models_per_hour=10**6,
-    chunk=cfg.get("chunk", 4 << 20), zero_copy_span=cfg.get("span", 16 << 20)))
+    chunk=cfg.get("chunk", 4 << 20), zero_copy_span=cfg.get("span", 16 << 20),
+    zero_copy_ahead=cfg.get("ahead", True)))
 http = "h11"
 if cfg.get("zero_copy", True):
     from weightwarden.broker.zerocopy import ZeroCopyH11Protocol as http  # as warden serve runs it
@@ -85,7 +86,7 @@ else:
 
 BARE = r"""
 import os, socket, sys
-path, port = sys.argv[1], sys.argv[2]
+path, port, sndbuf = sys.argv[1], sys.argv[2], int(sys.argv[3])
 port = int(port) if port.isdigit() else 0
 size = os.path.getsize(path)
 if sys.argv[2].startswith("/"):
@@ -95,6 +96,7 @@ else:
     s.bind(("127.0.0.1", port)); s.listen(8)
 while True:
     c, _ = s.accept()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)  # as the broker's zero-copy connections
     buf = b""
     while b"\r\n\r\n" not in buf:
         buf += c.recv(65536)
@@ -108,15 +110,18 @@ while True:
 
 
 def _loopback_ceiling(path: Path, rounds: int) -> dict[str, float]:
-    """A bare HTTP/1.1 server that only sendfile()s the file, downloaded with curl, over loopback TCP and
-    over a Unix socket: what this machine's sockets allow, with no HTTP parsing and no metering."""
+    """A bare HTTP/1.1 server that only sendfile()s the file (blocking, one call, with the broker's send
+    buffer: like with like), downloaded with curl, over loopback TCP and over a Unix socket: what this
+    machine's sockets allow, with no HTTP parsing and no metering."""
+    from weightwarden.broker.zerocopy import SEND_BUFFER
+
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: tests.support
     from tests.support.services import free_port
 
     out: dict[str, float] = {}
     size = path.stat().st_size
     for label, where in (("tcp", str(free_port())), ("unix_socket", str(path.parent / "bare.sock"))):
-        srv = subprocess.Popen([sys.executable, "-c", BARE, str(path), where])
+        srv = subprocess.Popen([sys.executable, "-c", BARE, str(path), where, str(SEND_BUFFER)])
         try:
             time.sleep(0.5)
             best = float("inf")
@@ -301,6 +306,8 @@ def main() -> None:
     ap.add_argument("--stream-mib", type=int, default=256)
     ap.add_argument("--stream-chunk-mib", type=int, default=4, help="bytes the broker sends at a time")
     ap.add_argument("--zero-copy-span-mib", type=int, default=16, help="bytes metered at a time on the sendfile path")
+    ap.add_argument("--no-meter-ahead", action="store_true",
+                    help="zero-copy: meter each span only after the one before went out (zero_copy_ahead=False)")
     ap.add_argument("--stream-rounds", type=int, default=3, help="downloads per client (the best one counts)")
     ap.add_argument("--stream-only", action="store_true", help="only the streaming speed (no load, no egress)")
     args = ap.parse_args()
@@ -346,7 +353,7 @@ def main() -> None:
             from weightwarden.broker.client import BrokerClient
 
             t: dict[str, float] = {}
-            for how in ("disk", "httpx", "curl", *(("client",) if client else ())):
+            for how in ("disk", "curl_file", "httpx", "curl", *(("client",) if client else ())):
                 if cold:
                     _drop_caches()
                 t0 = time.perf_counter()
@@ -354,6 +361,8 @@ def main() -> None:
                     with open(sealed, "rb") as fh:
                         while fh.read(1 << 20):
                             pass
+                elif how == "curl_file":  # the same client and buffers reading the same file: curl file://
+                    subprocess.run(["curl", "-sf", "-o", "/dev/null", sealed.as_uri()], check=True)
                 elif how == "httpx":
                     n = 0
                     hc, prefix = _http(base)
@@ -364,9 +373,11 @@ def main() -> None:
                 elif how == "curl":
                     h = accts["big"].headers("GET", path)["authorization"]
                     cpu0 = _cpu_s(_PIDS[base])
-                    subprocess.run(["curl", "-sf", "-o", "/dev/null", "-H", f"authorization: {h}", *_curl(base, path)],
-                                   check=True)  # fmt: skip
+                    w = subprocess.run(["curl", "-sf", "-o", "/dev/null", "-w", "%{time_starttransfer}", "-H",
+                                        f"authorization: {h}", *_curl(base, path)], check=True, capture_output=True,
+                                       text=True).stdout  # fmt: skip
                     t["server_cpu"] = _cpu_s(_PIDS[base]) - cpu0
+                    t["ttfb"] = float(w)  # the request's fixed cost: token, policy, audit, first lease
                 else:
                     dst = tmp / "pulled.wws"
                     with BrokerClient(base, "big", accts["big"].key, timeout=300) as c:
@@ -377,11 +388,15 @@ def main() -> None:
 
         def summary(rounds: list[dict[str, float]], cold: bool = False) -> dict[str, float]:
             best = {k: min(r[k] for r in rounds) for k in rounds[0]}
-            out = {"disk_read_mb_s" if cold else "page_cache_read_mb_s": round(size / best["disk"] / 1e6)}
+            out = {"disk_read_mb_s" if cold else "page_cache_read_mb_s": round(size / best["disk"] / 1e6),
+                   # the second reference: curl itself reading the file (file://), the same client and buffers
+                   "curl_file_read_mb_s": round(size / best["curl_file"] / 1e6)}  # fmt: skip
             for k in ("curl", "httpx", "client"):
                 if k in best:
                     out[f"broker_stream_{k}_mb_s"] = round(size / best[k] / 1e6)
                     out[f"ratio_{k}_over_read"] = round(best["disk"] / best[k], 3)
+            out["ratio_curl_over_curl_file"] = round(best["curl_file"] / best["curl"], 3)
+            out["broker_stream_curl_ttfb_ms"] = round(1e3 * min(r["ttfb"] for r in rounds), 1)
             out["server_cpu_s_per_gb_curl"] = round(best["server_cpu"] / (size / 1e9), 3)
             return out
 
@@ -389,7 +404,7 @@ def main() -> None:
         for label, zero_copy, uds in (("zero_copy", True, False), ("copying", False, False),
                                       ("zero_copy_unix_socket", True, True)):  # fmt: skip
             cfg2 = {**cfg, "rate": 1e12, "burst": 1e13, "port": free_port(), "chunk": args.stream_chunk_mib << 20,
-                    "span": args.zero_copy_span_mib << 20, "zero_copy": zero_copy,
+                    "span": args.zero_copy_span_mib << 20, "zero_copy": zero_copy, "ahead": not args.no_meter_ahead,
                     "uds": str(tmp / "broker.sock") if uds else None}  # fmt: skip
             with _serve(cfg2) as base:
                 if zero_copy and not uds:  # from disk for real: the page cache dropped before each read (root only)

@@ -7,6 +7,7 @@ OpenAPI document is at ``/openapi.json``.
 
 # no `from __future__ import annotations`: FastAPI reads the route annotations at run time, and
 # they name types local to create_app
+import contextlib
 import ipaddress
 import json
 from typing import Annotated, Any
@@ -81,8 +82,6 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
 
     ``threads``: worker threads for the (blocking) service calls.  Few: the work holds the GIL
     most of the time, and fewer runnable threads keep a policy decision from queueing behind them."""
-    import contextlib
-
     with extra_imports("server"):
         import anyio
         from fastapi import Depends, FastAPI, Header, Request
@@ -188,7 +187,7 @@ def create_app(broker: Broker, passkeys: Any = None, *, threads: int = 8) -> Any
             headers["x-warden-file-id"] = it.file_id
         if it.partial:
             headers["content-range"] = f"bytes {it.start}-{it.start + it.size - 1}/{it.total}"
-        return _WeightResponse(it, first, 206 if it.partial else 200, headers)
+        return _WeightResponse(it, first, 206 if it.partial else 200, headers, ahead=broker.config.zero_copy_ahead)
 
     RangeH = Annotated[str | None, Header(alias="range", description="one byte range: bytes=A-B, A- or -N",
                                           max_length=200)]  # fmt: skip
@@ -292,13 +291,15 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
     explicitly in a worker thread (its bookkeeping never runs from a garbage collector's whim).  A stream
     cut mid-way (budget, suspension) ends the connection short of its Content-Length."""
 
-    def __init__(self, it: Any, first: bytes, status: int, headers: dict[str, str]):
-        self.it, self.first, self.status_code = it, first, status
+    def __init__(self, it: Any, first: bytes, status: int, headers: dict[str, str], *, ahead: bool = True):
+        self.it, self.first, self.status_code, self.meter_ahead = it, first, status, ahead
         self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         self.raw_headers.append((b"content-type", b"application/octet-stream"))
         self.background = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        import asyncio
+
         import anyio
 
         it = self.it
@@ -306,6 +307,12 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
         from .zerocopy import EXTENSION, FileSpan
 
         zc = EXTENSION in (scope.get("extensions") or {})
+        # zero-copy: the next span is metered (debited, its principal's suspension checked) in a worker thread
+        # while this one goes out, so that the socket does not run dry during each span's bookkeeping.  A span
+        # metered ahead and never handed to the server is given back as unsent (it stays charged: a resume's
+        # credit).  Never ahead of the last span (``FileSpan.last``): the end of the spans closes the file that
+        # span is sent from (were it ahead, a file shorter than its record could be closed mid-send).
+        ahead: list[Any] = []
 
         async def pump(done: Any) -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -314,8 +321,19 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
                 while b is not None:
                     if isinstance(b, FileSpan):
                         if zc:
+                            if self.meter_ahead and not b.last:
+                                ahead.append(asyncio.ensure_future(anyio.to_thread.run_sync(_next_chunk, it)))
                             await send({"type": EXTENSION, "file": b.file, "offset": b.offset, "count": b.count,
                                         "more_body": True})  # fmt: skip
+                            if ahead:
+                                try:
+                                    b = await asyncio.shield(ahead[0])
+                                except (EgressLimitError, StreamCut):
+                                    break  # audited by the service; the body ends short
+                                finally:
+                                    if ahead[0].done():
+                                        ahead.clear()
+                                continue
                         else:
                             await send({"type": "http.response.body", "body": await anyio.to_thread.run_sync(b.read),
                                         "more_body": True})  # fmt: skip
@@ -342,6 +360,11 @@ class _WeightResponse(_weight_response_base()):  # type: ignore[misc]
                 await pump(tg.cancel_scope)
         finally:
             with anyio.CancelScope(shield=True):
+                for fut in ahead:  # a span metered ahead and not sent: the stream must not count it as sent
+                    with contextlib.suppress(Exception):
+                        left = await fut
+                        if left is not None:
+                            it.unsent(len(left))
                 await anyio.to_thread.run_sync(it.close)
         # cut: returning without the final body message makes the server drop the connection, so the
         # client sees a broken transfer

@@ -34,3 +34,7 @@ class BrokerConfig:
     # same file (ETag) that the same principal paid for and was not sent (a cut stream's reserved tail)
     resume_window_s: int = 24 * 3600
     zero_copy_span: int = 16 * CHUNK  # bytes metered (and checked for suspension) at a time on the sendfile path
+    # meter the next span (debit it, check the principal's suspension) while the current one goes out, so the
+    # socket does not run dry at each span's bookkeeping; a suspension then cuts a zero-copy stream within two
+    # spans rather than one (False: one, and a pause at every span)
+    zero_copy_ahead: bool = True

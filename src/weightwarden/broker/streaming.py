@@ -54,8 +54,10 @@ class WeightStream(Iterator[bytes]):
     """The chunks of a weight stream (debited from the egress buckets as they go) and its ``size``."""
 
     def __init__(self, chunks: Iterator[bytes], size: int, *, start: int = 0, total: int | None = None,
-                 etag: str | None = None, partial: bool = False, file_id: str | None = None):  # fmt: skip
+                 etag: str | None = None, partial: bool = False, file_id: str | None = None,
+                 state: dict[str, int] | None = None):  # fmt: skip
         self._chunks, self.size, self.file_id = chunks, size, file_id  # file_id: the sealed header's, hex
+        self._state = state  # shared with the metering generator: what the consumer did not send
         self.start, self.total, self.etag, self.partial = start, size if total is None else total, etag, partial
 
     def __iter__(self) -> WeightStream:
@@ -63,6 +65,13 @@ class WeightStream(Iterator[bytes]):
 
     def __next__(self) -> bytes:
         return next(self._chunks)
+
+    def unsent(self, n: int) -> None:
+        """The consumer took the last chunk (``n`` bytes: a span metered ahead) and never sent it: when the
+        stream is closed it is not counted as sent (it stays charged, and a resume gets it back as credit).
+        Only the last chunk taken can be given back; call before :meth:`close`."""
+        if self._state is not None:
+            self._state["unsent"] = n
 
     def close(self) -> None:
         getattr(self._chunks, "close", lambda: None)()
@@ -145,10 +154,11 @@ class Streaming(BrokerState):
             extra["zero_copy"] = True
         self.audit(AuditAction.BROKER_STREAM, "ok", p.id, model, now=now, phase="start", bytes=stop - first,
                    request=request_id, network=network, **extra)  # fmt: skip
-        it = self._metered(sid, p, model, chunks, first, stop, free, download, now)
+        state = {"unsent": 0}
+        it = self._metered(sid, p, model, chunks, first, stop, free, download, now, state)
         file_id = None if extra.get("copy") else info.get("detail", {}).get("file_id")
         return WeightStream(it, stop - first, start=first, total=total, etag=etag, partial=range_ is not None,
-                            file_id=file_id)  # fmt: skip
+                            file_id=file_id, state=state)  # fmt: skip
 
     def _take_credit(self, p: Principal, download: str, n: int, now: datetime | None) -> int:
         """A ranged request takes, from its download's record, up to ``n`` bytes it may be sent without
@@ -196,7 +206,8 @@ class Streaming(BrokerState):
             c.execute(sa.insert(self.t.egress).values(principal=p.id, model=model, at=t, bytes=sent))
 
     def _metered(self, sid: str, p: Principal, model: str, chunks: Iterator[bytes], first: int, stop: int,
-                 free: int, download: str, now: datetime | None) -> Iterator[bytes]:  # fmt: skip
+                 free: int, download: str, now: datetime | None,
+                 state: dict[str, int] | None = None) -> Iterator[bytes]:  # fmt: skip
         """Yield ``chunks`` (bytes ``[first, stop)`` of the file) while debiting the buckets for every
         byte past the first ``free`` (a resume's credit).  Bytes are reserved a lease at a time (one
         transaction per ``config.lease`` bytes, not per chunk), falling back to the exact chunk when
@@ -204,10 +215,12 @@ class Streaming(BrokerState):
         not send; a cut one keeps it charged, as its download's resume credit.  Before each chunk the
         principal is checked (a suspended principal's stream is cut there), and before each lease the
         volume rule is re-checked with the bytes this stream is about to send (over it: an alert, a
-        suspension if the rule is in ``auto_suspend``, and the stream cut)."""
+        suspension if the rule is in ``auto_suspend``, and the stream cut).  ``state["unsent"]``, set by the
+        consumer before it closes the stream (:meth:`WeightStream.unsent`): bytes of the last chunk it took
+        and never sent, not counted as sent."""
         cfg = self.config
         keys = [(f"p:{p.id}", cfg.per_principal), (f"m:{model}", cfg.per_model), ("g:*", cfg.global_)]
-        sent = reserved = charged = free_used = 0
+        sent = reserved = charged = free_used = last = 0
         uncharged = (stop - first) - free
         ended = "closed"  # the consumer stopped early (a client that went away), unless set below
         try:
@@ -241,9 +254,12 @@ class Streaming(BrokerState):
                 charged += cost
                 free_used += f
                 sent += len(b)
+                last = len(b)
                 yield b
             ended = "end"
         finally:
+            if ended == "closed" and state is not None:  # the consumer took the last chunk and did not send it
+                sent -= min(max(state.get("unsent", 0), 0), last)
             if reserved > 0 and ended == "end":
                 self._refund(keys, reserved, now)
             elif reserved > 0:  # cut: the reserved tail stays charged, and a resume may take it back
