@@ -4,7 +4,11 @@ A file of endpoints (``warden scan --endpoints FILE``) may come from someone els
 the probe at an internal service (a cloud metadata address, an admin port on loopback, a database on the
 private network) and read its answers back through the scan's rows (server-side request forgery).  Every
 host is resolved before anything is sent and every address it resolves to must be global (not loopback,
-private, link-local, shared, reserved, multicast or unspecified, IPv4-mapped forms included).  The operator
+private, link-local, shared, reserved, multicast or unspecified; IPv6 only in global unicast 2000::/3,
+IPv4-mapped and NAT64 forms judged by the IPv4 address they embed, 6to4 and Teredo refused).  Hosts must be
+ASCII (an internationalised name in its ``xn--`` form): the resolver and the HTTP client apply different IDNA
+rules to some names (``faß``: IDNA 2003 gives ``fass``, IDNA 2008 ``xn--fa-hia``), so a non-ASCII name could be
+checked as one host and dialled as another.  The operator
 lifts the rule for a scan of their own test servers with ``allow_private``.
 
 The file is checked when it is read (a name that does not resolve from there passes) and again on the worker
@@ -21,16 +25,33 @@ import socket
 
 from .errors import PrivateAddressError
 
-__all__ = ["PrivateAddressError", "check_public_host"]
+__all__ = ["PrivateAddressError", "check_public_host", "host_of"]
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the IPv4 address it embeds is dialled
+_UNICAST = ipaddress.ip_network("2000::/3")  # global unicast; every other IPv6 block is refused
+_TUNNELS = (ipaddress.ip_network("2002::/16"), ipaddress.ip_network("2001::/32"))  # 6to4, Teredo
 
 
 def _is_public(addr: str) -> bool:
     ip = ipaddress.ip_address(addr.split("%", 1)[0])  # drop an IPv6 zone id
     if isinstance(ip, ipaddress.IPv6Address):
-        mapped = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if mapped is not None:
-            return _is_public(str(mapped)) and ip.ipv4_mapped is not None  # 6to4/Teredo: refused outright
+        if ip.ipv4_mapped is not None:
+            return _is_public(str(ip.ipv4_mapped))
+        if ip in _NAT64:
+            return _is_public(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+        if ip not in _UNICAST or any(ip in n for n in _TUNNELS):
+            return False
     return bool(ip.is_global) and not ip.is_multicast
+
+
+def host_of(url: str) -> tuple[str, int | None]:
+    """The host and port the HTTP client (httpx) will dial for ``url``: the host is checked as the client
+    reads it, never as another parser might (IDNA 2003 and 2008 map some names differently)."""
+    import httpx
+
+    u = httpx.URL(url)
+    return u.host, u.port
 
 
 def check_public_host(host: str, port: int | None, what: str, *, unresolved_ok: bool = False) -> list[str]:

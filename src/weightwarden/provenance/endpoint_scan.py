@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from .._extras import require
 from ..errors import ProbeError, ScanError, WardenError
-from ..netguard import PrivateAddressError, check_public_host
+from ..netguard import PrivateAddressError, check_public_host, host_of
 from .compare import DEFAULT_ALPHA
 from .probe import MODES
 from .scan import _drop_torn_tail, _read_state, ray_start
@@ -160,20 +160,26 @@ def _spec(path: Path, where: str, e: Any, mode: str, budget: int, allow_private:
     url = e.get("url")
     if url is None:
         raise bad("url", "missing: every endpoint needs its URL")
-    u = urlsplit(url) if _printable(url) and " " not in url and len(url) <= 2000 else None
+    try:
+        u = urlsplit(url) if _printable(url) and " " not in url and len(url) <= 2000 else None
+        if u is not None:
+            u.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise bad("url", "is not a URL (a bracketed host or the port is malformed)") from None
     if u is None or u.scheme not in ("http", "https") or not u.hostname:
         raise bad("url", "must be an http:// or https:// URL with a host, without spaces or control characters")
     if u.username is not None or u.password is not None or u.query or u.fragment:
         raise bad("url", "must hold no user, password, query or fragment (give the API key through api_key_env)")
-    try:
-        port = u.port
-    except ValueError:
-        raise bad("url", "has a port that is not a number from 0 to 65535") from None
+    if not u.hostname.isascii():
+        raise bad("url", "the host must be ASCII: write an internationalised name in its xn-- (punycode) form")
     if not allow_private:
         try:
-            check_public_host(u.hostname, port, f"{path} {where}, field 'url'", unresolved_ok=True)
+            host, port = host_of(url)
+            check_public_host(host, port, f"{path} {where}, field 'url'", unresolved_ok=True)
         except PrivateAddressError as err:
             raise ScanError(f"{err}; nothing was started") from None
+        except Exception as err:  # httpx refuses the URL: the same one line
+            raise bad("url", f"is not a URL the HTTP client accepts ({type(err).__name__})") from None
     name = e.get("name", url)
     if not isinstance(name, str) or not name.isprintable() or not 0 < len(name) <= 200:
         raise bad("name", "must be 1 to 200 printable characters")
@@ -261,8 +267,8 @@ def probe_endpoint(spec: dict[str, Any], cfg: dict[str, Any], prompts: list[str]
             if not key:
                 raise ProbeError(f"{spec['api_key_env']} is not set where the probe runs: set it on the Ray workers")
         if not allow_private:  # again where the request leaves: the name may resolve otherwise now
-            u = urlsplit(spec["url"])
-            check_public_host(u.hostname or "", u.port, f"endpoint {spec['name'][:80]!r}")
+            host, port = host_of(spec["url"])
+            check_public_host(host, port, f"endpoint {spec['name'][:80]!r}")
         ours, refs = _pool([cfg["model"], *cfg["references"]])
         ep = Endpoint(spec["url"], model=spec["model"], api_key=key, budget=spec["budget"], rate=spec["rate"],
                       retries=spec["retries"], timeout=spec["timeout"], cache=cache, home=home)  # fmt: skip
