@@ -84,13 +84,15 @@ def _heldout(k: int) -> tuple[list, list]:
     # set 4: written before the person-name check, never tuned on.  Before: 94/95 at 94/100 = 0.94.  First
     # measure after the check: 92/95 = 0.968 at 0.968 (people written with digit look-alikes lost).  After the
     # digit readings (set 5 written before them) and the check's cheaper first pass (no tuning on sets 4-5, but
-    # made after seeing them): 94/95 = 0.989 at 94/97 = 0.969, the issue's target
-    (4, 0.98, 0.95),
+    # made after seeing them): 94/95 = 0.989 at 94/97 = 0.969, the issue's target.  Round 4 (its remaining miss and
+    # false hits were named in docs/EXPORT.md, so seen): 95/95 at 95/95
+    (4, 1.0, 1.0),
     # set 5: people only, written after set 4 showed the digit loss and before mending it, never tuned on.
     # Before any change on the branch: 21/28 at 21/23; first measure after the digit readings: 27/28 at 27/29;
     # now 28/28 at 28/30 = 0.933, under the issue's precision target ("Kim Chol" and "Li Dong", a Korean or
-    # Chinese given name cut in its middle, flagged), asserted as measured so that a regression shows
-    (5, 1.0, 28 / 30),
+    # Chinese given name cut in its middle, flagged), asserted as measured so that a regression shows.  Round 4
+    # (a person named in Han or Hangul is matched syllable by syllable; seen): 28/28 at 28/28
+    (5, 1.0, 1.0),
 ])  # fmt: skip
 def test_held_out_sets_measured(extended: ScreeningList, k: int, min_recall: float, min_precision: float) -> None:
     pos, neg = _heldout(k)
@@ -285,3 +287,68 @@ def test_attack_a_name_that_is_not_text_is_a_typed_error(sample: ScreeningList) 
         sample.screen("Sergei \udcff Petrov")
     with pytest.raises(ScreeningError, match="is not valid text"):
         sample.screen("Someone", aliases=("Sergei \udcff Petrov",))
+
+
+PROBE4 = json.loads((Path(__file__).parents[1] / "vectors" / "screening_probe_round4.json").read_text())
+
+
+def test_round4_probe_measured(extended: ScreeningList) -> None:
+    """Round 4's probe (written before the change by the engineer who tuned, so not held out): before the change
+    12/45 found at 12/13; now all found with no false hit.  Asserted as measured, so that a regression shows."""
+    recall, precision, wrong = _scores(extended, PROBE4["round4_probe"], PROBE4["round4_probe_innocents"])
+    assert recall == 1.0 and precision == 1.0, (recall, precision, wrong)
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    # "-off" and German / Polish spellings: one folded spelling (w / v, -ff / -v, z / ts / c, j / y, ie / e)
+    ("Alexandre Sokoloff", "sample-007"), ("Dmitrij Olegowitsch Wassiljew", "sample-013"),
+    ("Mikołaj Kuźniecow", "sample-020"), ("Ivan Petroff", None), ("Dmitrij Morosow", None),
+    # Ukrainian and English forms of a given name (lists/person_names.json), the family name still matched
+    ("Serhii Ivanovych Petrov", "sample-000"), ("Mykhaylo Orlov", "extra-010"), ("Nicholas Kuznetsoff", "sample-020"),
+    ("Mykola Sokolov", None), ("Eugene Kuznetsov", None), ("Michael Petrov", None),
+    # one letter off in an Arabic name, and Mohd / Md; a derived name (nisba, feminine) is another name
+    ("Muhammed Al Rashidy", "sample-002"), ("Md. Al-Rashidi", "sample-002"), ("Ali Akbar Husseini", "sample-018"),
+    ("Mohammed Al-Rashid", None), ("Ali Akbar Hosseinzadeh", None), ("Sergei Petrova", None),
+    ("Nikolai Kuznetsova", None),
+    # a title or a note written with the name (rigour's person prefixes and lists/person_names.json)
+    ("Haj Ali Akbar Hosseini", "sample-018"), ("Alexander Sokolov, CEO", "sample-007"),
+    ("Colonel Mikhail Orlov", "extra-010"), ("Sheikh Ali Al-Rashidi", None), ("Colonel Sergei Ivanov", None),
+    # Wade-Giles, Western surname order and spelling, McCune-Reischauer
+    ("Chen Chien-Kuo", "sample-024"), ("Li Wei-Tung", "sample-011"), ("Lee Weidong", "sample-011"),
+    ("Kim Ch'ol-ho", "sample-004"), ("Wang Hsiao-ping", None), ("Chen Chien-min", None), ("Kim Chol-su", None),
+    # a Chinese or Korean given name cut to one syllable is another name (set 4 and 5's false hits' class)
+    ("Lee Dong", None), ("Kim Ho", None), ("Wang Ming Hua", None),
+])  # fmt: skip
+def test_round4_classes(extended: ScreeningList, name: str, want: str | None) -> None:
+    """Issue 17, round 4: the red team's classes of misses are found (strings not in the probe set), and a
+    different person written the same way, one per class at least, stays clear."""
+    ids = [h["entry"]["id"] for h in extended.screen(name)["hits"]]
+    assert ids == ([want] if want else []), (name, ids)
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Western Heavy Industries International Corporation", None),  # a word one letter longer at its start
+    ("Eastern Heavy Industries Internacional Corp", "extra-004"),  # a word misspelt inside is the same word
+])  # fmt: skip
+def test_an_organisation_word_with_another_first_letter_is_another_word(extended: ScreeningList, name: str,
+                                                                        want: str | None) -> None:  # fmt: skip
+    ids = [h["entry"]["id"] for h in extended.screen(name)["hits"]]
+    assert ids == ([want] if want else []), (name, ids)
+
+
+def test_a_person_found_part_by_part_is_explained_and_kept_under_a_stricter_threshold(extended: ScreeningList) -> None:
+    """A hit the string scores miss carries its score (88) and says how it was found; a caller asking a stricter
+    threshold than that does not get it."""
+    r = extended.screen("Jewgenij Morosow")
+    assert [h["entry"]["id"] for h in r["hits"]] == ["sample-015"]
+    assert r["hits"][0]["score"] == 88.0 and r["hits"][0]["explanation"]["part_by_part"] is True
+    assert extended.screen("Jewgenij Morosow", threshold=95)["hits"] == []
+
+
+def test_the_person_name_table_is_well_formed() -> None:
+    """Each given name is in one group, lower-case ASCII, as normalize() writes it (else it never matches)."""
+    doc = json.loads((ROOT / "src/weightwarden/release/lists/person_names.json").read_text())
+    words = [w for g in doc["given_names"] for w in g]
+    assert len(words) == len(set(words)), sorted(w for w in set(words) if words.count(w) > 1)
+    assert [w for w in words if normalize(w) != w] == []
+    assert [w for w in doc["titles"] if normalize(w) not in (w, "")] == []  # "" where rigour drops it already

@@ -17,6 +17,7 @@ stored under a home) :mod:`.screen_lists`.
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,16 @@ from .screen_names import (
     normalize,
     unmatched_words,
 )
-from .screen_people import person_agrees
+from .screen_people import name_keys, person_agrees, person_match
 
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize", "screen", "update_list"]
 
 DEFAULT_THRESHOLD = 86.0
+# the score of a person found part by part (:mod:`.screen_people`) whose name the string scores put under the
+# default threshold: a hit at the default threshold, not above a stricter one
+PART_SCORE_HIT = 88.0
+# the most listed people checked part by part for one query (those sharing most words with it first)
+MAX_PEOPLE_NEAR = 64
 
 
 @dataclass
@@ -57,6 +63,9 @@ class ScreeningList:
     _by_token: dict[str, list[int]] = field(default_factory=dict)
     _abbr: dict[int, frozenset[str]] = field(default_factory=dict)
     _cols: list[int] = field(default_factory=list)
+    _by_key: dict[str, list[int]] = field(default_factory=dict)
+    _at: dict[tuple[int, str], int] = field(default_factory=dict)
+    _syllabic: set[int] = field(default_factory=set)
     _bags: Any = None
     _lens: Any = None
 
@@ -85,10 +94,18 @@ class ScreeningList:
                             self._abbr[len(self._names)] = abbr
                     for w in tokens:
                         self._by_token.setdefault(w, []).append(len(self._names))
+                        if not org:  # a person's words by their spelling-free keys (the part-by-part path below)
+                            for key in name_keys(w):
+                                self._by_key.setdefault(key, []).append(len(self._names))
+                    self._at[i, k] = len(self._names)
                     self._names.append(k)
                     self._tokens.append(tokens)
                     self._owner.append(i)
                     self._raw.append(n)
+            # a person named in Han, Hangul or Kana: a given name of two syllables is written apart ("wang xiao
+            # ming", "Kim Chol Ho") as often as joined, so no syllable of the listed name may be left out
+            if not org and any(_syllabic_script(n) for n in (e.name, *e.aliases)):
+                self._syllabic.add(i)
             self._words.append(frozenset(words))
             self._entry_names.append(sorted(seen))
         # each name's letters as counts, to bound its similarity to a query before scoring it (below)
@@ -201,7 +218,7 @@ class ScreeningList:
                         continue
                 # a person is named by given and family name, part by part: not a common name one name away
                 # ("Li Wei" for "Li Wei Dong", "Wang Xiaoping" for "Wang Xiaoming"; :mod:`.screen_people`)
-                elif not person_agrees(nq, self._entry_names[self._owner[j]]):
+                elif not person_agrees(nq, self._entry_names[i := self._owner[j]], complete=i in self._syllabic):
                     continue
                 self._keep(best, j, float(score[c]), q, nq, {"token_sort": round(float(sort[c]), 1),
                            "token_set": round(float(tset[c]), 1), "ratio": round(float(plain[c]), 1)})  # fmt: skip
@@ -212,6 +229,15 @@ class ScreeningList:
                     rest = self._tokens[j] - set(full)
                     if not self._organisation(j) and sorted(w[0] for w in rest) == initials:
                         self._keep(best, j, 90.0, q, nq, {"initials": " ".join(initials)})
+            # a person whose names are spelt in another romanisation or language, or written with a title or a
+            # note, that the string scores miss ("Jewgeni Morosow", "Serhiy Petrov", "Sheikh Mohammed Al-Rashidi"):
+            # the listed people sharing two words' keys with the query, checked part by part
+            if threshold <= PART_SCORE_HIT + 1e-9:
+                for i in self._people_near(nq):
+                    if i not in best:
+                        matched = person_match(nq, self._entry_names[i], complete=i in self._syllabic)
+                        if matched is not None:
+                            self._keep(best, self._at[i, matched], PART_SCORE_HIT, q, nq, {"part_by_part": True})
             # an alias together with words of the entry's other names: every word accounted for
             for t in qt:
                 for i, at, j in self._combos.get(t, ()):
@@ -244,6 +270,26 @@ class ScreeningList:
             out.update(self._by_token.get(w, ()))
         return sorted(out)
 
+    def _people_near(self, nq: str) -> list[int]:
+        """The listed people (entry indexes) with a name sharing the keys (:func:`.screen_people.name_keys`) of two
+        of the query's words (of three letters or more where it has two such words), most shared first."""
+        words = [w for w in nq.split() if len(w) > 1]
+        longer = [w for w in words if len(w) >= 3]
+        words = longer if len(longer) >= 2 else words
+        if len(words) < 2:
+            return []
+        count: dict[int, int] = {}
+        for w in set(words):
+            names = {j for key in name_keys(w) for j in self._by_key.get(key, ())}
+            for j in names:
+                count[j] = count.get(j, 0) + 1
+        shared: dict[int, int] = {}
+        for j, n in count.items():
+            if n >= 2:
+                i = self._owner[j]
+                shared[i] = max(shared.get(i, 0), n)
+        return sorted(shared, key=lambda i: -shared[i])[:MAX_PEOPLE_NEAR]
+
     def _organisation(self, j: int) -> bool:
         return self.entries[self._owner[j]].kind.lower() not in ("", "individual", "person")
 
@@ -257,6 +303,10 @@ class ScreeningList:
                    "countries": list(e.countries), "source": e.source, "programs": list(e.programs)},
                    "matched_name": self._raw[j], "query": q,
                    "explanation": {"query_normalized": nq, "name_normalized": self._names[j], **parts}}  # fmt: skip
+
+
+def _syllabic_script(name: str) -> bool:
+    return any(unicodedata.name(c, "").startswith(("CJK UNIFIED", "HANGUL", "HIRAGANA", "KATAKANA")) for c in name)
 
 
 # -- the library calls `warden screen` makes (each an event of the home's trail) ------------------------

@@ -132,13 +132,15 @@ def literal_words(name: str) -> frozenset[str]:
 
 
 def unmatched_words(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str) -> set[str]:
-    """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80), not cut short
+    """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80, the same first
+    letter: "Western" is not "Eastern", a word one letter longer at its start is another word), not cut short
     ("Comp." for "Components"), not written joined ("micro systems" / "microsystems")."""
     fuzz = require("rapidfuzz", "fuzz", extra="release")
 
     flat = joined.replace(" ", "")
     return {w for w in words if w not in other and not (len(w) >= 4 and w in flat)
-            and not any(fuzz.ratio(w, o) >= 80 or (len(o) >= 3 and w.startswith(o)) for o in other)}  # fmt: skip
+            and not any((fuzz.ratio(w, o) >= 80 and w[0] == o[0]) or (len(o) >= 3 and w.startswith(o))
+                        for o in other)}  # fmt: skip
 
 
 

@@ -25,12 +25,14 @@ are in :mod:`.screen`).
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
 from typing import Any
 
 from .._extras import require
 
-__all__ = ["MIN_SOUND", "PART_SCORE", "person_agrees"]
+__all__ = ["MIN_SOUND", "PART_SCORE", "fold", "name_keys", "person_agrees", "person_match", "sino", "titles"]
 
 # the least ``compare_parts`` score for two spellings to count as one name.  Set on the tuning set and held-out
 # sets 1 to 3 of tests/vectors/ (sets 4 and 5 were never tuned on): the same name spelt otherwise scores 0.81 and
@@ -39,6 +41,95 @@ __all__ = ["MIN_SOUND", "PART_SCORE", "person_agrees"]
 PART_SCORE = 0.8
 # the shortest words compared by sound: shorter ones sound alike across names ("Ho" / "Hu", "Chen" / "Chan")
 MIN_SOUND = 5
+
+
+# one spelling of a Slavic, German, Polish or Arabic romanisation rewritten to one form: German and Polish digraphs
+# (sch, tsch, sz, cz, rz), kh and ch as h (Mikhail / Michail), w as v and a final -ff or -f as v (Petrow,
+# Sokoloff), long vowels written double (ee, oo, ou: Rasheedi, Kareemi, Lee), ts, tz, z and the Polish c as s
+# (Kusnezow / Kuznetsov / Kuzniecow), j and y as i; then ie as e (Pietrow, Siergiej), letters doubled once, a
+# final run of e and i as i (Sergei / Serhii, Dmitrii)
+_FOLD_MANY = {"tsch": "h", "sch": "sh", "sz": "sh", "cz": "h", "rz": "sh", "kh": "h", "ch": "h", "ph": "f", "ee": "i",
+              "oo": "u", "ou": "u", "ck": "k", "ts": "s", "tz": "s", "ff": "v"}  # fmt: skip
+_FOLD_RE = re.compile("|".join(sorted(_FOLD_MANY, key=len, reverse=True)) + "|c(?=[eiyo])|c|f$")
+_FOLD_ONE = str.maketrans({"w": "v", "q": "k", "x": "ks", "z": "s", "j": "i", "y": "i"})
+_FOLD_END = re.compile(r"ie|(.)\1")
+_FOLD_TAIL = re.compile("[ei]+$")
+# a Chinese or Korean syllable in Wade-Giles, pinyin, McCune-Reischauer or Revised Romanisation read to one coarse
+# key: the finals the romanisations spell differently (ung / ong, ien / ian, ieh / ie, ih / i, Korean eo / o), then
+# the aspirated and plain consonants that they write apart or alike (Wade-Giles k / k' for pinyin g / k, t for d,
+# ch for j and zh, hs for x) merged
+_SINO_END = [(re.compile(a), b) for a, b in [("ung$", "ong"), ("ien$", "ian"), ("ieh$", "ie"), ("ih$", "i")]]
+_SINO_MANY = {"ee": "i", "eo": "o", "hs": "s", "sh": "s", "zh": "c", "ch": "c", "ts": "c", "tz": "c"}
+_SINO_RE = re.compile("|".join(_SINO_MANY))
+_SINO_ONE = str.maketrans({"x": "s", "j": "c", "q": "c", "z": "c", "g": "k", "d": "t", "b": "p"})
+
+
+@lru_cache(maxsize=65536)
+def fold(word: str) -> str:
+    """``word`` (normalised) with its romanisation's conventions folded (``_FOLD_*``): "Petrow", "Petroff" and
+    "Petrov" are one; "Rashidy" and "Rasheedi" "Rashidi"."""
+    word = _FOLD_RE.sub(lambda m: _FOLD_MANY.get(m.group(0)) or ("s" if m.group(0) == "c" and m.end() < len(word)
+                        and word[m.end()] in "eiyo" else "k" if m.group(0) == "c" else "v"), word)  # fmt: skip
+    word = word.translate(_FOLD_ONE)
+    return _FOLD_TAIL.sub("i", _FOLD_END.sub(lambda m: "e" if m.group(0) == "ie" else m.group(1), word))
+
+
+@lru_cache(maxsize=65536)
+def sino(word: str) -> str:
+    """The coarse key of a short word read as a Chinese or Korean syllable (``_SINO_*``): "kuo" / "guo", "tung" /
+    "dong", "chien" / "jian", "hsiao" / "xiao", "cheol" / "chol"."""
+    for a, b in _SINO_END:
+        word = a.sub(b, word)
+    return _SINO_RE.sub(lambda m: _SINO_MANY[m.group(0)], word).translate(_SINO_ONE)
+
+
+@lru_cache(maxsize=1)
+def _table() -> tuple[dict[str, int], frozenset[str]]:
+    """The given-name groups (word -> group) and title words of ``lists/person_names.json``, with rigour's table of
+    person-name prefixes (its single words)."""
+    from importlib import resources
+
+    prefixes = require("rigour._core", "person_name_prefixes_list", extra="release")
+    doc = json.loads(resources.files(__package__).joinpath("lists/person_names.json").read_text())
+    groups = {w: i for i, g in enumerate(doc["given_names"]) for w in g}
+    words = {w for t in prefixes() for w in re.split(r"[^a-z]+", t.lower()) if len(w) > 1}
+    return groups, frozenset(words | set(doc["titles"]))
+
+
+def titles() -> frozenset[str]:
+    return _table()[1]
+
+
+def name_keys(word: str) -> set[str]:
+    """The keys a person's name word is indexed and looked up by: itself folded, its given-name group, and (short
+    words) its Chinese / Korean syllable key."""
+    keys = {"f:" + fold(word)}
+    g = _table()[0].get(word)
+    if g is not None:
+        keys.add(f"g:{g}")
+    if len(word) <= 6:
+        keys.add("s:" + sino(word))
+    return keys
+
+
+def _derived(a: str, b: str) -> bool:
+    """One word is the other with a final letter added that makes another name: an Arabic nisba (Rashid /
+    Rashidi, Karim / Karimi, Hossein / Hosseini), a Slavic feminine (Petrov / Petrova)."""
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return len(short) >= 4 and len(long_) == len(short) + 1 and long_.startswith(short) and long_[-1] in "aiy"
+
+
+def _same(a: str, b: str) -> bool:
+    """The same name in another romanisation or language: one given-name group, one folded spelling, or (short
+    words) one Chinese / Korean syllable key."""
+    if _derived(a, b):
+        return False
+    g = _table()[0]
+    if a in g and g.get(a) == g.get(b):
+        return True
+    if min(len(a), len(b)) >= 3 and fold(a) == fold(b):
+        return True
+    return max(len(a), len(b)) <= 6 and min(len(a), len(b)) >= 2 and sino(a) == sino(b)
 
 
 @lru_cache(maxsize=65536)
@@ -55,14 +146,16 @@ def _symbol_pairs(q: Any, r: Any) -> tuple[set[int], set[int]]:
     pair_symbols = require("rigour.names", "pair_symbols", extra="release")
     best: tuple[set[int], set[int]] = (set(), set())
     for option in pair_symbols(q, r):
-        qs = {p.index for a in option for p in a.qps}
-        rs = {p.index for a in option for p in a.rps}
+        # a name and its derived form share a symbol ("Petrov" / "Petrova"): not the same person's name
+        kept = [a for a in option if not (len(a.qps) == len(a.rps) == 1 and _derived(a.qps[0].form, a.rps[0].form))]
+        qs = {p.index for a in kept for p in a.qps}
+        rs = {p.index for a in kept for p in a.rps}
         if len(qs) + len(rs) > len(best[0]) + len(best[1]):
             best = (qs, rs)
     return best
 
 
-def _agrees(q: Any, r: Any, symbols: bool) -> bool | None:
+def _agrees(q: Any, r: Any, symbols: bool, complete: bool = False) -> bool | None:
     """True where the names line up; False where they do not; None where they do not but a name is unmatched on
     each side (name symbols might pair them)."""
     compare_parts = require("rigour.names", "compare_parts", extra="release")
@@ -78,18 +171,20 @@ def _agrees(q: Any, r: Any, symbols: bool) -> bool | None:
                     rdone.add(o.index)
 
     pair(lambda a, b: a == b)
-    pair(lambda a, b: min(len(a), len(b)) >= MIN_SOUND and metaphone(a) == metaphone(b))
+    pair(_same)
+    pair(lambda a, b: min(len(a), len(b)) >= MIN_SOUND and not _derived(a, b) and metaphone(a) == metaphone(b))
     # spellings within typo distance: the words left over together (a word joined or split: "cholho" / "chol
     # ho"), then two by two, the closest first (together, a word with no counterpart can pull a close pair apart)
     qrest = [p for p in qparts if p.index not in qdone and len(p.form) > 1]
     rrest = [p for p in rparts if p.index not in rdone]
     if qrest and rrest:
         for a in compare_parts(qrest, rrest):
-            if a.qps and a.rps and a.score >= PART_SCORE:
+            if a.qps and a.rps and a.score >= PART_SCORE and not (
+                    len(a.qps) == len(a.rps) == 1 and _derived(a.qps[0].form, a.rps[0].form)):
                 qdone |= {p.index for p in a.qps}
                 rdone |= {p.index for p in a.rps}
     pairs = [
-        (a.score, p.index, o.index)
+        (a.score, p.index, o.index, _derived(p.form, o.form))
         for p in qparts
         if p.index not in qdone and len(p.form) > 1
         for o in rparts
@@ -97,8 +192,8 @@ def _agrees(q: Any, r: Any, symbols: bool) -> bool | None:
         for a in compare_parts([p], [o])
         if a.qps and a.rps
     ]
-    for score, pi, oi in sorted(pairs, reverse=True):
-        if score >= PART_SCORE and pi not in qdone and oi not in rdone:
+    for score, pi, oi, derived in sorted(pairs, reverse=True):
+        if score >= PART_SCORE and pi not in qdone and oi not in rdone and not derived:
             qdone.add(pi)
             rdone.add(oi)
     for p in qparts:  # an initial stands for a name it begins that is not matched yet
@@ -109,29 +204,41 @@ def _agrees(q: Any, r: Any, symbols: bool) -> bool | None:
                 rdone.add(o.index)
     # every name of the query accounted for, or the listed name whole in it: a word appended to a listed person's
     # full name (a city, a title, "(Moscow)") is an evader's, as for an organisation, not another person
+    # a title or a note written with the name ("Sheikh", "Director", "Head of Laboratory") is not a name to match
+    title = titles()
+    for p in qparts:
+        if p.index not in qdone and p.form in title:
+            qdone.add(p.index)
     whole = len(qdone) == len(qparts) or len(rdone) == len(rparts) > 1
-    if whole and rparts[0].index in rdone and rparts[-1].index in rdone:
+    ends = all(o.index in rdone for o in rparts) if complete else rparts[0].index in rdone and rparts[-1].index in rdone
+    if whole and ends:
         return True
     if symbols or len(qdone) == len(qparts) or len(rdone) == len(rparts):
         return False
     return None
 
 
-def person_agrees(query: str, names: list[str]) -> bool:
+def person_agrees(query: str, names: list[str], *, complete: bool = False) -> bool:
     """Whether the normalised ``query`` lines up part by part with one of a listed person's normalised ``names``
-    (module docstring)."""
+    (module docstring); ``complete``: every part of the listed name matched (a person named in Han or Hangul)."""
+    return person_match(query, names, complete=complete) is not None
+
+
+def person_match(query: str, names: list[str], *, complete: bool = False) -> str | None:
+    """The first of a listed person's normalised ``names`` that the normalised ``query`` lines up with part by
+    part (module docstring), or None."""
     maybe: list[str] = []
     for symbols in (False, True):
         q = _parts(query, symbols)
         if q is None:
-            return False
+            return None
         for n in names if not symbols else maybe:
             r = _parts(n, symbols)
-            found = _agrees(q, r, symbols) if r is not None else False
+            found = _agrees(q, r, symbols, complete) if r is not None else False
             if found:
-                return True
+                return n
             if found is None:
                 maybe.append(n)
         if not maybe:
-            return False
-    return False
+            return None
+    return None
