@@ -133,11 +133,11 @@ def _derived(a: str, b: str) -> bool:
 def _same(a: str, b: str) -> bool:
     """The same name in another romanisation or language: one given-name group, one folded spelling, or (short
     words) one Chinese / Korean syllable key."""
-    if _derived(a, b):
-        return False
     g = _table()[0]
     if a in g and g.get(a) == g.get(b):
         return True
+    if _derived(a, b):
+        return False
     if min(len(a), len(b)) >= 3 and fold(a) == fold(b):
         return True
     return max(len(a), len(b)) <= 6 and min(len(a), len(b)) >= 2 and sino(a) == sino(b)
