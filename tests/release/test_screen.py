@@ -308,7 +308,8 @@ def test_round4_probe_measured(extended: ScreeningList) -> None:
     ("Mykola Sokolov", None), ("Eugene Kuznetsov", None), ("Michael Petrov", None),
     # one letter off in an Arabic name, and Mohd / Md; a derived name (nisba, feminine) is another name
     ("Muhammed Al Rashidy", "sample-002"), ("Md. Al-Rashidi", "sample-002"), ("Ali Akbar Husseini", "sample-018"),
-    ("Mohammed Al-Rashid", None), ("Ali Akbar Hosseinzadeh", None), ("Sergei Petrova", None),
+    ("Mohammed Al-Rashid", None), ("Muhammad Al-Rashed", None), ("Ali Akbar Hosseinzadeh", None),
+    ("Sergei Petrova", None), ("Serge Petrov", "sample-000"),
     ("Nikolai Kuznetsova", None),
     # a title or a note written with the name (rigour's person prefixes and lists/person_names.json)
     ("Haj Ali Akbar Hosseini", "sample-018"), ("Alexander Sokolov, CEO", "sample-007"),

@@ -65,6 +65,7 @@ _FOLD_RE = re.compile("|".join(sorted(_FOLD_MANY, key=len, reverse=True)) + "|c(
 _FOLD_ONE = str.maketrans({"w": "v", "q": "k", "x": "ks", "z": "s", "j": "i", "y": "i"})
 _FOLD_END = re.compile(r"ie|(.)\1")
 _FOLD_TAIL = re.compile("[ei]+$")
+_VOWELS = re.compile("[aeiou]")
 # a Chinese or Korean syllable in Wade-Giles, pinyin, McCune-Reischauer or Revised Romanisation read to one coarse
 # key: the finals the romanisations spell differently (ung / ong, ien / ian, ieh / ie, ih / i, Korean eo / o), then
 # the aspirated and plain consonants that they write apart or alike (Wade-Giles k / k' for pinyin g / k, t for d,
@@ -127,7 +128,13 @@ def _derived(a: str, b: str) -> bool:
     """One word is the other with a final letter added that makes another name: an Arabic nisba (Rashid /
     Rashidi, Karim / Karimi, Hossein / Hosseini), a Slavic feminine (Petrov / Petrova)."""
     short, long_ = (a, b) if len(a) < len(b) else (b, a)
-    return len(short) >= 4 and len(long_) == len(short) + 1 and long_.startswith(short) and long_[-1] in "aiy"
+    if len(short) >= 4 and len(long_) == len(short) + 1 and long_.startswith(short) and long_[-1] in "aiy":
+        return True
+    # the same consonants, and a final a / i / y on one only: "Rashed" (Rashid spelt otherwise) / "Rashidi"
+    fa, fb = fold(a), fold(b)
+    ends = {w[-1:] in ("a", "i") for w in (fa, fb)}  # folded: j and y read as i
+    consonant = any(w[-1:] not in ("", "a", "e", "i", "o", "u") for w in (fa, fb))
+    return len(short) >= 4 and ends == {True, False} and consonant and _VOWELS.sub("", fa) == _VOWELS.sub("", fb)
 
 
 def _same(a: str, b: str) -> bool:
