@@ -353,3 +353,9 @@ def test_the_person_name_table_is_well_formed() -> None:
     assert len(words) == len(set(words)), sorted(w for w in set(words) if words.count(w) > 1)
     assert [w for w in words if normalize(w) != w] == []
     assert [w for w in doc["titles"] if normalize(w) not in (w, "")] == []  # "" where rigour drops it already
+
+
+def test_attack_one_letter_repeated_is_screened_not_a_crash(sample: ScreeningList) -> None:
+    """ATTACK (found in round 4): a name of one letter repeated 100,000 times overflowed the letter counts
+    (int16) with a traceback; it is screened (and clear)."""
+    assert sample.screen("x" * 100_000)["decision"] == "clear"

@@ -263,7 +263,7 @@ class ScreeningList:
         import numpy as np
 
         b = nq.encode("ascii", "replace")
-        q = np.array([b.count(bytes([c])) for c in self._cols], dtype=np.int16)
+        q = np.array([b.count(bytes([c])) for c in self._cols], dtype=np.int32)  # a letter 100,000 times
         common = np.minimum(self._bags, q).sum(axis=1)
         out = set(np.flatnonzero(200.0 * common >= cut * (self._lens + len(nq)) - 1e-6).tolist())
         for w in qt - generic:
