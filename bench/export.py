@@ -72,7 +72,7 @@ def main() -> None:
     doc["results"] = doc["results"] + v["list_extra"]
     extended = ScreeningList.parse(json.dumps(doc).encode(), "sample+extra")
     parts = {part: _measure(extended, v[part], v[f"{part}_innocents"]) for part in ("tuning", "held_out", "held_out_2")}
-    for k in (3, 4, 5):
+    for k in (3, 4, 5, 6):
         vk = json.loads((ROOT / f"tests/vectors/screening_variants_heldout{k}.json").read_text())
         parts[f"held_out_{k}"] = _measure(extended, vk[f"held_out_{k}"], vk[f"held_out_{k}_innocents"])
     # round 4's probe: written by the engineer who then tuned on it (not held out)

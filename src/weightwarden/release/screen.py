@@ -66,6 +66,8 @@ class ScreeningList:
     _by_key: dict[str, list[int]] = field(default_factory=dict)
     _at: dict[tuple[int, str], int] = field(default_factory=dict)
     _syllabic: set[int] = field(default_factory=set)
+    _primary: list[frozenset[str]] = field(default_factory=list)
+    _by_name: dict[str, list[int]] = field(default_factory=dict)
     _bags: Any = None
     _lens: Any = None
 
@@ -97,6 +99,12 @@ class ScreeningList:
                         if not org:  # a person's words by their spelling-free keys (the part-by-part path below)
                             for key in name_keys(w):
                                 self._by_key.setdefault(key, []).append(len(self._names))
+                    if not org:  # two names written as one ("Aliakbar" for "Ali Akbar"): found by the joined keys
+                        ws = k.split()
+                        for a, b in zip(ws, ws[1:], strict=False):
+                            for key in name_keys(a + b):
+                                self._by_key.setdefault(key, []).append(len(self._names))
+                    self._by_name.setdefault(k, []).append(len(self._names))
                     self._at[i, k] = len(self._names)
                     self._names.append(k)
                     self._tokens.append(tokens)
@@ -107,6 +115,7 @@ class ScreeningList:
             if not org and any(_syllabic_script(n) for n in (e.name, *e.aliases)):
                 self._syllabic.add(i)
             self._words.append(frozenset(words))
+            self._primary.append(frozenset(primary.split()))
             self._entry_names.append(sorted(seen))
         # each name's letters as counts, to bound its similarity to a query before scoring it (below)
         codes = np.frombuffer("\n".join(self._names).encode("ascii", "replace"), dtype=np.uint8)
@@ -205,16 +214,19 @@ class ScreeningList:
                     continue
                 if self._organisation(j):
                     # a short alias with an abbreviation matches as written: "Bright Semi", not "Bright
-                    # Semiconductor" (the expansion is a word any semiconductor firm has)
+                    # Semiconductor" (the expansion is a word any semiconductor firm has) of "Shenzhen Bright
+                    # Semiconductor" for "Kestrel Semi"), unless the query holds every word of the entry's name that
+                    # says which firm it is ("Kestrel Semiconductor" of "Kestrel Semiconductor Manufacturing")
                     if j in self._abbr:
                         literal = literal_words(q) if literal is None else literal
-                        if not self._abbr[j] <= literal:
+                        if not self._abbr[j] <= literal and unmatched_words(
+                                self._primary[self._owner[j]] - generic, qt, nq):
                             continue
                     # an organisation is named by all its words: one that the query lacks ("Orion
                     # Technologies" for "Orion AI Technologies", "North Star Manufacturing" for "North Star
                     # Electronics Manufacturing") makes it another organisation.  Words the query adds are not
                     # held against it: an evader appends a city or "Branch" to a listed name
-                    if unmatched_words(nt, qt, nq):
+                    if unmatched_words(nt, qt, nq, self._names[j]):
                         continue
                 # a person is named by given and family name, part by part: not a common name one name away
                 # ("Li Wei" for "Li Wei Dong", "Wang Xiaoping" for "Wang Xiaoming"; :mod:`.screen_people`)
@@ -244,6 +256,7 @@ class ScreeningList:
                     left = qt - at
                     if at <= qt and left and left <= self._words[i] and not left <= generic:
                         self._keep(best, j, 95.0, q, nq, {"alias_with_name": self._raw[j]})
+        self._branches(best, name, aliases, generic)
         hits = sorted(best.values(), key=lambda h: -h["score"])[:limit]
         for h in hits:
             cs = h["entry"]["countries"]
@@ -254,6 +267,28 @@ class ScreeningList:
                 "decision": "match" if hits else "clear", "hits": hits,
                 "list": {"format": self.format, "sha256": self.sha256, "entries": len(self.entries),
                          "origin": self.origin}}  # fmt: skip
+
+    def _branches(self, best: dict[int, dict[str, Any]], name: str, aliases: tuple[str, ...],
+                  generic: frozenset[str]) -> None:  # fmt: skip
+        """A listed organisation's name written whole, then a branch or office ("... FZE Dubai Branch", "... Riga
+        Office": at most three words before a word of ``branch_words``), or a place after a comma ("... Ctr.,
+        Khabarovsk": at most two words): the organisation, whatever the added words.  The name must be one of
+        the entry's names exactly (normalised) and hold a word that is not generic."""
+        branch = name_tables()[6]
+        for q in (name, *aliases):
+            forms = []
+            ws = normalize(q).split()
+            if len(ws) >= 2 and ws[-1] in branch:
+                forms += [" ".join(ws[:k]) for k in range(max(1, len(ws) - 4), len(ws) - 1)]
+            head, comma, tail = q.rpartition(",")
+            if comma and head.strip() and 1 <= len(tail.split()) <= 2:
+                forms.append(normalize(head))
+            for f in forms:
+                if len(f.split()) < 2 or not set(f.split()) - generic:
+                    continue
+                for j in self._by_name.get(f, ()):
+                    if self._organisation(j):
+                        self._keep(best, j, 90.0, q, f, {"branch_of": self._raw[j]})
 
     def _candidates(self, nq: str, qt: set[str], generic: frozenset[str], cut: float) -> Any:
         """The names that can score ``cut`` or more: plain and token-sort similarity is 2 * (longest common

@@ -65,6 +65,7 @@ _FOLD_RE = re.compile("|".join(sorted(_FOLD_MANY, key=len, reverse=True)) + "|c(
 _FOLD_ONE = str.maketrans({"w": "v", "q": "k", "x": "ks", "z": "s", "j": "i", "y": "i"})
 _FOLD_END = re.compile(r"ie|(.)\1")
 _FOLD_TAIL = re.compile("[ei]+$")
+_FOLD_AH = re.compile("(?<=..[^aeiou])ah$")  # the Arabic feminine ending written with h or without: Fatimah / Fatima
 _VOWELS = re.compile("[aeiou]")
 # a Chinese or Korean syllable in Wade-Giles, pinyin, McCune-Reischauer or Revised Romanisation read to one coarse
 # key: the finals the romanisations spell differently (ung / ong, ien / ian, ieh / ie, ih / i, Korean eo / o), then
@@ -82,7 +83,7 @@ def fold(word: str) -> str:
     "Petrov" are one; "Rashidy" and "Rasheedi" "Rashidi"."""
     word = _FOLD_RE.sub(lambda m: _FOLD_MANY.get(m.group(0)) or ("s" if m.group(0) == "c" and m.end() < len(word)
                         and word[m.end()] in "eiyo" else "k" if m.group(0) == "c" else "v"), word)  # fmt: skip
-    word = word.translate(_FOLD_ONE)
+    word = _FOLD_AH.sub("a", word).translate(_FOLD_ONE)
     return _FOLD_TAIL.sub("i", _FOLD_END.sub(lambda m: "e" if m.group(0) == "ie" else m.group(1), word))
 
 
@@ -105,7 +106,7 @@ def _table() -> tuple[dict[str, int], frozenset[str]]:
     doc = json.loads(resources.files(__package__).joinpath("lists/person_names.json").read_text())
     groups = {w: i for i, g in enumerate(doc["given_names"]) for w in g}
     words = {w for t in prefixes() for w in re.split(r"[^a-z]+", t.lower()) if len(w) > 1}
-    return groups, frozenset(words | set(doc["titles"]))
+    return groups, frozenset(words | set(doc["titles"]) | set(doc["particles"]))
 
 
 def titles() -> frozenset[str]:
@@ -236,6 +237,15 @@ def _agrees(q: Any, r: Any, symbols: bool, complete: bool = False) -> bool | Non
     return None
 
 
+_PATRONYM = re.compile(r"(?<=\w )(?:bin|ibn|ben) (?=\w\w)")
+
+
+def _patronym(name: str) -> str:
+    """``name`` with the Arabic "son of" (bin, ibn, ben) after a first name joined to the name it precedes as
+    "ben": "Bin Ali", "Ben Ali" and "Benali" are one family name."""
+    return _PATRONYM.sub("ben", name) if " b" in name or " i" in name else name
+
+
 def person_agrees(query: str, names: list[str], *, complete: bool = False) -> bool:
     """Whether the normalised ``query`` lines up part by part with one of a listed person's normalised ``names``
     (module docstring); ``complete``: every part of the listed name matched (a person named in Han or Hangul)."""
@@ -246,12 +256,13 @@ def person_match(query: str, names: list[str], *, complete: bool = False) -> str
     """The first of a listed person's normalised ``names`` that the normalised ``query`` lines up with part by
     part (module docstring), or None."""
     maybe: list[str] = []
+    query = _patronym(query)
     for symbols in (False, True):
         q = _parts(query, symbols)
         if q is None:
             return None
         for n in names if not symbols else maybe:
-            r = _parts(n, symbols)
+            r = _parts(_patronym(n), symbols)
             found = _agrees(q, r, symbols, complete) if r is not None else False
             if found:
                 return n
