@@ -93,12 +93,55 @@ def _heldout(k: int) -> tuple[list, list]:
     # Chinese given name cut in its middle, flagged), asserted as measured so that a regression shows.  Round 4
     # (a person named in Han or Hangul is matched syllable by syllable; seen): 28/28 at 28/28
     (5, 1.0, 1.0),
+    # set 6 (182 variants, 155 innocents; written blind): first measure, once, on round 4's matcher: 163/182 =
+    # 0.896 at 1.0.  Round 4b tuned on its 19 misses' classes (so no longer held out): 181/182 at 1.0; left:
+    # "Chan Kin-kwok", a Cantonese reading of 陈建国 (rigour's name symbols pair it, but no key finds the entry)
+    (6, 181 / 182, 1.0),
 ])  # fmt: skip
 def test_held_out_sets_measured(extended: ScreeningList, k: int, min_recall: float, min_precision: float) -> None:
     pos, neg = _heldout(k)
     recall, precision, wrong = _scores(extended, pos, neg)
     assert len(neg) >= 25 and len(pos) >= 25
     assert recall >= min_recall - 1e-9 and precision >= min_precision - 1e-9, (recall, precision, wrong)
+
+
+@pytest.mark.parametrize("mark", ["\u200b", "\u00ad", "\u200d", "\u200c", "\u2060", "\ufeff", "\u200e", "\u202e",
+                                  "\u180e"])  # fmt: skip
+def test_invisible_format_characters_do_not_hide_a_name(extended: ScreeningList, mark: str) -> None:
+    """Attack (issue 17, set 6): a Unicode format character (Cf: zero-width space, soft hyphen, ZWJ / ZWNJ, word
+    joiner, BOM, bidirectional marks) typed inside a listed name's words to split them; it is dropped before
+    matching, so the name is still a hit, and an innocent name stays clear."""
+    import unicodedata
+
+    assert unicodedata.category(mark) == "Cf"
+    for name, want in [("Aleksandr Sokolov", "sample-007"), ("Global Tensor Trading", "sample-012"),
+                       ("Kestrel Semi", "extra-005")]:  # fmt: skip
+        hidden = " ".join(w[:3] + mark + w[3:] for w in name.split()) + mark
+        ids = [h["entry"]["id"] for h in extended.screen(hidden)["hits"]]
+        assert ids == [want], (ascii(hidden), ids)
+    assert extended.screen(f"Damascus Steel{mark} Knives")["hits"] == []
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Соколов А. В.", "sample-007"), ("Sokolov A. V.", "sample-007"),  # initials in the name's own script
+    ("Соколов Б. В.", None),
+    ("中兴精密仪器股份有限公司", "sample-001"),  # a company form in Chinese script is not a name word
+    ("Novatek Microsystems Limited Liability Company", "sample-003"),
+    ("Caucasus General Machinery Impex LLC", "extra-009"), ("Caucasus Impex", None),
+    ("Caspian Dualuse Logistics Ltd", "sample-019"),  # two words of the name written as one
+    ("Global Tensor Trading, Sharjah", "sample-012"),  # a place after a comma
+    ("Hengtai Electronics Shenzhen Representative Office", "sample-021"),  # a branch or an office
+    ("Sunrise Medical Dubai Branch", None), ("Global Trading Dubai Branch", None),
+    ("Tensor Trading Dubai Branch", None),
+    ("Aliakbar Hoseini", "sample-018"), ("Aliakbar Rahimi", None),  # two given names written as one
+    ("Fatimah al-Zahra Ibn Ali", "sample-022"), ("Fatimah al-Zahra Bin Salem", None),  # al-, bin / ben, Fatimah
+    ("Eastern Hvy Industries Intl", "extra-004"),
+    ("Kestrel Semiconductor", "extra-005"), ("Kestral Semi Manufacturing", "extra-005"),
+])  # fmt: skip
+def test_round_4b_classes(extended: ScreeningList, name: str, want: str | None) -> None:
+    """The classes behind set 6's misses (issue 17, round 4b), on names that are not set 6's."""
+    ids = [h["entry"]["id"] for h in extended.screen(name)["hits"]]
+    assert ids == ([want] if want else []), (name, ids)
 
 
 @pytest.mark.parametrize(("name", "want"), [

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import unicodedata
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ class ScreeningList:
                                 self._by_key.setdefault(key, []).append(len(self._names))
                     if not org:  # two names written as one ("Aliakbar" for "Ali Akbar"): found by the joined keys
                         ws = k.split()
-                        for a, b in zip(ws, ws[1:], strict=False):
+                        for a, b in pairwise(ws):
                             for key in name_keys(a + b):
                                 self._by_key.setdefault(key, []).append(len(self._names))
                     self._by_name.setdefault(k, []).append(len(self._names))
@@ -256,7 +257,7 @@ class ScreeningList:
                     left = qt - at
                     if at <= qt and left and left <= self._words[i] and not left <= generic:
                         self._keep(best, j, 95.0, q, nq, {"alias_with_name": self._raw[j]})
-        self._branches(best, name, aliases, generic)
+        self._branches(best, dict(queries[::-1]), generic)
         hits = sorted(best.values(), key=lambda h: -h["score"])[:limit]
         for h in hits:
             cs = h["entry"]["countries"]
@@ -268,16 +269,16 @@ class ScreeningList:
                 "list": {"format": self.format, "sha256": self.sha256, "entries": len(self.entries),
                          "origin": self.origin}}  # fmt: skip
 
-    def _branches(self, best: dict[int, dict[str, Any]], name: str, aliases: tuple[str, ...],
+    def _branches(self, best: dict[int, dict[str, Any]], normalized: dict[str, str],
                   generic: frozenset[str]) -> None:  # fmt: skip
         """A listed organisation's name written whole, then a branch or office ("... FZE Dubai Branch", "... Riga
         Office": at most three words before a word of ``branch_words``), or a place after a comma ("... Ctr.,
         Khabarovsk": at most two words): the organisation, whatever the added words.  The name must be one of
         the entry's names exactly (normalised) and hold a word that is not generic."""
         branch = name_tables()[6]
-        for q in (name, *aliases):
+        for q, nq in normalized.items():  # each name or alias and its normal form
             forms = []
-            ws = normalize(q).split()
+            ws = nq.split()
             if len(ws) >= 2 and ws[-1] in branch:
                 forms += [" ".join(ws[:k]) for k in range(max(1, len(ws) - 4), len(ws) - 1)]
             head, comma, tail = q.rpartition(",")

@@ -7,6 +7,7 @@ import json
 import re
 import unicodedata
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any
 
 from .._extras import require
@@ -173,7 +174,7 @@ def unmatched_words(words: frozenset[str] | set[str], other: frozenset[str] | se
 
     flat = joined.replace(" ", "")
     ws = name.split()
-    together = {x for a, b in zip(ws, ws[1:], strict=False) if a + b in other for x in (a, b)}
+    together = {x for a, b in pairwise(ws) if a + b in other for x in (a, b)}
     return {w for w in words if w not in other and w not in together and not (len(w) >= 4 and w in flat)
             and not any((fuzz.ratio(w, o) >= 80 and w[0] == o[0]) or (len(o) >= 3 and w.startswith(o))
                         or (len(w) >= 4 and _spelling(w) == _spelling(o)) for o in other)}  # fmt: skip
