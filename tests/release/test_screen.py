@@ -94,9 +94,8 @@ def _heldout(k: int) -> tuple[list, list]:
     # (a person named in Han or Hangul is matched syllable by syllable; seen): 28/28 at 28/28
     (5, 1.0, 1.0),
     # set 6 (182 variants, 155 innocents; written blind): first measure, once, on round 4's matcher: 163/182 =
-    # 0.896 at 1.0.  Round 4b tuned on its 19 misses' classes (so no longer held out): 181/182 at 1.0; left:
-    # "Chan Kin-kwok", a Cantonese reading of 陈建国 (rigour's name symbols pair it, but no key finds the entry)
-    (6, 181 / 182, 1.0),
+    # 0.896 at 1.0.  Round 4b tuned on its 19 misses' classes (so no longer held out): 182/182 at 182/182
+    (6, 1.0, 1.0),
 ])  # fmt: skip
 def test_held_out_sets_measured(extended: ScreeningList, k: int, min_recall: float, min_precision: float) -> None:
     pos, neg = _heldout(k)
@@ -137,6 +136,9 @@ def test_invisible_format_characters_do_not_hide_a_name(extended: ScreeningList,
     ("Fatimah al-Zahra Ibn Ali", "sample-022"), ("Fatimah al-Zahra Bin Salem", None),  # al-, bin / ben, Fatimah
     ("Eastern Hvy Industries Intl", "extra-004"),
     ("Kestrel Semiconductor", "extra-005"), ("Kestral Semi Manufacturing", "extra-005"),
+    # a Cantonese reading of a person named in Han (王小明 Wang Xiaoming): found by rigour's name symbols
+    ("Wong Siu Ming", "sample-017"), ("Kin-kwok Chan", "sample-024"), ("Chan Kin Man", None),
+    ("Chan Wing Kwok", None), ("Wong Kin Kwok", None),
 ])  # fmt: skip
 def test_round_4b_classes(extended: ScreeningList, name: str, want: str | None) -> None:
     """The classes behind set 6's misses (issue 17, round 4b), on names that are not set 6's."""

@@ -34,7 +34,7 @@ from .screen_names import (
     normalize,
     unmatched_words,
 )
-from .screen_people import name_keys, person_agrees, person_match
+from .screen_people import name_keys, name_symbols, person_agrees, person_match
 
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize", "screen", "update_list"]
 
@@ -69,6 +69,7 @@ class ScreeningList:
     _syllabic: set[int] = field(default_factory=set)
     _primary: list[frozenset[str]] = field(default_factory=list)
     _by_name: dict[str, list[int]] = field(default_factory=dict)
+    _by_symbol: dict[Any, set[int]] | None = None
     _bags: Any = None
     _lens: Any = None
 
@@ -246,7 +247,8 @@ class ScreeningList:
             # note, that the string scores miss ("Jewgeni Morosow", "Serhiy Petrov", "Sheikh Mohammed Al-Rashidi"):
             # the listed people sharing two words' keys with the query, checked part by part
             if threshold <= PART_SCORE_HIT + 1e-9:
-                for i in self._people_near(nq):
+                near = self._people_near(nq)
+                for i in near + [i for i in self._symbol_near(nq) if i not in near]:
                     if i not in best:
                         matched = person_match(nq, self._entry_names[i], complete=i in self._syllabic)
                         if matched is not None:
@@ -325,6 +327,26 @@ class ScreeningList:
                 i = self._owner[j]
                 shared[i] = max(shared.get(i, 0), n)
         return sorted(shared, key=lambda i: -shared[i])[:MAX_PEOPLE_NEAR]
+
+    def _symbol_near(self, nq: str) -> list[int]:
+        """The people named in Han, Hangul or Kana (:func:`_syllabic_script`) with two parts of a name sharing a
+        Wikidata name symbol (``rigour``) with two of a query of two to four syllable-long words: another
+        reading of the same characters ("Chan Kin-kwok", Cantonese, for 陈建国 "Chen Jianguo"), which shares no
+        spelling key.  The listed names' symbols are found on the first such query and kept."""
+        words = [w for w in nq.split() if len(w) > 1]
+        if not self._syllabic or not 2 <= len(words) <= 4 or any(len(w) > 6 for w in words):
+            return []
+        if self._by_symbol is None:
+            self._by_symbol = {}
+            for i in sorted(self._syllabic):
+                for n in self._entry_names[i]:
+                    for sym, _ in name_symbols(n):
+                        self._by_symbol.setdefault(sym, set()).add(i)
+        covered: dict[int, set[int]] = {}
+        for sym, parts in name_symbols(nq):
+            for i in self._by_symbol.get(sym, ()):
+                covered.setdefault(i, set()).update(parts)
+        return sorted((i for i, c in covered.items() if len(c) >= 2), key=lambda i: -len(covered[i]))[:MAX_PEOPLE_NEAR]
 
     def _organisation(self, j: int) -> bool:
         return self.entries[self._owner[j]].kind.lower() not in ("", "individual", "person")

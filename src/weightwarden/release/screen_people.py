@@ -42,7 +42,8 @@ from typing import Any
 
 from .._extras import require
 
-__all__ = ["MIN_SOUND", "PART_SCORE", "fold", "name_keys", "person_agrees", "person_match", "sino", "titles"]
+__all__ = ["MIN_SOUND", "PART_SCORE", "fold", "name_keys", "name_symbols", "person_agrees", "person_match", "sino",
+           "titles"]
 
 # the least ``compare_parts`` score for two spellings to count as one name.  Set on the tuning set and held-out
 # sets 1 to 3 of tests/vectors/ (sets 4 and 5 were never tuned on): the same name spelt otherwise scores 0.81 and
@@ -157,6 +158,13 @@ def _parts(name: str, symbols: bool) -> Any:
     analyze_names, tag = require("rigour.names", "analyze_names", "NameTypeTag", extra="release")
     names = analyze_names(tag.PER, [name], symbols=symbols, phonetics=False, consolidate=False, rewrite=False)
     return next(iter(names), None)
+
+
+def name_symbols(name: str) -> list[tuple[Any, frozenset[int]]]:
+    """The Wikidata name symbols ``rigour`` finds in a normalised name, each with the indexes of the parts it
+    covers (its table is built on first use)."""
+    n = _parts(name, True)
+    return [] if n is None else [(sp.symbol, frozenset(p.index for p in sp.parts)) for sp in n.spans]
 
 
 def _symbol_pairs(q: Any, r: Any) -> tuple[set[int], set[int]]:
