@@ -28,6 +28,11 @@ matched syllable by syllable (``complete``: none may be left out).  :meth:`.scre
 this check of the people whose name words share :func:`name_keys` with the query, not only of those the string
 scores put above the threshold.
 
+Round 4b (set 6's misses): the Arabic article written apart (al-, el-: the file's ``particles``) need not be
+matched; bin, ibn and ben join the name they precede ("Bin Ali" / "Benali"); a final -ah folds to -a (Fatimah);
+and :meth:`.screen.ScreeningList.screen` also asks this check of people named in Han, Hangul or Kana whose names
+share rigour's name symbols (:func:`name_symbols`) on two parts with the query (a Cantonese reading).
+
 The name symbols cost ``rigour`` a table of names built on first use (seconds of CPU, some 400 MB), so they are
 asked only where the rest leaves a name on each side unmatched.  Organisations are not checked here (their rules
 are in :mod:`.screen`).
