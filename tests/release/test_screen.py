@@ -84,19 +84,66 @@ def _heldout(k: int) -> tuple[list, list]:
     # set 4: written before the person-name check, never tuned on.  Before: 94/95 at 94/100 = 0.94.  First
     # measure after the check: 92/95 = 0.968 at 0.968 (people written with digit look-alikes lost).  After the
     # digit readings (set 5 written before them) and the check's cheaper first pass (no tuning on sets 4-5, but
-    # made after seeing them): 94/95 = 0.989 at 94/97 = 0.969, the issue's target
-    (4, 0.98, 0.95),
+    # made after seeing them): 94/95 = 0.989 at 94/97 = 0.969, the issue's target.  Round 4 (its remaining miss and
+    # false hits were named in docs/EXPORT.md, so seen): 95/95 at 95/95
+    (4, 1.0, 1.0),
     # set 5: people only, written after set 4 showed the digit loss and before mending it, never tuned on.
     # Before any change on the branch: 21/28 at 21/23; first measure after the digit readings: 27/28 at 27/29;
     # now 28/28 at 28/30 = 0.933, under the issue's precision target ("Kim Chol" and "Li Dong", a Korean or
-    # Chinese given name cut in its middle, flagged), asserted as measured so that a regression shows
-    (5, 1.0, 28 / 30),
+    # Chinese given name cut in its middle, flagged), asserted as measured so that a regression shows.  Round 4
+    # (a person named in Han or Hangul is matched syllable by syllable; seen): 28/28 at 28/28
+    (5, 1.0, 1.0),
+    # set 6 (182 variants, 155 innocents; written blind): first measure, once, on round 4's matcher: 163/182 =
+    # 0.896 at 1.0.  Round 4b tuned on its 19 misses' classes (so no longer held out): 182/182 at 182/182
+    (6, 1.0, 1.0),
 ])  # fmt: skip
 def test_held_out_sets_measured(extended: ScreeningList, k: int, min_recall: float, min_precision: float) -> None:
     pos, neg = _heldout(k)
     recall, precision, wrong = _scores(extended, pos, neg)
     assert len(neg) >= 25 and len(pos) >= 25
     assert recall >= min_recall - 1e-9 and precision >= min_precision - 1e-9, (recall, precision, wrong)
+
+
+@pytest.mark.parametrize("mark", ["\u200b", "\u00ad", "\u200d", "\u200c", "\u2060", "\ufeff", "\u200e", "\u202e",
+                                  "\u180e"])  # fmt: skip
+def test_invisible_format_characters_do_not_hide_a_name(extended: ScreeningList, mark: str) -> None:
+    """Attack (issue 17, set 6): a Unicode format character (Cf: zero-width space, soft hyphen, ZWJ / ZWNJ, word
+    joiner, BOM, bidirectional marks) typed inside a listed name's words to split them; it is dropped before
+    matching, so the name is still a hit, and an innocent name stays clear."""
+    import unicodedata
+
+    assert unicodedata.category(mark) == "Cf"
+    for name, want in [("Aleksandr Sokolov", "sample-007"), ("Global Tensor Trading", "sample-012"),
+                       ("Kestrel Semi", "extra-005")]:  # fmt: skip
+        hidden = " ".join(w[:3] + mark + w[3:] for w in name.split()) + mark
+        ids = [h["entry"]["id"] for h in extended.screen(hidden)["hits"]]
+        assert ids == [want], (ascii(hidden), ids)
+    assert extended.screen(f"Damascus Steel{mark} Knives")["hits"] == []
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Соколов А. В.", "sample-007"), ("Sokolov A. V.", "sample-007"),  # initials in the name's own script
+    ("Соколов Б. В.", None),
+    ("中兴精密仪器股份有限公司", "sample-001"),  # a company form in Chinese script is not a name word
+    ("Novatek Microsystems Limited Liability Company", "sample-003"),
+    ("Caucasus General Machinery Impex LLC", "extra-009"), ("Caucasus Impex", None),
+    ("Caspian Dualuse Logistics Ltd", "sample-019"),  # two words of the name written as one
+    ("Global Tensor Trading, Sharjah", "sample-012"),  # a place after a comma
+    ("Hengtai Electronics Shenzhen Representative Office", "sample-021"),  # a branch or an office
+    ("Sunrise Medical Dubai Branch", None), ("Global Trading Dubai Branch", None),
+    ("Tensor Trading Dubai Branch", None),
+    ("Aliakbar Hoseini", "sample-018"), ("Aliakbar Rahimi", None),  # two given names written as one
+    ("Fatimah al-Zahra Ibn Ali", "sample-022"), ("Fatimah al-Zahra Bin Salem", None),  # al-, bin / ben, Fatimah
+    ("Eastern Hvy Industries Intl", "extra-004"),
+    ("Kestrel Semiconductor", "extra-005"), ("Kestral Semi Manufacturing", "extra-005"),
+    # a Cantonese reading of a person named in Han (王小明 Wang Xiaoming): found by rigour's name symbols
+    ("Wong Siu Ming", "sample-017"), ("Kin-kwok Chan", "sample-024"), ("Chan Kin Man", None),
+    ("Chan Wing Kwok", None), ("Wong Kin Kwok", None),
+])  # fmt: skip
+def test_round_4b_classes(extended: ScreeningList, name: str, want: str | None) -> None:
+    """The classes behind set 6's misses (issue 17, round 4b), on names that are not set 6's."""
+    ids = [h["entry"]["id"] for h in extended.screen(name)["hits"]]
+    assert ids == ([want] if want else []), (name, ids)
 
 
 @pytest.mark.parametrize(("name", "want"), [
@@ -117,7 +164,9 @@ def test_a_person_is_matched_part_by_part(extended: ScreeningList, name: str, wa
 
 @pytest.mark.parametrize(("name", "want"), [
     ("Bright Semi Co", "sample-006"), ("Bright Semiconductor Inc", None),  # a short alias matches as written
-    ("Kestrel Semi Ltd", "extra-005"), ("Kestrel Semiconductor Inc", None),
+    # ... unless every word that says which firm it is, is there: "Kestrel Semiconductor" of "Kestrel Semiconductor
+    # Manufacturing" (round 4b: set 6 lists it as the firm, which this test had cleared; Bright lacks "Shenzhen")
+    ("Kestrel Semi Ltd", "extra-005"), ("Kestrel Semiconductor Inc", "extra-005"), ("Kestrel Instruments", None),
     ("North Star Electronics Mfg", "extra-011"), ("North Star Manufacturing", None),  # a word of the name lacking
     ("Orion AI Technologies", "extra-001"), ("Orion Technologies Inc", None),
     ("Guangzhou Hengtai Electronic Comp. Co.", "sample-021"),  # a word cut short is still there
@@ -285,3 +334,75 @@ def test_attack_a_name_that_is_not_text_is_a_typed_error(sample: ScreeningList) 
         sample.screen("Sergei \udcff Petrov")
     with pytest.raises(ScreeningError, match="is not valid text"):
         sample.screen("Someone", aliases=("Sergei \udcff Petrov",))
+
+
+PROBE4 = json.loads((Path(__file__).parents[1] / "vectors" / "screening_probe_round4.json").read_text())
+
+
+def test_round4_probe_measured(extended: ScreeningList) -> None:
+    """Round 4's probe (written before the change by the engineer who tuned, so not held out): before the change
+    12/45 found at 12/13; now all found with no false hit.  Asserted as measured, so that a regression shows."""
+    recall, precision, wrong = _scores(extended, PROBE4["round4_probe"], PROBE4["round4_probe_innocents"])
+    assert recall == 1.0 and precision == 1.0, (recall, precision, wrong)
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    # "-off" and German / Polish spellings: one folded spelling (w / v, -ff / -v, z / ts / c, j / y, ie / e)
+    ("Alexandre Sokoloff", "sample-007"), ("Dmitrij Olegowitsch Wassiljew", "sample-013"),
+    ("Mikołaj Kuźniecow", "sample-020"), ("Ivan Petroff", None), ("Dmitrij Morosow", None),
+    # Ukrainian and English forms of a given name (lists/person_names.json), the family name still matched
+    ("Serhii Ivanovych Petrov", "sample-000"), ("Mykhaylo Orlov", "extra-010"), ("Nicholas Kuznetsoff", "sample-020"),
+    ("Mykola Sokolov", None), ("Eugene Kuznetsov", None), ("Michael Petrov", None),
+    # one letter off in an Arabic name, and Mohd / Md; a derived name (nisba, feminine) is another name
+    ("Muhammed Al Rashidy", "sample-002"), ("Md. Al-Rashidi", "sample-002"), ("Ali Akbar Husseini", "sample-018"),
+    ("Mohammed Al-Rashid", None), ("Muhammad Al-Rashed", None), ("Ali Akbar Hosseinzadeh", None),
+    ("Sergei Petrova", None), ("Serge Petrov", "sample-000"),
+    ("Nikolai Kuznetsova", None),
+    # a title or a note written with the name (rigour's person prefixes and lists/person_names.json)
+    ("Haj Ali Akbar Hosseini", "sample-018"), ("Alexander Sokolov, CEO", "sample-007"),
+    ("Colonel Mikhail Orlov", "extra-010"), ("Sheikh Ali Al-Rashidi", None), ("Colonel Sergei Ivanov", None),
+    # Wade-Giles, Western surname order and spelling, McCune-Reischauer
+    ("Chen Chien-Kuo", "sample-024"), ("Li Wei-Tung", "sample-011"), ("Lee Weidong", "sample-011"),
+    ("Kim Ch'ol-ho", "sample-004"), ("Wang Hsiao-ping", None), ("Chen Chien-min", None), ("Kim Chol-su", None),
+    # a Chinese or Korean given name cut to one syllable is another name (set 4 and 5's false hits' class)
+    ("Lee Dong", None), ("Kim Ho", None), ("Wang Ming Hua", None),
+])  # fmt: skip
+def test_round4_classes(extended: ScreeningList, name: str, want: str | None) -> None:
+    """Issue 17, round 4: the red team's classes of misses are found (strings not in the probe set), and a
+    different person written the same way, one per class at least, stays clear."""
+    ids = [h["entry"]["id"] for h in extended.screen(name)["hits"]]
+    assert ids == ([want] if want else []), (name, ids)
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    ("Western Heavy Industries International Corporation", None),  # a word one letter longer at its start
+    ("Eastern Heavy Industries Internacional Corp", "extra-004"),  # a word misspelt inside is the same word
+])  # fmt: skip
+def test_an_organisation_word_with_another_first_letter_is_another_word(extended: ScreeningList, name: str,
+                                                                        want: str | None) -> None:  # fmt: skip
+    ids = [h["entry"]["id"] for h in extended.screen(name)["hits"]]
+    assert ids == ([want] if want else []), (name, ids)
+
+
+def test_a_person_found_part_by_part_is_explained_and_kept_under_a_stricter_threshold(extended: ScreeningList) -> None:
+    """A hit the string scores miss carries its score (88) and says how it was found; a caller asking a stricter
+    threshold than that does not get it."""
+    r = extended.screen("Jewgenij Morosow")
+    assert [h["entry"]["id"] for h in r["hits"]] == ["sample-015"]
+    assert r["hits"][0]["score"] == 88.0 and r["hits"][0]["explanation"]["part_by_part"] is True
+    assert extended.screen("Jewgenij Morosow", threshold=95)["hits"] == []
+
+
+def test_the_person_name_table_is_well_formed() -> None:
+    """Each given name is in one group, lower-case ASCII, as normalize() writes it (else it never matches)."""
+    doc = json.loads((ROOT / "src/weightwarden/release/lists/person_names.json").read_text())
+    words = [w for g in doc["given_names"] for w in g]
+    assert len(words) == len(set(words)), sorted(w for w in set(words) if words.count(w) > 1)
+    assert [w for w in words if normalize(w) != w] == []
+    assert [w for w in doc["titles"] if normalize(w) not in (w, "")] == []  # "" where rigour drops it already
+
+
+def test_attack_one_letter_repeated_is_screened_not_a_crash(sample: ScreeningList) -> None:
+    """ATTACK (found in round 4): a name of one letter repeated 100,000 times overflowed the letter counts
+    (int16) with a traceback; it is screened (and clear)."""
+    assert sample.screen("x" * 100_000)["decision"] == "clear"

@@ -17,7 +17,9 @@ stored under a home) :mod:`.screen_lists`.
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +34,16 @@ from .screen_names import (
     normalize,
     unmatched_words,
 )
-from .screen_people import person_agrees
+from .screen_people import name_keys, name_symbols, person_agrees, person_match
 
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize", "screen", "update_list"]
 
 DEFAULT_THRESHOLD = 86.0
+# the score of a person found part by part (:mod:`.screen_people`) whose name the string scores put under the
+# default threshold: a hit at the default threshold, not above a stricter one
+PART_SCORE_HIT = 88.0
+# the most listed people checked part by part for one query (those sharing most words with it first)
+MAX_PEOPLE_NEAR = 64
 
 
 @dataclass
@@ -57,6 +64,12 @@ class ScreeningList:
     _by_token: dict[str, list[int]] = field(default_factory=dict)
     _abbr: dict[int, frozenset[str]] = field(default_factory=dict)
     _cols: list[int] = field(default_factory=list)
+    _by_key: dict[str, list[int]] = field(default_factory=dict)
+    _at: dict[tuple[int, str], int] = field(default_factory=dict)
+    _syllabic: set[int] = field(default_factory=set)
+    _primary: list[frozenset[str]] = field(default_factory=list)
+    _by_name: dict[str, list[int]] = field(default_factory=dict)
+    _by_symbol: dict[Any, set[int]] | None = None
     _bags: Any = None
     _lens: Any = None
 
@@ -85,11 +98,26 @@ class ScreeningList:
                             self._abbr[len(self._names)] = abbr
                     for w in tokens:
                         self._by_token.setdefault(w, []).append(len(self._names))
+                        if not org:  # a person's words by their spelling-free keys (the part-by-part path below)
+                            for key in name_keys(w):
+                                self._by_key.setdefault(key, []).append(len(self._names))
+                    if not org:  # two names written as one ("Aliakbar" for "Ali Akbar"): found by the joined keys
+                        ws = k.split()
+                        for a, b in pairwise(ws):
+                            for key in name_keys(a + b):
+                                self._by_key.setdefault(key, []).append(len(self._names))
+                    self._by_name.setdefault(k, []).append(len(self._names))
+                    self._at[i, k] = len(self._names)
                     self._names.append(k)
                     self._tokens.append(tokens)
                     self._owner.append(i)
                     self._raw.append(n)
+            # a person named in Han, Hangul or Kana: a given name of two syllables is written apart ("wang xiao
+            # ming", "Kim Chol Ho") as often as joined, so no syllable of the listed name may be left out
+            if not org and any(_syllabic_script(n) for n in (e.name, *e.aliases)):
+                self._syllabic.add(i)
             self._words.append(frozenset(words))
+            self._primary.append(frozenset(primary.split()))
             self._entry_names.append(sorted(seen))
         # each name's letters as counts, to bound its similarity to a query before scoring it (below)
         codes = np.frombuffer("\n".join(self._names).encode("ascii", "replace"), dtype=np.uint8)
@@ -188,20 +216,23 @@ class ScreeningList:
                     continue
                 if self._organisation(j):
                     # a short alias with an abbreviation matches as written: "Bright Semi", not "Bright
-                    # Semiconductor" (the expansion is a word any semiconductor firm has)
+                    # Semiconductor" (the expansion is a word any semiconductor firm has) of "Shenzhen Bright
+                    # Semiconductor" for "Kestrel Semi"), unless the query holds every word of the entry's name that
+                    # says which firm it is ("Kestrel Semiconductor" of "Kestrel Semiconductor Manufacturing")
                     if j in self._abbr:
                         literal = literal_words(q) if literal is None else literal
-                        if not self._abbr[j] <= literal:
+                        if not self._abbr[j] <= literal and unmatched_words(
+                                self._primary[self._owner[j]] - generic, qt, nq):
                             continue
                     # an organisation is named by all its words: one that the query lacks ("Orion
                     # Technologies" for "Orion AI Technologies", "North Star Manufacturing" for "North Star
                     # Electronics Manufacturing") makes it another organisation.  Words the query adds are not
                     # held against it: an evader appends a city or "Branch" to a listed name
-                    if unmatched_words(nt, qt, nq):
+                    if unmatched_words(nt, qt, nq, self._names[j]):
                         continue
                 # a person is named by given and family name, part by part: not a common name one name away
                 # ("Li Wei" for "Li Wei Dong", "Wang Xiaoping" for "Wang Xiaoming"; :mod:`.screen_people`)
-                elif not person_agrees(nq, self._entry_names[self._owner[j]]):
+                elif not person_agrees(nq, self._entry_names[i := self._owner[j]], complete=i in self._syllabic):
                     continue
                 self._keep(best, j, float(score[c]), q, nq, {"token_sort": round(float(sort[c]), 1),
                            "token_set": round(float(tset[c]), 1), "ratio": round(float(plain[c]), 1)})  # fmt: skip
@@ -212,12 +243,23 @@ class ScreeningList:
                     rest = self._tokens[j] - set(full)
                     if not self._organisation(j) and sorted(w[0] for w in rest) == initials:
                         self._keep(best, j, 90.0, q, nq, {"initials": " ".join(initials)})
+            # a person whose names are spelt in another romanisation or language, or written with a title or a
+            # note, that the string scores miss ("Jewgeni Morosow", "Serhiy Petrov", "Sheikh Mohammed Al-Rashidi"):
+            # the listed people sharing two words' keys with the query, checked part by part
+            if threshold <= PART_SCORE_HIT + 1e-9:
+                near = self._people_near(nq)
+                for i in near + [i for i in self._symbol_near(nq) if i not in near]:
+                    if i not in best:
+                        matched = person_match(nq, self._entry_names[i], complete=i in self._syllabic)
+                        if matched is not None:
+                            self._keep(best, self._at[i, matched], PART_SCORE_HIT, q, nq, {"part_by_part": True})
             # an alias together with words of the entry's other names: every word accounted for
             for t in qt:
                 for i, at, j in self._combos.get(t, ()):
                     left = qt - at
                     if at <= qt and left and left <= self._words[i] and not left <= generic:
                         self._keep(best, j, 95.0, q, nq, {"alias_with_name": self._raw[j]})
+        self._branches(best, dict(queries[::-1]), generic)
         hits = sorted(best.values(), key=lambda h: -h["score"])[:limit]
         for h in hits:
             cs = h["entry"]["countries"]
@@ -229,6 +271,28 @@ class ScreeningList:
                 "list": {"format": self.format, "sha256": self.sha256, "entries": len(self.entries),
                          "origin": self.origin}}  # fmt: skip
 
+    def _branches(self, best: dict[int, dict[str, Any]], normalized: dict[str, str],
+                  generic: frozenset[str]) -> None:  # fmt: skip
+        """A listed organisation's name written whole, then a branch or office ("... FZE Dubai Branch", "... Riga
+        Office": at most three words before a word of ``branch_words``), or a place after a comma ("... Ctr.,
+        Khabarovsk": at most two words): the organisation, whatever the added words.  The name must be one of
+        the entry's names exactly (normalised) and hold a word that is not generic."""
+        branch = name_tables()[6]
+        for q, nq in normalized.items():  # each name or alias and its normal form
+            forms = []
+            ws = nq.split()
+            if len(ws) >= 2 and ws[-1] in branch:
+                forms += [" ".join(ws[:k]) for k in range(max(1, len(ws) - 4), len(ws) - 1)]
+            head, comma, tail = q.rpartition(",")
+            if comma and head.strip() and 1 <= len(tail.split()) <= 2:
+                forms.append(normalize(head))
+            for f in forms:
+                if len(f.split()) < 2 or not set(f.split()) - generic:
+                    continue
+                for j in self._by_name.get(f, ()):
+                    if self._organisation(j):
+                        self._keep(best, j, 90.0, q, f, {"branch_of": self._raw[j]})
+
     def _candidates(self, nq: str, qt: set[str], generic: frozenset[str], cut: float) -> Any:
         """The names that can score ``cut`` or more: plain and token-sort similarity is 2 * (longest common
         subsequence) / (both lengths), at most 2 * (letters in common) / (both lengths), which the names' letter
@@ -237,12 +301,52 @@ class ScreeningList:
         import numpy as np
 
         b = nq.encode("ascii", "replace")
-        q = np.array([b.count(bytes([c])) for c in self._cols], dtype=np.int16)
+        q = np.array([b.count(bytes([c])) for c in self._cols], dtype=np.int32)  # a letter 100,000 times
         common = np.minimum(self._bags, q).sum(axis=1)
         out = set(np.flatnonzero(200.0 * common >= cut * (self._lens + len(nq)) - 1e-6).tolist())
         for w in qt - generic:
             out.update(self._by_token.get(w, ()))
         return sorted(out)
+
+    def _people_near(self, nq: str) -> list[int]:
+        """The listed people (entry indexes) with a name sharing the keys (:func:`.screen_people.name_keys`) of two
+        of the query's words (of three letters or more where it has two such words), most shared first."""
+        words = [w for w in nq.split() if len(w) > 1]
+        longer = [w for w in words if len(w) >= 3]
+        words = longer if len(longer) >= 2 else words
+        if len(words) < 2:
+            return []
+        count: dict[int, int] = {}
+        for w in set(words):
+            names = {j for key in name_keys(w) for j in self._by_key.get(key, ())}
+            for j in names:
+                count[j] = count.get(j, 0) + 1
+        shared: dict[int, int] = {}
+        for j, n in count.items():
+            if n >= 2:
+                i = self._owner[j]
+                shared[i] = max(shared.get(i, 0), n)
+        return sorted(shared, key=lambda i: -shared[i])[:MAX_PEOPLE_NEAR]
+
+    def _symbol_near(self, nq: str) -> list[int]:
+        """The people named in Han, Hangul or Kana (:func:`_syllabic_script`) with two parts of a name sharing a
+        Wikidata name symbol (``rigour``) with two of a query of two to four syllable-long words: another
+        reading of the same characters ("Chan Kin-kwok", Cantonese, for 陈建国 "Chen Jianguo"), which shares no
+        spelling key.  The listed names' symbols are found on the first such query and kept."""
+        words = [w for w in nq.split() if len(w) > 1]
+        if not self._syllabic or not 2 <= len(words) <= 4 or any(len(w) > 6 for w in words):
+            return []
+        if self._by_symbol is None:
+            self._by_symbol = {}
+            for i in sorted(self._syllabic):
+                for n in self._entry_names[i]:
+                    for sym, _ in name_symbols(n):
+                        self._by_symbol.setdefault(sym, set()).add(i)
+        covered: dict[int, set[int]] = {}
+        for sym, parts in name_symbols(nq):
+            for i in self._by_symbol.get(sym, ()):
+                covered.setdefault(i, set()).update(parts)
+        return sorted((i for i, c in covered.items() if len(c) >= 2), key=lambda i: -len(covered[i]))[:MAX_PEOPLE_NEAR]
 
     def _organisation(self, j: int) -> bool:
         return self.entries[self._owner[j]].kind.lower() not in ("", "individual", "person")
@@ -257,6 +361,10 @@ class ScreeningList:
                    "countries": list(e.countries), "source": e.source, "programs": list(e.programs)},
                    "matched_name": self._raw[j], "query": q,
                    "explanation": {"query_normalized": nq, "name_normalized": self._names[j], **parts}}  # fmt: skip
+
+
+def _syllabic_script(name: str) -> bool:
+    return any(unicodedata.name(c, "").startswith(("CJK UNIFIED", "HANGUL", "HIRAGANA", "KATAKANA")) for c in name)
 
 
 # -- the library calls `warden screen` makes (each an event of the home's trail) ------------------------

@@ -7,6 +7,7 @@ import json
 import re
 import unicodedata
 from functools import lru_cache
+from itertools import pairwise
 from typing import Any
 
 from .._extras import require
@@ -32,13 +33,15 @@ class ScreeningError(WardenError):
 
 @lru_cache(maxsize=1)
 def name_tables() -> tuple[frozenset[str], frozenset[str], dict[str, str],
-                           list[tuple[tuple[str, ...], tuple[str, ...]]], frozenset[str]]:  # fmt: skip
+                           list[tuple[tuple[str, ...], tuple[str, ...]]], frozenset[str], tuple[str, ...],
+                           frozenset[str]]:  # fmt: skip
     from importlib import resources
 
     doc = json.loads(resources.files(__package__).joinpath("lists/abbreviations.json").read_text())
     phrases = sorted(((tuple(a), tuple(b)) for a, b in doc["phrases"]), key=lambda p: -len(p[0]))
+    script_forms = tuple(sorted(doc["script_company_forms"], key=len, reverse=True))  # longest first
     return (frozenset(doc["company_forms"]), frozenset(doc["stopwords"]), dict(doc["words"]), phrases,
-            frozenset(doc["generic"]))
+            frozenset(doc["generic"]), script_forms, frozenset(doc["branch_words"]))
 
 
 @lru_cache(maxsize=1)
@@ -59,22 +62,27 @@ def _ascii_char(c: str) -> str:
 def _unconfuse(s: str) -> str:
     """Replace look-alike letters in words written mainly to pass as Latin: a word with a Latin letter, or one
     whose every letter has a Latin look-alike ("Ѕеrgеі", "Ρеtrоν"); words of another script are left to
-    transliteration."""
+    transliteration, and so is a word of look-alikes alone in a name that another word shows is written in its
+    script (the initial "Н." of "Кузнецов Н. П." is the Cyrillic N, not a Latin H)."""
+    words = s.split(" ")
+    mapped_words = [[c if c.isascii() or not c.isalpha() else _ascii_char(c) for c in w] for w in words]
+    # a word with no Latin letter and a letter with no Latin look-alike: the name is written in that script
+    native = any(not w.isascii() and not any(c.isascii() and c.isalpha() for c in w) and not all(m)
+                 for w, m in zip(words, mapped_words, strict=True))  # fmt: skip
     out = []
-    for w in s.split(" "):
+    for w, mapped in zip(words, mapped_words, strict=True):
         if w.isascii():
             out.append(w)
             continue
-        mapped = [c if c.isascii() or not c.isalpha() else _ascii_char(c) for c in w]
         has_latin = any(c.isascii() and c.isalpha() for c in w)
-        if has_latin or all(mapped):
+        if has_latin or (all(mapped) and not native):
             w = "".join(m or c for m, c in zip(mapped, w, strict=True))
         out.append(w)
     return " ".join(out)
 
 
 def _canonical(tokens: list[str]) -> list[str]:
-    forms, stop, words, phrases, _ = name_tables()
+    forms, stop, words, phrases = name_tables()[:4]
     toks = [words.get(t, t) for t in tokens if t not in stop]
     out: list[str] = []
     i = 0
@@ -91,8 +99,26 @@ def _canonical(tokens: list[str]) -> list[str]:
     return kept or out
 
 
+def _drop_format(s: str) -> str:
+    """``s`` without Unicode format characters (category Cf: zero-width space, joiner and non-joiner, word joiner,
+    soft hyphen, BOM, bidirectional marks): invisible, they split or disguise a word ("Sokol\u200bov")."""
+    return "".join(c for c in s if unicodedata.category(c) != "Cf") if not s.isascii() else s
+
+
+def _strip_script_forms(s: str) -> str:
+    """``s`` without a company form written in Chinese, Japanese or Korean script at its end or start
+    (``script_company_forms``: 有限公司 "Co., Ltd.", 株式会社 "K.K."), which transliteration would make name words."""
+    for f in name_tables()[5]:
+        if s.endswith(f) and len(s) > len(f):
+            s = s[: -len(f)].rstrip()
+        if s.startswith(f) and len(s) > len(f):
+            s = s[len(f):].lstrip()
+    return s
+
+
 def _prepare(name: str) -> str:
-    s = unicodedata.normalize("NFKC", name or "")
+    s = unicodedata.normalize("NFKC", _drop_format(name or ""))
+    s = _strip_script_forms(s)
     s = _SPACE.sub(" ", s).strip()
     s = _unconfuse(s)
     s = _DOTTED.sub(lambda m: re.sub(r"[\W_]", "", m.group(0)), s)
@@ -131,15 +157,27 @@ def literal_words(name: str) -> frozenset[str]:
     return frozenset(_SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).split())
 
 
-def unmatched_words(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str) -> set[str]:
-    """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80), not cut short
-    ("Comp." for "Components"), not written joined ("micro systems" / "microsystems")."""
+def _spelling(word: str) -> str:
+    """A word with the letters European transliterations write for one sound made one: qu / kv (Kvantum /
+    Quantum), w / v, ph / f, ck / k, x / ks."""
+    return word.replace("qu", "kv").replace("ph", "f").replace("ck", "k").replace("w", "v").replace("x", "ks")
+
+
+def unmatched_words(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str,
+                    name: str = "") -> set[str]:  # fmt: skip
+    """The ``words`` with no counterpart in ``other``: not there, not spelled closely (ratio 80, the same first
+    letter: "Western" is not "Eastern", a word one letter longer at its start is another word), not spelled
+    otherwise for the same sound ("Kvantum" / "Quantum"), not cut short ("Comp." for "Components"), not written
+    joined ("micro systems" / "microsystems"; with ``name``, the words' own name in order, two words written as
+    one in ``other``: "dual use" / "dualuse")."""
     fuzz = require("rapidfuzz", "fuzz", extra="release")
 
     flat = joined.replace(" ", "")
-    return {w for w in words if w not in other and not (len(w) >= 4 and w in flat)
-            and not any(fuzz.ratio(w, o) >= 80 or (len(o) >= 3 and w.startswith(o)) for o in other)}  # fmt: skip
-
+    ws = name.split()
+    together = {x for a, b in pairwise(ws) if a + b in other for x in (a, b)}
+    return {w for w in words if w not in other and w not in together and not (len(w) >= 4 and w in flat)
+            and not any((fuzz.ratio(w, o) >= 80 and w[0] == o[0]) or (len(o) >= 3 and w.startswith(o))
+                        or (len(w) >= 4 and _spelling(w) == _spelling(o)) for o in other)}  # fmt: skip
 
 
 def digit_lookalikes(normalized: str) -> list[str]:
