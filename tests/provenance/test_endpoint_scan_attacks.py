@@ -161,7 +161,10 @@ def test_an_endless_or_dripped_answer_is_cut_and_its_query_is_in_the_trail(tmp_p
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8080/v1", "http://localhost/v1", "http://169.254.169.254/latest",
                                  "http://10.0.0.7/v1", "http://[::1]:9000/v1", "http://[::ffff:127.0.0.1]/v1",
                                  "http://2130706433/v1", "http://0x7f.1/v1", "http://0.0.0.0:5432/v1",
-                                 "http://192.168.1.1/v1", "http://100.64.0.1/v1", "http://[fe80::1]/v1"])  # fmt: skip
+                                 "http://192.168.1.1/v1", "http://100.64.0.1/v1", "http://[fe80::1]/v1",
+                                 "http://[64:ff9b::7f00:1]/v1", "http://[64:ff9b::a00:5]/v1", "http://[::7f00:1]/v1",
+                                 "http://[::ffff:0:7f00:1]/v1", "http://[fec0::1]/v1",
+                                 "http://[2002:7f00:1::1]/v1"])  # fmt: skip
 def test_an_endpoints_file_cannot_aim_the_probe_at_internal_services(tmp_path, url):
     """ATTACK (server-side request forgery): a list of endpoints from someone else names loopback, the cloud's
     metadata address, the private network or their disguises (a decimal or hex address, an IPv4-mapped IPv6
@@ -195,3 +198,27 @@ def test_a_name_that_resolves_inside_only_later_is_refused_where_the_request_lea
     row = probe_endpoint(spec.to_json(), {"model": "m", "references": []}, None, str(tmp_path / "c"), str(tmp_path))
     assert row["error"].startswith("PrivateAddressError") and "169.254.169.254" in row["error"]
     assert sent == [] and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(("url", "why"), [("http://fa\u00df.attacker.example/v1", "must be ASCII"),
+                                          ("http://\u03c2.attacker.example/v1", "must be ASCII"),
+                                          ("http://[::1/v1", "is not a URL"), ("http://[127.0.0.1]/v1", "is not a URL"),
+                                          ("http://h:99999/v1", "is not a URL")])  # fmt: skip
+def test_a_host_checked_as_one_name_and_dialled_as_another_is_refused(tmp_path, url, why):
+    """ATTACK (red team): Python's resolver encodes 'fa\u00df' with IDNA 2003 ('fass') while the HTTP client
+    dials IDNA 2008 ('xn--fa-hia'): the check and the connection would see two hosts.  Non-ASCII hosts are
+    refused (the xn-- form is accepted and checked as dialled); malformed brackets or ports are one line."""
+    f = tmp_path / "eps.jsonl"
+    f.write_text(json.dumps({"url": url}) + "\n")
+    with pytest.raises(ScanError, match=rf"line 1, field 'url': .*{why}"):
+        read_endpoints(f)
+    f.write_text(json.dumps({"url": "http://xn--fa-hia.attacker.example/v1"}) + "\n")
+    assert read_endpoints(f)[0].url.startswith("http://xn--")
+
+
+def test_the_public_address_rule_for_ipv6():
+    from weightwarden.netguard import _is_public
+
+    assert _is_public("2606:4700:4700::1111") and _is_public("64:ff9b::808:808")  # public; NAT64 of 8.8.8.8
+    assert not any(_is_public(a) for a in ("64:ff9b::a00:5", "::7f00:1", "fec0::1", "2002:808:808::1", "2001::1",
+                                           "::ffff:10.0.0.1", "fd00::1", "ff02::1", "::"))  # fmt: skip

@@ -104,6 +104,20 @@ def test_held_out_sets_measured(extended: ScreeningList, k: int, min_recall: flo
     assert recall >= min_recall - 1e-9 and precision >= min_precision - 1e-9, (recall, precision, wrong)
 
 
+@pytest.mark.parametrize(("name", "want"), [("Ser gei Pet rov", "sample-000"),
+                                          ("S e r g e i  P e t r o v", "sample-000"),
+                                          ("Dmi try Vasiliev", "sample-013"),
+                                          ("Shenzhen Bri ght Semiconductor", "sample-006"),
+                                          ("Sergei Petrova", None), ("Olga Pet rova", None), ("Pet rov Ivan", None)])
+def test_a_name_split_apart_at_random_places_is_joined_again(sample: ScreeningList, name: str,
+                                                             want: str | None) -> None:  # fmt: skip
+    """ATTACK (red team, round 4): spaces put inside the words of a listed name ("Ser gei Pet rov") cleared it.
+    Fragments that join into a word of the list are joined and the name screened again, with every check;
+    innocents whose fragments join into other names stay clear."""
+    ids = [h["entry"]["id"] for h in sample.screen(name)["hits"]]
+    assert ids == ([want] if want else []), (name, ids)
+
+
 @pytest.mark.parametrize("mark", ["\u200b", "\u00ad", "\u200d", "\u200c", "\u2060", "\ufeff", "\u200e", "\u202e",
                                   "\u180e"])  # fmt: skip
 def test_invisible_format_characters_do_not_hide_a_name(extended: ScreeningList, mark: str) -> None:

@@ -29,6 +29,7 @@ from .screen_names import (
     ScreeningError,
     abbreviated_words,
     digit_lookalikes,
+    joined_parts,
     literal_words,
     name_tables,
     normalize,
@@ -42,6 +43,8 @@ DEFAULT_THRESHOLD = 86.0
 # the score of a person found part by part (:mod:`.screen_people`) whose name the string scores put under the
 # default threshold: a hit at the default threshold, not above a stricter one
 PART_SCORE_HIT = 88.0
+JOINED_MIN = 5  # letters of fragments joined into a listed word, at least (shorter ones are common words)
+MAX_FRAGMENTS = 200  # fragments of one name tried for joining (a longer name is screened as written)
 # the most listed people checked part by part for one query (those sharing most words with it first)
 MAX_PEOPLE_NEAR = 64
 
@@ -170,7 +173,7 @@ class ScreeningList:
 
         best: dict[int, dict[str, Any]] = {}
         queries = []
-        for q in (name, *aliases):
+        for q in (name, *aliases, *self._rejoined(name, aliases)):
             try:
                 q.encode("utf-8")
             except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
@@ -350,6 +353,33 @@ class ScreeningList:
 
     def _organisation(self, j: int) -> bool:
         return self.entries[self._owner[j]].kind.lower() not in ("", "individual", "person")
+
+    def _rejoined(self, name: str, aliases: tuple[str, ...]) -> list[str]:
+        """Each name split apart at random places ("Ser gei Pet rov", "S e r g e i  P e t r o v", "Shenzhen Bri ght
+        Semiconductor") written again with its fragments joined wherever the joined letters make a word of the
+        list: the evader's spaces are undone, and the joined name is screened like any other (every check
+        applies to it)."""
+        out = []
+        for q in (name, *aliases):
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in q):  # not text: screen() says so, in one line
+                continue
+            parts = joined_parts(q)
+            if len(parts) < 2 or len(parts) > MAX_FRAGMENTS:
+                continue
+            words, i = [], 0
+            while i < len(parts):
+                for j in range(min(len(parts), i + 16), i + 1, -1):  # the longest run that joins into a word
+                    w = "".join(parts[i:j])
+                    if len(w) >= JOINED_MIN and w in self._by_token:
+                        words.append(w)
+                        i = j
+                        break
+                else:
+                    words.append(parts[i])
+                    i += 1
+            if len(words) < len(parts):
+                out.append(" ".join(words))
+        return out
 
     def _keep(self, best: dict[int, dict[str, Any]], j: int, s: float, q: str, nq: str,
               parts: dict[str, Any]) -> None:  # fmt: skip

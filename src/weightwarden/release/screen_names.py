@@ -141,6 +141,14 @@ def normalize(name: str) -> str:
     return " ".join(_canonical(s.split()))
 
 
+def joined_parts(name: str) -> list[str]:
+    """``name``'s fragments in order, look-alikes read as Latin, transliterated, case folded, punctuation
+    dropped ("Ser gei Pet rov" -> ["ser", "gei", "pet", "rov"]): what :meth:`ScreeningList._rejoined` joins."""
+    ascii_text = require("rigour.text", "ascii_text", extra="release")
+
+    return _SPACE.sub(" ", _PUNCT.sub("", ascii_text(_prepare(name)).lower())).split()
+
+
 def abbreviated_words(name: str) -> frozenset[str]:
     """The words of ``name`` (case folded, punctuation dropped) that the abbreviation table expands to
     another word ("semi" in "Bright Semi")."""
