@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from weightwarden.errors import (
     ModelChangedError,
     ProbeError,
     QueryBudgetError,
+    RegistryError,
     TokenizerMismatchError,
 )
 from weightwarden.provenance.endpoint import AnswerCache, Endpoint, TokenBucket
@@ -227,3 +229,71 @@ def test_models_and_references_by_their_registered_names(world, tmp_path, capsys
         assert "'public-2' was registered from" in capsys.readouterr().err
     finally:
         moved.rename(p["ref2"])
+
+
+def test_attack_a_copy_of_ours_cannot_be_registered_as_a_reference(world, tmp_path, capsys):
+    """ATTACK (red team a, b): a copy of ours among the references turns a probe's derived verdict into "not
+    derived", and `--reference --replace` over one of ours hides it from identify.  Both are refused, in either
+    order of registration, and the registry is left as it was."""
+    import shutil
+
+    from weightwarden.cli import main
+    from weightwarden.provenance import Registry
+
+    p = world["paths"]
+    copy = tmp_path / "ours-copy"
+    shutil.copytree(p["ours"], copy)
+    home, reg = tmp_path / "home", tmp_path / "reg"
+    common = ["--registry", str(reg), "--home", str(home)]
+    assert main(["provenance", "register", str(p["ours"]), "--name", "ours", *common]) == 0
+    assert main(["provenance", "register", str(p["ref1"]), "--name", "public-1", "--reference", *common]) == 0
+    capsys.readouterr()
+    # (a) the copy, registered as a reference: refused with one line naming the model it is derived from
+    assert main(["provenance", "register", str(copy), "--name", "x", "--reference", *common]) == 1
+    e = capsys.readouterr().err
+    assert "'x' is not independent of our model 'ours'" in e and "not registered" in e
+    # (b) one of ours demoted to a reference by --replace (and a reference promoted): refused
+    assert main(["provenance", "register", str(p["ours"]), "--name", "ours", "--reference", "--replace",
+                 *common]) == 1  # fmt: skip
+    assert "'ours' is registered as protected; replace keeps a model's role" in capsys.readouterr().err
+    assert main(["provenance", "register", str(p["ref1"]), "--name", "public-1", "--replace", *common]) == 1
+    assert "'public-1' is registered as reference" in capsys.readouterr().err
+    r = Registry(reg)
+    assert r.names() == ["ours", "public-1"] and r.references() == ["public-1"]
+    with pytest.raises(RegistryError, match="replace keeps a model's role"):
+        r.add("ours", r.get("ours"), replace=True, reference=True)
+    assert r.references() == ["public-1"] and r.identify(copy, log=False).best[0] == "ours"
+    # the other order: the copy enrolled as a reference first, then ours registered: refused, naming the copy
+    reg2 = ["--registry", str(tmp_path / "reg2"), "--home", str(home)]
+    assert main(["provenance", "register", str(copy), "--name", "x", "--reference", *reg2]) == 0
+    capsys.readouterr()
+    assert main(["provenance", "register", str(p["ours"]), "--name", "ours", *reg2]) == 1
+    assert "the registered reference 'x' is not independent of 'ours'" in capsys.readouterr().err
+    assert Registry(tmp_path / "reg2").names() == ["x"]
+
+
+def test_attack_a_folder_named_like_a_registered_model_does_not_win(world, tmp_path, monkeypatch):
+    """ATTACK (red team c): a folder in the working directory named like a registered model must not stand in
+    for it in `--model NAME` / `--reference NAME`; `./NAME` (anything that looks like a path) is the folder."""
+    import shutil
+
+    from weightwarden.cli._common import _ws
+    from weightwarden.cli.probe import _model, _references
+    from weightwarden.provenance import Registry
+
+    p = world["paths"]
+    home, reg = tmp_path / "home", tmp_path / "reg"
+    r = Registry(reg, home=home)
+    r.register(p["ours"], "ours")
+    r.register(p["ref1"], "public-1", reference=True)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for planted in ("ours", "public-1", "mine"):
+        shutil.copytree(p["ref4"], cwd / planted)
+    monkeypatch.chdir(cwd)
+    ws = _ws(home)
+    assert _model("ours", ws, reg) == (p["ours"].absolute(), "ours")
+    assert _references(["public-1"], ws, reg, default=False) == [str(p["ref1"].absolute())]
+    # a path, or an unregistered name of a folder here, is that folder
+    assert _model("./ours", ws, reg)[0] == Path("./ours") and _model("mine", ws, reg)[0] == Path("mine")
+    assert _references(["./public-1"], ws, reg, default=False) == ["public-1"]

@@ -38,26 +38,37 @@ def _api_key(env: str | None) -> str | None:
     return key
 
 
+def _looks_like_path(spec: str) -> bool:
+    """A path, not a registered name: it holds a path separator or starts with '.' or '~'."""
+    return any(sep and sep in spec for sep in ("/", os.sep, os.altsep)) or spec.startswith((".", "~"))
+
+
+def _resolve(spec: str, ws: Any, registry: Path | None) -> Path:
+    """A folder or a registered name: a registered name wins over a folder of that name in the working
+    directory (write ``./NAME`` for the folder); an argument that looks like a path is always a path."""
+    if _looks_like_path(spec):
+        return Path(spec).expanduser()
+    reg = ws.registry(registry)
+    if spec in reg.names() or not Path(spec).exists():
+        return Path(reg.model_path(spec))
+    return Path(spec)
+
+
 def _model(spec: str, ws: Any, registry: Path | None) -> tuple[Path, str]:
     """``--model``: a folder (its name names it), or the name of a model in the provenance registry (where it
-    was registered from)."""
-    p = Path(spec)
-    if p.exists():
-        return p, p.name or spec
-    return ws.registry(registry).model_path(spec), spec
+    was registered from); a registered name wins unless ``spec`` looks like a path."""
+    p = _resolve(spec, ws, registry)
+    return p, (p.name or spec) if _looks_like_path(spec) else spec
 
 
 def _references(given: list[str], ws: Any, registry: Path | None, default: bool) -> list[str]:
-    """``--reference``: endpoint URLs, folders, or names of models in the registry; none given (and
-    ``default``): every model registered as a reference (``warden provenance register --reference``)."""
+    """``--reference``: endpoint URLs, folders, or names of models in the registry (a registered name wins unless
+    the argument looks like a path); none given (and ``default``): every model registered as a reference
+    (``warden provenance register --reference``)."""
     if not given and default:
         reg = ws.registry(registry)
         return [str(reg.model_path(n)) for n in reg.references()]
-    out_ = []
-    for r in given:
-        out_.append(r if r.startswith(("http://", "https://")) or Path(r).exists()
-                    else str(ws.registry(registry).model_path(r)))  # fmt: skip
-    return out_
+    return [r if r.startswith(("http://", "https://")) else str(_resolve(r, ws, registry)) for r in given]
 
 
 def _order(path: Path | None, name: str, ws: Any) -> Any:

@@ -145,8 +145,7 @@ class Registry:
         where the model lies (probes through an API run it: :meth:`model_path`); ``reference``: an
         independent model kept to calibrate probes, never a candidate of :meth:`identify`."""
         self._check_name(name)
-        if name in self._names and not replace:
-            raise RegistryError(f"{name!r} is already registered (use replace)")
+        self._check_replace(name, replace=replace, reference=reference)
         if parent is not None and (parent.get("name") not in self._names or parent.get("name") == name):
             raise RegistryError("a registered parent must be another registered model")
         (self.root / "sigs").mkdir(parents=True, exist_ok=True)
@@ -169,23 +168,62 @@ class Registry:
             self._sketches = np.concatenate([self._sketches, sig.sketch[None, :].astype(np.float32)])
         self._save()
 
+    def _check_replace(self, name: str, *, replace: bool, reference: bool) -> None:
+        """``replace`` overwrites an entry of the same role only: demoting one of ours to a reference would hide it
+        from ``identify`` (and promoting a reference skips its checks), so a role changes by an audited removal."""
+        if name not in self._names:
+            return
+        if not replace:
+            raise RegistryError(f"{name[:_NAME_MAX]!r} is already registered (use replace)")
+        was = "reference" if self._facts[self._names.index(name)].get("role") == "reference" else "protected"
+        now = "reference" if reference else "protected"
+        if was != now:
+            raise RegistryError(f"{name[:_NAME_MAX]!r} is registered as {was}; replace keeps a model's role: "
+                                f"remove it first (warden provenance remove {name[:_NAME_MAX]}), then register it "
+                                f"as {now}")  # fmt: skip
+
+    def _check_independent(self, src: TensorSource, name: str, *, reference: bool, alpha: float) -> None:
+        """A reference must be independent of every one of our models (a copy of ours among the references turns a
+        derived verdict of a probe into "not derived"): a new reference is tested against every protected model,
+        and a new protected model against every reference, in one pass over the new model; p-values corrected
+        for the number tested."""
+        others = [n for n in (self._protected() if reference else self.references()) if n != name]
+        if not others:
+            return
+        comps = compare_many([self.get(n) for n in others], src, alpha=alpha)
+        hits = sorted(((n, corrected(c, len(others))) for n, c in zip(others, comps, strict=True)),
+                      key=lambda t: t[1].log_p)  # fmt: skip
+        hits = [(n, c) for n, c in hits if c.derived]
+        if not hits:
+            return
+        other, c = hits[0]
+        lp = f"log10 p = {c.log_p / np.log(10):.1f}, corrected for {len(others)}"
+        if reference:
+            raise RegistryError(f"{name[:_NAME_MAX]!r} is not independent of our model {other[:_NAME_MAX]!r} ({lp}): "
+                                "a reference must be an independently trained model; not registered")  # fmt: skip
+        raise RegistryError(f"the registered reference {other[:_NAME_MAX]!r} is not independent of "
+                            f"{name[:_NAME_MAX]!r} ({lp}): remove it first (warden provenance remove "
+                            f"{other[:_NAME_MAX]}), then register this model; not registered")  # fmt: skip
+
     def register(self, model: str | os.PathLike[str] | TensorSource, name: str, *, replace: bool = False,
                  parent: str | None = None, lineage: bool = True, alpha: float = DEFAULT_ALPHA,
                  reference: bool = False, **kw: Any) -> Signature:  # fmt: skip
         """Extract and store ``model``'s signature (and, for a path, where it lies).  Its registered parent is
         ``parent`` (which it must test as derived from), or with ``lineage`` the model ``identify`` names, if
         any.  ``reference``: an independent model that calibrates probes through an API (no lineage; never a
-        candidate of ``identify``)."""
+        candidate of ``identify``).  A reference that tests as derived from (or an ancestor of) one of ours, or
+        one of ours that a registered reference tests as derived from, is refused; ``replace`` never changes a
+        registered model's role (protected or reference): remove it first."""
         if reference and parent is not None:
             raise RegistryError("a reference model is independent of ours: it has no registered parent")
         require("scipy", extra="provenance")
         self._check_name(name)
-        if name in self._names and not replace:
-            raise RegistryError(f"{name!r} is already registered (use replace)")
+        self._check_replace(name, replace=replace, reference=reference)
         own = not isinstance(model, TensorSource)
         src = open_source(model, **kw)
         try:
             sig = extract_signature(src, meta={"name": name})
+            self._check_independent(src, name, reference=reference, alpha=alpha)
             link: tuple[str, Comparison] | None = None
             if parent is not None:
                 if parent in self.references():
