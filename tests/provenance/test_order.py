@@ -3,6 +3,7 @@ in a recorded order, each seen once, served through the suite's OpenAI-compatibl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -167,7 +168,11 @@ def test_text_mode_without_logprobs(run, tmp_path):
     with pytest.raises(QueryBudgetError):
         order_probe(run["urls"]["ft-text"], run["order"], budget=40, **kw2)
     again = order_probe(run["urls"]["ft-text"], run["order"], budget=1000, **kw2)
-    assert (again.queries_used, again.queries_cached) == (16 * 2 * 3 - 40, 40) and again.p_value == rep.p_value
+    assert (again.queries_used, again.queries_cached) == (16 * 2 * 3 - 40, 40)
+    # the same answers (the mean scores); the p-value may differ from rep's where scores tie, as each cache
+    # keeps its own secret tie-break keys, and a rerun on the same cache keeps its plan: the same p-value
+    assert (again.mean_late, again.mean_early) == pytest.approx((rep.mean_late, rep.mean_early))
+    assert order_probe(run["urls"]["ft-text"], run["order"], **kw2).p_value == again.p_value
     with pytest.raises(ProbeError, match="--cuts"):
         order_probe(run["urls"]["ft-text"], run["order"], **{**kw, "cuts": 0})
 
@@ -260,3 +265,83 @@ def test_cli_order_add_and_probe(run, tmp_path, capsys, monkeypatch):
     assert j3["mode"] == "text" and j3["text"]["cuts"] == 2 and j3["queries"]["used"] == 16 * 2 * 2
     assert main([*args, "--order", str(f), "--mode", "chat"]) == 2
     assert "--mode must be one of logprobs, text" in capsys.readouterr().err
+
+
+class _PlanReplayer:
+    """ATTACK (red-team finding): a hostile endpoint that replays the probe's plan from a public seed (the old
+    default ``default_rng(0)``) to guess which of its queries are the latest examples, and shifts the
+    log-likelihood it answers for the guessed side by ``shift`` nats in all (spread over the tokens; every
+    answer stays valid: log-probabilities <= 0, top lists sorted and consistent). ``hide``: lower the guessed
+    latest (a derived model hiding its gap); else lower the guessed earliest (an independent model faking one).
+    It also records every request body, to show the secret never travels."""
+
+    def __init__(self, k: int, *, hide: bool, shift: float):
+        import httpx
+
+        self.inner, self.hide, self.shift, self.n = httpx.HTTPTransport(), hide, shift, 0
+        self.late = np.random.default_rng(0).permutation(2 * k) < k  # query number j is late iff seq[j] < k
+        self.bodies: list[bytes] = []
+
+    def handle_request(self, request):
+        import httpx
+
+        resp = self.inner.handle_request(request)
+        body = resp.read()
+        if request.method != "POST" or not request.url.path.endswith("/completions"):
+            return httpx.Response(resp.status_code, headers={"Content-Type": "application/json"}, content=body)
+        self.bodies.append(request.read())
+        j, self.n = self.n, self.n + 1
+        doc = json.loads(body)
+        if bool(self.late[j % len(self.late)]) == self.hide:
+            lp = doc["choices"][0]["logprobs"]
+            d = self.shift / max(1, sum(v is not None for v in lp["token_logprobs"]))
+            lp["token_logprobs"] = [None if v is None else v - d for v in lp["token_logprobs"]]
+            lp["top_logprobs"] = [None if t is None else {a: b - d for a, b in t.items()} for t in lp["top_logprobs"]]
+        return httpx.Response(resp.status_code, json=doc)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_attack_a_public_plan_no_longer_tells_the_endpoint_which_queries_are_late(run, tmp_path, monkeypatch):
+    """The endpoint replays the old public plan (seed 0) to fake a gap (independent model) or hide it
+    (derived model). With that public seed (``seed=0``, kept for reproducible tests only) both attacks work;
+    with the default, a secret drawn from the OS CSPRNG and never sent, the faked gap gives no small p-value
+    and the derived model is still detected."""
+    from weightwarden.provenance import ordertest
+
+    kw = {"normalisers": [run["norm"]], "alpha": ALPHA, "home": tmp_path}
+
+    def probe(name, hide, shift, cache, k=32, **extra):  # hiding: 2K = 128 queries (as the honest probe needs)
+        t = _PlanReplayer(k, hide=hide, shift=shift)
+        return order_probe(run["urls"][name], run["order"], n_items=2 * k, transport=t, cache=cache, **kw,
+                           **extra), t  # fmt: skip
+
+    # (measured once: the honest derived probe gives log10 p = -4.5 at K = 64, its means differ by 6 nats)
+
+    # the public seed: the replayed plan is the real one, both attacks succeed (the finding)
+    fake0, _ = probe("ind", False, 30.0, None, seed=0)
+    hide0, _ = probe("ft", True, 6.0, None, k=64, seed=0)  # 6 nats: about the honest latest-earliest gap
+    assert fake0.derived and fake0.log10_p_value < -6, fake0.log10_p_value
+    assert hide0.log10_p_value > -1, hide0.log10_p_value
+    # the default: a secret per probe (fixed bytes here so that the test is deterministic; the attacker
+    # replays seed 0 as before, it cannot know them)
+    fixed = hashlib.sha256(b"unknown to the endpoint").digest()
+    monkeypatch.setattr(ordertest.secrets, "token_bytes", lambda n: fixed[:n])
+    fake, t = probe("ind", False, 30.0, tmp_path / "fake")
+    assert not fake.derived and fake.log10_p_value > -2, fake.log10_p_value
+    hide, _ = probe("ft", True, 6.0, tmp_path / "hide", k=64)
+    assert hide.derived, hide.log10_p_value
+    # the secret stays in the cache's folder (0600) and never travels; a resumed probe keeps its plan
+    plan = tmp_path / "fake" / ordertest.PLAN_FILE
+    secret = json.loads(plan.read_text())["secret"]
+    assert plan.stat().st_mode & 0o777 == 0o600 and not any(secret.encode() in b for b in t.bodies)
+    again, t2 = probe("ind", False, 30.0, tmp_path / "fake")
+    assert again.queries_cached == 64 and again.p_value == fake.p_value and not t2.bodies
+    assert json.loads(plan.read_text())["secret"] == secret
+    plan.write_text("{")  # a damaged plan: one clear line naming the file and what to do
+    with pytest.raises(ProbeError, match=r"order-plan\.json.*delete it"):
+        probe("ind", False, 30.0, tmp_path / "fake")
+    monkeypatch.undo()
+    a, b = ordertest._Plan.secret(None), ordertest._Plan.secret(None)
+    assert a.key != b.key and len(a.key or b"") == 32  # a fresh draw per probe

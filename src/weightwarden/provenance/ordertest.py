@@ -14,7 +14,7 @@ reference model, no model of the scores.
 
 * **statistic**: the Mann-Whitney ``U`` of the late examples' scores against the early ones' (equivalently
   Kendall's tau between the score and the late/early label); ties are broken by a keyed hash of each
-  text, a key that travels with the example, which keeps the test exact;
+  text (keyed by the probe's secret), a key that travels with the example, which keeps the test exact;
 * **p-value**: one-sided (late higher), from the exact permutation distribution of ``U`` (scipy) when
   ``K * K <= EXACT_LIMIT``, else the normal approximation with the exact mean and variance and a
   continuity correction (measured conservative where both are computed: docs);
@@ -26,14 +26,24 @@ reference model, no model of the scores.
   after each cut at temperature 1 (``cuts * samples`` queries, seeds derived from the text, never from its
   position), and the score is the mean number of characters of the continuations that agree with the true
   text: an estimate of how likely the suspect finds the true continuation (normalisers are not used).
+
+**The probe's secret** (assumption A3): the order in which the queries go out, and the tie-break keys,
+come from 32 bytes drawn from the OS CSPRNG (:mod:`secrets`) per probe, kept in the answer cache's folder
+(``order-plan.json``, mode 0600: an interrupted probe resumes with the same plan) and never sent: nothing
+the endpoint sees is derived from it (text mode's sampling seeds come from the text alone).  Were it
+public (a fixed seed), the endpoint could replay the plan, tell which queries are the latest examples and
+fake or hide the gap.  ``seed=`` replaces it with a public seed, for reproducible tests only.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import math
 import os
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,13 +71,14 @@ ASSUMPTIONS = (
     "secret; an order the owner supplied ('shuffled': 'given') carries this as the owner's claim",
     "A2 normalisers independent of the order: each normaliser (reference model) was not trained on this "
     "order (a public base, or a model trained on other data or in another order); our own model never is one",
-    "A3 one model: the endpoint serves one model for the whole probe (a changed model name is refused); the "
-    "queries are sent in a random order, so an endpoint that adapts to earlier queries cannot tell late "
-    "examples from early ones",
+    "A3 one model, blind to the labels: the endpoint serves one model for the whole probe (a changed model name "
+    "is refused); the queries are sent in an order drawn from a secret (32 bytes from the OS CSPRNG per probe, "
+    "kept in the answer cache's folder, never sent), so the endpoint cannot tell the latest examples' queries "
+    "from the earliest ones', nor adapt to earlier queries to do so",
     "A4 fixed rule: the examples queried (the K latest, the K earliest) and the score are fixed before any "
     "answer is seen; the score depends on the suspect only through its answers and is the same function of "
     "every example (text mode: its cuts and sampling seeds come from the text, never from its position); ties "
-    "are broken by a keyed hash of each text, which travels with the example",
+    "are broken by a hash of each text keyed by the probe's secret, which travels with the example",
 )
 
 
@@ -76,7 +87,8 @@ def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0,
     """One-sided test that ``late`` scores exceed ``early`` ones: ``U``, its z, the p-value and how it was
     computed (exact permutation distribution or the normal approximation with the exact moments).  Ties are
     broken by ``tie`` (one key per score, late then early: keys that travel with the examples, e.g. a hash of
-    each text, keep the test exact for any seed), else by a permutation drawn from ``seed``."""
+    each text, keep the test exact for any seed), else (and where two keys are equal too) by a permutation
+    drawn from ``seed``: never by the position, which is the label."""
     stats = require("scipy.stats", extra="provenance")
 
     a, b = np.asarray(late, dtype=float), np.asarray(early, dtype=float)
@@ -84,14 +96,15 @@ def rank_sum_p(late: Sequence[float], early: Sequence[float], seed: int = 0,
     if m < 1 or n < 1 or not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ProbeError("the rank-sum test needs finite scores on both sides")
     x = np.concatenate([a, b])
+    last = np.random.default_rng(seed).permutation(len(x)).astype(float)  # random tie-break: keeps it exact
     if tie is None:
-        key = np.random.default_rng(seed).permutation(len(x)).astype(float)  # random tie-break: keeps it exact
+        key = last
     elif len(tie) != len(x):
         raise ProbeError("the rank-sum test needs one tie-break key per score")
     else:
         key = np.asarray(tie, dtype=float)
     ranks = np.empty(len(x))
-    ranks[np.lexsort((key, x))] = np.arange(1, len(x) + 1)
+    ranks[np.lexsort((last, key, x))] = np.arange(1, len(x) + 1)
     u = float(ranks[:m].sum() - m * (m + 1) / 2)
     mean, var = m * n / 2, m * n * (m + n + 1) / 12
     z = (u - mean) / math.sqrt(var)
@@ -175,6 +188,78 @@ def _text_seed(seed: int, text: str, cut: int, j: int) -> int:
     return int.from_bytes(h[:4], "big") & 0x7FFFFFFF
 
 
+PLAN_FILE = "order-plan.json"  # in the answer cache's folder: the probe's secret, never sent
+
+
+class _Plan:
+    """What must stay hidden from the endpoint: the order in which the queries go out and the tie-break keys.
+    ``key``: 32 secret bytes (OS CSPRNG); None with a public ``seed`` (reproducible tests only: an endpoint
+    that knows the seed knows which queries are the latest examples)."""
+
+    def __init__(self, key: bytes | None, seed: int = 0):
+        self.key, self.seed = key, seed
+
+    @classmethod
+    def secret(cls, folder: os.PathLike[str] | str | None) -> _Plan:
+        """A fresh secret, or the one kept in ``folder`` (the answer cache's) by an earlier run of this probe,
+        so that an interrupted probe resumes with the same plan; a new one is written there (0600)."""
+        if folder is None:
+            return cls(secrets.token_bytes(32))
+        path = os.path.join(os.fspath(folder), PLAN_FILE)
+        fresh = secrets.token_bytes(32)
+        doc = {"format": "warden-order-plan", "version": 1, "secret": fresh.hex()}
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except FileExistsError:
+            return cls(cls._load(path))
+        except OSError as e:
+            raise ProbeError(f"cannot write the probe's plan {path} ({e.strerror}): give another --cache") from None
+        try:
+            os.write(fd, json.dumps(doc).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return cls(fresh)
+
+    @staticmethod
+    def _load(path: str) -> bytes:
+        bad = (f"{path} is not a probe plan this version wrote: delete it (a new secret is drawn; the cached "
+               "answers are kept) or give another --cache")  # fmt: skip
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                doc = json.loads(f.read(4096))
+            key = bytes.fromhex(doc["secret"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ProbeError(bad) from None
+        if doc.get("format") != "warden-order-plan" or len(key) != 32:
+            raise ProbeError(bad)
+        return key
+
+    def _digest(self, *parts: str) -> bytes:
+        assert self.key is not None
+        return hmac.new(self.key, "\x00".join(parts).encode(), hashlib.sha256).digest()
+
+    def rng(self, purpose: str, offset: int, texts: Sequence[str]) -> np.random.Generator:
+        """A generator for ``purpose`` over ``texts`` (the probe's questions: another set of questions gets an
+        independent stream); with a public seed, ``default_rng(seed + offset)``."""
+        if self.key is None:
+            return np.random.default_rng(self.seed + offset)
+        h = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+        return np.random.default_rng(int.from_bytes(self._digest(purpose, h), "big"))
+
+    def tie(self, text: str) -> float:
+        """The tie-break key of ``text``: a function of the text (and the secret) only, never of its position
+        (the label); 48 bits, exact in a float."""
+        if self.key is None:
+            return float(_text_seed(self.seed, text, -1, -1))
+        return float(int.from_bytes(self._digest("tie", text)[:6], "big"))
+
+    def last_seed(self) -> int:
+        """The seed of the last-level tie-break (where scores and keys are both equal)."""
+        return self.seed if self.key is None else int.from_bytes(self._digest("last"), "big")
+
+
 def _score(ep: Endpoint, text: str, normalisers: Sequence[Scorer]) -> float:
     r = ep.echo(text, 1)
     vals = r.logprobs[~np.isnan(r.logprobs)]
@@ -187,17 +272,18 @@ def _score(ep: Endpoint, text: str, normalisers: Sequence[Scorer]) -> float:
 
 
 def _text_scores(ep: Endpoint, texts: Sequence[str], *, cuts: int, samples: int, new_tokens: int,
-                 seed: int) -> np.ndarray:  # fmt: skip
+                 plan: _Plan) -> np.ndarray:  # fmt: skip
     """Text mode: each text's mean agreeing characters over its cuts x samples continuations, sampled at
-    temperature 1 with seeds drawn from the text (never from its position), all queries sent in a random order."""
+    temperature 1 with seeds drawn from the text (never from its position, nor from the secret), all queries
+    sent in an order drawn from the plan's secret."""
     plans = [_word_cuts(t, cuts) for t in texts]
     work = [(i, c, j) for i, pl in enumerate(plans) for c in pl for j in range(samples)]
     total = np.zeros(len(texts))
     count = np.zeros(len(texts))
-    for q in np.random.default_rng(seed + 1).permutation(len(work)):
+    for q in plan.rng("text-sequence", 1, texts).permutation(len(work)):
         i, c, j = work[q]
         t = texts[i]
-        cont = ep.sample(t[:c], max_tokens=new_tokens, temperature=1.0, seed=_text_seed(seed, t, c, j))
+        cont = ep.sample(t[:c], max_tokens=new_tokens, temperature=1.0, seed=_text_seed(plan.seed, t, c, j))
         total[i] += _lcp(cont, t[c:])
         count[i] += 1
     return total / np.maximum(count, 1)
@@ -206,11 +292,15 @@ def _text_scores(ep: Endpoint, texts: Sequence[str], *, cuts: int, samples: int,
 def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: Sequence[Scorer] = (),
                 mode: str = "logprobs", n_items: int = 64, new_tokens: int = TEXT_NEW_TOKENS,
                 cuts: int = TEXT_CUTS, samples: int = TEXT_SAMPLES, alpha: float = DEFAULT_ALPHA,
-                seed: int = 0, home: str | os.PathLike[str] | None = None,
+                seed: int | None = None, home: str | os.PathLike[str] | None = None,
                 **endpoint_kw: Any) -> OrderReport:  # fmt: skip
     """Test H0 "the model behind ``endpoint`` is independent of the training run that saw ``order``" (see
     the module's docstring) on the ``n_items // 2`` latest and earliest examples: ``n_items`` queries in
-    logprobs mode, about ``n_items * cuts * samples`` in text mode (fewer cuts where a text has fewer words)."""
+    logprobs mode, about ``n_items * cuts * samples`` in text mode (fewer cuts where a text has fewer words).
+
+    The order of the queries and the tie-break keys come from a secret drawn per probe (kept in the answer
+    cache's folder, so a resumed probe keeps its plan).  ``seed``: a *public* seed instead, for reproducible
+    tests and benches only: an endpoint that knows it can tell the latest examples' queries apart (A3)."""
     from .. import trail
     from ..audit import AuditAction, event
 
@@ -230,7 +320,11 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
         ep.home = home
     ex = order.examples
     chosen = [(1, ex[len(ex) - k + i]) for i in range(k)] + [(0, ex[i]) for i in range(k)]
-    sequence = np.random.default_rng(seed).permutation(len(chosen))  # sent in an order blind to the labels
+    # the order the queries go out in: from a secret the endpoint never sees (chosen is laid out latest first)
+    plan = _Plan(None, int(seed)) if seed is not None else \
+        _Plan.secret(ep.cache.folder if ep.cache is not None else None)  # fmt: skip
+    texts = [t for _, t in chosen]
+    sequence = plan.rng("sequence", 0, texts).permutation(len(chosen))
     if mode == "text":
         normalisers = ()  # not used in text mode (measured: no gain, docs/PROVENANCE.md)
     names = [m.name for m in normalisers]
@@ -243,8 +337,8 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
     with trail.operation(home) as t:
         try:
             if mode == "text":
-                scores = _text_scores(ep, [t for _, t in chosen], cuts=cuts, samples=samples, new_tokens=new_tokens,
-                                      seed=seed)  # fmt: skip
+                scores = _text_scores(ep, texts, cuts=cuts, samples=samples, new_tokens=new_tokens,
+                                      plan=plan)  # fmt: skip
             else:
                 scores = np.empty(len(chosen))
                 for j in sequence:
@@ -252,8 +346,8 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
             labels = np.array([lab for lab, _ in chosen])
             # ties broken by a keyed hash of each text: the key travels with the example, so under H0 the
             # (score, key) pairs are split into latest and earliest uniformly at random (exact, any seed)
-            keys = np.array([_text_seed(seed, t, -1, -1) for _, t in chosen], dtype=float)
-            st = rank_sum_p(scores[labels == 1], scores[labels == 0], seed,
+            keys = np.array([plan.tie(t) for t in texts], dtype=float)
+            st = rank_sum_p(scores[labels == 1], scores[labels == 0], plan.last_seed(),
                             tie=np.concatenate([keys[labels == 1], keys[labels == 0]]))  # fmt: skip
         except WardenError as e:
             t.emit(ev("error", error=type(e).__name__))
