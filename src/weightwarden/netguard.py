@@ -11,21 +11,23 @@ rules to some names (``faß``: IDNA 2003 gives ``fass``, IDNA 2008 ``xn--fa-hia`
 checked as one host and dialled as another.  The operator
 lifts the rule for a scan of their own test servers with ``allow_private``.
 
-The file is checked when it is read (a name that does not resolve from there passes) and again on the worker
-right before its first request.  Limit (stated in docs/PROVENANCE.md): the client resolves the name again
-when it connects; a name whose DNS answer changes
-between the check and the connection (rebinding) is not caught here; run scans from a network segment that
-reaches no internal service.
+The file is checked when it is read (a name that does not resolve from there passes), again on the worker
+right before its first request, and at every connection: :func:`public_only_transport` gives the HTTP client
+a network backend that resolves the name once per connection, checks every address, and dials the checked
+address itself (TLS still verifies the certificate against the name), so a DNS answer that changes between a
+check and the connection (rebinding) meets the same rule.  The client follows no redirects and reads no proxy
+from the environment (a proxy would resolve the name where we cannot check it).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
 
 from .errors import PrivateAddressError
 
-__all__ = ["PrivateAddressError", "check_public_host", "host_of"]
+__all__ = ["PrivateAddressError", "check_public_host", "host_of", "public_only_transport"]
 
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the IPv4 address it embeds is dialled
@@ -74,3 +76,32 @@ def check_public_host(host: str, port: int | None, what: str, *, unresolved_ok: 
                                   "endpoints may not aim the probe at internal services. For your own test "
                                   "servers, pass --allow-private-endpoints")  # fmt: skip
     return addrs
+
+
+def public_only_transport(what: str) -> Any:
+    """An ``httpx.HTTPTransport`` that checks the addresses of every connection it opens, where it opens it:
+    the name is resolved once, every address must be public (:func:`check_public_host`), and the socket is
+    dialled to a checked address, never to the name again (no second lookup for a rebinding DNS server to
+    answer).  The server name for TLS stays the URL's host.  Fails closed: if httpx no longer has the
+    connection pool this relies on, an error, not an unchecked transport."""
+    import httpcore
+    import httpx
+
+    class _PublicOnly(httpcore.SyncBackend):
+        def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                        socket_options: Any = None) -> httpcore.NetworkStream:  # fmt: skip
+            last: Exception | None = None
+            for addr in check_public_host(host, port, what):
+                try:
+                    return super().connect_tcp(addr, port, timeout, local_address, socket_options)
+                except httpcore.ConnectError as e:  # the next checked address, as a resolver-driven connect would
+                    last = e
+            assert last is not None
+            raise last
+
+    t = httpx.HTTPTransport()
+    pool = getattr(t, "_pool", None)
+    if not isinstance(pool, httpcore.ConnectionPool) or not hasattr(pool, "_network_backend"):
+        raise RuntimeError("this httpx has no connection pool to check addresses in: pin httpx to a tested version")
+    pool._network_backend = _PublicOnly()
+    return t

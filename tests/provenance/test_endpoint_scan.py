@@ -109,7 +109,11 @@ def test_scan_flags_the_copy_and_reports_the_hostile_endpoint(world, fleet, tmp_
     # the workers' probes and the scan are events of the home's trail
     ev = trail.events(tmp_path)
     acts = [e["action"] for e in ev]
-    assert acts.count("provenance:query") == 2 * ITEMS + 2 * 2 and acts.count("provenance:probe") == 4 + 2
+    sent = [e for e in ev if e["action"] == "provenance:query" and e["outcome"] == "sent"]
+    refused = [e for e in ev if e["action"] == "provenance:query" and e["outcome"] == "error"]
+    # one "sent" per request (the copy's 2 x ITEMS, the hostile and the rude one's one each, in both scans) and
+    # one "error" per failed attempt (the rude one's refusal; the hostile answer fails validation, not HTTP)
+    assert len(sent) == 2 * ITEMS + 2 * 2 and len(refused) == 2 and acts.count("provenance:probe") == 4 + 2
     scan_ev = [e for e in ev if e["action"] == "provenance:scan"]
     assert len(scan_ev) == 2 and scan_ev[0]["detail"]["derived"] == ["copy"] and scan_ev[0]["detail"]["errors"] == 2
 
@@ -212,8 +216,9 @@ def test_toml_endpoints_and_their_errors(fleet, tmp_path, capsys):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the probe is killed in a forked child")
 def test_a_probe_killed_mid_way_keeps_the_events_of_its_queries(world, fleet, tmp_path):
-    """The probe runs in a forked child; the server kills it with SIGKILL when its 4th query arrives.  The
-    three queries answered before are in the trail (and their answers in the cache): nothing was buffered."""
+    """The probe runs in a forked child; the server kills it with SIGKILL when its 4th query arrives.  All four
+    queries sent are in the trail (each recorded before it left; the three answered are in the cache): nothing
+    was buffered, and the query out when the probe died is not lost."""
     served = fleet["srv"].routes["scan-kill"]
     ours, refs = world["ours"], world["refs"]
     child: dict[str, int] = {}
@@ -243,7 +248,8 @@ def test_a_probe_killed_mid_way_keeps_the_events_of_its_queries(world, fleet, tm
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     ev = trail.events(tmp_path)
     queries = [e for e in ev if e["action"] == "provenance:query"]
-    assert len(queries) == 3 and all(e["outcome"] == "ok" for e in queries)
+    # four requests left, each recorded before it did: the 4th, whose answer never came, too
+    assert len(queries) == 4 and all(e["outcome"] == "sent" for e in queries)
     assert {e["subject"] for e in queries} == {fleet["urls"]["killer"]}
     assert not [e for e in ev if e["action"] == "provenance:probe"]  # killed before its end
     assert len(AnswerCache(tmp_path / "cache")) == 3

@@ -115,8 +115,8 @@ def test_a_hostile_body_nested_past_the_stack_is_a_typed_error_and_its_query_is_
           pytest.raises(EndpointAnswerError, match="not JSON")):  # fmt: skip
         ep.post("/completions", {"prompt": "x"})
     evs = trail.events(tmp_path)
-    assert ep.used == 1 and [(e["action"], e["outcome"], e["detail"]["error"]) for e in evs] == [
-        ("provenance:query", "error", "not JSON")]  # fmt: skip
+    assert ep.used == 1 and [(e["action"], e["outcome"], e["detail"].get("error")) for e in evs] == [
+        ("provenance:query", "sent", None), ("provenance:query", "error", "not JSON")]  # fmt: skip
 
 
 def test_an_endless_or_dripped_answer_is_cut_and_its_query_is_in_the_trail(tmp_path):
@@ -154,8 +154,8 @@ def test_an_endless_or_dripped_answer_is_cut_and_its_query_is_in_the_trail(tmp_p
     with (_Hostile(drip) as srv, Endpoint(srv.url, budget=5, home=tmp_path, timeout=1.0, retries=0) as ep,
           pytest.raises(EndpointUnavailableError, match="timed out on each of 1 attempts")):  # fmt: skip
         ep.post("/completions", {"prompt": "x"})
-    assert [(e["outcome"], e["detail"]["error"]) for e in trail.events(tmp_path)] == [
-        ("error", "answer too large"), ("error", "timed out")]  # fmt: skip
+    assert [(e["outcome"], e["detail"].get("error")) for e in trail.events(tmp_path)] == [
+        ("sent", None), ("error", "answer too large"), ("sent", None), ("error", "timed out")]  # fmt: skip
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8080/v1", "http://localhost/v1", "http://169.254.169.254/latest",
@@ -222,3 +222,64 @@ def test_the_public_address_rule_for_ipv6():
     assert _is_public("2606:4700:4700::1111") and _is_public("64:ff9b::808:808")  # public; NAT64 of 8.8.8.8
     assert not any(_is_public(a) for a in ("64:ff9b::a00:5", "::7f00:1", "fec0::1", "2002:808:808::1", "2001::1",
                                            "::ffff:10.0.0.1", "fd00::1", "ff02::1", "::"))  # fmt: skip
+
+
+def test_a_name_that_rebinds_after_every_check_is_refused_where_the_socket_is_dialled(tmp_path, monkeypatch):
+    """ATTACK (DNS rebinding): the name resolves to a public address when the file is read and again on the
+    worker's check, then to loopback (where an internal service listens) when the client connects.  The scan's
+    client resolves once per connection, checks, and dials the checked address: the service gets nothing,
+    the row is a PrivateAddressError, and the refused query is in the trail."""
+    import http.server
+    import socket
+    import threading
+
+    from weightwarden import trail
+    from weightwarden.provenance.endpoint_scan import probe_endpoint
+
+    hits: list[str] = []
+
+    class Internal(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Internal)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    real, asked = socket.getaddrinfo, []
+
+    def rebinding(host, *a, **k):  # public for the first two lookups, loopback after
+        if host != "rebind.example":
+            return real(host, *a, **k)
+        asked.append(host)
+        ip = "93.184.216.34" if len(asked) <= 2 else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    f = tmp_path / "eps.jsonl"
+    f.write_text(json.dumps({"url": f"http://rebind.example:{port}/v1", "name": "r"}) + "\n")
+    spec = read_endpoints(f)[0]  # lookup 1: public
+    monkeypatch.setattr("weightwarden.provenance.endpoint_scan._pool", lambda paths: ("ours", []))
+
+    def one_query(ep, *a, **k):  # the probe's first request, as probe() sends it
+        ep.post("/completions", {"prompt": "x", "max_tokens": 1})
+
+    monkeypatch.setattr("weightwarden.provenance.probe.probe", one_query)
+    CFG = {"model": "m", "references": [], "alpha": 1e-3, "items": 1, "samples": 1, "new_tokens": 1, "seed": 0}
+    try:
+        row = probe_endpoint(spec.to_json(), CFG, None, str(tmp_path / "c"),
+                             str(tmp_path))  # lookup 2 (the worker's check): public; 3 (connect): loopback  # fmt: skip
+        # the same probe with the rule lifted by the operator reaches the server (the refusal is the rule's)
+        probe_endpoint(spec.to_json(), CFG, None, str(tmp_path / "c2"), str(tmp_path / "h2"), allow_private=True)
+    finally:
+        srv.shutdown()
+    assert len(asked) == 3 + 1, asked  # no lookup behind the check (and 1 for the operator's own probe)
+    assert row["error"].startswith("PrivateAddressError") and "127.0.0.1" in row["error"], row
+    assert hits == ["/v1/completions"]  # the operator's probe only
+    evs = [(e["outcome"], e["detail"].get("error")) for e in trail.events(tmp_path)
+           if e["action"] == "provenance:query"]  # fmt: skip
+    assert evs == [("sent", None), ("error", "address refused")]

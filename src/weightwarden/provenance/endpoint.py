@@ -12,8 +12,10 @@ without log-probabilities (text only, sampled).  Around every request:
   ``timeout`` seconds (a body dripped slowly is a timeout) and :data:`MAX_ANSWER` bytes (more is refused);
 * an **answer cache** (:class:`AnswerCache`): JSON lines keyed by the SHA-256 of the request, one
   ``write`` + ``fsync`` per answer, a torn last line cut on the next open;
-* an **audit event** per request sent (``provenance:query``) in the home's trail, appended as it happens
-  (not at the end of the probe: a killed probe keeps them);
+* an **audit event** per request (``provenance:query``, outcome ``sent``) in the home's trail, appended
+  *before* the request leaves (not at the end of the probe, nor when its answer comes: a probe killed while
+  a request is out keeps the event of that request too), and one more for each attempt that fails
+  (outcome ``error``: status, reason);
 * **validation** of every answer: non-finite or positive log-probabilities, top-k lists not sorted,
   the sampled token's log-probability disagreeing with its top-k entry, echoed tokens that do not spell the
   prompt, or the model name changing mid-probe raise a typed error: no p-value is ever computed on them.
@@ -43,6 +45,7 @@ from ..errors import (
     EndpointError,
     EndpointUnavailableError,
     ModelChangedError,
+    PrivateAddressError,
     ProbeError,
     QueryBudgetError,
 )
@@ -324,9 +327,13 @@ class Endpoint:
                     self.sleep(wait)
             self.used += 1
             retry_after = 0.0
+            self._audit("sent", path, key, attempt=attempt)  # before it leaves: a kill mid-request keeps it
             t0 = time.monotonic()
             try:
                 r = self._post(self.base + path, body)
+            except PrivateAddressError:  # the address checked where the connection is dialled: nothing left
+                self._audit("error", path, key, attempt=attempt, error="address refused")
+                raise
             except httpx.TimeoutException:
                 why = "timed out"
             except httpx.TransportError as e:
@@ -346,8 +353,7 @@ class Endpoint:
                     if not isinstance(obj, dict):
                         self._audit("error", path, key, status=200, attempt=attempt, ms=ms, error="not an object")
                         raise EndpointAnswerError(f"{self.url}{path} answered with JSON that is not an object")
-                    self._audit("ok", path, key, status=200, attempt=attempt, ms=ms)
-                    return obj
+                    return obj  # its "sent" event stands; the answer is in the cache
                 why = f"HTTP {r.status_code}"
                 self._audit("error", path, key, status=r.status_code, attempt=attempt, ms=ms)
                 if r.status_code not in _RETRY_STATUS and r.status_code < 500:

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from .._extras import require
 from ..errors import ProbeError, ScanError, WardenError
-from ..netguard import PrivateAddressError, check_public_host, host_of
+from ..netguard import PrivateAddressError, check_public_host, host_of, public_only_transport
 from .compare import DEFAULT_ALPHA
 from .probe import MODES
 from .scan import _drop_torn_tail, _read_state, ray_start
@@ -270,8 +270,11 @@ def probe_endpoint(spec: dict[str, Any], cfg: dict[str, Any], prompts: list[str]
             host, port = host_of(spec["url"])
             check_public_host(host, port, f"endpoint {spec['name'][:80]!r}")
         ours, refs = _pool([cfg["model"], *cfg["references"]])
+        # every connection is checked again as it is dialled, to the address checked (DNS rebinding)
+        transport = None if allow_private else public_only_transport(f"endpoint {spec['name'][:80]!r}")
         ep = Endpoint(spec["url"], model=spec["model"], api_key=key, budget=spec["budget"], rate=spec["rate"],
-                      retries=spec["retries"], timeout=spec["timeout"], cache=cache, home=home)  # fmt: skip
+                      retries=spec["retries"], timeout=spec["timeout"], cache=cache, home=home,
+                      transport=transport)  # fmt: skip
         rep = probe(ep, ours, refs, mode=spec["mode"], prompts=prompts, alpha=cfg["alpha"], n_items=cfg["items"],
                     samples=cfg["samples"], new_tokens=cfg["new_tokens"], seed=cfg["seed"], home=home)  # fmt: skip
     except (WardenError, OSError, ValueError, RuntimeError) as e:
