@@ -96,6 +96,20 @@ def _heldout(k: int) -> tuple[list, list]:
     # set 6 (182 variants, 155 innocents; written blind): first measure, once, on round 4's matcher: 163/182 =
     # 0.896 at 1.0.  Round 4b tuned on its 19 misses' classes (so no longer held out): 182/182 at 182/182
     (6, 1.0, 1.0),
+    # sets 7 to 11 (about 200 variants and 150 innocents each), each written blind by an analyst who never read
+    # the matcher, the other sets or their measures, and measured once before anything was tuned on it.  First
+    # measures (recall at precision): 7: 240/248 = 0.968 at 0.996; 8: 191/200 = 0.955 at 1.0; 9: 205/212 = 0.967
+    # at 1.0; 10: 212/218 = 0.972 at 1.0; 11: 219/224 = 0.978 at 1.0 (the issue's target is 0.98 at 0.95).  Each
+    # was then tuned on (its misses' classes: one slip in a long name, rn read as m, exonyms, Wade-Giles firms,
+    # Russian translations and city adjectives, Belarusian vowels, joined or bracketed words); now as asserted.
+    # Left missed: a Chinese translation of a listed firm (7), "GZ ... Comp." (7), and a firm's name without its
+    # last generic word (9: "North Star Electronics" for "... Electronics Manufacturing Company", which other
+    # analysts wrote as an innocent of the same kind); one false hit: "Nova Microsystems" for "Novatek
+    # Microsystems" (7).
+    (7, 0.99, 0.995), (8, 1.0, 1.0), (9, 0.995, 1.0), (10, 1.0, 1.0), (11, 1.0, 1.0),
+    # set 12 (281 variants, 170 innocents; written blind as 7-11), measured once on the matcher tuned on 7-11:
+    # 281/281 at 281/281, no false hit: the issue's target (0.98 at 0.95) met on a set not tuned on
+    (12, 1.0, 1.0),
 ])  # fmt: skip
 def test_held_out_sets_measured(extended: ScreeningList, k: int, min_recall: float, min_precision: float) -> None:
     pos, neg = _heldout(k)
@@ -420,3 +434,51 @@ def test_attack_one_letter_repeated_is_screened_not_a_crash(sample: ScreeningLis
     """ATTACK (found in round 4): a name of one letter repeated 100,000 times overflowed the letter counts
     (int16) with a traceback; it is screened (and clear)."""
     assert sample.screen("x" * 100_000)["decision"] == "clear"
+
+
+@pytest.mark.parametrize(("name", "want"), [
+    # one slip in a long name where two other names agree; not where only one does (another person)
+    ("Nikolai Petrovich Kuznestov", "sample-020"), ("Mohammed bin Abdullah Al-Rashldi", "sample-002"),
+    ("Wang Xiaoping", None), ("Nikolai Petrovich Kuznetsova", None),
+    # neighbouring letters swapped where another name agrees
+    ("Wnag Xiaoming", "sample-017"),
+    # "rn" scanned as "m" and the other way round; "l" scanned for "I" at a word's start
+    ("Drnitry Olegovich Vasiliev", "sample-013"), ("Novatek rnicrosystems LLC", "sample-003"),
+    ("Zhongxing Precision lnstruments Co., Ltd.", "sample-001"),
+    # a firm's word misspelt, a city in another language, a note in brackets, a Wade-Giles name
+    ("Shenzen Bright Semiconductor Technology Co Ltd", "sample-006"),
+    ("Dimashq Scientific Studies Directorate", "sample-016"), ("Damas Scientific Studies Directorate", "sample-016"),
+    ("Chung-hsing Precision Instruments Co.", "sample-001"),
+    # the Arabic article assimilated, or joined; Belarusian vowels
+    ("Muhammad ar-Rashidi", "sample-002"), ("Mohammed Abdullah Alrashidi", "sample-002"),
+    ("Aliaksandr Viktaravich Sakalou", "sample-007"), ("Hossein Karimi", None), ("Mikhail Orlovsky", None),
+    # a listed firm translated into Russian, its city as an adjective
+    ("Минский оптоэлектронный завод", "sample-010"), ("ООО Новатек Микросистемы", "sample-003"),
+    # a joined alias, a roman numeral
+    ("BrightSemi", "sample-006"), ("Korea Computer Centre, Branch III", "sample-008"),
+    ("Orion AI Labs Inc", None), ("Brighton Semiconductors", None),
+])  # fmt: skip
+def test_round5_spellings_that_held_out_sets_7_to_11_missed(sample: ScreeningList, name: str,
+                                                            want: str | None) -> None:  # fmt: skip
+    """Each class of miss of the blind sets 7-11, with an innocent of the same shape beside it."""
+    ids = [h["entry"]["id"] for h in sample.screen(name)["hits"]]
+    assert (ids[:1] == [want]) if want else ids == [], (name, ids)
+
+
+_NAME_BITS = st.sampled_from(["al", "ar", "rn", "m", "(", ")", "[", "]", "-", "'", "sky", "ou", "iii", "Br.",
+                              "\u200b", "\u00ad", "Ѕ", "е", "ⅲ", "𝐍", "1", "0", " ", "  ", "Bright", "Semi",
+                              "Rashidi", "Petrov", "Novatek", "Minsk", "завод", "张", "ho", "hsing"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(_NAME_BITS, st.text(max_size=6)), max_size=12).map("".join))
+def test_screen_takes_any_text_and_answers(sample: ScreeningList, name: str) -> None:
+    """FUZZ: the readings added for held-out sets 7-11 (brackets, articles, rn / m, split and joined words, city
+    adjectives, Wade-Giles syllables) on any text: a decision, or the one error for text that is not UTF-8."""
+    try:
+        r = sample.screen(name)
+    except ScreeningError as e:
+        assert "not valid text" in str(e)
+        return
+    assert r["decision"] in ("match", "clear") and (r["decision"] == "match") == bool(r["hits"])
+    assert all(h["entry"]["id"].startswith("sample-") for h in r["hits"])

@@ -17,6 +17,7 @@ stored under a home) :mod:`.screen_lists`.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -35,7 +36,7 @@ from .screen_names import (
     normalize,
     unmatched_words,
 )
-from .screen_people import name_keys, name_symbols, person_agrees, person_match
+from .screen_people import SLIP_LEN, name_keys, name_symbols, person_agrees, person_match, sino
 
 __all__ = ["DEFAULT_THRESHOLD", "Entry", "ScreeningError", "ScreeningList", "normalize", "screen", "update_list"]
 
@@ -65,6 +66,9 @@ class ScreeningList:
     _words: list[frozenset[str]] = field(default_factory=list)
     _entry_names: list[list[str]] = field(default_factory=list)
     _by_token: dict[str, list[int]] = field(default_factory=dict)
+    _org_words: set[str] = field(default_factory=set)  # every word of an organisation's listed names
+    _org_vocab: set[str] = field(default_factory=set)  # organisations' long words, for a slip of the pen
+    _sino_org: dict[str, set[str]] = field(default_factory=dict)  # organisations' words by their syllable key
     _abbr: dict[int, frozenset[str]] = field(default_factory=dict)
     _cols: list[int] = field(default_factory=list)
     _by_key: dict[str, list[int]] = field(default_factory=dict)
@@ -72,6 +76,7 @@ class ScreeningList:
     _syllabic: set[int] = field(default_factory=set)
     _primary: list[frozenset[str]] = field(default_factory=list)
     _by_name: dict[str, list[int]] = field(default_factory=dict)
+    _slip: tuple[list[str], frozenset[str]] | None = None
     _by_symbol: dict[Any, set[int]] | None = None
     _bags: Any = None
     _lens: Any = None
@@ -119,6 +124,12 @@ class ScreeningList:
             # ming", "Kim Chol Ho") as often as joined, so no syllable of the listed name may be left out
             if not org and any(_syllabic_script(n) for n in (e.name, *e.aliases)):
                 self._syllabic.add(i)
+            if org:
+                self._org_words |= words
+                self._org_vocab |= {w for w in words if len(w) >= SLIP_LEN}
+                for w in words:  # a firm's Chinese name in pinyin, by the key of its syllables (below)
+                    if len(w) >= 4 and w.isalpha():
+                        self._sino_org.setdefault(sino(w), set()).add(w)
             self._words.append(frozenset(words))
             self._primary.append(frozenset(primary.split()))
             self._entry_names.append(sorted(seen))
@@ -173,7 +184,8 @@ class ScreeningList:
 
         best: dict[int, dict[str, Any]] = {}
         queries = []
-        for q in (name, *aliases, *self._rejoined(name, aliases)):
+        for q in (name, *aliases, *self._rejoined(name, aliases), *_without_notes(name, aliases),
+                  *self._split_apart(name, aliases)):  # fmt: skip
             try:
                 q.encode("utf-8")
             except UnicodeEncodeError:  # bytes that are not UTF-8 on the command line arrive as lone surrogates
@@ -187,6 +199,19 @@ class ScreeningList:
                     queries.append((q, short))
                 # digits for letters: "Serg3i Petr0v", "Kim Ch0l Ho" (read again: "C0rp" is a company form)
                 queries += [(q, f) for f in map(normalize, digit_lookalikes(nq)) if f and f != nq]
+                # "rn" scanned as "m" ("Drnitry", "Arnur"): the name read back with "m"
+                if "rn" in nq and (m := normalize(nq.replace("rn", "m"))) != nq:
+                    queries.append((q, m))
+                # a slip of the pen in a firm's word ("Artifical Intelligence", "Semicondutor"): the name with
+                # each long word one slip from exactly one organisation's word read as that word
+                if (fixed := self._respelled(nq)) is not None:
+                    queries.append((q, fixed))
+                # a firm's Chinese name in Wade-Giles or another romanisation, its syllables written apart
+                # ("Chung-hsing" for "Zhongxing", "T'ien-ho" for "Tianhe")
+                if (joined := self._syllables_joined(nq)) is not None:
+                    queries.append((q, joined))
+                if (apart := _article_apart(nq)) is not None:  # "Alrashidi" for "Al-Rashidi"
+                    queries.append((q, apart))
         generic = name_tables()[4]
         for q, nq in queries:
             # scores under the threshold come back as 0 (rapidfuzz stops early on them)
@@ -207,7 +232,11 @@ class ScreeningList:
                 # an organisation's name shortened by a word that says which one it is ("Rostov Devices" for
                 # "Rostov Quantum Devices") is another organisation; people drop middle names
                 shortened_org = small is qt and bool((nt - qt) - generic) and self._organisation(j)
-                if len(small - generic) < 2 or not small <= big or shortened_org:
+                # a listed firm's whole name of three words or more with generic words added ("Global Tensor
+                # General Trading" for "Global Tensor Trading"): the firm, however few words of its own its name
+                # has (a two-word alias padded, "Orion AI Labs" for "Orion AI", is too little to go on)
+                padded_org = small is nt and (qt - nt) <= generic and self._organisation(j) and len(small) >= 3
+                if (len(small - generic) < 2 and not padded_org) or not small <= big or shortened_org:
                     tset[c] = 0
             score = np.maximum(np.maximum(sort, plain), tset * 0.98)  # a subset match counts a little less
             literal: frozenset[str] | None = None
@@ -354,6 +383,96 @@ class ScreeningList:
     def _organisation(self, j: int) -> bool:
         return self.entries[self._owner[j]].kind.lower() not in ("", "individual", "person")
 
+    def _respelled(self, nq: str) -> str | None:
+        """``nq`` with each word of :data:`SLIP_LEN` letters or more that no listed name has, and that is one slip
+        (a letter swapped with its neighbour, changed, dropped or added) from exactly one word of an
+        organisation's listed names or of the abbreviation table, read as that word; None when none is."""
+        process, osa = require("rapidfuzz", "process", extra="release"), require("rapidfuzz.distance", "OSA",
+                                                                                 extra="release")  # fmt: skip
+        vocab = self._slip_vocab()
+        out, changed = [], False
+        for w in nq.split():
+            if w not in self._by_token and (city := self._city(w)) is not None:  # "minsky" for Minsk
+                out.append(city)
+                changed = True
+                continue
+            if len(w) >= SLIP_LEN - 1 and w not in self._by_token and w not in vocab[1] and "m" in w:
+                # "rn" scanned as "m" the other way round: "Eastem" for "Eastern"
+                rn = [f for k in range(len(w)) if w[k] == "m" and (f := w[:k] + "rn" + w[k + 1:]) in vocab[1]]
+                if len(rn) == 1:
+                    out.append(rn[0])
+                    changed = True
+                    continue
+            if len(w) >= SLIP_LEN and w not in self._by_token and w not in vocab[1]:
+                near = process.extract(w, vocab[0], scorer=osa.distance, score_cutoff=1, limit=2)
+                # the first letter kept, or an "l" scanned for an "I" ("lnstruments")
+                if len(near) == 1 and (near[0][0][0] == w[0] or {near[0][0][0], w[0]} == {"i", "l"}):
+                    out.append(near[0][0])
+                    changed = True
+                    continue
+            out.append(w)
+        return normalize(" ".join(out)) if changed else None
+
+    def _city(self, w: str) -> str | None:
+        """A Russian adjective of a place an organisation's listed name holds, as that place: "minsky" (Минский)
+        for "minsk", "rostovskie" (Ростовские) for "rostov"; None when ``w`` is not one."""
+        for end in _ADJECTIVE_ENDS:
+            if w.endswith(end) and len(w) >= len(end) + 3:
+                stem = w[: -len(end)]
+                return next((c for c in (stem, stem + "sk") if c in self._org_words), None)
+        return None
+
+    def _syllables_joined(self, nq: str) -> str | None:
+        """``nq`` with two or three short neighbouring words that together are, syllable by syllable
+        (:func:`~.screen_people.sino`), one word of an organisation's listed name, written as that word."""
+        toks = nq.split()
+        out, i, changed = [], 0, False
+        while i < len(toks):
+            for n in (3, 2):
+                part = toks[i:i + n]
+                if len(part) == n and all(len(t) <= 6 and t.isalpha() for t in part):
+                    found = self._sino_org.get("".join(sino(t) for t in part), set())
+                    if len(found) == 1:
+                        out.append(next(iter(found)))
+                        i, changed = i + n, True
+                        break
+            else:
+                out.append(toks[i])
+                i += 1
+        return " ".join(out) if changed else None
+
+    def _slip_vocab(self) -> tuple[list[str], frozenset[str]]:
+        if self._slip is None:
+            forms, _, words, phrases = name_tables()[:4]
+            table = {w for w in (*words, *words.values(), *(x for a, _ in phrases for x in a)) if len(w) >= SLIP_LEN}
+            every = self._org_vocab | table
+            self._slip = (sorted(every), frozenset(every | forms))
+        return self._slip
+
+    def _split_apart(self, name: str, aliases: tuple[str, ...]) -> list[str]:
+        """Each name with a word that is two words of organisations' listed names written together ("BrightSemi"
+        for "Bright Semi", "NovatekMicrosystems") written apart, where exactly one split makes two such words
+        (an abbreviation of the table counts as its word); [] when none is."""
+        words_table = name_tables()[2]
+        known = self._org_words | set(words_table)
+        out = []
+        for q in (name, *aliases):
+            if any(0xD800 <= ord(c) <= 0xDFFF for c in q):
+                continue
+            parts: list[str] = []
+            changed = False
+            for w in joined_parts(q):
+                if len(w) >= 6 and w not in self._by_token:
+                    splits = [(w[:k], w[k:]) for k in range(3, len(w) - 2) if w[:k] in known and w[k:] in known]
+                    if len(splits) == 1:
+                        parts.extend(splits[0])
+                        changed = True
+                        continue
+                parts.append(w)
+            if changed:
+                out.append(" ".join(parts))
+        return out
+
     def _rejoined(self, name: str, aliases: tuple[str, ...]) -> list[str]:
         """Each name split apart at random places ("Ser gei Pet rov", "S e r g e i  P e t r o v", "Shenzhen Bri ght
         Semiconductor") written again with its fragments joined wherever the joined letters make a word of the
@@ -391,6 +510,33 @@ class ScreeningList:
                    "countries": list(e.countries), "source": e.source, "programs": list(e.programs)},
                    "matched_name": self._raw[j], "query": q,
                    "explanation": {"query_normalized": nq, "name_normalized": self._names[j], **parts}}  # fmt: skip
+
+
+_ADJECTIVE_ENDS = ("skogo", "skaya", "skoye", "skie", "skii", "skiy", "skoe", "skoi", "sky", "ski")
+_JOINED_ARTICLE = re.compile(r"\b(al|el)([a-z]{5,})\b")
+
+
+def _article_apart(nq: str) -> str | None:
+    """``nq`` with an Arabic article written together with the name it belongs to set apart ("alrashidi": "al
+    rashidi"), a name of two words or more; None when there is none."""
+    if " " not in nq or not _JOINED_ARTICLE.search(nq):
+        return None
+    return _JOINED_ARTICLE.sub(r"\1 \2", nq)
+
+
+_NOTE = re.compile(r"\s*[(\[][^()\[\]]*[)\]]")
+
+
+def _without_notes(name: str, aliases: tuple[str, ...]) -> list[str]:
+    """The names with a note in brackets taken out ("Amur Research Centre (Khabarovsk)", "... [Branch 2]"): the
+    name an evader or a clerk annotated, screened as the listed name it is."""
+    out = []
+    for n in (name, *aliases):
+        if "(" in n or "[" in n:
+            bare = _NOTE.sub(" ", n).strip()
+            if bare and bare != n:
+                out.append(bare)
+    return out
 
 
 def _syllabic_script(name: str) -> bool:

@@ -40,7 +40,8 @@ def name_tables() -> tuple[frozenset[str], frozenset[str], dict[str, str],
     doc = json.loads(resources.files(__package__).joinpath("lists/abbreviations.json").read_text())
     phrases = sorted(((tuple(a), tuple(b)) for a, b in doc["phrases"]), key=lambda p: -len(p[0]))
     script_forms = tuple(sorted(doc["script_company_forms"], key=len, reverse=True))  # longest first
-    return (frozenset(doc["company_forms"]), frozenset(doc["stopwords"]), dict(doc["words"]), phrases,
+    words = {**doc["words"], **doc["places"], **doc["translations"]}  # one word for another, three tables
+    return (frozenset(doc["company_forms"]), frozenset(doc["stopwords"]), words, phrases,
             frozenset(doc["generic"]), script_forms, frozenset(doc["branch_words"]))
 
 
@@ -81,9 +82,20 @@ def _unconfuse(s: str) -> str:
     return " ".join(out)
 
 
+# the Arabic article assimilated to a "sun letter" that follows it ("ar-Rashidi", "ash-Shami", "ad-Din"): al
+_SUN_ARTICLES = frozenset({"ar", "as", "at", "ad", "an", "az", "ash", "ath", "adh"})
+
+
+def _article(tokens: list[str]) -> list[str]:
+    """``tokens`` with an assimilated Arabic article written as "al" (before the word whose first letters it
+    repeats): "ar rashidi" is "al rashidi", "ash shami" "al shami"."""
+    return [("al" if t in _SUN_ARTICLES and i + 1 < len(tokens) and len(tokens[i + 1]) > len(t)
+             and tokens[i + 1].startswith(t[1:]) else t) for i, t in enumerate(tokens)]  # fmt: skip
+
+
 def _canonical(tokens: list[str]) -> list[str]:
     forms, stop, words, phrases = name_tables()[:4]
-    toks = [words.get(t, t) for t in tokens if t not in stop]
+    toks = [words.get(t, t) for t in _article(tokens) if t not in stop]
     out: list[str] = []
     i = 0
     while i < len(toks):
