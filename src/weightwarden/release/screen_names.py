@@ -177,10 +177,14 @@ def literal_words(name: str) -> frozenset[str]:
     return frozenset(_SPACE.sub(" ", _PUNCT.sub(" ", ascii_text(_prepare(name)).lower())).split())
 
 
+_HARD_C = re.compile(r"c(?![eiyh])")  # c sounded k: before a, o, u, a consonant or at the end
+
+
 def _spelling(word: str) -> str:
     """A word with the letters European transliterations write for one sound made one: qu / kv (Kvantum /
-    Quantum), w / v, ph / f, ck / k, x / ks."""
-    return word.replace("qu", "kv").replace("ph", "f").replace("ck", "k").replace("w", "v").replace("x", "ks")
+    Quantum), w / v, ph / f, ck / k, x / ks, a hard c / k (Kaspian / Caspian, Elektronik / Electronic)."""
+    w = word.replace("qu", "kv").replace("ph", "f").replace("ck", "k").replace("w", "v").replace("x", "ks")
+    return _HARD_C.sub("k", w)
 
 
 def unmatched_words(words: frozenset[str] | set[str], other: frozenset[str] | set[str], joined: str,

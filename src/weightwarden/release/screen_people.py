@@ -128,7 +128,8 @@ def titles() -> frozenset[str]:
 
 def name_keys(word: str) -> set[str]:
     """The keys a person's name word is indexed and looked up by: itself folded, its given-name group, (short
-    words) its Chinese / Korean syllable key, and (long words) its first letter and folded consonants."""
+    words) its Chinese / Korean syllable key, (long words) its first letter and folded consonants, and (five
+    letters or more) its letters sorted."""
     keys = {"f:" + fold(word)}
     g = _table()[0].get(word)
     if g is not None:
@@ -137,6 +138,8 @@ def name_keys(word: str) -> set[str]:
         keys.add("s:" + sino(word))
     if len(word) >= 7:  # its consonants, for another language's vowels (:func:`_vowels_apart`)
         keys.add(f"c:{word[0]}" + _VOWELS.sub("", fold(word)))
+    if len(word) >= 5:  # its letters in any order: two of them swapped ("Rahsidi", "Pertov"; :func:`_swapped`)
+        keys.add("a:" + "".join(sorted(word)))
     return keys
 
 
