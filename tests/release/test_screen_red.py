@@ -50,9 +50,23 @@ def test_a_person_with_two_letters_swapped_in_the_family_name_is_found(sample, n
     assert _ids(sample, name) == [_id_of(sample, listed)]
 
 
-@pytest.mark.parametrize("name", ["Kaspi Logistics", "Kosmos Dual Use Logistics", "Cosmos Dual Use Logistics",
-                                  "Korea Computer Company", "Hassan Kamiri", "Sergei Portev", "Sergei Petrenko",
-                                  "Mohammed Al-Rashid", "Fatima Zahra Bennani", "Wang Xiaoping"])  # fmt: skip
+@pytest.mark.parametrize(("name", "listed"), [
+    ("TACRC Iran", "Tehran Advanced Computing Research Center"),
+    ("TACRC, Iran", "Tehran Advanced Computing Research Center"),
+    ("China ZPI", "Zhongxing Precision Instruments Co., Ltd."),
+    ("HDLI China", "Harbin Deep Learning Institute"),
+])  # fmt: skip
+def test_a_listed_acronym_with_the_entrys_country_is_found(sample, name, listed):
+    """ATTACK (evader): the acronym alone is a hit and so is "TACRC (Iran)" (a note in brackets is taken out), but
+    the same country written without brackets, or after a comma, cleared the acronym (the branch and comma rules
+    ask for a name of two words)."""
+    assert _ids(sample, name) == [_id_of(sample, listed)]
+
+
+@pytest.mark.parametrize("name", ["TACRC Iraq", "ZPI Germany", "Acme Iran", "ZPI CN", "Kaspi Logistics",
+                                  "Kosmos Dual Use Logistics", "Cosmos Dual Use Logistics", "Korea Computer Company",
+                                  "Hassan Kamiri", "Sergei Portev", "Sergei Petrenko", "Mohammed Al-Rashid",
+                                  "Fatima Zahra Bennani", "Wang Xiaoping"])  # fmt: skip
 def test_the_innocents_next_to_those_readings_stay_clear(sample, name):
     """The c / k spelling and the letters key find only what the word check and the part-by-part check accept:
     another word beginning with k, another family name with the same letters, stay clear."""

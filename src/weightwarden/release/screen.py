@@ -324,6 +324,27 @@ class ScreeningList:
                 for j in self._by_name.get(f, ()):
                     if self._organisation(j):
                         self._keep(best, j, 90.0, q, f, {"branch_of": self._raw[j]})
+            self._with_country(best, q, ws)
+
+    def _with_country(self, best: dict[int, dict[str, Any]], q: str, ws: list[str]) -> None:
+        """A listed name written whole with the name of a country the entry lists before or after it ("TACRC
+        Iran", "China ZPI"): the entry, as the name alone is (and as "TACRC (Iran)", the country in brackets, is).
+        Country names only (four letters or more), never a two- or three-letter code."""
+        from ..errors import WardenError
+        from .countries import resolve_country
+
+        for k in range(1, min(4, len(ws) - 1) + 1):
+            for head, tail in ((ws[:-k], ws[-k:]), (ws[k:], ws[:k])):
+                f = " ".join(head)
+                if f not in self._by_name or len("".join(tail)) < 4:
+                    continue
+                try:
+                    code = resolve_country(" ".join(tail))
+                except WardenError:
+                    continue
+                for j in self._by_name[f]:
+                    if code in self.entries[self._owner[j]].countries:
+                        self._keep(best, j, 90.0, q, f, {"with_country": " ".join(tail)})
 
     def _candidates(self, nq: str, qt: set[str], generic: frozenset[str], cut: float) -> Any:
         """The names that can score ``cut`` or more: plain and token-sort similarity is 2 * (longest common
