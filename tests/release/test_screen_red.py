@@ -71,3 +71,14 @@ def test_the_innocents_next_to_those_readings_stay_clear(sample, name):
     """The c / k spelling and the letters key find only what the word check and the part-by-part check accept:
     another word beginning with k, another family name with the same letters, stay clear."""
     assert _ids(sample, name) == []
+
+
+@pytest.mark.parametrize(("name", "listed"), [
+    ("Pjongjang lnfomatics Centre", "Pyongyang Informatics Centre"),
+    ("Zhongxing Precision lnstrumets", "Zhongxing Precision Instruments Co., Ltd."),
+])  # fmt: skip
+def test_an_l_scanned_for_an_i_and_a_slip_besides_is_read_as_the_word(sample, name, listed):
+    """ATTACK (evader): "lnformatics" (l for I) and "Infomatics" (a letter dropped) were each read as the firm's
+    word, but both together were two edits from it and the name (its place an exonym besides) was cleared.  The
+    l / I confusion is a look-alike, not the one slip allowed."""
+    assert _ids(sample, name) == [_id_of(sample, listed)]

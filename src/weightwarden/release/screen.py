@@ -426,6 +426,9 @@ class ScreeningList:
                     continue
             if len(w) >= SLIP_LEN and w not in self._by_token and w not in vocab[1]:
                 near = process.extract(w, vocab[0], scorer=osa.distance, score_cutoff=1, limit=2)
+                if not near and w[0] == "l":  # an "l" scanned for an "I" and a slip besides ("lnfomatics")
+                    near = [n for n in process.extract("i" + w[1:], vocab[0], scorer=osa.distance, score_cutoff=1,
+                                                       limit=2) if n[0][0] == "i"]  # fmt: skip
                 # the first letter kept, or an "l" scanned for an "I" ("lnstruments")
                 if len(near) == 1 and (near[0][0][0] == w[0] or {near[0][0][0], w[0]} == {"i", "l"}):
                     out.append(near[0][0])
