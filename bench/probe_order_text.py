@@ -54,7 +54,7 @@ def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
 
 
-def main() -> None:  # noqa: C901 (one bench, read top to bottom)
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=16_000, help="length of the training order (examples)")
     ap.add_argument("--tokens", type=int, default=16, help="tokens per training example")
@@ -64,17 +64,22 @@ def main() -> None:  # noqa: C901 (one bench, read top to bottom)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--ks", default="250,500,1000,2000,3200", help="K latest vs K earliest examples")
-    ap.add_argument("--cuts", type=int, default=8)
+    ap.add_argument("--cuts", default="8,16", help="cuts per example (a list: each is measured)")
     ap.add_argument("--samples", default="1,2,4", help="samples per cut (temperature 1)")
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True, help="also temperature 0")
     ap.add_argument("--budget", type=int, default=100_000, help="query budget per probe (larger settings skipped)")
     ap.add_argument("--suspects", default="ft-short,int8,null")
     ap.add_argument("--null-orders", type=int, default=20, help="extra random orders against the null model")
-    ap.add_argument("--normaliser", action=argparse.BooleanOptionalAction, default=True,
-                    help="also score minus a normaliser's expected score (a model on the same examples, other order)")
+    ap.add_argument(
+        "--normaliser",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also score minus a normaliser's expected score (a model on the same examples, other order)",
+    )
     ap.add_argument("--http-k", type=int, default=0, help="also run order_probe through the HTTP server, this K")
     ap.add_argument("--http-samples", type=int, default=1)
+    ap.add_argument("--http-temperature", type=float, default=0.0)
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -121,8 +126,9 @@ def main() -> None:  # noqa: C901 (one bench, read top to bottom)
     print(json.dumps({"trained": n, "seconds": round(time.time() - t0, 1)}), file=sys.stderr, flush=True)
 
     ids_of = {t: tok(t, add_special_tokens=False)["input_ids"] for t in texts}
-    max_cuts = args.cuts
-    cuts_of = {t: _word_cuts(t, max_cuts) for t in texts}
+    cut_list = _ints(args.cuts)
+    cuts_by = {nc: {t: _word_cuts(t, nc) for t in texts} for nc in cut_list}
+    cuts_of = cuts_by[cut_list[0]]  # the diagnostics' cuts
 
     @torch.no_grad()
     def full_logp(model, batch_texts):  # per text: log-softmax rows (tokens x vocab), equal lengths
@@ -168,7 +174,7 @@ def main() -> None:  # noqa: C901 (one bench, read top to bottom)
         return ll, oracle, greedy
 
     @torch.no_grad()
-    def text_scores(model, sel, samples, temperature, seed):
+    def text_scores(model, sel, samples, temperature, seed, cuts_of=cuts_of):
         """The probe's text-mode score of each text, sampled in process (prompts of equal length batched)."""
         g = torch.Generator().manual_seed(seed)
         work_items = []  # (text index, cut, prompt ids)
@@ -221,7 +227,7 @@ def main() -> None:  # noqa: C901 (one bench, read top to bottom)
                  "setup": {"examples": n, "tokens_per_example": args.tokens, "lr": args.lr, "batch": args.batch,
                            "pass": "one, each example once, constant lr", "corpus_chars": len(fam.text),
                            "model": f"Llama d={args.d} ff={args.ff} 2 layers, BPE vocab 320, seq {seq}",
-                           "cuts": args.cuts, "new_tokens": args.new_tokens, "budget": args.budget,
+                           "cuts": cut_list, "new_tokens": args.new_tokens, "budget": args.budget,
                            "train_seconds_ours": round(t_train, 1)},
                  "suspects": {}}  # fmt: skip
     ex = order.examples
@@ -233,18 +239,29 @@ def main() -> None:  # noqa: C901 (one bench, read top to bottom)
             cell: dict = {"logprob_auc": auc(ll, k), "oracle_auc": auc(oracle, k), "greedy_oracle_auc": auc(greedy, k)}
             if norm is not None:
                 n_ll, n_or, n_gr = diagnostics(norm, sel)
-                cell.update({"logprob_auc_normalised": auc(ll - n_ll, k), "oracle_auc_normalised": auc(oracle - n_or, k),
-                             "greedy_oracle_auc_normalised": auc(greedy - n_gr, k)})
+                cell.update(
+                    {
+                        "logprob_auc_normalised": auc(ll - n_ll, k),
+                        "oracle_auc_normalised": auc(oracle - n_or, k),
+                        "greedy_oracle_auc_normalised": auc(greedy - n_gr, k),
+                    }
+                )
             settings = [(1.0, s) for s in samples_list] + ([(0.0, 1)] if args.greedy else [])
-            for temp, smp in settings:
-                est = sum(len(cuts_of[t]) for t in sel) * (smp if temp > 0 else 1)
-                if est > args.budget:
-                    continue
-                ts = time.time()
-                sc, q = text_scores(model, sel, smp, temp, seed=k * 100 + smp + (7 if temp <= 0 else 0))
-                cell[f"T{temp:g}x{smp}"] = {"queries": q, **test(sc, k, sel), "seconds": round(time.time() - ts, 1)}
-                if norm is not None:  # minus the normaliser's expected score (T=1; T=0: its greedy score)
-                    cell[f"T{temp:g}x{smp}"]["normalised"] = test(sc - (n_or if temp > 0 else n_gr), k, sel)
+            for nc in cut_list:
+                for temp, smp in settings:
+                    est = sum(len(cuts_by[nc][t]) for t in sel) * (smp if temp > 0 else 1)
+                    if est > args.budget:
+                        continue
+                    ts = time.time()
+                    sc, q = text_scores(model, sel, smp, temp, seed=k * 100 + smp + (7 if temp <= 0 else 0),
+                                        cuts_of=cuts_by[nc])  # fmt: skip
+                    key = f"cuts{nc}-T{temp:g}x{smp}"
+                    cell[key] = {"queries": q, **test(sc, k, sel), "seconds": round(time.time() - ts, 1)}
+                    if norm is not None and temp > 0 and nc == cut_list[0]:  # minus the normaliser's expected score
+                        cell[key]["normalised"] = test(sc - n_or, k, sel)
+                    if norm is not None and temp <= 0:  # minus the normaliser's own greedy score at the same cuts
+                        n_sc, _ = text_scores(norm, sel, 1, 0.0, seed=0, cuts_of=cuts_by[nc])
+                        cell[key]["normalised"] = test(sc - n_sc, k, sel)
             row[k] = cell
             print(json.dumps({name: {k: cell}}), file=sys.stderr, flush=True)
         out["suspects"][name] = row
@@ -252,13 +269,13 @@ def main() -> None:  # noqa: C901 (one bench, read top to bottom)
     if "null" in models and args.null_orders:
         k = max(ks)
         nulls: dict = {}
-        for temp, smp in [(1.0, 1)] + ([(0.0, 1)] if args.greedy else []):
+        for temp, smp in ([(1.0, 1)] if samples_list else []) + ([(0.0, 1)] if args.greedy else []):
             ps = []
             for j in range(args.null_orders):
                 rng = np.random.default_rng(70_000 + j)
                 perm = [ex[i] for i in rng.permutation(n)]
                 sel = perm[n - k :] + perm[:k]
-                sc, _ = text_scores(models["null"], sel, smp, temp, seed=j)
+                sc, _ = text_scores(models["null"], sel, smp, temp, seed=j, cuts_of=cuts_by[cut_list[0]])
                 ps.append(10 ** test(sc, k, sel)["log10_p"])
             pa = np.array(ps)
             nulls[f"T{temp:g}x{smp}"] = {"orders": len(ps), "k": k, "min_p": float(pa.min()),
@@ -274,10 +291,12 @@ def main() -> None:  # noqa: C901 (one bench, read top to bottom)
         for name in [x for x in ("ft-short", "null") if x in models]:
             url = srv.add(name, Served(models[name], tok, name, logprobs=False))
             ts = time.time()
-            r = order_probe(url, TrainingOrder(ex, "csprng"), mode="text", n_items=2 * args.http_k, cuts=args.cuts,
+            r = order_probe(url, TrainingOrder(ex, "csprng"), mode="text", n_items=2 * args.http_k, cuts=cut_list[0],
                             samples=args.http_samples, new_tokens=args.new_tokens, home=work / "home",
+                            temperature=args.http_temperature,
                             cache=work / "cache" / name, budget=10**7, seed=0)  # fmt: skip
-            http[name] = {"k": args.http_k, "samples": args.http_samples, "queries": r.queries_used,
+            http[name] = {"k": args.http_k, "samples": args.http_samples, "temperature": args.http_temperature,
+                          "cuts": cut_list[0], "queries": r.queries_used,
                           "log10_p": round(r.log10_p_value, 2), "auc": round(r.auc, 4),
                           "seconds": round(time.time() - ts, 1)}  # fmt: skip
             print(json.dumps({"http": {name: http[name]}}), file=sys.stderr, flush=True)
