@@ -294,6 +294,9 @@ def test_cli_order_add_and_probe(run, tmp_path, capsys, monkeypatch):
     assert main([*args, "--order", str(f), "--mode", "text", "--cuts", "2", "--samples", "2"]) == 0
     j3 = json.loads(capsys.readouterr().out)
     assert j3["mode"] == "text" and j3["text"]["cuts"] == 2 and j3["queries"]["used"] == 16 * 2 * 2
+    assert main([*args, "--order", str(f), "--mode", "text", "--cuts", "2", "--temperature", "0"]) == 0
+    j4 = json.loads(capsys.readouterr().out)  # greedy: one continuation per cut
+    assert j4["text"]["temperature"] == 0.0 and j4["text"]["samples"] == 1 and j4["queries"]["used"] == 16 * 2
     assert main([*args, "--order", str(f), "--mode", "chat"]) == 2
     assert "--mode must be one of logprobs, text" in capsys.readouterr().err
 
