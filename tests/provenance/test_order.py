@@ -177,6 +177,37 @@ def test_text_mode_without_logprobs(run, tmp_path):
         order_probe(run["urls"]["ft-text"], run["order"], **{**kw, "cuts": 0})
 
 
+def test_text_mode_greedy_asks_one_continuation_per_cut(run, tmp_path):
+    from tests.support.oai_server import _run
+    from weightwarden.provenance.ordertest import _lcp, _word_cuts
+
+    kw = {"mode": "text", "n_items": 16, "cuts": 2, "samples": 3, "new_tokens": 3, "temperature": 0.0,
+          "alpha": ALPHA, "home": tmp_path, "cache": tmp_path / "g"}  # fmt: skip
+    rep = order_probe(run["urls"]["ft-text"], run["order"], **kw)
+    j = rep.to_json()
+    assert j["queries"]["used"] == 16 * 2 and j["text"]["temperature"] == 0.0 and j["text"]["samples"] == 1
+    # the answers are the served model's greedy continuations: each score recomputed here from the model
+    ex, tok = run["order"].examples, run["tok"]
+    served = Served(run["fam"].finetune(run["ours"], steps=25, lr=5e-4), tok, "ft")  # the same fine-tune (seeded)
+    late = [ex[len(ex) - 8 + i] for i in range(8)]
+
+    def greedy(t):
+        out = []
+        for c in _word_cuts(t, 2):
+            gen, _ = _run(served, tok(t[:c], add_special_tokens=False)["input_ids"], 3, 0.0, None, False)
+            out.append(_lcp(tok.decode(gen), t[c:]))
+        return float(np.mean(out))
+
+    assert rep.mean_late == pytest.approx(np.mean([greedy(t) for t in late]))
+    # exactness as at temperature 1: the reversed order asks the same questions (all cached), the sides swap
+    back = order_probe(run["urls"]["ft-text"], TrainingOrder(tuple(reversed(ex))), **kw)
+    assert back.queries_used == 0 and (back.mean_late, back.mean_early) == pytest.approx((rep.mean_early,
+                                                                                         rep.mean_late))  # fmt: skip
+    for bad in (-0.5, float("nan"), 3.0):
+        with pytest.raises(ProbeError, match="--temperature"):
+            order_probe(run["urls"]["ft-text"], run["order"], **{**kw, "temperature": bad})
+
+
 def test_bad_answers_give_no_p_value_and_a_spent_budget_resumes(run, tmp_path):
     with pytest.raises(EndpointAnswerError, match="not finite"):
         order_probe(run["urls"]["nan"], run["order"], n_items=8, home=tmp_path)
@@ -263,6 +294,9 @@ def test_cli_order_add_and_probe(run, tmp_path, capsys, monkeypatch):
     assert main([*args, "--order", str(f), "--mode", "text", "--cuts", "2", "--samples", "2"]) == 0
     j3 = json.loads(capsys.readouterr().out)
     assert j3["mode"] == "text" and j3["text"]["cuts"] == 2 and j3["queries"]["used"] == 16 * 2 * 2
+    assert main([*args, "--order", str(f), "--mode", "text", "--cuts", "2", "--temperature", "0"]) == 0
+    j4 = json.loads(capsys.readouterr().out)  # greedy: one continuation per cut
+    assert j4["text"]["temperature"] == 0.0 and j4["text"]["samples"] == 1 and j4["queries"]["used"] == 16 * 2
     assert main([*args, "--order", str(f), "--mode", "chat"]) == 2
     assert "--mode must be one of logprobs, text" in capsys.readouterr().err
 

@@ -88,7 +88,7 @@ def _order(path: Path | None, name: str, ws: Any) -> Any:
 
 def _order_probe(url: str, the_order: Any, reference: list[str], ws: Any, *, mode: str, alpha: float, items: int,
                  samples: int | None, cuts: int, budget: int, rate: float | None, cache: Path | None,
-                 api_key_env: str | None, home: Any, as_json: bool) -> None:  # fmt: skip
+                 api_key_env: str | None, home: Any, as_json: bool, temperature: float = 1.0) -> None:  # fmt: skip
     from ..provenance.ordertest import ORDER_MODES, TEXT_SAMPLES, order_probe
 
     if mode not in ORDER_MODES:
@@ -100,8 +100,8 @@ def _order_probe(url: str, the_order: Any, reference: list[str], ws: Any, *, mod
     ref_kw = {"home": home, "api_key": key, "budget": budget, "rate": rate}
     norms = [_scorer(r, ws, {**ref_kw, "cache": cache / f"ref{i}"}) for i, r in enumerate(reference)]
     rep = order_probe(url, the_order, normalisers=norms, mode=mode, alpha=alpha, n_items=items, home=home,
-                      samples=samples or TEXT_SAMPLES, cuts=cuts, api_key=key, budget=budget, rate=rate,
-                      cache=cache)  # fmt: skip
+                      samples=samples or TEXT_SAMPLES, cuts=cuts, temperature=temperature, api_key=key,
+                      budget=budget, rate=rate, cache=cache)  # fmt: skip
     j = rep.to_json()
     if as_json:
         _emit(j, True)
@@ -192,6 +192,9 @@ def probe_cmd(
                                                 show_default=False)] = None,
     cuts: Annotated[int, typer.Option("--cuts", min=1, help="text mode with --order: prompts per example (cut at "
                                       "word starts)")] = 8,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, max=2.0,
+                                               help="text mode with --order: sampling temperature; 0 = one greedy "
+                                               "continuation per cut (--samples ignored)")] = 1.0,
     api_key_env: Annotated[
         str | None, typer.Option("--api-key-env", help="the variable holding the endpoint's API key")
     ] = None,
@@ -211,7 +214,7 @@ def probe_cmd(
     if the_order is not None:
         _order_probe(url, the_order, reference, ws, mode=mode, alpha=alpha, items=items, samples=samples, cuts=cuts,
                      budget=budget, rate=rate, cache=cache, api_key_env=api_key_env, home=home,
-                     as_json=as_json)  # fmt: skip
+                     as_json=as_json, temperature=temperature)  # fmt: skip
         return
     if len(reference) < 3 or mode not in MODES:
         why = f"--mode must be one of {', '.join(MODES)}" if mode not in MODES else \

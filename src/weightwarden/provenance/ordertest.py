@@ -23,9 +23,11 @@ reference model, no model of the scores.
   order, e.g. a public base: they remove how hard each text is, the largest part of the noise, and keep
   the test exact); ``text`` mode (no log-probabilities): the example is cut at ``cuts`` word starts (a
   fixed rule on the text alone), the suspect samples ``samples`` continuations of ``new_tokens`` tokens
-  after each cut at temperature 1 (``cuts * samples`` queries, seeds derived from the text, never from its
-  position), and the score is the mean number of characters of the continuations that agree with the true
-  text: an estimate of how likely the suspect finds the true continuation (normalisers are not used).
+  after each cut at ``temperature`` 1 (``cuts * samples`` queries, seeds derived from the text, never from its
+  position), or one greedy continuation per cut at ``temperature`` 0 (``cuts`` queries: no sampling noise;
+  measured stronger per query on long orders, docs/PROVENANCE.md), and the score is the mean number of
+  characters of the continuations that agree with the true text: an estimate of how likely the suspect finds
+  the true continuation (normalisers are not used).
 
 **The probe's secret** (assumption A3): the order in which the queries go out, and the tie-break keys,
 come from 32 bytes drawn from the OS CSPRNG (:mod:`secrets`) per probe, kept in the answer cache's folder
@@ -169,7 +171,8 @@ def _lcp(a: str, b: str) -> int:
 
 
 TEXT_SCORE = ("mean number of characters of the sampled continuations that agree with the true text, over the "
-              "example's cuts (word starts spread over its last three quarters) and samples")  # fmt: skip
+              "example's cuts (word starts spread over its last three quarters) and samples (temperature 0: one "
+              "greedy continuation per cut)")  # fmt: skip
 
 
 def _word_cuts(text: str, cuts: int) -> list[int]:
@@ -272,10 +275,10 @@ def _score(ep: Endpoint, text: str, normalisers: Sequence[Scorer]) -> float:
 
 
 def _text_scores(ep: Endpoint, texts: Sequence[str], *, cuts: int, samples: int, new_tokens: int,
-                 plan: _Plan) -> np.ndarray:  # fmt: skip
+                 plan: _Plan, temperature: float = 1.0) -> np.ndarray:  # fmt: skip
     """Text mode: each text's mean agreeing characters over its cuts x samples continuations, sampled at
-    temperature 1 with seeds drawn from the text (never from its position, nor from the secret), all queries
-    sent in an order drawn from the plan's secret."""
+    ``temperature`` with seeds drawn from the text (never from its position, nor from the secret), all queries
+    sent in an order drawn from the plan's secret (temperature 0: greedy, so ``samples`` is 1)."""
     plans = [_word_cuts(t, cuts) for t in texts]
     work = [(i, c, j) for i, pl in enumerate(plans) for c in pl for j in range(samples)]
     total = np.zeros(len(texts))
@@ -283,7 +286,7 @@ def _text_scores(ep: Endpoint, texts: Sequence[str], *, cuts: int, samples: int,
     for q in plan.rng("text-sequence", 1, texts).permutation(len(work)):
         i, c, j = work[q]
         t = texts[i]
-        cont = ep.sample(t[:c], max_tokens=new_tokens, temperature=1.0, seed=_text_seed(plan.seed, t, c, j))
+        cont = ep.sample(t[:c], max_tokens=new_tokens, temperature=temperature, seed=_text_seed(plan.seed, t, c, j))
         total[i] += _lcp(cont, t[c:])
         count[i] += 1
     return total / np.maximum(count, 1)
@@ -291,12 +294,14 @@ def _text_scores(ep: Endpoint, texts: Sequence[str], *, cuts: int, samples: int,
 
 def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: Sequence[Scorer] = (),
                 mode: str = "logprobs", n_items: int = 64, new_tokens: int = TEXT_NEW_TOKENS,
-                cuts: int = TEXT_CUTS, samples: int = TEXT_SAMPLES, alpha: float = DEFAULT_ALPHA,
+                cuts: int = TEXT_CUTS, samples: int = TEXT_SAMPLES, temperature: float = 1.0,
+                alpha: float = DEFAULT_ALPHA,
                 seed: int | None = None, home: str | os.PathLike[str] | None = None,
                 **endpoint_kw: Any) -> OrderReport:  # fmt: skip
     """Test H0 "the model behind ``endpoint`` is independent of the training run that saw ``order``" (see
     the module's docstring) on the ``n_items // 2`` latest and earliest examples: ``n_items`` queries in
-    logprobs mode, about ``n_items * cuts * samples`` in text mode (fewer cuts where a text has fewer words).
+    logprobs mode, about ``n_items * cuts * samples`` in text mode (fewer cuts where a text has fewer words;
+    ``temperature`` 0: greedy continuations, one per cut, ``samples`` is then 1).
 
     The order of the queries and the tie-break keys come from a secret drawn per probe (kept in the answer
     cache's folder, so a resumed probe keeps its plan).  ``seed``: a *public* seed instead, for reproducible
@@ -311,6 +316,10 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
     if mode == "text" and (cuts < 1 or samples < 1 or new_tokens < 1):
         raise ProbeError(f"--cuts, --samples and new_tokens must be at least 1 in text mode (got {cuts}, {samples}, "
                          f"{new_tokens})")  # fmt: skip
+    if mode == "text" and not (math.isfinite(temperature) and 0 <= temperature <= 2):
+        raise ProbeError(f"--temperature must be between 0 (greedy) and 2 in text mode, not {temperature}")
+    if mode == "text" and temperature == 0:
+        samples = 1  # greedy answers do not vary: one per cut
     k = min(n_items // 2, len(order.examples) // 2)
     if k < 2:
         raise ProbeError(f"--items {n_items}: the order test needs at least 4 queries (2 latest, 2 earliest)")
@@ -338,7 +347,7 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
         try:
             if mode == "text":
                 scores = _text_scores(ep, texts, cuts=cuts, samples=samples, new_tokens=new_tokens,
-                                      plan=plan)  # fmt: skip
+                                      plan=plan, temperature=temperature)  # fmt: skip
             else:
                 scores = np.empty(len(chosen))
                 for j in sequence:
@@ -361,7 +370,7 @@ def order_probe(endpoint: Endpoint | str, order: TrainingOrder, *, normalisers: 
                           mean_late=float(scores[:k].mean()), mean_early=float(scores[k:].mean()),
                           queries_used=ep.used, queries_cached=ep.cached, budget=ep.budget,
                           text=None if mode != "text" else {"cuts": cuts, "samples": samples, "new_tokens": new_tokens,
-                                                            "temperature": 1.0, "score": TEXT_SCORE},
+                                                            "temperature": temperature, "score": TEXT_SCORE},
                           evidence=[{"position": len(ex) - k + i if i < k else i - k, "late": bool(i < k),
                                      "score": round(float(scores[i]), 4)}
                                     for i in list(range(min(k, 8))) + list(range(k, k + min(k, 8)))])  # fmt: skip
