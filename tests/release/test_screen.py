@@ -448,7 +448,7 @@ def test_attack_one_letter_repeated_is_screened_not_a_crash(sample: ScreeningLis
     # a firm's word misspelt, a city in another language, a note in brackets, a Wade-Giles name
     ("Shenzen Bright Semiconductor Technology Co Ltd", "sample-006"),
     ("Dimashq Scientific Studies Directorate", "sample-016"), ("Damas Scientific Studies Directorate", "sample-016"),
-    ("Chung-hsing Precision Instruments Co.", "sample-001"),
+    ("Chung-hsing Precision Instruments Co.", "sample-001"), ("Chong Xing Precision Instruments", None),
     # the Arabic article assimilated, or joined; Belarusian vowels
     ("Muhammad ar-Rashidi", "sample-002"), ("Mohammed Abdullah Alrashidi", "sample-002"),
     ("Aliaksandr Viktaravich Sakalou", "sample-007"), ("Hossein Karimi", None), ("Mikhail Orlovsky", None),

@@ -454,7 +454,10 @@ class ScreeningList:
         while i < len(toks):
             for n in (3, 2):
                 part = toks[i:i + n]
-                if len(part) == n and all(len(t) <= 6 and t.isalpha() for t in part):
+                # at least one syllable that pinyin does not spell ("hsing", "chung", "tien"): romanised otherwise.
+                # Syllables all in pinyin are read as written ("Chong Xing" is not "Zhongxing")
+                if len(part) == n and all(len(t) <= 6 and t.isalpha() for t in part) and not all(
+                        _PINYIN.match(t) for t in part):  # fmt: skip
                     found = self._sino_org.get("".join(sino(t) for t in part), set())
                     if len(found) == 1:
                         out.append(next(iter(found)))
@@ -536,6 +539,9 @@ class ScreeningList:
                    "explanation": {"query_normalized": nq, "name_normalized": self._names[j], **parts}}  # fmt: skip
 
 
+# a syllable as pinyin may spell it (initial, then final): a loose check, enough to tell Wade-Giles from pinyin
+_PINYIN = re.compile(r"(?:zh|ch|sh|[bpmfdtnlgkhjqxrzcsyw])?(?:iang|iong|uang|ueng|ang|eng|ong|ian|iao|uai|uan|ai|ei"
+                     r"|ao|ou|an|en|er|ia|ie|iu|ing|in|ua|uo|ui|un|ue|a|o|e|i|u|v)$")
 _ADJECTIVE_ENDS = ("skogo", "skaya", "skoye", "skie", "skii", "skiy", "skoe", "skoi", "sky", "ski")
 _JOINED_ARTICLE = re.compile(r"\b(al|el)([a-z]{5,})\b")
 
