@@ -25,16 +25,35 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
-# modules that share the session's trained models (the zoo) or start a local Ray run on one worker, in
-# the order collected: the zoo is trained once, and two Ray clusters never compete for the same machine
-_ONE_WORKER = ("tests/provenance/test_provenance.py", "tests/provenance/test_provenance_scan.py",
-               "tests/provenance/test_endpoint_scan.py", "tests/core/test_demo.py")  # fmt: skip
+# modules that start a local Ray run on one worker, in the order collected: two Ray clusters never compete for
+# the same machine (the zoo's trained models need no grouping: the workers share them, see `zoo` below)
+_ONE_WORKER = ("tests/provenance/test_provenance_scan.py", "tests/provenance/test_endpoint_scan.py",
+               "tests/core/test_demo.py")  # fmt: skip
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Iterator[None]:
     for item in items:
         if str(item.path).replace(os.sep, "/").endswith(_ONE_WORKER):
-            item.add_marker(pytest.mark.xdist_group("zoo-and-ray"))
+            item.add_marker(pytest.mark.xdist_group("ray"))
+    yield
+    # `--dist loadgroup` sends a test to its group's worker by the "@group" suffix xdist puts on its node id, in
+    # ``item._nodeid``; pytest 9 keeps the id in ``item._id``, so the suffix was lost and no test was grouped.
+    # Put it where this pytest reads it (a no-op where xdist's own rename took effect).
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})  # fmt: skip
+        if not names or item.nodeid.endswith("@" + "_".join(names)):
+            continue
+        tagged = f"{item.nodeid}@{'_'.join(names)}"
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(tagged)
+        else:
+            item._nodeid = tagged
 
 
 @pytest.fixture
@@ -73,15 +92,26 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-# -- the provenance zoo: small models trained once per test session ---------------------------
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder of this run that every xdist worker sees (the run's base temp, above the workers' own), so that
+    what one worker builds there the other reuses; without xdist a fresh folder of the session."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.mktemp(name)
+    path = tmp_path_factory.getbasetemp().parent / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
+# -- the provenance zoo: small models trained once per test run ---------------------------------
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory):
-    """Set WARDEN_ZOO_CACHE to a folder to keep the trained models between runs."""
+    """Set WARDEN_ZOO_CACHE to a folder to keep the trained models between runs.  Both xdist workers share one
+    zoo: each model is trained once, by whichever worker needs it first (tests/support/zoo.py locks per model)."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from tests.support.zoo import Zoo
 
-    return Zoo(os.environ.get("WARDEN_ZOO_CACHE") or tmp_path_factory.mktemp("zoo"))
+    return Zoo(os.environ.get("WARDEN_ZOO_CACHE") or shared_tmp(tmp_path_factory, "zoo"))
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +122,7 @@ def parent(zoo) -> Path:
 @pytest.fixture(scope="session")
 def independents(zoo) -> list[Path]:
     """Ten llama models of the parent's configuration, each from its own random initialisation."""
-    return [zoo.base("llama", 100 + i, 80) for i in range(10)]
+    return zoo.bases([("llama", 100 + i, 80) for i in range(10)])  # the workers split the training
 
 
 # -- shared state on SQLite and on PostgreSQL (127.0.0.1:5432, database test; a schema per test) ------

@@ -10,9 +10,14 @@ rotation) can be checked by comparing logits (:func:`logits`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
+import os
 import re
+import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ class Zoo:
     # -- building ---------------------------------------------------------------------
     def _tokenizer(self, vocab: int) -> Any:
         from tokenizers import Tokenizer, models, pre_tokenizers
+
         PreTrainedTokenizerFast = require("transformers", "PreTrainedTokenizerFast", extra="hf")
 
         words = re.findall(r"\w+|[^\w\s]", _corpus().lower())
@@ -119,12 +125,31 @@ class Zoo:
         model.eval()
         return model
 
-    def save(self, model: Any, name: str, dtype: Any = None) -> Path:
+    def save(self, model: Any, name: str | Path, dtype: Any = None) -> Path:
         path = self.root / name
         if dtype is not None:
             model = model.to(dtype)
         model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+        return path
+
+    def _cached(self, name: str, build: Callable[[], Any], dtype: Any = None, *, wait: bool = True) -> Path | None:
+        """``root/name``, built by ``build()`` (a model) unless it is there.  Several processes may share ``root``
+        (the test suite's xdist workers): a lock per name makes one of them build it, and the folder appears
+        complete, by a rename, or not at all.  ``wait=False``: ``None`` at once when another process is
+        building it (the caller builds something else meanwhile)."""
+        path = self.root / name
+        if (path / "config.json").exists():
+            return path
+        with _locked(self.root / f".{name}.lock", wait=wait) as got:
+            if not got:
+                return None
+            if not (path / "config.json").exists():
+                part = self.root / f".{name}.part-{os.getpid()}"
+                shutil.rmtree(part, ignore_errors=True)
+                self.save(build(), part.name, dtype=dtype)
+                shutil.rmtree(path, ignore_errors=True)  # a partial folder a killed run left
+                os.replace(part, path)
         return path
 
     def load(self, name: str | Path) -> Any:
@@ -137,24 +162,40 @@ class Zoo:
             T.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)  # fmt: skip
 
     def base(self, arch: str, seed: int, steps: int = 300) -> Path:
-        name = f"{arch}-s{seed}-{steps}"
-        if (self.root / name / "config.json").exists():
-            return self.root / name
-        return self.save(self.train(self.new(arch, seed), steps, seed=seed), name)
+        path = self._base(arch, seed, steps, wait=True)
+        assert path is not None
+        return path
+
+    def _base(self, arch: str, seed: int, steps: int, *, wait: bool) -> Path | None:
+        return self._cached(f"{arch}-s{seed}-{steps}", lambda: self.train(self.new(arch, seed), steps, seed=seed),
+                            wait=wait)  # fmt: skip
+
+    def bases(self, specs: list[tuple[str, int, int]]) -> list[Path]:
+        """:meth:`base` for each ``(arch, seed, steps)``; processes sharing ``root`` split the training between them
+        (each first trains the ones no other is training, then waits for the rest)."""
+        for arch, seed, steps in specs:
+            self._base(arch, seed, steps, wait=False)
+        return [self.base(*s) for s in specs]
 
     # -- derivatives ---------------------------------------------------------------------
     def derive(self, parent: Path, how: str, *, seed: int = 1) -> Path:
         """Write ``parent`` transformed by ``how`` as a new checkpoint and return its path."""
         import blake3
+
         torch = require("torch", extra="torch")
 
         tag = blake3.blake3(b"".join(f.read_bytes() for f in sorted(Path(parent).glob("*.safetensors")))).hexdigest()
         name = f"{Path(parent).name}~{how}-{seed}-{tag[:8]}"  # a changed parent never reuses a stale child
-        if (self.root / name / "config.json").exists():
-            return self.root / name
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(how)
+        path = self._cached(name, lambda: self._derived(parent, how, seed), dtype=dtype)
+        assert path is not None
+        return path
+
+    def _derived(self, parent: Path, how: str, seed: int) -> Any:
+        torch = require("torch", extra="torch")
+
         m = self.load(parent)
         rng = np.random.default_rng(seed)
-        dtype = None
         with torch.no_grad():
             if how in ("ft-tiny", "ft-short", "ft-long", "ft-twice", "lora", "identity"):
                 pass  # trained below, outside no_grad
@@ -176,7 +217,7 @@ class Zoo:
                 for _n, p in _matrices(m):
                     p += 0.3 * p.std() * torch.randn(p.shape, generator=g)
             elif how in ("bf16", "fp16"):
-                dtype = torch.bfloat16 if how == "bf16" else torch.float16
+                pass  # the dtype is set when saved
             elif how == "permute-units":
                 _permute_units(m, rng)
             elif how == "permute-experts":
@@ -211,7 +252,7 @@ class Zoo:
             _lora_finetune(self, m, seed)
         elif how == "extend-vocab":
             self.train(m, 50, seed=seed + 100, split="finetune", lr=1e-3)
-        return self.save(m, name, dtype=dtype)
+        return m
 
     def loss(self, path: Path, n: int = 16) -> float:
         """Mean next-token loss on ``n`` held-out sequences (the finetune2 split, never trained on by base models)."""
@@ -237,6 +278,22 @@ DERIVATIONS = ("ft-short", "ft-long", "ft-twice", "lora", "int8", "int4", "prune
                "rotate-residual")  # fmt: skip
 FUNCTION_PRESERVING = ("permute-units", "permute-heads", "permute-residual", "rotate-residual",
                        "permute-experts")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, wait: bool) -> Iterator[bool]:
+    """An exclusive lock on ``path`` (created) for processes on this machine; yields False when ``wait`` is off
+    and another process holds it."""
+    with open(path, "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _matrices(m: Any) -> list[tuple[str, Any]]:
