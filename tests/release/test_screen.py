@@ -482,3 +482,17 @@ def test_screen_takes_any_text_and_answers(sample: ScreeningList, name: str) -> 
         return
     assert r["decision"] in ("match", "clear") and (r["decision"] == "match") == bool(r["hits"])
     assert all(h["entry"]["id"].startswith("sample-") for h in r["hits"])
+
+
+def test_the_name_symbols_are_asked_only_for_syllable_long_words(sample: ScreeningList, monkeypatch) -> None:
+    """rigour's name symbols cost seconds the first time a process asks for them (the `warden screen check` of a
+    Latin name took 5 s): only a query of one-syllable words ("Chan Kin-kwok") may ask for them."""
+    import weightwarden.release.screen as screen_mod
+
+    asked: list[str] = []
+    monkeypatch.setattr(screen_mod, "name_symbols", lambda n: asked.append(n) or [])
+    fresh = ScreeningList(sample.entries, "sample", "-")
+    assert [h["entry"]["id"] for h in fresh.screen("Sergej Petrow")["hits"]] == ["sample-000"]
+    assert fresh.screen("Hans Mueller")["decision"] == "clear" and asked == []
+    fresh.screen("Chan Kin-kwok")
+    assert asked and "chan kin kwok" in asked

@@ -17,6 +17,7 @@ stored under a home) :mod:`.screen_lists`.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -384,7 +385,10 @@ class ScreeningList(Readings):
         reading of the same characters ("Chan Kin-kwok", Cantonese, for 陈建国 "Chen Jianguo"), which shares no
         spelling key.  The listed names' symbols are found on the first such query and kept."""
         words = [w for w in nq.split() if len(w) > 1]
-        if not self._syllabic or not 2 <= len(words) <= 4 or any(len(w) > 6 for w in words):
+        # each word one syllable (one run of vowels: "chan", "kwok", "siu"), not "sergei" or "petrov": rigour's
+        # name symbols cost seconds the first time a process asks for them, so only such a query pays for them
+        if (not self._syllabic or not 2 <= len(words) <= 4 or any(len(w) > 6 for w in words)
+                or any(len(_VOWEL_RUNS.findall(w)) != 1 for w in words)):  # fmt: skip
             return []
         if self._by_symbol is None:
             self._by_symbol = {}
@@ -411,6 +415,9 @@ class ScreeningList(Readings):
                    "countries": list(e.countries), "source": e.source, "programs": list(e.programs)},
                    "matched_name": self._raw[j], "query": q,
                    "explanation": {"query_normalized": nq, "name_normalized": self._names[j], **parts}}  # fmt: skip
+
+
+_VOWEL_RUNS = re.compile("[aeiouy]+")
 
 
 def _syllabic_script(name: str) -> bool:
