@@ -611,6 +611,10 @@ def test_vault_never_recreates_a_shredded_key(vault_server):
         p.wrap(os.urandom(32), b"file-2")
     with pytest.raises(KeyDestroyedError):
         p.unwrap(slot, b"file-1")
-    assert p.key_id not in (client.secrets.transit.list_keys(mount_point="transit")["data"]["keys"])
+    try:
+        keys = client.secrets.transit.list_keys(mount_point="transit")["data"]["keys"]
+    except hvac.exceptions.InvalidPath:  # Vault answers a LIST with no key at all with 404
+        keys = []
+    assert p.key_id not in keys
     with pytest.raises(KeyNotFoundError):
         VaultTransitProvider("never-made", client=client).wrap(os.urandom(32), b"x")
