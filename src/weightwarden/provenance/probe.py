@@ -44,6 +44,7 @@ import numpy as np
 
 from .._extras import require
 from ..errors import EndpointError, ProbeError, TokenizerMismatchError, WardenError
+from . import textstat
 from .compare import DEFAULT_ALPHA
 from .endpoint import Endpoint
 
@@ -181,6 +182,16 @@ class HFScorer:
         ids = (a + b)[: self.max_len]
         d = self._dist(ids)
         return float(sum(d[t - 1, ids[t]] for t in range(max(1, len(a)), len(ids))))
+
+    def distributions(self, prompt: str, continuation: str) -> tuple[np.ndarray, np.ndarray]:
+        """The next-token log-probabilities at every position of ``continuation`` after ``prompt`` (positions x
+        vocabulary) and the continuation's token ids there (text mode's product of experts)."""
+        a = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        b = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        ids = (a + b)[: self.max_len]
+        start = max(1, len(a))
+        d = self._dist(ids)
+        return d[start - 1 : len(ids) - 1], np.asarray(ids[start:], dtype=np.int64)
 
     def sample(self, prompt: str, n_tokens: int, seed: int) -> str:
         torch = self._torch
@@ -396,7 +407,8 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
     evidence: list[dict[str, Any]] = []
     if mode == "text":
         chosen = _select_text(pool, texts, n_items, max_tokens)
-        lls, chars = [], 0
+        poe = textstat.shares_vocabulary(pool)
+        lls, chars, parts = [], 0, []
         for i, prompt in enumerate(chosen):
             for j in range(samples):
                 cont = ep.sample(prompt, max_tokens=new_tokens, temperature=temperature, seed=seed + 1000 * j + i)
@@ -404,6 +416,10 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
                     continue
                 ll = np.array([m.continuation_logprob(prompt, cont) for m in pool])
                 lls.append(ll)
+                if poe:
+                    dd = [m.distributions(prompt, cont) for m in pool]  # type: ignore[attr-defined]
+                    if len(dd[0][1]):
+                        parts.append(textstat.gather([g[0] for g in dd], dd[0][1]))
                 chars += len(cont)
                 if len(evidence) < 64:
                     evidence.append({"prompt": prompt[-60:], "continuation": cont[:60], "chars": len(cont),
@@ -416,6 +432,9 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
         tot = x.sum(0)
         stats_ = np.array([float(np.sum(x[m] - (tot - x[m]) / (n - 1))) / chars for m in range(n)])
         points = x.shape[1]
+        if poe and parts:  # the product of experts (textstat.py) where the pool shares one vocabulary
+            stats_ = textstat.fit_poe(*textstat.stack(parts))
+            points = sum(len(p[2]) for p in parts)
     else:
         chosen_t = _select(pool, texts, n_items, max_tokens)
         s_all, x_all = [], []
@@ -445,8 +464,10 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
                     continue
                 unknown = [t for t in gen if isinstance(ours, HFScorer) and t not in ours._id]
                 if unknown:
-                    raise TokenizerMismatchError(f"{ep.url} generated tokens our model's tokenizer does not have "
-                                                 f"({unknown[:3]!r}): its tokenizer is not ours; use --mode text")
+                    raise TokenizerMismatchError(
+                        f"{ep.url} generated tokens our model's tokenizer does not have "
+                        f"({unknown[:3]!r}): its tokenizer is not ours; use --mode text"
+                    )
                 a, b = _bounds(gen), _bounds(ours.pieces("".join(gen)))  # token boundaries: theirs, ours
                 shared += len(a & b)
                 either += len(a | b)
