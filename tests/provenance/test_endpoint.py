@@ -98,7 +98,7 @@ def test_text_mode_without_logprobs(world, tmp_path):
     kw = {"mode": "text", "n_items": 12, "samples": 2, "new_tokens": 16, "alpha": LOOSE_ALPHA}
     ft = _probe(world, "ft-text", tmp_path, **kw)
     ind = _probe(world, "ind-text", tmp_path, **kw)
-    assert ft.queries_used == 24 and ft.mode == "text"
+    assert ft.queries_used == 24 and ft.mode == "text" and ft.to_json()["method"] == "product of experts"
     assert ft.derived, ft.to_json()
     assert not ind.derived and ind.log10_p_value > -2, ind.to_json()
 
@@ -159,6 +159,9 @@ def test_a_reference_behind_an_endpoint(world, tmp_path):
     rep = probe(world["urls"]["int8"], world["ours"], refs, prompts=world["prompts"], alpha=ALPHA, n_items=8,
                 home=tmp_path)  # fmt: skip
     assert rep.derived and "ref1@endpoint" in rep.statistics and ep.used > 0
+    txt = probe(world["urls"]["ft-text"], world["ours"], refs, prompts=world["prompts"], mode="text", n_items=4,
+                samples=1, home=tmp_path)  # fmt: skip
+    assert txt.method == "log-likelihood per character"  # no whole distributions from a remote reference
     with pytest.raises(ProbeError, match="at least 3 reference"):
         probe(world["urls"]["int8"], world["ours"], refs[:2], prompts=world["prompts"], home=tmp_path)
 

@@ -282,6 +282,7 @@ class ProbeReport:
     items: int
     data_points: int
     evidence: list[dict[str, Any]] = field(default_factory=list)
+    method: str = "pool regression"  # or, in text mode, "product of experts" / "log-likelihood per character"
 
     @property
     def derived(self) -> bool:
@@ -293,7 +294,7 @@ class ProbeReport:
                 "assumptions": list(ASSUMPTIONS), "alpha": self.alpha, "p_value": self.p_value,
                 "log10_p_value": round(self.log10_p_value, 3), "rank_p_value": self.rank_p_value,
                 "decision": "derived" if self.derived else "not derived", "derived": self.derived,
-                "t_statistic": round(self.t_statistic, 4), "df": self.df,
+                "t_statistic": round(self.t_statistic, 4), "df": self.df, "method": self.method,
                 "statistic": {"ours": {names[0]: self.statistics[names[0]]},
                               "references": {n: self.statistics[n] for n in names[1:]}},
                 "queries": {"used": self.queries_used, "cached": self.queries_cached, "budget": self.budget},
@@ -405,6 +406,7 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
     texts = list(prompts) if prompts else _candidates(pool, candidates, max_tokens, seed)
     ours = pool[0]
     evidence: list[dict[str, Any]] = []
+    method = "pool regression"
     if mode == "text":
         chosen = _select_text(pool, texts, n_items, max_tokens)
         poe = textstat.shares_vocabulary(pool)
@@ -412,6 +414,7 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
         for i, prompt in enumerate(chosen):
             for j in range(samples):
                 cont = ep.sample(prompt, max_tokens=new_tokens, temperature=temperature, seed=seed + 1000 * j + i)
+                cont = cont.split("\ufffd", 1)[0]  # up to a character cut mid-way: what every pool model reads alike
                 if not cont:
                     continue
                 ll = np.array([m.continuation_logprob(prompt, cont) for m in pool])
@@ -431,10 +434,10 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
         n = len(pool)
         tot = x.sum(0)
         stats_ = np.array([float(np.sum(x[m] - (tot - x[m]) / (n - 1))) / chars for m in range(n)])
-        points = x.shape[1]
+        points, method = x.shape[1], "log-likelihood per character"
         if poe and parts:  # the product of experts (textstat.py) where the pool shares one vocabulary
             stats_ = textstat.fit_poe(*textstat.stack(parts))
-            points = sum(len(p[2]) for p in parts)
+            points, method = sum(len(p[2]) for p in parts), "product of experts"
     else:
         chosen_t = _select(pool, texts, n_items, max_tokens)
         s_all, x_all = [], []
@@ -511,7 +514,7 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
                        log10_p_value=st["log_p"] / math.log(10), rank_p_value=st["rank_p"], t_statistic=st["t"],
                        df=int(st["df"]), statistics={m.name: round(float(v), 6) for m, v in zip(pool, stats_,
                        strict=True)}, queries_used=ep.used, queries_cached=ep.cached, budget=ep.budget,
-                       items=len(evidence), data_points=int(points), evidence=evidence)  # fmt: skip
+                       items=len(evidence), data_points=int(points), evidence=evidence, method=method)  # fmt: skip
 
 
 def _select_text(pool: Sequence[Scorer], texts: Sequence[str], n: int, max_tokens: int) -> list[str]:
