@@ -44,7 +44,7 @@ def world(tmp_path_factory):
         "ref1": srv.add("ref1", Served(refs[0], tok, "ref1")),
         "budget": srv.add("budget", Served(ft, tok, "suspect-ft")),
     }
-    for fault in ("500", "429:2", "hang", "nan", "positive", "unsorted", "switch:3", "badecho"):
+    for fault in ("500", "429:2", "hang", "nan", "positive", "unsorted", "switch:3", "badecho", "surrogate"):
         urls[fault] = srv.add(fault.replace(":", "-"), Served(i8, tok, "hostile", fault=fault))
     w = {
         "fam": fam, "srv": srv, "urls": urls, "root": root,

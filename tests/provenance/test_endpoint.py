@@ -16,6 +16,7 @@ pytest.importorskip("httpx")
 from weightwarden import trail
 from weightwarden.errors import (
     EndpointAnswerError,
+    EndpointError,
     EndpointUnavailableError,
     ModelChangedError,
     ProbeError,
@@ -24,7 +25,7 @@ from weightwarden.errors import (
     TokenizerMismatchError,
 )
 from weightwarden.provenance.endpoint import AnswerCache, Endpoint, TokenBucket
-from weightwarden.provenance.probe import EndpointScorer, probe
+from weightwarden.provenance.probe import EndpointScorer, HFScorer, probe
 
 ALPHA = 1e-3
 LOOSE_ALPHA = 1e-2  # chat and text modes: few tokens per probe here (they need more queries for 1e-3)
@@ -138,6 +139,27 @@ def test_hostile_endpoints_get_a_typed_error_and_no_p_value(world, tmp_path, fau
     assert len(AnswerCache(tmp_path / "c")) == (3 if fault == "switch:3" else 0)
 
 
+def test_attack_hostile_text_gets_a_typed_error_and_no_p_value(world, tmp_path):
+    with pytest.raises(EndpointAnswerError, match="lone surrogate"):  # text that is not valid Unicode
+        _probe(world, "surrogate", tmp_path, mode="text", n_items=4, samples=1)
+    with pytest.raises(EndpointError, match="at least 32"):  # one token per answer: too little to fit
+        _probe(world, "ft-text", tmp_path, mode="text", n_items=4, samples=1, new_tokens=1)
+    probes = [x for x in trail.events(tmp_path) if x["action"] == "provenance:probe"]
+    assert [x["outcome"] for x in probes] == ["error", "error"] and "log10_p" not in probes[1]["detail"]
+
+
+def test_attack_one_model_given_twice_is_refused(world, tmp_path):
+    """A reference given twice (or a copy of ours among the references) would fake the references' spread:
+    three copies of one reference made an independent suspect "derived" at p = 1e-24."""
+    ours, refs = world["ours"], world["refs"]
+    again = [HFScorer(model=refs[0].model, tokenizer=refs[0].tokenizer, name=f"ref1-again{i}") for i in (1, 2)]
+    ours_copy = HFScorer(model=ours.model, tokenizer=ours.tokenizer, name="ours-as-reference")
+    for pool in ([refs[0], *again, *refs[1:3]], [ours_copy, *refs[:3]]):
+        for mode, key, kw in (("logprobs", "ind", {}), ("text", "ind-text", {"n_items": 4, "samples": 2})):
+            with pytest.raises(ProbeError, match="given twice"):
+                probe(world["urls"][key], ours, pool, prompts=world["prompts"], mode=mode, home=tmp_path, **kw)
+
+
 def test_rate_limited_endpoint_is_retried(world, tmp_path):
     slept = []
     rep = _probe(world, "429:2", tmp_path, retries=3, backoff=0.01, sleep=slept.append, n_items=4)
@@ -149,8 +171,8 @@ def test_chat_and_tokenizer_mismatch_is_reported(world, tmp_path):
         _probe(world, "other-tok", tmp_path)
     with pytest.raises(TokenizerMismatchError):
         _probe(world, "other-tok", tmp_path, mode="chat")
-    rep = _probe(world, "other-tok", tmp_path, mode="text", n_items=4, samples=1)  # text mode needs no tokenizer
-    assert rep.queries_used == 4 and not rep.derived
+    rep = _probe(world, "other-tok", tmp_path, mode="text", n_items=8, samples=2)  # text mode needs no tokenizer
+    assert rep.queries_used == 16 and not rep.derived
 
 
 def test_a_reference_behind_an_endpoint(world, tmp_path):

@@ -264,7 +264,7 @@ class Served:
     logprobs: bool = True  # offers log-probabilities (else: text only, logprobs null)
     echo: bool = True  # honours echo
     temperature: float | None = None  # forced sampling temperature (None: as asked)
-    fault: str = ""  # "500" | "429:N" | "hang" | "nan" | "positive" | "unsorted" | "switch:N" | "badecho" | "rude"
+    fault: str = ""  # "500" | "429:N" | "hang" | "nan" | "positive" | "unsorted" | "switch:N" | "badecho" | "rude" | "surrogate"
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_request: Callable[[int], None] | None = None  # called with each request's number before it is answered
@@ -439,7 +439,7 @@ class OAIServer:
             if s.fault == "badecho" and toks:
                 toks[0] = toks[0] + "x"
             lp_obj = {"tokens": toks, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
-        text = s.tokenizer.decode(gen)
+        text = s.tokenizer.decode(gen) + ("\ud800" if s.fault == "surrogate" else "")  # a lone surrogate
         return {"id": "cmpl-test", "object": "text_completion", "created": int(time.time()),
                 "choices": [{"index": 0, "text": (prompt + text) if echo else text, "logprobs": lp_obj,
                              "finish_reason": "length"}],

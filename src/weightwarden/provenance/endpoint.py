@@ -487,6 +487,11 @@ class Endpoint:
             text = (ch.get("message") or {}).get("content") if chat else ch.get("text")
             if not isinstance(text, str):
                 raise EndpointAnswerError(f"{self.url}{path}: the answer holds no text")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise EndpointAnswerError(f"{self.url}{path}: the answer's text is not valid Unicode (a lone "
+                                          "surrogate)") from None  # fmt: skip
             return text
 
         return self._ask(path, body, parse)

@@ -68,6 +68,7 @@ _STARTERS = ("def ", "class ", "import ", "    return ", "# ", "if ", "for ", "T
              "from ", "while ", "    if ", "raise ", "with ", "x = ")  # fmt: skip
 _SAME_SPLIT = 0.6  # chat mode: below this share of agreeing token boundaries, the tokenizers differ
 _FLOOR = -50.0  # log-probabilities are clipped here (a token one model rules out entirely)
+_MIN_TEXT = 32  # text mode: fewest sampled tokens (product of experts) or characters to compute a p-value on
 
 
 # -- scorers ---------------------------------------------------------------------------------------------------
@@ -256,8 +257,8 @@ def statistic_p(t_ours: float, t_refs: Sequence[float]) -> dict[str, float]:
     k = len(r)
     rank_p = (1 + int(np.sum(r >= t_ours))) / (k + 1)
     sd = float(r.std(ddof=1))
-    if sd <= 0:
-        sd = 1e-12
+    if not sd > 0:
+        raise ProbeError("the references' statistics do not vary: give independent references")
     t = (t_ours - float(r.mean())) / (sd * math.sqrt(1 + 1 / k))
     log_p = float(stats.t.logsf(t, k - 1))
     return {"t": t, "df": k - 1, "log_p": log_p, "p": math.exp(log_p), "rank_p": rank_p}
@@ -438,6 +439,9 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
         if poe and parts:  # the product of experts (textstat.py) where the pool shares one vocabulary
             stats_ = textstat.fit_poe(*textstat.stack(parts))
             points, method = sum(len(p[2]) for p in parts), "product of experts"
+        if (points if method == "product of experts" else chars) < _MIN_TEXT:
+            raise EndpointError(f"{ep.url} gave only {points} tokens, {chars} characters of text to fit (at least "
+                                f"{_MIN_TEXT}): raise --items, --samples or --new-tokens")
     else:
         chosen_t = _select(pool, texts, n_items, max_tokens)
         s_all, x_all = [], []
@@ -509,12 +513,23 @@ def _run(ep: Endpoint, pool: list[Scorer], *, mode: str, prompts: Sequence[str] 
         if points < 8:
             raise EndpointError(f"{ep.url} gave only {points} comparable log-probabilities: give longer prompts")
         stats_ = pool_statistics(s, x)
+    _distinct(pool, x)
     st = statistic_p(float(stats_[0]), [float(v) for v in stats_[1:]])
     return ProbeReport(url=ep.url, served_model=ep.served_model, mode=mode, alpha=alpha, p_value=st["p"],
                        log10_p_value=st["log_p"] / math.log(10), rank_p_value=st["rank_p"], t_statistic=st["t"],
                        df=int(st["df"]), statistics={m.name: round(float(v), 6) for m, v in zip(pool, stats_,
                        strict=True)}, queries_used=ep.used, queries_cached=ep.cached, budget=ep.budget,
                        items=len(evidence), data_points=int(points), evidence=evidence, method=method)  # fmt: skip
+
+
+def _distinct(pool: Sequence[Scorer], x: np.ndarray) -> None:
+    """Two pool models that score every answer alike are one model counted twice (a reference given twice, or a
+    copy of ours among them): the references' spread, and the p-value with it, would be false."""
+    for a in range(len(pool)):
+        for b in range(a):
+            if np.max(np.abs(x[a] - x[b])) <= 1e-4 * max(1.0, float(np.max(np.abs(x[a])))):
+                raise ProbeError(f"{pool[b].name} and {pool[a].name} score every answer alike: one model given "
+                                 "twice; give independent references")  # fmt: skip
 
 
 def _select_text(pool: Sequence[Scorer], texts: Sequence[str], n: int, max_tokens: int) -> list[str]:

@@ -89,8 +89,8 @@ def fit_poe(L: np.ndarray, mask: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (-ll + _RIDGE * n * float(w @ w)) / n, (-grad + 2 * _RIDGE * n * w) / n
 
     res = opt.minimize(f, np.full(p, 1.0 / p), jac=True, method="L-BFGS-B", options={"maxiter": 500})
-    if not np.all(np.isfinite(res.x)):
-        raise ProbeError("text statistic: the fit did not converge")
+    if not np.all(np.isfinite(res.x)) or not (res.success or np.abs(res.jac).max() < 1e-5):
+        raise ProbeError(f"text statistic: the fit did not converge ({res.message})")
     return np.asarray(res.x, dtype=np.float64)
 
 
