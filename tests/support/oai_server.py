@@ -264,7 +264,8 @@ class Served:
     logprobs: bool = True  # offers log-probabilities (else: text only, logprobs null)
     echo: bool = True  # honours echo
     temperature: float | None = None  # forced sampling temperature (None: as asked)
-    fault: str = ""  # "500" | "429:N" | "hang" | "nan" | "positive" | "unsorted" | "switch:N" | "badecho" | "rude" | "surrogate"
+    fault: str = ""  # "500" | "429:N" | "hang" | "nan" | "positive" | "unsorted" | "switch:N" | "badecho" | "rude"
+    # | "surrogate" (a lone surrogate after the text)
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     on_request: Callable[[int], None] | None = None  # called with each request's number before it is answered
