@@ -42,11 +42,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from .._extras import require
 from ..errors import EndpointError, ProbeError, TokenizerMismatchError, WardenError
 from . import textstat
 from .compare import DEFAULT_ALPHA
 from .endpoint import Endpoint
+from .stats import statistic_p
 
 __all__ = ["MODES", "EndpointScorer", "HFScorer", "ProbeReport", "Scorer", "probe", "statistic_p"]
 
@@ -232,13 +232,6 @@ class EndpointScorer:
 
 
 # -- the statistic -------------------------------------------------------------------------------------------
-def _fz(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 3 or x.std() == 0 or y.std() == 0:
-        return 0.0
-    r = float(np.corrcoef(x, y)[0, 1])
-    return math.atanh(max(-0.999999, min(0.999999, r)))
-
-
 def pool_statistics(s: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``T_m`` for each pool row of ``x`` (rows: ours first, then the references): the coefficient of model m
     when the suspect's log-probabilities ``s`` are regressed on every pool model's jointly (with an
@@ -247,21 +240,6 @@ def pool_statistics(s: np.ndarray, x: np.ndarray) -> np.ndarray:
     a = np.column_stack([np.ones(len(s)), x.T])
     coef = np.linalg.lstsq(a, s, rcond=None)[0]
     return coef[1:]
-
-
-def statistic_p(t_ours: float, t_refs: Sequence[float]) -> dict[str, float]:
-    """The parametric and rank p-values of ``t_ours`` among ``t_refs`` (see the module's docstring)."""
-    stats = require("scipy.stats", extra="provenance")
-
-    r = np.asarray(t_refs, dtype=float)
-    k = len(r)
-    rank_p = (1 + int(np.sum(r >= t_ours))) / (k + 1)
-    sd = float(r.std(ddof=1))
-    if not sd > 0:
-        raise ProbeError("the references' statistics do not vary: give independent references")
-    t = (t_ours - float(r.mean())) / (sd * math.sqrt(1 + 1 / k))
-    log_p = float(stats.t.logsf(t, k - 1))
-    return {"t": t, "df": k - 1, "log_p": log_p, "p": math.exp(log_p), "rank_p": rank_p}
 
 
 # -- the report -------------------------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from .._extras import require
+from ..errors import ProbeError
 
 LN10 = math.log(10.0)
 
@@ -77,3 +79,19 @@ def bonferroni_logp(logp: float, n: int) -> float:
 
 def to_p(logp: float) -> float:
     return math.exp(logp) if logp > -745 else 0.0
+
+
+def statistic_p(t_ours: float, t_refs: Sequence[float]) -> dict[str, float]:
+    """The parametric and rank p-values of ``t_ours`` among ``t_refs`` (the probe through an API,
+    docs/PROVENANCE.md): Student's t prediction interval with k - 1 degrees of freedom, and the rank."""
+    stats = require("scipy.stats", extra="provenance")
+
+    r = np.asarray(t_refs, dtype=float)
+    k = len(r)
+    rank_p = (1 + int(np.sum(r >= t_ours))) / (k + 1)
+    sd = float(r.std(ddof=1))
+    if not sd > 0:
+        raise ProbeError("the references' statistics do not vary: give independent references")
+    t = (t_ours - float(r.mean())) / (sd * math.sqrt(1 + 1 / k))
+    log_p = float(stats.t.logsf(t, k - 1))
+    return {"t": t, "df": k - 1, "log_p": log_p, "p": math.exp(log_p), "rank_p": rank_p}
