@@ -96,12 +96,13 @@ def test_chat_mode_at_temperature_one(world, tmp_path):
 def test_text_mode_without_logprobs(world, tmp_path):
     with pytest.raises(EndpointAnswerError, match="no log-probabilities"):
         _probe(world, "ft-text", tmp_path)
-    kw = {"mode": "text", "n_items": 12, "samples": 2, "new_tokens": 16, "alpha": LOOSE_ALPHA}
+    kw = {"mode": "text", "n_items": 16, "samples": 4, "new_tokens": 24, "alpha": ALPHA}
     ft = _probe(world, "ft-text", tmp_path, **kw)
     ind = _probe(world, "ind-text", tmp_path, **kw)
-    assert ft.queries_used == 24 and ft.mode == "text" and ft.to_json()["method"] == "product of experts"
-    assert ft.derived, ft.to_json()
-    assert not ind.derived and ind.log10_p_value > -2, ind.to_json()
+    assert ft.queries_used == 64 and ft.mode == "text" and ft.to_json()["method"] == "product of experts"
+    assert ft.derived and ft.log10_p_value < -4, ft.to_json()  # -5.0 here
+    # -2.0 here: ours is a "hub" these tiny models lean on (docs/PROVENANCE.md, "Hub models")
+    assert not ind.derived, ind.to_json()
 
 
 def test_budget_exhaustion_resumes_from_the_cache(world, tmp_path):
