@@ -13,7 +13,8 @@ model).  ``T_m = ŵ_m``.  A copy of m sampled at temperature 1 gives ``w_m ≈ 1
 derivative of m leans on m more than on any reference; an independent suspect spreads weight over the pool.
 Unlike the mean log-likelihood per character (the statistic this replaces where it applies), a model that is
 simply better or worse at the text everywhere does not stand out: its weight is what it explains beyond the
-others, which removes the references' spread in quality, the largest part of the null's variance.
+others.  A model that many suspects lean on (a "hub", seen on tiny models) still does: docs/PROVENANCE.md,
+"Hub models", measures it and keeps it as a limit.
 
 The fit is a symmetric function of the pool (permuting the pool permutes ``ŵ``), so ours stays exchangeable
 with the references under H0 and the probe's p-values (rank and parametric) apply unchanged.
