@@ -178,11 +178,8 @@ class HFScorer:
         return out
 
     def continuation_logprob(self, prompt: str, continuation: str) -> float:
-        a = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        b = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        ids = (a + b)[: self.max_len]
-        d = self._dist(ids)
-        return float(sum(d[t - 1, ids[t]] for t in range(max(1, len(a)), len(ids))))
+        d, ids = self.distributions(prompt, continuation)
+        return float(d[np.arange(len(ids)), ids].sum())
 
     def distributions(self, prompt: str, continuation: str) -> tuple[np.ndarray, np.ndarray]:
         """The next-token log-probabilities at every position of ``continuation`` after ``prompt`` (positions x
