@@ -8,7 +8,9 @@ Trains a tiny Llama on Python's stdlib sources (tests/support/oai_server.py), re
 ``--recipients`` recipients (the release path of `warden release`, code length ``--code-length``), and serves
 through the tests' OpenAI-compatible HTTP server: one recipient's copy as is, after an int8 round trip of every
 matrix, after a short fine-tune on other data, two colluders' average, the unmarked master and an independent
-model.  For each, at each query count (echoed prompts of the master's context length, top-5 alternatives):
+model.  For each, at each query count (echoed prompts of the master's context length, ``--top`` alternatives,
+default 20), through the product's reads (``read_symbols``: the weight read, and the head read when the copies
+carry the head mark, ``--head AMP``; each decided at eps / reads, accused = the union):
 
 * the accused recipients at population 1e6, eps 1e-6, the leaker's score and the threshold;
 * innocent trials: ``--innocents`` never-released recipient indices of the same code scored against the same
@@ -52,7 +54,10 @@ def main() -> None:
     ap.add_argument("--innocents", type=int, default=100_000)
     ap.add_argument("--attacks", default="as-is,int8,ft-short,collude2,master,independent")
     ap.add_argument("--diagnose", action="store_true", help="ft-short: why (module docstring)")
+    ap.add_argument("--top", type=int, default=20, help="alternatives asked per token")
+    ap.add_argument("--head", type=float, default=None, help="the head mark's amplitude (default: the release's)")
     args = ap.parse_args()
+    import numpy as np
     import torch
     import transformers as T
 
@@ -62,7 +67,7 @@ def main() -> None:
     from weightwarden.provenance.endpoint import Endpoint
     from weightwarden.trace import release
     from weightwarden.trace.accuse import decide
-    from weightwarden.trace.endpoint import carriers, closest_variant, estimate_symbols, observe, symbols
+    from weightwarden.trace.endpoint import _head_mark, carriers, closest_variant, decide_reads, observe, read_symbols
     from weightwarden.trace.recipients import open_store
     from weightwarden.trace.scorer import HFGradientScorer
     from weightwarden.trace.store import derive
@@ -82,7 +87,7 @@ def main() -> None:
     os.environ.setdefault("WARDEN_ALLOW_SAMPLE_LIST", "1")
     for r in names:
         release(master_path, r, work / r, provider=prov, country="GB", home=home, model_id="m",
-                code_length=args.code_length)  # fmt: skip
+                code_length=args.code_length, **({"head_amp": args.head} if args.head is not None else {}))  # fmt: skip
 
     def load(p: Path):
         return T.AutoModelForCausalLM.from_pretrained(p).eval()
@@ -104,10 +109,13 @@ def main() -> None:
     store = open_store(home)
     rec = store.model("m")
     secret = store.secret(rec, prov)
-    code_key, embed_key = derive(secret, "tardos-code"), derive(secret, "embed")
+    code_key, embed_key, head_key = derive(secret, "tardos-code"), derive(secret, "embed"), derive(secret, "head")
     ell = rec.code_length
     code = TardosCode(code_key, ell, rec.cutoff)
-    car = carriers(scorer.tensors(), embed_key, ell, rec.alpha)
+    tensors = scorer.tensors()
+    car = carriers(tensors, embed_key, ell, rec.alpha)
+    hm, head_name = _head_mark(rec.head, tensors, head_key, code)
+    head = (hm, head_name, tensors[head_name]) if hm is not None else None
     qs = [int(q) for q in args.queries.split(",")]
     step = max(1, min(700, (len(fam.text) - 1400) // max(qs)))
     prompts = [fam.text[i : i + 400] for i in range(1000, len(fam.text) - 400, step)]
@@ -116,23 +124,32 @@ def main() -> None:
         model, guilty = suspects[attack]
         url = srv.add(attack, Served(model, fam.tokenizer, attack))
         with Endpoint(url, budget=10**6) as ep:
-            obs = observe(ep, scorer, prompts, max(qs), top=5)
-        ref, sc, obs = closest_variant(scorer, obs)
+            obs = observe(ep, scorer, prompts, max(qs), top=args.top)
         rows = []
         for q in qs:
             t1 = time.time()
-            y, w = symbols(estimate_symbols(sc, obs.head(q), car, ell, args.iterations), car, ell)
-            rep = decide(code, "m", names, y, w, eps=1e-6, population=10**6, blocks=0)
-            inn = code.scores(y, args.recipients + args.innocents, known=w)[args.recipients :]
+            ref, _, reads = read_symbols(scorer, obs.head(q), car, ell, args.iterations, head=head)
+            rep = decide_reads(code, "m", names, reads, eps=1e-6, population=10**6, blocks=0, endpoint={})
+            # innocent trials: each read against its own threshold (eps / reads each), over = over either
+            over = np.zeros(args.innocents, bool)
+            worst = 0.0
+            for y, w in reads.values():
+                z = decide(code, "m", names, y, w, eps=1e-6 / len(reads), population=10**6, blocks=0).threshold
+                inn = code.scores(y, args.recipients + args.innocents, known=w)[args.recipients :]
+                over |= inn > z
+                worst = max(worst, float(inn.max() / z))
             acc = {x["recipient"] for x in rep.accused}
             rows.append({"queries": q, "data_points": obs.head(q).points, "accused": sorted(acc),
                          "correct": bool(acc) and acc <= guilty if guilty else not acc,
                          "threshold": round(rep.threshold, 1),
                          "guilty_scores": {x["recipient"]: x["score"] for x in rep.ranking if x["recipient"] in guilty},
-                         "innocent_trials": len(inn), "innocents_over": int((inn > rep.threshold).sum()),
-                         "max_innocent_over_threshold": round(float(inn.max() / rep.threshold), 3),
+                         "reads": {k: {"accused": v["accused"], "top": v["top"][:2], "threshold": v["threshold"]}
+                                   for k, v in (rep.endpoint or {}).get("reads", {}).items()},
+                         "innocent_trials": args.innocents, "innocents_over": int(over.sum()),
+                         "max_innocent_over_threshold": round(worst, 3),
                          "seconds": round(time.time() - t1, 1)})  # fmt: skip
-        if args.diagnose and attack == "ft-short":
+        if args.diagnose and attack == "ft-short":  # the weight mark alone (docs/TRACING.md)
+            _, sc, obs = closest_variant(scorer, obs)
             results["ft-short-diagnosis"] = diagnose(fam, model, master_path, work / names[0], obs, scorer, car, code,
                                                      embed_key, rec.alpha, names, qs, args.iterations, sc)  # fmt: skip
             print(json.dumps({"ft-short-diagnosis": results["ft-short-diagnosis"]}), file=sys.stderr, flush=True)

@@ -211,6 +211,17 @@ def release_cmd(
         list[str] | None, typer.Option("--exclude", help="leave files matching this pattern out (repeat; recorded)")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite the output")] = False,
+    head_mark: Annotated[
+        float | None,
+        typer.Option(
+            "--head-mark",
+            min=0.0,
+            max=1.0,
+            help="also mark the output head at this rms logit change, e.g. 0.06 (fixed per model at its first "
+            "release; docs/TRACING.md, 'The head mark') [default: as recorded, none for a new model]",
+            show_default=False,
+        ),
+    ] = None,
     log_key: LogKeyOpt = None,
     log_key_passphrase_file: LogKeyPassOpt = None,
     allow_sample_list: AllowSampleOpt = False,
@@ -251,7 +262,7 @@ def release_cmd(
         if allow_sample_list:
             kw["gate"] = ws.release_gate(allow_sample_list=True)
         try:
-            rel = release(model, to, output, force=force, **kw)
+            rel = release(model, to, output, force=force, head_amp=head_mark, **kw)
         except ReleaseDenied as e:
             if as_json and e.decision is not None:
                 _emit({"released": False, "gate": e.decision.to_json()}, True)

@@ -45,6 +45,9 @@ def trace_cmd(
     ] = None,
     queries: Annotated[int, typer.Option("--queries", min=1, help="--endpoint: prompts asked (one query each)")] = 48,
     budget: Annotated[int, typer.Option("--budget", min=0, help="--endpoint: most queries sent this run")] = 1000,
+    top: Annotated[
+        int, typer.Option("--top", min=1, max=20, help="--endpoint: alternatives asked per token (the server's cap)")
+    ] = 20,
     rate: Annotated[float | None, typer.Option("--rate", help="--endpoint: most queries per second")] = None,
     cache: Annotated[
         Path | None,
@@ -76,7 +79,7 @@ def trace_cmd(
     if endpoint is not None:
         rep = _via_endpoint(ws, endpoint, model, model_id=model_id, db=db, home=home, eps=eps, population=population,
                             prompts=prompts, queries=queries, budget=budget, rate=rate, cache=cache,
-                            api_key_env=api_key_env)  # fmt: skip
+                            api_key_env=api_key_env, top=top)  # fmt: skip
     else:
         assert suspect is not None
         rep = trace(suspect, model, provider=kr.provider(purpose="tracing"), model_id=model_id, home=home, db=db,
@@ -106,7 +109,7 @@ def trace_cmd(
 
 def _via_endpoint(ws: Any, url: str, model: Path, *, model_id: str | None, db: str | None, home: Path | None,
                   eps: float, population: int | None, prompts: Path | None, queries: int, budget: int,
-                  rate: float | None, cache: Path | None, api_key_env: str | None) -> Any:  # fmt: skip
+                  rate: float | None, cache: Path | None, api_key_env: str | None, top: int = 20) -> Any:  # fmt: skip
     from ..errors import ProbeError
     from ..trace.endpoint import trace_endpoint
     from .probe import _prompts
@@ -122,4 +125,4 @@ def _via_endpoint(ws: Any, url: str, model: Path, *, model_id: str | None, db: s
     return trace_endpoint(url, model, provider=kr.provider(purpose="tracing"), keyring=ws.model_kw(model, kr).get(
                           "keyring"), model_id=model_id, home=home, db=db, eps=eps, population=population,
                           prompts=_prompts(prompts), n_prompts=queries, api_key=key, budget=budget, rate=rate,
-                          cache=cache)  # fmt: skip
+                          cache=cache, top=top)  # fmt: skip

@@ -22,6 +22,7 @@ from ..errors import UnmarkableFilesError, WardenError
 from ..keys.provider import KeyProvider
 from ..release.gate import Destination, ReleaseDenied, ReleaseGate
 from ..sealed import codec
+from .head import HeadMark
 from .mark import embed_tensors
 from .master import CopyGuard, Entry, digest_files, entry_bytes, entry_tensors, master_files
 from .store import ReleaseRecord, TraceError, TraceStore, derive, shown
@@ -52,7 +53,8 @@ def release_checked(model: Path, out: Path, recipient: str, name: Any, entries: 
                     approval: Any, classify_kw: dict[str, Any], model_id: str, home: Path | None, alpha: float,
                     code_length: int, force: bool, seal: tuple[KeyProvider, Any] | None, hide_header: bool,
                     recipient_key: str | None, exclude: tuple[str, ...],
-                    now: datetime | None) -> ReleaseRecord:  # fmt: skip
+                    head: tuple[str, float, np.ndarray | None, np.ndarray] | None = None,
+                    now: datetime | None = None) -> ReleaseRecord:  # fmt: skip
     from ..sealed.walk import read_plain_text
     from .store import _Conflict
 
@@ -78,13 +80,23 @@ def release_checked(model: Path, out: Path, recipient: str, name: Any, entries: 
                                     now=now))  # fmt: skip
     if outcome == "denied":
         raise ReleaseDenied(f"the export-control gate says {decision.explain()}", decision)
-    rec = store.enroll(model_id, provider, code_length=code_length, cutoff=DEFAULT_CUTOFF, alpha=alpha, now=now)
+    rec = store.enroll(model_id, provider, code_length=code_length, cutoff=DEFAULT_CUTOFF, alpha=alpha,
+                       head=head[1] if head else 0.0, now=now)  # fmt: skip
+    if (head[1] if head is not None else 0.0) != rec.head:
+        raise TraceError(f"model {model_id!r} was first released with head mark {rec.head:g} and this copy would "
+                         f"carry {head[1] if head is not None else 0:g}: every copy of one model carries the same "
+                         "(omit --head-mark to use the recorded one; a master without an untied head carries none)")
     secret = store.secret(rec, provider)
     try:
         code_key, embed_key = derive(secret, "tardos-code"), derive(secret, "embed")
+        head_key = derive(secret, "head") if rec.head and head else b""
     finally:
         secret[:] = bytes(len(secret))
     code = TardosCode(code_key, rec.code_length, rec.cutoff)
+    hm: HeadMark | None = None
+    if rec.head and head is not None:
+        hm = HeadMark(head_key, head[3].shape[0], head[3].shape[1], rec.code_length, rec.head, head[2], head[3],
+                      code.bias())  # fmt: skip
     single = model.is_file() and not model.is_dir()
     weights = [e for e in entries if e.kind == "safetensors"]
     parent = out.parent if str(out.parent) else Path(".")
@@ -102,6 +114,8 @@ def release_checked(model: Path, out: Path, recipient: str, name: Any, entries: 
             here = {n: tensors[n] for n in tensors if n in targets}
             inplace = e.member is not None
             tensors.update(embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here), inplace=inplace))
+            if hm is not None and head is not None and head[0] in tensors:
+                tensors[head[0]] = hm.embed(tensors[head[0]], x)
             return tensors, meta
 
         def marked_member(e: Entry, x: np.ndarray = x) -> tuple[Any, str]:
@@ -113,11 +127,13 @@ def release_checked(model: Path, out: Path, recipient: str, name: Any, entries: 
             here = {t.name: buf[t.start : t.end].view(codec.np_dtype(t.dtype)).reshape(t.shape)
                     for t in infos.values() if t.name in targets}  # fmt: skip
             embed_tensors(here, layout, x, embed_key, rec.alpha, names=set(here), inplace=True)
-            head = e.member.safetensors_header_bytes()
+            if hm is not None and head is not None and head[0] in here:
+                here[head[0]][...] = hm.embed(here[head[0]], x)
+            head_bytes = e.member.safetensors_header_bytes()
             h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-            h.update(head)
+            h.update(head_bytes)
             h.update(buf)
-            return MemorySource(e.rel, buf, header=head[8:]), h.hexdigest()
+            return MemorySource(e.rel, buf, header=head_bytes[8:]), h.hexdigest()
 
         digests: list[str] = []
         staging = parent / f"{TMP_PREFIX}{out.name}.{secrets.token_hex(6)}"

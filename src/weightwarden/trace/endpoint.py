@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +38,20 @@ from ..keys.provider import KeyProvider
 from ..provenance.endpoint import Endpoint
 from ..provenance.layout import detect_layout
 from .accuse import DEFAULT_EPS, TraceReport, decide
+from .head import HeadMark, find_head
+from .head import estimate as head_estimate
 from .mark import Extraction, _chips, _stats, marked_tensors
 from .recipients import open_store
 from .scorer import GradientScorer, Queries
 from .store import derive
 from .tardos import TardosCode
 
-__all__ = ["DEFAULT_ITERATIONS", "DEFAULT_PROMPTS", "VARIANTS", "Carriers", "Observations", "carriers",
-           "closest_variant", "estimate_symbols", "observe", "symbols", "trace_endpoint", "variant"]  # fmt: skip
+__all__ = ["DEFAULT_ITERATIONS", "DEFAULT_PROMPTS", "DEFAULT_TOP", "VARIANTS", "Carriers", "Observations", "carriers",
+           "closest_variant", "decide_reads", "estimate_symbols", "observe", "read_symbols", "symbols",
+           "trace_endpoint", "variant"]  # fmt: skip
 
 DEFAULT_PROMPTS = 48  # queries: one echoed prompt each
+DEFAULT_TOP = 20  # alternatives asked per token (the most OpenAI-compatible servers give; vLLM's default cap)
 VARIANTS = ("as-is", "int8", "fp16", "bf16")  # serving transformations of the master tried as the reference
 DEFAULT_ITERATIONS = 24  # conjugate-gradient steps (early stopping regularises the least squares)
 _STARTERS = ("def ", "class ", "import ", "    return ", "# ", "if ", "for ", "The ", "    def ", "    self.",
@@ -260,7 +264,7 @@ def trace_endpoint(endpoint: Endpoint | str, model: str | os.PathLike[str], *, p
                    scorer: GradientScorer | None = None, keyring: Any = None, model_id: str | None = None,
                    home: Path | None = None, db: str | None = None, eps: float = DEFAULT_EPS,
                    population: int | None = None, prompts: Sequence[str] | None = None,
-                   n_prompts: int = DEFAULT_PROMPTS, top: int = 5, iterations: int = DEFAULT_ITERATIONS,
+                   n_prompts: int = DEFAULT_PROMPTS, top: int = DEFAULT_TOP, iterations: int = DEFAULT_ITERATIONS,
                    seed: int = 0, variants: Sequence[str] = VARIANTS, **endpoint_kw: Any) -> TraceReport:  # fmt: skip
     """Accuse the recipients whose copy ``endpoint`` serves, keeping P(any innocent accused) <= eps.
 
@@ -309,17 +313,99 @@ def _trace(ep: Endpoint, model: str | os.PathLike[str], *, provider: KeyProvider
         scorer = HFGradientScorer(model, keyring=keyring)
     secret = store.secret(rec, provider)
     try:
-        code_key, embed_key = derive(secret, "tardos-code"), derive(secret, "embed")
+        code_key, embed_key, head_key = derive(secret, "tardos-code"), derive(secret, "embed"), derive(secret, "head")
     finally:
         secret[:] = bytes(len(secret))
     ell = rec.code_length
-    car = carriers(scorer.tensors(), embed_key, ell, rec.alpha)
+    tensors = scorer.tensors()
+    car = carriers(tensors, embed_key, ell, rec.alpha)
+    code = TardosCode(code_key, ell, rec.cutoff)
+    hm, head = _head_mark(rec.head, tensors, head_key, code)
     texts = iter(prompts) if prompts else _prompts(scorer, n_prompts, seed)
     obs = observe(ep, scorer, texts, n_prompts, top)
-    ref, scorer, obs = closest_variant(scorer, obs, variants)
-    y, w = symbols(estimate_symbols(scorer, obs, car, ell, iterations), car, ell)
-    code = TardosCode(code_key, ell, rec.cutoff)
+    ref, obs, reads = read_symbols(scorer, obs, car, ell, iterations, variants,
+                                   (hm, head, tensors[head]) if hm is not None else None)  # fmt: skip
     info = {"url": ep.url, "served_model": ep.served_model, "queries": ep.used, "cached": ep.cached,
             "budget": ep.budget, "prompts": obs.prompts, "data_points": obs.points, "iterations": iterations,
             "reference": ref}  # fmt: skip
-    return decide(code, model_id, names, y, w, eps=eps, population=population, blocks=len(car) // 2, endpoint=info)
+    return decide_reads(code, model_id, names, reads, eps=eps,
+                        population=population, blocks=len(car) // 2, endpoint=info)  # fmt: skip
+
+
+def read_symbols(scorer: GradientScorer, obs: Observations, car: dict[str, Carriers], ell: int, iterations: int,
+                 variants: Sequence[str] = VARIANTS, head: tuple[HeadMark, str, np.ndarray] | None = None,
+                 ) -> tuple[str, Observations, dict[str, tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
+    """The reference variant, the observations against it, and per read ("weights", and "head" when the model
+    has a head mark: ``head`` = (mark, head's name, master's head)) the estimated symbols and their weights.
+    Every estimate is a function of the answers, the master and the keys only (no recipient's codeword)."""
+    q = obs.q
+    if head is None or not hasattr(scorer, "head_inputs"):
+        ref, sc, obs = closest_variant(scorer, obs, variants)
+        return ref, obs, {"weights": symbols(estimate_symbols(sc, obs, car, ell, iterations), car, ell)}
+    hm, name, master_head = head
+
+    def head_read(sc: Any, r: np.ndarray) -> np.ndarray:
+        return head_estimate(sc.head_inputs(q), q.row, q.pos, q.tok, r, hm, master_head)
+
+    # the head mark moves the answers far more than a serving variant does: the variant is chosen on the answers
+    # less the head mark's fitted change (read against the master as it is, its values clipped to a codeword's)
+    moved = scorer.jvp(q, {name: hm.spread(_clip(hm, head_read(scorer, obs.r)))})
+    ref, sc, less = closest_variant(scorer, Observations(q, obs.r - moved), variants)
+    obs = Observations(q, less.r + moved)
+    # the head read against that variant; the weight read on the answers less the head mark's fitted change,
+    # which would otherwise swamp the weight mark's far smaller one
+    s_h = head_read(sc, obs.r)
+    rest = Observations(q, obs.r - sc.jvp(q, {name: hm.spread(_clip(hm, s_h))}))
+    s_w = estimate_symbols(sc, rest, car, ell, iterations)
+    return ref, obs, {"weights": symbols(s_w, car, ell),
+                      "head": hm.symbols(s_h)}
+
+
+def _clip(hm: HeadMark, s: np.ndarray) -> np.ndarray:
+    """Estimated head-mark values clipped to the values a codeword can take (2 (x - p), x in {0, 1})."""
+    lo, hi = (-2 * hm.p, 2 * (1 - hm.p)) if hm.p is not None else (-1.0, 1.0)
+    return np.clip(s, lo, hi)
+
+
+def decide_reads(code: TardosCode, model_id: str, names: list[str], reads: dict[str, tuple[np.ndarray, np.ndarray]],
+                 *, eps: float, population: int | None, blocks: int, endpoint: dict[str, Any]) -> TraceReport:
+    """The Tardos decision on each read at eps / (number of reads), accused = the union: P(any innocent accused
+    by any read) <= eps."""
+    if len(reads) == 1:
+        (y, w), = reads.values()
+        return decide(code, model_id, names, y, w, eps=eps, population=population, blocks=blocks, endpoint=endpoint)
+    reps = {k: decide(code, model_id, names, y, w, eps=eps / len(reads), population=population,
+                      blocks=blocks if k == "weights" else 0) for k, (y, w) in reads.items()}  # fmt: skip
+    return _merge(reps, eps, endpoint)
+
+
+def _head_mark(amp: float, tensors: dict[str, np.ndarray], key: bytes, code: TardosCode) -> tuple[HeadMark | None, str]:
+    """The model's head mark (trace/head.py) and the head's name, or (None, "") when it has none."""
+    if not amp:
+        return None, ""
+    layout = detect_layout({n: t.shape for n, t in tensors.items()})
+    found = find_head({n: t.shape for n, t in tensors.items()}, layout.d_model)
+    if found is None:
+        raise ProbeError("the model's releases carry a head mark, and this master has no untied output head: "
+                         "trace with the master the releases were made from")  # fmt: skip
+    name, norm = found
+    v, d = tensors[name].shape
+    return HeadMark(key, v, d, code.length, amp, tensors[norm] if norm is not None else None, tensors[name],
+                    code.bias()), name
+
+
+def _merge(reads: dict[str, TraceReport], eps: float, info: dict[str, Any]) -> TraceReport:
+    """One report from the two reads: accused = either read's accused (each entry names its read), the
+    threshold, ranking and scores those of the read whose best score stands highest over its threshold."""
+    accused: dict[str, dict[str, Any]] = {}
+    for kind, rep in reads.items():
+        for a in rep.accused:
+            if a["recipient"] not in accused or a["false_accusation_bound"] < accused[a["recipient"]][
+                    "false_accusation_bound"]:  # fmt: skip
+                accused[a["recipient"]] = {**a, "read": kind}
+    lead = max(reads.values(), key=lambda r: (r.scores_top[0][1] / r.threshold) if r.scores_top and r.threshold > 0
+               else -math.inf)  # fmt: skip
+    info = {**info, "reads": {k: {"threshold": round(r.threshold, 2), "top": r.ranking[:3],
+                                  "accused": [a["recipient"] for a in r.accused]} for k, r in reads.items()}}
+    out = sorted(accused.values(), key=lambda a: a["false_accusation_bound"])
+    return replace(lead, eps=eps, accused=out, endpoint=info)

@@ -10,6 +10,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ParamSpec, cast
 
+import numpy as np
+
 from .. import audit, trail
 from ..audit import AuditAction
 from ..errors import OutputExistsError, RecipientKeyError, UnsupportedModelError, WardenError
@@ -19,6 +21,7 @@ from ..provenance.source import TensorSource
 from ..release.gate import GateDecision, ReleaseDenied, ReleaseGate
 from ..sealed.detect import is_sealed_path
 from .copies import release_checked
+from .head import DEFAULT_HEAD, find_head
 from .mark import DEFAULT_ALPHA, marked_tensors
 from .master import CopyGuard, entry_tensors, inventory_plain, inventory_sealed
 from .recipients import open_store
@@ -83,6 +86,7 @@ def release(
     recipient_key: str | None = None,
     exclude: tuple[str, ...] = (),
     master_kw: dict[str, Any] | None = None,
+    head_amp: float | None = None,
     now: datetime | None = None,
 ) -> ReleaseRecord:
     """Write a copy of ``model`` fingerprinted for ``recipient``, and record the release.
@@ -107,6 +111,9 @@ def release(
     its data key wrapped by that provider, or, with ``recipient_key`` (an age X25519 public key,
     ``age1…``), to the recipient's key alone, so that only their identity opens it (``warden open
     --identity``); the signer signs it either way.  Without ``seal`` the copy is written in plaintext.
+
+    ``head_amp``: the head mark's amplitude (trace/head.py; rms logit change, 0: none), fixed per model at its
+    first release; None: as recorded (0 for a new model).  Only a master with an untied output head carries it.
 
     The recipient's name is canonicalised (:func:`~weightwarden.trace.store.recipient_name`): one
     identity, one codeword.  The recipient and the release are recorded in one transaction, with the
@@ -180,6 +187,11 @@ def release(
         with TensorSource(model, **master_kw) as src:
             layout = detect_layout(src.shapes)
             targets = {n for n, _ in marked_tensors(layout)}
+            if head_amp is None:  # as the model's record says (none for a new model)
+                head_amp = store.model(model_id).head if store._model_path(model_id).exists() else DEFAULT_HEAD
+            head = _head(src, layout, head_amp)
+        if head is not None:
+            targets.add(head[0])  # a tensor elsewhere that copies the unmarked head is refused too
         for e in entries:  # a safetensors file the master's layout does not cover: marked if it holds targets
             if e.kind == "safetensors" and not e.in_source:
                 with TensorSource(e.path) as part:  # type: ignore[arg-type]
@@ -204,7 +216,7 @@ def release(
             country=country, aliases=aliases, gate=gate, approval=approval, classify_kw={**master_kw,
             **(classify_kw or {})}, model_id=model_id, home=home, alpha=alpha, code_length=code_length, force=force,
             seal=(AgeRecipientProvider(recipient_key, provider.audit), seal[1]) if recipient_key and seal else seal,
-            hide_header=hide_header, recipient_key=recipient_key, exclude=exclude, now=now,
+            hide_header=hide_header, recipient_key=recipient_key, exclude=exclude, head=head, now=now,
         )  # fmt: skip
     except ReleaseDenied:
         raise  # the gate's decision is its own audit event
@@ -216,3 +228,17 @@ def release(
             reader.close()
 
 
+def _head(src: Any, layout: Any, amp: float) -> tuple[str, float, np.ndarray | None, np.ndarray] | None:
+    """(head name, amplitude, final norm gain, the master's head) when the master has an untied output head to
+    carry the head mark (trace/head.py), else None: no head, amplitude 0, or a head equal to the embedding (tied)."""
+    if not amp:
+        return None
+    found = find_head(src.shapes, layout.d_model)
+    if found is None:
+        return None
+    name, norm = found
+    if (layout.embedding is not None and src.shapes[layout.embedding] == src.shapes[name]
+            and np.array_equal(np.asarray(src.get(layout.embedding)), np.asarray(src.get(name)))):  # fmt: skip
+        return None
+    gain = np.asarray(src.get(norm), np.float64) if norm is not None else None
+    return name, float(amp), gain, np.asarray(src.get(name), np.float64)

@@ -142,6 +142,30 @@ class HFGradientScorer(HFScorer):
                 acc[n] += g[n].detach().numpy()
         return acc
 
+    def head_inputs(self, q: Queries) -> np.ndarray:
+        """The final hidden state the output head reads at each query's position (len(q.pos) x d_model): the
+        features of the head mark's least squares (trace/head.py)."""
+        torch = self._torch
+        from torch.func import functional_call
+
+        seen: list[Any] = []
+        hook = self.model.get_output_embeddings().register_forward_hook(lambda _m, a, _o: seen.append(a[0]))
+        out: np.ndarray | None = None
+        try:
+            with torch.no_grad():
+                for sl, c in q.chunks(_ROWS):
+                    width = max(len(x) for x in c.ids)
+                    inp = torch.tensor([list(x) + [0] * (width - len(x)) for x in c.ids])
+                    seen.clear()
+                    functional_call(self.model, self._params, (inp,))
+                    h = seen[-1].float()[torch.as_tensor(c.row), torch.as_tensor(c.pos - 1)].numpy()
+                    if out is None:
+                        out = np.zeros((len(q.pos), h.shape[1]))
+                    out[sl] = h
+        finally:
+            hook.remove()
+        return out if out is not None else np.zeros((0, 0))
+
     def jvp(self, q: Queries, tangent: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
         from torch.func import jvp

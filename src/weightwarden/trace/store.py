@@ -134,11 +134,12 @@ class ModelRecord:
     alpha: float
     slot: KeySlot
     created: str
+    head: float = 0.0  # the head mark's amplitude (trace/head.py); 0: none (an older record, or a tied head)
 
     def to_json(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "code_length": self.code_length, "cutoff": self.cutoff,
                 "alpha": self.alpha, "slot": self.slot.to_json(), "created": self.created,
-                "version": RECORD_VERSION}  # fmt: skip
+                "version": RECORD_VERSION, **({"head": self.head} if self.head else {})}  # fmt: skip
 
     @classmethod
     def from_json(cls, obj: Any) -> ModelRecord:
@@ -151,8 +152,11 @@ class ModelRecord:
                 f"{RECORD_VERSION}, chip layout 2; version 1 came from pre-release builds)"
             )
         try:
+            head = float(obj.get("head", 0.0))
+            if not 0.0 <= head <= 1.0:
+                raise ValueError("head")
             return cls(str(obj["model_id"]), int(obj["code_length"]), float(obj["cutoff"]), float(obj["alpha"]),
-                       KeySlot.from_json(obj["slot"]), str(obj["created"]))  # fmt: skip
+                       KeySlot.from_json(obj["slot"]), str(obj["created"]), head)  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"tracing record is malformed ({type(e).__name__})") from None
 
@@ -235,7 +239,7 @@ class TraceStore:
         return self.root / "models" / f"{model_id}.json"
 
     def enroll(self, model_id: str, provider: KeyProvider, *, code_length: int, cutoff: float, alpha: float,
-               now: datetime | None = None) -> ModelRecord:  # fmt: skip
+               head: float = 0.0, now: datetime | None = None) -> ModelRecord:  # fmt: skip
         path = self._model_path(model_id)
         if path.exists():
             return self.model(model_id)
@@ -247,7 +251,7 @@ class TraceStore:
             slot = provider.wrap(secret, _context(model_id))
         finally:
             secret[:] = bytes(32)
-        rec = ModelRecord(model_id, code_length, cutoff, alpha, slot, (now or datetime.now(UTC)).isoformat())
+        rec = ModelRecord(model_id, code_length, cutoff, alpha, slot, (now or datetime.now(UTC)).isoformat(), head)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_bytes(path, json.dumps(rec.to_json(), sort_keys=True).encode())
         return rec
