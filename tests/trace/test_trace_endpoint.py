@@ -122,6 +122,11 @@ def test_every_copy_of_a_model_carries_the_recorded_head_mark(world) -> None:
         release(world["master"], "mallory", out, provider=world["prov"], country="GB", home=world["home"],
                 model_id="tiny", code_length=CODE_LENGTH, head_amp=0.0)  # fmt: skip
     assert not out.exists()
+    for bad in (float("nan"), float("inf"), -0.01, 2.0):  # one clear line, nothing written
+        with pytest.raises(TraceError, match="from 0 to 1"):
+            release(world["master"], "mallory", out, provider=world["prov"], country="GB", home=world["home"],
+                    model_id="tiny", code_length=CODE_LENGTH, head_amp=bad)  # fmt: skip
+        assert not out.exists()
     from weightwarden.trace.recipients import open_store
 
     assert "mallory" not in open_store(world["home"]).recipients("tiny")

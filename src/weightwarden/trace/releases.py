@@ -4,6 +4,7 @@ decided; what follows the checks (the gate, the marking, the copy) is :mod:`weig
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from datetime import datetime
@@ -25,7 +26,7 @@ from .head import DEFAULT_HEAD, find_head
 from .mark import DEFAULT_ALPHA, marked_tensors
 from .master import CopyGuard, entry_tensors, inventory_plain, inventory_sealed
 from .recipients import open_store
-from .store import ReleaseRecord, shown
+from .store import ReleaseRecord, TraceError, shown
 
 __all__ = ["DEFAULT_LENGTH", "ENROLLED", "release"]
 
@@ -134,6 +135,8 @@ def release(
             raise OutputExistsError(f"{out} exists (use force / --force)")
         name = recipient_name(recipient)
         store._model_path(model_id)  # a bad id is refused before anything is decided
+        if head_amp is not None and not (math.isfinite(head_amp) and 0.0 <= head_amp <= 1.0):
+            raise TraceError(f"--head-mark {head_amp}: the head mark's amplitude is a number from 0 to 1 (e.g. 0.06)")
         if recipient_key == ENROLLED:
             known = store.directory(name)
             if not known or not known["pubkey"]:
