@@ -132,6 +132,29 @@ def test_every_copy_of_a_model_carries_the_recorded_head_mark(world) -> None:
     assert "mallory" not in open_store(world["home"]).recipients("tiny")
 
 
+def test_a_head_mark_asked_of_a_tied_head_is_refused_not_silently_dropped(world, tmp_path) -> None:
+    # a master whose output head is its input embedding has no head of its own to carry the mark: asking for one
+    # must say so (one line, nothing written, nothing recorded), not ship a copy without it
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    tied = tmp_path / "tied"
+    shutil.copytree(world["master"], tied)
+    t = load_file(str(tied / "model.safetensors"))
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+    save_file(t, str(tied / "model.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(TraceError, match="no output head of its own"):
+        release(tied, "alice", out, provider=world["prov"], country="GB", home=world["home"], model_id="tied",
+                code_length=CODE_LENGTH, head_amp=HEAD)  # fmt: skip
+    assert not out.exists()
+    from weightwarden.trace.recipients import open_store
+
+    with pytest.raises(TraceError, match="no releases"):
+        open_store(world["home"]).model("tied")
+
+
 @pytest.mark.parametrize(("key", "error"), [("nan", EndpointAnswerError), ("switch", ModelChangedError),
                                             ("other-tok", TokenizerMismatchError)])  # fmt: skip
 def test_a_hostile_endpoint_gets_a_typed_error_and_no_accusation(world, key: str, error: type) -> None:

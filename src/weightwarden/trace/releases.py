@@ -193,6 +193,9 @@ def release(
             if head_amp is None:  # as the model's record says (none for a new model)
                 head_amp = store.model(model_id).head if store._model_path(model_id).exists() else DEFAULT_HEAD
             head = _head(src, layout, head_amp)
+            if head_amp and head is None:
+                raise TraceError(f"--head-mark {head_amp:g}: {model} has no output head of its own (tied to the input "
+                                 "embedding, or none): the head mark cannot be carried; release without --head-mark")
         if head is not None:
             targets.add(head[0])  # a tensor elsewhere that copies the unmarked head is refused too
         for e in entries:  # a safetensors file the master's layout does not cover: marked if it holds targets

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -241,6 +242,8 @@ class TraceStore:
     def enroll(self, model_id: str, provider: KeyProvider, *, code_length: int, cutoff: float, alpha: float,
                head: float = 0.0, now: datetime | None = None) -> ModelRecord:  # fmt: skip
         path = self._model_path(model_id)
+        if not (math.isfinite(head) and 0.0 <= head <= 1.0):
+            raise TraceError(f"head mark {head}: a number from 0 to 1")
         if path.exists():
             return self.model(model_id)
         if not 0 < code_length <= MAX_SYMBOLS or code_length % 4:
