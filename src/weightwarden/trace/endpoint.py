@@ -395,14 +395,15 @@ def _head_mark(amp: float, tensors: dict[str, np.ndarray], key: bytes, code: Tar
 
 
 def _merge(reads: dict[str, TraceReport], eps: float, info: dict[str, Any]) -> TraceReport:
-    """One report from the two reads: accused = either read's accused (each entry names its read), the
-    threshold, ranking and scores those of the read whose best score stands highest over its threshold."""
+    """One report from the two reads: accused = either read's accused (each entry names its read, and its bound is
+    the read's times the number of reads: an innocent scoring that high in any read), the threshold, ranking and
+    scores those of the read whose best score stands highest over its threshold."""
     accused: dict[str, dict[str, Any]] = {}
     for kind, rep in reads.items():
         for a in rep.accused:
-            if a["recipient"] not in accused or a["false_accusation_bound"] < accused[a["recipient"]][
-                    "false_accusation_bound"]:  # fmt: skip
-                accused[a["recipient"]] = {**a, "read": kind}
+            bound = min(1.0, a["false_accusation_bound"] * len(reads))
+            if a["recipient"] not in accused or bound < accused[a["recipient"]]["false_accusation_bound"]:
+                accused[a["recipient"]] = {**a, "false_accusation_bound": bound, "read": kind}
     lead = max(reads.values(), key=lambda r: (r.scores_top[0][1] / r.threshold) if r.scores_top and r.threshold > 0
                else -math.inf)  # fmt: skip
     info = {**info, "reads": {k: {"threshold": round(r.threshold, 2), "top": r.ranking[:3],
