@@ -349,12 +349,14 @@ def read_symbols(scorer: GradientScorer, obs: Observations, car: dict[str, Carri
 
     # the head mark moves the answers far more than a serving variant does: the variant is chosen on the answers
     # less the head mark's fitted change (read against the master as it is, its values clipped to a codeword's)
-    moved = scorer.jvp(q, {name: hm.spread(_clip(hm, head_read(scorer, obs.r)))})
+    s_h = head_read(scorer, obs.r)
+    moved = scorer.jvp(q, {name: hm.spread(_clip(hm, s_h))})
     ref, sc, less = closest_variant(scorer, Observations(q, obs.r - moved), variants)
     obs = Observations(q, less.r + moved)
-    # the head read against that variant; the weight read on the answers less the head mark's fitted change,
-    # which would otherwise swamp the weight mark's far smaller one
-    s_h = head_read(sc, obs.r)
+    # the head read against that variant (the one above when it is the master as it is); the weight read on the
+    # answers less the head mark's fitted change, which would otherwise swamp the weight mark's far smaller one
+    if sc is not scorer:
+        s_h = head_read(sc, obs.r)
     rest = Observations(q, obs.r - sc.jvp(q, {name: hm.spread(_clip(hm, s_h))}))
     s_w = estimate_symbols(sc, rest, car, ell, iterations)
     return ref, obs, {"weights": symbols(s_w, car, ell),
