@@ -8,7 +8,11 @@ Trains a tiny Llama on Python's stdlib sources (tests/support/oai_server.py), re
 ``--recipients`` recipients (the release path of `warden release`, code length ``--code-length``), and serves
 through the tests' OpenAI-compatible HTTP server: one recipient's copy as is, after an int8 round trip of every
 matrix, after a short fine-tune on other data, two colluders' average, the unmarked master and an independent
-model.  For each, at each query count (echoed prompts of the master's context length, ``--top`` alternatives,
+model; and (``project``, ``project-ft``) the copy with its head projected onto the columns of the public base's
+head (``--public-base STEPS``: the master is then a fine-tune of the bench's model, the public base; without it,
+onto the master's own head: a head the owner's fine-tune left as the base had it), then fine-tuned.  ``--span``
+sets the head mark's in-span share for the release (trace/head.py; default ``SPAN_SHARE``).  The JSON gives the
+held-out loss ratio to the master of the copy as is and projected.  For each, at each query count (echoed prompts of the master's context length, ``--top`` alternatives,
 default 20), through the product's reads (``read_symbols``: the weight read, and the head read when the copies
 carry the head mark, ``--head AMP``; each decided at eps / reads, accused = the union):
 
@@ -56,6 +60,9 @@ def main() -> None:
     ap.add_argument("--diagnose", action="store_true", help="ft-short: why (module docstring)")
     ap.add_argument("--top", type=int, default=20, help="alternatives asked per token")
     ap.add_argument("--head", type=float, default=None, help="the head mark's amplitude (default: the release's)")
+    ap.add_argument("--span", type=float, default=None, help="the head mark's in-span share (default: SPAN_SHARE)")
+    ap.add_argument("--public-base", type=int, default=0, metavar="STEPS",
+                    help="the master is a fine-tune (STEPS steps) of a public base, which `project` projects onto")
     args = ap.parse_args()
     import numpy as np
     import torch
@@ -77,7 +84,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ww-trace-endpoint-bench-"))
     fam = Family(work / "fam", vocab=384, d=args.d, ff=args.ff, layers=args.layers, seq=64, batch=16,
                  text_limit=200_000)  # fmt: skip
-    master_path = fam.save(fam.base(0, steps=args.steps), "master")
+    base = fam.base(0, steps=args.steps)
+    master = fam.finetune(base, steps=args.public_base, seed=11, lr=1e-3) if args.public_base else base
+    master_path = fam.save(master, "master")
     home = work / "home"
     kr = ww.Keyring.create(home, PASSPHRASE, kdf=TEST_KDF)
     prov = kr.provider(purpose="tracing", create=True)
@@ -85,6 +94,10 @@ def main() -> None:
     import os
 
     os.environ.setdefault("WARDEN_ALLOW_SAMPLE_LIST", "1")
+    if args.span is not None:
+        import weightwarden.trace.copies as copies_mod
+
+        copies_mod.SPAN_SHARE = args.span
     for r in names:
         release(master_path, r, work / r, provider=prov, country="GB", home=home, model_id="m",
                 code_length=args.code_length, **({"head_amp": args.head} if args.head is not None else {}))  # fmt: skip
@@ -99,7 +112,10 @@ def main() -> None:
         for (_, pa), (_, pb), (_, pv) in zip(a.named_parameters(), b.named_parameters(), avg.named_parameters(),
                                              strict=True):  # fmt: skip
             pv.copy_((pa + pb) / 2)
+    projected = project(leak, base)  # the head on the public base's columns (the master's own with no base)
     suspects = {"as-is": (leak, {names[0]}), "int8": (Family.int8(leak), {names[0]}),
+                "project": (projected, {names[0]}),
+                "project-ft": (fam.finetune(projected, steps=15, lr=3e-4), {names[0]}),
                 "ft-short": (fam.finetune(leak, steps=15, lr=3e-4), {names[0]}),
                 "collude2": (avg, {names[1], names[2]}), "master": (load(master_path), set()),
                 "independent": (fam.base(7, steps=args.steps), set())}  # fmt: skip
@@ -114,7 +130,7 @@ def main() -> None:
     code = TardosCode(code_key, ell, rec.cutoff)
     tensors = scorer.tensors()
     car = carriers(tensors, embed_key, ell, rec.alpha)
-    hm, head_name = _head_mark(rec.head, tensors, head_key, code)
+    hm, head_name = _head_mark(rec.head, tensors, head_key, code, rec.head_span)
     head = (hm, head_name, tensors[head_name]) if hm is not None else None
     qs = [int(q) for q in args.queries.split(",")]
     step = max(1, min(700, (len(fam.text) - 1400) // max(qs)))
@@ -157,10 +173,40 @@ def main() -> None:
         results[attack] = {"guilty": sorted(guilty), "reference": ref, "queries_to_accuse": need, "runs": rows}
         print(json.dumps({attack: results[attack]}), file=sys.stderr, flush=True)
     srv.close()
-    print(json.dumps({"model": {"d": args.d, "ff": args.ff, "layers": args.layers, "steps": args.steps,
+    ref_loss = held_loss(fam, load(master_path))
+    quality = {k: round(held_loss(fam, m) / ref_loss, 5) for k, (m, _) in suspects.items()
+               if k in ("as-is", "project", "project-ft")}  # fmt: skip
+    print(json.dumps({"head": rec.head, "head_span": rec.head_span, "public_base": args.public_base,
+                      "loss_ratio_to_master": quality,
+                      "model": {"d": args.d, "ff": args.ff, "layers": args.layers, "steps": args.steps,
                                 "carriers": int(sum(len(c.idx) for c in car.values())), "code_length": ell},
                       "iterations": args.iterations, "population": 10**6, "eps": 1e-6, "trained_s": round(trained_s, 1),
                       "total_s": round(time.time() - t0, 1), "attacks": results}, indent=1))  # fmt: skip
+
+
+def project(model, anchor):
+    """A copy of ``model`` whose output head is projected onto the column space of ``anchor``'s head: what a
+    holder of one copy can do without keys when the master is a fine-tune of a public base (``anchor``)."""
+    import torch
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        q = torch.linalg.qr(anchor.lm_head.weight.detach().double())[0]
+        w = m.lm_head.weight.double()
+        m.lm_head.weight.copy_((q @ (q.T @ w)).to(m.lm_head.weight.dtype))
+    return m
+
+
+def held_loss(fam, model):
+    """Mean next-token loss on the held-out split's 64-token windows."""
+    import torch
+
+    d = fam.splits["finetune"]
+    k = (len(d) - 1) // 64
+    x = d[: k * 64].view(k, 64)
+    with torch.no_grad():
+        lp = torch.cat([torch.log_softmax(model(input_ids=x[i : i + 64]).logits.float(), -1) for i in range(0, k, 64)])
+    return float(-lp[:, :-1].gather(-1, x[:, 1:, None]).mean())
 
 
 def diagnose(fam, ft, master_path, leak_path, obs, scorer, car, code, embed_key, alpha, names, qs, iterations, sc):

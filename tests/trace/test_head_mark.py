@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from weightwarden.trace.head import HeadMark, estimate, find_head
+from weightwarden.trace.head import HeadMark, estimate, find_head, span_dims
 from weightwarden.trace.tardos import TardosCode
 
 V, D, ELL = 96, 12, 128
@@ -15,19 +15,24 @@ V, D, ELL = 96, 12, 128
 CODE = TardosCode(bytes(32), ELL)
 
 
-def _mark(key: bytes = bytes(range(32)), amp: float = 0.06) -> tuple[HeadMark, np.ndarray]:
+def _mark(key: bytes = bytes(range(32)), amp: float = 0.06, span: float = 0.0) -> tuple[HeadMark, np.ndarray]:
     rng = np.random.default_rng(1)
     head = rng.normal(size=(V, D))
-    return HeadMark(key, V, D, ELL, amp, gain=rng.uniform(0.5, 2.0, D), head=head, bias=CODE.bias()), head
+    return HeadMark(key, V, D, ELL, amp, gain=rng.uniform(0.5, 2.0, D), head=head, bias=CODE.bias(), span=span), head
 
 
-def test_spread_and_gather_are_adjoint_and_keyed() -> None:
-    hm, _ = _mark()
+@pytest.mark.parametrize("span", [0.0, 0.3])
+def test_spread_and_gather_are_adjoint_and_keyed(span: float) -> None:
+    hm, _ = _mark(span=span)
     rng = np.random.default_rng(2)
     s, g = rng.normal(size=ELL), rng.normal(size=(V, D))
     assert np.isclose(float((hm.spread(s) * g).sum()), float(s @ hm.gather(g)), rtol=1e-9)
-    assert np.allclose(hm.spread(s), _mark()[0].spread(s))  # the same key makes the same mark (release, trace)
-    assert not np.allclose(hm.spread(s), _mark(bytes(range(1, 33)))[0].spread(s))
+    assert np.allclose(hm.spread(s), _mark(span=span)[0].spread(s))  # the same key, the same mark (release, trace)
+    assert not np.allclose(hm.spread(s), _mark(bytes(range(1, 33)), span=span)[0].spread(s))
+    # a token's logit change is the sum over the parts of rows(v, part) * features(h, part) @ s, as the read models it
+    h, toks = rng.normal(size=(5, D)), np.array([0, 7, 95, 7, 40])
+    pred = sum((hm.rows(toks, part) * hm.features(h, part)) @ s for part in hm.parts())
+    assert np.allclose(pred, (hm.spread(s)[toks] * h).sum(1))
 
 
 def test_the_mark_is_not_a_change_of_the_final_hidden_state() -> None:
@@ -80,6 +85,40 @@ def test_the_read_recovers_the_codeword_under_a_fine_tune_s_nuisances() -> None:
     assert not np.array_equal(hm.symbols(naive)[0], x)
 
 
+def test_projecting_the_head_onto_its_own_columns_keeps_the_in_span_part() -> None:
+    # the attack without keys: a master fine-tuned from a public base has (about) the base head's columns; a
+    # holder of one copy projects its head onto them.  That removes the part off the columns entirely; the
+    # in-span part (a share of the energy) stays whole, and its read still names the recipient.  (A wider model
+    # than the other tests': the in-span part lives in d^2 dimensions, which must be many more than ell.)
+    v, d = 160, 32
+    rng = np.random.default_rng(8)
+    head = rng.normal(size=(v, d))
+    hm = HeadMark(bytes(range(32)), v, d, ELL, 0.06, gain=rng.uniform(0.5, 2.0, d), head=head, bias=CODE.bias(),
+                  span=0.3)  # fmt: skip
+    x = CODE.codewords(5, 1)[0]
+    s = hm.values(x)
+    q = np.linalg.qr(head)[0]
+    m = hm.spread(s)
+    kept = q @ (q.T @ m)
+    assert np.allclose(kept, hm.spread(np.zeros(ELL), s)) and np.allclose(m - kept, hm.spread(s, np.zeros(ELL)))
+    assert 0.25 < float((kept**2).sum() / (m**2).sum()) < 0.4  # about the span share (P W has (V - d) / V of W)
+    # answers from the projected head; a fine-tune's nuisances 5x the mark's size: a constant per position and a
+    # linear change of the final hidden state along its leading directions (where the model's own variation is)
+    n, per = 1500, 12
+    hh = np.repeat(rng.normal(size=(n, d)) * np.where(np.arange(d) < 8, 3.0, 1.0), per, axis=0)
+    row, pos = np.repeat(np.arange(n) // 50, per), np.repeat(np.arange(n) % 50 + 1, per)
+    tok = np.concatenate([rng.choice(v, per, replace=False) for _ in range(n)])
+    r = (kept[tok] * hh).sum(1)
+    top = np.arange(d) < 8
+    lin = np.einsum("nd,nd->n", head[tok], hh @ (rng.normal(size=(d, d)) * top * top[:, None]).T)
+    r = r + 5 * r.std() * (np.repeat(rng.normal(size=n), per) + lin / lin.std())
+    s_span = estimate(hh, row, pos, tok, r, hm, head, parts=hm.parts(), k=span_dims(d))[ELL:]
+    assert np.array_equal(hm.symbols(s_span)[0], x)
+    # and a mark with no in-span part (a model recorded before it existed) is gone under the same projection
+    old = HeadMark(bytes(range(32)), v, d, ELL, 0.06, head=head, bias=CODE.bias())
+    assert np.abs(q @ (q.T @ old.spread(s))).max() < 1e-10
+
+
 def test_the_read_of_an_unmarked_model_is_noise() -> None:
     # the master (no mark) behind the endpoint: only the nuisances, and the estimate agrees with no codeword
     hm, head = _mark()
@@ -112,3 +151,8 @@ def test_bad_parameters_are_refused() -> None:
         HeadMark(bytes(32), V, D, ELL, 0.06, bias=np.ones(ELL))
     with pytest.raises(ValueError, match="master's head"):
         HeadMark(bytes(32), V, D, ELL, 0.06, head=np.zeros((V, D + 1)))
+    for span in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="in-span share"):
+            HeadMark(bytes(32), V, D, ELL, 0.06, head=np.ones((V, D)), span=span)
+    with pytest.raises(ValueError, match="needs the master's head"):
+        HeadMark(bytes(32), V, D, ELL, 0.06, span=0.3)

@@ -15,10 +15,10 @@ from tests.support.cli import PASSPHRASE, TEST_KDF
 from tests.support.oai_server import Family, OAIServer, Served
 from weightwarden import trail
 from weightwarden.cli import main
-from weightwarden.errors import EndpointAnswerError, ModelChangedError, TokenizerMismatchError
+from weightwarden.errors import EndpointAnswerError, FormatError, ModelChangedError, TokenizerMismatchError
 from weightwarden.trace import release
 from weightwarden.trace.endpoint import trace_endpoint
-from weightwarden.trace.head import SUGGESTED_HEAD
+from weightwarden.trace.head import SPAN_SHARE, SUGGESTED_HEAD
 from weightwarden.trace.scorer import HFGradientScorer
 from weightwarden.trace.store import TraceError
 
@@ -55,6 +55,9 @@ def world(tmp_path_factory):
     urls = {
         "bob": srv.add("bob", Served(leaked, tok, "leaked")),
         "bob-int8": srv.add("bob-int8", Served(Family.int8(leaked), tok, "leaked-int8")),
+        # the keyless attack on the head mark: the head projected onto the master head's columns (what a public
+        # base the master was fine-tuned from offers, at best), which removes the part made orthogonal to them
+        "bob-proj": srv.add("bob-proj", Served(_projected(leaked, load(master_path)), tok, "leaked-projected")),
         # the bench's ft-short: 15 AdamW steps at lr 3e-4 on the held-out split
         "bob-ft": srv.add("bob-ft", Served(fam.finetune(leaked, steps=15, lr=3e-4), tok, "leaked-ft")),
         "master": srv.add("master", Served(load(master_path), tok, "master")),
@@ -71,6 +74,18 @@ def world(tmp_path_factory):
     srv.close()
 
 
+def _projected(model, anchor):
+    import copy
+
+    import torch
+
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        q = torch.linalg.qr(anchor.lm_head.weight.double())[0]
+        m.lm_head.weight.copy_((q @ (q.T @ m.lm_head.weight.double())).float())
+    return m
+
+
 def _trace(w, key, **kw):
     kw.setdefault("n_prompts", N_PROMPTS)
     kw.setdefault("iterations", ITERATIONS)
@@ -85,7 +100,7 @@ def test_the_leaker_behind_the_endpoint_is_accused(world, key: str) -> None:
     j = rep.to_json()
     assert [a["recipient"] for a in rep.accused] == ["bob"], j
     assert rep.accused[0]["false_accusation_bound"] <= EPS
-    # the head mark's read names him on its own, at eps / 2 (the union of two reads keeps the bound at eps)
+    # the head mark's read names him on its own, at eps / 3 (the union of three reads keeps the bound at eps)
     assert j["endpoint"]["reads"]["head"]["accused"] == ["bob"], j["endpoint"]["reads"]
     assert j["endpoint"]["queries"] == N_PROMPTS and j["endpoint"]["served_model"].startswith("leaked")
     # the trail holds one event per query and the trace with whom it accused
@@ -109,9 +124,20 @@ def test_a_fine_tuned_copy_behind_the_endpoint_accuses_no_innocent(world) -> Non
     # from the marks, so bob may not be found; what must hold is that no one else is accused, by either read
     rep = _trace(world, "bob-ft")
     reads = rep.to_json()["endpoint"]["reads"]
-    assert set(reads) == {"weights", "head"} and all(set(r["accused"]) <= {"bob"} for r in reads.values()), reads
+    assert set(reads) == {"weights", "head", "head-span"}
+    assert all(set(r["accused"]) <= {"bob"} for r in reads.values()), reads
     assert {a["recipient"] for a in rep.accused} <= {"bob"}, rep.to_json()
     assert all(r["score"] < rep.threshold for r in rep.ranking if r["recipient"] != "bob")
+
+
+def test_projecting_the_head_onto_the_master_s_columns_does_not_remove_the_mark(world) -> None:
+    # the red team's keyless removal of the head mark's first part; the in-span part survives it whole, and its
+    # read names bob on its own (at eps / 3: three reads, accused = the union)
+    rep = _trace(world, "bob-proj")
+    reads = rep.to_json()["endpoint"]["reads"]
+    assert reads["head-span"]["accused"] == ["bob"], reads
+    assert [a["recipient"] for a in rep.accused] == ["bob"] and rep.accused[0]["false_accusation_bound"] <= EPS
+    assert all(set(r["accused"]) <= {"bob"} for r in reads.values()), reads
 
 
 def test_every_copy_of_a_model_carries_the_recorded_head_mark(world) -> None:
@@ -130,6 +156,14 @@ def test_every_copy_of_a_model_carries_the_recorded_head_mark(world) -> None:
     from weightwarden.trace.recipients import open_store
 
     assert "mallory" not in open_store(world["home"]).recipients("tiny")
+    # the in-span share is recorded with the amplitude at the first release (a record without it reads as 0: a model
+    # first released before that part existed keeps being read as it was made)
+    rec = open_store(world["home"]).model("tiny")
+    assert (rec.head, rec.head_span) == (HEAD, SPAN_SHARE)
+    old = {k: v for k, v in rec.to_json().items() if k != "head_span"}
+    assert type(rec).from_json(old).head_span == 0.0
+    with pytest.raises(FormatError, match="malformed"):
+        type(rec).from_json({**old, "head_span": 1.0})
 
 
 def test_a_head_mark_asked_of_a_tied_head_is_refused_not_silently_dropped(world, tmp_path) -> None:

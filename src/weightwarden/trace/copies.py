@@ -22,7 +22,7 @@ from ..errors import UnmarkableFilesError, WardenError
 from ..keys.provider import KeyProvider
 from ..release.gate import Destination, ReleaseDenied, ReleaseGate
 from ..sealed import codec
-from .head import HeadMark
+from .head import SPAN_SHARE, HeadMark
 from .mark import embed_tensors
 from .master import CopyGuard, Entry, digest_files, entry_bytes, entry_tensors, master_files
 from .store import ReleaseRecord, TraceError, TraceStore, derive, shown
@@ -81,7 +81,7 @@ def release_checked(model: Path, out: Path, recipient: str, name: Any, entries: 
     if outcome == "denied":
         raise ReleaseDenied(f"the export-control gate says {decision.explain()}", decision)
     rec = store.enroll(model_id, provider, code_length=code_length, cutoff=DEFAULT_CUTOFF, alpha=alpha,
-                       head=head[1] if head else 0.0, now=now)  # fmt: skip
+                       head=head[1] if head else 0.0, head_span=SPAN_SHARE, now=now)  # fmt: skip
     if (head[1] if head is not None else 0.0) != rec.head:
         raise TraceError(f"model {model_id!r} was first released with head mark {rec.head:g} and this copy would "
                          f"carry {head[1] if head is not None else 0:g}: every copy of one model carries the same "
@@ -96,7 +96,7 @@ def release_checked(model: Path, out: Path, recipient: str, name: Any, entries: 
     hm: HeadMark | None = None
     if rec.head and head is not None:
         hm = HeadMark(head_key, head[3].shape[0], head[3].shape[1], rec.code_length, rec.head, head[2], head[3],
-                      code.bias())  # fmt: skip
+                      code.bias(), span=rec.head_span)  # fmt: skip
     single = model.is_file() and not model.is_dir()
     weights = [e for e in entries if e.kind == "safetensors"]
     parent = out.parent if str(out.parent) else Path(".")

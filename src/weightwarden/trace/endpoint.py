@@ -38,7 +38,7 @@ from ..keys.provider import KeyProvider
 from ..provenance.endpoint import Endpoint
 from ..provenance.layout import detect_layout
 from .accuse import DEFAULT_EPS, TraceReport, decide
-from .head import HeadMark, find_head
+from .head import HeadMark, find_head, span_dims
 from .head import estimate as head_estimate
 from .mark import Extraction, _chips, _stats, marked_tensors
 from .recipients import open_store
@@ -320,7 +320,7 @@ def _trace(ep: Endpoint, model: str | os.PathLike[str], *, provider: KeyProvider
     tensors = scorer.tensors()
     car = carriers(tensors, embed_key, ell, rec.alpha)
     code = TardosCode(code_key, ell, rec.cutoff)
-    hm, head = _head_mark(rec.head, tensors, head_key, code)
+    hm, head = _head_mark(rec.head, tensors, head_key, code, rec.head_span)
     texts = iter(prompts) if prompts else _prompts(scorer, n_prompts, seed)
     obs = observe(ep, scorer, texts, n_prompts, top)
     ref, obs, reads = read_symbols(scorer, obs, car, ell, iterations, variants,
@@ -335,32 +335,48 @@ def _trace(ep: Endpoint, model: str | os.PathLike[str], *, provider: KeyProvider
 def read_symbols(scorer: GradientScorer, obs: Observations, car: dict[str, Carriers], ell: int, iterations: int,
                  variants: Sequence[str] = VARIANTS, head: tuple[HeadMark, str, np.ndarray] | None = None,
                  ) -> tuple[str, Observations, dict[str, tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
-    """The reference variant, the observations against it, and per read ("weights", and "head" when the model
-    has a head mark: ``head`` = (mark, head's name, master's head)) the estimated symbols and their weights.
-    Every estimate is a function of the answers, the master and the keys only (no recipient's codeword)."""
+    """The reference variant, the observations against it, and per read ("weights"; "head" when the model has a
+    head mark, ``head`` = (mark, head's name, master's head), and "head-span" when the mark has an in-span part)
+    the estimated symbols and their weights.  Every estimate is a function of the answers, the master and the
+    keys only (no recipient's codeword)."""
     q = obs.q
     if head is None or not hasattr(scorer, "head_inputs"):
         ref, sc, obs = closest_variant(scorer, obs, variants)
         return ref, obs, {"weights": symbols(estimate_symbols(sc, obs, car, ell, iterations), car, ell)}
     hm, name, master_head = head
 
-    def head_read(sc: Any, r: np.ndarray) -> np.ndarray:
-        return head_estimate(sc.head_inputs(q), q.row, q.pos, q.tok, r, hm, master_head)
+    parts = hm.parts()
+
+    def head_read(sc: Any, r: np.ndarray) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """(one estimate per part, the mark's fitted change of the head).  The part off the head's columns is read
+        with the full nuisance map.  The in-span part is itself a linear map of the final hidden state, which that
+        map would absorb whole as k nears d_model: it is read with the map on d_model / 2 directions at most (a
+        quarter of the part left to it), jointly with the other part, and that joint fit is the change removed."""
+        h = sc.head_inputs(q)
+        s = [head_estimate(h, q.row, q.pos, q.tok, r, hm, master_head)]
+        both = s * 2
+        if len(parts) > 1:
+            both = np.split(head_estimate(h, q.row, q.pos, q.tok, r, hm, master_head, parts=parts,
+                                          k=span_dims(hm.d)), 2)  # fmt: skip
+            s.append(both[1])
+        return s, {name: hm.spread(_clip(hm, both[0]), _clip(hm, both[1]))}
 
     # the head mark moves the answers far more than a serving variant does: the variant is chosen on the answers
     # less the head mark's fitted change (read against the master as it is, its values clipped to a codeword's)
-    s_h = head_read(scorer, obs.r)
-    moved = scorer.jvp(q, {name: hm.spread(_clip(hm, s_h))})
+    s_h, fit = head_read(scorer, obs.r)
+    moved = scorer.jvp(q, fit)
     ref, sc, less = closest_variant(scorer, Observations(q, obs.r - moved), variants)
     obs = Observations(q, less.r + moved)
     # the head read against that variant (the one above when it is the master as it is); the weight read on the
     # answers less the head mark's fitted change, which would otherwise swamp the weight mark's far smaller one
     if sc is not scorer:
-        s_h = head_read(sc, obs.r)
-    rest = Observations(q, obs.r - sc.jvp(q, {name: hm.spread(_clip(hm, s_h))}))
+        s_h, fit = head_read(sc, obs.r)
+    rest = Observations(q, obs.r - sc.jvp(q, fit))
     s_w = estimate_symbols(sc, rest, car, ell, iterations)
-    return ref, obs, {"weights": symbols(s_w, car, ell),
-                      "head": hm.symbols(s_h)}
+    reads = {"weights": symbols(s_w, car, ell), "head": hm.symbols(s_h[0])}
+    if len(s_h) > 1:
+        reads["head-span"] = hm.symbols(s_h[1])
+    return ref, obs, reads
 
 
 def _clip(hm: HeadMark, s: np.ndarray) -> np.ndarray:
@@ -381,7 +397,8 @@ def decide_reads(code: TardosCode, model_id: str, names: list[str], reads: dict[
     return _merge(reps, eps, endpoint)
 
 
-def _head_mark(amp: float, tensors: dict[str, np.ndarray], key: bytes, code: TardosCode) -> tuple[HeadMark | None, str]:
+def _head_mark(amp: float, tensors: dict[str, np.ndarray], key: bytes, code: TardosCode,
+               span: float = 0.0) -> tuple[HeadMark | None, str]:  # fmt: skip
     """The model's head mark (trace/head.py) and the head's name, or (None, "") when it has none."""
     if not amp:
         return None, ""
@@ -393,11 +410,11 @@ def _head_mark(amp: float, tensors: dict[str, np.ndarray], key: bytes, code: Tar
     name, norm = found
     v, d = tensors[name].shape
     return HeadMark(key, v, d, code.length, amp, tensors[norm] if norm is not None else None, tensors[name],
-                    code.bias()), name
+                    code.bias(), span=span), name
 
 
 def _merge(reads: dict[str, TraceReport], eps: float, info: dict[str, Any]) -> TraceReport:
-    """One report from the two reads: accused = either read's accused (each entry names its read, and its bound is
+    """One report from the reads: accused = any read's accused (each entry names its read, and its bound is
     the read's times the number of reads: an innocent scoring that high in any read), the threshold, ranking and
     scores those of the read whose best score stands highest over its threshold."""
     accused: dict[str, dict[str, Any]] = {}

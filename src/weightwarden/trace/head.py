@@ -11,7 +11,14 @@ that no part is common to every copy) and
 ``W`` (vocabulary x ell) and ``U`` (d_model x ell) are keyed +-1 matrices (AES-256-CTR keystream of a key
 derived for it), ``P`` the projection off the master head's columns (so that no part of the mark is a
 change of the final hidden state, which a fine-tune also makes), ``g`` the final norm's gain (|g|,
-floored at 1e-3 of its largest entry; ones when the model has none).  Symbol j moves the logit of token
+floored at 1e-3 of its largest entry; ones when the model has none).
+
+That part lies wholly outside the head's column space, so projecting a copy's head onto the columns of a
+public base it was fine-tuned from would remove it without any key.  A second part, a share ``span`` of the
+energy, lies inside it: ``Q A diag(s) U^T diag(1/g)`` with ``Q`` an orthonormal basis of the master head's
+columns and ``A`` (d_model x ell) keyed +-1 (a keyed linear change of what the head reads, which the
+projection keeps).  The two parts are read apart (``part="orth"`` and ``part="span"``): the first is the one
+a fine-tune hides least, the second the one the projection cannot reach.  Symbol j moves the logit of token
 v at a context whose final hidden state is h by ``amp * s[j] * (PW)[v, j] * (U[:, j] . h/g) / sqrt(d E)``:
 under the final norm, ``h/g`` has unit spread per coordinate, so each symbol is a random direction of the
 logits' space seen in every context, and ``amp`` is the whole change's rms in logit units.
@@ -37,11 +44,18 @@ import numpy as np
 
 from .tardos import _keystream_u32
 
-__all__ = ["DEFAULT_HEAD", "SUGGESTED_HEAD", "HeadMark", "estimate", "find_head"]
+__all__ = ["DEFAULT_HEAD", "PARTS", "SPAN_SHARE", "SUGGESTED_HEAD", "HeadMark", "estimate", "find_head", "span_dims"]
 
 DEFAULT_HEAD = 0.0  # off unless asked for (`warden release --head-mark`): its cost is over the weight mark's bar
 SUGGESTED_HEAD = 0.06  # rms logit change measured in bench/explore_ft/head_tardos.py (docs/TRACING.md)
+SPAN_SHARE = 0.15  # the in-span part's share of the energy for a model first released now (docs/TRACING.md)
+PARTS = ("orth", "span")
 NUISANCE_DIMS = 48  # k: leading directions of the final hidden state the nuisance map acts on
+
+
+def span_dims(d_model: int) -> int:
+    """k for the in-span part's read: the map on k directions absorbs about (k / d)^2 of that part."""
+    return min(NUISANCE_DIMS, max(1, d_model // 2))
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.weight$")
 _NORM = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layernorm|final_layer_norm)\.weight$")
 _ROWS = 4096  # rows of the head made at a time
@@ -61,12 +75,15 @@ def find_head(shapes: Mapping[str, tuple[int, ...]], d_model: int) -> tuple[str,
 class HeadMark:
     """The keyed basis of the head mark for one model: ``spread`` (symbols -> change of the head),
     ``gather`` (its transpose), ``rows`` (the token side of chosen tokens) and ``embed`` (a recipient's head).
-    ``head``: the master's head (vocabulary x d_model), whose columns the mark is made orthogonal to."""
+    ``head``: the master's head (vocabulary x d_model), whose columns the mark is made orthogonal to (and
+    inside which the ``span`` share of its energy lies; 0 for a model recorded before that part existed)."""
 
     def __init__(self, key: bytes, vocab: int, d_model: int, ell: int, amp: float, gain: np.ndarray | None = None,
-                 head: np.ndarray | None = None, bias: np.ndarray | None = None):  # fmt: skip
+                 head: np.ndarray | None = None, bias: np.ndarray | None = None, span: float = 0.0):  # fmt: skip
         if not (len(key) == 32 and vocab > 0 and d_model > 0 and ell > 0 and math.isfinite(amp) and amp >= 0):
             raise ValueError("head mark: a 32-byte key, positive sizes and a finite amplitude >= 0")
+        if not (math.isfinite(span) and 0.0 <= span < 1.0) or (span and head is None):
+            raise ValueError("head mark: the in-span share is a number in [0, 1), and needs the master's head")
         self.key, self.vocab, self.d, self.ell, self.amp = key, vocab, d_model, ell, float(amp)
         g = np.ones(d_model) if gain is None else np.abs(np.asarray(gain, np.float64).reshape(-1))
         if g.shape != (d_model,) or not np.isfinite(g).all():
@@ -77,8 +94,12 @@ class HeadMark:
         if self.p is not None and (self.p.shape != (ell,) or not ((self.p > 0) & (self.p < 1)).all()):
             raise ValueError("head mark: the code's bias must be ell numbers in (0, 1)")
         energy = ell if self.p is None else float(np.sum(4 * self.p * (1 - self.p)))  # E |values(x)|^2
-        self.scale = self.amp / math.sqrt(d_model * energy)
+        self.span = float(span)
+        unit = self.amp / math.sqrt(d_model * energy)
+        self.scale = unit * math.sqrt(1.0 - self.span)  # the part off the head's columns (rows: +-1 entries)
+        self.scale_span = unit * math.sqrt(self.span * vocab / d_model)  # the part in them (rows: Q A, d/V a token)
         self.U = self._signs(1, 0, d_model)  # (d, ell)
+        self.A = self._signs(2, 0, d_model) if self.span else None  # (d, ell): the in-span part's coefficients
         self.Q: np.ndarray | None = None  # orthonormal columns of the master's head (vocabulary x d_model)
         self.QW: np.ndarray | None = None  # Q^T W (d_model x ell)
         if head is not None:
@@ -92,7 +113,7 @@ class HeadMark:
             self.QW = qw
 
     def _signs(self, table: int, row0: int, rows: int) -> np.ndarray:
-        """Rows row0.. of keyed +-1 table ``table`` (0: W over the vocabulary, 1: U over the hidden units),
+        """Rows row0.. of keyed +-1 table ``table`` (0: W over the vocabulary, 1: U and 2: A over the hidden units),
         each row ``ell`` signs from its own whole AES blocks of the keystream."""
         words = -(-self.ell // 128) * 4  # whole AES blocks per row
         base = (table << 40) + row0 * words
@@ -108,9 +129,13 @@ class HeadMark:
         w = self._signs(0, a, b - a)
         return w if self.Q is None or self.QW is None else w - self.Q[a:b] @ self.QW
 
-    def rows(self, tokens: np.ndarray) -> np.ndarray:
-        """The token side P W at the given token ids (len(tokens) x ell)."""
+    def rows(self, tokens: np.ndarray, part: str = "orth") -> np.ndarray:
+        """The token side at the given token ids (len(tokens) x ell): P W (``part="orth"``) or Q A (``"span"``)."""
         tokens = np.asarray(tokens, np.int64)
+        if part == "span":
+            if self.A is None or self.Q is None:
+                raise ValueError("head mark: this model's mark has no in-span part")
+            return self.Q[tokens] @ self.A
         out = np.empty((len(tokens), self.ell))
         for a, b in self._row_ranges():
             at = np.nonzero((tokens >= a) & (tokens < b))[0]
@@ -118,28 +143,42 @@ class HeadMark:
                 out[at] = self._w(a, b)[tokens[at] - a]
         return out
 
-    def spread(self, s: np.ndarray) -> np.ndarray:
-        """amp * M(s): the change of the head (vocabulary x d_model, float64) for symbol values ``s``."""
+    def parts(self) -> tuple[str, ...]:
+        """The parts this mark carries (read apart)."""
+        return PARTS if self.span else PARTS[:1]
+
+    def spread(self, s: np.ndarray, s_span: np.ndarray | None = None) -> np.ndarray:
+        """amp * M(s): the change of the head (vocabulary x d_model, float64) for symbol values ``s`` (and, for the
+        in-span part, ``s_span``, by default the same)."""
         s = np.asarray(s, np.float64)
         out = np.empty((self.vocab, self.d))
-        right = (self.U * s).T * self.inv_g  # (ell, d)
+        right = (self.U * s).T * self.inv_g * self.scale  # (ell, d)
+        inner = None
+        if self.A is not None and self.Q is not None:
+            s2 = s if s_span is None else np.asarray(s_span, np.float64)
+            inner = self.A @ ((self.U * s2).T * self.inv_g) * self.scale_span  # (d, d)
         for a, b in self._row_ranges():
             out[a:b] = self._w(a, b) @ right
-        return out * self.scale
+            if inner is not None and self.Q is not None:
+                out[a:b] += self.Q[a:b] @ inner
+        return out
 
     def gather(self, grad: np.ndarray) -> np.ndarray:
-        """The transpose of :meth:`spread`: per symbol, <grad, amp * M(e_j)>."""
+        """The transpose of :meth:`spread` (both parts of the same ``s``): per symbol, <grad, amp * M(e_j)>."""
         grad = np.asarray(grad, np.float64)
         out = np.zeros(self.ell)
         for a, b in self._row_ranges():
             gu = (grad[a:b] * self.inv_g) @ self.U  # (rows, ell)
-            out += (self._w(a, b) * gu).sum(0)
-        return out * self.scale
+            out += (self._w(a, b) * gu).sum(0) * self.scale
+            if self.A is not None and self.Q is not None:
+                out += ((self.Q[a:b] @ self.A) * gu).sum(0) * self.scale_span
+        return out
 
-    def features(self, hidden: np.ndarray) -> np.ndarray:
-        """amp * (U^T (h / g)) / sqrt(d ell) per row of ``hidden``: with :meth:`rows`, a logit's change is
-        ``rows(v) * features(h) @ s``."""
-        return (np.asarray(hidden, np.float64) * self.inv_g) @ self.U * self.scale
+    def features(self, hidden: np.ndarray, part: str = "orth") -> np.ndarray:
+        """The hidden side of ``part`` per row of ``hidden``, ``(U^T (h / g))`` times the part's scale: with
+        :meth:`rows`, a logit's change is ``rows(v, part) * features(h, part) @ s`` summed over the parts."""
+        return (np.asarray(hidden, np.float64) * self.inv_g) @ self.U * (self.scale_span if part == "span"
+                                                                           else self.scale)  # fmt: skip
 
     def values(self, codeword: np.ndarray) -> np.ndarray:
         """The symbol values a codeword is embedded as: ``2 (x - p)`` with the code's bias (centred: the part
@@ -172,23 +211,24 @@ def _groups(row: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def estimate(hidden: np.ndarray, row: np.ndarray, pos: np.ndarray, tok: np.ndarray, r: np.ndarray, hm: HeadMark,
-             head: np.ndarray, *, ridge: float = 1e-3, k: int = NUISANCE_DIMS,
-             chunk: int = 4096) -> np.ndarray:  # fmt: skip
+             head: np.ndarray, *, ridge: float = 1e-3, k: int = NUISANCE_DIMS, chunk: int = 4096,
+             parts: tuple[str, ...] = ("orth",)) -> np.ndarray:  # fmt: skip
     """s_hat: least squares of the answers' change ``r`` (one per observation: text ``row``, position ``pos``,
     token ``tok``) on the head mark's symbols, jointly with the nuisances of the module's docstring, every
     feature and ``r`` centred per (row, pos); ``hidden``: the master's final hidden state at each observation,
     ``head``: the master's head.  The map acts on at most ``k`` leading directions, and on fewer when the
     positions are few (k^2 at most a quarter of them): with more it would absorb the mark itself.  A ridge of
-    ``ridge`` times the mean diagonal keeps the system regular."""
+    ``ridge`` times the mean diagonal keeps the system regular.  ``parts``: the mark's parts fitted jointly,
+    their estimates returned one after the other (ell each)."""
     hidden, r = np.asarray(hidden, np.float64), np.asarray(r, np.float64)
     grp, size = _groups(row, pos)
     uniq, tix = np.unique(np.asarray(tok, np.int64), return_inverse=True)
-    w_tok = hm.rows(uniq)  # (T, ell)
+    w_tok = [hm.rows(uniq, part) for part in parts]  # (T, ell) each
     k = min(k, hm.d, max(1, math.isqrt(len(size) // 4)))  # k^2 <= positions / 4: the map must not fit the mark
     basis = np.linalg.eigh(hidden.T @ hidden)[1][:, ::-1][:, :k]  # the k leading directions of h
     hk, vk = hidden @ basis, np.asarray(head, np.float64)[uniq] @ basis  # (N, k), (T, k)
-    feats = hm.features(hidden)  # (N, ell)
-    ell, t = hm.ell, len(uniq)
+    feats = [hm.features(hidden, part) for part in parts]  # (N, ell) each
+    ell, t = hm.ell * len(parts), len(uniq)
     n_all = ell + t + k * k
 
     # every group whole in one chunk: its means are taken there (the mark's: mean over the group's tokens of
@@ -214,11 +254,12 @@ def estimate(hidden: np.ndarray, row: np.ndarray, pos: np.ndarray, tok: np.ndarr
             np.add.at(m, g, x)
             return x - m[g] / sz.reshape((-1,) + (1,) * (x.ndim - 1))
 
-        x = np.concatenate([centred(w_tok[ti]) * feats[at], onehot - share[g] / sz,
-                            (centred(vk[ti])[:, :, None] * hk[at][:, None, :]).reshape(len(at), -1)], 1)  # fmt: skip
+        marks = [centred(w[ti]) * f[at] for w, f in zip(w_tok, feats, strict=True)]
+        nuisance_map = (centred(vk[ti])[:, :, None] * hk[at][:, None, :]).reshape(len(at), -1)
+        x = np.concatenate([*marks, onehot - share[g] / sz, nuisance_map], 1)
         y = centred(r[at])
         a += x.T @ x
         b += x.T @ y
-    lam = ridge * float(np.mean(np.diag(a)[:ell])) if ell else 0.0
-    a[np.diag_indices_from(a)] += max(lam, 1e-12)
+    lam = [max(ridge * float(np.mean(np.diag(a)[i * hm.ell : (i + 1) * hm.ell])), 1e-12) for i in range(len(parts))]
+    a[np.diag_indices_from(a)] += np.concatenate([np.repeat(lam, hm.ell), np.full(n_all - ell, lam[0])])
     return np.linalg.solve(a, b)[:ell]

@@ -136,11 +136,13 @@ class ModelRecord:
     slot: KeySlot
     created: str
     head: float = 0.0  # the head mark's amplitude (trace/head.py); 0: none (an older record, or a tied head)
+    head_span: float = 0.0  # its in-span share (trace/head.py); 0 in a record made before that part existed
 
     def to_json(self) -> dict[str, Any]:
         return {"model_id": self.model_id, "code_length": self.code_length, "cutoff": self.cutoff,
                 "alpha": self.alpha, "slot": self.slot.to_json(), "created": self.created,
-                "version": RECORD_VERSION, **({"head": self.head} if self.head else {})}  # fmt: skip
+                "version": RECORD_VERSION, **({"head": self.head} if self.head else {}),
+                **({"head_span": self.head_span} if self.head_span else {})}  # fmt: skip
 
     @classmethod
     def from_json(cls, obj: Any) -> ModelRecord:
@@ -154,10 +156,11 @@ class ModelRecord:
             )
         try:
             head = float(obj.get("head", 0.0))
-            if not 0.0 <= head <= 1.0:
+            span = float(obj.get("head_span", 0.0))
+            if not (0.0 <= head <= 1.0 and 0.0 <= span < 1.0):
                 raise ValueError("head")
             return cls(str(obj["model_id"]), int(obj["code_length"]), float(obj["cutoff"]), float(obj["alpha"]),
-                       KeySlot.from_json(obj["slot"]), str(obj["created"]), head)  # fmt: skip
+                       KeySlot.from_json(obj["slot"]), str(obj["created"]), head, span if head else 0.0)  # fmt: skip
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"tracing record is malformed ({type(e).__name__})") from None
 
@@ -240,10 +243,12 @@ class TraceStore:
         return self.root / "models" / f"{model_id}.json"
 
     def enroll(self, model_id: str, provider: KeyProvider, *, code_length: int, cutoff: float, alpha: float,
-               head: float = 0.0, now: datetime | None = None) -> ModelRecord:  # fmt: skip
+               head: float = 0.0, head_span: float = 0.0, now: datetime | None = None) -> ModelRecord:  # fmt: skip
         path = self._model_path(model_id)
         if not (math.isfinite(head) and 0.0 <= head <= 1.0):
             raise TraceError(f"head mark {head}: a number from 0 to 1")
+        if not (math.isfinite(head_span) and 0.0 <= head_span < 1.0):
+            raise TraceError(f"head mark's in-span share {head_span}: a number from 0 to below 1")
         if path.exists():
             return self.model(model_id)
         if not 0 < code_length <= MAX_SYMBOLS or code_length % 4:
@@ -254,7 +259,8 @@ class TraceStore:
             slot = provider.wrap(secret, _context(model_id))
         finally:
             secret[:] = bytes(32)
-        rec = ModelRecord(model_id, code_length, cutoff, alpha, slot, (now or datetime.now(UTC)).isoformat(), head)
+        rec = ModelRecord(model_id, code_length, cutoff, alpha, slot, (now or datetime.now(UTC)).isoformat(), head,
+                          head_span if head else 0.0)  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_bytes(path, json.dumps(rec.to_json(), sort_keys=True).encode())
         return rec
