@@ -7,14 +7,15 @@
 Trains a tiny Llama on Python's stdlib sources (tests/support/oai_server.py), releases fingerprinted copies to
 ``--recipients`` recipients (the release path of `warden release`, code length ``--code-length``), and serves
 through the tests' OpenAI-compatible HTTP server: one recipient's copy as is, after an int8 round trip of every
-matrix, after a short fine-tune on other data, two colluders' average, the unmarked master and an independent
-model; and (``project``, ``project-ft``) the copy with its head projected onto the columns of the public base's
-head (``--public-base STEPS``: the master is then a fine-tune of the bench's model, the public base; without it,
-onto the master's own head: a head the owner's fine-tune left as the base had it), then fine-tuned.  ``--span``
-sets the head mark's in-span share for the release (trace/head.py; default ``SPAN_SHARE``).  The JSON gives the
-held-out loss ratio to the master of the copy as is and projected.  For each, at each query count (echoed prompts of the master's context length, ``--top`` alternatives,
-default 20), through the product's reads (``read_symbols``: the weight read, and the head read when the copies
-carry the head mark, ``--head AMP``; each decided at eps / reads, accused = the union):
+matrix, after a short fine-tune on other data (15 steps; ``ft-long``: 60), two colluders' average, the unmarked
+master and an independent model; and (``project``, ``project-ft``) the copy with its head projected onto the columns
+of the public base's head (``--public-base STEPS``: the master is then a fine-tune of the bench's model, the public
+base; without it, onto the master's own head: a head the owner's fine-tune left as the base had it), then
+fine-tuned. ``--span`` sets the head mark's in-span share for the release (trace/head.py; default ``SPAN_SHARE``).
+The JSON gives the held-out loss ratio to the master of the copy as is and projected. For each, at each query count
+(echoed prompts of the master's context length, ``--top`` alternatives, default 20), through the product's reads
+(``read_symbols``: the weight read, and the head read when the copies carry the head mark, ``--head AMP``; each
+decided at eps / reads, accused = the union):
 
 * the accused recipients at population 1e6, eps 1e-6, the leaker's score and the threshold;
 * innocent trials: ``--innocents`` never-released recipient indices of the same code scored against the same
@@ -117,6 +118,7 @@ def main() -> None:
                 "project": (projected, {names[0]}),
                 "project-ft": (fam.finetune(projected, steps=15, lr=3e-4), {names[0]}),
                 "ft-short": (fam.finetune(leak, steps=15, lr=3e-4), {names[0]}),
+                "ft-long": (fam.finetune(leak, steps=60, lr=3e-4), {names[0]}),  # four times as long
                 "collude2": (avg, {names[1], names[2]}), "master": (load(master_path), set()),
                 "independent": (fam.base(7, steps=args.steps), set())}  # fmt: skip
     trained_s = time.time() - t0
@@ -175,7 +177,7 @@ def main() -> None:
     srv.close()
     ref_loss = held_loss(fam, load(master_path))
     quality = {k: round(held_loss(fam, m) / ref_loss, 5) for k, (m, _) in suspects.items()
-               if k in ("as-is", "project", "project-ft")}  # fmt: skip
+               if k in ("as-is", "project", "project-ft", "ft-short", "ft-long")}  # fmt: skip
     print(json.dumps({"head": rec.head, "head_span": rec.head_span, "public_base": args.public_base,
                       "loss_ratio_to_master": quality,
                       "model": {"d": args.d, "ff": args.ff, "layers": args.layers, "steps": args.steps,

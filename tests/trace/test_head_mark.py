@@ -156,3 +156,7 @@ def test_bad_parameters_are_refused() -> None:
             HeadMark(bytes(32), V, D, ELL, 0.06, head=np.ones((V, D)), span=span)
     with pytest.raises(ValueError, match="needs the master's head"):
         HeadMark(bytes(32), V, D, ELL, 0.06, span=0.3)
+    with pytest.raises(ValueError, match="a part is one of"):
+        _mark()[0].rows(np.array([0]), "other")
+    with pytest.raises(ValueError, match="no in-span part"):  # a mark recorded without it is not read as having it
+        _mark()[0].rows(np.array([0]), "span")

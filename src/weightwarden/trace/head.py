@@ -56,6 +56,8 @@ NUISANCE_DIMS = 48  # k: leading directions of the final hidden state the nuisan
 def span_dims(d_model: int) -> int:
     """k for the in-span part's read: the map on k directions absorbs about (k / d)^2 of that part."""
     return min(NUISANCE_DIMS, max(1, d_model // 2))
+
+
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.weight$")
 _NORM = re.compile(r"(?:^|\.)(?:norm|ln_f|final_layernorm|final_layer_norm)\.weight$")
 _ROWS = 4096  # rows of the head made at a time
@@ -132,6 +134,8 @@ class HeadMark:
     def rows(self, tokens: np.ndarray, part: str = "orth") -> np.ndarray:
         """The token side at the given token ids (len(tokens) x ell): P W (``part="orth"``) or Q A (``"span"``)."""
         tokens = np.asarray(tokens, np.int64)
+        if part not in PARTS:
+            raise ValueError(f"head mark: a part is one of {PARTS}")
         if part == "span":
             if self.A is None or self.Q is None:
                 raise ValueError("head mark: this model's mark has no in-span part")
