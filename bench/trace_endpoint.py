@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20, help="alternatives asked per token")
     ap.add_argument("--head", type=float, default=None, help="the head mark's amplitude (default: the release's)")
     ap.add_argument("--span", type=float, default=None, help="the head mark's in-span share (default: SPAN_SHARE)")
+    ap.add_argument("--read-base", action="store_true", help="give the public base to the read (trace --base)")
     ap.add_argument("--public-base", type=int, default=0, metavar="STEPS",
                     help="the master is a fine-tune (STEPS steps) of a public base, which `project` projects onto")
     args = ap.parse_args()
@@ -134,6 +135,7 @@ def main() -> None:
     car = carriers(tensors, embed_key, ell, rec.alpha)
     hm, head_name = _head_mark(rec.head, tensors, head_key, code, rec.head_span)
     head = (hm, head_name, tensors[head_name]) if hm is not None else None
+    base_head = base.lm_head.weight.detach().double().numpy() if args.read_base else None
     qs = [int(q) for q in args.queries.split(",")]
     step = max(1, min(700, (len(fam.text) - 1400) // max(qs)))
     prompts = [fam.text[i : i + 400] for i in range(1000, len(fam.text) - 400, step)]
@@ -146,7 +148,8 @@ def main() -> None:
         rows = []
         for q in qs:
             t1 = time.time()
-            ref, _, reads = read_symbols(scorer, obs.head(q), car, ell, args.iterations, head=head)
+            ref, _, reads = read_symbols(scorer, obs.head(q), car, ell, args.iterations, head=head,
+                                         base_head=base_head)  # fmt: skip
             rep = decide_reads(code, "m", names, reads, eps=1e-6, population=10**6, blocks=0, endpoint={})
             # innocent trials: each read against its own threshold (eps / reads each), over = over either
             over = np.zeros(args.innocents, bool)
@@ -179,6 +182,7 @@ def main() -> None:
     quality = {k: round(held_loss(fam, m) / ref_loss, 5) for k, (m, _) in suspects.items()
                if k in ("as-is", "project", "project-ft", "ft-short", "ft-long")}  # fmt: skip
     print(json.dumps({"head": rec.head, "head_span": rec.head_span, "public_base": args.public_base,
+                      "read_base": args.read_base,
                       "loss_ratio_to_master": quality,
                       "model": {"d": args.d, "ff": args.ff, "layers": args.layers, "steps": args.steps,
                                 "carriers": int(sum(len(c.idx) for c in car.values())), "code_length": ell},

@@ -119,6 +119,32 @@ def test_projecting_the_head_onto_its_own_columns_keeps_the_in_span_part() -> No
     assert np.abs(q @ (q.T @ old.spread(s))).max() < 1e-10
 
 
+def test_a_projection_onto_a_public_base_the_head_was_moved_from_is_fitted_when_the_base_is_given() -> None:
+    # the master's head was fine-tuned away from a public base's (its columns turned); a thief projects the copy's
+    # head onto the base's columns: that removes the orthogonal part and moves every answer by the master's own
+    # change of the head, far larger than the mark.  The read that is given the base fits that change as one more
+    # nuisance and names the recipient from the in-span part; without the base it cannot
+    v, d = 160, 32
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=(v, d))
+    master = base + 0.25 * rng.normal(size=(v, d))  # a head moved a quarter of its size
+    hm = HeadMark(bytes(range(32)), v, d, ELL, 0.06, head=master, bias=CODE.bias(), span=0.3)
+    x = CODE.codewords(2, 1)[0]
+    qb = np.linalg.qr(base)[0]
+    copy = qb @ (qb.T @ (master + hm.spread(hm.values(x))))
+    n, per = 1500, 12
+    hh = np.repeat(rng.normal(size=(n, d)), per, axis=0)
+    row, pos = np.repeat(np.arange(n) // 50, per), np.repeat(np.arange(n) % 50 + 1, per)
+    tok = np.concatenate([rng.choice(v, per, replace=False) for _ in range(n)])
+    r = ((copy - master)[tok] * hh).sum(1)
+    drift = np.einsum("nd,nd->n", (qb @ (qb.T @ master) - master)[tok], hh)  # what read_symbols computes
+    def span_read(extra):
+        return hm.symbols(estimate(hh, row, pos, tok, r, hm, master, parts=hm.parts(), k=span_dims(d),
+                                   extra=extra)[ELL:])[0]  # fmt: skip
+    assert np.mean(span_read(drift) == x) > 0.95
+    assert np.mean(span_read(None) == x) < 0.8
+
+
 def test_the_read_of_an_unmarked_model_is_noise() -> None:
     # the master (no mark) behind the endpoint: only the nuisances, and the estimate agrees with no codeword
     hm, head = _mark()

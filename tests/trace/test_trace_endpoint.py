@@ -206,9 +206,9 @@ def test_cli_trace_endpoint_json(world, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("WARDEN_PASSPHRASE", PASSPHRASE)
     code = main(["trace", "--endpoint", world["urls"]["bob"], "--model", str(world["master"]), "--model-id", "tiny",
                  "--prompts", str(prompts), "--queries", str(N_PROMPTS), "--population", str(POPULATION), "--json",
-                 "--cache", str(tmp_path / "cache")])  # fmt: skip
+                 "--cache", str(tmp_path / "cache"), "--base", str(world["master"])])  # fmt: skip
     o = capsys.readouterr()
-    assert code == 0, o.err
+    assert code == 0, o.err  # --base (the public base the master came from; here the master itself) reaches the read
     j = json.loads(o.out)
     assert [a["recipient"] for a in j["accused"]] == ["bob"] and j["endpoint"]["queries"] == N_PROMPTS
     # another tokenizer behind the endpoint: the typed error's one line, exit 1, no report
@@ -217,6 +217,14 @@ def test_cli_trace_endpoint_json(world, tmp_path, monkeypatch, capsys) -> None:
     o = capsys.readouterr()
     errors = [ln for ln in o.err.splitlines() if ln.startswith("error:")]  # (transformers' loading bar aside)
     assert code == 1 and o.out == "" and len(errors) == 1 and "tokens than the master" in errors[0], o.err
+    # a --base without an output head of the master's shape: one line, exit 1 (answers cached, nothing accused)
+    code = main(["trace", "--endpoint", world["urls"]["bob"], "--model", str(world["master"]), "--model-id", "tiny",
+                 "--prompts", str(prompts), "--queries", "2", "--cache", str(tmp_path / "cache3"), "--base",
+                 str(world["root"] / "other" / "missing")])  # fmt: skip
+    o = capsys.readouterr()
+    errors = [ln for ln in o.err.splitlines() if ln.startswith("error:")]
+    assert code == 1 and o.out == "" and len(errors) == 1 and "--base" in errors[0], o.err
+    assert "Traceback" not in o.err
     # SUSPECT and --endpoint together (or neither): a one-line usage error
     for args in (["trace", str(world["master"]), "--endpoint", world["urls"]["bob"]], ["trace"]):
         code = main([*args, "--model", str(world["master"])])

@@ -36,7 +36,8 @@ def trace_cmd(
     ] = None,
     base: Annotated[
         Path | None,
-        typer.Option("--base", help="the public checkpoint MODEL was fine-tuned from: undo a blend toward it"),
+        typer.Option("--base", help="the public checkpoint MODEL was fine-tuned from: undo a blend toward it "
+                     "(weights), or fit a projection of the head onto its head's columns (--endpoint)"),
     ] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="also write a PNG figure here (needs matplotlib)")] = None,
     prompts: Annotated[
@@ -71,15 +72,12 @@ def trace_cmd(
     if (suspect is None) == (endpoint is None) or model is None:
         err.print("error: give exactly one of SUSPECT and --endpoint URL, and --model MASTER")
         raise typer.Exit(2)
-    if endpoint is not None and base is not None:
-        err.print("error: --base undoes a blend in weights; it does not apply to --endpoint")
-        raise typer.Exit(2)
     ws = _ws(home, db=db)
     kr = ws.keyring
     if endpoint is not None:
         rep = _via_endpoint(ws, endpoint, model, model_id=model_id, db=db, home=home, eps=eps, population=population,
                             prompts=prompts, queries=queries, budget=budget, rate=rate, cache=cache,
-                            api_key_env=api_key_env, top=top)  # fmt: skip
+                            api_key_env=api_key_env, top=top, base=base)  # fmt: skip
     else:
         assert suspect is not None
         rep = trace(suspect, model, provider=kr.provider(purpose="tracing"), model_id=model_id, home=home, db=db,
@@ -109,7 +107,8 @@ def trace_cmd(
 
 def _via_endpoint(ws: Any, url: str, model: Path, *, model_id: str | None, db: str | None, home: Path | None,
                   eps: float, population: int | None, prompts: Path | None, queries: int, budget: int,
-                  rate: float | None, cache: Path | None, api_key_env: str | None, top: int = 20) -> Any:  # fmt: skip
+                  rate: float | None, cache: Path | None, api_key_env: str | None, top: int = 20,
+                  base: Path | None = None) -> Any:  # fmt: skip
     from ..errors import ProbeError
     from ..trace.endpoint import trace_endpoint
     from .probe import _prompts
@@ -125,4 +124,4 @@ def _via_endpoint(ws: Any, url: str, model: Path, *, model_id: str | None, db: s
     return trace_endpoint(url, model, provider=kr.provider(purpose="tracing"), keyring=ws.model_kw(model, kr).get(
                           "keyring"), model_id=model_id, home=home, db=db, eps=eps, population=population,
                           prompts=_prompts(prompts), n_prompts=queries, api_key=key, budget=budget, rate=rate,
-                          cache=cache, top=top)  # fmt: skip
+                          cache=cache, top=top, base=base)  # fmt: skip

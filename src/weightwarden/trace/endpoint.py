@@ -43,7 +43,7 @@ from .head import estimate as head_estimate
 from .mark import Extraction, _chips, _stats, marked_tensors
 from .recipients import open_store
 from .scorer import GradientScorer, Queries
-from .store import derive
+from .store import derive, shown
 from .tardos import TardosCode
 
 __all__ = ["DEFAULT_ITERATIONS", "DEFAULT_PROMPTS", "DEFAULT_TOP", "VARIANTS", "Carriers", "Observations", "carriers",
@@ -265,13 +265,16 @@ def trace_endpoint(endpoint: Endpoint | str, model: str | os.PathLike[str], *, p
                    home: Path | None = None, db: str | None = None, eps: float = DEFAULT_EPS,
                    population: int | None = None, prompts: Sequence[str] | None = None,
                    n_prompts: int = DEFAULT_PROMPTS, top: int = DEFAULT_TOP, iterations: int = DEFAULT_ITERATIONS,
-                   seed: int = 0, variants: Sequence[str] = VARIANTS, **endpoint_kw: Any) -> TraceReport:  # fmt: skip
+                   seed: int = 0, variants: Sequence[str] = VARIANTS, base: str | os.PathLike[str] | None = None,
+                   **endpoint_kw: Any) -> TraceReport:  # fmt: skip
     """Accuse the recipients whose copy ``endpoint`` serves, keeping P(any innocent accused) <= eps.
 
     ``model`` is the master (a transformers folder, plain or sealed: ``keyring`` opens it) unless ``scorer``
     gives it already; ``model_id`` defaults to its folder name.  ``n_prompts`` queries are sent (the
     endpoint's budget, rate, cache and retries apply: ``endpoint_kw``), each one an audit event; the trace is
-    one more (``trace:run``), also when it fails."""
+    one more (``trace:run``), also when it fails.  ``base``: the public checkpoint the master was fine-tuned from,
+    when there is one: the head mark's read then also fits the change that projecting a head onto the base head's
+    columns makes (docs/TRACING.md, "The in-span part")."""
     own = not isinstance(endpoint, Endpoint)
     ep = endpoint if isinstance(endpoint, Endpoint) else Endpoint(endpoint, home=home, **endpoint_kw)
     if ep.home is None:
@@ -282,7 +285,7 @@ def trace_endpoint(endpoint: Endpoint | str, model: str | os.PathLike[str], *, p
         try:
             rep = _trace(ep, model, provider=provider, scorer=scorer, keyring=keyring, model_id=mid, home=home,
                          db=db, eps=eps, population=population, prompts=prompts, n_prompts=n_prompts, top=top,
-                         iterations=iterations, seed=seed, variants=variants)  # fmt: skip
+                         iterations=iterations, seed=seed, variants=variants, base=base)  # fmt: skip
         except WardenError as e:
             t.emit(audit.event(AuditAction.TRACE_RUN, "error", subject=mid,
                                detail={**detail, "served_model": ep.served_model, "error": type(e).__name__,
@@ -301,7 +304,7 @@ def trace_endpoint(endpoint: Endpoint | str, model: str | os.PathLike[str], *, p
 def _trace(ep: Endpoint, model: str | os.PathLike[str], *, provider: KeyProvider, scorer: GradientScorer | None,
            keyring: Any, model_id: str, home: Path | None, db: str | None, eps: float, population: int | None,
            prompts: Sequence[str] | None, n_prompts: int, top: int, iterations: int, seed: int,
-           variants: Sequence[str]) -> TraceReport:  # fmt: skip
+           variants: Sequence[str], base: str | os.PathLike[str] | None = None) -> TraceReport:  # fmt: skip
     if n_prompts < 1 or iterations < 0 or top < 0:
         raise ProbeError("--prompts count must be at least 1, and iterations and top not negative")
     store = open_store(home, db)
@@ -321,10 +324,11 @@ def _trace(ep: Endpoint, model: str | os.PathLike[str], *, provider: KeyProvider
     car = carriers(tensors, embed_key, ell, rec.alpha)
     code = TardosCode(code_key, ell, rec.cutoff)
     hm, head = _head_mark(rec.head, tensors, head_key, code, rec.head_span)
+    base_head = _base_head(base, tensors[head].shape, keyring) if base is not None and hm is not None else None
     texts = iter(prompts) if prompts else _prompts(scorer, n_prompts, seed)
     obs = observe(ep, scorer, texts, n_prompts, top)
     ref, obs, reads = read_symbols(scorer, obs, car, ell, iterations, variants,
-                                   (hm, head, tensors[head]) if hm is not None else None)  # fmt: skip
+                                   (hm, head, tensors[head]) if hm is not None else None, base_head)  # fmt: skip
     info = {"url": ep.url, "served_model": ep.served_model, "queries": ep.used, "cached": ep.cached,
             "budget": ep.budget, "prompts": obs.prompts, "data_points": obs.points, "iterations": iterations,
             "reference": ref}  # fmt: skip
@@ -334,11 +338,15 @@ def _trace(ep: Endpoint, model: str | os.PathLike[str], *, provider: KeyProvider
 
 def read_symbols(scorer: GradientScorer, obs: Observations, car: dict[str, Carriers], ell: int, iterations: int,
                  variants: Sequence[str] = VARIANTS, head: tuple[HeadMark, str, np.ndarray] | None = None,
+                 base_head: np.ndarray | None = None,
                  ) -> tuple[str, Observations, dict[str, tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
     """The reference variant, the observations against it, and per read ("weights"; "head" when the model has a
     head mark, ``head`` = (mark, head's name, master's head), and "head-span" when the mark has an in-span part)
     the estimated symbols and their weights.  Every estimate is a function of the answers, the master and the
-    keys only (no recipient's codeword)."""
+    keys only (no recipient's codeword).  ``base_head``: a public base's head (the master's fine-tuned from it):
+    the change that projecting the master's head onto its columns would make is one more nuisance of the head
+    reads (a thief's keyless removal of the part off the head's columns; it also moves the answers by the
+    master's own change of the head, which would otherwise drown the in-span part)."""
     q = obs.q
     if head is None or not hasattr(scorer, "head_inputs"):
         ref, sc, obs = closest_variant(scorer, obs, variants)
@@ -346,6 +354,10 @@ def read_symbols(scorer: GradientScorer, obs: Observations, car: dict[str, Carri
     hm, name, master_head = head
 
     parts = hm.parts()
+    drift = None
+    if base_head is not None:
+        qb = np.linalg.qr(np.asarray(base_head, np.float64))[0]
+        drift = qb @ (qb.T @ np.asarray(master_head, np.float64)) - master_head  # (vocabulary, d_model)
 
     def head_read(sc: Any, r: np.ndarray) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """(one estimate per part, the mark's fitted change of the head).  The part off the head's columns is read
@@ -353,11 +365,12 @@ def read_symbols(scorer: GradientScorer, obs: Observations, car: dict[str, Carri
         map would absorb whole as k nears d_model: it is read with the map on d_model / 2 directions at most (a
         quarter of the part left to it), jointly with the other part, and that joint fit is the change removed."""
         h = sc.head_inputs(q)
-        s = [head_estimate(h, q.row, q.pos, q.tok, r, hm, master_head)]
+        extra = None if drift is None else np.einsum("nd,nd->n", drift[q.tok], h)
+        s = [head_estimate(h, q.row, q.pos, q.tok, r, hm, master_head, extra=extra)]
         both = s * 2
         if len(parts) > 1:
             both = np.split(head_estimate(h, q.row, q.pos, q.tok, r, hm, master_head, parts=parts,
-                                          k=span_dims(hm.d)), 2)  # fmt: skip
+                                          k=span_dims(hm.d), extra=extra), 2)  # fmt: skip
             s.append(both[1])
         return s, {name: hm.spread(_clip(hm, both[0]), _clip(hm, both[1]))}
 
@@ -411,6 +424,22 @@ def _head_mark(amp: float, tensors: dict[str, np.ndarray], key: bytes, code: Tar
     v, d = tensors[name].shape
     return HeadMark(key, v, d, code.length, amp, tensors[norm] if norm is not None else None, tensors[name],
                     code.bias(), span=span), name
+
+
+def _base_head(base: str | os.PathLike[str], shape: tuple[int, ...], keyring: Any) -> np.ndarray:
+    """The output head of the public base checkpoint ``base`` (a transformers folder), of the master's head's shape."""
+    from .scorer import HFGradientScorer
+
+    try:
+        tensors = HFGradientScorer(base, keyring=keyring).tensors()
+    except (OSError, ValueError, WardenError) as e:
+        raise ProbeError(f"--base {shown(str(base))}: cannot be read as a checkpoint ({shown(str(e))}); give the "
+                         "public checkpoint the master was fine-tuned from (a transformers folder)") from None
+    found = find_head({n: t.shape for n, t in tensors.items()}, shape[1])
+    if found is None or tensors[found[0]].shape != tuple(shape):
+        raise ProbeError(f"--base {shown(str(base))}: no untied output head of shape {tuple(shape)} (the master's); "
+                         "give the public checkpoint the master was fine-tuned from")  # fmt: skip
+    return np.asarray(tensors[found[0]], np.float64)
 
 
 def _merge(reads: dict[str, TraceReport], eps: float, info: dict[str, Any]) -> TraceReport:

@@ -216,14 +216,15 @@ def _groups(row: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def estimate(hidden: np.ndarray, row: np.ndarray, pos: np.ndarray, tok: np.ndarray, r: np.ndarray, hm: HeadMark,
              head: np.ndarray, *, ridge: float = 1e-3, k: int = NUISANCE_DIMS, chunk: int = 4096,
-             parts: tuple[str, ...] = ("orth",)) -> np.ndarray:  # fmt: skip
+             parts: tuple[str, ...] = ("orth",), extra: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """s_hat: least squares of the answers' change ``r`` (one per observation: text ``row``, position ``pos``,
     token ``tok``) on the head mark's symbols, jointly with the nuisances of the module's docstring, every
     feature and ``r`` centred per (row, pos); ``hidden``: the master's final hidden state at each observation,
     ``head``: the master's head.  The map acts on at most ``k`` leading directions, and on fewer when the
     positions are few (k^2 at most a quarter of them): with more it would absorb the mark itself.  A ridge of
     ``ridge`` times the mean diagonal keeps the system regular.  ``parts``: the mark's parts fitted jointly,
-    their estimates returned one after the other (ell each)."""
+    their estimates returned one after the other (ell each).  ``extra``: further nuisance columns, one row per
+    observation (e.g. the change a projection onto a public base's head would make)."""
     hidden, r = np.asarray(hidden, np.float64), np.asarray(r, np.float64)
     grp, size = _groups(row, pos)
     uniq, tix = np.unique(np.asarray(tok, np.int64), return_inverse=True)
@@ -233,7 +234,8 @@ def estimate(hidden: np.ndarray, row: np.ndarray, pos: np.ndarray, tok: np.ndarr
     hk, vk = hidden @ basis, np.asarray(head, np.float64)[uniq] @ basis  # (N, k), (T, k)
     feats = [hm.features(hidden, part) for part in parts]  # (N, ell) each
     ell, t = hm.ell * len(parts), len(uniq)
-    n_all = ell + t + k * k
+    extra = np.zeros((len(r), 0)) if extra is None else np.asarray(extra, np.float64).reshape(len(r), -1)
+    n_all = ell + t + k * k + extra.shape[1]
 
     # every group whole in one chunk: its means are taken there (the mark's: mean over the group's tokens of
     # W[v], times f(h); the token one-hots'; the map's: mean of V_k[v], outer h_k)
@@ -260,7 +262,7 @@ def estimate(hidden: np.ndarray, row: np.ndarray, pos: np.ndarray, tok: np.ndarr
 
         marks = [centred(w[ti]) * f[at] for w, f in zip(w_tok, feats, strict=True)]
         nuisance_map = (centred(vk[ti])[:, :, None] * hk[at][:, None, :]).reshape(len(at), -1)
-        x = np.concatenate([*marks, onehot - share[g] / sz, nuisance_map], 1)
+        x = np.concatenate([*marks, onehot - share[g] / sz, nuisance_map, centred(extra[at])], 1)
         y = centred(r[at])
         a += x.T @ x
         b += x.T @ y
