@@ -162,8 +162,12 @@ def test_every_copy_of_a_model_carries_the_recorded_head_mark(world) -> None:
     assert (rec.head, rec.head_span) == (HEAD, SPAN_SHARE)
     old = {k: v for k, v in rec.to_json().items() if k != "head_span"}
     assert type(rec).from_json(old).head_span == 0.0
-    with pytest.raises(FormatError, match="malformed"):
-        type(rec).from_json({**old, "head_span": 1.0})
+    # a tampered record (the outside red team's values): one clear FormatError each, never a crash or a silent read
+    for bad in ({"head_span": 1.0}, {"head_span": -0.1}, {"head_span": float("nan")}, {"head_span": "0.15"},
+                {"head_span": True}, {"head_span": 10**400}, {"head": 10**400}, {"head_span": 1e-300},
+                {"head_span": 0.15, "head": 0}):  # fmt: skip
+        with pytest.raises(FormatError, match="malformed"):
+            type(rec).from_json({**old, **bad})
 
 
 def test_a_head_mark_asked_of_a_tied_head_is_refused_not_silently_dropped(world, tmp_path) -> None:

@@ -155,14 +155,20 @@ class ModelRecord:
                 f"{RECORD_VERSION}, chip layout 2; version 1 came from pre-release builds)"
             )
         try:
-            head = float(obj.get("head", 0.0))
-            span = float(obj.get("head_span", 0.0))
-            if not (0.0 <= head <= 1.0 and 0.0 <= span < 1.0):
+            head, span = _number(obj.get("head", 0.0)), _number(obj.get("head_span", 0.0))
+            if not (0.0 <= head <= 1.0 and (span == 0.0 or 0.01 <= span <= 0.9)) or (span and not head):
                 raise ValueError("head")
             return cls(str(obj["model_id"]), int(obj["code_length"]), float(obj["cutoff"]), float(obj["alpha"]),
                        KeySlot.from_json(obj["slot"]), str(obj["created"]), head, span if head else 0.0)  # fmt: skip
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"tracing record is malformed ({type(e).__name__})") from None
+
+
+def _number(v: Any) -> float:
+    """A JSON number (not a string or a boolean) as a finite float, else ValueError."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(float(v)):
+        raise ValueError("not a finite number")
+    return float(v)
 
 
 @dataclass(frozen=True)
@@ -247,8 +253,8 @@ class TraceStore:
         path = self._model_path(model_id)
         if not (math.isfinite(head) and 0.0 <= head <= 1.0):
             raise TraceError(f"head mark {head}: a number from 0 to 1")
-        if not (math.isfinite(head_span) and 0.0 <= head_span < 1.0):
-            raise TraceError(f"head mark's in-span share {head_span}: a number from 0 to below 1")
+        if not (head_span == 0.0 or 0.01 <= head_span <= 0.9):
+            raise TraceError(f"head mark's in-span share {head_span}: 0, or a number from 0.01 to 0.9")
         if path.exists():
             return self.model(model_id)
         if not 0 < code_length <= MAX_SYMBOLS or code_length % 4:
