@@ -170,6 +170,17 @@ def test_every_copy_of_a_model_carries_the_recorded_head_mark(world) -> None:
             type(rec).from_json({**old, **bad})
 
 
+def test_base_for_a_model_without_a_head_mark_is_refused_not_ignored(world, tmp_path) -> None:
+    # --base serves only the head mark's read: asked of a model whose copies carry none, one line before any query
+    from weightwarden.errors import ProbeError
+
+    release(world["master"], "erin", tmp_path / "plain", provider=world["prov"], country="GB", home=world["home"],
+            model_id="plain", code_length=CODE_LENGTH)  # fmt: skip
+    with pytest.raises(ProbeError, match="carry no head mark"):
+        trace_endpoint(world["urls"]["bob"], world["master"], provider=world["prov"], scorer=world["scorer"],
+                       model_id="plain", home=world["home"], n_prompts=2, base=world["master"])  # fmt: skip
+
+
 def test_a_head_mark_asked_of_a_tied_head_is_refused_not_silently_dropped(world, tmp_path) -> None:
     # a master whose output head is its input embedding has no head of its own to carry the mark: asking for one
     # must say so (one line, nothing written, nothing recorded), not ship a copy without it

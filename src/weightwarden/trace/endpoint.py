@@ -324,6 +324,9 @@ def _trace(ep: Endpoint, model: str | os.PathLike[str], *, provider: KeyProvider
     car = carriers(tensors, embed_key, ell, rec.alpha)
     code = TardosCode(code_key, ell, rec.cutoff)
     hm, head = _head_mark(rec.head, tensors, head_key, code, rec.head_span)
+    if base is not None and hm is None:
+        raise ProbeError(f"--base {shown(str(base))}: model {model_id!r}'s copies carry no head mark, which is all "
+                         "--base serves through an API; trace without it")  # fmt: skip
     base_head = _base_head(base, tensors[head].shape, keyring) if base is not None and hm is not None else None
     texts = iter(prompts) if prompts else _prompts(scorer, n_prompts, seed)
     obs = observe(ep, scorer, texts, n_prompts, top)
