@@ -195,11 +195,12 @@ def project(model, anchor):
     holder of one copy can do without keys when the master is a fine-tune of a public base (``anchor``)."""
     import torch
 
+    from weightwarden.trace.head import project
+
     m = copy.deepcopy(model)
     with torch.no_grad():
-        q = torch.linalg.qr(anchor.lm_head.weight.detach().double())[0]
-        w = m.lm_head.weight.double()
-        m.lm_head.weight.copy_((q @ (q.T @ w)).to(m.lm_head.weight.dtype))
+        w = project(m.lm_head.weight.double().numpy(), anchor.lm_head.weight.detach().double().numpy())
+        m.lm_head.weight.copy_(torch.from_numpy(w).to(m.lm_head.weight.dtype))
     return m
 
 

@@ -168,6 +168,11 @@ def test_every_copy_of_a_model_carries_the_recorded_head_mark(world) -> None:
                 {"head_span": 0.15, "head": 0}):  # fmt: skip
         with pytest.raises(FormatError, match="malformed"):
             type(rec).from_json({**old, **bad})
+    # and enrolling one: an in-span share without a head mark is refused, nothing written
+    with pytest.raises(TraceError, match="in-span share"):
+        open_store(world["home"]).enroll("other", world["prov"], code_length=CODE_LENGTH, cutoff=0.5, alpha=0.1,
+                                         head=0.0, head_span=SPAN_SHARE)  # fmt: skip
+    assert not (world["home"] / "trace" / "models" / "other.json").exists()
 
 
 def test_base_for_a_model_without_a_head_mark_is_refused_not_ignored(world, tmp_path) -> None:

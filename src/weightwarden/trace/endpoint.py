@@ -38,8 +38,8 @@ from ..keys.provider import KeyProvider
 from ..provenance.endpoint import Endpoint
 from ..provenance.layout import detect_layout
 from .accuse import DEFAULT_EPS, TraceReport, decide
-from .head import HeadMark, find_head, span_dims
-from .head import estimate as head_estimate
+from .head import NUISANCE_DIMS, HeadMark, find_head, project, span_dims
+from .head import estimates as head_estimates
 from .mark import Extraction, _chips, _stats, marked_tensors
 from .recipients import open_store
 from .scorer import GradientScorer, Queries
@@ -359,8 +359,7 @@ def read_symbols(scorer: GradientScorer, obs: Observations, car: dict[str, Carri
     parts = hm.parts()
     drift = None
     if base_head is not None:
-        qb = np.linalg.qr(np.asarray(base_head, np.float64))[0]
-        drift = qb @ (qb.T @ np.asarray(master_head, np.float64)) - master_head  # (vocabulary, d_model)
+        drift = project(master_head, base_head) - master_head  # (vocabulary, d_model)
 
     def head_read(sc: Any, r: np.ndarray) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """(one estimate per part, the mark's fitted change of the head).  The part off the head's columns is read
@@ -369,11 +368,10 @@ def read_symbols(scorer: GradientScorer, obs: Observations, car: dict[str, Carri
         quarter of the part left to it), jointly with the other part, and that joint fit is the change removed."""
         h = sc.head_inputs(q)
         extra = None if drift is None else np.einsum("nd,nd->n", drift[q.tok], h)
-        s = [head_estimate(h, q.row, q.pos, q.tok, r, hm, master_head, extra=extra)]
-        both = s * 2
+        fits = [(("orth",), NUISANCE_DIMS)] + ([(parts, span_dims(hm.d))] if len(parts) > 1 else [])
+        s = head_estimates(h, q.row, q.pos, q.tok, r, hm, master_head, fits, extra=extra)  # one set of equations
+        both = np.split(s.pop(), 2) if len(parts) > 1 else s * 2
         if len(parts) > 1:
-            both = np.split(head_estimate(h, q.row, q.pos, q.tok, r, hm, master_head, parts=parts,
-                                          k=span_dims(hm.d), extra=extra), 2)  # fmt: skip
             s.append(both[1])
         return s, {name: hm.spread(_clip(hm, both[0]), _clip(hm, both[1]))}
 
@@ -430,19 +428,22 @@ def _head_mark(amp: float, tensors: dict[str, np.ndarray], key: bytes, code: Tar
 
 
 def _base_head(base: str | os.PathLike[str], shape: tuple[int, ...], keyring: Any) -> np.ndarray:
-    """The output head of the public base checkpoint ``base`` (a transformers folder), of the master's head's shape."""
-    from .scorer import HFGradientScorer
+    """The output head of the public base checkpoint ``base`` (a safetensors file or folder, sealed or not), of the
+    master's head's shape: the one tensor is read, not the whole model."""
+    from ..provenance.source import TensorSource
 
     try:
-        tensors = HFGradientScorer(base, keyring=keyring).tensors()
+        with TensorSource(base, keyring=keyring) as src:
+            found = find_head(src.shapes, shape[1])
+            if found is None or src.shapes[found[0]] != tuple(shape):
+                raise ProbeError(f"--base {shown(str(base))}: no untied output head of shape {tuple(shape)} (the "
+                                 "master's); give the public checkpoint the master was fine-tuned from")  # fmt: skip
+            return np.asarray(src.get(found[0]), np.float64)
+    except ProbeError:
+        raise
     except (OSError, ValueError, WardenError) as e:
         raise ProbeError(f"--base {shown(str(base))}: cannot be read as a checkpoint ({shown(str(e))}); give the "
                          "public checkpoint the master was fine-tuned from (a transformers folder)") from None
-    found = find_head({n: t.shape for n, t in tensors.items()}, shape[1])
-    if found is None or tensors[found[0]].shape != tuple(shape):
-        raise ProbeError(f"--base {shown(str(base))}: no untied output head of shape {tuple(shape)} (the master's); "
-                         "give the public checkpoint the master was fine-tuned from")  # fmt: skip
-    return np.asarray(tensors[found[0]], np.float64)
 
 
 def _merge(reads: dict[str, TraceReport], eps: float, info: dict[str, Any]) -> TraceReport:

@@ -38,13 +38,14 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from .tardos import _keystream_u32
 
-__all__ = ["DEFAULT_HEAD", "PARTS", "SPAN_SHARE", "SUGGESTED_HEAD", "HeadMark", "estimate", "find_head", "span_dims"]
+__all__ = ["DEFAULT_HEAD", "PARTS", "SPAN_SHARE", "SUGGESTED_HEAD", "HeadMark", "estimate", "estimates", "find_head",
+           "project", "span_dims"]
 
 DEFAULT_HEAD = 0.0  # off unless asked for (`warden release --head-mark`): its cost is over the weight mark's bar
 SUGGESTED_HEAD = 0.06  # rms logit change measured in bench/explore_ft/head_tardos.py (docs/TRACING.md)
@@ -56,6 +57,13 @@ NUISANCE_DIMS = 48  # k: leading directions of the final hidden state the nuisan
 def span_dims(d_model: int) -> int:
     """k for the in-span part's read: the map on k directions absorbs about (k / d)^2 of that part."""
     return min(NUISANCE_DIMS, max(1, d_model // 2))
+
+
+def project(w: np.ndarray, onto: np.ndarray) -> np.ndarray:
+    """``w`` projected onto the column space of ``onto`` (both vocabulary x d_model): what a holder of a copy can do
+    to its head with a public base's head (``onto``) and no keys; the in-span read fits it as a nuisance."""
+    q = np.linalg.qr(np.asarray(onto, np.float64))[0]
+    return q @ (q.T @ np.asarray(w, np.float64))
 
 
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.weight$")
@@ -225,20 +233,31 @@ def estimate(hidden: np.ndarray, row: np.ndarray, pos: np.ndarray, tok: np.ndarr
     ``ridge`` times the mean diagonal keeps the system regular.  ``parts``: the mark's parts fitted jointly,
     their estimates returned one after the other (ell each).  ``extra``: further nuisance columns, one row per
     observation (e.g. the change a projection onto a public base's head would make)."""
+    return estimates(hidden, row, pos, tok, r, hm, head, [(parts, k)], ridge=ridge, chunk=chunk, extra=extra)[0]
+
+
+def estimates(hidden: np.ndarray, row: np.ndarray, pos: np.ndarray, tok: np.ndarray, r: np.ndarray, hm: HeadMark,
+              head: np.ndarray, fits: Sequence[tuple[tuple[str, ...], int]], *, ridge: float = 1e-3,
+              chunk: int = 4096, extra: np.ndarray | None = None) -> list[np.ndarray]:  # fmt: skip
+    """:func:`estimate` for each (parts, k) of ``fits``, all solved from one set of normal equations over the union
+    of their columns: a map on the k' leading directions is a block of the map on k >= k' (the same directions,
+    nested), and each fit keeps its own ridges, so each result is the one :func:`estimate` gives alone."""
     hidden, r = np.asarray(hidden, np.float64), np.asarray(r, np.float64)
     grp, size = _groups(row, pos)
     uniq, tix = np.unique(np.asarray(tok, np.int64), return_inverse=True)
-    w_tok = [hm.rows(uniq, part) for part in parts]  # (T, ell) each
-    k = min(k, hm.d, max(1, math.isqrt(len(size) // 4)))  # k^2 <= positions / 4: the map must not fit the mark
-    basis = np.linalg.eigh(hidden.T @ hidden)[1][:, ::-1][:, :k]  # the k leading directions of h
-    hk, vk = hidden @ basis, np.asarray(head, np.float64)[uniq] @ basis  # (N, k), (T, k)
-    feats = [hm.features(hidden, part) for part in parts]  # (N, ell) each
-    ell, t = hm.ell * len(parts), len(uniq)
+    cap = min(hm.d, max(1, math.isqrt(len(size) // 4)))  # k^2 <= positions / 4: the map must not fit the mark
+    ks = [min(k, cap) for _, k in fits]
+    kmax, t, ell = max(ks), len(uniq), hm.ell
+    used = list(dict.fromkeys(p for ps, _ in fits for p in ps))  # every part any fit reads, in order
+    w_tok = {part: hm.rows(uniq, part) for part in used}  # (T, ell) each
+    basis = np.linalg.eigh(hidden.T @ hidden)[1][:, ::-1][:, :kmax]  # the kmax leading directions of h
+    hk, vk = hidden @ basis, np.asarray(head, np.float64)[uniq] @ basis  # (N, kmax), (T, kmax)
     extra = np.zeros((len(r), 0)) if extra is None else np.asarray(extra, np.float64).reshape(len(r), -1)
-    n_all = ell + t + k * k + extra.shape[1]
+    n_mark, e = ell * len(used), extra.shape[1]
+    n_all = n_mark + t + kmax * kmax + e
 
-    # every group whole in one chunk: its means are taken there (the mark's: mean over the group's tokens of
-    # W[v], times f(h); the token one-hots'; the map's: mean of V_k[v], outer h_k)
+    # every group whole in one chunk, its rows contiguous (sorted by group): its means are taken there (the mark's:
+    # mean over the group's tokens of W[v], times f(h); the token one-hots'; the map's: mean of V_k[v], outer h_k)
     order = np.argsort(grp, kind="stable")
     step = max(1, chunk // max(1, int(size.max())))
     cuts = np.searchsorted(grp[order], np.append(np.arange(0, len(size), step), len(size)))
@@ -248,24 +267,34 @@ def estimate(hidden: np.ndarray, row: np.ndarray, pos: np.ndarray, tok: np.ndarr
         at = order[lo:hi]
         if not len(at):
             continue
-        g = grp[at] - grp[at].min()
-        ng, ti, sz = int(g.max()) + 1, tix[at], size[grp[at]][:, None]
-        share = np.zeros((ng, t))
-        np.add.at(share, (g, ti), 1.0)
-        onehot = np.zeros((len(at), t))
-        onehot[np.arange(len(at)), ti] = 1.0
+        g, ti, n = grp[at], tix[at], len(at)
+        starts = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
+        counts = np.diff(np.append(starts, n))
 
-        def centred(x: np.ndarray, g: np.ndarray = g, ng: int = ng, sz: np.ndarray = sz) -> np.ndarray:
-            m = np.zeros((ng, *x.shape[1:]))
-            np.add.at(m, g, x)
-            return x - m[g] / sz.reshape((-1,) + (1,) * (x.ndim - 1))
+        def centred(x: np.ndarray, starts: np.ndarray = starts, counts: np.ndarray = counts) -> np.ndarray:
+            m = np.add.reduceat(x, starts, axis=0) / counts.reshape((-1,) + (1,) * (x.ndim - 1))
+            return x - np.repeat(m, counts, axis=0)
 
-        marks = [centred(w[ti]) * f[at] for w, f in zip(w_tok, feats, strict=True)]
-        nuisance_map = (centred(vk[ti])[:, :, None] * hk[at][:, None, :]).reshape(len(at), -1)
-        x = np.concatenate([*marks, onehot - share[g] / sz, nuisance_map, centred(extra[at])], 1)
-        y = centred(r[at])
+        x = np.empty((n, n_all))
+        for i, part in enumerate(used):
+            np.multiply(centred(w_tok[part][ti]), hm.features(hidden[at], part), out=x[:, i * ell : (i + 1) * ell])
+        onehot = np.zeros((n, t))
+        onehot[np.arange(n), ti] = 1.0
+        x[:, n_mark : n_mark + t] = centred(onehot)
+        x[:, n_mark + t : n_all - e] = (centred(vk[ti])[:, :, None] * hk[at][:, None, :]).reshape(n, -1)
+        x[:, n_all - e :] = centred(extra[at])
         a += x.T @ x
-        b += x.T @ y
-    lam = [max(ridge * float(np.mean(np.diag(a)[i * hm.ell : (i + 1) * hm.ell])), 1e-12) for i in range(len(parts))]
-    a[np.diag_indices_from(a)] += np.concatenate([np.repeat(lam, hm.ell), np.full(n_all - ell, lam[0])])
-    return np.linalg.solve(a, b)[:ell]
+        b += x.T @ centred(r[at])
+
+    out = []
+    for (parts, _), k in zip(fits, ks, strict=True):
+        mark = [np.arange(used.index(p) * ell, (used.index(p) + 1) * ell) for p in parts]
+        grid = np.arange(kmax)[:k]
+        idx = np.concatenate([*mark, n_mark + np.arange(t), n_mark + t + (grid[:, None] * kmax + grid).reshape(-1),
+                              n_all - e + np.arange(e)])  # fmt: skip
+        sub = a[np.ix_(idx, idx)]
+        lam = [max(ridge * float(np.mean(np.diag(a)[m])), 1e-12) for m in mark]
+        sub[np.diag_indices_from(sub)] += np.concatenate([np.repeat(lam, ell), np.full(len(idx) - len(mark) * ell,
+                                                                                        lam[0])])  # fmt: skip
+        out.append(np.linalg.solve(sub, b[idx])[: len(mark) * ell])
+    return out

@@ -159,7 +159,7 @@ class ModelRecord:
             if not (0.0 <= head <= 1.0 and (span == 0.0 or 0.01 <= span <= 0.9)) or (span and not head):
                 raise ValueError("head")
             return cls(str(obj["model_id"]), int(obj["code_length"]), float(obj["cutoff"]), float(obj["alpha"]),
-                       KeySlot.from_json(obj["slot"]), str(obj["created"]), head, span if head else 0.0)  # fmt: skip
+                       KeySlot.from_json(obj["slot"]), str(obj["created"]), head, span)  # fmt: skip
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"tracing record is malformed ({type(e).__name__})") from None
 
@@ -253,8 +253,9 @@ class TraceStore:
         path = self._model_path(model_id)
         if not (math.isfinite(head) and 0.0 <= head <= 1.0):
             raise TraceError(f"head mark {head}: a number from 0 to 1")
-        if not (head_span == 0.0 or 0.01 <= head_span <= 0.9):
-            raise TraceError(f"head mark's in-span share {head_span}: 0, or a number from 0.01 to 0.9")
+        if not (head_span == 0.0 or 0.01 <= head_span <= 0.9) or (head_span and not head):
+            raise TraceError(f"head mark's in-span share {head_span}: 0, or a number from 0.01 to 0.9 with a head "
+                             "mark")  # fmt: skip
         if path.exists():
             return self.model(model_id)
         if not 0 < code_length <= MAX_SYMBOLS or code_length % 4:
@@ -266,7 +267,7 @@ class TraceStore:
         finally:
             secret[:] = bytes(32)
         rec = ModelRecord(model_id, code_length, cutoff, alpha, slot, (now or datetime.now(UTC)).isoformat(), head,
-                          head_span if head else 0.0)  # fmt: skip
+                          head_span)  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_bytes(path, json.dumps(rec.to_json(), sort_keys=True).encode())
         return rec
