@@ -89,8 +89,10 @@ def test_parent_and_an_unrelated_trained_model(parent: Path, independents: list[
 # -- layouts -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["gpt2", "bert", "mixtral"])
 def test_other_layouts(zoo: Zoo, arch: str) -> None:
-    a = zoo.base(arch, 11, 150)
-    b = zoo.base(arch, 12, 150)
+    # 60 steps: the layout is what is tested; the margins are as wide as after 150 (child log p -1.4e4 against
+    # the -27.6 asked; the unrelated pair's p 0.73-0.93), and the suite spends 40 s less training
+    a = zoo.base(arch, 11, 60)
+    b = zoo.base(arch, 12, 60)
     child = zoo.derive(a, "ft-short")
     lay = detect_layout(extract_signature_shapes(child))
     assert lay.family == {"gpt2": "gpt2", "bert": "bert", "mixtral": "moe"}[arch]
