@@ -26,6 +26,8 @@ RECIPIENTS = ["alice", "bob", "carol", "dave"]
 POPULATION, EPS = 10**6, 1e-6
 N_PROMPTS, ITERATIONS, CODE_LENGTH = 16, 24, 1024  # a tiny model: 12,288 carriers
 HEAD = SUGGESTED_HEAD  # the head mark (trace/head.py), asked for at the first release, then as recorded
+# one worker runs this module: the world below (trained models, releases, a server) is built once, not per worker
+pytestmark = pytest.mark.xdist_group("trace_endpoint")
 
 
 @pytest.fixture(scope="module")
