@@ -84,11 +84,11 @@ class TensorSource:
         self.config: dict[str, Any] = {}
         try:
             self._open(keyring, providers, trust)
-        except BaseException:
+            if not self.shapes:
+                raise UnsupportedModelError(f"{self.path.name}: no tensors found")
+        except BaseException:  # nothing opened is left open
             self._stack.close()
             raise
-        if not self.shapes:
-            raise UnsupportedModelError(f"{self.path.name}: no tensors found")
 
     def _open(self, keyring: KeyringLike | None, providers: Any, trust: Any) -> None:
         p = self.path

@@ -80,11 +80,12 @@ def release_checked(model: Path, out: Path, recipient: str, name: Any, entries: 
                                     now=now))  # fmt: skip
     if outcome == "denied":
         raise ReleaseDenied(f"the export-control gate says {decision.explain()}", decision)
-    rec = store.enroll(model_id, provider, code_length=code_length, cutoff=DEFAULT_CUTOFF, alpha=alpha,
-                       head=head[1] if head else 0.0, head_span=SPAN_SHARE if head else 0.0, now=now)  # fmt: skip
-    if (head[1] if head is not None else 0.0) != rec.head:
+    amp = head[1] if head is not None else 0.0
+    rec = store.enroll(model_id, provider, code_length=code_length, cutoff=DEFAULT_CUTOFF, alpha=alpha, head=amp,
+                       head_span=SPAN_SHARE if amp else 0.0, now=now)  # fmt: skip
+    if amp != rec.head:
         raise TraceError(f"model {model_id!r} was first released with head mark {rec.head:g} and this copy would "
-                         f"carry {head[1] if head is not None else 0:g}: every copy of one model carries the same "
+                         f"carry {amp:g}: every copy of one model carries the same "
                          "(omit --head-mark to use the recorded one; a master without an untied head carries none)")
     secret = store.secret(rec, provider)
     try:

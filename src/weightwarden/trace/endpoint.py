@@ -443,7 +443,7 @@ def _base_head(base: str | os.PathLike[str], shape: tuple[int, ...], keyring: An
         raise
     except (OSError, ValueError, WardenError) as e:
         raise ProbeError(f"--base {shown(str(base))}: cannot be read as a checkpoint ({shown(str(e))}); give the "
-                         "public checkpoint the master was fine-tuned from (a transformers folder)") from None
+                         "public checkpoint the master was fine-tuned from (a safetensors file or folder)") from None
 
 
 def _merge(reads: dict[str, TraceReport], eps: float, info: dict[str, Any]) -> TraceReport:
